@@ -1,0 +1,72 @@
+"""The Python API the CLI mirrors: ``create``, ``load``, ``train_model``, ``evaluate_folder``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from .config import apply_overrides
+from .data import load_dataset
+from .io import load_model
+from .models import ModelSpec, PolymodalModel
+from .plugin_loader import get_registry
+from .train import train
+from .train_config import TrainConfig
+
+
+def spec(name: str) -> ModelSpec:
+    """The registered :class:`ModelSpec` called ``name`` (close names suggested when unknown)."""
+    return get_registry().get("model", name)
+
+
+def create(name: str, dataset: Any = None, **overrides: Any) -> PolymodalModel:
+    """A new model of variant ``name``; keyword overrides change its config fields."""
+    return spec(name).build(dataset, **overrides)
+
+
+def load(directory: str | Path, device: str = "cpu") -> PolymodalModel:
+    """Load a model folder (strict; safetensors only)."""
+    return load_model(directory, device=device)
+
+
+def train_model(name: str, *, data: str | None = None, set_: tuple[str, ...] = (), steps: int | None = None,
+                epochs: float | None = None, seed: int | None = None, out: str | Path | None = None,
+                device: str = "cpu", resume: bool = False, progress: bool = True,
+                train_set: tuple[str, ...] = ()) -> tuple[PolymodalModel, dict[str, Any]]:
+    """Train variant ``name`` on ``data`` (its default when None), evaluate, and save to ``out``.
+
+    ``set_`` holds ``key=value`` model-config overrides, ``train_set`` trainer overrides.
+    Returns the trained model and its metrics.
+    """
+    model_spec = spec(name)
+    dataset = load_dataset(data or model_spec.data)
+    cfg: TrainConfig = apply_overrides(model_spec.train, train_set)
+    if seed is not None:
+        cfg = attrs.evolve(cfg, seed=seed)
+    if epochs is not None:
+        cfg = attrs.evolve(cfg, steps=max(1, math.ceil(epochs * len(dataset.train) / cfg.batch_size)))
+    elif steps is not None:
+        cfg = attrs.evolve(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, max(steps // 10, 0)))
+    model_cfg = apply_overrides(model_spec.model_class.config_for_data(model_spec.config, dataset), set_)
+    torch.manual_seed(cfg.seed)
+    model = model_spec.model_class(model_cfg)
+    model = train(model, dataset, cfg, out=out, device=device, resume=resume, progress=progress)
+    metrics = model.evaluate(dataset)
+    metrics = {"data": dataset.name, "steps": cfg.steps, "seed": cfg.seed, **metrics}
+    if out is not None:
+        model.save(out, metrics=metrics, source=f"trained with `polymodal train {name}` on {dataset.name} "
+                   f"({cfg.steps} steps, seed {cfg.seed})")
+    return model, metrics
+
+
+def evaluate_folder(directory: str | Path, data: str | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Load a model folder and compute its family's metrics on ``data`` (the family default when None)."""
+    model = load(directory, device=device)
+    name = data
+    if name is None:
+        name = next(e.obj.data for e in get_registry().entries("model") if e.obj.model_class is type(model))
+    return model.evaluate(load_dataset(name))

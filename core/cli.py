@@ -1,0 +1,195 @@
+"""The ``polymodal`` command line. Every command mirrors a Python API call."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .plugin_loader import get_registry, plugin_records
+
+
+class _Group(click.Group):
+    """Adds the commands plugins registered (kind ``command``) after the built-in ones."""
+
+    def _plugin_commands(self) -> dict[str, click.Command]:
+        try:
+            return {e.name: e.obj for e in get_registry().entries("command")}
+        except Exception:
+            return {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._plugin_commands()))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return super().get_command(ctx, name) or self._plugin_commands().get(name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="polymodal")
+def main() -> None:
+    """polymodal: multimodal transformer families from one small core."""
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+def plugins() -> None:
+    """List plugins: loaded, failed (with the error) or disabled."""
+    for r in plugin_records():
+        line = f"{r.name:<14} {r.status:<9} {r.source}"
+        if r.status == "loaded":
+            line += f"  ({r.registered} components)"
+        click.echo(line)
+        if r.error:
+            click.echo(f"{'':<14} error: {r.error}")
+
+
+@main.command("list")
+@click.argument("kind", required=False)
+def list_(kind: str | None) -> None:
+    """List registered components, all kinds or one KIND (model, encoder, dataset …)."""
+    registry = get_registry()
+    try:
+        entries = list(registry.entries(kind))
+    except KeyError as exc:
+        _fail(exc)
+    for e in entries:
+        click.echo(f"{e.kind:<18} {e.name:<20} {e.plugin:<10} {e.doc}")
+
+
+@main.command()
+@click.argument("name")
+def info(name: str) -> None:
+    """Show one component: its doc and, for configurable ones, every config field."""
+    from .config import describe
+
+    registry = get_registry()
+    found = registry.find(name)
+    if not found:
+        try:
+            registry.entry("model", name)
+        except KeyError as exc:
+            _fail(exc)
+    for e in found:
+        click.echo(f"{e.kind} {e.name} (plugin {e.plugin}): {e.doc}")
+        target = getattr(e.obj, "config", None) if e.kind == "model" else getattr(e.obj, "config_class", None)
+        if target is not None:
+            for field_name, tp, default, doc in _rows(describe, target):
+                click.echo(f"  {field_name:<28} {tp:<18} = {default!r:<14} {doc}")
+        if e.kind == "model":
+            click.echo(f"  default data: {e.obj.data}")
+            for field_name, tp, default, doc in describe(e.obj.train):
+                click.echo(f"  train.{field_name:<22} {tp:<18} = {default!r:<14} {doc}")
+
+
+def _rows(describe, target, prefix: str = ""):
+    import attrs
+
+    for field_name, tp, default, doc in describe(target):
+        if attrs.has(type(default)):
+            yield from _rows(describe, default, prefix + field_name + ".")
+        else:
+            yield prefix + field_name, tp, default, doc
+
+
+@main.command()
+@click.argument("model")
+@click.option("--data", help="Dataset name or a folder with captions.jsonl (default: the model's).")
+@click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", help="Override a model config field (dotted for nested).")
+@click.option("--train-set", multiple=True, metavar="KEY=VALUE", help="Override a training field (lr, batch_size …).")
+@click.option("--steps", type=int, help="Optimiser steps.")
+@click.option("--epochs", type=float, help="Epochs over the training split (instead of --steps).")
+@click.option("--seed", type=int, help="Random seed.")
+@click.option("--out", type=click.Path(file_okay=False), help="Model folder to write (default: runs/MODEL).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train(model, data, set_, train_set, steps, epochs, seed, out, device, resume, no_progress) -> None:
+    """Train MODEL, print its test metrics and write a model folder."""
+    from .api import train_model
+
+    if steps is not None and epochs is not None:
+        raise click.UsageError("give --steps or --epochs, not both")
+    out = out or str(Path("runs") / model)
+    try:
+        _, metrics = train_model(model, data=data, set_=set_, train_set=train_set, steps=steps, epochs=epochs,
+                                 seed=seed, out=out, device=device, resume=resume, progress=not no_progress)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        _fail(exc)
+    for k, v in metrics.items():
+        click.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    click.echo(f"saved model folder: {out}")
+
+
+@main.command("eval")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", help="Dataset name or folder (default: the family's).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_(directory, data, device, as_json) -> None:
+    """Evaluate a model folder and print the family's metrics."""
+    from .api import evaluate_folder
+
+    try:
+        metrics = evaluate_folder(directory, data=data, device=device)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(metrics, sort_keys=True))
+    else:
+        for k, v in metrics.items():
+            click.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("-n", "num", default=8, show_default=True, help="Number of samples.")
+@click.option("--prompt", help="Text prompt, for conditional families.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="samples", show_default=True)
+def sample(directory, num, prompt, seed, out) -> None:
+    """Sample from a generative model folder; writes PNGs (and a grid) to OUT."""
+    from .api import load
+
+    model = load(directory)
+    if not hasattr(model, "sample_to_folder"):
+        _fail(ValueError(f"the {model.family!r} family does not generate samples"))
+    try:
+        paths = model.sample_to_folder(out, n=num, prompt=prompt, seed=seed)
+    except ValueError as exc:
+        _fail(exc)
+    for p in paths:
+        click.echo(str(p))
+
+
+@main.command()
+@click.option("--from", "source", required=True, help="Converter name (see `polymodal list converter`).")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+def convert(source, src, dst) -> None:
+    """Convert a checkpoint folder SRC (e.g. Hugging Face) into a polymodal model folder DST."""
+    try:
+        converter = get_registry().get("converter", source)
+        converter(src, dst)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        _fail(exc)
+    click.echo(f"wrote {dst}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("suite", type=click.Choice(["attention"]))
+@click.pass_context
+def bench(ctx, suite) -> None:
+    """Run a benchmark suite (extra arguments go to the suite; try `bench attention --help`)."""
+    from . import bench as bench_module
+
+    sys.exit(bench_module.main([suite, *ctx.args]))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

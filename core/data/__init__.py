@@ -1,0 +1,20 @@
+"""Embedded data: nothing is downloaded. Datasets are registry entries (kind ``dataset``)."""
+
+from .base import Dataset, Split
+from .digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, load_digits
+
+__all__ = ["DIGIT_WORDS", "Dataset", "HELDOUT_TEMPLATES", "Split", "TRAIN_TEMPLATES", "load_digits", "load_dataset"]
+
+
+def load_dataset(name_or_dir: str, **options):
+    """A registered dataset by name, or a folder of images with ``captions.jsonl``."""
+    import os
+
+    from ..plugin_loader import get_registry
+
+    registry = get_registry()
+    if ("dataset", name_or_dir) in registry:
+        return registry.get("dataset", name_or_dir)(**options)
+    if os.path.isdir(name_or_dir) and ("dataset", "folder") in registry:
+        return registry.get("dataset", "folder")(root=name_or_dir, **options)
+    registry.entry("dataset", name_or_dir)  # raises, suggesting close names

@@ -1,0 +1,94 @@
+"""Core encoders: the Vision Transformer trunk (ViT, CLIP's image tower, DINO, PIXEL, MAE)."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from .config import config, field, in_range, one_of
+from .layers import BlockConfig, PatchEmbed, PositionEmbedding, StackConfig, TransformerStack, init_weights
+from .layers.norm import make_norm
+
+
+@config
+class ViTEncoderConfig:
+    """A patch-embedding transformer encoder over images."""
+
+    image_size: int = field(8, "Height and width the position table is built for.", check=in_range(1, 8192, integer=True))
+    patch_size: int = field(2, "Side of the square patches.", check=in_range(1, 1024, integer=True))
+    channels: int = field(1, "Input image channels.", check=in_range(1, 64, integer=True))
+    dim: int = field(64, "Token width.", check=in_range(1, 65536, integer=True))
+    depth: int = field(4, "Number of transformer blocks.", check=in_range(1, 1024, integer=True))
+    heads: int = field(4, "Attention heads per block.", check=in_range(1, 1024, integer=True))
+    mlp_ratio: float = field(4.0, "MLP width as a multiple of ``dim``.", check=in_range(0.25, 64))
+    act: str = field("gelu", "MLP activation (QuickGELU for OpenAI CLIP).", check=one_of("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu"))
+    norm: str = field("layernorm", "Normalisation kind.", check=one_of("layernorm", "rmsnorm"))
+    norm_eps: float = field(1e-6, "Norm epsilon (Hugging Face ViT uses 1e-12).", check=in_range(0.0, 1.0))
+    qkv_bias: bool = field(True, "Bias on query/key/value projections.")
+    cls_token: bool = field(True, "Prepend a learned [CLS] token.")
+    pos_embed: str = field("learned", "Position embedding: 'learned' or fixed 'sincos'.", check=one_of("learned", "sincos"))
+    ln_pre: bool = field(False, "Normalise the embedded tokens before the blocks (CLIP).")
+    final_norm: bool = field(True, "Normalise the output tokens.")
+    dropout: float = field(0.0, "Dropout in blocks and after the embedding.", check=in_range(0.0, 1.0))
+    drop_path: float = field(0.0, "Maximum stochastic-depth rate.", check=in_range(0.0, 1.0))
+
+    def __attrs_post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"ViTEncoderConfig.patch_size must divide image_size; got image_size="
+                f"{self.image_size}, patch_size={self.patch_size}"
+            )
+
+    def stack(self) -> StackConfig:
+        """The :class:`StackConfig` of the encoder's blocks."""
+        block = BlockConfig(dim=self.dim, heads=self.heads, mlp_ratio=self.mlp_ratio, norm=self.norm,
+                            norm_eps=self.norm_eps, act=self.act, qkv_bias=self.qkv_bias,
+                            dropout=self.dropout, drop_path=self.drop_path)
+        return StackConfig(depth=self.depth, block=block, final_norm=self.final_norm)
+
+
+class ViTEncoder(nn.Module):
+    """Images (B, C, H, W) → tokens (B, [CLS] + N, dim), patches in raster order."""
+
+    config_class = ViTEncoderConfig
+
+    def __init__(self, cfg: ViTEncoderConfig | None = None, **overrides) -> None:
+        super().__init__()
+        cfg = attrs.evolve(cfg or ViTEncoderConfig(), **overrides)
+        self.cfg = cfg
+        self.out_dim = cfg.dim
+        self.patch_embed = PatchEmbed(cfg.channels, cfg.dim, cfg.patch_size)
+        self.prefix = 1 if cfg.cls_token else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls_token else None
+        grid = (cfg.image_size // cfg.patch_size,) * 2
+        self.pos_embed = PositionEmbedding(cfg.dim, grid, prefix=self.prefix, kind=cfg.pos_embed)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.ln_pre = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.ln_pre else None
+        self.blocks = TransformerStack(cfg.stack())
+        init_weights(self)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+
+    def embed(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Patch + position embedding, [CLS] prepended; ``keep`` (B, K) selects visible patches."""
+        x = self.patch_embed(images)  # (B, N, D)
+        grid = (images.shape[-2] // self.cfg.patch_size, images.shape[-1] // self.cfg.patch_size)
+        pos = self.pos_embed(grid)  # (1, prefix + N, D)
+        x = x + pos[:, self.prefix:]
+        if keep is not None:
+            x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        if self.cls_token is not None:
+            cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+            x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
+        x = self.drop(x)
+        return self.ln_pre(x) if self.ln_pre is not None else x
+
+    def forward(self, images: Tensor, keep: Tensor | None = None, return_hidden: bool = False):
+        """(B, C, H, W) → (B, prefix + N, D); with ``return_hidden`` also every block's input."""
+        return self.blocks(self.embed(images, keep), return_hidden=return_hidden)
+
+    def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor]:
+        """A random image batch of the configured size."""
+        c, s = self.cfg.channels, self.cfg.image_size
+        return (torch.rand(batch_size, c, s, s, generator=generator),)

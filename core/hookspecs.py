@@ -1,0 +1,255 @@
+"""pluggy hook specifications: registration only.
+
+Every hook takes one argument, ``register``, a callback ``register(name, obj, doc="")``
+that adds ``obj`` to the registry under the hook's kind. A plugin is any module
+(or object) with functions decorated by :data:`polymodal.hookimpl`, published in the
+``polymodal`` entry-point group of its distribution::
+
+    [project.entry-points.polymodal]
+    mine = "my_package.plugin"
+
+Hooks run once at start-up; nothing here is called on a forward path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+PROJECT = "polymodal"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[..., object]
+
+# Maps each hook to the registry kind its ``register`` callback fills.
+HOOK_KINDS: dict[str, str] = {
+    "register_encoders": "encoder",
+    "register_tokenizers": "tokenizer",
+    "register_fusions": "fusion",
+    "register_objectives": "objective",
+    "register_samplers": "sampler",
+    "register_attention_backends": "attention_backend",
+    "register_datasets": "dataset",
+    "register_models": "model",
+    "register_converters": "converter",
+    "register_metrics": "metric",
+    "register_commands": "command",
+}
+
+
+@hookspec
+def register_encoders(register: Register) -> None:
+    """Register encoder classes (``nn.Module`` subclasses with a ``config_class``).
+
+    Example::
+
+        from polymodal import hookimpl
+        from polymodal.layers import TransformerEncoder
+
+        class MyAudioEncoder(TransformerEncoder):
+            '''A transformer over log-mel frames.'''
+
+        @hookimpl
+        def register_encoders(register):
+            register("my-audio", MyAudioEncoder)
+    """
+
+
+@hookspec
+def register_tokenizers(register: Register) -> None:
+    """Register tokenizer classes (text or image; see :class:`polymodal.interfaces.Tokenizer`).
+
+    Example::
+
+        from polymodal import hookimpl
+        from polymodal.tokenizers import ByteTokenizer
+
+        class UpperByteTokenizer(ByteTokenizer):
+            '''Bytes of the upper-cased text.'''
+            def encode(self, text):
+                return super().encode(text.upper())
+
+        @hookimpl
+        def register_tokenizers(register):
+            register("upper-bytes", UpperByteTokenizer)
+    """
+
+
+@hookspec
+def register_fusions(register: Register) -> None:
+    """Register fusion modules that join two streams (concatenation, cross-attention, adapters).
+
+    Example::
+
+        import torch
+        from polymodal import hookimpl
+
+        class SumFusion(torch.nn.Module):
+            '''Adds a pooled context vector to every token.'''
+            def forward(self, x, context):
+                return x + context.mean(dim=1, keepdim=True)
+
+        @hookimpl
+        def register_fusions(register):
+            register("sum", SumFusion)
+    """
+
+
+@hookspec
+def register_objectives(register: Register) -> None:
+    """Register objectives: callables returning ``(loss, metrics_dict)``.
+
+    Example::
+
+        import torch.nn.functional as F
+        from polymodal import hookimpl
+
+        def l1_objective(prediction, target):
+            '''Mean absolute error.'''
+            loss = F.l1_loss(prediction, target)
+            return loss, {"l1": loss.item()}
+
+        @hookimpl
+        def register_objectives(register):
+            register("l1", l1_objective)
+    """
+
+
+@hookspec
+def register_samplers(register: Register) -> None:
+    """Register samplers (functions that turn logits or scores into samples).
+
+    Example::
+
+        import torch
+        from polymodal import hookimpl
+
+        def argmax_sampler(logits, generator=None):
+            '''Always the most likely token.'''
+            return logits.argmax(dim=-1)
+
+        @hookimpl
+        def register_samplers(register):
+            register("argmax", argmax_sampler)
+    """
+
+
+@hookspec
+def register_attention_backends(register: Register) -> None:
+    """Register attention backends (:class:`polymodal.attention.Backend` instances).
+
+    Example::
+
+        from polymodal import hookimpl
+        from polymodal.attention import MathBackend
+
+        class MyBackend(MathBackend):
+            name = "mine"
+            priority = 0  # never preferred by ``auto`` over the built-ins
+
+        @hookimpl
+        def register_attention_backends(register):
+            register("mine", MyBackend())
+    """
+
+
+@hookspec
+def register_datasets(register: Register) -> None:
+    """Register datasets: callables ``(root=None, **options) -> polymodal.data.Dataset``.
+
+    Example::
+
+        import torch
+        from polymodal import hookimpl
+        from polymodal.data import Dataset, Split
+
+        def noise(root=None, seed=0):
+            '''Random 8×8 images with random labels.'''
+            g = torch.Generator().manual_seed(seed)
+            def split(n):
+                return Split({"image": torch.rand(n, 1, 8, 8, generator=g),
+                              "label": torch.randint(0, 10, (n,), generator=g)})
+            return Dataset("noise", split(64), split(16), num_classes=10,
+                           image_size=8, channels=1)
+
+        @hookimpl
+        def register_datasets(register):
+            register("noise", noise)
+    """
+
+
+@hookspec
+def register_models(register: Register) -> None:
+    """Register model variants (:class:`polymodal.models.ModelSpec`), timm style.
+
+    Example::
+
+        from polymodal import hookimpl
+        from polymodal.models import ModelSpec
+        from polymodal.plugins.vit import ViTClassifier, ViTConfig
+
+        @hookimpl
+        def register_models(register):
+            register("vit-wide", ModelSpec(ViTClassifier, ViTConfig(dim=256)))
+    """
+
+
+@hookspec
+def register_converters(register: Register) -> None:
+    """Register checkpoint converters: ``convert(src_dir, dst_dir) -> model``.
+
+    ``polymodal convert --from NAME SRC DST`` calls the one registered as ``NAME``.
+    Converters read safetensors; they never unpickle user files.
+
+    Example::
+
+        from polymodal import hookimpl
+
+        def convert_mine(src, dst):
+            '''My format to a polymodal model folder.'''
+            ...
+
+        @hookimpl
+        def register_converters(register):
+            register("mine", convert_mine)
+    """
+
+
+@hookspec
+def register_metrics(register: Register) -> None:
+    """Register metrics: callables ``(predictions, targets) -> float``.
+
+    Example::
+
+        from polymodal import hookimpl
+
+        def top1(logits, labels):
+            '''Fraction of rows whose arg-max is the label.'''
+            return (logits.argmax(-1) == labels).float().mean().item()
+
+        @hookimpl
+        def register_metrics(register):
+            register("top1", top1)
+    """
+
+
+@hookspec
+def register_commands(register: Register) -> None:
+    """Register extra ``polymodal`` CLI commands (``click.Command`` objects).
+
+    Example::
+
+        import click
+        from polymodal import hookimpl
+
+        @click.command("hello")
+        def hello():
+            '''Say hello.'''
+            click.echo("hello")
+
+        @hookimpl
+        def register_commands(register):
+            register("hello", hello)
+    """

@@ -1,0 +1,160 @@
+"""The pre-norm transformer block and its attention module, with an optional KV cache.
+
+Block: ``x = x + drop_path(attn(norm1(x)))``; optionally
+``x = x + gate * drop_path(cross_attn(norm_cross(x), context))``; then
+``x = x + drop_path(mlp(norm2(x)))``. Every attention goes through
+:func:`polymodal.attention.attention`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import attention
+from ..config import config, field, in_range, one_of
+from .mlp import ACTIVATIONS, Mlp
+from .norm import make_norm
+
+
+@config
+class BlockConfig:
+    """Shape and options of one transformer block."""
+
+    dim: int = field(64, "Width of the token stream.", check=in_range(1, 65536, integer=True))
+    heads: int = field(4, "Attention heads; must divide ``dim``.", check=in_range(1, 1024, integer=True))
+    mlp_ratio: float = field(4.0, "MLP hidden width as a multiple of ``dim``.", check=in_range(0.25, 64))
+    norm: str = field("layernorm", "Normalisation: 'layernorm' or 'rmsnorm'.", check=one_of("layernorm", "rmsnorm"))
+    norm_eps: float = field(1e-6, "Epsilon of every norm in the block.", check=in_range(0.0, 1.0))
+    norm_bias: bool = field(True, "Whether LayerNorms have a bias.")
+    act: str = field("gelu", "MLP activation: " + ", ".join(ACTIVATIONS) + ".", check=one_of(*ACTIVATIONS))
+    qkv_bias: bool = field(True, "Bias on the query/key/value projections.")
+    proj_bias: bool = field(True, "Bias on the attention output projection.")
+    mlp_bias: bool = field(True, "Bias on the MLP layers.")
+    dropout: float = field(0.0, "Dropout after the attention and MLP projections.", check=in_range(0.0, 1.0))
+    attn_dropout: float = field(0.0, "Dropout on the attention weights.", check=in_range(0.0, 1.0))
+    drop_path: float = field(0.0, "Stochastic-depth rate of the block's residual branches.", check=in_range(0.0, 1.0))
+    cross_attention: bool = field(False, "Add a cross-attention sub-layer over a context sequence.")
+    cross_dim: int | None = field(None, "Width of the context; ``dim`` when None.")
+    cross_gate: bool = field(False, "Scale the cross-attention branch by tanh of a learned scalar initialised to 0.")
+
+    def __attrs_post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"BlockConfig.heads must divide dim; got dim={self.dim}, heads={self.heads}")
+
+
+class KVCache:
+    """Keys and values of past positions, one ``(k, v)`` pair per layer, grown by appending."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append ``k, v`` (B, H, n, D) for ``layer``; returns all keys and values so far."""
+        if layer in self.layers:
+            pk, pv = self.layers[layer]
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, H, N+n, D)
+        self.layers[layer] = (k, v)
+        return k, v
+
+    @property
+    def length(self) -> int:
+        """How many positions the cache holds."""
+        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+
+    def select(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (e.g. after beam or candidate selection)."""
+        self.layers = {i: (k[index], v[index]) for i, (k, v) in self.layers.items()}
+
+
+class Attention(nn.Module):
+    """Multi-head attention: fused ``qkv`` for self-attention, ``q`` + ``kv`` for cross-attention."""
+
+    def __init__(self, dim: int, heads: int, *, qkv_bias: bool = True, proj_bias: bool = True,
+                 context_dim: int | None = None, attn_dropout: float = 0.0, dropout: float = 0.0,
+                 layer_index: int = 0) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.cross = context_dim is not None
+        if self.cross:
+            self.q = nn.Linear(dim, dim, bias=qkv_bias)
+            self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.attn_dropout = attn_dropout
+        self.proj_drop = nn.Dropout(dropout)
+        self.layer_index = layer_index
+
+    def _heads(self, t: Tensor) -> Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *, causal: bool = False,
+                key_padding: Tensor | None = None, seqlens: Sequence[int] | None = None,
+                mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        b, n, d = x.shape  # (B, N, D)
+        if self.cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context tensor (B, M, C); got None")
+            q = self._heads(self.q(x))  # (B, H, N, Dh)
+            k, v = self.kv(context).chunk(2, dim=-1)  # (B, M, D) each
+            k, v = self._heads(k), self._heads(v)  # (B, H, M, Dh)
+        else:
+            q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, N, Dh)
+            if cache is not None:
+                k, v = cache.update(self.layer_index, k, v)  # (B, H, N_past+N, Dh)
+        out = attention(q, k, v, causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask,
+                        dropout_p=self.attn_dropout if self.training else 0.0)  # (B, H, N, Dh)
+        out = out.transpose(1, 2).reshape(b, n, d)  # (B, N, D)
+        return self.proj_drop(self.proj(out))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for whole samples during training."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)  # (B, 1, 1)
+        return x * keep / (1 - self.p)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block (see the module docstring for the exact wiring)."""
+
+    def __init__(self, cfg: BlockConfig, layer_index: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, bias=cfg.norm_bias)
+        self.attn = Attention(cfg.dim, cfg.heads, qkv_bias=cfg.qkv_bias, proj_bias=cfg.proj_bias,
+                              attn_dropout=cfg.attn_dropout, dropout=cfg.dropout, layer_index=layer_index)
+        if cfg.cross_attention:
+            self.norm_cross = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, bias=cfg.norm_bias)
+            self.cross_attn = Attention(cfg.dim, cfg.heads, qkv_bias=cfg.qkv_bias, proj_bias=cfg.proj_bias,
+                                        context_dim=cfg.cross_dim or cfg.dim, attn_dropout=cfg.attn_dropout,
+                                        dropout=cfg.dropout)
+            self.cross_gate = nn.Parameter(torch.zeros(1)) if cfg.cross_gate else None
+        self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, bias=cfg.norm_bias)
+        self.mlp = Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.act, bias=cfg.mlp_bias, dropout=cfg.dropout)
+        self.drop_path = DropPath(cfg.drop_path)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *, causal: bool = False,
+                key_padding: Tensor | None = None, seqlens: Sequence[int] | None = None,
+                mask: Tensor | None = None, context_padding: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """x: (B, N, D); context: (B, M, C) for cross-attention. Returns (B, N, D)."""
+        x = x + self.drop_path(self.attn(self.norm1(x), causal=causal, key_padding=key_padding,
+                                         seqlens=seqlens, mask=mask, cache=cache))
+        if self.cfg.cross_attention:
+            h = self.cross_attn(self.norm_cross(x), context, key_padding=context_padding)  # (B, N, D)
+            if self.cross_gate is not None:
+                h = torch.tanh(self.cross_gate) * h
+            x = x + self.drop_path(h)
+        return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -1,0 +1,49 @@
+"""The feed-forward part of a transformer block: GELU, QuickGELU, ReLU or SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu")
+"""Activation names the core MLP understands."""
+
+
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``, the GELU approximation OpenAI's CLIP and iGPT were trained with."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    """An activation module by name (see :data:`ACTIVATIONS`; SwiGLU is handled by :class:`Mlp`)."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
+
+
+class Mlp(nn.Module):
+    """``fc2(dropout(act(fc1(x))))``; with ``act="swiglu"``, ``fc2(silu(gate(x)) * fc1(x))``."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu", bias: bool = True,
+                 dropout: float = 0.0, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.swiglu = act == "swiglu"
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.gate = nn.Linear(dim, hidden, bias=bias) if self.swiglu else None
+        self.act = nn.SiLU() if self.swiglu else make_activation(act)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, out_dim or dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)  # (..., hidden)
+        h = self.act(self.gate(x)) * h if self.gate is not None else self.act(h)
+        return self.fc2(self.drop(h))  # (..., out_dim)

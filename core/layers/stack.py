@@ -1,0 +1,76 @@
+"""Encoder and decoder stacks: ``depth`` blocks, optional final norm, KV cache, injection points.
+
+Injection points let a recipe add a module before any layer without replacing classes
+(Flamingo's gated cross-attention): ``stack.inject(i, module)`` runs
+``x = module(x, **inject_kwargs)`` just before block ``i``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import attrs
+from torch import Tensor, nn
+
+from ..config import config, field, in_range
+from .block import Block, BlockConfig, KVCache
+from .norm import make_norm
+
+
+@config
+class StackConfig:
+    """A stack of identical blocks."""
+
+    depth: int = field(4, "Number of blocks.", check=in_range(1, 1024, integer=True))
+    block: BlockConfig = field(BlockConfig(), "Configuration shared by every block.")
+    final_norm: bool = field(True, "Normalise the stack's output.")
+
+
+class TransformerStack(nn.Module):
+    """``depth`` pre-norm blocks; drop-path grows linearly from 0 to ``block.drop_path``."""
+
+    def __init__(self, cfg: StackConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        rates = [cfg.block.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(
+            Block(attrs.evolve(cfg.block, drop_path=r), layer_index=i) for i, r in enumerate(rates)
+        )
+        b = cfg.block
+        self.norm = make_norm(b.norm, b.dim, b.norm_eps, bias=b.norm_bias) if cfg.final_norm else None
+        self.injected = nn.ModuleDict()
+
+    def inject(self, layer: int, module: nn.Module) -> None:
+        """Run ``module(x, **inject_kwargs)`` just before block ``layer``."""
+        if not 0 <= layer < len(self.blocks):
+            raise ValueError(f"injection layer must be in [0, {len(self.blocks) - 1}], got {layer}")
+        self.injected[str(layer)] = module
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *, causal: bool = False,
+                key_padding: Tensor | None = None, seqlens: Sequence[int] | None = None,
+                mask: Tensor | list[Tensor | None] | None = None, context_padding: Tensor | None = None,
+                cache: KVCache | None = None, return_hidden: bool = False,
+                inject_kwargs: dict[str, Any] | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """x: (B, N, D) → (B, N, D). ``mask`` may be one mask or a list with one per layer.
+
+        With ``return_hidden`` also returns the input of every block plus the final output
+        (``depth + 1`` tensors, the last one after the final norm).
+        """
+        hidden = []
+        for i, block in enumerate(self.blocks):
+            if str(i) in self.injected:
+                x = self.injected[str(i)](x, **(inject_kwargs or {}))
+            if return_hidden:
+                hidden.append(x)
+            layer_mask = mask[i] if isinstance(mask, (list, tuple)) else mask
+            x = block(x, context, causal=causal, key_padding=key_padding, seqlens=seqlens,
+                      mask=layer_mask, context_padding=context_padding, cache=cache)  # (B, N, D)
+        if self.norm is not None:
+            x = self.norm(x)
+        if return_hidden:
+            hidden.append(x)
+            return x, hidden
+        return x
+
+
+__all__ = ["KVCache", "StackConfig", "TransformerStack"]

@@ -1,0 +1,108 @@
+"""The model contract every family implements, and the registry entry that names a variant.
+
+A family subclasses :class:`PolymodalModel` and registers :class:`ModelSpec` variants::
+
+    register("vit", ModelSpec(ViTClassifier, ViTConfig(), data="digits", train=TrainConfig(steps=3000)))
+
+The trainer, the CLI, model folders and the testing kit use only this contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from .config import from_dict, to_dict
+from .train_config import TrainConfig
+
+
+class PolymodalModel(nn.Module):
+    """Base class of every family's model.
+
+    Subclasses set ``family`` and ``config_class`` and implement ``loss`` and ``evaluate``;
+    ``forward`` is the model's natural call (logits, features …).
+    """
+
+    family: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    @classmethod
+    def config_for_data(cls, config: Any, dataset: Any) -> Any:
+        """Adapt a variant's config to a dataset (image size, classes …); default: unchanged."""
+        return config
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """Training loss on one batch from the dataset's train split, plus metrics to log."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Any, split: str = "test") -> dict[str, float]:
+        """The family's metrics on ``dataset`` (test split by default)."""
+        raise NotImplementedError
+
+    def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple:
+        """Random valid inputs for ``forward`` (used by the testing kit)."""
+        raise NotImplementedError
+
+    # -- model folders -------------------------------------------------------------------------
+    def save(self, directory: str | Path, *, metrics: dict[str, Any] | None = None,
+             card: str | None = None, source: str | None = None) -> Path:
+        """Write a model folder atomically (see :func:`polymodal.io.save_model`)."""
+        from .io import save_model
+
+        return save_model(self, directory, metrics=metrics, card=card, source=source)
+
+    def save_extras(self, directory: Path) -> None:
+        """Write extra files (tokenizers …) into ``directory``; default: nothing."""
+
+    def load_extras(self, directory: Path) -> None:
+        """Read what :meth:`save_extras` wrote; default: nothing."""
+
+    def config_dict(self) -> dict[str, Any]:
+        """The config as JSON-compatible values."""
+        return to_dict(self.config)
+
+    @classmethod
+    def config_from_dict(cls, data: dict[str, Any]) -> Any:
+        """Rebuild the config from :meth:`config_dict` output."""
+        return from_dict(cls.config_class, data)
+
+    def card_lines(self) -> list[str]:
+        """Family-specific lines for the README model card."""
+        return []
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model variant: the family class, its config, default data and training recipe."""
+
+    model_class: type[PolymodalModel]
+    config: Any
+    data: str = "digits"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    doc: str = ""
+    pretrained_parts: tuple[str, ...] = ()
+
+    @property
+    def __doc__(self) -> str:  # type: ignore[override]
+        return self.doc or (self.model_class.__doc__ or "").strip().split("\n")[0]
+
+    def build(self, dataset: Any = None, **overrides: Any) -> PolymodalModel:
+        """A freshly initialised model, adapted to ``dataset`` and with config ``overrides``."""
+        cfg = self.config
+        if dataset is not None:
+            cfg = self.model_class.config_for_data(cfg, dataset)
+        if overrides:
+            cfg = attrs.evolve(cfg, **overrides)
+        return self.model_class(cfg)

@@ -1,0 +1,1 @@
+"""Testing kit: hypothesis strategies and contract tests over every registered component."""

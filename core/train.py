@@ -1,0 +1,165 @@
+"""One trainer for every family: AdamW, warmup + cosine, clipping, autocast, atomic checkpoints.
+
+Resuming is exact: the checkpoint holds the weights, the optimiser state, the step and the
+RNG state, and the data order is a pure function of ``(seed, epoch)``, so a resumed run
+reaches the same weights as an uninterrupted one (on the CPU, bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import to_dict
+from .io import read_json, read_state, replace_folder, save_state
+from .train_config import TrainConfig
+
+CHECKPOINT = "checkpoint"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a checkpoint that does not fit …)."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimiser step ``step`` (0-based): linear warmup, then cosine to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batches(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    """Index batches forever: each epoch a fresh permutation from ``(seed, epoch)``, last partial batch dropped."""
+    per_epoch = max(n // batch_size, 1)
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        yield order[offset * batch_size:(offset + 1) * batch_size]
+        step += 1
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices; leave biases, norms, position tables and special tokens undecayed."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(s in name for s in ("pos_embed", "cls_token", "token_embed", "position"))
+        (plain if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+    def fill(tmp: Path) -> None:
+        save_state(tmp / "model.safetensors", model.state_dict(), {"step": str(step)})
+        state = opt.state_dict()
+        tensors = {f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()
+                   if isinstance(v, torch.Tensor)}
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        save_state(tmp / "optimizer.safetensors", tensors, {"step": str(step)})
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]]
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "train": to_dict(cfg), "param_groups": groups}, indent=2))
+
+    replace_folder(out / CHECKPOINT, fill)
+
+
+def _load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    from .io import load_state_strict
+
+    folder = out / CHECKPOINT
+    meta = read_json(folder / "trainer.json")
+    load_state_strict(model, read_state(folder / "model.safetensors"), str(folder / "model.safetensors"))
+    tensors = read_state(folder / "optimizer.safetensors")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    try:
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError) as exc:
+        raise TrainingError(f"{folder} does not fit this model's optimiser: {exc}") from exc
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return int(meta["step"])
+
+
+def train(model: nn.Module, dataset: Any, cfg: TrainConfig, *, out: str | Path | None = None,
+          device: str = "cpu", resume: bool = False, progress: bool = True,
+          stop_after: int | None = None, on_step: Callable[[int, dict[str, float]], None] | None = None) -> nn.Module:
+    """Train ``model`` on ``dataset.train`` for ``cfg.steps`` steps; returns the model.
+
+    With ``out``, checkpoints go to ``out/checkpoint`` every ``cfg.checkpoint_every`` steps and at
+    the end; ``resume`` continues from there. ``stop_after`` ends early after that many steps
+    (for tests of interrupted runs). A non-finite loss raises :class:`TrainingError` naming the step.
+    """
+    dev = torch.device(device)
+    model.to(dev).train()
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    step = 0
+    out = Path(out) if out is not None else None
+    if resume:
+        if out is None or not (out / CHECKPOINT).is_dir():
+            raise TrainingError(f"--resume needs a checkpoint in {out}/{CHECKPOINT}; none found")
+        step = _load_checkpoint(out, model, opt)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    split = dataset.train
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"train {getattr(model, 'family', '')}", unit="step",
+                   dynamic_ncols=True)
+    started, seen = time.perf_counter(), 0
+    index_batches = batches(len(split), min(cfg.batch_size, len(split)), cfg.seed, start_step=step)
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    while step < end:
+        batch = _to(split.batch(next(index_batches)), dev)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with autocast:
+            loss, metrics = model.loss(batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {loss.item()} at step {step}; stopping (lower lr, or check the data)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        seen += len(next(iter(batch.values())))
+        if on_step is not None:
+            on_step(step, {"loss": loss.item(), **metrics})
+        if bar is not None:
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == end:
+                rate = seen / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
+        if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end:
+            _save_checkpoint(out, model, opt, step, cfg)
+    if bar is not None:
+        bar.close()
+    if out is not None:
+        _save_checkpoint(out, model, opt, step, cfg)
+    return model.eval()

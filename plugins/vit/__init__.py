@@ -1,0 +1,61 @@
+"""The ViT family plugin: variants, the Hugging Face converter and their registration.
+
+Variants (timm style, five lines each):
+    ``vit``      a small ViT for the embedded 8×8 digits (the default recipe, ≥ 97% test accuracy).
+    ``vit-s16``  ViT-S/16 at 224×224 (width 384, depth 12, 6 heads).
+    ``vit-b16``  ViT-B/16 at 224×224 (width 768, depth 12, 12 heads).
+"""
+
+from __future__ import annotations
+
+from polymodal.encoders import ViTEncoderConfig
+from polymodal.hookspecs import hookimpl
+from polymodal.models import ModelSpec
+from polymodal.train_config import TrainConfig
+
+from .model import ViTClassifier, ViTConfig
+
+__all__ = ["ViTClassifier", "ViTConfig", "VARIANTS"]
+
+DIGITS = ModelSpec(
+    ViTClassifier,
+    ViTConfig(encoder=ViTEncoderConfig(image_size=8, patch_size=2, channels=1, dim=128, depth=6, heads=4,
+                                       mlp_ratio=2.0, drop_path=0.1),
+              augment_shift=1, label_smoothing=0.1),
+    data="digits",
+    train=TrainConfig(steps=2500, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.05),
+    doc="Small ViT for the embedded 8×8 digits (patch 2, width 128, depth 6).",
+)
+
+VIT_S16 = ModelSpec(
+    ViTClassifier,
+    ViTConfig(encoder=ViTEncoderConfig(image_size=224, patch_size=16, channels=3, dim=384, depth=12, heads=6),
+              num_classes=1000),
+    data="digits", train=TrainConfig(steps=2000, batch_size=32, lr=5e-4),
+    doc="ViT-S/16: 224×224, width 384, depth 12, 6 heads.",
+)
+
+VIT_B16 = ModelSpec(
+    ViTClassifier,
+    ViTConfig(encoder=ViTEncoderConfig(image_size=224, patch_size=16, channels=3, dim=768, depth=12, heads=12),
+              num_classes=1000),
+    data="digits", train=TrainConfig(steps=2000, batch_size=32, lr=3e-4),
+    doc="ViT-B/16: 224×224, width 768, depth 12, 12 heads.",
+)
+
+VARIANTS = {"vit": DIGITS, "vit-s16": VIT_S16, "vit-b16": VIT_B16}
+
+
+@hookimpl
+def register_models(register):
+    """The ViT variants."""
+    for name, spec in VARIANTS.items():
+        register(name, spec)
+
+
+@hookimpl
+def register_converters(register):
+    """``hf-vit``: a transformers ViT folder (safetensors) to a polymodal model folder."""
+    from .convert import convert_hf_vit
+
+    register("hf-vit", convert_hf_vit, doc="Hugging Face transformers ViT folder → polymodal vit")
