@@ -3,7 +3,7 @@
     import polymodal
     model = polymodal.create("vit")           # a registered variant
     model = polymodal.load("runs/vit")        # a model folder
-    polymodal.registry.names("model")         # what the plugins registered
+    polymodal.registry.names("model")         # what the plugins registered (module functions)
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ __all__ = ["__version__", "create", "hookimpl", "hookspec", "load", "registry", 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that ``import polymodal`` (and importing a plugin) stays cheap.
-    if name == "registry":
-        from .plugin_loader import get_registry
+    if name == "registry":  # the module: polymodal.registry.get(kind, name), .names(kind) …
+        import importlib
 
-        return get_registry()
+        return importlib.import_module(".registry", __name__)
     if name in ("create", "load", "train_model", "evaluate_folder"):
         from . import api
 

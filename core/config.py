@@ -69,7 +69,7 @@ def one_of(*allowed: Any) -> Callable:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain JSON-compatible values (tuples become lists)."""
-    return attrs.asdict(cfg, recurse=True, retain_collection_types=False)
+    return attrs.asdict(cfg, recurse=True)
 
 
 def _coerce(tp: Any, value: Any) -> Any:

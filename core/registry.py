@@ -137,3 +137,42 @@ class Registry:
     def __contains__(self, key: tuple[str, str]) -> bool:
         kind, name = key
         return kind in self._entries and name in self._entries[kind]
+
+
+# -- the process-wide registry, as module functions ----------------------------------------------
+# ``polymodal.registry.get("model", "vit")`` reads the registry that the plugins filled at start-up.
+
+def _global() -> Registry:
+    from .plugin_loader import get_registry
+
+    return get_registry()
+
+
+def get(kind: str, name: str) -> Any:
+    """The object registered as ``kind``/``name`` in the process-wide registry."""
+    return _global().get(kind, name)
+
+
+def entry(kind: str, name: str) -> Entry:
+    """The :class:`Entry` for ``kind``/``name`` in the process-wide registry."""
+    return _global().entry(kind, name)
+
+
+def names(kind: str) -> list[str]:
+    """Sorted names of one kind in the process-wide registry."""
+    return _global().names(kind)
+
+
+def entries(kind: str | None = None) -> Iterator[Entry]:
+    """Entries of the process-wide registry (all kinds, or one)."""
+    return _global().entries(kind)
+
+
+def find(name: str) -> list[Entry]:
+    """Every entry called ``name`` in the process-wide registry."""
+    return _global().find(name)
+
+
+def has(kind: str, name: str) -> bool:
+    """Whether ``kind``/``name`` is registered in the process-wide registry."""
+    return (kind, name) in _global()

@@ -14,3 +14,24 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Train a registered model's default recipe once per test run; returns its folder and metrics.
+
+    ``trained("vit")`` runs exactly what ``polymodal train vit`` runs (default data, steps
+    and seed) and caches the result for every test in the session.
+    """
+    from polymodal.api import train_model
+
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(f"trained-{name}")
+            _, metrics = train_model(name, out=out, progress=False)
+            cache[name] = (out, metrics)
+        return cache[name]
+
+    return get

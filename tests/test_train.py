@@ -1,0 +1,100 @@
+"""The trainer: schedule, exact resume, non-finite stop, checkpoints that survive interruption."""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import pytest
+import torch
+
+import polymodal
+from polymodal.config import apply_overrides
+from polymodal.data import load_digits
+from polymodal.train import TrainingError, batches, lr_at, train
+from polymodal.train_config import TrainConfig
+
+TINY = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "encoder.mlp_ratio=2.0"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def tiny_vit(digits, seed=0):
+    spec = polymodal.registry.get("model", "vit")
+    cfg = apply_overrides(spec.model_class.config_for_data(spec.config, digits), TINY)
+    torch.manual_seed(seed)
+    return spec.model_class(cfg)
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    straight = [b.tolist() for _, b in zip(range(7), batches(10, 3, seed=1))]
+    resumed = [b.tolist() for _, b in zip(range(3), batches(10, 3, seed=1, start_step=4))]
+    assert straight[4:] == resumed
+    assert sorted(sum(straight[:3], [])) == sorted(set(sum(straight[:3], [])))  # no repeats within an epoch
+
+
+def test_resume_reaches_the_same_weights(digits, tmp_path):
+    cfg = TrainConfig(steps=12, batch_size=16, warmup_steps=3, checkpoint_every=5, log_every=1)
+    straight = train(tiny_vit(digits), digits, cfg, out=tmp_path / "a", progress=False)
+    train(tiny_vit(digits), digits, cfg, out=tmp_path / "b", progress=False, stop_after=7)  # "interrupted"
+    resumed = train(tiny_vit(digits, seed=123), digits, cfg, out=tmp_path / "b", progress=False, resume=True)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_training_changes_weights_and_uses_augmentation_rng(digits):
+    model = tiny_vit(digits)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, digits, TrainConfig(steps=3, batch_size=8, warmup_steps=0), progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_non_finite_loss_stops_naming_the_step(digits):
+    model = tiny_vit(digits)
+    original = model.loss
+    calls = {"n": 0}
+
+    def loss(batch):
+        calls["n"] += 1
+        value, metrics = original(batch)
+        return (value * float("nan") if calls["n"] == 4 else value), metrics
+
+    model.loss = loss
+    with pytest.raises(TrainingError, match="at step 3"):
+        train(model, digits, TrainConfig(steps=10, batch_size=8, warmup_steps=0), progress=False)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(digits, tmp_path):
+    with pytest.raises(TrainingError, match="needs a checkpoint"):
+        train(tiny_vit(digits), digits, TrainConfig(steps=2), out=tmp_path, resume=True, progress=False)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(digits, tmp_path, monkeypatch):
+    import polymodal.train as train_module
+
+    cfg = TrainConfig(steps=4, batch_size=8, warmup_steps=0, checkpoint_every=2)
+    train(tiny_vit(digits), digits, cfg, out=tmp_path, progress=False)
+    saved = (tmp_path / "checkpoint" / "trainer.json").read_text()
+
+    def broken(path, tensors, metadata):
+        raise KeyboardInterrupt  # the process is stopped mid-write
+
+    monkeypatch.setattr(train_module, "save_state", broken)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_vit(digits), digits, attrs.evolve(cfg, steps=6), out=tmp_path, progress=False)
+    assert (tmp_path / "checkpoint" / "trainer.json").read_text() == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
