@@ -43,17 +43,41 @@ HOOK_KINDS: dict[str, str] = {
 def register_encoders(register: Register) -> None:
     """Register encoder classes (``nn.Module`` subclasses with a ``config_class``).
 
+    An encoder builds from ``config_class()`` defaults, sets ``out_dim`` and maps
+    ``example_inputs(batch_size, generator)`` to tokens (B, N, out_dim); the contract
+    tests in ``polymodal.testing`` check exactly that.
+
     Example::
 
+        import torch
         from polymodal import hookimpl
-        from polymodal.layers import TransformerEncoder
+        from polymodal.config import config, field, in_range
 
-        class MyAudioEncoder(TransformerEncoder):
-            '''A transformer over log-mel frames.'''
+        @config
+        class FramesConfig:
+            '''Log-mel frames to tokens.'''
+            mels: int = field(80, "Mel bins per frame.", check=in_range(1, 512, integer=True))
+            dim: int = field(64, "Token width.", check=in_range(1, 4096, integer=True))
+
+        class FramesEncoder(torch.nn.Module):
+            '''(B, T, mels) log-mel frames → (B, T, dim) tokens.'''
+            config_class = FramesConfig
+
+            def __init__(self, cfg=None):
+                super().__init__()
+                self.cfg = cfg or FramesConfig()
+                self.out_dim = self.cfg.dim
+                self.proj = torch.nn.Linear(self.cfg.mels, self.cfg.dim)
+
+            def forward(self, frames):
+                return self.proj(frames)  # (B, T, dim)
+
+            def example_inputs(self, batch_size=2, generator=None):
+                return (torch.randn(batch_size, 16, self.cfg.mels, generator=generator),)
 
         @hookimpl
         def register_encoders(register):
-            register("my-audio", MyAudioEncoder)
+            register("frames", FramesEncoder)
     """
 
 
@@ -146,6 +170,7 @@ def register_attention_backends(register: Register) -> None:
         from polymodal.attention import MathBackend
 
         class MyBackend(MathBackend):
+            '''The reference math, under another name.'''
             name = "mine"
             priority = 0  # never preferred by ``auto`` over the built-ins
 
@@ -171,8 +196,8 @@ def register_datasets(register: Register) -> None:
             def split(n):
                 return Split({"image": torch.rand(n, 1, 8, 8, generator=g),
                               "label": torch.randint(0, 10, (n,), generator=g)})
-            return Dataset("noise", split(64), split(16), num_classes=10,
-                           image_size=8, channels=1)
+            return Dataset("noise", split(64), split(16),
+                           meta={"num_classes": 10, "image_size": 8, "channels": 1})
 
         @hookimpl
         def register_datasets(register):
@@ -187,12 +212,14 @@ def register_models(register: Register) -> None:
     Example::
 
         from polymodal import hookimpl
+        from polymodal.encoders import ViTEncoderConfig
         from polymodal.models import ModelSpec
         from polymodal.plugins.vit import ViTClassifier, ViTConfig
 
         @hookimpl
         def register_models(register):
-            register("vit-wide", ModelSpec(ViTClassifier, ViTConfig(dim=256)))
+            wide = ViTConfig(encoder=ViTEncoderConfig(dim=256, heads=8))
+            register("vit-wide", ModelSpec(ViTClassifier, wide, data="digits"))
     """
 
 

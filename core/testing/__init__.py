@@ -1,1 +1,24 @@
-"""Testing kit: hypothesis strategies and contract tests over every registered component."""
+"""Testing kit: hypothesis strategies and contract tests over every registered component.
+
+``polymodal.testing.strategies``  hypothesis strategies (image and token batches, attention
+calls, valid config variants). ``polymodal.testing.contracts``  checks every model,
+encoder, backend, dataset and config must pass; ``tests/test_contracts.py`` runs them over
+the whole registry, so a new plugin is tested on arrival.
+
+Both are imported on demand (``from polymodal.testing import contracts``): hypothesis is a
+test dependency, not a runtime one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["contracts", "strategies"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

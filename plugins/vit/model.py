@@ -53,6 +53,13 @@ class ViTClassifier(PolymodalModel):
         encoder = attrs.evolve(config.encoder, channels=meta.get("channels", config.encoder.channels))
         return attrs.evolve(config, encoder=encoder, num_classes=meta.get("num_classes", config.num_classes))
 
+    @classmethod
+    def tiny_config(cls, config: ViTConfig) -> ViTConfig:
+        """The same architecture at toy size, for the contract tests (``polymodal.testing.contracts.tiny``)."""
+        e = config.encoder
+        encoder = attrs.evolve(e, dim=16, depth=1, heads=2, image_size=min(e.image_size, 2 * e.patch_size))
+        return attrs.evolve(config, encoder=encoder, num_classes=min(config.num_classes, 10))
+
     def features(self, images: Tensor) -> Tensor:
         """Pooled features (B, dim)."""
         tokens = self.encoder(images)  # (B, 1 + N, D)

@@ -1,0 +1,439 @@
+"""Contract checks every registered component must pass; ``tests/test_contracts.py`` runs them all.
+
+Each check raises ``AssertionError`` with a message that names the component and what is
+wrong, so plugin authors can call them from their own tests::
+
+    from polymodal.testing import contracts
+
+    def test_my_model():
+        contracts.check_all_model_contracts("my-model")      # a registered name or a ModelSpec
+
+**Tiny variants.** Model checks build :func:`tiny` variants so that the whole registry
+runs in seconds. A model class may define a classmethod::
+
+    @classmethod
+    def tiny_config(cls, config):
+        '''The same architecture at toy size (a few thousand parameters).'''
+        return attrs.evolve(config, encoder=attrs.evolve(config.encoder, dim=16, depth=1, heads=2))
+
+Without one, :func:`shrink_config` lowers fields with the usual size names (``depth``,
+``dim``, ``heads`` …, in nested configs too) where the config stays valid. A model still
+above :data:`MAX_PARAMS` parameters is skipped with a message asking for ``tiny_config``.
+
+**Optional hooks a model may define** (all looked up with ``getattr``):
+``tiny_config(config)`` (classmethod, above); ``example_batch(batch_size, generator)`` a
+training batch for :func:`check_loss_backward` (default: the first samples of the
+variant's dataset); ``batch_independent = False`` for models whose outputs couple the
+samples of a batch (contrastive logits), which skips the per-sample checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import math
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Iterator
+
+import attrs
+import torch
+from torch import Tensor
+
+from ..config import from_json, to_dict, to_json
+from ..models import ModelSpec, PolymodalModel
+
+MAX_PARAMS = 3_000_000
+"""Model checks skip variants whose tiny form still has more parameters than this."""
+
+ATOL = 1e-5
+"""Tolerance of the batch-independence check."""
+
+_SHRINK = {
+    "depth": 1, "layers": 1, "num_layers": 1, "n_layers": 1, "decoder_depth": 1, "encoder_depth": 1,
+    "dim": 16, "width": 16, "embed_dim": 16, "d_model": 16, "hidden_dim": 32, "mlp_dim": 32,
+    "heads": 2, "num_heads": 2, "n_heads": 2,
+}
+
+
+# -- specs and tiny variants ------------------------------------------------------------------
+
+def resolve(spec: str | ModelSpec) -> ModelSpec:
+    """A :class:`ModelSpec` from a registered name (or the spec itself)."""
+    if isinstance(spec, ModelSpec):
+        return spec
+    from ..plugin_loader import get_registry
+
+    return get_registry().get("model", spec)
+
+
+def shrink_config(cfg: Any) -> Any:
+    """``cfg`` with size fields (depth, dim, heads …) lowered wherever the config stays valid."""
+    if not attrs.has(type(cfg)):
+        return cfg
+    for _ in range(2):  # a second pass takes changes that needed another field lowered first
+        for a in attrs.fields(type(cfg)):
+            value = getattr(cfg, a.name)
+            if attrs.has(type(value)):
+                new = shrink_config(value)
+            elif (a.name in _SHRINK and isinstance(value, int) and not isinstance(value, bool)
+                  and value > _SHRINK[a.name]):
+                new = _SHRINK[a.name]
+            else:
+                continue
+            if a.init and new != value:
+                try:
+                    cfg = attrs.evolve(cfg, **{a.name: new})
+                except (ValueError, TypeError):
+                    pass
+    return cfg
+
+
+def tiny_config(model_class: type, config: Any) -> Any:
+    """The model class's ``tiny_config(config)`` when it has one, else :func:`shrink_config`."""
+    hook = getattr(model_class, "tiny_config", None)
+    small = hook(config) if hook is not None else shrink_config(config)
+    if not isinstance(small, model_class.config_class):
+        raise AssertionError(f"{model_class.__name__}.tiny_config returned {type(small).__name__}, "
+                             f"not a {model_class.config_class.__name__}")
+    return small
+
+
+def tiny(spec: str | ModelSpec) -> ModelSpec:
+    """The variant at toy size (see the module docs), with a short training recipe."""
+    spec = resolve(spec)
+    train = attrs.evolve(spec.train, steps=min(spec.train.steps, 2), batch_size=min(spec.train.batch_size, 8),
+                         warmup_steps=0, checkpoint_every=0)
+    return dataclasses.replace(spec, config=tiny_config(spec.model_class, spec.config), train=train)
+
+
+def _skip(message: str) -> None:
+    try:
+        import pytest
+    except ImportError:  # pragma: no cover - the kit is used under pytest
+        raise AssertionError(message) from None
+    pytest.skip(message)
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """Add small noise to every parameter, so zero-initialised heads do not hide differences."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def build(spec: str | ModelSpec, *, use_tiny: bool = True, dataset: Any = None, seed: int = 0,
+          perturb: bool = True, **overrides: Any) -> PolymodalModel:
+    """A seeded model of ``spec`` (tiny by default), with config ``overrides``; skips huge ones."""
+    spec = resolve(spec)
+    if use_tiny:
+        spec = tiny(spec)
+    torch.manual_seed(seed)
+    model = spec.build(dataset, **overrides)
+    n = sum(p.numel() for p in model.parameters())
+    if n > MAX_PARAMS:
+        _skip(f"{type(model).__name__} has {n:,} parameters even at tiny size; define a "
+              f"`tiny_config` classmethod on it (see polymodal.testing.contracts)")
+    if perturb:
+        _perturb(model, seed)
+    return model
+
+
+def example_inputs(model: Any, batch_size: int, seed: int = 0) -> tuple:
+    """``model.example_inputs(batch_size, generator)`` (the generator only where it is accepted)."""
+    g = torch.Generator().manual_seed(seed)
+    params = inspect.signature(model.example_inputs).parameters
+    inputs = model.example_inputs(batch_size, generator=g) if "generator" in params else model.example_inputs(batch_size)
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _tensors(out: Any, path: str = "output") -> Iterator[tuple[str, Tensor]]:
+    """Every tensor in a (nested) output: a tensor, tuple, list, dict or dataclass."""
+    if isinstance(out, Tensor):
+        yield path, out
+    elif isinstance(out, (tuple, list)):
+        for i, o in enumerate(out):
+            yield from _tensors(o, f"{path}[{i}]")
+    elif isinstance(out, dict):
+        for k, o in out.items():
+            yield from _tensors(o, f"{path}[{k!r}]")
+    elif dataclasses.is_dataclass(out):
+        for f in dataclasses.fields(out):
+            yield from _tensors(getattr(out, f.name), f"{path}.{f.name}")
+
+
+def _run(model: Any, inputs: tuple) -> dict[str, Tensor]:
+    with torch.no_grad():
+        found = dict(_tensors(model(*inputs)))
+    assert found, f"{type(model).__name__}.forward returned no tensors"
+    return found
+
+
+def _slice(inputs: tuple, i: int) -> tuple:
+    return tuple(x[i:i + 1] if isinstance(x, Tensor) and x.dim() > 0 else x for x in inputs)
+
+
+def _name(spec: ModelSpec) -> str:
+    return spec.model_class.__name__
+
+
+# -- model checks -------------------------------------------------------------------------------
+
+def check_output_shapes(spec: str | ModelSpec, *, use_tiny: bool = True, **overrides: Any) -> None:
+    """Every output tensor has the batch as its first dim, and the same trailing shape for B = 1 and 3."""
+    spec = resolve(spec)
+    model = build(spec, use_tiny=use_tiny, **overrides).eval()
+    if not getattr(model, "batch_independent", True):
+        return
+    one, three = _run(model, example_inputs(model, 1)), _run(model, example_inputs(model, 3))
+    assert one.keys() == three.keys(), f"{_name(spec)}: outputs differ with the batch size: {sorted(one)} vs {sorted(three)}"
+    for key in one:
+        a, b = one[key], three[key]
+        assert a.dim() >= 1 and a.shape[0] == 1 and b.shape[0] == 3, (
+            f"{_name(spec)}: {key} has shape {tuple(a.shape)} for batch 1 and {tuple(b.shape)} for batch 3; "
+            "expected the batch first (set batch_independent = False if outputs couple samples)")
+        assert a.shape[1:] == b.shape[1:], f"{_name(spec)}: {key} trailing shape changes with the batch size"
+
+
+def check_batch_independence(spec: str | ModelSpec, *, use_tiny: bool = True, atol: float = ATOL,
+                             **overrides: Any) -> None:
+    """In eval mode a sample's output is the same alone and inside a batch (to ``atol``)."""
+    spec = resolve(spec)
+    model = build(spec, use_tiny=use_tiny, **overrides).eval()
+    if not getattr(model, "batch_independent", True):
+        return
+    inputs = example_inputs(model, 3, seed=1)
+    full = _run(model, inputs)
+    for i in range(3):
+        alone = _run(model, _slice(inputs, i))
+        for key, value in alone.items():
+            torch.testing.assert_close(value, full[key][i:i + 1], atol=atol, rtol=0, msg=lambda m, k=key, i=i: (
+                f"{_name(spec)}: {k} of sample {i} differs alone and in a batch of 3: {m}"))
+
+
+def check_finite_outputs(spec: str | ModelSpec, *, use_tiny: bool = True, **overrides: Any) -> None:
+    """Outputs on example inputs are finite, in eval and in train mode."""
+    spec = resolve(spec)
+    model = build(spec, use_tiny=use_tiny, **overrides)
+    inputs = example_inputs(model, 2, seed=2)
+    for mode in ("eval", "train"):
+        model.train(mode == "train")
+        for key, value in _run(model, inputs).items():
+            if value.is_floating_point() or value.is_complex():
+                assert torch.isfinite(value).all(), f"{_name(spec)}: {key} has non-finite values in {mode} mode"
+
+
+def check_save_load_equal(spec: str | ModelSpec, *, use_tiny: bool = True, **overrides: Any) -> None:
+    """``save`` then ``polymodal.load`` gives the same class, config, state and outputs."""
+    from ..api import load
+
+    spec = resolve(spec)
+    model = build(spec, use_tiny=use_tiny, **overrides).eval()
+    inputs = example_inputs(model, 2, seed=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        model.save(folder, metrics={"contract": 1.0})
+        for name in ("config.json", "model.safetensors", "README.md", "metrics.json"):
+            assert (folder / name).is_file(), f"{_name(spec)}: the saved folder lacks {name}"
+        loaded = load(folder)
+    assert type(loaded) is type(model), f"{_name(spec)}: loaded a {type(loaded).__name__}"
+    assert loaded.config == model.config, f"{_name(spec)}: config changed on save/load:\n{loaded.config}\n{model.config}"
+    mine, theirs = model.state_dict(), loaded.state_dict()
+    assert mine.keys() == theirs.keys(), f"{_name(spec)}: state keys differ: {sorted(set(mine) ^ set(theirs))}"
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), f"{_name(spec)}: {key} changed on save/load"
+    a, b = _run(model, inputs), _run(loaded.eval(), inputs)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0,
+                                   msg=lambda m, k=key: f"{_name(spec)}: {k} differs after save/load: {m}")
+
+
+def _config_round_trip(cfg: Any, label: str) -> None:
+    text = to_json(cfg)
+    json.loads(text)  # plain JSON
+    back = from_json(type(cfg), text)
+    assert back == cfg, f"{label}: {type(cfg).__name__} changed through JSON:\n{back}\n{cfg}"
+
+
+def check_config_json_round_trip(spec: str | ModelSpec) -> None:
+    """The variant's config, its tiny form and its training recipe survive config → JSON → config."""
+    spec = resolve(spec)
+    for cfg in (spec.config, tiny_config(spec.model_class, spec.config), spec.train):
+        _config_round_trip(cfg, _name(spec))
+    data = json.loads(json.dumps(to_dict(spec.config)))
+    assert spec.model_class.config_from_dict(data) == spec.config, f"{_name(spec)}: config_from_dict(to_dict(config)) differs"
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset(name: str) -> Any:
+    from ..data import load_dataset
+
+    return load_dataset(name)
+
+
+def check_loss_backward(spec: str | ModelSpec, *, use_tiny: bool = True, batch_size: int = 4, **overrides: Any) -> None:
+    """``loss`` on a small batch is a finite scalar with float metrics, and backward gives finite gradients.
+
+    The batch is ``model.example_batch(batch_size, generator)`` when the model defines it,
+    else the first samples of the variant's dataset (with the config adapted to it).
+    """
+    spec = resolve(spec)
+    if hasattr(spec.model_class, "example_batch"):
+        model = build(spec, use_tiny=use_tiny, **overrides)
+        batch = model.example_batch(batch_size, torch.Generator().manual_seed(4))
+    else:
+        dataset = _dataset(spec.data)
+        model = build(spec, use_tiny=use_tiny, dataset=dataset, **overrides)
+        batch = dataset.train.batch(list(range(min(batch_size, len(dataset.train)))))
+    model.train()
+    loss, metrics = model.loss(batch)
+    assert isinstance(loss, Tensor) and loss.dim() == 0, f"{_name(spec)}.loss must return a scalar tensor"
+    assert torch.isfinite(loss), f"{_name(spec)}.loss is {loss.item()}"
+    assert loss.requires_grad, f"{_name(spec)}.loss does not require grad (is it detached?)"
+    assert isinstance(metrics, dict) and all(isinstance(k, str) for k in metrics), f"{_name(spec)}: metrics must be a dict"
+    for k, v in metrics.items():
+        assert isinstance(v, (int, float)) and math.isfinite(v), f"{_name(spec)}: metric {k!r} = {v!r} is not a finite number"
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    assert grads, f"{_name(spec)}: the loss gives no parameter a gradient"
+    bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
+    assert not bad, f"{_name(spec)}: non-finite gradients in {bad[:5]}"
+    assert any(bool(g.abs().sum() > 0) for g in grads.values()), f"{_name(spec)}: every gradient is zero"
+
+
+MODEL_CHECKS = (check_output_shapes, check_batch_independence, check_finite_outputs, check_save_load_equal,
+                check_config_json_round_trip, check_loss_backward)
+"""Every per-model check, in the order :func:`check_all_model_contracts` runs them."""
+
+
+def check_all_model_contracts(spec: str | ModelSpec) -> None:
+    """Run every check in :data:`MODEL_CHECKS` on one variant."""
+    for check in MODEL_CHECKS:
+        check(spec)
+
+
+# -- other kinds --------------------------------------------------------------------------------
+
+def check_encoder(encoder_class: type, batch_size: int = 2) -> None:
+    """The encoder builds from ``config_class()`` defaults and maps ``example_inputs`` to (B, N, out_dim)."""
+    name = getattr(encoder_class, "__name__", repr(encoder_class))
+    cfg_class = getattr(encoder_class, "config_class", None)
+    assert cfg_class is not None, f"encoder {name} has no config_class"
+    torch.manual_seed(0)
+    encoder = encoder_class(cfg_class()).eval()
+    inputs = example_inputs(encoder, batch_size)
+    with torch.no_grad():
+        out = encoder(*inputs)
+    assert isinstance(out, Tensor), f"encoder {name} returned {type(out).__name__}, expected a tensor (B, N, out_dim)"
+    assert out.dim() == 3 and out.shape[0] == batch_size, f"encoder {name} returned shape {tuple(out.shape)}, expected (B, N, D)"
+    out_dim = getattr(encoder, "out_dim", None)
+    assert out_dim is None or out.shape[-1] == out_dim, f"encoder {name}: last dim {out.shape[-1]} != out_dim {out_dim}"
+    assert torch.isfinite(out).all(), f"encoder {name} returned non-finite values"
+
+
+def attention_specs() -> list[Any]:
+    """A spread of attention calls (devices, dtypes, masks, grad, dropout) to ask backends about."""
+    from ..attention import AttentionSpec
+
+    specs = []
+    for device in ("cpu", "cuda"):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            for causal, padding, packed, dense in ((False, False, False, ""), (True, False, False, ""),
+                                                   (False, True, False, ""), (True, False, True, ""),
+                                                   (False, False, False, "bool"), (True, True, False, "additive")):
+                for grad, dropout in ((False, False), (True, False), (True, True)):
+                    specs.append(AttentionSpec(device, dtype, grad, causal, padding, packed, dense, dropout, 8, 8, 16))
+    return specs
+
+
+def check_attention_backend(backend: Any, name: str = "") -> None:
+    """``available()`` and ``supports(spec)`` return ``None`` or a non-empty reason string, for many calls."""
+    label = name or getattr(backend, "name", repr(backend))
+    assert callable(backend), f"attention backend {label} is not callable"
+    why = backend.available()
+    assert why is None or (isinstance(why, str) and why), f"attention backend {label}.available() returned {why!r}"
+    for spec in attention_specs():
+        why = backend.supports(spec)
+        assert why is None or (isinstance(why, str) and why), (
+            f"attention backend {label}.supports({spec}) returned {why!r}; expected None or a reason")
+
+
+def check_dataset_entry(obj: Any, name: str = "") -> None:
+    """A dataset entry is a callable ``(root=None, **options) -> Dataset``."""
+    assert callable(obj), f"dataset {name or obj!r} is not callable"
+
+
+def check_component_doc(entry: Any) -> None:
+    """A registry entry has a one-line doc (``polymodal list`` shows it)."""
+    assert isinstance(entry.doc, str) and entry.doc.strip(), (
+        f"{entry.kind} {entry.name!r} from plugin {entry.plugin!r} has no doc: give it a docstring or register(..., doc=...)")
+
+
+def _nested_config_types(cls: type) -> Iterator[type]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:
+        hints = {}
+    for a in attrs.fields(cls):
+        tp = hints.get(a.name, a.type)
+        for candidate in (tp, *typing.get_args(tp)):
+            if isinstance(candidate, type) and attrs.has(candidate):
+                yield candidate
+        default = a.default.factory() if isinstance(a.default, attrs.Factory) and not a.default.takes_self else a.default
+        if attrs.has(type(default)):
+            yield type(default)
+
+
+def check_config_docs(config: Any) -> None:
+    """Every field of an attrs config class (and of the configs nested in it) has ``metadata['doc']``."""
+    cls = config if isinstance(config, type) else type(config)
+    seen: set[type] = set()
+    todo = [cls]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        assert attrs.has(current), f"{current.__name__} is not an attrs config class"
+        missing = [a.name for a in attrs.fields(current) if not str(a.metadata.get("doc", "")).strip()]
+        assert not missing, f"{current.__name__} fields without a docstring: {', '.join(missing)} (use polymodal.config.field)"
+        todo.extend(_nested_config_types(current))
+
+
+def registered_configs(registry: Any = None) -> dict[str, type]:
+    """Every config class reachable from the registry (each once), by a label naming where it was found.
+
+    Nested configs are not listed; :func:`check_config_docs` walks into them.
+    """
+    if registry is None:
+        from ..plugin_loader import get_registry
+
+        registry = get_registry()
+    found: dict[str, type] = {}
+
+    def add(label: str, cls: Any) -> None:
+        if isinstance(cls, type) and attrs.has(cls) and cls not in found.values():
+            found[label] = cls
+
+    for e in registry.entries():
+        if e.kind == "model":
+            add(f"model {e.name} config", type(e.obj.config))
+            add(f"model {e.name} config_class", e.obj.model_class.config_class)
+            add(f"model {e.name} train", type(e.obj.train))
+        add(f"{e.kind} {e.name} config_class", getattr(e.obj, "config_class", None))
+    return found
+
+
+def check_spec(spec: str | ModelSpec) -> None:
+    """A ModelSpec is coherent: a PolymodalModel subclass with a family, and a config of its config_class."""
+    spec = resolve(spec)
+    cls = spec.model_class
+    assert isinstance(cls, type) and issubclass(cls, PolymodalModel), f"{cls!r} is not a PolymodalModel subclass"
+    assert cls.family, f"{cls.__name__}.family is empty"
+    assert isinstance(spec.config, cls.config_class), (
+        f"{cls.__name__}: the spec's config is a {type(spec.config).__name__}, not its config_class {cls.config_class.__name__}")

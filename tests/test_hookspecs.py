@@ -1,0 +1,117 @@
+"""The hookspecs are the plugin reference: each documented with a valid example, each mapped to a kind."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import textwrap
+
+import pytest
+
+from polymodal import hookspecs
+from polymodal.registry import KINDS
+
+
+def _specs() -> dict[str, object]:
+    marker = f"{hookspecs.PROJECT}_spec"
+    return {name: fn for name, fn in vars(hookspecs).items()
+            if inspect.isfunction(fn) and hasattr(fn, marker)}
+
+
+SPECS = _specs()
+
+
+def _examples(doc: str) -> list[str]:
+    """Every literal block introduced by ``::`` in a docstring, dedented."""
+    lines = inspect.cleandoc(doc).splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].rstrip().endswith("::"):
+            i += 1
+            block = []
+            while i < len(lines) and (not lines[i].strip() or lines[i].startswith((" ", "\t"))):
+                block.append(lines[i])
+                i += 1
+            blocks.append(textwrap.dedent("\n".join(block)).strip("\n"))
+        else:
+            i += 1
+    return [b for b in blocks if b.strip()]
+
+
+def test_there_are_hookspecs():
+    assert len(SPECS) >= 10
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_hookspec_is_registration_only(name):
+    assert name.startswith("register_")
+    assert list(inspect.signature(SPECS[name]).parameters) == ["register"]
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_hookspec_docstring_has_an_example_plugin(name):
+    doc = SPECS[name].__doc__ or ""
+    assert "Example" in doc and "@hookimpl" in doc, f"{name}'s docstring needs an 'Example::' with a @hookimpl"
+    examples = _examples(doc)
+    assert any("@hookimpl" in e and f"def {name}(register)" in e for e in examples), (
+        f"{name}'s example should implement `def {name}(register)`")
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_hookspec_examples_compile(name):
+    for example in _examples(SPECS[name].__doc__ or ""):
+        compile(example, f"<{name} docstring example>", "exec")
+
+
+def test_module_docstring_example_is_valid_toml_or_python():
+    blocks = _examples(hookspecs.__doc__ or "")
+    assert blocks, "the module docstring shows how to publish a plugin"
+    assert any(re.search(r"\[project\.entry-points\.polymodal\]", b) for b in blocks)
+
+
+def test_hook_kinds_cover_every_hookspec_and_name_real_kinds():
+    assert set(hookspecs.HOOK_KINDS) == set(SPECS)
+    assert set(hookspecs.HOOK_KINDS.values()) <= set(KINDS)
+    assert len(set(hookspecs.HOOK_KINDS.values())) == len(hookspecs.HOOK_KINDS)
+
+
+def test_every_registry_kind_has_a_hook():
+    assert set(KINDS) == set(hookspecs.HOOK_KINDS.values())
+
+
+def _run_example(name: str) -> list[tuple[str, object]]:
+    """Execute a hookspec's example and call its hook implementation with a collecting ``register``."""
+    registered: list[tuple[str, object]] = []
+    for example in _examples(SPECS[name].__doc__ or ""):
+        namespace: dict[str, object] = {"__name__": f"example_{name}"}
+        exec(compile(example, f"<{name} docstring example>", "exec"), namespace)
+        impl = namespace.get(name)
+        if callable(impl):
+            impl(register=lambda entry, obj, doc="": registered.append((entry, obj)))
+    return registered
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_hookspec_examples_run_and_register_valid_names(name):
+    from polymodal.registry import Registry
+
+    registered = _run_example(name)
+    assert registered, f"{name}'s example registers nothing"
+    scratch = Registry()
+    for entry, obj in registered:  # lowercase names, and a doc for `polymodal list`
+        assert scratch.add(hookspecs.HOOK_KINDS[name], entry, obj, plugin="example").doc
+
+
+def test_encoder_example_passes_the_encoder_contract():
+    from polymodal.testing import contracts
+
+    for _, encoder_class in _run_example("register_encoders"):
+        contracts.check_encoder(encoder_class)
+
+
+def test_dataset_example_builds_a_dataset():
+    from polymodal.data import Dataset
+
+    for _, load in _run_example("register_datasets"):
+        data = load()
+        assert isinstance(data, Dataset) and len(data.train) and data.meta["num_classes"] == 10
