@@ -27,10 +27,12 @@ def register_encoders(register):
 
 @hookimpl
 def register_datasets(register):
-    """Embedded data: digits."""
-    from .data import load_digits
+    """Embedded data: digits, procedural shapes, and a folder of the user's own images."""
+    from .data import load_digits, load_folder, load_shapes
 
     register("digits", load_digits)
+    register("shapes", load_shapes)
+    register("folder", load_folder)
 
 
 @hookimpl
@@ -39,3 +41,42 @@ def register_metrics(register):
     from .metrics import accuracy
 
     register("accuracy", accuracy)
+
+
+@hookimpl
+def register_tokenizers(register):
+    """Text tokenizers: UTF-8 bytes and byte-level BPE (Hugging Face ``tokenizers``)."""
+    from .tokenizers import BPETokenizer, ByteTokenizer
+
+    register("bytes", ByteTokenizer)
+    register("bpe", BPETokenizer)
+
+
+@hookimpl
+def register_fusions(register):
+    """The three fusions: concatenation, (gated) cross-attention and adapters."""
+    from .fusion import AdapterFusion, ConcatFusion, CrossAttentionFusion
+
+    register("concat", ConcatFusion)
+    register("cross-attention", CrossAttentionFusion)
+    register("adapter", AdapterFusion)
+
+
+@hookimpl
+def register_objectives(register):
+    """Cross-entropy with per-segment weights and CLIP's contrastive loss."""
+    from .objectives import ContrastiveLoss, cross_entropy
+
+    register("cross-entropy", cross_entropy)
+    register("contrastive", ContrastiveLoss)
+
+
+@hookimpl
+def register_samplers(register):
+    """Autoregressive samplers ``(logits (B, V), generator=None, **kw) -> ids (B,)``."""
+    from .sampling import sample_greedy, sample_temperature, sample_top_k, sample_top_p
+
+    register("greedy", sample_greedy)
+    register("temperature", sample_temperature)
+    register("top-k", sample_top_k)
+    register("top-p", sample_top_p)

@@ -92,8 +92,8 @@ def register_tokenizers(register: Register) -> None:
 
         class UpperByteTokenizer(ByteTokenizer):
             '''Bytes of the upper-cased text.'''
-            def encode(self, text):
-                return super().encode(text.upper())
+            def encode(self, text, *args, **kwargs):
+                return super().encode(text.upper(), *args, **kwargs)
 
         @hookimpl
         def register_tokenizers(register):

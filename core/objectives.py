@@ -1,0 +1,159 @@
+"""Objectives: losses that return ``(scalar_loss, {metric: float})``.
+
+- :func:`cross_entropy` — next-token / classification cross-entropy with optional
+  per-segment weights (DALL·E weights text 1/8 and image 7/8).
+- :class:`ContrastiveLoss` / :func:`info_nce` — CLIP's symmetric InfoNCE with a learnable
+  temperature.
+
+Masked reconstruction, self-distillation, diffusion and vector-quantisation objectives
+are to come in later issues.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import config, field, in_range
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, *, segment_ids: Tensor | None = None,
+                  segment_weights: Sequence[float] | Tensor | None = None, ignore_index: int = -100,
+                  label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy of ``logits`` (..., V) against ``targets`` (...), with optional segment weights.
+
+    Without ``segment_weights`` the loss is the mean over all tokens whose target is not
+    ``ignore_index``. With ``segment_ids`` (same shape as ``targets``, or the sequence
+    dimension only, values ``0..S-1``) and ``segment_weights`` ``(w_0, …, w_{S-1})``::
+
+        loss = Σ_s  w_s · mean(CE over the counted tokens of segment s)
+
+    so DALL·E's objective is ``segment_weights=(1/8, 7/8)`` with text as segment 0 and image
+    as segment 1. A segment with no counted tokens contributes 0 (and so does an input
+    with no counted tokens at all, instead of NaN). The weights are used as given, not
+    renormalised.
+
+    Metrics: ``accuracy`` (arg-max over counted tokens) and, with ``segment_ids``,
+    ``ce_segment_{s}`` (mean CE of each segment).
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits (..., V) must match targets (...); got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    if segment_weights is not None and segment_ids is None:
+        raise ValueError("segment_weights needs segment_ids (one segment index per target)")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    v = logits.shape[-1]
+    flat_t = targets.reshape(-1)  # (T,)
+    ce = F.cross_entropy(logits.reshape(-1, v).float(), flat_t, reduction="none",
+                         ignore_index=ignore_index, label_smoothing=label_smoothing)  # (T,)
+    counted = flat_t != ignore_index  # (T,)
+    with torch.no_grad():
+        hits = (logits.reshape(-1, v).argmax(-1) == flat_t) & counted  # (T,)
+        metrics = {"accuracy": (hits.sum() / counted.sum().clamp(min=1)).item()}
+    if segment_ids is None:
+        return (ce * counted).sum() / counted.sum().clamp(min=1), metrics
+    seg = segment_ids.to(targets.device).long().expand_as(targets).reshape(-1)  # (T,)
+    lo, num = (int(seg.min().item()), int(seg.max().item()) + 1) if seg.numel() else (0, 0)
+    if lo < 0:
+        raise ValueError(f"segment_ids must be >= 0, got {lo}")
+    if segment_weights is not None:
+        w = torch.as_tensor(segment_weights, dtype=torch.float32, device=ce.device).reshape(-1)  # (S,)
+        if num > w.numel():
+            raise ValueError(f"segment_ids must lie in [0, {w.numel() - 1}] for {w.numel()} segment_weights; "
+                             f"got ids up to {num - 1}")
+        num = w.numel()
+    one_hot = F.one_hot(seg, num).float() * counted.unsqueeze(-1)  # (T, S)
+    per_seg = (ce.unsqueeze(-1) * one_hot).sum(0) / one_hot.sum(0).clamp(min=1)  # (S,)
+    metrics.update({f"ce_segment_{s}": per_seg[s].item() for s in range(num)})
+    if segment_weights is None:
+        return (ce * counted).sum() / counted.sum().clamp(min=1), metrics
+    return (w * per_seg).sum(), metrics
+
+
+def similarity_logits(a: Tensor, b: Tensor, logit_scale: float | Tensor, *, normalize: bool = True) -> Tensor:
+    """``logit_scale · â @ b̂ᵀ`` for embeddings a (B, D), b (B', D); rows index ``a``."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"embeddings must be (B, D) with the same D; got {tuple(a.shape)} and {tuple(b.shape)}")
+    if normalize:
+        a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)  # (B, D), (B', D)
+    return logit_scale * a @ b.t()  # (B, B')
+
+
+def info_nce(a: Tensor, b: Tensor, logit_scale: float | Tensor, *, normalize: bool = True) -> Tensor:
+    """Symmetric InfoNCE: pair ``i`` of ``a`` (B, D) and ``b`` (B, D) is the positive.
+
+    ``logit_scale`` is the multiplier (``1/temperature``), not its log. The loss is the mean
+    of the cross-entropies over rows (a→b) and over columns (b→a), so swapping ``a`` and
+    ``b`` gives the same value.
+    """
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"info_nce needs as many rows in a as in b; got {a.shape[0]} and {b.shape[0]}")
+    logits = similarity_logits(a, b, logit_scale, normalize=normalize)  # (B, B)
+    labels = torch.arange(a.shape[0], device=logits.device)  # (B,)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+@config
+class ContrastiveConfig:
+    """CLIP's contrastive loss."""
+
+    init_temperature: float = field(0.07, "Initial temperature; the learnable log-scale starts at ln(1/T).",
+                                    check=in_range(1e-4, 100.0))
+    max_logit_scale: float = field(100.0, "Upper bound of the logit scale exp(s) (CLIP: 100).",
+                                   check=in_range(1.0, 1e6))
+    learnable: bool = field(True, "Learn the temperature (else keep it fixed).")
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE between two modalities with a learnable logit scale.
+
+    ``forward(image_emb (B, D), text_emb (B, D))`` normalises both, scores every pair with
+    ``exp(s)·cos``, and returns ``(loss, {"accuracy_i2t", "accuracy_t2i", "logit_scale"})``.
+    The log-scale ``s`` starts at ``ln(1/0.07)`` and is kept at most ``ln(100)``: it is
+    clamped in ``forward`` and, as in CLIP, in place by :meth:`clamp_` after each optimiser step.
+    """
+
+    config_class = ContrastiveConfig
+
+    def __init__(self, cfg: ContrastiveConfig | None = None, **overrides) -> None:
+        super().__init__()
+        cfg = attrs.evolve(cfg or ContrastiveConfig(), **overrides)
+        self.cfg = cfg
+        self.max_log_scale = math.log(cfg.max_logit_scale)
+        init = torch.tensor(math.log(1.0 / cfg.init_temperature))
+        self.logit_scale = nn.Parameter(init, requires_grad=cfg.learnable)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp the log-scale in place to ``[0, ln(max_logit_scale)]`` (call after ``optimizer.step()``)."""
+        self.logit_scale.clamp_(0.0, self.max_log_scale)
+
+    def scale(self) -> Tensor:
+        """The current multiplier ``exp(min(s, ln max))``."""
+        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+
+    def forward(self, a: Tensor, b: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Loss and retrieval accuracies for aligned batches a (B, D) (e.g. images) and b (B, D) (texts)."""
+        scale = self.scale()
+        logits = similarity_logits(a, b, scale)  # (B, B)
+        labels = torch.arange(a.shape[0], device=logits.device)  # (B,)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        with torch.no_grad():
+            metrics = {
+                "accuracy_i2t": (logits.argmax(1) == labels).float().mean().item(),
+                "accuracy_t2i": (logits.argmax(0) == labels).float().mean().item(),
+                "logit_scale": scale.item(),
+            }
+        return loss, metrics
+
+    def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+        """Two random embedding batches (B, 16)."""
+        return torch.randn(batch_size, 16, generator=generator), torch.randn(batch_size, 16, generator=generator)
+
+
+__all__ = ["ContrastiveConfig", "ContrastiveLoss", "cross_entropy", "info_nce", "similarity_logits"]
