@@ -57,28 +57,44 @@ def replace_folder(directory: str | Path, fill: Callable[[Path], None], keep: tu
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     old = directory.parent / f".{directory.name}.old"
+    moved: list[str] = []
     try:
         fill(tmp)
         for name in keep:
             if (directory / name).exists() and not (tmp / name).exists():
                 os.replace(directory / name, tmp / name)
+                moved.append(name)
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
         os.replace(tmp, directory)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not directory.exists():
             os.replace(old, directory)
+        for name in moved:  # a kept entry already moved into tmp goes back, never into rmtree
+            if (tmp / name).exists() and directory.exists() and not (directory / name).exists():
+                os.replace(tmp / name, directory / name)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
 
 
 def save_state(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Save tensors to safetensors (contiguous, shared storage broken) with string metadata."""
-    flat = {k: v.detach().contiguous().clone() if v.is_shared() or not v.is_contiguous() else v.detach()
-            for k, v in tensors.items()}
+    """Save tensors to safetensors (contiguous, shared storage broken) with string metadata.
+
+    Tensors that share storage with an earlier entry (tied weights) are saved as copies:
+    safetensors refuses aliased tensors, and loading copies them back into the tied parameter.
+    """
+    flat, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        if v.is_shared() or not v.is_contiguous() or ptr in seen:
+            v = v.contiguous().clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        flat[k] = v
     save_file(flat, str(path), metadata=metadata)
 
 

@@ -7,6 +7,7 @@ which the classification path never uses, is dropped). Nothing is unpickled.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -20,6 +21,30 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
                "quick_gelu": "quick_gelu", "relu": "relu"}
 
 
+def mlp_ratio_for(dim: int, hidden: int) -> float:
+    """The ``mlp_ratio`` whose MLP width ``int(dim * ratio)`` is exactly ``hidden``.
+
+    ``hidden / dim`` alone can land one ulp low (``int(11 * (30 / 11)) == 29``), so step it up.
+    """
+    for name, value in (("hidden_size", dim), ("intermediate_size", hidden)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LoadError(f"hf-vit: {name} must be a positive integer; got {value!r}")
+    ratio = hidden / dim
+    while int(dim * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def _side(hf: dict, key: str, default: int) -> int:
+    """``image_size``/``patch_size`` as one int (transformers also accepts a square [h, w] pair)."""
+    value = hf.get(key, default)
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise LoadError(f"hf-vit supports square {key} only; got {value!r}")
+        value = value[0]
+    return value
+
+
 def config_from_hf(hf: dict, num_classes: int) -> ViTConfig:
     """Translate a transformers ``ViTConfig`` dict; eps and activation come from the source."""
     act = hf.get("hidden_act", "gelu")
@@ -27,9 +52,9 @@ def config_from_hf(hf: dict, num_classes: int) -> ViTConfig:
         raise LoadError(f"hf-vit: unsupported hidden_act {act!r}; supported: {', '.join(ACTIVATIONS)}")
     dim = hf.get("hidden_size", 768)
     encoder = ViTEncoderConfig(
-        image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 16),
+        image_size=_side(hf, "image_size", 224), patch_size=_side(hf, "patch_size", 16),
         channels=hf.get("num_channels", 3), dim=dim, depth=hf.get("num_hidden_layers", 12),
-        heads=hf.get("num_attention_heads", 12), mlp_ratio=hf.get("intermediate_size", 4 * dim) / dim,
+        heads=hf.get("num_attention_heads", 12), mlp_ratio=mlp_ratio_for(dim, hf.get("intermediate_size", 4 * dim)),
         act=ACTIVATIONS[act], norm_eps=hf.get("layer_norm_eps", 1e-12), qkv_bias=hf.get("qkv_bias", True),
     )
     return ViTConfig(encoder=encoder, num_classes=num_classes)
@@ -67,6 +92,8 @@ def convert_hf_vit(src: str | Path, dst: str | Path | None = None) -> ViTClassif
     """Convert the transformers ViT folder ``src``; writes a model folder to ``dst`` when given."""
     src = Path(src)
     hf = read_json(src / "config.json")
+    if not isinstance(hf, dict):
+        raise LoadError(f"{src / 'config.json'} is not a transformers config (expected a JSON object)")
     if hf.get("model_type") not in (None, "vit"):
         raise LoadError(f"hf-vit expects a ViT config (model_type 'vit'); {src / 'config.json'} has {hf.get('model_type')!r}")
     weights = read_state(src / "model.safetensors")
