@@ -1,0 +1,189 @@
+"""A folder of the user's own images, described by ``captions.jsonl``.
+
+Each line of ``captions.jsonl`` is one JSON object::
+
+    {"path": "cats/01.png", "caption": "a cat on a mat", "label": "cat",
+     "boxes": [[4, 4, 20, 20]], "split": "train"}
+
+``path`` (relative to the folder, never outside it) and ``caption`` are required.
+``label`` is optional but, when used, every line has one: all ints (class indices) or
+all strings (mapped to indices in sorted order). ``boxes`` are ``[x0, y0, x1, y1, …]``
+in the original image's pixels and are scaled with the image; extra entries after
+the first four are kept. ``split`` (``"train"`` or ``"test"``) pins a line to a split;
+the other lines are split by ``seed`` with ``test_fraction``.
+
+Images are read with Pillow (nothing is ever unpickled), converted to RGB (or L for
+``channels=1``) and stretched to a square ``image_size`` (default: the larger side of
+the first image), float32 in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import Dataset, Split
+
+CAPTIONS = "captions.jsonl"
+
+
+def _read_lines(file: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of ``file``."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e})") from None
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{lineno}: malformed JSON: {e}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{file}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        for key in ("path", "caption"):
+            if not isinstance(row.get(key), str) or not row[key]:
+                raise ValueError(f"{file}:{lineno}: missing or empty {key!r} (a non-empty string is required)")
+        rows.append((lineno, row))
+    if not rows:
+        raise ValueError(f"{file}: no entries")
+    return rows
+
+
+def _image_path(root: Path, rel: str, where: str) -> Path:
+    """``root / rel``, refusing paths that leave ``root`` or do not exist."""
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{where}: path {rel!r} escapes the folder {root}")
+    if not path.is_file():
+        raise ValueError(f"{where}: image {rel!r} does not exist ({path})")
+    return path
+
+
+def _load_image(path: Path, mode: str, where: str):
+    """The image at ``path`` in Pillow ``mode``, fully read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{where}: cannot read image {path.name!r}: {e}") from None
+
+
+def _labels(rows: list[tuple[int, dict[str, Any]]], file: Path) -> tuple[list[int], list[str]] | None:
+    """Class indices and class names, or None when no line has a label."""
+    has = [("label" in row) for _, row in rows]
+    if not any(has):
+        return None
+    for (lineno, row), h in zip(rows, has):
+        if not h:
+            raise ValueError(f"{file}:{lineno}: no 'label', but other lines have one (label every line or none)")
+    raw = [row["label"] for _, row in rows]
+    if all(isinstance(v, str) for v in raw):
+        names = sorted(set(raw))
+        index = {name: i for i, name in enumerate(names)}
+        return [index[v] for v in raw], names
+    for (lineno, _), v in zip(rows, raw):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{file}:{lineno}: label {v!r} must be a non-negative int, or every label a string")
+    return raw, [str(i) for i in range(max(raw) + 1)]
+
+
+def _boxes(value: Any, scale: tuple[float, float], where: str) -> list[tuple]:
+    """Boxes of one line scaled by ``(sx, sy)``."""
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: 'boxes' must be a list of [x0, y0, x1, y1, …] lists")
+    out = []
+    for box in value:
+        if (not isinstance(box, list) or len(box) < 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box[:4])):
+            raise ValueError(f"{where}: box {box!r} must be a list starting with four numbers x0, y0, x1, y1")
+        sx, sy = scale
+        out.append((box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy, *box[4:]))
+    return out
+
+
+def load_folder(root: str | Path | None = None, seed: int = 0, test_fraction: float = 0.2,
+                image_size: int | None = None, channels: int | None = None) -> Dataset:
+    """The images in ``root`` described by ``root/captions.jsonl``.
+
+    Fields of each split: ``image`` (N, C, S, S) float32 in [0, 1]; ``caption``
+    list[str]; ``path`` list[str] (as written in the file); ``label`` (N,) when the
+    lines have labels; ``boxes`` (a list of tuples per image) when any line has boxes.
+    Raises ValueError naming the file and line for any bad input.
+    """
+    if root is None:
+        raise ValueError("the folder dataset needs root: a folder of images with a captions.jsonl")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 or 3; got {channels!r}")
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction must be in [0, 1); got {test_fraction!r}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size must be a positive int; got {image_size!r}")
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder")
+    file = root / CAPTIONS
+    if not file.is_file():
+        raise ValueError(f"{root} has no {CAPTIONS} (one JSON object per line with 'path' and 'caption')")
+    rows = _read_lines(file)
+    labels = _labels(rows, file)
+    mode, channels = ("L", 1) if channels == 1 else ("RGB", 3)
+
+    from PIL import Image
+
+    images, boxes, pinned = [], [], []
+    for lineno, row in rows:
+        where = f"{file}:{lineno}"
+        img = _load_image(_image_path(root, row["path"], where), mode, where)
+        if image_size is None:
+            image_size = max(img.size)
+        scale = (image_size / img.size[0], image_size / img.size[1])
+        boxes.append(_boxes(row["boxes"], scale, where) if "boxes" in row else [])
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        arr = np.asarray(img, dtype=np.float32) / 255.0  # (S, S) or (S, S, 3)
+        images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))  # (C, S, S)
+        split = row.get("split")
+        if split not in (None, "train", "test"):
+            raise ValueError(f"{where}: split must be 'train' or 'test'; got {split!r}")
+        pinned.append(split)
+
+    free = [i for i, s in enumerate(pinned) if s is None]
+    order = np.random.default_rng(seed).permutation(len(free))
+    n_test = round(len(free) * test_fraction)
+    if test_fraction > 0 and len(free) >= 2:
+        n_test = min(max(n_test, 1), len(free) - 1)
+    test_set = {free[j] for j in order[:n_test]} | {i for i, s in enumerate(pinned) if s == "test"}
+    index = {"train": [i for i in range(len(rows)) if i not in test_set], "test": sorted(test_set)}
+
+    stacked = torch.from_numpy(np.stack(images))  # (N, C, S, S)
+    with_boxes = any("boxes" in row for _, row in rows)
+
+    def split_of(idx: list[int]) -> Split:
+        fields: dict[str, Any] = {
+            "image": stacked[torch.tensor(idx, dtype=torch.long)],
+            "caption": [rows[i][1]["caption"] for i in idx],
+            "path": [rows[i][1]["path"] for i in idx],
+        }
+        if labels is not None:
+            fields["label"] = torch.tensor([labels[0][i] for i in idx], dtype=torch.long)
+        if with_boxes:
+            fields["boxes"] = [boxes[i] for i in idx]
+        return Split(fields)
+
+    class_names = labels[1] if labels is not None else []
+    meta = {
+        "num_classes": len(class_names), "class_names": class_names, "image_size": image_size,
+        "channels": channels, "templates": [], "heldout_templates": [], "root": str(root),
+        "indices": index,
+    }
+    return Dataset("folder", split_of(index["train"]), split_of(index["test"]), meta)
