@@ -181,7 +181,8 @@ def convert(source, src, dst) -> None:
     click.echo(f"wrote {dst}")
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
 @click.argument("suite", type=click.Choice(["attention"]))
 @click.pass_context
 def bench(ctx, suite) -> None:

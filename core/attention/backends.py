@@ -106,7 +106,9 @@ class SDPABackend(Backend):
         if full.dtype != torch.bool:
             full = full.to(q.dtype)
         keep = rows_with_keys(full)  # (B?, H?, Nq)
-        if bool(keep.all()):
+        # On the CPU, checking is free and saves work; on a GPU ``bool(...)`` would stall the
+        # stream on every call, so there the guarded path always runs (same result).
+        if q.device.type == "cpu" and bool(keep.all()):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=full, dropout_p=dropout_p,
                                                   scale=scale)
         # Rows with no visible key: let them attend anywhere, then zero their output.
@@ -145,7 +147,8 @@ class XFormersBackend(Backend):
             bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(list(seqlens))
             if causal:
                 bias = bias.make_causal()
-        elif causal and key_padding is None and mask is None:
+        elif causal and key_padding is None and mask is None and nq <= nk:
+            # (With Nq > Nk the first queries see no key: the general path zeroes them.)
             bias = fmha.attn_bias.LowerTriangularFromBottomRightMask()
         elif key_padding is not None or mask is not None or seqlens is not None or causal:
             full = combine(nq, nk, causal=causal, key_padding=key_padding, seqlens=seqlens,
@@ -173,7 +176,7 @@ class FlexBackend(Backend):
     """torch flex attention with a block mask built from mask functions.
 
     Fast when compiled on CUDA; on the CPU it runs eagerly (correct, slow), so ``auto``
-    picks it only on CUDA. No dropout.
+    picks it only on CUDA. No dropout; no backward on the CPU.
     """
 
     name = "flex"
@@ -195,6 +198,8 @@ class FlexBackend(Backend):
             return "flex does not support attention dropout"
         if spec.device != "cuda" and spec.dtype not in (torch.float32, torch.float64):
             return "flex on the CPU supports float32 and float64 only"
+        if spec.device != "cuda" and spec.grad:
+            return "flex has no backward pass on the CPU (inference only there)"
         return None
 
     def __call__(self, q, k, v, *, causal, key_padding, seqlens, mask, dropout_p, scale):

@@ -16,11 +16,18 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .. import plugin_loader as _loader
 from .backends import Backend
 from .masks import AttentionSpec
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("polymodal_attention", default=None)
-_cache: dict[str, object] = {"version": None, "backends": {}, "auto": {}}
+_ENV = "POLYMODAL_ATTENTION"
+_AUTO_CACHE_MAX = 4096  # distinct call shapes remembered by ``auto`` before it starts over
+
+# What the dispatcher looked up in the registry, valid while the registry object and its
+# version are unchanged: backends by name, the same ranked for ``auto``, and ``auto``'s
+# choice per call key (see ``_auto_key``).
+_cache: dict[str, object] = {"registry": None, "version": None, "backends": {}, "ranked": (), "auto": {}}
 
 
 class AttentionError(ValueError):
@@ -38,12 +45,14 @@ def use_backend(name: str | None) -> Iterator[None]:
 
 
 def _backends() -> dict[str, Backend]:
-    from ..plugin_loader import get_registry
-
-    registry = get_registry()
-    if _cache["version"] != registry.version:
+    # Hot path: a lock-free peek at the loaded registry; the locked ``get_registry`` (which
+    # loads plugins on first use) only when nothing is loaded yet or it changed.
+    registry = _loader._state.get("registry")
+    if registry is None or registry is not _cache["registry"] or registry.version != _cache["version"]:
+        registry = _loader.get_registry()
         found = {e.name: e.obj for e in registry.entries("attention_backend")}
-        _cache.update(version=registry.version, backends=found, auto={})
+        ranked = tuple(sorted(found.values(), key=lambda b: -b.priority))
+        _cache.update(registry=registry, version=registry.version, backends=found, ranked=ranked, auto={})
     return _cache["backends"]  # type: ignore[return-value]
 
 
@@ -53,30 +62,47 @@ def backends() -> dict[str, Backend]:
 
 
 def _spec(q: Tensor, k: Tensor, causal: bool, key_padding: Tensor | None,
-          seqlens: Sequence[int] | None, mask: Tensor | None, dropout_p: float) -> AttentionSpec:
+          seqlens: Sequence[int] | None, mask: Tensor | None, dropout_p: float,
+          v: Tensor | None = None) -> AttentionSpec:
     dense = "" if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                        or (v is not None and v.requires_grad))
     return AttentionSpec(
-        q.device.type, q.dtype, torch.is_grad_enabled() and (q.requires_grad or k.requires_grad),
-        bool(causal), key_padding is not None, seqlens is not None, dense, dropout_p > 0.0,
-        q.shape[-2], k.shape[-2], q.shape[-1],
+        q.device.type, q.dtype, grad, bool(causal), key_padding is not None, seqlens is not None,
+        dense, dropout_p > 0.0, q.shape[-2], k.shape[-2], q.shape[-1],
     )
+
+
+def _auto_key(spec: AttentionSpec) -> tuple:
+    # Every field a backend's ``supports`` may look at, so a cached choice is never wrong.
+    return (spec.device, spec.dtype, spec.grad, spec.causal, spec.padding, spec.packed, spec.dense,
+            spec.dropout, spec.nq, spec.nk, spec.head_dim)
+
+
+def _choose(spec: AttentionSpec, key: tuple) -> Backend:
+    """``auto``'s pick for ``spec``: the highest-priority backend allowed on the device that supports it."""
+    _backends()
+    ranked: tuple[Backend, ...] = _cache["ranked"]  # type: ignore[assignment]
+    chosen = next((b for b in ranked if spec.device in b.auto_devices and b.supports(spec) is None), None)
+    if chosen is None:
+        reasons = "; ".join(
+            f"{b.name}: {b.supports(spec) or 'not picked by auto on ' + spec.device}" for b in ranked
+        )
+        raise AttentionError(f"no attention backend supports this call ({reasons})")
+    auto: dict = _cache["auto"]  # type: ignore[assignment]
+    if len(auto) >= _AUTO_CACHE_MAX:
+        auto.clear()
+    auto[key] = chosen
+    return chosen
 
 
 def select_backend(spec: AttentionSpec, name: str | None = None) -> Backend:
     """The backend that will run a call described by ``spec`` (``name`` forces one)."""
     table = _backends()
     if name is None or name == "auto":
-        cache_key = (spec.device, spec.dtype, spec.grad, spec.kinds, spec.dropout)
-        chosen = _cache["auto"].get(cache_key)  # type: ignore[union-attr]
-        if chosen is None:
-            ranked = sorted(table.values(), key=lambda b: -b.priority)
-            chosen = next((b for b in ranked if spec.device in b.auto_devices
-                           and b.supports(spec) is None), None)
-            if chosen is None:
-                reasons = "; ".join(f"{b.name}: {b.supports(spec)}" for b in ranked)
-                raise AttentionError(f"no attention backend supports this call ({reasons})")
-            _cache["auto"][cache_key] = chosen  # type: ignore[index]
-        return chosen  # type: ignore[return-value]
+        key = _auto_key(spec)
+        chosen = _cache["auto"].get(key)  # type: ignore[union-attr]
+        return chosen if chosen is not None else _choose(spec, key)  # type: ignore[return-value]
     backend = table.get(name)
     if backend is None:
         raise AttentionError(
@@ -121,13 +147,33 @@ def attention(
             f"attention expects q, k, v of shape (B, H, N, D); got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise AttentionError(
+            f"attention expects q (B, H, Nq, D), k (B, H, Nk, D) and v (B, H, Nk, Dv); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if key_padding is not None and tuple(key_padding.shape) != (k.shape[0], k.shape[-2]):
+        raise AttentionError(
+            f"key_padding must be (B, Nk) = {(k.shape[0], k.shape[-2])}; got {tuple(key_padding.shape)}"
+        )
     if seqlens is not None and (q.shape[0] != 1 or sum(seqlens) != q.shape[-2] or q.shape[-2] != k.shape[-2]):
         raise AttentionError(
             f"packed attention expects B == 1 and Nq == Nk == sum(seqlens) = {sum(seqlens)}; "
             f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
-    name = backend or _override.get() or os.environ.get("POLYMODAL_ATTENTION") or None
-    spec = _spec(q, k, causal, key_padding, seqlens, mask, dropout_p)
-    chosen = select_backend(spec, name)
+    name = backend or _override.get() or os.environ.get(_ENV) or None
+    if name is None or name == "auto":
+        # Hot path: ``auto`` keyed on the call without building an AttentionSpec
+        # (the key holds exactly the fields of ``_auto_key``).
+        _backends()
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        dense = "" if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
+        key = (q.device.type, q.dtype, grad, bool(causal), key_padding is not None,
+               seqlens is not None, dense, dropout_p > 0.0, q.shape[-2], k.shape[-2], q.shape[-1])
+        chosen = _cache["auto"].get(key)  # type: ignore[union-attr]
+        if chosen is None:
+            chosen = _choose(_spec(q, k, causal, key_padding, seqlens, mask, dropout_p, v), key)
+    else:
+        chosen = select_backend(_spec(q, k, causal, key_padding, seqlens, mask, dropout_p, v), name)
     return chosen(q, k, v, causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask,
                   dropout_p=dropout_p, scale=scale)

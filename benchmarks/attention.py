@@ -1,0 +1,13 @@
+"""Attention backends benchmark; the same as ``polymodal bench attention [options]``.
+
+    python benchmarks/attention.py            # full grid, writes benchmarks/results/attention-<device>.json
+    python benchmarks/attention.py --quick    # smoke run, seconds
+    python benchmarks/attention.py --help
+"""
+
+import sys
+
+from polymodal.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main(["attention", *sys.argv[1:]]))
