@@ -66,7 +66,7 @@ def train_model(name: str, *, data: str | None = None, set_: tuple[str, ...] = (
 def evaluate_folder(directory: str | Path, data: str | None = None, device: str = "cpu") -> dict[str, Any]:
     """Load a model folder and compute its family's metrics on ``data`` (the family default when None)."""
     model = load(directory, device=device)
-    name = data
-    if name is None:
+    name = data or getattr(model, "default_data", None)  # a model may name the data it was adapted to
+    if not name:
         name = next(e.obj.data for e in get_registry().entries("model") if e.obj.model_class is type(model))
     return model.evaluate(load_dataset(name))

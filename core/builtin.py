@@ -19,10 +19,11 @@ def register_attention_backends(register):
 
 @hookimpl
 def register_encoders(register):
-    """The ViT trunk, reused by ViT, CLIP, DINO, PIXEL."""
-    from .encoders import ViTEncoder
+    """The ViT trunk (ViT, CLIP, DINO, PIXEL) and the text trunk (CLIP, ImageBind)."""
+    from .encoders import TextEncoder, ViTEncoder
 
     register("vit", ViTEncoder)
+    register("text", TextEncoder, doc="Text transformer: token + learned position embedding, (causal) blocks, final norm.")
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""Core encoders: the Vision Transformer trunk (ViT, CLIP's image tower, DINO, PIXEL, MAE)."""
+"""Core encoders: the Vision Transformer trunk (ViT, CLIP's image tower, DINO, PIXEL, MAE) and a text trunk (CLIP, ImageBind)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ class ViTEncoderConfig:
     cls_token: bool = field(True, "Prepend a learned [CLS] token.")
     pos_embed: str = field("learned", "Position embedding: 'learned' or fixed 'sincos'.", check=one_of("learned", "sincos"))
     ln_pre: bool = field(False, "Normalise the embedded tokens before the blocks (CLIP).")
+    patch_bias: bool = field(True, "Bias on the patch-embedding convolution (CLIP's has none).")
     final_norm: bool = field(True, "Normalise the output tokens.")
     dropout: float = field(0.0, "Dropout in blocks and after the embedding.", check=in_range(0.0, 1.0))
     drop_path: float = field(0.0, "Maximum stochastic-depth rate.", check=in_range(0.0, 1.0))
@@ -58,7 +59,7 @@ class ViTEncoder(nn.Module):
         cfg = attrs.evolve(cfg or ViTEncoderConfig(), **overrides)
         self.cfg = cfg
         self.out_dim = cfg.dim
-        self.patch_embed = PatchEmbed(cfg.channels, cfg.dim, cfg.patch_size)
+        self.patch_embed = PatchEmbed(cfg.channels, cfg.dim, cfg.patch_size, bias=cfg.patch_bias)
         self.prefix = 1 if cfg.cls_token else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls_token else None
         grid = (cfg.image_size // cfg.patch_size,) * 2
@@ -92,3 +93,80 @@ class ViTEncoder(nn.Module):
         """A random image batch of the configured size."""
         c, s = self.cfg.channels, self.cfg.image_size
         return (torch.rand(batch_size, c, s, s, generator=generator),)
+
+
+@config
+class TextEncoderConfig:
+    """A token-embedding transformer encoder over text (CLIP's text tower: causal, learned positions)."""
+
+    vocab_size: int = field(512, "Rows of the token-embedding table (ids must be below it).", check=in_range(1, 1 << 24, integer=True))
+    context_length: int = field(16, "Maximum sequence length (rows of the learned position table).", check=in_range(1, 1 << 16, integer=True))
+    dim: int = field(64, "Token width.", check=in_range(1, 65536, integer=True))
+    depth: int = field(2, "Number of transformer blocks.", check=in_range(1, 1024, integer=True))
+    heads: int = field(4, "Attention heads per block.", check=in_range(1, 1024, integer=True))
+    mlp_ratio: float = field(4.0, "MLP width as a multiple of ``dim``.", check=in_range(0.25, 64))
+    act: str = field("gelu", "MLP activation (QuickGELU for OpenAI CLIP).", check=one_of("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu"))
+    norm: str = field("layernorm", "Normalisation kind.", check=one_of("layernorm", "rmsnorm"))
+    norm_eps: float = field(1e-5, "Norm epsilon (CLIP uses 1e-5).", check=in_range(0.0, 1.0))
+    qkv_bias: bool = field(True, "Bias on query/key/value projections.")
+    causal: bool = field(True, "Causal self-attention (each token sees only earlier ones), as in CLIP.")
+    final_norm: bool = field(True, "Normalise the output tokens.")
+    dropout: float = field(0.0, "Dropout in blocks and after the embedding.", check=in_range(0.0, 1.0))
+    drop_path: float = field(0.0, "Maximum stochastic-depth rate.", check=in_range(0.0, 1.0))
+
+    def stack(self) -> StackConfig:
+        """The :class:`StackConfig` of the encoder's blocks."""
+        block = BlockConfig(dim=self.dim, heads=self.heads, mlp_ratio=self.mlp_ratio, norm=self.norm,
+                            norm_eps=self.norm_eps, act=self.act, qkv_bias=self.qkv_bias,
+                            dropout=self.dropout, drop_path=self.drop_path)
+        return StackConfig(depth=self.depth, block=block, final_norm=self.final_norm)
+
+
+class TextEncoder(nn.Module):
+    """Token ids (B, L) → tokens (B, L, dim): token + learned position embedding, blocks, final norm.
+
+    ``L`` may be shorter than ``context_length`` (positions ``0..L-1`` are used). ``key_padding``
+    (B, L) bool is True for real tokens. Pooling (CLIP's end-of-text token, a mean …) is the
+    recipe's choice; the encoder returns every position.
+    """
+
+    config_class = TextEncoderConfig
+
+    def __init__(self, cfg: TextEncoderConfig | None = None, **overrides) -> None:
+        super().__init__()
+        cfg = attrs.evolve(cfg or TextEncoderConfig(), **overrides)
+        self.cfg = cfg
+        self.out_dim = cfg.dim
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_embed = PositionEmbedding(cfg.dim, (1, cfg.context_length), kind="learned")
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = TransformerStack(cfg.stack())
+        init_weights(self)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    def check(self, ids: Tensor) -> None:
+        """Raise a ValueError naming expected vs given for a malformed id batch."""
+        cfg = self.cfg
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"expected token ids (B, L) with L <= {cfg.context_length}; got {shape}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"expected integer token ids; got dtype {ids.dtype}")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(f"expected a non-empty batch of token ids (B >= 1, L >= 1); got shape {tuple(ids.shape)}")
+        if ids.shape[1] > cfg.context_length:
+            raise ValueError(f"expected at most {cfg.context_length} tokens (the context length); got {ids.shape[1]}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"expected token ids in [0, {cfg.vocab_size}) (the vocabulary size); got ids from {lo} to {hi}")
+
+    def forward(self, ids: Tensor, key_padding: Tensor | None = None, return_hidden: bool = False):
+        """(B, L) ids → (B, L, D); with ``return_hidden`` also every block's input."""
+        self.check(ids)
+        x = self.token_embed(ids.long()) + self.pos_embed()[:, : ids.shape[1]]  # (B, L, D)
+        x = self.drop(x)
+        return self.blocks(x, causal=self.cfg.causal, key_padding=key_padding, return_hidden=return_hidden)
+
+    def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor]:
+        """Random ids (B, context_length) within the vocabulary."""
+        return (torch.randint(0, self.cfg.vocab_size, (batch_size, self.cfg.context_length), generator=generator),)

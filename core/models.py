@@ -46,6 +46,10 @@ class PolymodalModel(nn.Module):
         """Training loss on one batch from the dataset's train split, plus metrics to log."""
         raise NotImplementedError
 
+    def after_step(self) -> None:
+        """Called by the trainer after every optimiser step (clamp a parameter, update an EMA
+        teacher …); default: nothing."""
+
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test") -> dict[str, float]:
         """The family's metrics on ``dataset`` (test split by default)."""

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import to_dict
+from .models import PolymodalModel
 from .io import read_json, read_state, replace_folder, save_state
 from .train_config import TrainConfig
 
@@ -147,6 +148,8 @@ def train(model: nn.Module, dataset: Any, cfg: TrainConfig, *, out: str | Path |
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        if isinstance(model, PolymodalModel):
+            model.after_step()
         step += 1
         seen += len(next(iter(batch.values())))
         if on_step is not None:

@@ -21,16 +21,19 @@ def trained(tmp_path_factory):
     """Train a registered model's default recipe once per test run; returns its folder and metrics.
 
     ``trained("vit")`` runs exactly what ``polymodal train vit`` runs (default data, steps
-    and seed) and caches the result for every test in the session.
+    and seed) and caches the result for every test in the session. A variant whose spec
+    lists ``pretrained_parts`` (ImageBind's ``("clip",)``) gets each part from this same
+    cache, as ``--set part=FOLDER`` (``trained("imagebind")`` reuses ``trained("clip")``).
     """
-    from polymodal.api import train_model
+    from polymodal.api import spec, train_model
 
     cache: dict[str, tuple] = {}
 
     def get(name: str):
         if name not in cache:
+            parts = tuple(f"{part}={get(part)[0]}" for part in spec(name).pretrained_parts)
             out = tmp_path_factory.mktemp(f"trained-{name}")
-            _, metrics = train_model(name, out=out, progress=False)
+            _, metrics = train_model(name, out=out, set_=parts, progress=False)
             cache[name] = (out, metrics)
         return cache[name]
 

@@ -18,7 +18,8 @@ import polymodal
 from polymodal.attention import AttentionSpec, backends, use_backend
 from polymodal.cli import main
 from polymodal.io import LoadError
-from polymodal.plugins.vit.convert import convert_hf_vit, mlp_ratio_for
+from polymodal.hf import mlp_ratio_for
+from polymodal.plugins.vit.convert import convert_hf_vit
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,55 +7,25 @@ which the classification path never uses, is dropped). Nothing is unpickled.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from polymodal.encoders import ViTEncoderConfig
+from polymodal.hf import activation, mlp_ratio_for, square_side
 from polymodal.io import LoadError, load_state_strict, read_json, read_state
 
 from .model import ViTClassifier, ViTConfig
 
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "quick_gelu": "quick_gelu", "relu": "relu"}
-
-
-def mlp_ratio_for(dim: int, hidden: int) -> float:
-    """The ``mlp_ratio`` whose MLP width ``int(dim * ratio)`` is exactly ``hidden``.
-
-    ``hidden / dim`` alone can land one ulp low (``int(11 * (30 / 11)) == 29``), so step it up.
-    """
-    for name, value in (("hidden_size", dim), ("intermediate_size", hidden)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise LoadError(f"hf-vit: {name} must be a positive integer; got {value!r}")
-    ratio = hidden / dim
-    while int(dim * ratio) < hidden:
-        ratio = math.nextafter(ratio, math.inf)
-    return ratio
-
-
-def _side(hf: dict, key: str, default: int) -> int:
-    """``image_size``/``patch_size`` as one int (transformers also accepts a square [h, w] pair)."""
-    value = hf.get(key, default)
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise LoadError(f"hf-vit supports square {key} only; got {value!r}")
-        value = value[0]
-    return value
-
-
 def config_from_hf(hf: dict, num_classes: int) -> ViTConfig:
     """Translate a transformers ``ViTConfig`` dict; eps and activation come from the source."""
-    act = hf.get("hidden_act", "gelu")
-    if act not in ACTIVATIONS:
-        raise LoadError(f"hf-vit: unsupported hidden_act {act!r}; supported: {', '.join(ACTIVATIONS)}")
+    act = activation(hf, "hf-vit")
     dim = hf.get("hidden_size", 768)
     encoder = ViTEncoderConfig(
-        image_size=_side(hf, "image_size", 224), patch_size=_side(hf, "patch_size", 16),
+        image_size=square_side(hf, "image_size", 224, "hf-vit"), patch_size=square_side(hf, "patch_size", 16, "hf-vit"),
         channels=hf.get("num_channels", 3), dim=dim, depth=hf.get("num_hidden_layers", 12),
-        heads=hf.get("num_attention_heads", 12), mlp_ratio=mlp_ratio_for(dim, hf.get("intermediate_size", 4 * dim)),
-        act=ACTIVATIONS[act], norm_eps=hf.get("layer_norm_eps", 1e-12), qkv_bias=hf.get("qkv_bias", True),
+        heads=hf.get("num_attention_heads", 12), mlp_ratio=mlp_ratio_for(dim, hf.get("intermediate_size", 4 * dim), "hf-vit"),
+        act=act, norm_eps=hf.get("layer_norm_eps", 1e-12), qkv_bias=hf.get("qkv_bias", True),
     )
     return ViTConfig(encoder=encoder, num_classes=num_classes)
 

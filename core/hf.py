@@ -1,0 +1,43 @@
+"""Helpers shared by converters that read Hugging Face transformers folders."""
+
+from __future__ import annotations
+
+import math
+
+from .io import LoadError
+
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+               "quick_gelu": "quick_gelu", "relu": "relu"}
+"""transformers ``hidden_act`` names → the core MLP's activation names."""
+
+
+def activation(hf: dict, source: str, default: str = "gelu") -> str:
+    """The core activation for a config's ``hidden_act``; unsupported ones raise naming ``source``."""
+    act = hf.get("hidden_act", default)
+    if act not in ACTIVATIONS:
+        raise LoadError(f"{source}: unsupported hidden_act {act!r}; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[act]
+
+
+def mlp_ratio_for(dim: int, hidden: int, source: str = "converter") -> float:
+    """The ``mlp_ratio`` whose MLP width ``int(dim * ratio)`` is exactly ``hidden``.
+
+    ``hidden / dim`` alone can land one ulp low (``int(11 * (30 / 11)) == 29``), so step it up.
+    """
+    for name, value in (("hidden_size", dim), ("intermediate_size", hidden)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LoadError(f"{source}: {name} must be a positive integer; got {value!r}")
+    ratio = hidden / dim
+    while int(dim * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def square_side(hf: dict, key: str, default: int, source: str = "converter") -> int:
+    """``image_size``/``patch_size`` as one int (transformers also accepts a square [h, w] pair)."""
+    value = hf.get(key, default)
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise LoadError(f"{source} supports square {key} only; got {value!r}")
+        value = value[0]
+    return value
