@@ -1,0 +1,68 @@
+"""The CLIP family plugin: variants, the Hugging Face converter, the ``classify`` command.
+
+Variants (timm style):
+    ``clip``         a small CLIP for the embedded 8×8 digits (default recipe; zero-shot on held-out templates).
+    ``clip-shapes``  a small CLIP for the embedded 32×32 shapes scenes (zero-shot colour and kind).
+
+Real checkpoints (OpenAI/LAION ViT-B/32 …) come in through ``polymodal convert --from hf-clip``.
+"""
+
+from __future__ import annotations
+
+from polymodal.encoders import TextEncoderConfig, ViTEncoderConfig
+from polymodal.hookspecs import hookimpl
+from polymodal.models import ModelSpec
+from polymodal.train_config import TrainConfig
+
+from .model import CLIPConfig, CLIPModel, CLIPTextual, CLIPVisual
+
+__all__ = ["CLIPConfig", "CLIPModel", "CLIPTextual", "CLIPVisual", "VARIANTS"]
+
+_CLIP_VIT = dict(ln_pre=True, patch_bias=False, norm_eps=1e-5, act="quick_gelu")
+
+DIGITS = ModelSpec(
+    CLIPModel,
+    CLIPConfig(vision=ViTEncoderConfig(image_size=8, patch_size=2, channels=1, dim=64, depth=3, heads=4, **_CLIP_VIT),
+               text=TextEncoderConfig(vocab_size=512, context_length=24, dim=64, depth=1, heads=4, act="quick_gelu",
+                                      dropout=0.1, drop_path=0.1),
+               embed_dim=64),
+    data="digits",
+    train=TrainConfig(steps=1000, batch_size=128, lr=2e-3, warmup_steps=50, weight_decay=0.1, checkpoint_every=0),
+    doc="Small CLIP for the embedded 8×8 digits (ViT patch 2 width 64 depth 3; text width 64 depth 1).",
+)
+
+SHAPES = ModelSpec(
+    CLIPModel,
+    CLIPConfig(vision=ViTEncoderConfig(image_size=32, patch_size=8, channels=3, dim=64, depth=3, heads=4, **_CLIP_VIT),
+               text=TextEncoderConfig(vocab_size=512, context_length=48, dim=64, depth=1, heads=4, act="quick_gelu",
+                                      dropout=0.1, drop_path=0.1),
+               embed_dim=64),
+    data="shapes",
+    train=TrainConfig(steps=900, batch_size=256, lr=3e-3, warmup_steps=50, weight_decay=0.1, checkpoint_every=0),
+    doc="Small CLIP for the embedded 32×32 shapes scenes (ViT patch 8 width 64 depth 3; text width 64 depth 1).",
+)
+
+VARIANTS = {"clip": DIGITS, "clip-shapes": SHAPES}
+
+
+@hookimpl
+def register_models(register):
+    """The CLIP variants."""
+    for name, spec in VARIANTS.items():
+        register(name, spec)
+
+
+@hookimpl
+def register_converters(register):
+    """``hf-clip``: a transformers CLIP folder (safetensors) to a polymodal model folder."""
+    from .convert import convert_hf_clip
+
+    register("hf-clip", convert_hf_clip, doc="Hugging Face transformers CLIP folder → polymodal clip")
+
+
+@hookimpl
+def register_commands(register):
+    """``polymodal classify DIR IMAGE... --labels a,b,c``: zero-shot label probabilities."""
+    from .zeroshot import classify_command
+
+    register("classify", classify_command)

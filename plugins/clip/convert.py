@@ -1,0 +1,104 @@
+"""``hf-clip``: a Hugging Face transformers CLIP folder → a polymodal ``clip`` model folder.
+
+Reads ``config.json`` and ``model.safetensors`` (as ``CLIPModel.save_pretrained`` writes them)
+and, when present, ``tokenizer.json`` (kept as the model's tokenizer). Nothing is unpickled.
+The text tower pools at the first ``text_config.eos_token_id`` like transformers, except for
+the legacy ``eos_token_id == 2`` configs, where transformers (and OpenAI) pool at the largest id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from polymodal.encoders import TextEncoderConfig, ViTEncoderConfig
+from polymodal.hf import activation, mlp_ratio_for, square_side
+from polymodal.io import LoadError, load_state_strict, read_json, read_state
+from .model import CLIPConfig, CLIPModel
+
+def _act(sub: dict) -> str:
+    return activation(sub, "hf-clip", default="quick_gelu")
+
+
+def config_from_hf(hf: dict, has_tokenizer: bool) -> CLIPConfig:
+    """Translate a transformers ``CLIPConfig`` dict."""
+    v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
+    vdim, tdim = v.get("hidden_size", 768), t.get("hidden_size", 512)
+    vision = ViTEncoderConfig(
+        image_size=square_side(v, "image_size", 224, "hf-clip"), patch_size=square_side(v, "patch_size", 32, "hf-clip"), channels=v.get("num_channels", 3),
+        dim=vdim, depth=v.get("num_hidden_layers", 12), heads=v.get("num_attention_heads", 12),
+        mlp_ratio=mlp_ratio_for(vdim, v.get("intermediate_size", 4 * vdim), "hf-clip"), act=_act(v),
+        norm_eps=v.get("layer_norm_eps", 1e-5), ln_pre=True, patch_bias=False)
+    text = TextEncoderConfig(
+        vocab_size=t.get("vocab_size", 49408), context_length=t.get("max_position_embeddings", 77), dim=tdim,
+        depth=t.get("num_hidden_layers", 12), heads=t.get("num_attention_heads", 8),
+        mlp_ratio=mlp_ratio_for(tdim, t.get("intermediate_size", 4 * tdim), "hf-clip"), act=_act(t),
+        norm_eps=t.get("layer_norm_eps", 1e-5), causal=True)
+    eos = t.get("eos_token_id", 2)
+    return CLIPConfig(vision=vision, text=text, embed_dim=hf.get("projection_dim", 512),
+                      eos_id=None if eos == 2 else eos, tokenizer="file" if has_tokenizer else "none")
+
+
+def _layers(get, hf_prefix: str, pm_prefix: str, depth: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for i in range(depth):
+        hf, pm = f"{hf_prefix}.encoder.layers.{i}.", f"{pm_prefix}.blocks.blocks.{i}."
+        for part in ("weight", "bias"):
+            out[pm + "attn.qkv." + part] = torch.cat([get(hf + f"self_attn.{n}_proj.{part}") for n in ("q", "k", "v")])
+            pairs = {"attn.proj": "self_attn.out_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+                     "norm1": "layer_norm1", "norm2": "layer_norm2"}
+            for ours, theirs in pairs.items():
+                out[f"{pm}{ours}.{part}"] = get(f"{hf}{theirs}.{part}")
+    return out
+
+
+def state_from_hf(src: dict[str, torch.Tensor], cfg: CLIPConfig) -> dict[str, torch.Tensor]:
+    """Rename (and fuse q/k/v of) a transformers CLIP state dict into polymodal's names."""
+    get = src.__getitem__
+    d = cfg.vision.dim
+    out = {
+        "logit_scale": get("logit_scale").reshape(()),
+        "visual.encoder.cls_token": get("vision_model.embeddings.class_embedding").reshape(1, 1, d),
+        "visual.encoder.pos_embed.weight": get("vision_model.embeddings.position_embedding.weight").unsqueeze(0),
+        "visual.encoder.patch_embed.proj.weight": get("vision_model.embeddings.patch_embedding.weight"),
+        "visual.encoder.ln_pre.weight": get("vision_model.pre_layrnorm.weight"),
+        "visual.encoder.ln_pre.bias": get("vision_model.pre_layrnorm.bias"),
+        "visual.encoder.blocks.norm.weight": get("vision_model.post_layernorm.weight"),
+        "visual.encoder.blocks.norm.bias": get("vision_model.post_layernorm.bias"),
+        "visual.proj.weight": get("visual_projection.weight"),
+        "textual.encoder.token_embed.weight": get("text_model.embeddings.token_embedding.weight"),
+        "textual.encoder.pos_embed.weight": get("text_model.embeddings.position_embedding.weight").unsqueeze(0),
+        "textual.encoder.blocks.norm.weight": get("text_model.final_layer_norm.weight"),
+        "textual.encoder.blocks.norm.bias": get("text_model.final_layer_norm.bias"),
+        "textual.proj.weight": get("text_projection.weight"),
+    }
+    out.update(_layers(get, "vision_model", "visual.encoder", cfg.vision.depth))
+    out.update(_layers(get, "text_model", "textual.encoder", cfg.text.depth))
+    return out
+
+
+def convert_hf_clip(src: str | Path, dst: str | Path | None = None) -> CLIPModel:
+    """Convert the transformers CLIP folder ``src``; writes a model folder to ``dst`` when given."""
+    from polymodal.tokenizers import BPETokenizer
+
+    src = Path(src)
+    hf = read_json(src / "config.json")
+    if not isinstance(hf, dict):
+        raise LoadError(f"{src / 'config.json'} is not a transformers config (expected a JSON object)")
+    if hf.get("model_type") not in (None, "clip"):
+        raise LoadError(f"hf-clip expects a CLIP config (model_type 'clip'); {src / 'config.json'} has {hf.get('model_type')!r}")
+    has_tok = (src / "tokenizer.json").is_file()
+    model = CLIPModel(config_from_hf(hf, has_tok))
+    weights = read_state(src / "model.safetensors")
+    try:
+        state = state_from_hf(weights, model.config)
+    except KeyError as exc:
+        raise LoadError(f"{src / 'model.safetensors'} lacks the CLIP weight {exc.args[0]!r}") from exc
+    load_state_strict(model, state, f"{src} (converted from transformers CLIP)")
+    if has_tok:
+        model.tokenizer = BPETokenizer.from_file(src / "tokenizer.json")
+    model.eval()
+    if dst is not None:
+        model.save(dst, source=f"converted from the transformers CLIP folder {src.name} with `polymodal convert --from hf-clip`")
+    return model

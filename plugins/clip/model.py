@@ -1,0 +1,282 @@
+"""CLIP (Radford et al., 2021): an image tower and a text tower trained with symmetric InfoNCE.
+
+Image tower: the core ViT encoder (``ln_pre``, bias-free patch conv), final norm, the [CLS]
+token, a bias-free projection to ``embed_dim``. Text tower: the core causal text encoder,
+final norm, pooled at the end-of-text token, a bias-free projection. The end-of-text
+position of a row is the *first* occurrence of ``eos_id`` (as transformers does); with
+``eos_id=None`` it is the position of the largest id (OpenAI's original rule, where the
+end-of-text token has the highest id). The learnable log logit scale starts at
+``ln(1/0.07)`` and never exceeds ``ln(100)``: it is clamped in every forward and loss call,
+and in place after every optimiser step through :meth:`CLIPModel.after_step`, which the
+core trainer calls.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.config import config, field, in_range, one_of
+from polymodal.data.augment import random_translate, resize
+from polymodal.encoders import TextEncoder, TextEncoderConfig, ViTEncoder, ViTEncoderConfig
+from polymodal.models import PolymodalModel
+from polymodal.objectives import info_nce, similarity_logits
+
+from . import captions as cap
+
+
+@config
+class CLIPConfig:
+    """A CLIP dual encoder."""
+
+    vision: ViTEncoderConfig = field(ViTEncoderConfig(ln_pre=True, patch_bias=False, norm_eps=1e-5),
+                                     "The image tower's ViT trunk (CLIP: ln_pre, no patch bias).")
+    text: TextEncoderConfig = field(TextEncoderConfig(), "The text tower's causal transformer.")
+    embed_dim: int = field(64, "Width of the shared embedding space.", check=in_range(1, 65536, integer=True))
+    eos_id: int | None = field(1, "End-of-text id the text tower pools at (first occurrence); None: the largest id.")
+    init_temperature: float = field(0.07, "Initial temperature; the log logit scale starts at ln(1/T).", check=in_range(1e-4, 100.0))
+    max_logit_scale: float = field(100.0, "Upper bound of the logit scale exp(s) (CLIP: 100).", check=in_range(1.0, 1e6))
+    tokenizer: str = field("captions", "'captions': BPE trained on the embedded training captions; 'file': a "
+                           "tokenizer.json in the model folder; 'none'.", check=one_of("captions", "file", "none"))
+    augment_shift: int = field(0, "Training augmentation: random translation by up to this many pixels.", check=in_range(0, 64, integer=True))
+    captioner: str = field("none", "How training re-samples captions each step: 'label' fills the templates from the "
+                           "class, 'shapes' from the objects, 'none' uses the dataset's.", check=one_of("none", "label", "shapes"))
+    templates: tuple[str, ...] = field((), "Training caption templates (from the dataset).")
+    heldout_templates: tuple[str, ...] = field((), "Held-out caption templates, never trained on (evaluation only).")
+    class_names: tuple[str, ...] = field((), "Class names used to fill the templates.")
+    data: str = field("", "Name of the dataset the config was adapted to.")
+
+    def __attrs_post_init__(self) -> None:
+        if not self.vision.cls_token:
+            raise ValueError("CLIPConfig.vision.cls_token must be True (the image tower pools the [CLS] token)")
+        if self.eos_id is not None and not 0 <= self.eos_id < self.text.vocab_size:
+            raise ValueError(f"CLIPConfig.eos_id must be in [0, {self.text.vocab_size}); got {self.eos_id}")
+
+
+class CLIPVisual(nn.Module):
+    """Image tower: pixels (B, C, S, S) → unnormalised embeddings (B, embed_dim)."""
+
+    def __init__(self, vision: ViTEncoderConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.cfg = vision
+        self.encoder = ViTEncoder(vision)
+        self.proj = nn.Linear(vision.dim, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=vision.dim ** -0.5)
+
+    def check(self, pixels: Tensor) -> None:
+        """ValueError naming expected vs given for a wrong image batch."""
+        c, s = self.cfg.channels, self.cfg.image_size
+        if not isinstance(pixels, Tensor) or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (c, s, s):
+            got = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
+            raise ValueError(f"expected images (B, {c}, {s}, {s}); got {got}")
+        if pixels.shape[0] == 0:
+            raise ValueError(f"expected a non-empty image batch (B >= 1, {c}, {s}, {s}); got shape {tuple(pixels.shape)}")
+        if not pixels.is_floating_point():
+            raise ValueError(f"expected floating-point images; got dtype {pixels.dtype}")
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        self.check(pixels)
+        tokens = self.encoder(pixels)  # (B, 1 + N, D), final norm applied
+        return self.proj(tokens[:, 0])  # (B, E)
+
+
+class CLIPTextual(nn.Module):
+    """Text tower: ids (B, L) → unnormalised embeddings (B, embed_dim), pooled at end-of-text."""
+
+    def __init__(self, text: TextEncoderConfig, embed_dim: int, eos_id: int | None) -> None:
+        super().__init__()
+        self.eos_id = eos_id
+        self.encoder = TextEncoder(text)
+        self.proj = nn.Linear(text.dim, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=text.dim ** -0.5)
+
+    def eos_positions(self, ids: Tensor) -> Tensor:
+        """(B,) the first position of ``eos_id`` per row (the largest id when ``eos_id`` is None)."""
+        if self.eos_id is None:
+            return ids.argmax(dim=-1)
+        hits = ids == self.eos_id  # (B, L)
+        missing = (~hits.any(dim=-1)).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(f"expected an end-of-text token (id {self.eos_id}) in every row; rows {missing[:5]} have none")
+        return hits.int().argmax(dim=-1)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        self.encoder.check(ids)
+        tokens = self.encoder(ids)  # (B, L, D), causal, final norm applied
+        pooled = tokens[torch.arange(ids.shape[0], device=ids.device), self.eos_positions(ids)]  # (B, D)
+        return self.proj(pooled)  # (B, E)
+
+
+class CLIPModel(PolymodalModel):
+    """Images (B, C, S, S) and ids (B, L) → (normalised image emb, normalised text emb, scale (B,))."""
+
+    family = "clip"
+    config_class = CLIPConfig
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__(config)
+        self.visual = CLIPVisual(config.vision, config.embed_dim)
+        self.textual = CLIPTextual(config.text, config.embed_dim, config.eos_id)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        self.max_log_scale = math.log(config.max_logit_scale)
+        self.tokenizer = cap.caption_tokenizer(config.text.vocab_size) if config.tokenizer == "captions" else None
+        if self.tokenizer is not None and config.eos_id is not None and self.tokenizer.special_tokens["eos"] != config.eos_id:
+            raise ValueError(f"the caption tokenizer's end-of-text id is {self.tokenizer.special_tokens['eos']}, "
+                             f"but CLIPConfig.eos_id is {config.eos_id}")
+
+    # -- config adaptation and tiny form ----------------------------------------------------------
+    @classmethod
+    def config_for_data(cls, config: CLIPConfig, dataset: Any) -> CLIPConfig:
+        """Channels, templates, class names and the caption re-sampler from the dataset's meta."""
+        meta = dataset.meta
+        vision = attrs.evolve(config.vision, channels=meta.get("channels", config.vision.channels))
+        captioner = "none"
+        if dataset.name == "shapes" and meta.get("templates"):
+            captioner = "shapes"
+        elif meta.get("templates") and meta.get("class_names") and "label" in dataset.train:
+            captioner = "label"
+        return attrs.evolve(config, vision=vision, captioner=captioner, data=dataset.name,
+                            templates=tuple(meta.get("templates", ())),
+                            heldout_templates=tuple(meta.get("heldout_templates", ())),
+                            class_names=tuple(meta.get("class_names", ())))
+
+    @classmethod
+    def tiny_config(cls, config: CLIPConfig) -> CLIPConfig:
+        """The same architecture at toy size (contract tests)."""
+        v = config.vision
+        vision = attrs.evolve(v, dim=16, depth=1, heads=2, image_size=min(v.image_size, 2 * v.patch_size))
+        text = attrs.evolve(config.text, dim=16, depth=1, heads=2)
+        return attrs.evolve(config, vision=vision, text=text, embed_dim=16)
+
+    # -- the API ----------------------------------------------------------------------------------
+    def after_step(self) -> None:
+        """Called by the trainer after every optimiser step: keep the logit scale ≤ max_logit_scale."""
+        self.clamp_logit_scale_()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the log logit scale in place to [0, ln(max_logit_scale)] (only when outside)."""
+        value = float(self.logit_scale)
+        if value > self.max_log_scale or value < 0.0:
+            self.logit_scale.clamp_(0.0, self.max_log_scale)
+
+    def scale(self) -> Tensor:
+        """The multiplier exp(s), s clamped to at most ln(max_logit_scale)."""
+        return self.logit_scale.clamp(0.0, self.max_log_scale).exp()
+
+    def tokenize(self, texts: list[str] | str, truncate: bool = False) -> Tensor:
+        """LongTensor (B, L) of ``[bos] text [eos] pad…``, L = the longest row (at most the context length).
+
+        A text longer than the context raises ValueError (length and limit) unless ``truncate``;
+        truncation always keeps the end-of-text token.
+        """
+        if self.tokenizer is None:
+            raise ValueError("this CLIP model has no tokenizer (converted without a tokenizer.json); pass token ids")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("expected at least one text to tokenize; got an empty list")
+        rows = [self.tokenizer.encode(t, self.config.text.context_length, truncate) for t in texts]
+        out = torch.full((len(rows), max(map(len, rows))), self.tokenizer.special_tokens["pad"], dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return out  # (B, L)
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """(B, C, S, S) → (B, E) unnormalised (like transformers' ``get_image_features``)."""
+        return self.visual(pixels)
+
+    def encode_text(self, token_ids: Tensor) -> Tensor:
+        """(B, L) → (B, E) unnormalised (like transformers' ``get_text_features``)."""
+        return self.textual(token_ids.to(self.logit_scale.device))
+
+    def forward(self, pixels: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised image (B, E) and text (B', E) embeddings and the scale repeated per image (B,)."""
+        self.clamp_logit_scale_()
+        image = F.normalize(self.encode_image(pixels), dim=-1)  # (B, E)
+        text = F.normalize(self.encode_text(ids), dim=-1)  # (B', E)
+        return image, text, self.scale().expand(image.shape[0])
+
+    # -- training and evaluation ------------------------------------------------------------------
+    @property
+    def default_data(self) -> str | None:
+        """The built-in dataset the config was adapted to (``polymodal eval`` uses it by default)."""
+        from polymodal.plugin_loader import get_registry
+
+        return self.config.data if ("dataset", self.config.data) in get_registry() else None
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """Resize to the tower's size and cast to float; grey images feed an RGB tower as three equal channels."""
+        images = images.float()
+        if images.dim() == 4 and images.shape[1] == 1 and self.config.vision.channels == 3:
+            images = images.expand(-1, 3, -1, -1)  # (B, 3, H, W)
+        return resize(images, self.config.vision.image_size)
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """Symmetric InfoNCE of ``batch['image']`` against captions (re-sampled per step when training)."""
+        self.clamp_logit_scale_()
+        images = self.prepare(batch["image"])  # (B, C, S, S)
+        if self.training and self.config.augment_shift:
+            images = random_translate(images, self.config.augment_shift)
+        texts = cap.resample(self.config, batch) if self.training else None
+        ids = self.tokenize(texts or list(batch["caption"]), truncate=True)  # (B, L)
+        image, text = self.encode_image(images), self.encode_text(ids)  # (B, E) each
+        scale = self.scale()
+        loss = info_nce(image, text, scale)
+        with torch.no_grad():
+            logits = similarity_logits(image, text, scale)  # (B, B)
+            labels = torch.arange(len(logits), device=logits.device)
+            metrics = {"accuracy_i2t": (logits.argmax(1) == labels).float().mean().item(),
+                       "accuracy_t2i": (logits.argmax(0) == labels).float().mean().item(),
+                       "logit_scale": scale.item()}
+        return loss, metrics
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Any, split: str = "test") -> dict[str, Any]:
+        """Zero-shot accuracy (training and held-out templates) and retrieval R@1/R@5; see ``zeroshot``."""
+        from .zeroshot import evaluate_clip
+
+        return evaluate_clip(self, dataset, split)
+
+    def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Random images and ids whose rows each hold one end-of-text token (then padding)."""
+        (pixels,) = self.visual.encoder.example_inputs(batch_size, generator)
+        t = self.config.text
+        length = min(8, t.context_length)
+        ids = torch.randint(3, t.vocab_size, (batch_size, length), generator=generator)  # (B, L)
+        if self.config.eos_id is not None:
+            ids[ids == self.config.eos_id] = 3 if self.config.eos_id != 3 else 4
+            ends = torch.randint(1, length, (batch_size,), generator=generator)  # (B,)
+            for i, end in enumerate(ends.tolist()):
+                ids[i, end] = self.config.eos_id
+        return pixels, ids
+
+    # -- model folders ----------------------------------------------------------------------------
+    def save_extras(self, directory) -> None:
+        """The tokenizer (``tokenizer.json`` + ``polymodal_tokenizer.json``)."""
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
+
+    def load_extras(self, directory) -> None:
+        """The saved tokenizer, when there is one."""
+        from polymodal.tokenizers import load_tokenizer
+
+        if (directory / "tokenizer.json").exists():
+            self.tokenizer = load_tokenizer(directory)
+
+    def card_lines(self) -> list[str]:
+        """Architecture, data and templates for the model card."""
+        c, v, t = self.config, self.config.vision, self.config.text
+        lines = [f"CLIP: image tower ViT {v.image_size}×{v.image_size}×{v.channels}, patch {v.patch_size}, width {v.dim}, "
+                 f"depth {v.depth}, {v.heads} heads, {v.act}; text tower width {t.dim}, depth {t.depth}, {t.heads} heads, "
+                 f"context {t.context_length}, vocabulary {t.vocab_size}, {t.act}; shared embedding {c.embed_dim}.",
+                 f"Data: {c.data or 'unspecified'}; captions re-sampled per step: {c.captioner}.", ""]
+        if c.templates:
+            lines += ["Training templates: " + "; ".join(f"`{x}`" for x in c.templates), ""]
+        if c.heldout_templates:
+            lines += ["Held-out templates (evaluation only): " + "; ".join(f"`{x}`" for x in c.heldout_templates), ""]
+        return lines
