@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu")

@@ -27,7 +27,7 @@ DIGITS = ModelSpec(
                                       dropout=0.1, drop_path=0.1),
                embed_dim=64),
     data="digits",
-    train=TrainConfig(steps=1000, batch_size=128, lr=2e-3, warmup_steps=50, weight_decay=0.1, checkpoint_every=0),
+    train=TrainConfig(steps=2000, batch_size=128, lr=2e-3, warmup_steps=50, weight_decay=0.1, checkpoint_every=0),
     doc="Small CLIP for the embedded 8×8 digits (ViT patch 2 width 64 depth 3; text width 64 depth 1).",
 )
 

@@ -17,7 +17,8 @@ from polymodal.hookspecs import hookimpl
 from polymodal.models import ModelSpec
 from polymodal.train_config import TrainConfig
 
-from .model import ImageBind, ImageBindConfig, compose, retrieve
+from .arithmetic import compose, retrieve
+from .model import ImageBind, ImageBindConfig
 
 __all__ = ["ImageBind", "ImageBindConfig", "VARIANTS", "compose", "retrieve"]
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range
-from polymodal.data.audio import CLIP_SAMPLES, SAMPLE_RATE, dtmf_clips, log_mel, mel_filterbank
+from polymodal.data.audio import SAMPLE_RATE, dtmf_clips, log_mel, mel_filterbank
 from polymodal.encoders import ViTEncoder, ViTEncoderConfig
 from polymodal.layers import make_norm
 

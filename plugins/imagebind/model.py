@@ -296,18 +296,4 @@ def _acc(pred: Tensor, labels: Tensor) -> float:
     return (pred == labels).float().mean().item()
 
 
-@torch.no_grad()
-def compose(model: ImageBind, inputs: dict[str, Any]) -> Tensor:
-    """Embedding arithmetic: the renormalised sum of the unit embeddings of several modalities (B, E)."""
-    if not inputs:
-        raise ValueError("compose needs at least one modality input; got none")
-    return F.normalize(sum(model.embed(m, x, normalize_only=True) for m, x in inputs.items()), dim=-1)
-
-
-def retrieve(query: Tensor, gallery: Tensor, k: int = 5) -> tuple[Tensor, Tensor]:
-    """Cosine top-``k`` of each query (B, E) in a gallery (N, E): scores (B, k) and indices (B, k)."""
-    sims = F.normalize(query, dim=-1) @ F.normalize(gallery, dim=-1).t()  # (B, N)
-    return sims.topk(min(k, gallery.shape[0]), dim=1)
-
-
-__all__ = ["ImageBind", "ImageBindConfig", "bind_loss", "compose", "default_clip_folder", "resolve_clip", "retrieve"]
+__all__ = ["ImageBind", "ImageBindConfig", "bind_loss", "default_clip_folder", "resolve_clip"]
