@@ -11,6 +11,14 @@ from .layers import BlockConfig, PatchEmbed, PositionEmbedding, StackConfig, Tra
 from .layers.norm import make_norm
 
 
+def stack_config(cfg) -> StackConfig:
+    """The :class:`StackConfig` an encoder config's block fields describe (shared by every encoder config)."""
+    block = BlockConfig(dim=cfg.dim, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, norm=cfg.norm,
+                        norm_eps=cfg.norm_eps, act=cfg.act, qkv_bias=cfg.qkv_bias,
+                        dropout=cfg.dropout, drop_path=cfg.drop_path)
+    return StackConfig(depth=cfg.depth, block=block, final_norm=cfg.final_norm)
+
+
 @config
 class ViTEncoderConfig:
     """A patch-embedding transformer encoder over images."""
@@ -43,10 +51,7 @@ class ViTEncoderConfig:
 
     def stack(self) -> StackConfig:
         """The :class:`StackConfig` of the encoder's blocks."""
-        block = BlockConfig(dim=self.dim, heads=self.heads, mlp_ratio=self.mlp_ratio, norm=self.norm,
-                            norm_eps=self.norm_eps, act=self.act, qkv_bias=self.qkv_bias,
-                            dropout=self.dropout, drop_path=self.drop_path)
-        return StackConfig(depth=self.depth, block=block, final_norm=self.final_norm)
+        return stack_config(self)
 
 
 class ViTEncoder(nn.Module):
@@ -116,10 +121,7 @@ class TextEncoderConfig:
 
     def stack(self) -> StackConfig:
         """The :class:`StackConfig` of the encoder's blocks."""
-        block = BlockConfig(dim=self.dim, heads=self.heads, mlp_ratio=self.mlp_ratio, norm=self.norm,
-                            norm_eps=self.norm_eps, act=self.act, qkv_bias=self.qkv_bias,
-                            dropout=self.dropout, drop_path=self.drop_path)
-        return StackConfig(depth=self.depth, block=block, final_norm=self.final_norm)
+        return stack_config(self)
 
 
 class TextEncoder(nn.Module):

@@ -38,3 +38,12 @@ def trained(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one torch thread (tiny tensors: faster, and immune to a busy machine)."""
+    prior = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prior)

@@ -30,7 +30,8 @@ from polymodal.layers import Block, BlockConfig, StackConfig, TransformerStack
 from polymodal.plugin_loader import get_registry
 
 # flex runs eagerly (unfused) on the CPU and says so once per process; that is expected here.
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+              pytest.mark.usefixtures("one_thread")]
 
 ATOL = 1e-5
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -40,15 +41,6 @@ ALL = sorted(backends())
 FUSED = [n for n in ALL if n != "math"]
 seeds = st.integers(0, 2**31 - 1)
 head_dims = st.sampled_from([8, 16])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy machine's scheduling delays."""
-    prior = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prior)
 
 
 def usable(name: str) -> A.Backend:

@@ -12,19 +12,12 @@ from hypothesis import strategies as st
 from polymodal.attention import backends, use_backend
 from polymodal.layers import BlockConfig, KVCache, StackConfig, TransformerStack
 
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+              pytest.mark.usefixtures("one_thread")]
 
 ATOL = 1e-5
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DIM, HEADS, DEPTH = 32, 4, 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prior = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prior)
 
 
 @pytest.fixture(scope="module")
