@@ -2,10 +2,10 @@
 
 from .backends import BUILTIN_BACKENDS, Backend, FlexBackend, MathBackend, SDPABackend, XFormersBackend
 from .dispatch import AttentionError, attention, backends, select_backend, use_backend
-from .masks import AttentionSpec, block_diagonal_mask, causal_mask, combine
+from .masks import IMAGE_PATTERNS, AttentionSpec, block_diagonal_mask, causal_mask, combine, image_pattern_mask, pattern_schedule
 
 __all__ = [
     "AttentionError", "AttentionSpec", "BUILTIN_BACKENDS", "Backend", "FlexBackend", "MathBackend",
     "SDPABackend", "XFormersBackend", "attention", "backends", "block_diagonal_mask", "causal_mask",
-    "combine", "select_backend", "use_backend",
+    "combine", "IMAGE_PATTERNS", "image_pattern_mask", "pattern_schedule", "select_backend", "use_backend",
 ]

@@ -113,3 +113,54 @@ def rows_with_keys(mask: Tensor) -> Tensor:
     if mask.dtype == torch.bool:
         return mask.any(dim=-1)
     return (mask > float("-inf")).any(dim=-1)
+
+
+IMAGE_PATTERNS: tuple[str, ...] = ("full", "row", "column", "conv")
+"""Sparse image-to-image attention patterns (DALL·E, RuDolph); every one is also causal."""
+
+
+def image_pattern_mask(pattern: str, grid: tuple[int, int], *, prefix: int = 0, suffix: int = 0, kernel: int = 3,
+                       device: torch.device | str | None = None) -> Tensor:
+    """(N, N) bool for a causal stream ``[prefix tokens][h·w image tokens, raster order][suffix tokens]``.
+
+    Every token sees only earlier tokens (and itself). Among image tokens ``pattern`` keeps:
+    ``"full"`` all earlier ones; ``"row"`` the earlier ones of the same row; ``"column"``
+    those of the same column; ``"conv"`` those within a ``kernel × kernel`` window centred
+    on the query. Image tokens always see the whole prefix (the text); suffix tokens see
+    everything before them. N = prefix + h·w + suffix.
+    """
+    if pattern not in IMAGE_PATTERNS:
+        raise ValueError(f"image attention pattern must be one of {', '.join(IMAGE_PATTERNS)}; got {pattern!r}")
+    h, w = grid
+    if h < 1 or w < 1 or prefix < 0 or suffix < 0 or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"need grid >= (1, 1), prefix/suffix >= 0 and an odd kernel; got grid={grid}, "
+                         f"prefix={prefix}, suffix={suffix}, kernel={kernel}")
+    n = prefix + h * w + suffix
+    allowed = causal_mask(n, n, device)  # (N, N)
+    if pattern == "full":
+        return allowed
+    pos = torch.arange(h * w, device=device)
+    row, col = pos // w, pos % w  # (h·w,) each
+    if pattern == "row":
+        keep = row[:, None] == row[None, :]  # (h·w, h·w)
+    elif pattern == "column":
+        keep = col[:, None] == col[None, :]
+    else:
+        r = kernel // 2
+        keep = ((row[:, None] - row[None, :]).abs() <= r) & ((col[:, None] - col[None, :]).abs() <= r)
+    image = slice(prefix, prefix + h * w)
+    allowed[image, image] &= keep
+    return allowed
+
+
+def pattern_schedule(depth: int, cycle: Sequence[str] = ("row", "column", "row", "row"), last: str | None = "conv") -> list[str]:
+    """One image pattern per layer: ``cycle`` repeated, the last layer ``last`` (DALL·E's schedule by default)."""
+    for p in (*cycle, *([last] if last else [])):
+        if p not in IMAGE_PATTERNS:
+            raise ValueError(f"image attention pattern must be one of {', '.join(IMAGE_PATTERNS)}; got {p!r}")
+    if depth < 1 or not cycle:
+        raise ValueError(f"need depth >= 1 and a non-empty cycle; got depth={depth}, cycle={tuple(cycle)}")
+    out = [cycle[i % len(cycle)] for i in range(depth)]
+    if last:
+        out[-1] = last
+    return out

@@ -16,7 +16,6 @@ Embedding arithmetic (ImageBind §4.3)::
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from polymodal.config import config, field, in_range, to_dict
 from polymodal.data.augment import resize
 from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES
 from polymodal.models import PolymodalModel
+from polymodal.parts import default_part_folder, resolve_part
 from polymodal.objectives import info_nce
 from polymodal.plugin_loader import get_registry as _registry
 
@@ -61,32 +61,13 @@ class ImageBindConfig:
 
 
 def default_clip_folder(variant: str, data: str) -> Path:
-    """Where ``clip='auto'`` keeps the CLIP it trains: ``$POLYMODAL_CACHE/imagebind-clip/<variant>-<data>``."""
-    root = Path(os.environ.get("POLYMODAL_CACHE") or Path.home() / ".cache" / "polymodal")
-    return root / "imagebind-clip" / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{variant}-{data}")
+    """Where ``clip='auto'`` keeps the CLIP it trains (the core's default part folder)."""
+    return default_part_folder(variant, data)
 
 
 def resolve_clip(cfg: ImageBindConfig) -> tuple[nn.Module, str]:
     """The CLIP model named by ``cfg.clip`` and a line saying where it came from (the RNG state is kept)."""
-    from polymodal.io import load_model
-
-    if cfg.clip == "":
-        spec = _registry().get("model", cfg.clip_variant)
-        clip_cfg = spec.config
-        if cfg.clip_tiny:
-            from polymodal.testing.contracts import tiny_config
-            clip_cfg = tiny_config(spec.model_class, clip_cfg)
-        return spec.model_class(clip_cfg), f"fresh, untrained `{cfg.clip_variant}` towers"
-    folder = Path(cfg.clip) if cfg.clip != "auto" else default_clip_folder(cfg.clip_variant, cfg.clip_data)
-    rng = torch.get_rng_state()
-    if cfg.clip == "auto" and not (folder / "config.json").is_file():
-        from polymodal.api import train_model
-        print(f"imagebind: no CLIP at {folder}; training `{cfg.clip_variant}` on {cfg.clip_data} first")
-        train_model(cfg.clip_variant, data=cfg.clip_data, out=folder)
-    torch.set_rng_state(rng)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"ImageBindConfig.clip must be a CLIP model folder; {folder} has no config.json")
-    return load_model(folder), str(folder)
+    return resolve_part(cfg.clip, cfg.clip_variant, cfg.clip_data, field="ImageBindConfig.clip", tiny=cfg.clip_tiny)
 
 
 def bind_loss(anchor: Tensor, other: Tensor) -> Tensor:
