@@ -152,17 +152,34 @@ def eval_(directory, data, device, as_json) -> None:
 @click.option("--prompt", help="Text prompt, for conditional families.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="samples", show_default=True)
-def sample(directory, num, prompt, seed, out) -> None:
-    """Sample from a generative model folder; writes PNGs (and a grid) to OUT."""
+@click.option("--complete", type=click.Path(exists=True, dir_okay=False), help="Complete the bottom half of this image.")
+@click.option("--temperature", type=float, help="Softmax temperature (> 0).")
+@click.option("--top-k", type=int, help="Sample among the k most likely tokens.")
+@click.option("--top-p", type=float, help="Nucleus sampling mass in (0, 1].")
+@click.option("--cfg", "cfg_scale", type=float, help="Classifier-free guidance scale.")
+@click.option("--rerank", type=click.Path(exists=True, file_okay=False), help="CLIP model folder that reranks candidates.")
+@click.option("--candidates", type=int, help="Candidates drawn per kept sample when reranking.")
+@click.option("--no-cache", is_flag=True, help="Recompute the whole sequence each step (no KV cache).")
+def sample(directory, num, prompt, seed, out, complete, temperature, top_k, top_p, cfg_scale, rerank,
+           candidates, no_cache) -> None:
+    """Sample from a generative model folder; writes PNGs (and a grid) to OUT.
+
+    Options left unset are not passed, so each family uses its own defaults; a family
+    that does not support an option says so.
+    """
     from .api import load
 
     model = load(directory)
     if not hasattr(model, "sample_to_folder"):
         _fail(ValueError(f"the {model.family!r} family does not generate samples"))
+    options = {k: v for k, v in dict(complete=complete, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     cfg_scale=cfg_scale, rerank=rerank, candidates=candidates).items() if v is not None}
+    if no_cache:
+        options["use_cache"] = False
     try:
-        paths = model.sample_to_folder(out, n=num, prompt=prompt, seed=seed)
-    except ValueError as exc:
-        _fail(exc)
+        paths = model.sample_to_folder(out, n=num, prompt=prompt, seed=seed, **options)
+    except (ValueError, TypeError) as exc:
+        _fail(ValueError(str(exc)))
     for p in paths:
         click.echo(str(p))
 
