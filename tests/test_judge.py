@@ -1,0 +1,84 @@
+"""The judge shared by every generative family: Fréchet distance, caching, scoring, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy import linalg
+
+import polymodal.judge as J
+from polymodal.data.base import Dataset, Split
+
+
+def _reference_fd(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID's formula with scipy's general matrix square root."""
+    a, b = a.double().numpy(), b.double().numpy()
+    import numpy as np
+    mu = a.mean(0) - b.mean(0)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(ca @ cb).real
+    return float(mu @ mu + np.trace(ca + cb - 2 * root))
+
+
+def test_frechet_distance_matches_the_formula():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 6, generator=g)
+    b = torch.randn(300, 6, generator=g) @ torch.randn(6, 6, generator=g) + 0.5
+    assert J.frechet_distance(a, b) == pytest.approx(_reference_fd(a, b), rel=1e-6)
+    assert J.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    assert J.frechet_distance(a, a + 2.0) == pytest.approx(6 * 4.0, rel=1e-9)  # only the means moved
+    with pytest.raises(ValueError, match=r"\(N, F\) and \(M, F\) with N, M >= 2; got \(400, 6\) and \(3, 5\)"):
+        J.frechet_distance(a, torch.randn(3, 5))
+
+
+def _toy(n: int = 256) -> Dataset:
+    """Two classes a CNN separates at once: bright top half vs bright bottom half (8×8 grey)."""
+    g = torch.Generator().manual_seed(1)
+    label = torch.randint(0, 2, (n,), generator=g)
+    images = torch.rand(n, 1, 8, 8, generator=g) * 0.2
+    images[label == 0, :, :4] += 0.8
+    images[label == 1, :, 4:] += 0.8
+    split = Split({"image": images, "label": label})
+    return Dataset("toy", split, split.subset(list(range(64))), {"num_classes": 2})
+
+
+def test_judge_trains_caches_and_scores(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path))
+    monkeypatch.setattr(J, "TRAIN_STEPS", 60)
+    monkeypatch.setattr(J, "_MEMORY", {})
+    data = _toy()
+    judge = J.get_judge(data)
+    assert judge.attributes == ("label",) and judge.test_accuracy["label"] == 1.0
+    folder = J.judge_folder(data)
+    assert (folder / "judge.safetensors").is_file() and str(folder).startswith(str(tmp_path))
+    monkeypatch.setattr(J, "_MEMORY", {})
+    monkeypatch.setattr(J, "_train", lambda *a, **k: pytest.fail("a cached judge must not retrain"))
+    again = J.get_judge(data)
+    x = data.test["image"]
+    assert torch.equal(again.predict(x)["label"], judge.predict(x)["label"])
+    labels = data.test["label"]
+    right = J.judge_samples(data, x, {"label": labels})
+    wrong = J.judge_samples(data, x, {"label": 1 - labels})
+    assert right["sample_accuracy"] == 1.0 and wrong["sample_accuracy"] == 0.0
+    assert right["fd_judge"] == pytest.approx(0.0, abs=1e-6)  # the test images themselves
+    noise = J.judge_samples(data, torch.rand(64, 1, 8, 8), {"label": labels})
+    assert noise["fd_judge"] > 1.0
+    with pytest.raises(ValueError, match=r"judge reads images \(N, 1, 8, 8\); got \(2, 3, 8, 8\)"):
+        again.predict(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="targets must give label"):
+        J.judge_samples(data, x, {"colour": labels})
+
+
+def test_judge_needs_labels():
+    split = Split({"image": torch.rand(4, 1, 8, 8)})
+    with pytest.raises(ValueError, match="needs a dataset with 'image' and 'label' fields; 'bare' has image"):
+        J.get_judge(Dataset("bare", split, split, {}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits", "shapes"])
+def test_the_embedded_judges_are_accurate(name):
+    from polymodal.data import load_dataset
+
+    judge = J.get_judge(load_dataset(name))  # trained once per machine, cached by the data's hash
+    assert min(judge.test_accuracy.values()) >= 0.97, judge.test_accuracy
