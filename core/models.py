@@ -96,11 +96,17 @@ class ModelSpec:
     data: str = "digits"
     train: TrainConfig = field(default_factory=TrainConfig)
     doc: str = ""
-    pretrained_parts: tuple[str, ...] = ()
+    pretrained_parts: tuple[str | tuple[str, str], ...] = ()
+    """Config fields that take a trained part's folder: ``"clip"`` (field and variant share the
+    name) or ``("tokenizer", "vqvae-shapes")`` (field, registered variant that trains it)."""
 
     @property
     def __doc__(self) -> str:  # type: ignore[override]
         return self.doc or (self.model_class.__doc__ or "").strip().split("\n")[0]
+
+    def parts(self) -> list[tuple[str, str]]:
+        """``(config field, variant)`` of every pretrained part."""
+        return [(p, p) if isinstance(p, str) else (p[0], p[1]) for p in self.pretrained_parts]
 
     def build(self, dataset: Any = None, **overrides: Any) -> PolymodalModel:
         """A freshly initialised model, adapted to ``dataset`` and with config ``overrides``."""

@@ -22,8 +22,9 @@ def trained(tmp_path_factory):
 
     ``trained("vit")`` runs exactly what ``polymodal train vit`` runs (default data, steps
     and seed) and caches the result for every test in the session. A variant whose spec
-    lists ``pretrained_parts`` (ImageBind's ``("clip",)``) gets each part from this same
-    cache, as ``--set part=FOLDER`` (``trained("imagebind")`` reuses ``trained("clip")``).
+    lists ``pretrained_parts`` (ImageBind's ``("clip",)``, DALL·E's ``(("tokenizer", "vqvae"),)``)
+    gets each part from this same cache, as ``--set field=FOLDER`` (``trained("imagebind")``
+    reuses ``trained("clip")``).
     """
     from polymodal.api import spec, train_model
 
@@ -31,7 +32,7 @@ def trained(tmp_path_factory):
 
     def get(name: str):
         if name not in cache:
-            parts = tuple(f"{part}={get(part)[0]}" for part in spec(name).pretrained_parts)
+            parts = tuple(f"{field}={get(variant)[0]}" for field, variant in spec(name).parts())
             out = tmp_path_factory.mktemp(f"trained-{name}")
             _, metrics = train_model(name, out=out, set_=parts, progress=False)
             cache[name] = (out, metrics)
