@@ -1,0 +1,260 @@
+"""iGPT (Chen et al., 2020): a GPT-2 decoder over raster-order palette tokens of an image.
+
+The token stream of an image with ``N = S·S`` pixels is ``[SOS, t_0, …, t_{N-2}]`` and the
+targets are ``t_0 … t_{N-1}`` (next-token cross-entropy), exactly as transformers'
+``ImageGPTForCausalImageModeling`` reads it (the start token is the last embedding row,
+id ``palette_size``). iGPT's details, all from the core parts: pre-norm blocks with
+bias-free RMS normalisation (a learned gain, no centring, no bias), QuickGELU MLPs, learned
+position embeddings, and an untied output layer without bias, initialised to zero (so a
+fresh model predicts the uniform distribution).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.config import config, field, in_range, one_of
+from polymodal.data.augment import random_translate, resize
+from polymodal.layers import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack, init_weights
+from polymodal.models import PolymodalModel
+from polymodal.objectives import cross_entropy
+
+from . import palette as pal
+from . import probe
+from .sample import SamplingMixin
+
+
+@config
+class IGPTConfig:
+    """An iGPT image model: palette, decoder shape and evaluation options."""
+
+    image_size: int = field(8, "Side of the square images the model reads and writes (inputs are resized to it).",
+                            check=in_range(1, 1024, integer=True))
+    channels: int = field(1, "Image channels: 1 (grey) or 3 (RGB); the palette's colours have this many values.",
+                          check=in_range(1, 3, integer=True))
+    palette_size: int = field(16, "Palette colours K (tokens 0..K-1; the start token is id K).",
+                              check=in_range(2, 65536, integer=True))
+    palette_seed: int = field(0, "Seed of the palette's k-means.", check=in_range(0, 2**31 - 1, integer=True))
+    dim: int = field(128, "Width of the token stream.", check=in_range(1, 65536, integer=True))
+    depth: int = field(4, "Decoder blocks.", check=in_range(1, 1024, integer=True))
+    heads: int = field(4, "Attention heads; must divide dim.", check=in_range(1, 1024, integer=True))
+    mlp_ratio: float = field(4.0, "MLP hidden width as a multiple of dim.", check=in_range(0.25, 64))
+    act: str = field("quick_gelu", "MLP activation (iGPT: quick_gelu, x·sigmoid(1.702x)).",
+                     check=one_of("quick_gelu", "gelu", "gelu_tanh", "relu"))
+    norm_eps: float = field(1e-5, "Epsilon of the RMS norms (transformers' ImageGPT: layer_norm_epsilon).",
+                            check=in_range(0.0, 1.0))
+    dropout: float = field(0.0, "Dropout on the embeddings and the residual branches.", check=in_range(0.0, 1.0))
+    attn_dropout: float = field(0.0, "Dropout on the attention weights.", check=in_range(0.0, 1.0))
+    augment_shift: int = field(0, "Training augmentation: random translation by up to this many pixels (zero fill).",
+                               check=in_range(0, 64, integer=True))
+    augment_prob: float = field(1.0, "Share of training images that get the random translation.",
+                                check=in_range(0.0, 1.0))
+    data: str = field("digits", "Dataset the model was adapted to (`polymodal eval` uses it by default).")
+    probe_l2: float = field(1e-4, "L2 penalty of the linear probes (softmax regression on standardised features).",
+                            check=in_range(0.0, 10.0))
+    eval_samples: int = field(0, "Unconditional samples drawn by evaluate for fd_judge (0: skip).",
+                              check=in_range(0, 100000, integer=True))
+
+    def __attrs_post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"IGPTConfig.heads must divide dim; got dim={self.dim}, heads={self.heads}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"IGPTConfig.channels must be 1 or 3; got {self.channels}")
+
+
+class IGPT(SamplingMixin, PolymodalModel):
+    """Token ids (B, T) with the start token first → next-token logits (B, T, palette_size)."""
+
+    family = "igpt"
+    config_class = IGPTConfig
+
+    def __init__(self, config: IGPTConfig) -> None:
+        super().__init__(config)
+        k, n, c = config.palette_size, config.image_size ** 2, config.channels
+        self.sos = k
+        self.register_buffer("palette", torch.linspace(0, 1, k).unsqueeze(1).repeat(1, c))  # (K, C) until fitted
+        self.register_buffer("palette_fitted", torch.tensor(False))
+        self.token_embed = nn.Embedding(k + 1, config.dim)  # row K: the learned start token
+        self.pos_embed = PositionEmbedding(config.dim, (1, n), kind="learned")  # (1, N, D)
+        self.drop = nn.Dropout(config.dropout)
+        block = BlockConfig(dim=config.dim, heads=config.heads, mlp_ratio=config.mlp_ratio, norm="rmsnorm",
+                            norm_eps=config.norm_eps, act=config.act, dropout=config.dropout,
+                            attn_dropout=config.attn_dropout)
+        self.blocks = TransformerStack(StackConfig(depth=config.depth, block=block, final_norm=True))
+        self.head = nn.Linear(config.dim, k, bias=False)
+        init_weights(self.blocks)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.zeros_(self.head.weight)
+        self._folder: Path | None = None
+        self._probe: list[float] | None = None
+
+    # -- config adaptation ------------------------------------------------------------------------
+    @classmethod
+    def config_for_data(cls, config: IGPTConfig, dataset: Any) -> IGPTConfig:
+        """Take the dataset's channels and name (images are resized to ``image_size``)."""
+        return attrs.evolve(config, channels=dataset.meta.get("channels", config.channels), data=dataset.name)
+
+    @classmethod
+    def tiny_config(cls, config: IGPTConfig) -> IGPTConfig:
+        """The same architecture at toy size (contract tests)."""
+        return attrs.evolve(config, dim=16, depth=1, heads=2, image_size=min(config.image_size, 4), eval_samples=0)
+
+    @property
+    def default_data(self) -> str | None:
+        """The built-in dataset the config was adapted to (``polymodal eval`` uses it by default)."""
+        from polymodal.plugin_loader import get_registry
+
+        return self.config.data if ("dataset", self.config.data) in get_registry() else None
+
+    @property
+    def num_tokens(self) -> int:
+        """Image tokens per image, ``image_size²``."""
+        return self.config.image_size ** 2
+
+    # -- palette and tokens -----------------------------------------------------------------------
+    def prepare(self, images: Tensor) -> Tensor:
+        """Check the channels and resize (B, C, H, W) to (B, C, S, S) float."""
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != self.config.channels:
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"expected images (B, {self.config.channels}, H, W); got {got}")
+        return resize(images.float(), self.config.image_size)
+
+    @torch.no_grad()
+    def fit_palette(self, images: Tensor) -> Tensor:
+        """Fit the palette by k-means over the colours of ``images`` (B, C, H, W); returns it (K, C)."""
+        fitted = pal.fit_palette(self.prepare(images).cpu(), self.config.palette_size, self.config.palette_seed)
+        self.palette.copy_(fitted.to(self.palette))
+        self.palette_fitted.fill_(True)
+        return self.palette
+
+    def tokens(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) images → (B, N) palette ids in raster order."""
+        return pal.to_tokens(self.prepare(images).to(self.palette.device), self.palette)
+
+    def images(self, tokens: Tensor) -> Tensor:
+        """(B, N) palette ids → (B, C, S, S) images in [0, 1]."""
+        return pal.to_images(tokens.to(self.palette.device), self.palette, self.config.image_size)
+
+    def inputs(self, tokens: Tensor) -> Tensor:
+        """The model's input stream ``[SOS, t_0 … t_{N-2}]`` (B, N) for image tokens (B, N)."""
+        sos = torch.full_like(tokens[:, :1], self.sos)  # (B, 1)
+        return torch.cat([sos, tokens[:, :-1]], dim=1)  # (B, N)
+
+    # -- the network ------------------------------------------------------------------------------
+    def _embed(self, ids: Tensor, past: int) -> Tensor:
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
+            got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"expected integer token ids (B, T); got {got}")
+        t = ids.shape[1]
+        if past + t > self.num_tokens:
+            raise ValueError(f"at most {self.num_tokens} positions ({self.config.image_size}×{self.config.image_size} "
+                             f"image); got {past} cached + {t} new")
+        if ids.numel() and (ids.min() < 0 or ids.max() > self.sos):
+            raise ValueError(f"token ids must lie in [0, {self.sos}] (palette ids, {self.sos} = start); "
+                             f"got values in [{int(ids.min())}, {int(ids.max())}]")
+        x = self.token_embed(ids.to(self.head.weight.device)) + self.pos_embed()[:, past:past + t]  # (B, T, D)
+        return self.drop(x)
+
+    def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Ids (B, T) → logits (B, T, K); with ``cache`` the ids continue the cached positions."""
+        x = self._embed(ids, cache.length if cache is not None else 0)  # (B, T, D)
+        return self.head(self.blocks(x, causal=True, cache=cache))  # (B, T, K)
+
+    def hidden_states(self, ids: Tensor) -> list[Tensor]:
+        """The input of every block and the final (normed) output: ``depth + 1`` tensors (B, T, D)."""
+        _, hidden = self.blocks(self._embed(ids, 0), causal=True, return_hidden=True)
+        return hidden
+
+    # -- training and evaluation ------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """Next-token cross-entropy over the raster-order tokens of ``batch['image']``.
+
+        The palette is fitted on the first batch it sees when it has not been fitted yet.
+        """
+        if not bool(self.palette_fitted):
+            self.fit_palette(batch["image"])
+        images = self.prepare(batch["image"])  # (B, C, S, S)
+        if self.training and self.config.augment_shift and self.config.augment_prob > 0:
+            moved = random_translate(images, self.config.augment_shift)  # (B, C, S, S)
+            pick = torch.rand(len(images), device=images.device) < self.config.augment_prob  # (B,)
+            images = torch.where(pick[:, None, None, None], moved, images)
+        tokens = self.tokens(images)  # (B, N)
+        loss, metrics = cross_entropy(self(self.inputs(tokens)), tokens)
+        metrics["bits_per_token"] = loss.item() / math.log(2)
+        return loss, metrics
+
+    @torch.no_grad()
+    def nll_bits(self, tokens: Tensor, batch_size: int = 256) -> float:
+        """Mean next-token negative log-likelihood of image tokens (B, N), in bits per token."""
+        total = 0.0
+        for chunk in tokens.split(batch_size):
+            logits = self(self.inputs(chunk))  # (b, N, K)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), chunk.flatten(), reduction="sum").item()
+        return total / tokens.numel() / math.log(2)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Any, split: str = "test", plot_path: str | Path | None = None) -> dict[str, Any]:
+        """Test NLL and the unigram baseline (bits/token), and a linear probe on every layer.
+
+        The probe plot goes to ``plot_path``, else into the model folder this model was loaded
+        from (``probe_by_layer.png``); its path is returned as ``probe_plot`` when written.
+        """
+        was = self.training
+        self.eval()
+        if not bool(self.palette_fitted):
+            self.fit_palette(dataset.train["image"])
+        train, test = dataset.train, dataset.split(split)
+        train_tokens, test_tokens = self.tokens(train["image"]), self.tokens(test["image"])  # (N_tr, N), (N_te, N)
+        metrics: dict[str, Any] = {
+            "test_nll_bits_per_token": self.nll_bits(test_tokens),
+            "unigram_nll_bits_per_token": pal.unigram_bits(train_tokens, test_tokens, self.config.palette_size),
+        }
+        if "label" in train and "label" in test:
+            feats_train = probe.pooled_features(self, self.inputs(train_tokens))
+            feats_test = probe.pooled_features(self, self.inputs(test_tokens))
+            accs = probe.probe_accuracies(feats_train, train["label"], feats_test, test["label"], self.config.probe_l2)
+            self._probe = accs
+            best = max(range(len(accs)), key=accs.__getitem__)
+            metrics.update(probe_accuracy_by_layer=accs, best_probe_accuracy=accs[best], best_probe_layer=best)
+            target = Path(plot_path) if plot_path is not None else (
+                self._folder / "probe_by_layer.png" if self._folder is not None else None)
+            if target is not None:
+                metrics["probe_plot"] = str(probe.plot_probe(accs, target, self.plot_title(dataset.name)))
+        if self.config.eval_samples:
+            metrics["fd_judge"] = self.fd_judge(dataset, self.config.eval_samples)
+        self.train(was)
+        return metrics
+
+    def plot_title(self, data: str) -> str:
+        """Title of the probe plot."""
+        return f"iGPT linear probe on {data} (width {self.config.dim}, depth {self.config.depth})"
+
+    def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor]:
+        """Random input streams (B, N): the start token, then random palette ids."""
+        ids = torch.randint(0, self.config.palette_size, (batch_size, self.num_tokens), generator=generator)
+        ids[:, 0] = self.sos
+        return (ids,)
+
+    # -- folders ----------------------------------------------------------------------------------
+    def save_extras(self, directory: Path) -> None:
+        """Write the probe plot of the last evaluation (if any) as ``probe_by_layer.png``."""
+        if self._probe is not None:
+            probe.plot_probe(self._probe, Path(directory) / "probe_by_layer.png", self.plot_title(self.config.data))
+
+    def load_extras(self, directory: Path) -> None:
+        """Remember the folder, so ``evaluate`` writes its probe plot there."""
+        self._folder = Path(directory)
+
+    def card_lines(self) -> list[str]:
+        """Architecture summary for the model card."""
+        c = self.config
+        return [f"iGPT: {c.image_size}×{c.image_size}×{c.channels} images as {self.num_tokens} raster-order tokens "
+                f"over a {c.palette_size}-colour k-means palette; decoder width {c.dim}, depth {c.depth}, "
+                f"{c.heads} heads, RMS norm, {c.act} MLP, zero-initialised untied head.", ""]
