@@ -113,7 +113,7 @@ def _train(dataset: Any, steps: int | None = None, batch_size: int = 128, seed: 
     steps = steps or TRAIN_STEPS
     images, targets = _targets(dataset, "train")
     classes = {a: _num_classes(dataset, a) for a in targets}
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), torch.enable_grad():  # callers' evaluate runs under no_grad
         torch.manual_seed(seed)
         judge = Judge(images.shape[1], images.shape[-1], classes)
         opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)

@@ -47,7 +47,8 @@ def test_judge_trains_caches_and_scores(tmp_path, monkeypatch, one_thread):
     monkeypatch.setattr(J, "TRAIN_STEPS", 60)
     monkeypatch.setattr(J, "_MEMORY", {})
     data = _toy()
-    judge = J.get_judge(data)
+    with torch.no_grad():  # as from a family's evaluate: training the judge still works
+        judge = J.get_judge(data)
     assert judge.attributes == ("label",) and judge.test_accuracy["label"] == 1.0
     folder = J.judge_folder(data)
     assert (folder / "judge.safetensors").is_file() and str(folder).startswith(str(tmp_path))
