@@ -1,0 +1,338 @@
+"""RuDolph (Sber AI): one causal transformer over ``[left text][image][right text]``.
+
+Like DALL·E, but with a text context on each side of the image: the left one conditions
+image generation (text→image), the right one is generated from the image (captioning).
+The pieces only RuDolph has live here:
+
+* separate position tables for the left text, the right text, and the image rows and
+  columns (an image token's position is ``row[r] + col[c]``);
+* one vocabulary: text ids ``[0, V_t)`` then image codes ``[V_t, V_t + K)`` from a frozen
+  VQ-VAE tokenizer; the loss scores each position only against its own part of it;
+* per-layer attention masks: causal everywhere, and among image tokens the layer's sparse
+  pattern from the schedule ``row, column, conv, …, conv`` (last layer convolutional);
+* the loss ``1·CE(left text) + 7·CE(image) + 1·CE(right text)`` (each a mean over its tokens).
+
+Tasks (text→image, captioning, zero-shot classification, self-reranking) are in
+:mod:`polymodal.plugins.rudolph.tasks`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from polymodal.attention import image_pattern_mask, pattern_schedule
+from polymodal.config import to_dict
+from polymodal.layers import BlockConfig, KVCache, StackConfig, TransformerStack
+from polymodal.layers.embed import init_weights
+from polymodal.models import PolymodalModel
+from polymodal.objectives import cross_entropy
+from polymodal.parts import resolve_part
+from polymodal.plugin_loader import get_registry
+
+from . import text as tx
+from .config import RudolphConfig
+from .tasks import RudolphTasks
+
+@torch.no_grad()
+def decoded_code_embeddings(vq: nn.Module, grid: tuple[int, int], dim: int, std: float = 0.02) -> Tensor:
+    """(K, dim): each code's look (the tokenizer's decoding of a grid filled with it), standardised and randomly
+    projected to ``dim`` with rows of scale ``std``: codes that look alike start with similar embeddings."""
+    k = int(vq.codebook_size)
+    device = next(vq.buffers(), torch.empty(0)).device
+    codes = torch.arange(k, device=device)[:, None, None].expand(k, *grid).contiguous()  # (K, h, w)
+    look = torch.cat([vq.decode(part) for part in codes.split(256)]).flatten(1).float()  # (K, C·S·S)
+    look = (look - look.mean(0)) / look.std(0).clamp(min=1e-6)  # (K, F)
+    proj = torch.randn(look.shape[1], dim, device=look.device) / look.shape[1] ** 0.5  # (F, dim)
+    return (look @ proj) * std  # (K, dim)
+
+
+class RuDolph(RudolphTasks, PolymodalModel):
+    """``forward(ids (B, n), cache=None)`` → logits (B, n, V_t + K) for stream positions ``[past, past + n)``."""
+
+    family = "rudolph"
+    config_class = RudolphConfig
+
+    def __init__(self, config: RudolphConfig, tokenizer: nn.Module | None = None) -> None:
+        super().__init__(config)
+        if tokenizer is None:
+            tokenizer, self.tokenizer_source = resolve_part(config.tokenizer, config.tokenizer_variant,
+                                                            config.tokenizer_data, field="RudolphConfig.tokenizer",
+                                                            tiny=config.tokenizer_tiny)
+        else:
+            self.tokenizer_source = f"given {type(tokenizer).__name__}"
+        self.text = tx.make_tokenizer(config.text_tokenizer, config.text_vocab_size, config.templates, config.class_names)
+        self._build(tokenizer)
+
+    def _build(self, vq: nn.Module) -> None:
+        """Freeze ``vq`` in and make every layer whose size depends on it."""
+        c = self.config
+        self.vq = vq.requires_grad_(False).eval()
+        self.grid: tuple[int, int] = tuple(int(g) for g in vq.grid)
+        self.codebook_size = int(vq.codebook_size)
+        if self.text.vocab_size > c.text_vocab_size:
+            raise ValueError(f"the text tokenizer has {self.text.vocab_size} ids, more than RudolphConfig.text_vocab_size "
+                             f"= {c.text_vocab_size}")
+        h, w = self.grid
+        self.image_len = h * w
+        self.seq_len = c.left_len + self.image_len + c.right_len
+        self.vocab_size = c.text_vocab_size + self.codebook_size
+        self.token_embed = nn.Embedding(self.vocab_size, c.dim)
+        self.left_pos_embed = nn.Parameter(torch.randn(c.left_len, c.dim) * 0.02)
+        self.right_pos_embed = nn.Parameter(torch.randn(c.right_len, c.dim) * 0.02)
+        self.row_pos_embed = nn.Parameter(torch.randn(h, c.dim) * 0.02)
+        self.col_pos_embed = nn.Parameter(torch.randn(w, c.dim) * 0.02)
+        block = BlockConfig(dim=c.dim, heads=c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout)
+        self.stack = TransformerStack(StackConfig(depth=c.depth, block=block))
+        self.head = nn.Linear(c.dim, self.vocab_size, bias=False)
+        init_weights(self.stack)
+        init_weights(self.head)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        if c.image_embed_init == "decoded":
+            with torch.no_grad():
+                self.token_embed.weight[c.text_vocab_size:] = decoded_code_embeddings(vq, self.grid, c.dim)
+        self.patterns = pattern_schedule(c.depth, c.cycle, c.last)
+        masks = [image_pattern_mask(p, self.grid, prefix=c.left_len, suffix=c.right_len, kernel=c.kernel)
+                 for p in self.patterns]
+        self.register_buffer("layer_masks", torch.stack(masks), persistent=False)  # (depth, N, N)
+        segments = torch.tensor([0] * c.left_len + [1] * self.image_len + [2] * c.right_len)
+        self.register_buffer("segments", segments, persistent=False)  # (N,)
+        text_ok = torch.zeros(self.vocab_size, dtype=torch.bool)
+        text_ok[: self.text.vocab_size] = True
+        text_ok[tx.conditions(self.text)] = False
+        image_ok = torch.zeros(self.vocab_size, dtype=torch.bool)
+        image_ok[c.text_vocab_size:] = True
+        self.register_buffer("vocab_masks", torch.stack([text_ok, image_ok, text_ok]), persistent=False)  # (3, V)
+
+    # -- config adaptation and tiny form ----------------------------------------------------------
+    @classmethod
+    def config_for_data(cls, config: RudolphConfig, dataset: Any) -> RudolphConfig:
+        """Templates and class names from the dataset's meta; the 'auto' tokenizer trains on the same data."""
+        meta, name = dataset.meta, getattr(dataset, "name", "")
+        changes: dict[str, Any] = {"data": name}
+        if ("dataset", name) in get_registry():
+            changes["tokenizer_data"] = name
+            if ("model", f"vqvae-{name}") in get_registry() and config.tokenizer_variant == "vqvae":
+                changes["tokenizer_variant"] = f"vqvae-{name}"
+        templates, names = tuple(meta.get("templates", ())), tuple(meta.get("class_names", ()))
+        if tx.label_templates(templates, names) and "label" in dataset.train:
+            changes.update(templates=templates, heldout_templates=tuple(meta.get("heldout_templates", ())),
+                           class_names=names)
+        else:  # captions that are not one class's (shapes scenes, a folder): the dataset's own, as bytes
+            changes.update(templates=(), heldout_templates=(), class_names=(), text_tokenizer="bytes",
+                           left_len=max(config.left_len, 96), right_len=max(config.right_len, 96))
+        return attrs.evolve(config, **changes)
+
+    @classmethod
+    def tiny_config(cls, config: RudolphConfig) -> RudolphConfig:
+        """A fresh tiny tokenizer and a two-layer width-16 decoder (contract tests)."""
+        return attrs.evolve(config, tokenizer="", tokenizer_tiny=True, dim=16, depth=2, heads=2)
+
+    def train(self, mode: bool = True) -> "RuDolph":
+        """Train mode for the decoder; the frozen tokenizer stays in eval mode."""
+        super().train(mode)
+        self.vq.eval()
+        return self
+
+    @property
+    def default_data(self) -> str | None:
+        """The dataset the config was adapted to (``polymodal eval`` uses it by default)."""
+        return self.config.data if ("dataset", self.config.data) in get_registry() else None
+
+    # -- the stream -------------------------------------------------------------------------------
+    def positions(self) -> Tensor:
+        """(N, D) position embeddings: left text, image rows + columns (raster order), right text."""
+        image = (self.row_pos_embed[:, None] + self.col_pos_embed[None, :]).flatten(0, 1)  # (h·w, D)
+        return torch.cat([self.left_pos_embed, image, self.right_pos_embed])  # (N, D)
+
+    def check_ids(self, ids: Tensor, start: int = 0) -> None:
+        """ValueError unless ``ids`` (B, n) fit the stream from ``start`` and each part holds its own kind of id."""
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
+            got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"expected integer token ids (B, n); got {got}")
+        n = ids.shape[1]
+        if start + n > self.seq_len:
+            raise ValueError(f"the stream holds {self.seq_len} tokens (left {self.config.left_len} + image "
+                             f"{self.image_len} + right {self.config.right_len}); got {n} tokens from position {start}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}); got ids in [{int(ids.min())}, {int(ids.max())}]")
+        ok = self.vocab_masks[self.segments[start:start + n]]  # (n, V)
+        ok[:, tx.conditions(self.text)] = self.segments[start:start + n, None] != 1  # pad/task tokens only in text
+        bad = ~ok.gather(1, ids.t().clamp(0, self.vocab_size - 1)).t()  # (B, n)
+        if bad.any():
+            b, p = (int(i) for i in bad.nonzero()[0])
+            part = ("left text", "image", "right text")[int(self.segments[start + p])]
+            takes = (f"image codes as ids [{self.config.text_vocab_size}, {self.vocab_size})" if part == "image"
+                     else f"text ids [0, {self.text.vocab_size})")
+            raise ValueError(f"position {start + p} is in the {part}, which takes {takes}; row {b} holds id {int(ids[b, p])}")
+
+    def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits (B, n, V) for ``ids`` at positions ``[past, past + n)``, ``past`` = what ``cache`` holds."""
+        past = cache.length if cache is not None else 0
+        self.check_ids(ids, past)
+        n = ids.shape[1]
+        x = self.token_embed(ids) + self.positions()[past:past + n]  # (B, n, D)
+        masks = list(self.layer_masks[:, past:past + n, : past + n])  # depth × (n, past + n)
+        h = self.stack(x, mask=masks, cache=cache)  # (B, n, D)
+        return self.head(h)  # (B, n, V)
+
+    # -- images and codes -------------------------------------------------------------------------
+    def check_images(self, images: Tensor) -> None:
+        """ValueError naming the expected shape unless ``images`` is (B, C, S, S) float for the tokenizer."""
+        c, s = self.vq.config.channels, self.vq.config.image_size
+        if (not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (c, s, s)
+                or not images.is_floating_point() or images.shape[0] == 0):
+            got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"expected float images (B, {c}, {s}, {s}) in [0, 1]; got {got}")
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images (B, C, S, S) → codes (B, h, w) from the frozen tokenizer."""
+        self.check_images(images)
+        return self.vq.encode(images.to(self.layer_masks.device).float())
+
+    def check_codes(self, codes: Tensor) -> None:
+        """ValueError unless ``codes`` is (B, h, w) integer in ``[0, codebook_size)``."""
+        h, w = self.grid
+        if not isinstance(codes, Tensor) or codes.dim() != 3 or tuple(codes.shape[1:]) != (h, w) or codes.is_floating_point():
+            got = f"{tuple(codes.shape)} {codes.dtype}" if isinstance(codes, Tensor) else type(codes).__name__
+            raise ValueError(f"expected integer codes (B, {h}, {w}); got {got}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"code ids must be in [0, {self.codebook_size}) (the codebook); got ids in "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
+
+    def codes_to_ids(self, codes: Tensor) -> Tensor:
+        """Codes (B, h, w) → stream ids (B, h·w)."""
+        self.check_codes(codes)
+        return codes.flatten(1).long().to(self.layer_masks.device) + self.config.text_vocab_size  # (B, h·w)
+
+    def ids_to_codes(self, ids: Tensor) -> Tensor:
+        """Stream ids of the image part (B, h·w) → codes (B, h, w)."""
+        return (ids - self.config.text_vocab_size).view(-1, *self.grid)  # (B, h, w)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: Tensor) -> Tensor:
+        """Codes (B, h, w) → images (B, C, S, S) in [0, 1]."""
+        self.check_codes(codes)
+        return self.vq.decode(codes.long()).clamp(0, 1)
+
+    # -- text contexts ----------------------------------------------------------------------------
+    def left_text(self, texts: list[str], task: str = "lt_t2i") -> Tensor:
+        """(B, left_len) left context; ``task`` 'lt_t2i' (a prompt) or 'lt_i2t' (texts must be empty)."""
+        return tx.text_context(self.text, texts, self.config.left_len, task, what="prompt").to(self.layer_masks.device)
+
+    def right_text(self, texts: list[str], task: str = "rt_i2t", truncate: bool = False) -> Tensor:
+        """(B, right_len) right context ``[rt_i2t] caption [eos] pad…`` ('pad' task: all padding)."""
+        return tx.text_context(self.text, texts, self.config.right_len, task, what="caption",
+                               truncate=truncate).to(self.layer_masks.device)
+
+    def stream(self, captions: list[str], codes: Tensor, t2i: Tensor, truncate: bool = False) -> Tensor:
+        """(B, N) training/scoring stream: row i in the text→image layout where ``t2i[i]``, else image→text.
+
+        ``truncate`` cuts captions longer than a context (training on a dataset's own captions).
+        """
+        empty = [""] * len(captions)
+        left = torch.where(t2i[:, None], tx.text_context(self.text, captions, self.config.left_len, "lt_t2i", what="prompt",
+                                                         truncate=truncate).to(codes.device),
+                           self.left_text(empty, "lt_i2t"))  # (B, L)
+        right = torch.where(t2i[:, None], self.right_text(empty, "pad"),
+                            self.right_text(captions, "rt_i2t", truncate=truncate))  # (B, R)
+        return torch.cat([left, self.codes_to_ids(codes), right], dim=1)  # (B, N)
+
+    def targets(self, ids: Tensor) -> Tensor:
+        """Next-token targets (B, N - 1): pad, bos and task tokens are conditions, so ignored."""
+        tgt = ids[:, 1:].clone()  # (B, N-1)
+        tgt[torch.isin(tgt, torch.tensor(tx.conditions(self.text), device=ids.device))] = tx.IGNORE
+        return tgt
+
+    def stream_loss(self, *streams: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Weighted next-token cross-entropy of stream batches (B_i, n_i), each a prefix of the full stream.
+
+        Every target is scored within its part's vocabulary (text ids or image codes); the
+        segment means are taken over the tokens of all batches together.
+        """
+        logits, targets, segments = [], [], []
+        for ids in streams:
+            if ids.shape[0] == 0:
+                continue
+            seg = self.segments[1:ids.shape[1]]  # (n-1,) part of each target
+            out = self(ids[:, :-1])  # (B, n-1, V)
+            logits.append(out.masked_fill(~self.vocab_masks[seg], float("-inf")).flatten(0, 1))  # (B·(n-1), V)
+            targets.append(self.targets(ids).flatten())  # (B·(n-1),)
+            segments.append(seg.repeat(ids.shape[0]))
+        return cross_entropy(torch.cat(logits), torch.cat(targets), segment_ids=torch.cat(segments),
+                             segment_weights=self.config.loss_weights)
+
+    def batch_captions(self, batch: dict[str, Any]) -> list[str]:
+        """Training captions: a random template per sample filled with its label, or the dataset's captions."""
+        if self.config.templates and "label" in batch:
+            pick = torch.randint(len(self.config.templates), (len(batch["label"]),)).tolist()
+            return [tx.fill(self.config.templates[j], int(y), self.config.class_names)
+                    for j, y in zip(pick, batch["label"].tolist())]
+        return list(batch["caption"])
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """RuDolph's loss on a batch: each sample in the text→image or image→text layout at random."""
+        images = batch["image"]  # (B, C, S, S)
+        self.check_images(images)
+        t2i = torch.rand(images.shape[0]) < self.config.t2i_fraction  # (B,)
+        if self.training and self.config.augment_noise:
+            noise = torch.randn(images.shape) * self.config.augment_noise * (~t2i).float()[:, None, None, None]
+            images = (images.float() + noise.to(images.device)).clamp(0, 1)  # (B, C, S, S)
+        codes = self.encode_images(images)  # (B, h, w)
+        t2i = t2i.to(codes.device)
+        ids = self.stream(self.batch_captions(batch), codes, t2i, truncate=not self.config.templates)  # (B, N)
+        # text→image rows end with the image: their right context is padding, so it is not run
+        loss, metrics = self.stream_loss(ids[t2i, : self.config.left_len + self.image_len], ids[~t2i])
+        names = {"ce_segment_0": "ce_left", "ce_segment_1": "ce_image", "ce_segment_2": "ce_right"}
+        return loss, {names.get(k, k): v for k, v in metrics.items()}
+
+    def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor]:
+        """Random full streams (B, N): text ids in both contexts, codes in the image part."""
+        c, vt = self.config, self.text.vocab_size
+        left = torch.randint(0, vt, (batch_size, c.left_len), generator=generator)
+        codes = torch.randint(0, self.codebook_size, (batch_size, self.image_len), generator=generator)
+        right = torch.randint(0, vt, (batch_size, c.right_len), generator=generator)
+        return (torch.cat([left, codes + c.text_vocab_size, right], dim=1),)  # (B, N)
+
+    def example_batch(self, batch_size: int = 4, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """A digits-like training batch: random images, labels and captions."""
+        s, ch = self.vq.config.image_size, self.vq.config.channels
+        labels = torch.randint(0, max(len(self.config.class_names), 1), (batch_size,), generator=generator)
+        return {"image": torch.rand(batch_size, ch, s, s, generator=generator), "label": labels,
+                "caption": [f"a {int(y)}" for y in labels]}
+
+    # -- model folders ----------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        """The config with ``tokenizer=''``: the folder carries its own tokenizer (tokenizer/)."""
+        return to_dict(attrs.evolve(self.config, tokenizer=""))
+
+    def save_extras(self, directory: Path) -> None:
+        """The frozen VQ-VAE as a model folder in ``tokenizer/`` and the text tokenizer in ``text/``."""
+        self.vq.save(Path(directory) / "tokenizer", source=f"frozen image tokenizer of a RuDolph model ({self.tokenizer_source})")
+        self.text.save(Path(directory) / "text")
+
+    def load_extras(self, directory: Path) -> None:
+        """The folder's own tokenizers (the strict state load then fills every weight)."""
+        from polymodal.io import load_model
+        from polymodal.tokenizers import load_tokenizer
+
+        self.text = load_tokenizer(Path(directory) / "text")
+        self._build(load_model(Path(directory) / "tokenizer"))
+        self.tokenizer_source = f"{directory}/tokenizer"
+
+    def card_lines(self) -> list[str]:
+        """Layout, schedule, loss weights and where the image tokenizer comes from."""
+        c = self.config
+        return [f"RuDolph: [left text {c.left_len}][image {self.grid[0]}×{self.grid[1]} codes of {self.codebook_size}]"
+                f"[right text {c.right_len}], width {c.dim}, depth {c.depth}, {c.heads} heads; image attention per "
+                f"layer: {', '.join(self.patterns)}; loss weights left/image/right {c.loss_weights}.", "",
+                f"Image tokenizer (frozen): {self.tokenizer_source}, copied into `tokenizer/`. Text: {c.text_tokenizer} "
+                f"({self.text.vocab_size} ids) in `text/`.", ""]
+
+
+__all__ = ["RuDolph", "RudolphConfig"]
