@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import attrs
 import pytest
@@ -264,3 +263,133 @@ def test_shapes_config_adapts_and_resamples_captions():
             if word in ("red", "green", "blue", "yellow", "magenta", "cyan", "square", "circle", "triangle", "cross"):
                 assert word in text
     assert attrs.has(type(cfg))
+
+
+# -- shapes caption views, attribute dropout, multi-positive InfoNCE, curriculum ----------------
+
+def _shapes_cfg(**overrides):
+    from polymodal.data import load_shapes
+
+    data = load_shapes(train_size=64, test_size=8)
+    cfg = CLIPModel.config_for_data(polymodal.api.spec("clip-shapes").config, data)
+    return attrs.evolve(cfg, **overrides), data.train.batch(list(range(64)))
+
+
+def test_shape_clause_leaves_out_the_dropped_attributes():
+    from polymodal.plugins.clip.captions import shape_clause
+
+    assert shape_clause("a {colour} {kind} {where}", (0, 1, 4)) == "a red circle in the center"
+    assert shape_clause("a {colour} {kind} {where}", (None, 1, 4)) == "a circle in the center"
+    assert shape_clause("{where} a {colour} {kind}", (None, 3, None)) == "a cross"
+    assert shape_clause("one {colour} {kind} {where}", (2, None, None)) == "one blue"
+
+
+def test_attribute_dropout_keeps_at_least_one_attribute_at_the_given_rates():
+    from polymodal.plugins.clip.captions import drop_attributes
+
+    torch.manual_seed(0)
+    assert drop_attributes(5, (0.0, 0.0, 0.0)) == [(True, True, True)] * 5
+    everything = drop_attributes(300, (1.0, 1.0, 1.0))
+    assert all(sum(k) == 1 for k in everything)  # all drawn out: exactly one random attribute kept
+    assert {k.index(True) for k in everything} == {0, 1, 2}
+    keep = torch.tensor(drop_attributes(4000, (0.8, 0.0, 0.5)), dtype=torch.float)
+    assert keep[:, 1].all() and abs(keep[:, 0].mean().item() - 0.2) < 0.03 and abs(keep[:, 2].mean().item() - 0.5) < 0.03
+    with pytest.raises(ValueError, match="three dropout probabilities"):
+        drop_attributes(3, (0.5, 1.5, 0.0))
+
+
+def test_positives_mark_every_scene_a_caption_is_true_of():
+    from polymodal.plugins.clip.captions import claim_holds, positives
+
+    scenes = [[(0, 1, 4)], [(0, 1, 0), (2, 3, 8)], [(2, 1, 4)], [(5, 0, 2)]]
+    claims = [[(0, 1, 4)], [(None, 1, None)], [(2, None, None), (0, None, 0)], [(5, 0, 2)]]
+    want = torch.tensor([[claim_holds(c, s) for c in claims] for s in scenes])
+    assert want.tolist() == [[True, True, False, False],   # "a circle" is true of every scene with a circle
+                             [False, True, True, False],   # both clauses of caption 2 hold in scene 1 only
+                             [False, True, False, False],
+                             [False, False, False, True]]
+    assert torch.equal(positives(claims, scenes), want | torch.eye(4, dtype=torch.bool))
+    cfg, batch = _shapes_cfg(caption_dropout=(0.5, 0.5, 0.5))
+    from polymodal.plugins.clip.captions import shapes_captions
+
+    texts, claims, scenes = shapes_captions(cfg, batch)
+    brute = torch.tensor([[claim_holds(c, s) for c in claims] for s in scenes]) | torch.eye(len(texts), dtype=torch.bool)
+    assert torch.equal(positives(claims, scenes), brute)
+
+
+def test_multi_positive_info_nce_is_info_nce_with_one_positive_and_symmetric():
+    from polymodal.plugins.clip.objective import multi_positive_info_nce
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    eye = torch.eye(6, dtype=torch.bool)
+    torch.testing.assert_close(multi_positive_info_nce(a, b, 3.0, eye), info_nce(a, b, 3.0))
+    pos = eye.clone()
+    pos[0, 1] = pos[2, 5] = pos[3, 0] = True
+    torch.testing.assert_close(multi_positive_info_nce(a, b, 3.0, pos), multi_positive_info_nce(b, a, 3.0, pos.t()))
+    # Two positives in a row: the target is split between them.
+    logits = similarity_logits(a, b, 3.0)
+    target = pos.float() / pos.sum(1, keepdim=True)
+    col = (pos.float() / pos.sum(0, keepdim=True)).t()
+    manual = (-(target * logits.log_softmax(1)).sum(1).mean() - (col * logits.t().log_softmax(1)).sum(1).mean()) / 2
+    torch.testing.assert_close(multi_positive_info_nce(a, b, 3.0, pos), manual)
+    with pytest.raises(ValueError, match="at least one positive"):
+        multi_positive_info_nce(a, b, 3.0, torch.zeros(6, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"bool positives matrix of shape \(6, 6\)"):
+        multi_positive_info_nce(a, b, 3.0, torch.eye(5, dtype=torch.bool))
+
+
+def test_caption_views_name_only_their_attributes():
+    from polymodal.data import shapes as s
+    from polymodal.plugins.clip.captions import parse_view, resample_views
+
+    cfg, batch = _shapes_cfg(caption_views=("all", "kind", "colour+position"))
+    torch.manual_seed(0)
+    (full, _), (kinds, kind_pos), (colpos, _) = resample_views(cfg, batch)
+    colours = set(s.COLOURS)
+    for text, kind_text, cp_text, boxes in zip(full, kinds, colpos, batch["boxes"]):
+        words = set(kind_text.split())
+        assert not words & colours and not {"top", "left", "right", "bottom", "center"} & words
+        assert sorted(w for w in kind_text.split() if w in s.KINDS) == sorted(s.KINDS[b[5]] for b in boxes)
+        assert not set(cp_text.split()) & set(s.KINDS)
+        assert {w for w in text.split() if w in colours} == {tuple(s.COLOURS)[b[4]] for b in boxes}
+    present = [{b[5] for b in boxes} for boxes in batch["boxes"]]
+    for j, text in enumerate(kinds):  # a kind caption is true of exactly the scenes holding all its kinds
+        named = {s.KINDS.index(w) for w in text.split() if w in s.KINDS}
+        assert kind_pos[:, j].tolist() == [named <= p or i == j for i, p in enumerate(present)]
+    assert parse_view("all") is None and parse_view("kind+colour") == (True, True, False)
+    for bad in ("shape", "kind+kind", ""):
+        with pytest.raises(ValueError, match="caption view"):
+            parse_view(bad)
+    with pytest.raises(ValueError, match="caption view"):
+        attrs.evolve(cfg, caption_views=("all", "size"))
+    with pytest.raises(ValueError, match="three probabilities"):
+        attrs.evolve(cfg, caption_dropout=(0.1, 0.2))
+
+
+def test_caption_curriculum_switches_views_after_first_view_steps():
+    from polymodal.plugins.clip.captions import resample_views, views_at
+
+    cfg, batch = _shapes_cfg(first_views=("kind",), first_view_steps=3, caption_views=("all", "colour"))
+    assert views_at(cfg, 0) == views_at(cfg, 2) == ("kind",)
+    assert views_at(cfg, 3) == views_at(cfg, None) == ("all", "colour")
+    assert len(resample_views(cfg, batch, 0)) == 1 and len(resample_views(cfg, batch, 3)) == 2
+    model = CLIPModel(attrs.evolve(CLIPModel.tiny_config(cfg), first_view_steps=1)).train()
+    small = {k: v[:8] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
+    seen = []
+    original = model.encode_text
+    model.encode_text = lambda ids: (seen.append(len(ids)), original(ids))[1]
+    for _ in range(2):
+        loss, _ = model.loss(small)
+        loss.backward()
+        model.after_step()
+    assert model.steps_done == 2 and seen == [8, 8, 8]  # one view at step 0, two views at step 1
+
+
+def test_label_captioner_keeps_plain_info_nce():
+    from polymodal.plugins.clip.captions import resample_views
+
+    data = load_digits()
+    cfg = CLIPModel.config_for_data(polymodal.api.spec("clip").config, data)
+    views = resample_views(cfg, data.train.batch(list(range(10))), 0)
+    assert len(views) == 1 and views[0][1] is None and len(views[0][0]) == 10

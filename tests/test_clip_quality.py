@@ -29,9 +29,12 @@ def test_default_clip_zero_shot_on_held_out_digit_templates(trained):
     assert "zero_shot_accuracy_heldout" in card and "digits" in card and "Held-out templates" in card
 
 
-def test_clip_shapes_zero_shot_colour(trained):
+def test_clip_shapes_zero_shot_colour_and_kind(trained):
     folder, metrics = trained("clip-shapes")
     assert metrics["zero_shot_colour_accuracy"] >= 0.90, metrics
+    assert metrics["zero_shot_kind_accuracy"] >= 0.90, metrics
+    assert metrics["single_object_samples"] >= 200, metrics  # the bar is measured on enough scenes
+    assert metrics["logit_scale"] <= 100.0
     card = (folder / "README.md").read_text()
-    assert "shapes" in card and "zero_shot_colour_accuracy" in card
-
+    assert "shapes" in card and "zero_shot_colour_accuracy" in card and "zero_shot_kind_accuracy" in card
+    assert "Caption views per step" in card

@@ -28,6 +28,7 @@ from polymodal.models import PolymodalModel
 from polymodal.objectives import info_nce, similarity_logits
 
 from . import captions as cap
+from .objective import multi_positive_info_nce
 
 
 @config
@@ -46,6 +47,22 @@ class CLIPConfig:
     augment_shift: int = field(0, "Training augmentation: random translation by up to this many pixels.", check=in_range(0, 64, integer=True))
     captioner: str = field("none", "How training re-samples captions each step: 'label' fills the templates from the "
                            "class, 'shapes' from the objects, 'none' uses the dataset's.", check=one_of("none", "label", "shapes"))
+    caption_dropout: tuple[float, float, float] = field(
+        (0.0, 0.0, 0.0), "Shapes captioner: probabilities that a caption leaves out the colour, the kind and the "
+        "position (at least one kept), so short captions like 'a circle' are trained too.", check=cap.check_probabilities)
+    multi_positive: bool = field(False, "Shapes captioner: a full caption is a positive of every image in the batch it "
+                                 "is true of (soft-target InfoNCE), not only of its own image (always so for partial "
+                                 "captions).")
+    caption_views: tuple[str, ...] = field(("all",), "Shapes captioner: captions drawn per image and step, each view its "
+                                           "own contrastive term (mean of the terms): 'all' names every attribute "
+                                           "(with caption_dropout), else '+'-joined names of colour, kind, position.",
+                                           check=cap.check_views)
+    first_views: tuple[str, ...] = field((), "Shapes captioner: the caption views of the first first_view_steps "
+                                         "training steps (a curriculum: kind alone first, which the easy colour "
+                                         "would otherwise starve); empty: caption_views throughout.",
+                                         check=cap.check_views_or_none)
+    first_view_steps: int = field(0, "Training steps that use first_views (counted by the model from the start "
+                                  "of the process; a resumed run counts again from 0).", check=in_range(0, 10**9, integer=True))
     templates: tuple[str, ...] = field((), "Training caption templates (from the dataset).")
     heldout_templates: tuple[str, ...] = field((), "Held-out caption templates, never trained on (evaluation only).")
     class_names: tuple[str, ...] = field((), "Class names used to fill the templates.")
@@ -124,6 +141,7 @@ class CLIPModel(PolymodalModel):
         self.textual = CLIPTextual(config.text, config.embed_dim, config.eos_id)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.max_log_scale = math.log(config.max_logit_scale)
+        self.steps_done = 0  # optimiser steps taken in this process (the caption curriculum's clock)
         self.tokenizer = cap.caption_tokenizer(config.text.vocab_size) if config.tokenizer == "captions" else None
         if self.tokenizer is not None and config.eos_id is not None and self.tokenizer.special_tokens["eos"] != config.eos_id:
             raise ValueError(f"the caption tokenizer's end-of-text id is {self.tokenizer.special_tokens['eos']}, "
@@ -155,8 +173,9 @@ class CLIPModel(PolymodalModel):
 
     # -- the API ----------------------------------------------------------------------------------
     def after_step(self) -> None:
-        """Called by the trainer after every optimiser step: keep the logit scale ≤ max_logit_scale."""
+        """Called by the trainer after every optimiser step: keep the logit scale ≤ max_logit_scale, count the step."""
         self.clamp_logit_scale_()
+        self.steps_done += 1
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
@@ -217,16 +236,27 @@ class CLIPModel(PolymodalModel):
         return resize(images, self.config.vision.image_size)
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        """Symmetric InfoNCE of ``batch['image']`` against captions (re-sampled per step when training)."""
+        """Symmetric InfoNCE of ``batch['image']`` against captions (re-sampled per step when training).
+
+        With several caption views (shapes) the loss is the mean of one term per view; a view
+        with a positives matrix uses the multi-positive InfoNCE of :mod:`.objective`.
+        """
         self.clamp_logit_scale_()
         images = self.prepare(batch["image"])  # (B, C, S, S)
         if self.training and self.config.augment_shift:
             images = random_translate(images, self.config.augment_shift)
-        texts = cap.resample(self.config, batch) if self.training else None
-        ids = self.tokenize(texts or list(batch["caption"]), truncate=True)  # (B, L)
-        image, text = self.encode_image(images), self.encode_text(ids)  # (B, E) each
+        views = cap.resample_views(self.config, batch, self.steps_done) if self.training else []
+        views = views or [(list(batch["caption"]), None)]
+        image = self.encode_image(images)  # (B, E)
         scale = self.scale()
-        loss = info_nce(image, text, scale)
+        losses, embeddings = [], []
+        for texts, positives in views:
+            text = self.encode_text(self.tokenize(texts, truncate=True))  # (B, E)
+            losses.append(info_nce(image, text, scale) if positives is None
+                          else multi_positive_info_nce(image, text, scale, positives))
+            embeddings.append(text)
+        text = embeddings[0]  # (B, E) the first view's captions give the logged retrieval accuracies
+        loss = torch.stack(losses).mean()
         with torch.no_grad():
             logits = similarity_logits(image, text, scale)  # (B, B)
             labels = torch.arange(len(logits), device=logits.device)
@@ -275,6 +305,7 @@ class CLIPModel(PolymodalModel):
                  f"depth {v.depth}, {v.heads} heads, {v.act}; text tower width {t.dim}, depth {t.depth}, {t.heads} heads, "
                  f"context {t.context_length}, vocabulary {t.vocab_size}, {t.act}; shared embedding {c.embed_dim}.",
                  f"Data: {c.data or 'unspecified'}; captions re-sampled per step: {c.captioner}.", ""]
+        lines += cap.describe(c)
         if c.templates:
             lines += ["Training templates: " + "; ".join(f"`{x}`" for x in c.templates), ""]
         if c.heldout_templates:
