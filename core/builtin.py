@@ -28,11 +28,12 @@ def register_encoders(register):
 
 @hookimpl
 def register_datasets(register):
-    """Embedded data: digits, procedural shapes, and a folder of the user's own images."""
-    from .data import load_digits, load_folder, load_shapes
+    """Embedded data: digits, procedural shapes, generated sentences, and a folder of the user's own images."""
+    from .data import load_digits, load_folder, load_shapes, load_text
 
     register("digits", load_digits)
     register("shapes", load_shapes)
+    register("text", load_text)
     register("folder", load_folder)
 
 

@@ -294,3 +294,36 @@ def test_folder_needs_a_root_and_valid_options(tmp_path):
     (tmp_path / "captions.jsonl").write_text("\n\n")
     with pytest.raises(ValueError, match="no entries"):
         load_folder(tmp_path)
+
+
+# --- text -------------------------------------------------------------------------------
+
+
+def test_text_sentences_name_exactly_their_digit():
+    from polymodal.data.text import corpus
+
+    d = load_dataset("text")
+    assert len(d.train) + len(d.test) == len(corpus())
+    for split in (d.train, d.test):
+        assert split["label"].dtype == torch.long
+        for sentence, label in zip(split["text"], split["label"].tolist()):
+            named = words(sentence) & set(DIGIT_WORDS)
+            assert named == {DIGIT_WORDS[label]}, sentence
+            assert not re.search(r"\d", sentence), sentence
+
+
+def test_text_split_is_by_wording_and_fixed():
+    def wording(s: str) -> str:
+        return re.sub(r"\b(%s)\b" % "|".join(DIGIT_WORDS), "#", s)
+
+    a, b = load_dataset("text"), load_dataset("text", seed=1)
+    train, test = {wording(s) for s in a.train["text"]}, {wording(s) for s in a.test["text"]}
+    assert train.isdisjoint(test) and len(test) > 0
+    assert sorted(a.test["text"]) == sorted(b.test["text"])
+    assert a.train["text"] != b.train["text"]  # seed shuffles only the order
+    assert torch.bincount(a.test["label"], minlength=10).min() > 0
+
+
+def test_text_rejects_a_folder():
+    with pytest.raises(ValueError, match="takes no folder"):
+        load_dataset("text", root="/tmp")

@@ -4,9 +4,10 @@ from .base import Dataset, Split
 from .digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, load_digits
 from .folder import load_folder
 from .shapes import load_shapes
+from .text import load_text
 
 __all__ = ["DIGIT_WORDS", "Dataset", "HELDOUT_TEMPLATES", "Split", "TRAIN_TEMPLATES", "load_digits", "load_dataset",
-           "load_folder", "load_shapes"]
+           "load_folder", "load_shapes", "load_text"]
 
 
 def load_dataset(name_or_dir: str, **options):
