@@ -1,7 +1,8 @@
-"""Attention backends benchmark; the same as ``polymodal bench attention [options]``.
+"""Attention kernels benchmark; the same as ``polymodal bench attention [options]``.
 
-    python benchmarks/attention.py            # full grid, writes benchmarks/results/attention-<device>.json
-    python benchmarks/attention.py --quick    # smoke run, seconds
+    python benchmarks/attention.py                    # CPU: the small grid (minutes); CUDA: the full grid
+    python benchmarks/attention.py --quick            # smoke run, seconds
+    python benchmarks/attention.py --compare benchmarks/results/attention-cpu-amd-epyc.json
     python benchmarks/attention.py --help
 """
 

@@ -1,95 +1,77 @@
-"""Benchmarks: ``polymodal bench attention [options]`` (also ``python benchmarks/attention.py``).
+"""Benchmarks: ``polymodal bench {attention,models,compare} [options]`` (also ``benchmarks/*.py``).
 
-The attention suite times every registered backend over a grid of shapes and mask kinds
-(ViT-like, causal LM, cross-attention both ways, packed variable-length sequences and the
-same batch padded), forward by default or forward+backward with ``--backward``, and
-measures the dispatcher's own overhead against calling
-``torch.nn.functional.scaled_dot_product_attention`` directly. A combination a backend
-cannot run is a row with the reason, never a crash. Results: a printed table and a JSON
-file (``benchmarks/results/attention-<device>.json`` by default).
+* ``attention`` (:mod:`polymodal.bench_attention`): every attention backend, and each kernel of
+  torch's SDPA forced where the device offers it, over ViT, causal-LM, cross-attention,
+  sparse-image and packed-versus-padded shapes × head dims × dtypes × forward and
+  forward+backward; TFLOP/s against the machine's matmul peak timed in the same run; the
+  dispatcher's own overhead; a JSON report, a PNG plot and ``--compare BASELINE.json``.
+* ``models`` (:mod:`polymodal.bench_models`): polymodal against transformers on identical
+  converted weights, interleaved, same threads, ratio reported.
+* ``compare NEW.json BASELINE.json``: the regression check alone, on two saved reports;
+  ``table REPORT.json``: a saved report as Markdown (the READMEs' tables).
+
+This module holds what the suites share: the machine description, the timer, the measured
+matmul and copy peaks, datasheet peaks and the JSON writer. Benchmarks measure and report;
+they never pass or fail by speed.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import platform
 import re
 import statistics
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-SUITES = ("attention",)
+SUITES = ("attention", "models", "compare", "table")
 
 
-@dataclass(frozen=True)
-class Case:
-    """One attention call shape: q (B, H, Nq, D), k and v (B, H, Nk, D), and its mask."""
+class BenchUsageError(ValueError):
+    """A bad option value (device, backend, case, dtype, model name): exit status 2, no traceback."""
 
-    name: str
-    b: int
-    h: int
-    nq: int
-    nk: int
-    d: int
-    causal: bool = False
-    seqlens: tuple[int, ...] | None = None  # packed (B = 1, Nq = Nk = sum)
-    padded: tuple[int, ...] | None = None  # lengths of a padded batch (key_padding)
-    tags: tuple[str, ...] = field(default=())
-
-    @property
-    def mask(self) -> str:
-        kinds = [k for k, on in (("causal", self.causal), ("seqlens", self.seqlens), ("key_padding", self.padded)) if on]
-        return "+".join(kinds) or "none"
-
-    def shape(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(B=self.b, H=self.h, Nq=self.nq, Nk=self.nk, D=self.d)
-        if self.seqlens:
-            out["seqlens"] = list(self.seqlens)
-        if self.padded:
-            out["lengths"] = list(self.padded)
-        return out
-
-    def flops(self) -> float:
-        """Useful forward FLOPs: 4·D per visible (query, key) pair per head (QK^T and PV)."""
-        if self.seqlens or self.padded:
-            lengths = self.seqlens or self.padded
-            pairs = sum(n * (n + 1) // 2 if self.causal else n * n for n in lengths)
-            return 4.0 * self.h * pairs * self.d
-        pairs = self.nq * self.nk
-        if self.causal:
-            pairs = sum(min(self.nk, max(0, i + self.nk - self.nq + 1)) for i in range(self.nq))
-        return 4.0 * self.b * self.h * pairs * self.d
-
-
-def packed_and_padded(name: str, seqlens: Sequence[int], h: int, d: int, causal: bool = False) -> list[Case]:
-    """The same variable-length batch packed (``seqlens``) and padded (``key_padding``)."""
-    n = sum(seqlens)
-    return [Case(f"{name}-packed", 1, h, n, n, d, causal=causal, seqlens=tuple(seqlens)),
-            Case(f"{name}-padded", len(seqlens), h, max(seqlens), max(seqlens), d, causal=causal,
-                 padded=tuple(seqlens))]
-
-
-def grid(quick: bool) -> list[Case]:
-    if quick:
-        return [Case("vit-17", 2, 2, 17, 17, 16), Case("lm-64", 1, 2, 64, 64, 16, causal=True),
-                Case("cross-4x32", 2, 2, 4, 32, 16), *packed_and_padded("varlen", (5, 3, 8), 2, 16)]
-    return [
-        Case("vit-65", 32, 6, 65, 65, 64), Case("vit-197", 32, 6, 197, 197, 64),
-        Case("lm-512", 4, 8, 512, 512, 64, causal=True), Case("lm-1024", 4, 8, 1024, 1024, 64, causal=True),
-        Case("cross-16x1024", 4, 8, 16, 1024, 64), Case("cross-1024x16", 4, 8, 1024, 16, 64),
-        *packed_and_padded("varlen", (100, 37, 250, 13), 8, 64),
-    ]
+# Dense (no structured sparsity) datasheet peaks in TFLOP/s, by a substring of the GPU name:
+# (bfloat16/float16 tensor cores, float32 without TF32). Checked in order: the first match wins.
+DATASHEET_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 51.0}),
+    ("H100 NVL", {"bfloat16": 835.0, "float16": 835.0, "float32": 60.0}),
+    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),  # SXM5
+    ("H800", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
+    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
+    ("GH200", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
+    ("B200", {"bfloat16": 2250.0, "float16": 2250.0, "float32": 80.0}),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}),
+    ("A800", {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}),
+    ("L40S", {"bfloat16": 362.0, "float16": 362.0, "float32": 91.6}),
+    ("L40", {"bfloat16": 181.0, "float16": 181.0, "float32": 90.5}),
+    ("L4", {"bfloat16": 121.0, "float16": 121.0, "float32": 30.3}),
+    ("A10G", {"bfloat16": 70.0, "float16": 70.0, "float32": 31.2}),
+    ("A10", {"bfloat16": 125.0, "float16": 125.0, "float32": 31.2}),
+    ("RTX 4090", {"bfloat16": 165.2, "float16": 165.2, "float32": 82.6}),
+    ("RTX 3090", {"bfloat16": 71.0, "float16": 71.0, "float32": 35.6}),
+    ("V100", {"float16": 125.0, "float32": 15.7}),
+    ("T4", {"float16": 65.0, "float32": 8.1}),
+)
 
 
 # -- the machine -------------------------------------------------------------------------------
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else the CPU; anything else as given (ValueError without CUDA)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchUsageError(f"--device {name} asks for CUDA, but no CUDA device is available")
+    return device
+
+
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from ``/proc/cpuinfo``."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
@@ -102,262 +84,214 @@ def device_name(device: torch.device) -> str:
 
 
 def slug(text: str) -> str:
+    """``"AMD EPYC 7B13"`` → ``"amd-epyc-7b13"`` (file-name safe)."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
-def machine(device: torch.device) -> dict[str, Any]:
-    import os
-
-    return dict(device=device.type, device_name=device_name(device), torch=torch.__version__,
-                threads=torch.get_num_threads(), cpus=os.cpu_count(), python=platform.python_version(),
-                platform=platform.platform())
-
-
-# -- timing ------------------------------------------------------------------------------------
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn: Callable[[], Any], device: torch.device, min_run_time: float) -> tuple[float, float]:
-    """(median, IQR) seconds per call of ``fn``, after a warm-up, with torch's benchmark Timer."""
-    from torch.utils.benchmark import Timer
-
-    for _ in range(2):  # warm-up: first-call allocations, lazy imports, kernel selection
-        fn()
-    sync(device)
-
-    def timed() -> None:
-        fn()
-        sync(device)
-
-    m = Timer("timed()", globals={"timed": timed}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time)
-    return m.median, m.iqr
-
-
-def inputs(case: Case, device: torch.device, dtype: torch.dtype, grad: bool, seed: int = 0) -> dict[str, Any]:
-    """Random (never all-zero) q, k, v and the case's mask arguments."""
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(case.b, case.h, n, case.d, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
-               for n in (case.nq, case.nk, case.nk))  # (B, H, N, D)
-    call: dict[str, Any] = dict(q=q, k=k, v=v, causal=case.causal)
-    if case.seqlens:
-        call["seqlens"] = list(case.seqlens)
-    if case.padded:
-        lengths = torch.tensor(case.padded).unsqueeze(1)  # (B, 1)
-        call["key_padding"] = (torch.arange(case.nk).unsqueeze(0) < lengths).to(device)  # (B, Nk)
-    return call
-
-
-def run_case(backend: str, case: Case, device: torch.device, dtype: torch.dtype, backward: bool,
-             min_run_time: float, base: dict[str, Any]) -> dict[str, Any]:
-    from .attention import AttentionError, attention, backends
-    from .attention.dispatch import _spec
-
-    row: dict[str, Any] = dict(
-        suite="attention", backend=backend, case=case.name, shape=case.shape(), mask=case.mask,
-        dtype=str(dtype).replace("torch.", ""), device=device.type, device_name=base["device_name"],
-        mode="forward+backward" if backward else "forward", status="ok", reason=None, median_ms=None,
-        iqr_ms=None, gflops=None, peak_mem_mb=None, torch=base["torch"], threads=base["threads"],
-    )
-    call = inputs(case, device, dtype, backward)
-    impl = backends()[backend]
-    why = impl.supports(_spec(call["q"], call["k"], case.causal, call.get("key_padding"), call.get("seqlens"),
-                              None, 0.0, call["v"]))
-    if why is not None:
-        return {**row, "status": "skipped", "reason": why}
-    q, k, v = call.pop("q"), call.pop("k"), call.pop("v")
-    grad_out = torch.randn(case.b, case.h, case.nq, case.d, device=device, dtype=dtype) if backward else None
-
-    def fn() -> None:
-        out = attention(q, k, v, backend=backend, **call)  # (B, H, Nq, D)
-        if grad_out is not None:
-            q.grad = k.grad = v.grad = None
-            out.backward(grad_out)
-
-    try:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            start = torch.cuda.memory_allocated(device)
-            fn()
-            sync(device)
-            row["peak_mem_mb"] = round((torch.cuda.max_memory_allocated(device) - start) / 2**20, 2)
-        median, iqr = measure(fn, device, min_run_time)
-    except AttentionError as exc:
-        return {**row, "status": "skipped", "reason": str(exc)}
-    except Exception as exc:  # a kernel that fails at run time is a finding, reported in its row
-        return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
-    flops = case.flops() * (3.5 if backward else 1.0)  # backward ≈ 2.5× forward
-    return {**row, "median_ms": round(median * 1e3, 4), "iqr_ms": round(iqr * 1e3, 4),
-            "gflops": round(flops / median / 1e9, 2)}
-
-
-def overhead(device: torch.device, dtype: torch.dtype, quick: bool, min_run_time: float) -> dict[str, Any]:
-    """The dispatcher's cost: ``attention(q, k, v)`` vs ``F.scaled_dot_product_attention(q, k, v)``.
-
-    Measured interleaved (A, B, A, B, ...) so drift and neighbours' load hit both equally;
-    the reported figure per shape is the median over rounds of each side's median.
-    """
-    import torch.nn.functional as F
-
-    from .attention import attention
-
-    shapes = [(2, 2, 17, 16)] if quick else [(32, 6, 65, 64), (32, 6, 197, 64)]
-    rounds = 3 if quick else 7
-    results = []
-    for b, h, n, d in shapes:
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype) for _ in range(3))
-        ours, theirs = [], []
-        for _ in range(rounds):
-            ours.append(measure(lambda: attention(q, k, v), device, min_run_time)[0])
-            theirs.append(measure(lambda: F.scaled_dot_product_attention(q, k, v), device, min_run_time)[0])
-        a, s = statistics.median(ours), statistics.median(theirs)
-        results.append(dict(shape=dict(B=b, H=h, N=n, D=d), attention_ms=round(a * 1e3, 4),
-                            sdpa_ms=round(s * 1e3, 4), ratio=round(a / s, 4), overhead_us=round((a - s) * 1e6, 2)))
-    # The absolute cost per call, where it is not hidden by the kernel: a tiny call.
-    q, k, v = (torch.randn(1, 1, 8, 16).to(device=device, dtype=dtype) for _ in range(3))
-    tiny_ours, tiny_theirs = [], []
-    for _ in range(rounds):
-        tiny_ours.append(measure(lambda: attention(q, k, v), device, min_run_time / 2)[0])
-        tiny_theirs.append(measure(lambda: F.scaled_dot_product_attention(q, k, v), device, min_run_time / 2)[0])
-    worst = max(results, key=lambda r: r["ratio"])
-    return dict(method="interleaved torch.utils.benchmark blocked_autorange, median of round medians",
-                rounds=rounds, cases=results, attention_ms=worst["attention_ms"], sdpa_ms=worst["sdpa_ms"],
-                ratio=worst["ratio"], worst_shape=worst["shape"],
-                tiny_call_overhead_us=round((statistics.median(tiny_ours) - statistics.median(tiny_theirs)) * 1e6, 2))
-
-
-# -- output ------------------------------------------------------------------------------------
-
-def fmt(value: Any, spec: str = "") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    head = ("backend", "case", "mask", "mode", "dtype", "median ms", "IQR ms", "GFLOP/s", "peak MB", "status")
-    lines = [head]
-    for r in rows:
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
-        lines.append((r["backend"], r["case"], r["mask"], r["mode"], r["dtype"], fmt(r["median_ms"], ".3f"),
-                      fmt(r["iqr_ms"], ".3f"), fmt(r["gflops"], ".1f"), fmt(r["peak_mem_mb"], ".1f"), status))
-    widths = [max(len(str(line[i])) for line in lines[:]) for i in range(len(head) - 1)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) + "  " + str(line[-1])
-                     for line in lines)
-
-
-def default_out(device: torch.device, name: str, quick: bool) -> Path:
-    root = Path(__file__).resolve().parent.parent
-    base = root / "benchmarks" / "results" if (root / "benchmarks").is_dir() else Path("benchmarks") / "results"
-    return base / f"attention-{slug(device.type + '-' + name)}{'-quick' if quick else ''}.json"
-
-
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="polymodal bench attention", description=(
-        "Time every attention backend over shapes and mask kinds; print a table and write JSON rows."))
-    p.add_argument("--quick", action="store_true", help="small grid and short timings (a smoke run, seconds)")
-    p.add_argument("--backward", action="store_true", help="time forward+backward instead of forward only")
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (auto: cuda when available)")
-    p.add_argument("--backends", default="", help="comma-separated backend names (default: all registered)")
-    p.add_argument("--cases", default="", help="comma-separated case names (default: the whole grid)")
-    p.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement (default 0.3, quick 0.01)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's current setting)")
-    p.add_argument("--no-overhead", action="store_true", help="skip the dispatcher-overhead measurement")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention-<device>.json)")
-    return p.parse_args(list(argv))
-
-
-def attention_suite(argv: Sequence[str]) -> int:
-    from .attention import backends
-
-    args = parse(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
-    registered = sorted(backends())
-    names = [n.strip() for n in args.backends.split(",") if n.strip()] or registered
-    unknown = [n for n in names if n not in registered]
-    cases = grid(args.quick)
-    if args.cases:
-        wanted = {c.strip() for c in args.cases.split(",") if c.strip()}
-        unknown += [c for c in wanted if c not in {case.name for case in cases}]
-        cases = [c for c in cases if c.name in wanted]
-    if unknown:
-        print(f"error: unknown backend or case {', '.join(unknown)}; backends: {', '.join(registered)}; "
-              f"cases: {', '.join(c.name for c in grid(args.quick))}", file=sys.stderr)
-        return 2
-    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
-    min_run_time = args.min_run_time if args.min_run_time is not None else (0.01 if args.quick else 0.3)
-    prior_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return _run(args, argv, device, names, cases, dtypes, min_run_time)
-    finally:
-        torch.set_num_threads(prior_threads)
-
-
-def _load() -> list[float] | None:
-    import os
-
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages, or None where the OS has none."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
         return None
 
 
-def _run(args: argparse.Namespace, argv: Sequence[str], device: torch.device, names: list[str],
-         cases: list[Case], dtypes: list[torch.dtype], min_run_time: float) -> int:
-    import warnings
+def versions() -> dict[str, str | None]:
+    """Versions of the libraries a result depends on (None: not installed)."""
+    out: dict[str, str | None] = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("transformers", "xformers", "polymodal"):
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", None)
+        except Exception:  # not installed, or a build that does not import
+            out[name] = None
+    if out["polymodal"] is None:
+        try:
+            from importlib.metadata import version
 
-    base = machine(device)
-    base["load_before"] = _load()
-    started = time.perf_counter()
-    rows = []
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*flex_attention.*")  # flex is unfused off CUDA
-        for dtype in dtypes:
-            for case in cases:
-                for name in names:
-                    rows.append(run_case(name, case, device, dtype, args.backward, min_run_time, base))
-                    print(f"  {name:10s} {case.name:16s} {rows[-1]['status']}", file=sys.stderr, flush=True)
-        over = None if args.no_overhead else overhead(device, torch.float32, args.quick, min_run_time)
-    base["load_after"] = _load()
-    report = dict(suite="attention", command="polymodal bench attention " + " ".join(argv), machine=base,
-                  quick=args.quick, backward=args.backward, min_run_time_s=min_run_time,
-                  seconds=round(time.perf_counter() - started, 1), rows=rows, overhead=over)
-    print(f"attention on {base['device_name']} ({device.type}, torch {base['torch']}, {base['threads']} threads)")
-    print(table(rows))
-    if over is not None:
-        for c in over["cases"]:
-            print(f"dispatcher overhead at {c['shape']}: attention {c['attention_ms']:.3f} ms vs sdpa "
-                  f"{c['sdpa_ms']:.3f} ms, ratio {c['ratio']:.3f}")
-        print(f"dispatcher overhead per tiny call: {over['tiny_call_overhead_us']:.1f} µs")
-        if over["ratio"] > 1.05:
-            print(f"note: dispatcher overhead ratio {over['ratio']:.3f} is above the 1.05 target")
-    out = Path(args.out) if args.out else default_out(device, base["device_name"], args.quick)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
-    return 1 if any(r["status"] == "error" for r in rows) else 0
+            out["polymodal"] = version("polymodal")
+        except Exception:
+            pass
+    out["cuda"] = torch.version.cuda
+    out["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
+    return out
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """Where and with what a report was measured: device, libraries, threads, load, platform."""
+    info: dict[str, Any] = dict(device=device.type, device_name=device_name(device), **versions(),
+                                threads=torch.get_num_threads(), cpus=os.cpu_count(), platform=platform.platform(),
+                                load_before=load_average())
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu_memory_gb=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}",
+                    allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    return info
+
+
+def datasheet_tflops(name: str, dtype: torch.dtype) -> float | None:
+    """The datasheet's dense peak TFLOP/s for GPU ``name`` at ``dtype`` (None: not in the table)."""
+    key = str(dtype).replace("torch.", "")
+    for needle, peaks in DATASHEET_TFLOPS:
+        if needle.lower() in name.lower():
+            return peaks.get(key)
+    return None
+
+
+def report_path(suite: str, device: torch.device, name: str, suffix: str = "", ext: str = "json") -> Path:
+    """``benchmarks/results/<suite>-<device type>-<device name>[<suffix>].<ext>`` in this checkout."""
+    root = Path(__file__).resolve().parent.parent
+    base = root / "benchmarks" / "results" if (root / "benchmarks").is_dir() else Path("benchmarks") / "results"
+    return base / f"{suite}-{slug(device.type + '-' + name)}{suffix}.{ext}"
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """Write ``report`` as indented JSON (parents created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, min_run_time: float, warmup: int = 2,
+            slow_samples: int = 3) -> tuple[float, float, int]:
+    """(median, IQR, measurements) in seconds per call of ``fn``: ``warmup`` untimed calls, one
+    timed call, then ``torch.utils.benchmark.Timer.blocked_autorange`` (blocks of calls, so no
+    per-call synchronisation skews short kernels). A call slower than ``min_run_time`` on its own
+    is instead timed ``slow_samples`` times, one call each. Every clock reading synchronises CUDA."""
+    import timeit
+
+    from torch.utils.benchmark import Timer
+
+    for _ in range(warmup):  # first-call allocations, lazy imports, kernel selection, autotuning
+        fn()
+
+    def clock() -> float:
+        sync(device)
+        return timeit.default_timer()
+
+    times = []
+    for _ in range(slow_samples):
+        start = clock()
+        fn()
+        times.append(clock() - start)
+        if times[0] < min_run_time:
+            break
+    if len(times) > 1:  # slow calls: the single-call samples are the measurement
+        q = statistics.quantiles(times, n=4)
+        return statistics.median(times), q[2] - q[0], len(times)
+    m = Timer("fn()", globals={"fn": fn}, timer=clock, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
+    return m.median, m.iqr, len(m.times)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, min_run_time: float, n: int | None = None) -> dict[str, Any]:
+    """The machine's measured peak: a large (n × n) @ (n × n) product, 2·n³ FLOPs per call."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))  # (n, n)
+    median, iqr, runs = measure(lambda: a @ b, device, min_run_time)
+    return dict(dtype=str(dtype).replace("torch.", ""), n=n, median_ms=round(median * 1e3, 4),
+                tflops=round(2.0 * n ** 3 / median / 1e12, 4))
+
+
+def copy_bandwidth(device: torch.device, min_run_time: float, mib: int | None = None) -> dict[str, Any]:
+    """The machine's measured memory bandwidth: copying a ``mib`` MiB buffer (read + write bytes)."""
+    mib = mib or (1024 if device.type == "cuda" else 128)
+    src = torch.rand(mib * 2**18, device=device)  # float32: 4 bytes each
+    dst = torch.empty_like(src)
+    median, _, _ = measure(lambda: dst.copy_(src), device, min_run_time)
+    return dict(mib=mib, median_ms=round(median * 1e3, 4), gbps=round(2 * src.numel() * 4 / median / 1e9, 2))
+
+
+def sig(value: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` significant digits (CPU TFLOP/s are small, GPU ones large)."""
+    return float(f"{value:.{digits}g}")
+
+
+def fmt(value: Any, spec: str = "") -> str:
+    """``value`` formatted, ``-`` for None."""
+    return "-" if value is None else format(value, spec)
+
+
+def text_table(head: Sequence[str], lines: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns; the last column is not padded."""
+    rows = [tuple(head), *[tuple(str(c) for c in line) for line in lines]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+def compare_suite(argv: Sequence[str]) -> int:
+    """``polymodal bench compare NEW.json BASELINE.json [--threshold 0.05] [--min-us 30]``."""
+    import argparse
+
+    from .bench_report import compare, compare_text
+
+    p = argparse.ArgumentParser(prog="polymodal bench compare", description=(
+        "Flag rows of NEW that are slower than BASELINE by more than --threshold and --min-us."))
+    p.add_argument("new")
+    p.add_argument("baseline")
+    p.add_argument("--threshold", type=float, default=0.05, help="relative slowdown that counts (default 0.05)")
+    p.add_argument("--min-us", type=float, default=30.0, help="absolute slowdown that counts, µs (default 30)")
+    p.add_argument("--fail-on-regression", action="store_true", help="exit status 3 when a row regressed")
+    args = p.parse_args(list(argv))
+    new, base = (json.loads(Path(x).read_text()) for x in (args.new, args.baseline))
+    result = compare(new, base, args.threshold, args.min_us)
+    print(compare_text(result))
+    return 3 if args.fail_on_regression and result["regressions"] else 0
+
+
+def table_suite(argv: Sequence[str]) -> int:
+    """``polymodal bench table REPORT.json [--all]``: the report as Markdown table rows."""
+    import argparse
+
+    from .bench_report import markdown, markdown_pivot
+
+    p = argparse.ArgumentParser(prog="polymodal bench table", description="Print a saved report as Markdown.")
+    p.add_argument("report")
+    p.add_argument("--all", action="store_true", help="also the skipped, mismatch and error rows")
+    p.add_argument("--pivot", action="store_true", help="attention: one table per dtype, pass and head dim, "
+                                                        "backends side by side")
+    args = p.parse_args(list(argv))
+    report = json.loads(Path(args.report).read_text())
+    statuses = ("ok", "skipped", "mismatch", "error") if args.all else ("ok",)
+    print(markdown_pivot(report) if args.pivot else markdown(report, statuses))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``main(["attention", *options])``; returns the exit status (0 ok, 1 a backend errored, 2 usage)."""
+    """``main([suite, *options])``; returns the exit status (0 ok, 1 a row errored, 2 usage, 3 regression)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUITES:
         print(f"usage: polymodal bench {{{','.join(SUITES)}}} [options]; got {argv[:1] or 'nothing'}",
               file=sys.stderr)
         return 2
+    suite, rest = argv[0], argv[1:]
     try:
-        return attention_suite(argv[1:])
+        if suite == "attention":
+            from .bench_attention import attention_suite
+
+            return attention_suite(rest)
+        if suite == "models":
+            from .bench_models import models_suite
+
+            return models_suite(rest)
+        if suite == "table":
+            return table_suite(rest)
+        return compare_suite(rest)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
+    except BenchUsageError as exc:  # a bad option value (device, names), reported without a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -200,10 +200,14 @@ def convert(source, src, dst) -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
               add_help_option=False)
-@click.argument("suite", type=click.Choice(["attention"]))
+@click.argument("suite", type=click.Choice(["attention", "models", "compare", "table"]))
 @click.pass_context
 def bench(ctx, suite) -> None:
-    """Run a benchmark suite (extra arguments go to the suite; try `bench attention --help`)."""
+    """Run a benchmark suite (attention, models), compare two reports, or print one as Markdown (table).
+
+    Extra arguments go to the suite (try `bench attention --help`); `--compare BASELINE.json`
+    flags regressions (> 5 % and > 30 µs slower).
+    """
     from . import bench as bench_module
 
     sys.exit(bench_module.main([suite, *ctx.args]))

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The whole benchmark suite on one CUDA machine, in under 8 minutes, fetching nothing from the network.
+#
+#   benchmarks/gpu.sh [OUT]          # OUT defaults to benchmarks/results/gpu-<date>
+#
+# Writes everything under OUT: attention.json/.png/.txt (kernel grid: bf16 and fp32, head dims 64 and
+# 128, forward and forward+backward), models.json/.txt (polymodal vs transformers), generate.json/.txt
+# (KV-cache sampling, when benchmarks/generate.py exists), nvidia-smi.txt, pip-freeze.txt, log.txt.
+#
+# Environment:
+#   PYTHON=python3            the interpreter (default: python)
+#   XFORMERS_WHEEL=path.whl   a carried xformers wheel, installed with --no-index --no-deps (or put one
+#                             at benchmarks/wheels/xformers-*.whl); without one the xformers rows say why
+#   BASELINE_ATTENTION=a.json / BASELINE_MODELS=m.json   earlier reports to --compare against
+#   DEVICE=cuda:1             another GPU (DEVICE=cpu with ATTENTION_ARGS=--quick MODELS_ARGS=--quick: a dry run
+#                             of this script on a machine without one)
+#   ATTENTION_ARGS=... MODELS_ARGS=...                   extra options for the two suites
+#   ATTENTION_BUDGET_S=210 MODELS_BUDGET_S=90            time caps; rows left over are "skipped" with the reason
+#
+# Each step has its own time cap (a timed-out step is logged and the next one still runs):
+# setup ≤ 45 s, attention ≤ ATTENTION_BUDGET_S + 30 s, models ≤ MODELS_BUDGET_S + 45 s, generate ≤ 45 s:
+# 7.5 minutes at worst with the defaults, about 6 when every step ends by its own budget.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+DEVICE=${DEVICE:-cuda}
+ATTENTION_BUDGET_S=${ATTENTION_BUDGET_S:-210}
+MODELS_BUDGET_S=${MODELS_BUDGET_S:-90}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+log() { echo "[$(($(date +%s) - START)) s] $*" | tee -a "$OUT/log.txt"; }
+
+# -- setup: the GPU, polymodal from this checkout, an optional carried xformers wheel -----------------
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || log "nvidia-smi failed (see nvidia-smi.txt)"
+if [ "$DEVICE" != cpu ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  log "error: torch sees no CUDA device; nothing to run"; exit 1
+fi
+here=$(pwd)
+if ! $PY -c "import polymodal, pathlib, sys; sys.exit(0 if pathlib.Path(polymodal.__file__).resolve().parent == pathlib.Path('$here/core').resolve() else 1)" 2>/dev/null; then
+  log "installing this checkout (editable, offline, no dependencies)"
+  timeout 45 $PY -m pip install --no-index --no-deps --no-build-isolation -e . >> "$OUT/log.txt" 2>&1 \
+    || { log "error: could not install polymodal from $here offline"; exit 1; }
+fi
+wheel=${XFORMERS_WHEEL:-$(ls benchmarks/wheels/xformers-*.whl 2>/dev/null | head -n 1)}
+if [ -n "$wheel" ]; then
+  log "installing the carried xformers wheel $wheel"
+  timeout 30 $PY -m pip install --no-index --no-deps "$wheel" >> "$OUT/log.txt" 2>&1 || log "xformers wheel failed to install"
+fi
+$PY -m pip freeze > "$OUT/pip-freeze.txt" 2>/dev/null || true
+log "setup done: $($PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")')"
+
+# -- 1. attention kernels: the full grid, bf16 and fp32, forward and forward+backward -----------------
+compare_a=${BASELINE_ATTENTION:+--compare $BASELINE_ATTENTION}
+log "attention: polymodal bench attention --device $DEVICE --budget-s $ATTENTION_BUDGET_S ${ATTENTION_ARGS:-}"
+# shellcheck disable=SC2086  # the optional arguments are meant to split
+timeout $((ATTENTION_BUDGET_S + 30)) $PY -m polymodal.cli bench attention --device "$DEVICE" --budget-s "$ATTENTION_BUDGET_S" \
+  --out "$OUT/attention.json" --plot "$OUT/attention.png" $compare_a ${ATTENTION_ARGS:-} > "$OUT/attention.txt" 2> "$OUT/attention.log"
+log "attention exit status $?"
+
+# -- 2. models against transformers (bf16 inference, bf16-autocast train step) ------------------------
+compare_m=${BASELINE_MODELS:+--compare $BASELINE_MODELS}
+log "models: polymodal bench models --device $DEVICE --budget-s $MODELS_BUDGET_S ${MODELS_ARGS:-}"
+# shellcheck disable=SC2086
+timeout $((MODELS_BUDGET_S + 45)) $PY -m polymodal.cli bench models --device "$DEVICE" --budget-s "$MODELS_BUDGET_S" \
+  --out "$OUT/models.json" $compare_m ${MODELS_ARGS:-} > "$OUT/models.txt" 2> "$OUT/models.log"
+log "models exit status $?"
+
+# -- 3. KV-cache generation (benchmarks/generate.py, when present) -------------------------------------
+if [ -f benchmarks/generate.py ]; then
+  log "generate: python benchmarks/generate.py --device $DEVICE"
+  timeout 45 $PY benchmarks/generate.py --device "$DEVICE" --out "$OUT/generate.json" > "$OUT/generate.txt" 2>&1
+  log "generate exit status $?"
+fi
+log "done in $(($(date +%s) - START)) s; results under $OUT"
