@@ -30,12 +30,33 @@ class PolymodalModel(nn.Module):
 
     family: ClassVar[str] = ""
     config_class: ClassVar[type] = object
+    frozen: ClassVar[tuple[str, ...]] = ()
+    """Attribute names of pretrained parts that never train (a VQ-VAE tokenizer, a frozen CLIP or
+    LM): :meth:`freeze` turns their gradients off and :meth:`train` keeps them in eval mode."""
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
+
+    def freeze(self) -> None:
+        """Turn off gradients of every part named in :attr:`frozen` and put it in eval mode."""
+        for name in self.frozen:
+            part = getattr(self, name, None)
+            if part is None:
+                raise AttributeError(f"{type(self).__name__}.frozen names {name!r}, which is not set; "
+                                     f"set it before calling freeze()")
+            part.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "PolymodalModel":
+        """Set train/eval mode; the parts named in :attr:`frozen` always stay in eval mode."""
+        super().train(mode)
+        for name in self.frozen:
+            part = getattr(self, name, None)
+            if isinstance(part, nn.Module):
+                part.eval()
+        return self
 
     @classmethod
     def config_for_data(cls, config: Any, dataset: Any) -> Any:

@@ -98,3 +98,30 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(digits, tmp_path, m
         train(tiny_vit(digits), digits, attrs.evolve(cfg, steps=6), out=tmp_path, progress=False)
     assert (tmp_path / "checkpoint" / "trainer.json").read_text() == saved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_frozen_parts_stay_in_eval_mode_without_gradients():
+    from torch import nn
+
+    from polymodal.models import PolymodalModel
+
+    class WithFrozen(PolymodalModel):
+        config_class = dict
+        frozen = ("teacher",)
+
+        def __init__(self):
+            super().__init__({})
+            self.teacher = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+            self.student = nn.Linear(2, 2)
+            self.freeze()
+
+    m = WithFrozen().train()
+    assert m.training and m.student.training
+    assert not m.teacher.training and not any(p.requires_grad for p in m.teacher.parameters())
+    assert all(p.requires_grad for p in m.student.parameters())
+
+    class Unset(WithFrozen):
+        frozen = ("missing",)
+
+    with pytest.raises(AttributeError, match="'missing'"):
+        Unset()

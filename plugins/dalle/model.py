@@ -46,6 +46,7 @@ class DALLE(PolymodalModel):
 
     family = "dalle"
     config_class = DALLEConfig
+    frozen = ("vq",)
 
     def __init__(self, config: DALLEConfig) -> None:
         super().__init__(config)
@@ -61,7 +62,8 @@ class DALLE(PolymodalModel):
             if not hasattr(vq, name):
                 raise ValueError(f"the image tokenizer must have encode, decode, codebook_size and grid; "
                                  f"{type(vq).__name__} lacks {name}")
-        self.vq = vq.requires_grad_(False).eval()
+        self.vq = vq
+        self.freeze()
         self.grid = (int(vq.grid[0]), int(vq.grid[1]))
         self.codebook_size = int(vq.codebook_size)
         self.num_image = self.grid[0] * self.grid[1]
@@ -105,12 +107,6 @@ class DALLE(PolymodalModel):
         """A fresh tiny tokenizer and a tiny transformer with a sparse schedule."""
         return attrs.evolve(config, tokenizer="", tokenizer_tiny=True, dim=16, depth=2, heads=2,
                             attention=("row", "column"), attention_last="conv")
-
-    def train(self, mode: bool = True) -> "DALLE":
-        """Train mode for the transformer; the frozen image tokenizer stays in eval mode."""
-        super().train(mode)
-        self.vq.eval()
-        return self
 
     @property
     def default_data(self) -> str | None:

@@ -80,6 +80,7 @@ class ImageBind(PolymodalModel):
 
     family = "imagebind"
     config_class = ImageBindConfig
+    frozen = ("clip",)
 
     def __init__(self, config: ImageBindConfig) -> None:
         super().__init__(config)
@@ -89,7 +90,8 @@ class ImageBind(PolymodalModel):
 
     def _build(self, clip: nn.Module) -> None:
         """Freeze ``clip`` in and make each modality's encoder, head and postprocessor."""
-        self.clip = clip.requires_grad_(False).eval()
+        self.clip = clip
+        self.freeze()
         e = clip.config.embed_dim
         self.encoders, self.heads = nn.ModuleDict(), nn.ModuleDict()
         self.post = nn.ModuleDict({"image": Postprocessor(1.0),
@@ -111,12 +113,6 @@ class ImageBind(PolymodalModel):
     def tiny_config(cls, config: ImageBindConfig) -> ImageBindConfig:
         """Fresh tiny CLIP towers, tiny trunks."""
         return attrs.evolve(config, clip="", clip_tiny=True, dim=16, depth=1, heads=2)
-
-    def train(self, mode: bool = True) -> "ImageBind":
-        """Train mode for the modality encoders; the frozen CLIP stays in eval mode."""
-        super().train(mode)
-        self.clip.eval()
-        return self
 
     @property
     def modalities(self) -> tuple[str, ...]:

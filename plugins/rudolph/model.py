@@ -56,6 +56,7 @@ class RuDolph(RudolphTasks, PolymodalModel):
 
     family = "rudolph"
     config_class = RudolphConfig
+    frozen = ("vq",)
 
     def __init__(self, config: RudolphConfig, tokenizer: nn.Module | None = None) -> None:
         super().__init__(config)
@@ -71,7 +72,8 @@ class RuDolph(RudolphTasks, PolymodalModel):
     def _build(self, vq: nn.Module) -> None:
         """Freeze ``vq`` in and make every layer whose size depends on it."""
         c = self.config
-        self.vq = vq.requires_grad_(False).eval()
+        self.vq = vq
+        self.freeze()
         self.grid: tuple[int, int] = tuple(int(g) for g in vq.grid)
         self.codebook_size = int(vq.codebook_size)
         if self.text.vocab_size > c.text_vocab_size:
@@ -131,12 +133,6 @@ class RuDolph(RudolphTasks, PolymodalModel):
     def tiny_config(cls, config: RudolphConfig) -> RudolphConfig:
         """A fresh tiny tokenizer and a two-layer width-16 decoder (contract tests)."""
         return attrs.evolve(config, tokenizer="", tokenizer_tiny=True, dim=16, depth=2, heads=2)
-
-    def train(self, mode: bool = True) -> "RuDolph":
-        """Train mode for the decoder; the frozen tokenizer stays in eval mode."""
-        super().train(mode)
-        self.vq.eval()
-        return self
 
     @property
     def default_data(self) -> str | None:
