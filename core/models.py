@@ -67,6 +67,17 @@ class PolymodalModel(nn.Module):
         """Training loss on one batch from the dataset's train split, plus metrics to log."""
         raise NotImplementedError
 
+    train_step: int = 0
+    """The trainer's global step for the loss being computed (counted across ``--resume``)."""
+    train_steps: int = 0
+    """The recipe's total steps (0 outside the trainer)."""
+
+    def begin_step(self, step: int, total: int) -> None:
+        """Called by the trainer before each step's loss with the global step (0-based, counted
+        across ``--resume``) and the recipe's total; stores them as :attr:`train_step` and
+        :attr:`train_steps` for schedules (an EMA momentum, a curriculum)."""
+        self.train_step, self.train_steps = step, total
+
     def after_step(self) -> None:
         """Called by the trainer after every optimiser step (clamp a parameter, update an EMA
         teacher …); default: nothing."""

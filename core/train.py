@@ -139,6 +139,8 @@ def train(model: nn.Module, dataset: Any, cfg: TrainConfig, *, out: str | Path |
         batch = _to(split.batch(next(index_batches)), dev)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
+        if isinstance(model, PolymodalModel):
+            model.begin_step(step, cfg.steps)
         with autocast:
             loss, metrics = model.loss(batch)
         if not torch.isfinite(loss):

@@ -379,11 +379,12 @@ def test_caption_curriculum_switches_views_after_first_view_steps():
     seen = []
     original = model.encode_text
     model.encode_text = lambda ids: (seen.append(len(ids)), original(ids))[1]
-    for _ in range(2):
+    for step in range(2):
+        model.begin_step(step, 2)
         loss, _ = model.loss(small)
         loss.backward()
         model.after_step()
-    assert model.steps_done == 2 and seen == [8, 8, 8]  # one view at step 0, two views at step 1
+    assert seen == [8, 8, 8]  # one view at step 0, two views at step 1
 
 
 def test_label_captioner_keeps_plain_info_nce():

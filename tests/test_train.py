@@ -125,3 +125,20 @@ def test_frozen_parts_stay_in_eval_mode_without_gradients():
 
     with pytest.raises(AttributeError, match="'missing'"):
         Unset()
+
+
+def test_the_trainer_tells_the_model_its_global_step_across_resume(digits, tmp_path):
+    cfg = TrainConfig(steps=4, batch_size=8, warmup_steps=0, checkpoint_every=2)
+    seen = []
+
+    def run(resume, stop_after):
+        model = tiny_vit(digits)
+        original = model.begin_step
+        model.begin_step = lambda step, total: (seen.append((step, total)), original(step, total))[1]
+        train(model, digits, cfg, out=tmp_path, resume=resume, stop_after=stop_after, progress=False)
+        return model
+
+    run(False, 2)
+    model = run(True, None)
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert (model.train_step, model.train_steps) == (3, 4)

@@ -61,8 +61,8 @@ class CLIPConfig:
                                          "training steps (a curriculum: kind alone first, which the easy colour "
                                          "would otherwise starve); empty: caption_views throughout.",
                                          check=cap.check_views_or_none)
-    first_view_steps: int = field(0, "Training steps that use first_views (counted by the model from the start "
-                                  "of the process; a resumed run counts again from 0).", check=in_range(0, 10**9, integer=True))
+    first_view_steps: int = field(0, "Training steps that use first_views (the trainer's global step, so a "
+                                  "resumed run continues the curriculum where it stopped).", check=in_range(0, 10**9, integer=True))
     templates: tuple[str, ...] = field((), "Training caption templates (from the dataset).")
     heldout_templates: tuple[str, ...] = field((), "Held-out caption templates, never trained on (evaluation only).")
     class_names: tuple[str, ...] = field((), "Class names used to fill the templates.")
@@ -141,7 +141,6 @@ class CLIPModel(PolymodalModel):
         self.textual = CLIPTextual(config.text, config.embed_dim, config.eos_id)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.max_log_scale = math.log(config.max_logit_scale)
-        self.steps_done = 0  # optimiser steps taken in this process (the caption curriculum's clock)
         self.tokenizer = cap.caption_tokenizer(config.text.vocab_size) if config.tokenizer == "captions" else None
         if self.tokenizer is not None and config.eos_id is not None and self.tokenizer.special_tokens["eos"] != config.eos_id:
             raise ValueError(f"the caption tokenizer's end-of-text id is {self.tokenizer.special_tokens['eos']}, "
@@ -173,9 +172,8 @@ class CLIPModel(PolymodalModel):
 
     # -- the API ----------------------------------------------------------------------------------
     def after_step(self) -> None:
-        """Called by the trainer after every optimiser step: keep the logit scale ≤ max_logit_scale, count the step."""
+        """Called by the trainer after every optimiser step: keep the logit scale ≤ max_logit_scale."""
         self.clamp_logit_scale_()
-        self.steps_done += 1
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
@@ -245,7 +243,7 @@ class CLIPModel(PolymodalModel):
         images = self.prepare(batch["image"])  # (B, C, S, S)
         if self.training and self.config.augment_shift:
             images = random_translate(images, self.config.augment_shift)
-        views = cap.resample_views(self.config, batch, self.steps_done) if self.training else []
+        views = cap.resample_views(self.config, batch, self.train_step) if self.training else []
         views = views or [(list(batch["caption"]), None)]
         image = self.encode_image(images)  # (B, E)
         scale = self.scale()
