@@ -58,6 +58,15 @@ class PolymodalModel(nn.Module):
                 part.eval()
         return self
 
+    @property
+    def default_data(self) -> str | None:
+        """The registered dataset named by ``config.data`` (what ``polymodal eval`` uses when no
+        ``--data`` is given), or None when the config names none or an unregistered one."""
+        from .plugin_loader import get_registry
+
+        data = getattr(self.config, "data", None)
+        return data if isinstance(data, str) and data and ("dataset", data) in get_registry() else None
+
     @classmethod
     def config_for_data(cls, config: Any, dataset: Any) -> Any:
         """Adapt a variant's config to a dataset (image size, classes …); default: unchanged."""

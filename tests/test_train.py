@@ -142,3 +142,18 @@ def test_the_trainer_tells_the_model_its_global_step_across_resume(digits, tmp_p
     model = run(True, None)
     assert seen == [(0, 4), (1, 4), (2, 4), (3, 4)]
     assert (model.train_step, model.train_steps) == (3, 4)
+
+
+def test_default_data_is_the_registered_dataset_the_config_names(digits):
+    model = tiny_vit(digits)
+    assert model.default_data is None or model.default_data == getattr(model.config, "data", None)
+
+    class Named:
+        data = "digits"
+
+    class Unknown:
+        data = "no-such-dataset"
+
+    for cfg, expected in ((Named(), "digits"), (Unknown(), None)):
+        model.config = cfg
+        assert model.default_data == expected

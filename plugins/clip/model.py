@@ -219,13 +219,6 @@ class CLIPModel(PolymodalModel):
         return image, text, self.scale().expand(image.shape[0])
 
     # -- training and evaluation ------------------------------------------------------------------
-    @property
-    def default_data(self) -> str | None:
-        """The built-in dataset the config was adapted to (``polymodal eval`` uses it by default)."""
-        from polymodal.plugin_loader import get_registry
-
-        return self.config.data if ("dataset", self.config.data) in get_registry() else None
-
     def prepare(self, images: Tensor) -> Tensor:
         """Resize to the tower's size and cast to float; grey images feed an RGB tower as three equal channels."""
         images = images.float()

@@ -108,11 +108,6 @@ class DALLE(PolymodalModel):
         return attrs.evolve(config, tokenizer="", tokenizer_tiny=True, dim=16, depth=2, heads=2,
                             attention=("row", "column"), attention_last="conv")
 
-    @property
-    def default_data(self) -> str | None:
-        """The dataset the config was adapted to (``polymodal eval`` uses it by default)."""
-        return self.config.data if ("dataset", self.config.data) in get_registry() else None
-
     # -- text and image tokens --------------------------------------------------------------------
     def pad_ids(self) -> Tensor:
         """(L,) the unique pad id of each text position: ``text_vocab + i``."""

@@ -107,13 +107,6 @@ class IGPT(SamplingMixin, PolymodalModel):
         return attrs.evolve(config, dim=16, depth=1, heads=2, image_size=min(config.image_size, 4), eval_samples=0)
 
     @property
-    def default_data(self) -> str | None:
-        """The built-in dataset the config was adapted to (``polymodal eval`` uses it by default)."""
-        from polymodal.plugin_loader import get_registry
-
-        return self.config.data if ("dataset", self.config.data) in get_registry() else None
-
-    @property
     def num_tokens(self) -> int:
         """Image tokens per image, ``image_size²``."""
         return self.config.image_size ** 2

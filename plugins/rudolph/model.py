@@ -134,11 +134,6 @@ class RuDolph(RudolphTasks, PolymodalModel):
         """A fresh tiny tokenizer and a two-layer width-16 decoder (contract tests)."""
         return attrs.evolve(config, tokenizer="", tokenizer_tiny=True, dim=16, depth=2, heads=2)
 
-    @property
-    def default_data(self) -> str | None:
-        """The dataset the config was adapted to (``polymodal eval`` uses it by default)."""
-        return self.config.data if ("dataset", self.config.data) in get_registry() else None
-
     # -- the stream -------------------------------------------------------------------------------
     def positions(self) -> Tensor:
         """(N, D) position embeddings: left text, image rows + columns (raster order), right text."""

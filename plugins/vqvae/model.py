@@ -87,13 +87,6 @@ class VQVAE(PolymodalModel):
         side = self.config.image_size >> self.config.stages
         return side, side
 
-    @property
-    def default_data(self) -> str | None:
-        """The built-in dataset the config was adapted to (``polymodal eval`` uses it by default)."""
-        from polymodal.plugin_loader import get_registry
-
-        return self.config.data if ("dataset", self.config.data) in get_registry() else None
-
     def check_images(self, images: Any) -> None:
         """ValueError naming expected vs given unless ``images`` is a float (B, C, S, S) batch of the configured size."""
         c, s = self.config.channels, self.config.image_size
