@@ -27,11 +27,9 @@ from .bench import (BenchUsageError, fmt, load_average, machine, report_path, re
                     write_json)
 
 PARITY_RTOL = {"float32": 1e-4}  # max |ours - theirs| / max |theirs| allowed before timing (fp32 check)
-FAMILIES = ("vit-b16", "clip-b16", "vit-s16-train", "imagegpt-s")
+FAMILIES = ("vit-b16", "clip-b16", "vit-s16-train", "imagegpt-s", "gpt2")
 NOT_BUILT = {  # rows that are reported with a reason instead of a timing
     ("ImageGPT-S", "generate"): "KV-cache generation against transformers lives in benchmarks/generate.py",
-    ("GPT-2", "forward"): "polymodal has no GPT-2 / language-model family yet (issue 5)",
-    ("GPT-2", "generate"): "polymodal has no GPT-2 / language-model family yet (issue 5)",
 }
 
 
@@ -150,7 +148,52 @@ def build(family: str, folder: Path, quick: bool, batches: Sequence[int], train_
         tasks = [Task(label, "forward", b, "tokens", b * n, tokens, pm, lambda x: hf(input_ids=x).logits)
                  for b in batches]
         return label, hf, pm, tasks
+    if family == "gpt2":
+        return _gpt2(folder, quick, batches)
     raise ValueError(f"unknown model family {family!r}; choose from {', '.join(FAMILIES)}")
+
+
+GPT2_PROMPT, GPT2_NEW = 16, 32
+"""Generation rows: a random prompt of 16 tokens extended greedily by exactly 32 (KV cache on both)."""
+
+
+def _gpt2(folder: Path, quick: bool, batches: Sequence[int]):
+    """GPT-2 small (124M): forward over 256 tokens, and greedy generation with the KV cache."""
+    import transformers
+
+    from .plugin_loader import get_registry
+
+    if not any(e.name == "hf-gpt2" for e in get_registry().entries("converter")):
+        raise LookupError("the hf-gpt2 converter is not registered")
+    cfg = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)
+    n = 256
+    if quick:
+        cfg.update(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=300, bos_token_id=299, eos_token_id=299)
+        n = 32
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
+    _visible(hf, 4)
+    pm = _convert(hf, "hf-gpt2", folder)
+    label = "GPT-2" + (" (quick: tiny)" if quick else "")
+    vocab = cfg["vocab_size"]
+
+    def tokens(length: int) -> Callable:
+        def make(b, device, dtype, seed):
+            return torch.randint(0, vocab, (b, length), generator=torch.Generator().manual_seed(seed)).to(device)
+        return make  # (B, length) ids
+
+    def ours_generate(ids: torch.Tensor) -> torch.Tensor:
+        return pm.generate_ids(ids, GPT2_NEW, greedy=True, stop_at_eos=False)  # (B, P + new)
+
+    def theirs_generate(ids: torch.Tensor) -> torch.Tensor:
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GPT2_NEW,
+                           min_new_tokens=GPT2_NEW, do_sample=False, use_cache=True,
+                           pad_token_id=vocab - 1)  # (B, P + new)
+
+    tasks = [Task(label, "forward", b, "tokens", b * n, tokens(n), pm, lambda x: hf(input_ids=x).logits)
+             for b in batches]
+    tasks += [Task(label, "generate", b, "new tokens", b * GPT2_NEW, tokens(GPT2_PROMPT), ours_generate,
+                   theirs_generate) for b in batches]
+    return label, hf, pm, tasks
 
 
 def _pooled(out: Any) -> torch.Tensor:

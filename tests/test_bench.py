@@ -333,3 +333,15 @@ def test_models_train_step_and_towers_run(tmp_path):
     rows = {x["task"]: x for x in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"train-step", "image-tower", "text-tower"}
     assert all(x["status"] == "ok" and x["ratio"] > 0 for x in rows.values())
+
+
+def test_models_gpt2_forward_and_greedy_generation_match_before_timing(tmp_path):
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(main, ["bench", "models", "--quick", "--threads", "1", "--models", "gpt2",
+                                       "--batches", "2", "--rounds", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {x["task"]: x for x in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"forward", "generate"}
+    gen = rows["generate"]
+    assert gen["status"] == "ok" and gen["parity_rel_diff"] == 0  # the same greedy tokens
+    assert gen["polymodal_per_s"] == pytest.approx(2 * bm.GPT2_NEW / (gen["polymodal_ms"] / 1e3), rel=1e-2)

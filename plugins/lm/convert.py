@@ -1,0 +1,138 @@
+"""``hf-gpt2``: a Hugging Face transformers GPT-2 folder → a polymodal ``lm`` model folder.
+
+Reads ``config.json`` and ``model.safetensors`` (as ``save_pretrained`` writes them) of a
+``GPT2LMHeadModel`` or a ``GPT2Model``, and the tokenizer when the folder has one
+(``tokenizer.json``, else ``vocab.json`` + ``merges.txt``), which becomes a core
+:class:`~polymodal.tokenizers.BPETokenizer` (GPT-2's ``<|endoftext|>`` is bos, eos and pad).
+Nothing is unpickled. transformers' details and how they map:
+
+* ``Conv1D`` stores weights as (in, out): transposed into ``nn.Linear``'s (out, in);
+  ``c_attn`` is the fused query/key/value projection in that order (the core's ``qkv``);
+* ``wpe`` (n_positions, D) is the learned position table, ``ln_f`` the stack's final norm;
+* the head is tied to ``wte``; an ``lm_head.weight`` that differs from ``wte`` is refused.
+
+Options the core blocks cannot express are refused with the config field that asks for them:
+``scale_attn_weights=False``, ``scale_attn_by_inverse_layer_idx=True``, ``add_cross_attention=True``,
+``tie_word_embeddings=False``, and an activation the core MLP lacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from polymodal.hf import activation, mlp_ratio_for
+from polymodal.io import LoadError, load_state_strict, read_json, read_state
+from polymodal.tokenizers import BPETokenizer
+
+from .model import LMConfig, LMModel
+
+EOT = "<|endoftext|>"
+"""GPT-2's only special token: start, end and padding at once."""
+
+REFUSED = {
+    "scale_attn_weights": (False, "an attention-scale option on polymodal.layers.BlockConfig (scale 1 instead of "
+                                  "1/sqrt(head_dim))"),
+    "scale_attn_by_inverse_layer_idx": (True, "a per-layer attention scale 1/(layer+1) on BlockConfig"),
+    "add_cross_attention": (True, "cross-attention into an encoder's states (inject it instead)"),
+    "tie_word_embeddings": (False, "an untied output head (the lm family ties it to the token embedding)"),
+}
+"""transformers GPT-2 config fields whose non-default value the core cannot run: value, what it would need."""
+
+
+def config_from_hf(hf: dict, source: str = "hf-gpt2") -> LMConfig:
+    """Translate a transformers ``GPT2Config`` dict, refusing the fields in :data:`REFUSED` by name."""
+    for key, (bad, need) in REFUSED.items():
+        if key in hf and hf[key] == bad:
+            raise LoadError(f"{source}: {key}={bad} is not supported; the core would need {need}")
+    dim, heads = hf.get("n_embd", 768), hf.get("n_head", 12)
+    if not isinstance(dim, int) or not isinstance(heads, int) or heads < 1 or dim % heads:
+        raise LoadError(f"{source}: n_head must divide n_embd; got n_embd={dim!r}, n_head={heads!r}")
+    act = activation({"hidden_act": hf.get("activation_function", "gelu_new")}, source)
+    inner = hf.get("n_inner") or 4 * dim
+    try:
+        return LMConfig(vocab_size=hf.get("vocab_size", 50257), max_len=hf.get("n_positions", 1024), dim=dim,
+                        depth=hf.get("n_layer", 12), heads=heads, mlp_ratio=mlp_ratio_for(dim, inner, source), act=act,
+                        norm_eps=hf.get("layer_norm_epsilon", 1e-5), embed_dropout=float(hf.get("embd_pdrop", 0.1)),
+                        dropout=float(hf.get("resid_pdrop", 0.1)), attn_dropout=float(hf.get("attn_pdrop", 0.1)),
+                        tokenizer="file", data="text", eval_samples=16)
+    except (ValueError, TypeError) as exc:
+        raise LoadError(f"{source}: {exc}") from exc
+
+
+def state_from_hf(src: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Rename a transformers GPT-2 state dict into polymodal's names (Conv1D weights transposed)."""
+    prefix = "transformer." if any(k.startswith("transformer.") for k in src) else ""
+    get = lambda k: src[prefix + k]  # noqa: E731
+    out = {
+        "token_embed.weight": get("wte.weight"),
+        "pos_embed.weight": get("wpe.weight").unsqueeze(0),  # (1, max_len, D)
+        "stack.norm.weight": get("ln_f.weight"),
+        "stack.norm.bias": get("ln_f.bias"),
+    }
+    for i in range(depth):
+        hf, pm = f"h.{i}.", f"stack.blocks.{i}."
+        for ours, theirs in {"norm1": "ln_1", "norm2": "ln_2"}.items():
+            out[pm + ours + ".weight"] = get(hf + theirs + ".weight")
+            out[pm + ours + ".bias"] = get(hf + theirs + ".bias")
+        for ours, theirs in {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc",
+                             "mlp.fc2": "mlp.c_proj"}.items():
+            out[pm + ours + ".weight"] = get(hf + theirs + ".weight").t().contiguous()  # Conv1D (in, out) → (out, in)
+            out[pm + ours + ".bias"] = get(hf + theirs + ".bias")
+    return out
+
+
+def tokenizer_from_folder(folder: Path) -> BPETokenizer | None:
+    """GPT-2's byte-level BPE from ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``; None without either."""
+    if (folder / "tokenizer.json").is_file():
+        return BPETokenizer.from_file(folder / "tokenizer.json", add_eos=False)
+    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        return None
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if tok.token_to_id(EOT) is None:
+        raise LoadError(f"{folder / 'vocab.json'} has no {EOT!r} token (GPT-2's end of text)")
+    tok.add_special_tokens([AddedToken(EOT, special=True)])
+    return BPETokenizer(tok, add_eos=False)
+
+
+def convert_hf_gpt2(src: str | Path, dst: str | Path | None = None) -> LMModel:
+    """Convert the transformers GPT-2 folder ``src``; writes a model folder to ``dst`` when given."""
+    src = Path(src)
+    hf = read_json(src / "config.json")
+    if not isinstance(hf, dict):
+        raise LoadError(f"{src / 'config.json'} is not a transformers config (expected a JSON object)")
+    if hf.get("model_type") not in (None, "gpt2"):
+        raise LoadError(f"hf-gpt2 expects a GPT-2 config (model_type 'gpt2'); {src / 'config.json'} "
+                        f"has {hf.get('model_type')!r}")
+    cfg = config_from_hf(hf, f"hf-gpt2 ({src / 'config.json'})")
+    weights = read_state(src / "model.safetensors")
+    model = LMModel(cfg)
+    try:
+        state = state_from_hf(weights, cfg.depth)
+    except KeyError as exc:
+        raise LoadError(f"{src / 'model.safetensors'} lacks the GPT-2 weight {exc.args[0]!r}") from exc
+    head = weights.get("lm_head.weight")
+    if head is not None and not torch.equal(head, state["token_embed.weight"]):
+        raise LoadError(f"{src}: lm_head.weight differs from transformer.wte.weight (tie_word_embeddings=False); "
+                        "the lm family has a tied head only")
+    load_state_strict(model, state, f"{src} (converted from transformers GPT-2)")
+    tokenizer = tokenizer_from_folder(src)
+    if tokenizer is not None:
+        try:
+            model.set_tokenizer(tokenizer)
+        except ValueError as exc:
+            raise LoadError(f"{src}: {exc}") from exc
+    model.eval()
+    if dst is not None:
+        note = "" if tokenizer is not None else " (no tokenizer files: the model takes token ids only)"
+        model.save(dst, source=f"converted from the transformers GPT-2 folder {src.name} with "
+                   f"`polymodal convert --from hf-gpt2`{note}")
+    return model
+
+
+__all__ = ["REFUSED", "config_from_hf", "convert_hf_gpt2", "state_from_hf", "tokenizer_from_folder"]

@@ -1,0 +1,139 @@
+"""Text generation through the core sampler (:func:`polymodal.sampling.generate`), with a KV cache.
+
+Every token is drawn by the core sampler (greedy, temperature, top-k, top-p); by default the
+model runs on the new token only with a :class:`~polymodal.layers.KVCache` (``use_cache=False``
+recomputes the whole stream each step, the reference path). Generation stops at the
+end-of-text token or at ``max_len`` positions. Ids the tokenizer does not use (spare embedding
+rows), the padding token and (when distinct from eos) the start token are never drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polymodal.io import atomic_write
+from polymodal.layers import KVCache
+from polymodal.sampling import generate
+
+SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "use_cache")
+"""``polymodal sample`` options a language model understands (besides ``prompt``, ``n`` and ``seed``)."""
+
+
+def printable(text: str) -> str:
+    """``text`` on one readable line: characters that are not printable (newlines, control bytes)
+    are written as escapes (``\\n``, ``\\x1f``)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class SamplingMixin:
+    """Sampling methods of :class:`~polymodal.plugins.lm.model.LMModel` (kept apart to keep files small)."""
+
+    def step_fn(self):
+        """``(ids_new (B, n), cache) -> logits (B, n, V)`` for :func:`polymodal.sampling.generate`."""
+
+        def step(ids: Tensor, cache: KVCache | None) -> Tensor:
+            return self(ids, cache=cache)  # (B, n, V)
+
+        return step
+
+    def allowed_tokens(self) -> Tensor:
+        """Bool (V,): the ids the sampler may draw (tokenizer ids except pad and a separate bos)."""
+        tok = self.require_tokenizer()
+        allowed = torch.zeros(self.vocab_size, dtype=torch.bool)  # (V,)
+        allowed[: tok.vocab_size] = True
+        specials = tok.special_tokens
+        for role in ("pad", "bos"):
+            if specials[role] != specials["eos"]:
+                allowed[specials[role]] = False
+        return allowed
+
+    def prompt_ids(self, prompt: str = "") -> list[int]:
+        """The start token followed by the tokens of ``prompt`` (no end-of-text)."""
+        tok = self.require_tokenizer()
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str; got {type(prompt).__name__}")
+        return [tok.special_tokens["bos"]] + tok.encode(prompt, add_bos=False, add_eos=False)
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: Tensor, max_new_tokens: int, *, seed: int = 0, temperature: float = 1.0,
+                     top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
+                     use_cache: bool = True, stop_at_eos: bool = True) -> Tensor:
+        """Extend ``prompt_ids`` (B, T) by up to ``max_new_tokens`` (fewer at ``max_len``); returns (B, T + n).
+
+        Rows that emitted end-of-text are filled with it (``stop_at_eos``).
+        """
+        if not isinstance(prompt_ids, Tensor) or prompt_ids.dim() != 2:
+            got = tuple(prompt_ids.shape) if isinstance(prompt_ids, Tensor) else type(prompt_ids).__name__
+            raise ValueError(f"prompt_ids must be (B, T) token ids; got {got}")
+        if prompt_ids.shape[1] > self.max_len:
+            raise ValueError(f"the prompt has {prompt_ids.shape[1]} tokens, more than max_len={self.max_len}")
+        room = min(max_new_tokens, self.max_len - prompt_ids.shape[1]) if isinstance(max_new_tokens, int) \
+            and not isinstance(max_new_tokens, bool) else max_new_tokens
+        was = self.training
+        self.eval()
+        device = self.token_embed.weight.device
+        g = torch.Generator(device=device).manual_seed(seed)
+        eos = self.tokenizer.special_tokens["eos"] if stop_at_eos and self.tokenizer is not None else None
+        allowed = self.allowed_tokens().to(device) if self.tokenizer is not None else None
+        try:
+            return generate(self.step_fn(), prompt_ids.to(device), room, temperature=temperature, top_k=top_k,
+                            top_p=top_p, greedy=greedy, generator=g, allowed=allowed, eos_id=eos,
+                            use_cache=use_cache)  # (B, T + n)
+        finally:
+            self.train(was)
+
+    def decode_new(self, ids: Tensor, start: int) -> list[str]:
+        """Text of every row of ``ids`` (B, L) from position ``start``, cut at the first end-of-text."""
+        tok = self.require_tokenizer()
+        eos = tok.special_tokens["eos"]
+        out = []
+        for row in ids[:, start:].tolist():
+            row = row[: row.index(eos)] if eos in row else row
+            out.append(tok.decode(row))
+        return out
+
+    def generate_text(self, prompt: str = "", max_new_tokens: int = 32, *, seed: int = 0,
+                      include_prompt: bool = False, **sampling: Any) -> str:
+        """The continuation of ``prompt`` (after the start token), up to end-of-text or ``max_new_tokens``.
+
+        ``sampling``: ``temperature``, ``top_k``, ``top_p``, ``greedy``, ``use_cache``. With
+        ``include_prompt`` the prompt is returned in front of the continuation.
+        """
+        start = self.prompt_ids(prompt)
+        ids = self.generate_ids(torch.tensor([start]), max_new_tokens, seed=seed, **sampling)  # (1, T + n)
+        text = self.decode_new(ids, len(start))[0]
+        return prompt + text if include_prompt else text
+
+    def sample_texts(self, n: int, prompt: str = "", max_new_tokens: int = 48, *, seed: int = 0,
+                     **sampling: Any) -> list[str]:
+        """``n`` continuations of ``prompt``, drawn together in one batch."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1; got {n!r}")
+        start = self.prompt_ids(prompt)
+        ids = self.generate_ids(torch.tensor([start] * n), max_new_tokens, seed=seed, **sampling)  # (n, T + m)
+        return self.decode_new(ids, len(start))
+
+    def sample_to_folder(self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0,
+                         **options: Any) -> list[Path]:
+        """Write ``n`` samples (continuations of ``prompt``), one per line, to ``out/samples.txt``
+        (non-printable characters escaped, see :func:`printable`).
+
+        Options: ``temperature``, ``top_k``, ``top_p``, ``use_cache``; others raise a ValueError.
+        """
+        unsupported = sorted(k for k in options if k not in SAMPLING_OPTIONS)
+        if unsupported:
+            raise ValueError(f"the language model does not support {', '.join(unsupported)} "
+                             f"(supported: prompt, {', '.join(SAMPLING_OPTIONS)})")
+        prompt = prompt or ""
+        texts = self.sample_texts(n, prompt, self.max_len, seed=seed, **options)
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = [printable(prompt + t) for t in texts]
+        return [atomic_write(folder / "samples.txt", "\n".join(lines) + "\n")]
+
+
+__all__ = ["SAMPLING_OPTIONS", "SamplingMixin", "printable"]
