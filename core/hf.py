@@ -41,3 +41,35 @@ def square_side(hf: dict, key: str, default: int, source: str = "converter") -> 
             raise LoadError(f"{source} supports square {key} only; got {value!r}")
         value = value[0]
     return value
+
+
+def gpt2_state(src: dict, depth: int, stack: str, *, norm_bias: bool = True) -> dict:
+    """A transformers GPT-2-style decoder (GPT-2, ImageGPT) renamed into core names.
+
+    ``src`` is the transformers state dict (with or without the ``transformer.`` prefix);
+    ``stack`` is the model's attribute holding the core :class:`~polymodal.layers.TransformerStack`
+    (``"stack."``, ``"blocks."``). Conv1D weights, stored (in, out), are transposed into
+    ``nn.Linear``'s (out, in); ``c_attn`` is the fused query/key/value projection. Norm biases
+    are read when ``norm_bias`` (ImageGPT's RMS-style norms have none).
+    """
+    prefix = "transformer." if any(k.startswith("transformer.") for k in src) else ""
+
+    def get(key: str):
+        return src[prefix + key]
+
+    out = {"token_embed.weight": get("wte.weight"),
+           "pos_embed.weight": get("wpe.weight").unsqueeze(0),  # (1, N, D)
+           f"{stack}norm.weight": get("ln_f.weight")}
+    if norm_bias:
+        out[f"{stack}norm.bias"] = get("ln_f.bias")
+    for i in range(depth):
+        theirs_block, ours_block = f"h.{i}.", f"{stack}blocks.{i}."
+        for ours, theirs in {"norm1": "ln_1", "norm2": "ln_2"}.items():
+            out[ours_block + ours + ".weight"] = get(theirs_block + theirs + ".weight")
+            if norm_bias:
+                out[ours_block + ours + ".bias"] = get(theirs_block + theirs + ".bias")
+        for ours, theirs in {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc",
+                             "mlp.fc2": "mlp.c_proj"}.items():
+            out[ours_block + ours + ".weight"] = get(theirs_block + theirs + ".weight").t().contiguous()  # (out, in)
+            out[ours_block + ours + ".bias"] = get(theirs_block + theirs + ".bias")
+    return out

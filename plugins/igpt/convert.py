@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from polymodal.hf import activation, mlp_ratio_for
+from polymodal.hf import activation, gpt2_state, mlp_ratio_for
 from polymodal.io import LoadError, load_state_strict, read_json, read_state
 
 from .model import IGPT, IGPTConfig
@@ -57,23 +57,8 @@ def config_from_hf(hf: dict, source: str = "hf-imagegpt") -> IGPTConfig:
 
 
 def state_from_hf(src: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """Rename a transformers ImageGPT state dict into polymodal's names (Conv1D weights transposed)."""
-    prefix = "transformer." if any(k.startswith("transformer.") for k in src) else ""
-    get = lambda k: src[prefix + k]  # noqa: E731
-    out = {
-        "token_embed.weight": get("wte.weight"),
-        "pos_embed.weight": get("wpe.weight").unsqueeze(0),  # (1, N, D)
-        "blocks.norm.weight": get("ln_f.weight"),
-    }
-    for i in range(depth):
-        hf, pm = f"h.{i}.", f"blocks.blocks.{i}."
-        out[pm + "norm1.weight"] = get(hf + "ln_1.weight")
-        out[pm + "norm2.weight"] = get(hf + "ln_2.weight")
-        for ours, theirs in {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc",
-                             "mlp.fc2": "mlp.c_proj"}.items():
-            out[pm + ours + ".weight"] = get(hf + theirs + ".weight").t().contiguous()  # Conv1D (in, out) → (out, in)
-            out[pm + ours + ".bias"] = get(hf + theirs + ".bias")
-    return out
+    """Rename a transformers ImageGPT state dict into polymodal's names (see :func:`polymodal.hf.gpt2_state`)."""
+    return gpt2_state(src, depth, "blocks.", norm_bias=False)
 
 
 def palette_from_processor(folder: Path, size: int) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from polymodal.hf import activation, mlp_ratio_for
+from polymodal.hf import activation, gpt2_state, mlp_ratio_for
 from polymodal.io import LoadError, load_state_strict, read_json, read_state
 from polymodal.tokenizers import BPETokenizer
 
@@ -62,25 +62,8 @@ def config_from_hf(hf: dict, source: str = "hf-gpt2") -> LMConfig:
 
 
 def state_from_hf(src: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """Rename a transformers GPT-2 state dict into polymodal's names (Conv1D weights transposed)."""
-    prefix = "transformer." if any(k.startswith("transformer.") for k in src) else ""
-    get = lambda k: src[prefix + k]  # noqa: E731
-    out = {
-        "token_embed.weight": get("wte.weight"),
-        "pos_embed.weight": get("wpe.weight").unsqueeze(0),  # (1, max_len, D)
-        "stack.norm.weight": get("ln_f.weight"),
-        "stack.norm.bias": get("ln_f.bias"),
-    }
-    for i in range(depth):
-        hf, pm = f"h.{i}.", f"stack.blocks.{i}."
-        for ours, theirs in {"norm1": "ln_1", "norm2": "ln_2"}.items():
-            out[pm + ours + ".weight"] = get(hf + theirs + ".weight")
-            out[pm + ours + ".bias"] = get(hf + theirs + ".bias")
-        for ours, theirs in {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc",
-                             "mlp.fc2": "mlp.c_proj"}.items():
-            out[pm + ours + ".weight"] = get(hf + theirs + ".weight").t().contiguous()  # Conv1D (in, out) → (out, in)
-            out[pm + ours + ".bias"] = get(hf + theirs + ".bias")
-    return out
+    """Rename a transformers GPT-2 state dict into polymodal's names (see :func:`polymodal.hf.gpt2_state`)."""
+    return gpt2_state(src, depth, "stack.", norm_bias=True)
 
 
 def tokenizer_from_folder(folder: Path) -> BPETokenizer | None:
