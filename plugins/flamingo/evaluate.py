@@ -1,0 +1,97 @@
+"""Few-shot digit classification by likelihood: ``accuracy_by_shots`` for k = 0, 2, 4 …
+
+A k-shot prompt is k interleaved training examples in the evaluation format, then the test
+image and the format's text before the word::
+
+    <image>This is a three.<|endofchunk|><image>This is a zero.<|endofchunk|><image>This is a
+
+The prediction is the digit word whose tokens (``" seven"``) the model finds most likely after
+the prompt. The examples are drawn at random from the training split (seeded by ``eval_seed``
+and k), independently for every test image.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from polymodal.data.digits import DIGIT_WORDS
+
+from . import interleave as il
+
+
+class EvalMixin:
+    """Evaluation for :class:`~polymodal.plugins.flamingo.model.Flamingo`."""
+
+    def word_candidates(self, words: Sequence[str] = DIGIT_WORDS) -> list[list[int]]:
+        """Token ids of each word as it continues the query (``" seven"``), checked to extend the query's ids."""
+        head, _, _ = self.config.eval_template.partition("{word}")
+        query = head.rstrip()
+        base = self.tokenizer.encode(query, add_bos=False, add_eos=False)
+        out = []
+        for w in words:
+            full = self.tokenizer.encode(head + w, add_bos=False, add_eos=False)
+            if full[: len(base)] != base or len(full) == len(base):
+                raise ValueError(f"the query {query!r} does not tokenize as a prefix of {head + w!r}; "
+                                 "choose an eval_template whose word starts a new token")
+            out.append(full[len(base):])
+        return out
+
+    @torch.no_grad()
+    def score_candidates(self, rows: list[list[int]], media: list[Tensor], candidates: list[list[int]]) -> Tensor:
+        """(N, K) summed log-probabilities of each candidate continuation after each prompt row."""
+        device = self.special.weight.device
+        if all(len(c) == 1 for c in candidates):  # one forward pass: the next-token distribution
+            ids = il.pad_rows(rows, self.pad_id()).to(device)  # (N, T)
+            logp = self(ids, media).log_softmax(-1)  # (N, T, V + 2)
+            last = torch.tensor([len(r) - 1 for r in rows], device=device)  # (N,)
+            return logp[torch.arange(len(rows), device=device), last][:, [c[0] for c in candidates]]  # (N, K)
+        scores = []
+        for cand in candidates:  # multi-token words: one pass per candidate
+            full = [r + cand for r in rows]
+            logp = self(il.pad_rows(full, self.pad_id()).to(device), media).log_softmax(-1)  # (N, T, V + 2)
+            s = torch.zeros(len(rows), device=device)
+            for j, tok in enumerate(cand):
+                pos = torch.tensor([len(r) - 1 + j for r in rows], device=device)
+                s += logp[torch.arange(len(rows), device=device), pos, tok]
+            scores.append(s)
+        return torch.stack(scores, dim=1)  # (N, K)
+
+    @torch.no_grad()
+    def few_shot_accuracy(self, dataset: Any, shots: int, split: str = "test", batch_size: int = 90) -> float:
+        """Accuracy of the k-shot likelihood classifier on ``split`` (first ``eval_limit`` images when set)."""
+        data, train = dataset.split(split), dataset.train
+        n = len(data) if not self.config.eval_limit else min(len(data), self.config.eval_limit)
+        g = torch.Generator().manual_seed(self.config.eval_seed * 1009 + shots)
+        candidates = self.word_candidates(dataset.meta.get("class_names", DIGIT_WORDS))
+        hits = 0
+        for start in range(0, n, batch_size):
+            idx = range(start, min(start + batch_size, n))
+            rows, media = [], []
+            for i in idx:
+                ex = torch.randperm(len(train), generator=g)[:shots]
+                rows.append(self.encode_text(self.few_shot_text(train["label"][ex].tolist())))
+                media.append(torch.cat([train["image"][ex], data["image"][i:i + 1]]))  # (k + 1, C, H, W)
+            pred = self.score_candidates(rows, media, candidates).argmax(-1).cpu()  # (N,)
+            hits += int((pred == data["label"][start:start + len(rows)]).sum())
+        return hits / max(n, 1)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Any, split: str = "test") -> dict[str, Any]:
+        """``accuracy_by_shots`` {k: accuracy} (also flat as ``accuracy_{k}_shot``), trainable and total parameters."""
+        was = self.training
+        self.eval()
+        by_shots = {str(k): self.few_shot_accuracy(dataset, k, split) for k in self.config.eval_shots}
+        self.train(was)
+        n = len(dataset.split(split))
+        metrics: dict[str, Any] = {"accuracy_by_shots": by_shots}
+        metrics.update({f"accuracy_{k}_shot": v for k, v in by_shots.items()})
+        metrics["samples"] = n if not self.config.eval_limit else min(n, self.config.eval_limit)
+        metrics["trainable_parameters"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        metrics["total_parameters"] = sum(p.numel() for p in self.parameters())
+        return metrics
+
+
+__all__ = ["EvalMixin"]

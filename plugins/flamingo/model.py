@@ -1,0 +1,297 @@
+"""Flamingo (Alayrac et al., 2022): a frozen vision encoder and a frozen language model joined by
+a Perceiver Resampler and gated cross-attention dense blocks.
+
+* Vision: the frozen CLIP's patch tokens ``clip.visual.encoder(pixels)`` (B, 1 + P, Dv) per image,
+  resampled to ``num_latents`` visual tokens by the trained :class:`PerceiverResampler`.
+* Language: the frozen LM (plugins/lm); a core :class:`~polymodal.fusion.CrossAttentionFusion`
+  (gated, both gates 0 at initialisation) runs before every ``cross_every``-th block through the
+  LM stack's injection points ``lm.stack.inject(i, module)``.
+* Interleaved text: ``<image>`` and ``<|endofchunk|>`` get ids ``V`` and ``V + 1`` (V = ``lm.vocab_size``)
+  and trained embedding rows of their own (tied as two extra output columns; they start as copies of the
+  LM's bos / eos rows, the LM's own sentence boundaries); the LM's rows stay frozen.
+* Media masking: each token sees only the latest image at or before it (see :mod:`.interleave`).
+
+Only the resampler, the cross-attention blocks and the two special rows train. At initialisation
+the logits (the first V columns) equal the frozen LM's logits on the same input embeddings exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.config import to_dict
+from polymodal.fusion import CrossAttentionFusion
+from polymodal.models import PolymodalModel
+from polymodal.objectives import cross_entropy
+from polymodal.parts import resolve_part
+from polymodal.plugin_loader import get_registry
+
+from . import interleave as il
+from .config import FlamingoConfig
+from .evaluate import EvalMixin
+from .generate import GenerateMixin
+from .resampler import PerceiverResampler
+
+class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
+    """``forward(ids (B, T), images (B, M, C, H, W) or per-row lists)`` → logits (B, T, V + 2)."""
+
+    family = "flamingo"
+    config_class = FlamingoConfig
+    frozen = ("lm", "vision")
+
+    def __init__(self, config: FlamingoConfig) -> None:
+        super().__init__(config)
+        data = config.lm_data or get_registry().get("model", config.lm_variant).data
+        lm, self.lm_source = resolve_part(config.lm, config.lm_variant, data, field="FlamingoConfig.lm",
+                                          tiny=config.parts_tiny)
+        vision, self.vision_source = resolve_part(config.vision, config.vision_variant, config.vision_data,
+                                                  field="FlamingoConfig.vision", tiny=config.parts_tiny)
+        self._build(lm, vision)
+
+    # -- construction -----------------------------------------------------------------------------
+    def _build(self, lm: nn.Module, vision: nn.Module) -> None:
+        """Freeze ``lm`` and ``vision`` in, check their widths, make the resampler, blocks and special rows."""
+        for attr in ("token_embeddings", "run", "logits", "stack", "tokenizer", "vocab_size", "dim"):
+            if not hasattr(lm, attr):
+                raise ValueError(f"FlamingoConfig.lm must be a language model with `{attr}` (the lm family); "
+                                 f"got a {type(lm).__name__}")
+        if not hasattr(vision, "visual") or not hasattr(vision.visual, "encoder"):
+            raise ValueError(f"FlamingoConfig.vision must be a CLIP model (with visual.encoder); got {type(vision).__name__}")
+        c = self.config
+        vdim = vision.config.vision.dim
+        for name, want, got in (("lm", c.lm_dim, lm.dim), ("vision", c.vision_dim, vdim)):
+            if want is not None and want != got:
+                raise ValueError(f"frozen {name} width mismatch: the Flamingo model expects {name}_dim={want}, "
+                                 f"the given {name} has width {got}")
+        self.config = attrs.evolve(c, lm_dim=lm.dim, vision_dim=vdim)
+        self.lm, self.vision = lm, vision
+        self.freeze()  # before the cross-attention blocks go into the LM stack: they train
+        self.resampler = PerceiverResampler(vdim, c.num_latents, c.resampler_depth, c.resampler_heads,
+                                            final_norm=c.resampler_final_norm)
+        self.special = nn.Embedding(2, lm.dim)  # rows: <image>, <|endofchunk|>
+        tok = getattr(lm.tokenizer, "special_tokens", None) or {}
+        with torch.no_grad():  # start as the LM's sentence boundaries: <image> ~ bos, <|endofchunk|> ~ eos
+            for row, name in enumerate(("bos", "eos")):
+                if name in tok and tok[name] < lm.vocab_size:
+                    self.special.weight[row] = lm.token_embeddings(torch.tensor([[tok[name]]]))[0, 0]
+                else:
+                    nn.init.normal_(self.special.weight[row], std=0.02)
+        for i in range(0, len(lm.stack.blocks), c.cross_every):
+            lm.stack.inject(i, CrossAttentionFusion(dim=lm.dim, context_dim=vdim, heads=c.xattn_heads, gate=True,
+                                                    mlp_ratio=c.xattn_mlp_ratio, norm="layernorm", norm_eps=1e-5))
+
+    @property
+    def image_id(self) -> int:
+        """Id of ``<image>`` (= the LM's vocabulary size)."""
+        return self.lm.vocab_size
+
+    @property
+    def eoc_id(self) -> int:
+        """Id of ``<|endofchunk|>``."""
+        return self.lm.vocab_size + 1
+
+    @property
+    def tokenizer(self):
+        """The frozen LM's text tokenizer."""
+        return self.lm.tokenizer
+
+    def xattn_blocks(self) -> list[nn.Module]:
+        """The gated cross-attention blocks injected into the LM stack (in layer order)."""
+        return [self.lm.stack.injected[k] for k in sorted(self.lm.stack.injected, key=int)]
+
+    @classmethod
+    def config_for_data(cls, config: FlamingoConfig, dataset: Any) -> FlamingoConfig:
+        """The 'auto' CLIP trains on the same (registered) dataset; remember the dataset's name."""
+        name = getattr(dataset, "name", "")
+        return attrs.evolve(config, vision_data=name, data=name) if ("dataset", name) in get_registry() else config
+
+    @classmethod
+    def tiny_config(cls, config: FlamingoConfig) -> FlamingoConfig:
+        """Fresh tiny parts, one small resampler layer."""
+        return attrs.evolve(config, lm="", vision="", parts_tiny=True, num_latents=2, resampler_depth=1,
+                            resampler_heads=2, xattn_heads=2, eval_limit=20)
+
+    def train(self, mode: bool = True) -> "Flamingo":
+        """Train mode for the trained parts; the frozen LM and vision tower stay in eval mode, except
+        the cross-attention blocks injected into the LM's stack."""
+        super().train(mode)
+        for block in self.xattn_blocks():
+            block.train(mode)
+        return self
+
+    # -- the network ------------------------------------------------------------------------------
+    def embed(self, ids: Tensor) -> Tensor:
+        """Ids (B, T) → input embeddings (B, T, D): frozen LM rows for text, own rows for the two markers."""
+        v = self.lm.vocab_size
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point():
+            got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"expected integer token ids (B, T); got {got}")
+        if ids.numel() and (ids.min() < 0 or ids.max() > v + 1):
+            raise ValueError(f"token ids must lie in [0, {v + 1}] (text < {v}, <image> {v}, <|endofchunk|> {v + 1}); "
+                             f"got values in [{int(ids.min())}, {int(ids.max())}]")
+        ids = ids.to(self.special.weight.device).long()
+        special = ids >= v  # (B, T)
+        text = self.lm.token_embeddings(ids.masked_fill(special, 0))  # (B, T, D)
+        own = self.special((ids - v).clamp(min=0, max=1))  # (B, T, D)
+        return torch.where(special.unsqueeze(-1), own, text)  # (B, T, D)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images (N, C, H, W) in [0, 1] → visual tokens (N, L, Dv) (frozen tower, trained resampler)."""
+        pixels = self.vision.prepare(images.to(self.special.weight.device))  # (N, C, S, S)
+        self.vision.visual.check(pixels)
+        with torch.no_grad():
+            feats = self.vision.visual.encoder(pixels)  # (N, 1 + P, Dv)
+        return self.resampler(feats)  # (N, L, Dv)
+
+    def media(self, images: Tensor | Sequence[Tensor], batch: int) -> tuple[Tensor, Tensor]:
+        """Visual tokens of every row's images, padded: context (B, M·L, Dv) and image counts (B,)."""
+        if isinstance(images, Tensor):
+            if images.dim() == 4:  # one image per row
+                images = images.unsqueeze(1)  # (B, 1, C, H, W)
+            if images.dim() != 5:
+                raise ValueError(f"images must be (B, M, C, H, W) or a list of (M_b, C, H, W); got {tuple(images.shape)}")
+            rows = list(images)
+        else:
+            rows = list(images)
+        if len(rows) != batch:
+            raise ValueError(f"images: expected one entry per row of ids ({batch}); got {len(rows)}")
+        counts = torch.tensor([len(r) for r in rows], dtype=torch.long)  # (B,)
+        m, lat, dv = int(counts.max()) if batch else 0, self.config.num_latents, self.config.vision_dim
+        context = torch.zeros(batch, max(m, 1), lat, dv, device=self.special.weight.device)  # (B, M, L, Dv)
+        real = [r for r in rows if len(r)]
+        if real:
+            tokens = self.encode_images(torch.cat(list(real)))  # (ΣM, L, Dv)
+            start = 0
+            for b, r in enumerate(rows):
+                context[b, : len(r)] = tokens[start:start + len(r)]
+                start += len(r)
+        return context.flatten(1, 2), counts  # (B, M·L, Dv), (B,)
+
+    def check_images(self, ids: Tensor, counts: Tensor) -> None:
+        """One image per ``<image>`` token in every row, else a ValueError naming expected vs given."""
+        tokens = il.image_counts(ids, self.image_id).cpu()  # (B,)
+        for b, (t, n) in enumerate(zip(tokens.tolist(), counts.tolist())):
+            if t > n:
+                raise ValueError(f"row {b} has {t} <image> tokens but {n} images were given "
+                                 f"(expected one image per <image> token)")
+            if n > t:
+                raise ValueError(f"row {b}: {n} images were given but only {t} <image> tokens "
+                                 f"({n - t} image(s) without an <image> token)")
+
+    def hidden(self, ids: Tensor, context: Tensor, *, cache: Any = None, offset: Tensor | None = None) -> Tensor:
+        """Hidden states (B, T, D): the LM run on ``embed(ids)`` with media-masked cross-attention to ``context``."""
+        index = il.media_index(ids.to(context.device), self.image_id, offset)  # (B, T)
+        mask = il.media_mask(index, context.shape[1] // self.config.num_latents, self.config.num_latents)  # (B, T, M·L)
+        return self.lm.run(self.embed(ids), cache=cache, inject_kwargs={"context": context, "mask": mask})
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(B, T, D) → (B, T, V + 2): the LM's tied head, then the two special rows (tied too)."""
+        return torch.cat([self.lm.logits(hidden), F.linear(hidden, self.special.weight)], dim=-1)
+
+    def forward(self, ids: Tensor, images: Tensor | Sequence[Tensor]) -> Tensor:
+        """Interleaved ids (B, T) and each row's images (one per ``<image>``) → logits (B, T, V + 2)."""
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"expected integer token ids (B, T); got {got}")
+        context, counts = self.media(images, ids.shape[0])
+        self.check_images(ids, counts)
+        return self.logits(self.hidden(ids, context))
+
+    # -- input helpers ----------------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of an interleaved text (``<image>`` / ``<|endofchunk|>`` markers), starting with bos."""
+        return il.encode(text, self.tokenizer, self.image_id, self.eoc_id)
+
+    def pad_id(self) -> int:
+        """The LM tokenizer's padding id."""
+        return self.tokenizer.special_tokens["pad"]
+
+    # -- training ---------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """Next-token cross-entropy over interleaved sequences built from the batch's images and labels.
+
+        Caption tokens and ``<|endofchunk|>`` are targets; ``<image>`` and padding are not.
+        """
+        images, labels = batch["image"], batch["label"]
+        c = self.config
+        rng = random.Random(int(torch.randint(0, 2**31 - 1, ())))
+        seqs = il.training_sequences(labels.tolist(), c.templates, c.min_chunks, c.max_chunks,
+                                     c.mixed_template_rate, rng, c.sentence_rate)
+        rows, media, device = [], [], self.special.weight.device
+        for idx, captions in seqs:
+            row = self.encode_text(il.chunk_text(captions))
+            while len(row) > self.lm.max_len + 1 and len(captions) > 1:  # drop chunks that do not fit
+                idx, captions = idx[:-1], captions[:-1]
+                row = self.encode_text(il.chunk_text(captions))
+            rows.append(row[: self.lm.max_len + 1])
+            media.append(images[idx].to(device))
+        ids = il.pad_rows(rows, self.pad_id())  # (S, T + 1)
+        targets = ids[:, 1:].clone()  # (S, T)
+        for i, r in enumerate(rows):
+            targets[i, len(r) - 1:] = -100
+        targets[targets == self.image_id] = -100
+        logits = self(ids[:, :-1].to(device), media)  # (S, T, V + 2)
+        loss, metrics = cross_entropy(logits, targets.to(device), ignore_index=-100)
+        metrics["gate_attn"] = sum(float(torch.tanh(b.attn_gate.detach()).abs()) for b in self.xattn_blocks()) / len(self.xattn_blocks())
+        return loss, metrics
+
+    def example_batch(self, batch_size: int = 4, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """A digits-like batch of random images and labels."""
+        v = self.vision.config.vision
+        return {"image": torch.rand(batch_size, v.channels, v.image_size, v.image_size, generator=generator),
+                "label": torch.randint(0, 10, (batch_size,), generator=generator)}
+
+    def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Two chunks per row: ``bos <image> w w <|endofchunk|> <image> w w w`` and two random images per row."""
+        v = self.vision.config.vision
+        high = min(self.tokenizer.vocab_size, self.lm.vocab_size) if self.tokenizer is not None else self.lm.vocab_size
+        ids = torch.randint(3, high, (batch_size, 10), generator=generator)  # (B, 10)
+        ids[:, 0] = 0
+        ids[:, 1], ids[:, 4], ids[:, 5] = self.image_id, self.eoc_id, self.image_id
+        images = torch.rand(batch_size, 2, v.channels, v.image_size, v.image_size, generator=generator)
+        return ids, images
+
+    # -- model folders ----------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        """The config with ``lm=''`` and ``vision=''``: the folder carries its own copies (lm/, vision/)."""
+        return to_dict(attrs.evolve(self.config, lm="", vision=""))
+
+    def save_extras(self, directory: Path) -> None:
+        """The frozen LM (without the injected blocks) in ``lm/`` and the frozen CLIP in ``vision/``."""
+        stack = self.lm.stack
+        injected = stack.injected
+        stack.injected = nn.ModuleDict()
+        try:
+            self.lm.save(Path(directory) / "lm", source=f"frozen LM of a Flamingo model ({self.lm_source})")
+        finally:
+            stack.injected = injected
+        self.vision.save(Path(directory) / "vision", source=f"frozen vision of a Flamingo model ({self.vision_source})")
+
+    def load_extras(self, directory: Path) -> None:
+        """Swap in the folder's own LM and CLIP (then the strict state load fills every weight)."""
+        from polymodal.io import load_model
+
+        self._build(load_model(Path(directory) / "lm"), load_model(Path(directory) / "vision"))
+        self.lm_source, self.vision_source = f"{directory}/lm", f"{directory}/vision"
+
+    def card_lines(self) -> list[str]:
+        """Architecture, trainable share and where the frozen parts come from."""
+        c = self.config
+        trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return [f"Flamingo: frozen LM (width {c.lm_dim}, {len(self.lm.stack.blocks)} blocks; {self.lm_source}) and frozen "
+                f"CLIP vision tower (width {c.vision_dim}; {self.vision_source}); Perceiver Resampler ({c.num_latents} "
+                f"latents, depth {c.resampler_depth}); gated cross-attention before every {c.cross_every} LM block(s).",
+                "", f"Trainable parameters: {trained:,} of {total:,}.", "",
+                "Training captions: " + "; ".join(f"`{t}`" for t in c.templates) + f". Evaluation format: `{c.eval_template}`.",
+                ""]
+
+
+__all__ = ["Flamingo", "FlamingoConfig"]
