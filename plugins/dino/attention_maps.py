@@ -1,0 +1,165 @@
+"""The last layer's [CLS] attention per head ("attention maps work as unsupervised segmentation").
+
+:func:`cls_attention` recomputes the last block's attention probabilities from the block's own
+``norm1`` and ``qkv`` projection (the core attention returns only the mixed values), so the
+core block stays untouched. :func:`attention_masks` turns them into pixel masks the way DINO's
+visualisation does: upsample, then keep the pixels that hold a fraction of the attention mass.
+``polymodal attention-maps DIR IMAGE... --out OUT`` writes one PNG per head and image.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from polymodal.encoders import ViTEncoder
+
+
+@torch.no_grad()
+def last_attention(encoder: ViTEncoder, images: Tensor) -> Tensor:
+    """(B, H, 1 + N, 1 + N) softmax attention probabilities of the encoder's last block, per head."""
+    _, hidden = encoder(images, return_hidden=True)
+    block = encoder.blocks.blocks[-1]
+    x = block.norm1(hidden[-2])  # (B, 1 + N, D) the last block's normalised input
+    attn = block.attn
+    q, k, _ = (attn._heads(t) for t in attn.qkv(x).chunk(3, dim=-1))  # (B, H, 1 + N, Dh)
+    return ((q @ k.transpose(-2, -1)) / math.sqrt(attn.head_dim)).softmax(-1)  # (B, H, 1 + N, 1 + N)
+
+
+def cls_attention(encoder: ViTEncoder, images: Tensor) -> Tensor:
+    """(B, H, gh, gw) attention of the [CLS] query over the patches in the last block, per head.
+
+    The [CLS] key's own share is left out, so a head's map sums to at most 1.
+    """
+    if encoder.prefix != 1:
+        raise ValueError("attention maps need an encoder with a [CLS] token")
+    probs = last_attention(encoder, images)[:, :, 0, 1:]  # (B, H, N)
+    p = encoder.cfg.patch_size
+    gh, gw = images.shape[-2] // p, images.shape[-1] // p
+    return probs.reshape(*probs.shape[:2], gh, gw)  # (B, H, gh, gw)
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, H, gh, gw) → (B, H, *size) bilinear, renormalised so each map sums to 1."""
+    up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False).clamp_min(0)  # (B, H, S, S)
+    return up / up.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+
+
+def mass_mask(maps: Tensor, mass: float) -> Tensor:
+    """(…, S, S) bool: per map, the largest values that together hold ``mass`` of its total (DINO's threshold)."""
+    flat = maps.flatten(-2)  # (…, S·S)
+    flat = flat / flat.sum(-1, keepdim=True).clamp_min(1e-12)
+    values, order = flat.sort(-1, descending=True)
+    before = values.cumsum(-1) - values  # mass of the strictly larger values
+    keep_sorted = before < mass  # (…, S·S) the smallest prefix whose mass reaches ``mass``
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return keep.reshape(maps.shape)
+
+
+def centred_blobs(areas: Tensor, size: int) -> Tensor:
+    """(B, S, S) bool discs centred in the image, each with (about) the given pixel area (B,)."""
+    c = torch.arange(size, dtype=torch.float32) + 0.5 - size / 2
+    dist = (c[:, None] ** 2 + c[None, :] ** 2).flatten()  # (S·S,)
+    order = dist.argsort()  # pixels from the centre outwards
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(len(order))
+    return (ranks[None, :] < areas[:, None]).reshape(len(areas), size, size)  # (B, S, S)
+
+
+def iou(a: Tensor, b: Tensor) -> Tensor:
+    """(B,) intersection over union of two (B, S, S) bool masks (1 when both are empty)."""
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def attention_masks(model, images: Tensor, mass: float | None = None) -> tuple[Tensor, Tensor]:
+    """(B, H, S, S) per-head masks and (B, S, S) the mask of the head-averaged map, from the teacher."""
+    x = model.prepare(images)  # (B, C, S, S)
+    maps = upsample(cls_attention(model.teacher.backbone, x), x.shape[-2:])  # (B, H, S, S)
+    mass = model.config.iou_mass if mass is None else mass
+    return mass_mask(maps, mass), mass_mask(maps.mean(1), mass)
+
+
+def heat(maps: Tensor) -> Tensor:
+    """(N, S, S) maps → (N, 3, S, S) heat images, each scaled to its own maximum."""
+    m = maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]  # (N, S, S) in [0, 1]
+    return torch.stack([m.clamp(0, 1), (2 * m - 1).clamp(0, 1), (4 * m - 3).clamp(0, 1)], dim=1)  # (N, 3, S, S)
+
+
+def attention_rows(model, images: Tensor, scale: int = 4) -> Tensor:
+    """(B·(2 + H), 3, S·scale, S·scale): per image the input, each head's map and the mean map."""
+    x = model.prepare(images)  # (B, C, S, S)
+    maps = upsample(cls_attention(model.teacher.backbone, x), x.shape[-2:])  # (B, H, S, S)
+    rgb = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # (B, 3, S, S)
+    rows = []
+    for i in range(len(x)):
+        rows += [rgb[i:i + 1], heat(maps[i]), heat(maps[i].mean(0, keepdim=True))]
+    tiles = torch.cat(rows)  # (B·(2 + H), 3, S, S)
+    return F.interpolate(tiles, scale_factor=scale, mode="nearest")
+
+
+def write_attention_maps(model, images: Tensor, stems: list[str], out: str | Path, scale: int = 8) -> list[Path]:
+    """Write ``<stem>_head<h>.png`` per head, ``<stem>_mean.png`` and a ``grid.png`` (one row per image:
+    the input, each head, the mean over heads) for images (B, C, H, W)."""
+    from polymodal.images import make_grid, save_png
+
+    x = model.prepare(images)  # (B, C, S, S)
+    maps = upsample(cls_attention(model.teacher.backbone, x), x.shape[-2:])  # (B, H, S, S)
+    out, written = Path(out), []
+    for stem, per_head in zip(stems, maps):
+        for h, m in enumerate(heat(per_head)):
+            written.append(save_png(m, out / f"{stem}_head{h}.png", scale=scale))
+        written.append(save_png(heat(per_head.mean(0, keepdim=True))[0], out / f"{stem}_mean.png", scale=scale))
+    rows = attention_rows(model, images, scale=1)
+    written.append(save_png(make_grid(rows, nrow=2 + maps.shape[1]), out / "grid.png", scale=scale))
+    return written
+
+
+def _inputs(model, paths: tuple[str, ...], test_images: int) -> tuple[Tensor, list[str]]:
+    """The images to map: files, and/or the first ``test_images`` of the test split of the model's data."""
+    from polymodal.data import load_dataset
+    from polymodal.images import read_image
+
+    e = model.config.encoder
+    images = [read_image(p, e.channels, e.image_size) for p in paths]  # each (C, S, S)
+    stems = [Path(p).stem for p in paths]
+    if test_images:
+        if not model.default_data:
+            raise ValueError("--test-images needs a model adapted to a built-in dataset; this one names none")
+        test = load_dataset(model.default_data).test
+        n = min(test_images, len(test))
+        images += list(test.batch(list(range(n)))["image"])
+        stems += [f"test_{i:03d}" for i in range(n)]
+    return torch.stack(images), stems
+
+
+@click.command("attention-maps")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default="attention", show_default=True,
+              help="Folder for the PNGs.")
+@click.option("--test-images", default=0, show_default=True,
+              help="Also map the first N test images of the model's dataset.")
+@click.option("--scale", default=8, show_default=True, help="Enlarge the PNGs this many times (nearest).")
+def attention_maps_command(directory, images, out, test_images, scale) -> None:
+    """Write the last layer's [CLS] attention per head of the DINO model folder DIRECTORY for IMAGES."""
+    import polymodal
+
+    if not images and not test_images:
+        raise click.UsageError("give IMAGE files and/or --test-images N")
+    try:
+        model = polymodal.load(directory)
+        if model.family != "dino":
+            raise ValueError(f"{directory} holds a {model.family!r} model, not a DINO model")
+        batch, stems = _inputs(model, images, test_images)
+        paths = write_attention_maps(model, batch, stems, out, scale=scale)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for p in paths:
+        click.echo(str(p))

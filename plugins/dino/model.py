@@ -1,0 +1,231 @@
+"""DINO (Caron et al., 2021): self-distillation with no labels, on the core ViT encoder.
+
+A student and a teacher of the same architecture (core :class:`ViTEncoder` + :class:`DINOHead`)
+see different multi-crop views of a batch: the teacher only the two global views, the student
+every view. The student learns to predict the teacher's centred, sharpened distribution for
+every pair of different views (:class:`polymodal.distill.DINOLoss`). The teacher is never
+trained by gradients: after every optimiser step the trainer calls :meth:`DINOModel.after_step`,
+which moves it towards the student by EMA with a cosine momentum schedule, updates the centre,
+and stops training with a :class:`~polymodal.distill.CollapseError` if the teacher's output no
+longer depends on the image. No labels are used in training; they are used only by
+:meth:`DINOModel.evaluate` (k-NN and linear probe on frozen teacher features).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from polymodal.config import config, field, in_range, one_of
+from polymodal.data.augment import resize
+from polymodal.distill import (CollapseMonitor, DINOHead, DINOHeadConfig, DINOLoss, DINOLossConfig, collapse_stats,
+                               cosine_momentum, ema_update_)
+from polymodal.encoders import ViTEncoder, ViTEncoderConfig
+from polymodal.models import PolymodalModel
+
+from .crops import check_images, multi_crop
+
+
+def _check_scale(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not (isinstance(value, tuple) and len(value) == 2 and 0 < value[0] <= value[1] <= 1):
+        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be (lo, hi) with 0 < lo <= hi <= 1; got {value!r}")
+
+
+@config
+class DINOConfig:
+    """A DINO student/teacher pair and its multi-crop recipe."""
+
+    encoder: ViTEncoderConfig = field(ViTEncoderConfig(), "The ViT backbone shared by student and teacher.")
+    head: DINOHeadConfig = field(DINOHeadConfig(hidden_dim=256, bottleneck_dim=64, out_dim=1024), "The projection head.")
+    loss: DINOLossConfig = field(DINOLossConfig(), "Temperatures and centring of the DINO loss.")
+    local_size: int = field(4, "Side of the local crops in pixels (a multiple of the patch size).", check=in_range(1, 8192, integer=True))
+    local_crops: int = field(4, "Local views per image (seen by the student only).", check=in_range(0, 64, integer=True))
+    global_scale: tuple[float, float] = field((0.4, 1.0), "Area fraction of the global crops (lo, hi).", check=_check_scale)
+    local_scale: tuple[float, float] = field((0.1, 0.4), "Area fraction of the local crops (lo, hi).", check=_check_scale)
+    flip: float = field(0.0, "Probability of a left-right flip per view (0 for digits: mirrored digits are other shapes).", check=in_range(0.0, 1.0))
+    shared_head_batch: bool = field(True, "Run the head once over the features of every view (DINO; BatchNorm "
+                                    "statistics over global and local views together) or once per crop size.")
+    jitter: float = field(0.2, "Brightness jitter strength per view.", check=in_range(0.0, 1.0))
+    momentum: float = field(0.99, "Teacher EMA momentum at step 0 (rises to 1 on a cosine).", check=in_range(0.0, 1.0))
+    momentum_steps: int = field(0, "Length of the cosine momentum schedule in steps; 0: the training run's total "
+                                "steps (as the trainer reports them, so `--steps N` stretches the schedule).",
+                                check=in_range(0, 10**9, integer=True))
+    collapse_min_kl: float = field(0.01, "Training stops when the teacher's KL to the centre stays below this (0: never).", check=in_range(0.0, 100.0))
+    collapse_patience: int = field(50, "Consecutive steps below collapse_min_kl that count as collapse.", check=in_range(1, 10**9, integer=True))
+    collapse_start: int = field(100, "Steps before the collapse check starts.", check=in_range(0, 10**9, integer=True))
+    features: str = field("cls", "Frozen features for k-NN and the probe: the [CLS] token or [CLS] ⊕ mean patch token.", check=one_of("cls", "cls+mean"))
+    knn_k: int = field(20, "Neighbours of the weighted k-NN classifier.", check=in_range(1, 10**6, integer=True))
+    knn_temperature: float = field(0.07, "Temperature of the k-NN vote weights exp(cos / T).", check=in_range(1e-4, 10.0))
+    iou_mass: float = field(0.6, "Attention masks keep the pixels holding this fraction of the [CLS] attention mass.", check=in_range(0.01, 1.0))
+    data: str = field("", "Name of the dataset the config was adapted to.")
+
+    def __attrs_post_init__(self) -> None:
+        e = self.encoder
+        if not e.cls_token:
+            raise ValueError("DINOConfig.encoder.cls_token must be True (DINO pools the [CLS] token)")
+        if self.local_size % e.patch_size or self.local_size > e.image_size:
+            raise ValueError(f"DINOConfig.local_size must be a multiple of the patch size {e.patch_size} and at most "
+                             f"image_size {e.image_size}; got {self.local_size}")
+
+
+class DINOBranch(nn.Module):
+    """Backbone + head: images (B, C, H, W) → head logits (B, K); ``features`` gives the [CLS] token."""
+
+    def __init__(self, cfg: DINOConfig) -> None:
+        super().__init__()
+        self.backbone = ViTEncoder(cfg.encoder)
+        self.head = DINOHead(cfg.encoder.dim, cfg.head)
+
+    def features(self, images: Tensor) -> Tensor:
+        """(B, D) the [CLS] token after the final norm."""
+        return self.backbone(images)[:, 0]  # (B, D)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))  # (B, K)
+
+    def views(self, views: list[Tensor], shared_head: bool = True) -> list[Tensor]:
+        """Head logits per view (each (B, K)). The backbone runs once per crop size; with ``shared_head``
+        the head runs once on every view's features together (as DINO's multi-crop wrapper does, so
+        BatchNorm sees them all), otherwise once per crop size (BatchNorm statistics per size)."""
+        feats, start = [], 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape == views[start].shape:
+                end += 1
+            feats.append(self.features(torch.cat(views[start:end])))  # ((end - start)·B, D)
+            start = end
+        logits = self.head(torch.cat(feats)) if shared_head else torch.cat([self.head(f) for f in feats])
+        return list(logits.split(views[0].shape[0]))  # len(views) × (B, K)
+
+
+class DINOModel(PolymodalModel):
+    """Images (B, C, S, S) → frozen teacher features (B, F) (the [CLS] token, optionally ⊕ mean patch)."""
+
+    family = "dino"
+    config_class = DINOConfig
+
+    def __init__(self, config: DINOConfig) -> None:
+        super().__init__(config)
+        self.student = DINOBranch(config)
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+        self.dino_loss = DINOLoss(config.head.out_dim, config.loss)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.monitor = CollapseMonitor(config.collapse_min_kl, config.collapse_patience, config.collapse_start)
+        self._pending: list[Tensor] | None = None  # teacher logits of the last training batch (for the centre)
+        self._last_stats: dict[str, float] = {}
+        self.teacher.eval()
+
+    # -- config adaptation and tiny form ----------------------------------------------------------
+    @classmethod
+    def config_for_data(cls, config: DINOConfig, dataset: Any) -> DINOConfig:
+        """Match the dataset's channels; remember its name (``polymodal eval`` uses it)."""
+        encoder = attrs.evolve(config.encoder, channels=dataset.meta.get("channels", config.encoder.channels))
+        return attrs.evolve(config, encoder=encoder, data=dataset.name)
+
+    @classmethod
+    def tiny_config(cls, config: DINOConfig) -> DINOConfig:
+        """The same architecture at toy size (contract tests)."""
+        encoder = attrs.evolve(config.encoder, dim=16, depth=1, heads=2)
+        head = attrs.evolve(config.head, hidden_dim=32, bottleneck_dim=16, out_dim=32)
+        return attrs.evolve(config, encoder=encoder, head=head, local_crops=min(config.local_crops, 2))
+
+    def train(self, mode: bool = True) -> "DINOModel":
+        """Train the student; the teacher stays in eval mode (it is updated by EMA only), except that
+        BatchNorm layers in its head use batch statistics while training, as the student's do."""
+        super().train(mode)
+        self.teacher.eval()
+        for m in self.teacher.head.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.train(mode)
+        return self
+
+    def momentum_at(self, step: int) -> float:
+        """The teacher's EMA momentum at ``step``: a cosine from ``momentum`` to 1 over the schedule."""
+        length = self.config.momentum_steps or self.train_steps or 1
+        return cosine_momentum(step, length, self.config.momentum)
+
+    # -- the API ----------------------------------------------------------------------------------
+    def prepare(self, images: Tensor) -> Tensor:
+        """Float images resized to the encoder's size; a ValueError for the wrong channel count."""
+        e = self.config.encoder
+        check_images(images, self.config.local_size, e.channels)
+        return resize(images.float(), e.image_size)
+
+    def features(self, images: Tensor, branch: str = "teacher") -> Tensor:
+        """Frozen features (B, F) of the ``teacher`` (default, as in DINO) or ``student`` backbone."""
+        net = self.teacher if branch == "teacher" else self.student
+        tokens = net.backbone(self.prepare(images))  # (B, 1 + N, D)
+        if self.config.features == "cls":
+            return tokens[:, 0]  # (B, D)
+        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1)  # (B, 2D)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, C, S, S) → (B, F) teacher features."""
+        return self.features(images)
+
+    def views(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """The two global and ``local_crops`` local views of a batch (see :mod:`.crops`)."""
+        c = self.config
+        check_images(images, c.local_size, c.encoder.channels)
+        return multi_crop(images.float(), global_size=c.encoder.image_size, local_size=c.local_size,
+                          global_scale=c.global_scale, local_scale=c.local_scale, local_crops=c.local_crops,
+                          flip=c.flip, jitter=c.jitter, generator=generator)
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """The DINO loss on multi-crop views of ``batch['image']`` (labels are never read)."""
+        globals_, locals_ = self.views(batch["image"])
+        step = int(self.steps_done)
+        shared = self.config.shared_head_batch
+        student = self.student.views(globals_ + locals_, shared)  # (2 + local_crops) × (B, K)
+        with torch.no_grad():
+            teacher = self.teacher.views(globals_, shared)  # 2 × (B, K)
+        loss = self.dino_loss(student, teacher, step)
+        stats = collapse_stats(torch.cat([self.dino_loss.teacher_probs(t, step) for t in teacher]))
+        if self.training:
+            self._pending, self._last_stats = teacher, stats
+        metrics = {"teacher_entropy": stats["teacher_entropy"], "kl_to_centre": stats["kl_to_centre"],
+                   "teacher_temp": self.dino_loss.teacher_temp(step),
+                   "momentum": self.momentum_at(step)}
+        return loss, metrics
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """After each optimiser step: EMA teacher update, centre update, collapse check, step count."""
+        step = int(self.steps_done)
+        ema_update_(self.teacher, self.student, self.momentum_at(step))
+        if self._pending is not None:
+            self.dino_loss.update_center(self._pending)
+            self._pending = None
+        self.steps_done += 1
+        if self._last_stats:
+            self.monitor.update(step, self._last_stats)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Any, split: str = "test") -> dict[str, Any]:
+        """Weighted k-NN and linear-probe accuracy on frozen teacher features (and ``attention_mask_iou`` with masks)."""
+        from .evaluate import evaluate_dino
+
+        return evaluate_dino(self, dataset, split)
+
+    def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor]:
+        """A random image batch of the configured size."""
+        return self.student.backbone.example_inputs(batch_size, generator)
+
+    def example_batch(self, batch_size: int = 4, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """A random training batch (images only: DINO needs no labels)."""
+        return {"image": self.example_inputs(batch_size, generator)[0]}
+
+    def card_lines(self) -> list[str]:
+        """Architecture and recipe for the model card."""
+        c, e, h = self.config, self.config.encoder, self.config.head
+        return [f"DINO: ViT {e.image_size}×{e.image_size}×{e.channels}, patch {e.patch_size}, width {e.dim}, depth {e.depth}, "
+                f"{e.heads} heads; head MLP {h.hidden_dim} → bottleneck {h.bottleneck_dim} → {h.out_dim} prototypes.",
+                f"Multi-crop: 2 global {e.image_size}² views (area {c.global_scale}), {c.local_crops} local {c.local_size}² "
+                f"views (area {c.local_scale}); teacher momentum {c.momentum} → 1 over {c.momentum_steps or 'the run'} steps; "
+                f"temperatures student {c.loss.student_temp}, teacher {c.loss.warmup_teacher_temp} → {c.loss.teacher_temp}.",
+                f"Data: {c.data or 'unspecified'} (no labels in pre-training; labels only for k-NN and the linear probe).", ""]
