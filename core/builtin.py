@@ -66,11 +66,16 @@ def register_fusions(register):
 
 @hookimpl
 def register_objectives(register):
-    """Cross-entropy with per-segment weights and CLIP's contrastive loss."""
+    """Cross-entropy with per-segment weights, CLIP's contrastive loss, MAE's masked-patch loss and
+    DINO's self-distillation loss."""
+    from .distill import DINOLoss
+    from .mae import masked_patch_loss
     from .objectives import ContrastiveLoss, cross_entropy
 
     register("cross-entropy", cross_entropy)
     register("contrastive", ContrastiveLoss)
+    register("masked-patches", masked_patch_loss)
+    register("self-distillation", DINOLoss)
 
 
 @hookimpl

@@ -5,8 +5,10 @@
 - :class:`ContrastiveLoss` / :func:`info_nce` — CLIP's symmetric InfoNCE with a learnable
   temperature.
 
-Masked reconstruction, self-distillation, diffusion and vector-quantisation objectives
-are to come in later issues.
+Masked reconstruction lives with the masked autoencoder in :mod:`polymodal.mae`
+(:func:`~polymodal.mae.masked_patch_loss`, registered as ``masked-patches``) and
+self-distillation with its head and EMA in :mod:`polymodal.distill`
+(:class:`~polymodal.distill.DINOLoss`, ``self-distillation``); diffusion objectives are to come.
 """
 
 from __future__ import annotations

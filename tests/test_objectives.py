@@ -77,6 +77,11 @@ def test_contrastive_init_and_registry():
     assert loss_fn.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     assert polymodal.registry.get("objective", "contrastive") is ContrastiveLoss
     assert polymodal.registry.get("objective", "cross-entropy") is cross_entropy
+    from polymodal.distill import DINOLoss
+    from polymodal.mae import masked_patch_loss
+
+    assert polymodal.registry.get("objective", "masked-patches") is masked_patch_loss
+    assert polymodal.registry.get("objective", "self-distillation") is DINOLoss
     loss, metrics = loss_fn(*loss_fn.example_inputs(4))
     assert set(metrics) == {"accuracy_i2t", "accuracy_t2i", "logit_scale"}
     assert metrics["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
