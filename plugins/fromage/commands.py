@@ -1,0 +1,71 @@
+"""The ``polymodal fromage-caption`` and ``polymodal fromage-retrieve`` commands."""
+
+from __future__ import annotations
+
+import click
+
+
+def _load(directory: str):
+    """The FROMAGe model in ``directory`` (ValueError for another family)."""
+    import polymodal
+
+    model = polymodal.load(directory)
+    if model.family != "fromage":
+        raise ValueError(f"{directory} holds a {model.family!r} model, not a FROMAGe model")
+    return model
+
+
+@click.command("fromage-caption")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--max-tokens", type=int, help="Tokens generated at most (default: the model's max_caption_tokens).")
+def caption_command(directory, images, max_tokens) -> None:
+    """Caption IMAGES with the FROMAGe model folder DIRECTORY; prints one `path: caption` line each."""
+    import torch
+
+    from polymodal.images import read_image
+
+    from .infer import caption
+
+    try:
+        model = _load(directory)
+        v = model.vision.config.vision
+        batch = torch.stack([read_image(p, v.channels, v.image_size) for p in images])  # (N, C, S, S)
+        texts = caption(model, batch, max_new_tokens=max_tokens)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for path, text in zip(images, texts):
+        click.echo(f"{path}: {text}")
+
+
+@click.command("fromage-retrieve")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("prompt")
+@click.option("--gallery", type=click.Path(exists=True, file_okay=False),
+              help="Folder of images to retrieve from (default: the test split of the model's data).")
+@click.option("-k", "k", default=5, show_default=True, help="Images to retrieve.")
+@click.option("--image", "inputs", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="An image for each <image> token of PROMPT, in order (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), help="Also write the images and a transcript here.")
+def retrieve_command(directory, prompt, gallery, k, inputs, out) -> None:
+    """Continue PROMPT (may hold <image> tokens) with DIRECTORY's FROMAGe model; print the k nearest gallery images."""
+    import torch
+
+    from polymodal.images import read_image
+
+    from .infer import generate, load_gallery, sample_to_folder
+
+    try:
+        model = _load(directory)
+        images, names = load_gallery(model, gallery)
+        v = model.vision.config.vision
+        given = torch.stack([read_image(p, v.channels, v.image_size) for p in inputs]) if inputs else None
+        result = generate(model, prompt, images=given, gallery=images, k=k)
+        if out:
+            sample_to_folder(model, out, n=k, prompt=prompt, gallery=gallery, images=given)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"generated: {result['text']}")
+    click.echo(f"[RET]: {'emitted' if result['emitted_ret'] else 'not emitted (appended)'}")
+    for j, s in zip(result["retrieved"].tolist(), result["scores"].tolist()):
+        click.echo(f"  {names[j]}  cosine {s:.3f}")

@@ -1,0 +1,108 @@
+"""FROMAGe's config: where the frozen parts come from, the joints' sizes, templates and the part checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from polymodal.config import config, field, in_range, one_of
+from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES
+from polymodal.data.digits import TRAIN_TEMPLATES as DIGITS_TRAIN_TEMPLATES
+
+TRAIN_TEMPLATES = ("a {word}",)
+"""Captioning templates: the digit right after the prefix and "a" (the small frozen LM's digit slot is
+steered by a prefix only a token or two away; it never learnt to carry a digit across a sentence)."""
+
+RETRIEVAL_TEMPLATES = DIGITS_TRAIN_TEMPLATES + ("This is a {word}.", "The answer is {word}.", "The number is {word}.")
+"""Texts the [RET] query trains on: the digits' training caption templates ("a photo of the number
+{word}" …) and three short sentences; :data:`EVAL_TEMPLATES` are never trained on."""
+
+EVAL_TEMPLATES = HELDOUT_TEMPLATES
+"""Held-out retrieval queries of `evaluate` (``retrieval_r1_heldout``): the digits' held-out caption templates."""
+
+_LM_API = ("tokenizer", "vocab_size", "dim", "max_len", "token_embeddings", "run", "logits")
+
+
+def fill_template(template: str, digit: int, noun: str = "things") -> str:
+    """``template`` with the digit's ``{word}`` / ``{numeral}`` and ``noun`` (singular after "one")."""
+    if digit == 1 and noun:
+        noun = noun[:-2] if noun.endswith("xes") else noun[:-1]
+    return template.format(word=DIGIT_WORDS[digit], numeral=str(digit), noun=noun)
+
+
+def _not_empty(instance: Any, attribute: attrs.Attribute, value: tuple) -> None:
+    if not value or any("{word}" not in t and "{numeral}" not in t for t in value):
+        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be non-empty templates with {{word}} or "
+                         f"{{numeral}}; got {value!r}")
+
+
+@config
+class FromageConfig:
+    """FROMAGe: frozen LM + frozen CLIP image tower, a linear prefix adapter, [RET] and two retrieval heads."""
+
+    lm: str = field("auto", "Frozen language model folder; 'auto' trains (or reuses) the default `lm` in "
+                            "$POLYMODAL_CACHE; '' builds it fresh and untrained (tests, and loading: a saved "
+                            "folder carries its own copy in lm/).")
+    lm_variant: str = field("lm", "Registered LM variant trained by 'auto' and built fresh by ''.")
+    lm_data: str = field("", "Dataset the 'auto' LM trains on; '' = the LM variant's default data.")
+    lm_tiny: bool = field(False, "With lm='', build the LM variant's tiny form (contract tests).")
+    vision: str = field("auto", "Frozen CLIP model folder (its image tower is used); 'auto' trains (or reuses) the "
+                                "default CLIP; '' builds it fresh (a saved folder carries its own copy in vision/).")
+    vision_variant: str = field("clip", "Registered CLIP variant trained by 'auto' and built fresh by ''.")
+    vision_data: str = field("digits", "Dataset the 'auto' CLIP trains on (set from --data).")
+    vision_tiny: bool = field(False, "With vision='', build the CLIP variant's tiny form (contract tests).")
+    visual_feature: str = field("embed", "Image feature fed to the adapter and image head: 'embed' the CLIP "
+                                         "projected embedding, 'cls' the ViT [CLS] token before the projection.",
+                                check=one_of("embed", "cls"))
+    prefix_tokens: int = field(4, "LM input tokens the adapter makes from one image (FROMAGe: 1; the small "
+                                  "frozen LM here needs 4 to be steered: 0.36 caption accuracy with 1).",
+                               check=in_range(1, 64, integer=True))
+    bos_first: bool = field(True, "Captioning order bos, image prefix, caption (the small LM always saw bos at "
+                                  "position 0); False: FROMAGe's prefix, bos, caption.")
+    ret_layer: int = field(-1, "LM hidden state the [RET] query is read from: -1 the final output (FROMAGe); "
+                                "-2 every block's output at [RET], concatenated; i the input of block i (mid-stack "
+                                "reads helped with some small LMs: R@1 0.90 vs 0.48 with -1 on a 1000-step lm, but "
+                                "0.63 vs 0.80 on the default 500-step one).",
+                           check=in_range(-2, 1024, integer=True))
+    shared_dim: int = field(64, "Width of the retrieval space of the two heads.", check=in_range(1, 4096, integer=True))
+    retrieval_weight: float = field(1.0, "Weight of the InfoNCE loss beside the captioning loss (weight 1).",
+                                    check=in_range(0.0, 100.0))
+    emission_weight: float = field(0.02, "Weight of the cross-entropy teaching the text read alone to end in "
+                                         "[RET] (so generation from a text prompt emits it). Small: the row is "
+                                         "also the query, and 0.1 already costs retrieval; 0: only captions teach it.",
+                                   check=in_range(0.0, 100.0))
+    distinct_negatives: bool = field(True, "Compute InfoNCE within groups of distinct digits (templated captions "
+                                           "repeat: an image of the caption's own digit is never its negative); "
+                                           "False: over the whole batch.")
+    init_temperature: float = field(0.07, "Initial InfoNCE temperature (learnable logit scale).",
+                                    check=in_range(1e-3, 10.0))
+    retrieval_templates: tuple[str, ...] = field(RETRIEVAL_TEMPLATES, "Texts (ending in [RET]) the retrieval "
+                                                 "loss pairs with images, re-sampled per step ({word}, {numeral}, "
+                                                 "{noun}).", check=_not_empty)
+    templates: tuple[str, ...] = field(TRAIN_TEMPLATES, "Caption templates re-sampled per image and step "
+                                       "({word}, {numeral}); the dataset's captions are used for data without labels.",
+                                       check=_not_empty)
+    eval_templates: tuple[str, ...] = field(EVAL_TEMPLATES, "Held-out retrieval query templates of `evaluate`.",
+                                            check=_not_empty)
+    max_caption_tokens: int = field(12, "Tokens generated at most per caption.", check=in_range(1, 512, integer=True))
+    data: str = field("digits", "Dataset the config was adapted to (`polymodal eval` default).")
+
+
+def check_lm(lm: Any) -> None:
+    """ValueError unless ``lm`` has the LM contract's attributes."""
+    missing = [a for a in _LM_API if not hasattr(lm, a)]
+    if missing:
+        raise ValueError(f"FromageConfig.lm: expected a language model (family 'lm') with {', '.join(_LM_API)}; "
+                         f"got a {type(lm).__name__} (family {getattr(lm, 'family', '?')!r}) lacking {', '.join(missing)}")
+
+
+def check_vision(clip: Any) -> None:
+    """ValueError unless ``clip`` is a CLIP-like model with an image tower."""
+    if not (hasattr(clip, "encode_image") and hasattr(clip, "visual") and hasattr(clip, "prepare")):
+        raise ValueError(f"FromageConfig.vision: expected a CLIP model (family 'clip') with encode_image, visual and "
+                         f"prepare; got a {type(clip).__name__} (family {getattr(clip, 'family', '?')!r})")
+
+
+__all__ = ["DIGITS_TRAIN_TEMPLATES", "EVAL_TEMPLATES", "FromageConfig", "RETRIEVAL_TEMPLATES", "TRAIN_TEMPLATES",
+           "check_lm", "check_vision", "fill_template"]

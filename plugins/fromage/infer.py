@@ -1,0 +1,269 @@
+"""FROMAGe inference: captioning, text generation that may emit [RET], retrieval, evaluation, sample folders.
+
+    model = polymodal.load("runs/fromage")
+    captions = caption(model, images)                       # ["a seven", …]
+    out = generate(model, "a photo of the number seven", gallery=test_images, k=5)
+    out = generate(model, "<image> is a picture of a", images=one_image)  # interleaved prompt
+    out["text"], out["retrieved"], out["emitted_ret"]        # text, (k,) gallery indices, bool
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from polymodal.data.digits import DIGIT_WORDS
+from polymodal.sampling import generate as core_generate
+
+from .config import DIGITS_TRAIN_TEMPLATES, fill_template
+
+SAMPLE_OPTIONS = ("temperature", "top_k", "top_p", "use_cache", "gallery", "images", "max_new_tokens")
+"""The ``sample_to_folder`` options FROMAGe understands (``gallery``, ``images``, ``max_new_tokens`` from Python only)."""
+
+
+def _step_fn(model: Any, before: Tensor | None, after: Tensor | None, t0: int):
+    """A :func:`polymodal.sampling.generate` step over the extended vocabulary.
+
+    The first call (or every call without a cache) reads ``before``, the first ``t0`` ids,
+    ``after`` and the ids after them; later calls read only the new ids.
+    """
+
+    def step(ids: Tensor, cache: Any) -> Tensor:
+        if cache is not None and cache.length > 0:
+            x = model.embed_ids(ids)  # (B, n, D)
+        else:
+            parts = [before, model.embed_ids(ids[:, :t0]), after, model.embed_ids(ids[:, t0:])]
+            x = torch.cat([p for p in parts if p is not None and p.shape[1]], dim=1)  # (B, L, D)
+        return model.logits(model.lm.run(x, cache=cache)[:, -1:])  # (B, 1, V + 1)
+
+    return step
+
+
+def _cut(model: Any, row: list[int]) -> tuple[list[int], bool]:
+    """Generated ids up to the first end-of-text or [RET]; and whether [RET] ended them."""
+    eos = model.tokenizer.special_tokens["eos"]
+    for i, t in enumerate(row):
+        if t in (eos, model.ret_id):
+            return row[:i], t == model.ret_id
+    return row, False
+
+
+def _sampling(options: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Greedy unless temperature / top_k / top_p is given; then seeded sampling."""
+    picked = {k: options[k] for k in ("temperature", "top_k", "top_p") if options.get(k) is not None}
+    if not picked:
+        return {"greedy": True}
+    return {**picked, "generator": torch.Generator().manual_seed(seed)}
+
+
+@torch.no_grad()
+def caption(model: Any, images: Tensor, *, max_new_tokens: int | None = None, batch_size: int = 128,
+            seed: int = 0, use_cache: bool = True, **sampling: Any) -> list[str]:
+    """(B, C, S, S) images → one caption each: bos and the prefix (in training order), then greedy
+    (or sampled) tokens until [RET] or end-of-text."""
+    model.check_images(images)
+    n = max_new_tokens or model.config.max_caption_tokens
+    bos = model.tokenizer.special_tokens["bos"]
+    out: list[str] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        prefix = model.prefix(chunk)  # (b, k, D)
+        prompt = torch.full((len(chunk), 1), bos, dtype=torch.long, device=prefix.device)  # (b, 1)
+        before, after = (None, prefix) if model.config.bos_first else (prefix, None)
+        ids = core_generate(_step_fn(model, before, after, 1), prompt, n, eos_id=model.ret_id, use_cache=use_cache,
+                            **_sampling(sampling, seed + start))  # (b, 1 + n')
+        out += [model.tokenizer.decode(_cut(model, row)[0]).strip() for row in ids[:, 1:].tolist()]
+    return out
+
+
+@torch.no_grad()
+def embed_texts(model: Any, texts: Sequence[str], batch_size: int = 256) -> Tensor:
+    """(N, S) unit query embeddings of texts read alone with [RET] appended."""
+    if isinstance(texts, str) or not texts:
+        raise ValueError(f"expected a non-empty list of texts; got {texts!r}")
+    return torch.cat([model.text_embeddings(model.encode_captions(list(texts[i:i + batch_size])).to(model.ret_token_embed.device))
+                      for i in range(0, len(texts), batch_size)])
+
+
+@torch.no_grad()
+def embed_images(model: Any, images: Tensor, batch_size: int = 512) -> Tensor:
+    """(N, S) unit retrieval embeddings of a gallery of images."""
+    return torch.cat([model.image_embeddings(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+IMAGE_TOKEN = "<image>"
+"""Marks where an image's k prefix embeddings go in an interleaved prompt."""
+
+
+def interleave(model: Any, prompt: str, images: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """An interleaved prompt → (embeddings before (1, P, D) or None, the last text ids (1, T >= 1),
+    the image embeddings after them (1, A, D) or None).
+
+    The sequence is built as in training: with ``bos_first`` it starts with bos and each
+    ``<image>`` becomes that image's k prefix embeddings; otherwise each image is followed by
+    bos and a prompt that starts with text starts with bos.
+    """
+    if not isinstance(prompt, str):
+        raise ValueError(f"expected a text prompt (str); got {type(prompt).__name__}")
+    pieces = [p.strip() for p in prompt.split(IMAGE_TOKEN)]
+    given = 0 if images is None else len(images)
+    if len(pieces) - 1 != given:
+        raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} token(s) but {given} image(s) were given; "
+                         f"put one {IMAGE_TOKEN} where each image goes")
+    tok, device = model.tokenizer, model.ret_token_embed.device
+    prefixes = model.prefix(images) if given else None  # (N, k, D)
+    bos, first = [tok.special_tokens["bos"]], model.config.bos_first
+    segments: list[list[int] | Tensor] = []  # token ids or (1, k, D) image prefixes, in order
+    head = tok.encode(pieces[0], add_bos=False, add_eos=False)
+    segments.append(bos + head if first or head or not given else [])
+    for i, text in enumerate(pieces[1:]):
+        segments += [prefixes[i:i + 1], ([] if first else bos) + tok.encode(text, add_bos=False, add_eos=False)]
+    segments = [s for s in segments if len(s)]
+    last = max(i for i, s in enumerate(segments) if isinstance(s, list))
+
+    def embed(group: list) -> Tensor | None:
+        x = [s if isinstance(s, Tensor) else model.embed_ids(torch.tensor([s], device=device)) for s in group]
+        return torch.cat(x, dim=1) if x else None  # (1, L, D)
+
+    return embed(segments[:last]), torch.tensor([segments[last]], device=device), embed(segments[last + 1:])
+
+
+@torch.no_grad()
+def generate(model: Any, prompt: str, *, images: Tensor | None = None, gallery: Tensor | None = None, k: int = 5,
+             max_new_tokens: int | None = None, force_ret: bool = True, seed: int = 0, use_cache: bool = True,
+             **sampling: Any) -> dict[str, Any]:
+    """Continue an (interleaved) ``prompt`` until [RET] or end-of-text; retrieve the ``k`` nearest gallery images at [RET].
+
+    ``images`` (N, C, S, S) fill the prompt's N ``<image>`` tokens. Returns ``text`` (the
+    continuation), ``emitted_ret`` (whether the model emitted [RET]) and, with a ``gallery``
+    (M, C, S, S), ``retrieved`` (k,) indices and ``scores`` (k,) cosines. When the model ends
+    without [RET] and ``force_ret``, [RET] is appended (as FROMAGe's retrieval evaluation does).
+    """
+    before, prompt_ids, after = interleave(model, prompt, images)
+    n = max_new_tokens or model.config.max_caption_tokens
+    used = prompt_ids.shape[1] + sum(0 if x is None else x.shape[1] for x in (before, after))
+    if used + n + 1 > model.lm.max_len:
+        raise ValueError(f"the prompt's {used} positions + {n} new tokens + [RET] exceed the LM's {model.lm.max_len}")
+    if gallery is not None and not 0 < k <= len(gallery):
+        raise ValueError(f"k must be in [1, {len(gallery)}] (the gallery size); got {k}")
+    t0 = prompt_ids.shape[1]
+    ids = core_generate(_step_fn(model, before, after, t0), prompt_ids, n, eos_id=model.ret_id, use_cache=use_cache,
+                        **_sampling(sampling, seed))  # (1, T + n')
+    new, emitted = _cut(model, ids[0, t0:].tolist())
+    out: dict[str, Any] = {"prompt": prompt, "text": model.tokenizer.decode(new).strip(), "emitted_ret": emitted}
+    if gallery is not None and (emitted or force_ret):
+        tail = torch.tensor([new + [model.ret_id]], device=prompt_ids.device)  # (1, n'' + 1)
+        parts = [before, model.embed_ids(prompt_ids), after, model.embed_ids(tail)]
+        x = torch.cat([p for p in parts if p is not None], dim=1)  # (1, L, D)
+        q = model.query_embeddings(model.retrieval_hidden(x)[1][:, -1])  # (1, S)
+        scores = embed_images(model, gallery) @ q[0]  # (M,)
+        top = scores.topk(k)
+        out.update(retrieved=top.indices.cpu(), scores=top.values.cpu())
+    return out
+
+
+def named_digits(text: str) -> set[int]:
+    """Digits a text names, as words (``seven``) or numerals (``7``)."""
+    words = re.findall(r"[a-z]+|\d", text.lower())
+    return {DIGIT_WORDS.index(w) if w in DIGIT_WORDS else int(w) for w in words if w in DIGIT_WORDS or w.isdigit()}
+
+
+@torch.no_grad()
+def evaluate_fromage(model: Any, dataset: Any, split: str = "test") -> dict[str, Any]:
+    """``caption_accuracy``: the greedy caption names the image's digit and no other (word or numeral).
+
+    ``retrieval_r1``: for every (template, digit) query read alone with [RET], the nearest image
+    of the split shows that digit; the templates are the digits' word-form caption templates ("a
+    photo of the number seven" …, trained on; the images are unseen), ``_numerals`` its numeral
+    ones ("a handwritten 7" …), ``_heldout`` the held-out templates (never trained on);
+    ``retrieval_precision10``: mean share of the 10 nearest images that show it.
+    ``ret_emission_rate``: share of the word-form queries whose greedy continuation emits [RET].
+    """
+    was = model.training
+    model.eval()
+    data = dataset.split(split)
+    images, labels = data["image"].float(), data["label"]
+    caps = caption(model, images)
+    right = [named_digits(c) == {y} for c, y in zip(caps, labels.tolist())]
+    gallery = embed_images(model, images).cpu()  # (N, S)
+    metrics: dict[str, Any] = {"caption_accuracy": sum(right) / len(right)}
+    words = tuple(t for t in DIGITS_TRAIN_TEMPLATES if "{numeral}" not in t)
+    numerals = tuple(t for t in DIGITS_TRAIN_TEMPLATES if "{numeral}" in t)
+    for suffix, templates in (("", words), ("_numerals", numerals), ("_heldout", model.config.eval_templates)):
+        queries = [(fill_template(t, d), d) for t in templates for d in range(10)]
+        sims = embed_texts(model, [q for q, _ in queries]).cpu() @ gallery.t()  # (Q, N)
+        want = torch.tensor([d for _, d in queries])  # (Q,)
+        metrics[f"retrieval_r1{suffix}"] = (labels[sims.argmax(1)] == want).float().mean().item()
+        metrics[f"retrieval_precision10{suffix}"] = (labels[sims.topk(10, dim=1).indices] == want[:, None]).float().mean().item()
+    queries = [fill_template(t, d) for t in words for d in range(10)]
+    metrics["ret_emission_rate"] = sum(generate(model, q)["emitted_ret"] for q in queries) / len(queries)
+    metrics.update(model.parameter_counts())
+    metrics["samples"] = len(labels)
+    metrics["example_captions"] = "; ".join(f"{y}: {c}" for c, y in list(zip(caps, labels.tolist()))[:5])
+    model.train(was)
+    return metrics
+
+
+def load_gallery(model: Any, gallery: Any) -> tuple[Tensor, list[str]]:
+    """Gallery images (N, C, S, S) and a name per image: a tensor, a folder of images, or the model's test split."""
+    from polymodal.data import load_dataset
+    from polymodal.images import read_image
+
+    v = model.vision.config.vision
+    if gallery is None:
+        split = load_dataset(model.config.data).test
+        return split["image"].float(), [f"test[{i}] (label {y})" for i, y in enumerate(split["label"].tolist())]
+    if isinstance(gallery, Tensor):
+        return model.check_images(gallery), [f"gallery[{i}]" for i in range(len(gallery))]
+    folder = Path(gallery)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")) if folder.is_dir() else []
+    if not files:
+        raise ValueError(f"gallery must be an image tensor (N, {v.channels}, {v.image_size}, {v.image_size}) or a folder "
+                         f"of .png/.jpg images; {str(gallery)!r} has none")
+    return torch.stack([read_image(p, v.channels, v.image_size) for p in files]), [p.name for p in files]
+
+
+def sample_to_folder(model: Any, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0,
+                     **options: Any) -> list[Path]:
+    """With a prompt: its continuation and the ``n`` nearest gallery images; without: ``n`` captioned test images.
+
+    The prompt may hold ``<image>`` tokens filled from ``images`` (N, C, S, S); ``gallery`` is an
+    image tensor or folder (default: the test split of the model's data).
+    Writes ``sample_000.png`` … (native size), ``grid.png`` and ``transcript.txt`` (the prompt,
+    the generated text, [RET] and each image's file, source and score, or each caption).
+    """
+    from polymodal.images import write_samples
+
+    bad = sorted(set(options) - set(SAMPLE_OPTIONS))
+    if bad:
+        raise ValueError(f"fromage does not support {', '.join(bad)}; it supports {', '.join(SAMPLE_OPTIONS)} "
+                         "(caption your own images with `polymodal fromage-caption`)")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1; got {n!r}")
+    gen = {k: options[k] for k in ("temperature", "top_k", "top_p", "use_cache", "max_new_tokens") if k in options}
+    images, names = load_gallery(model, options.get("gallery"))
+    out = Path(out)
+    if prompt is not None:
+        result = generate(model, prompt, images=options.get("images"), gallery=images, k=min(n, len(images)),
+                          seed=seed, **gen)
+        picked = result["retrieved"]
+        lines = [f"prompt: {prompt}", f"generated: {result['text']}",
+                 f"[RET]: {'emitted' if result['emitted_ret'] else 'not emitted; appended for retrieval'}", "retrieved:"]
+        lines += [f"  sample_{i:03d}.png  {names[j]}  cosine {s:.3f}"
+                  for i, (j, s) in enumerate(zip(picked.tolist(), result["scores"].tolist()))]
+    else:
+        picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+        caps = caption(model, images[picked], seed=seed, **gen)
+        lines = ["captions:"] + [f"  sample_{i:03d}.png  {names[j]}: {c}" for i, (j, c) in enumerate(zip(picked.tolist(), caps))]
+    paths = write_samples(images[picked], out)
+    transcript = out / "transcript.txt"
+    transcript.write_text("\n".join(lines) + "\n")
+    return [*paths, transcript]
+
+
+__all__ = ["SAMPLE_OPTIONS", "caption", "embed_images", "embed_texts", "evaluate_fromage", "generate", "interleave",
+           "load_gallery", "named_digits", "sample_to_folder"]
