@@ -92,6 +92,14 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
 
+    def probabilities(self, x: Tensor) -> Tensor:
+        """Self-attention probabilities (B, H, N, N) of ``x`` (B, N, D), unmasked, for inspection
+        (attention maps); the forward pass goes through the fused dispatcher instead."""
+        if self.cross:
+            raise ValueError("probabilities() is for self-attention; this layer is cross-attention")
+        q, k, _ = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, N, Dh)
+        return (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)  # (B, H, N, N)
+
     def forward(self, x: Tensor, context: Tensor | None = None, *, causal: bool = False,
                 key_padding: Tensor | None = None, seqlens: Sequence[int] | None = None,
                 mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:

@@ -9,7 +9,6 @@ visualisation does: upsample, then keep the pixels that hold a fraction of the a
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import click
@@ -25,10 +24,7 @@ def last_attention(encoder: ViTEncoder, images: Tensor) -> Tensor:
     """(B, H, 1 + N, 1 + N) softmax attention probabilities of the encoder's last block, per head."""
     _, hidden = encoder(images, return_hidden=True)
     block = encoder.blocks.blocks[-1]
-    x = block.norm1(hidden[-2])  # (B, 1 + N, D) the last block's normalised input
-    attn = block.attn
-    q, k, _ = (attn._heads(t) for t in attn.qkv(x).chunk(3, dim=-1))  # (B, H, 1 + N, Dh)
-    return ((q @ k.transpose(-2, -1)) / math.sqrt(attn.head_dim)).softmax(-1)  # (B, H, 1 + N, 1 + N)
+    return block.attn.probabilities(block.norm1(hidden[-2]))  # (B, H, 1 + N, 1 + N)
 
 
 def cls_attention(encoder: ViTEncoder, images: Tensor) -> Tensor:
