@@ -280,3 +280,22 @@ def test_special_rows_start_as_the_lm_sentence_boundaries(model):
     assert torch.equal(model.special.weight, rows)
     assert model.special.weight.requires_grad
     assert not any(p.requires_grad for n, p in model.lm.named_parameters() if not n.startswith("stack.injected."))
+
+
+def test_open_ended_and_ranked_scores_read_the_same_forward_pass(model):
+    """Ranked scores are the log-probabilities of the candidate words; a row is 'said' exactly when the
+    greedy next token over the whole vocabulary (but <image>, bos, pad) is that candidate."""
+    m = open_gates(model, attn=1.0, mlp=1.0)
+    candidates = m.word_candidates()
+    rows = [m.encode_text(m.few_shot_text(labels)) for labels in ([], [3, 1], [7, 0, 2, 9])]
+    media = [images_for(m, k + 1, seed=k) for k in (0, 2, 4)]
+    assert all(len(c) == 1 for c in candidates)  # the default BPE keeps " seven" one token
+    scores, spelled = m.score_candidates(rows, media, candidates)
+    assert scores.shape == spelled.shape == (3, 10)
+    for i, (row, images) in enumerate(zip(rows, media)):
+        logp = m(torch.tensor([row]), [images]).log_softmax(-1)[0, -1]  # (V + 2,)
+        assert torch.allclose(scores[i], logp[[c[0] for c in candidates]], atol=1e-5)
+        tok = m.tokenizer.special_tokens
+        logp[[m.image_id, tok["bos"], tok["pad"]]] = float("-inf")
+        greedy = int(logp.argmax())
+        assert spelled[i].tolist() == [c[0] == greedy for c in candidates]
