@@ -299,3 +299,13 @@ def test_open_ended_and_ranked_scores_read_the_same_forward_pass(model):
         logp[[m.image_id, tok["bos"], tok["pad"]]] = float("-inf")
         greedy = int(logp.argmax())
         assert spelled[i].tolist() == [c[0] == greedy for c in candidates]
+
+
+def test_the_few_shot_format_is_one_of_several_trained_sentences():
+    """'This is a {word}.' is trained, but as one of several 'This is a …' formats, so the words after
+    'This is a' are not fixed by training: only a prompt's examples can say which format is asked for."""
+    head = il.EVAL_TEMPLATE.split("{word}")[0]
+    assert il.EVAL_TEMPLATE in il.CAPTION_TEMPLATES
+    siblings = [t for t in il.CAPTION_TEMPLATES if t.startswith(head) and t != il.EVAL_TEMPLATE]
+    assert len(siblings) >= 3 and any("{numeral}" in t for t in siblings), siblings
+    assert all(t.endswith(".") and t[len("This is "):-1] in il.SHORT_TEMPLATES for t in il.SENTENCE_TEMPLATES)

@@ -19,15 +19,12 @@ def test_four_shot_accuracy_bar(trained):
     assert all(ranked[k] >= shots[k] for k in shots), (ranked, shots)  # saying the word implies ranking it first
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 5's second half (4-shot above 0-shot) is not met: as CI trains it, open-ended and ranked accuracy "
-    "are 0.958 at 0, 2 and 4 shots; the frozen LM already knows 'This is a {word}.' and the image-to-word "
-    "link sits at the CLIP tower's ceiling. Left open in the issue note."))
 def test_in_context_examples_help(trained):
-    """4-shot above 0-shot: in-context examples genuinely help."""
+    """4-shot above 0-shot: without examples the model answers in another trained "This is a …" format
+    ("This is a handwritten 7."); the examples tell it the task's format."""
     _, metrics = trained("flamingo")
     shots = metrics["accuracy_by_shots"]
-    assert shots["4"] > shots["0"], shots
+    assert shots["4"] > shots["0"] + 0.05, shots  # by more than 18 of the 360 images
 
 
 def test_eval_json_and_caption_command(trained, tmp_path):

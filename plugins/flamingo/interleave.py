@@ -30,7 +30,7 @@ END_OF_CHUNK = "<|endofchunk|>"
 """Closes an image's chunk of text."""
 _SPLIT = re.compile(r"(<image>|<\|endofchunk\|>)")
 
-CAPTION_TEMPLATES = (
+SHORT_TEMPLATES = (
     "a handwritten {numeral}",
     "the digit {word}",
     "an 8x8 image of a {numeral}",
@@ -44,9 +44,17 @@ CAPTION_TEMPLATES = (
     "The answer is {word}.",
     "The number is {word}.",
 )
-"""Training caption templates: varied (like web captions), all wordings the frozen LM has read (the
-digits' training captions and the text corpus's short templates). The evaluation's "This is a {word}."
-is not among them, so its format comes from the in-context examples."""
+"""Caption-like formats, all wordings the frozen LM has read (the digits' training captions and the
+text corpus's short templates)."""
+
+SENTENCE_TEMPLATES = tuple(f"This is {t}." for t in SHORT_TEMPLATES if t.startswith("a "))
+"""The same captions as sentences ("This is a handwritten 7.", "This is a seven." …): six formats
+share the words "This is a", so what follows them is decided by the sequence's other captions."""
+
+CAPTION_TEMPLATES = SHORT_TEMPLATES + SENTENCE_TEMPLATES
+"""Training caption formats (one per sequence, as a web page keeps its captions' style). The few-shot
+format "This is a {word}." is one of the six "This is a …" sentences, so a 0-shot prompt cannot tell
+which one is asked for; the in-context examples tell it."""
 
 EVAL_TEMPLATE = "This is a {word}."
 """The few-shot evaluation's example captions; its query is the text before ``{word}``."""
@@ -147,5 +155,5 @@ def training_sequences(labels: Sequence[int], templates: Sequence[str], min_chun
     return out
 
 
-__all__ = ["CAPTION_TEMPLATES", "END_OF_CHUNK", "EVAL_TEMPLATE", "IMAGE", "chunk_text", "encode", "fill",
+__all__ = ["CAPTION_TEMPLATES", "SENTENCE_TEMPLATES", "SHORT_TEMPLATES", "END_OF_CHUNK", "EVAL_TEMPLATE", "IMAGE", "chunk_text", "encode", "fill",
            "image_counts", "media_index", "media_mask", "pad_rows", "training_sequences"]
