@@ -81,8 +81,10 @@ def test_ret_token_is_its_own_row_in_and_out():
         model.embed_ids(torch.tensor([[0, ret + 1]]))
 
 
-def test_loss_trains_caption_tokens_and_ret_after_the_prefix():
-    model = tiny_model().eval()
+@pytest.mark.parametrize("caption_ret", [False, True])
+def test_loss_trains_caption_tokens_and_their_end_after_the_prefix(caption_ret):
+    """Captions end in end-of-text (FROMAGe masks [RET] in captioning) or, with caption_ret, in [RET]."""
+    model = tiny_model(caption_ret=caption_ret).eval()
     batch = model.example_batch(3, torch.Generator().manual_seed(1))
     torch.manual_seed(5)
     loss, metrics = model.loss(batch)
@@ -90,6 +92,8 @@ def test_loss_trains_caption_tokens_and_ret_after_the_prefix():
     texts = model.captions_for(batch)
     ids = model.encode_captions(texts)
     assert (ids == model.ret_id).sum(1).tolist() == [1, 1, 1]
+    if not caption_ret:
+        ids[ids == model.ret_id] = model.tokenizer.special_tokens["eos"]
     logits = model.caption_logits(batch["image"], ids)
     k = model.config.prefix_tokens
     pad = model.tokenizer.special_tokens["pad"]
@@ -182,10 +186,14 @@ def test_frozen_part_of_mismatched_width_is_refused():
         model.swap_parts(lm=wide_lm)
     clip_spec = spec("clip")
     tiny_clip = contracts.tiny_config(clip_spec.model_class, clip_spec.config)
-    wide_clip = clip_spec.model_class(attrs.evolve(tiny_clip, embed_dim=24))
+    assert model.config.visual_feature == "cls"  # the adapter reads the ViT's [CLS] width
+    wide_clip = clip_spec.model_class(attrs.evolve(tiny_clip, vision=attrs.evolve(tiny_clip.vision, dim=24)))
     with pytest.raises(ValueError, match=f"width {model.visual_dim}.*got width 24"):
         model.swap_parts(vision=wide_clip)
-    assert model.vision.config.embed_dim == model.visual_dim  # the refused part was not kept
+    assert model.vision.config.vision.dim == model.visual_dim  # the refused part was not kept
+    embed_model = tiny_model(visual_feature="embed")
+    with pytest.raises(ValueError, match=f"width {embed_model.visual_dim}.*got width 24"):
+        embed_model.swap_parts(vision=clip_spec.model_class(attrs.evolve(tiny_clip, embed_dim=24)))
     same = clip_spec.model_class(tiny_clip)
     assert model.swap_parts(vision=same).vision is same
     with pytest.raises(ValueError, match="expected a language model"):
@@ -270,3 +278,11 @@ def test_ret_query_reads_the_chosen_lm_layer(ret_layer):
         torch.testing.assert_close(states, expected)
     with pytest.raises(ValueError, match="ret_layer"):
         tiny_model(ret_layer=len(model.lm.stack.blocks) + 1)(*model.example_inputs(1))
+
+
+def test_ret_row_starts_at_the_mean_lm_row():
+    model = contracts.build("fromage", perturb=False)
+    rows = model.lm.token_embeddings(torch.arange(model.lm.vocab_size)[None])[0]
+    torch.testing.assert_close(model.ret_token_embed.detach(), rows.mean(0, keepdim=True))
+    random_row = contracts.build("fromage", perturb=False, ret_init="random")
+    assert not torch.allclose(random_row.ret_token_embed, rows.mean(0, keepdim=True))

@@ -16,21 +16,11 @@ def fromage(trained):
     return trained("fromage")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 5's caption bar (>= 0.90) is not met reliably: 0.961 in a 1-thread run, 0.864 as CI trains it "
-    "(2 threads); the small frozen LM is barely steered by the image prefix. Left open in the issue note."))
 def test_captions_name_the_digit(fromage):
     _, metrics = fromage
     assert metrics["caption_accuracy"] >= 0.90, metrics
 
 
-RETRIEVAL_NOT_MET = pytest.mark.xfail(strict=False, reason=(
-    "issue 5's bar (R@1 >= 0.85) is not met: as CI trains it R@1 is 0.575 (0.80 in a 1-thread run, "
-    "0.48-1.00 across LM instances and readout layers); the frozen LM's [RET] state encodes the "
-    "caption template more than the digit. Left open in the issue note; remove this mark once it holds."))
-
-
-@RETRIEVAL_NOT_MET
 def test_text_to_image_retrieval_r1(fromage):
     _, metrics = fromage
     assert metrics["retrieval_r1"] >= 0.85, metrics
@@ -52,7 +42,6 @@ def test_folder_reloads_and_evaluates_the_same(fromage):
         assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
-@RETRIEVAL_NOT_MET
 def test_prompt_retrieves_images_of_the_digit(fromage, tmp_path):
     import polymodal
     from polymodal.data import load_dataset

@@ -23,7 +23,10 @@ DIGITS = ModelSpec(
     Fromage,
     FromageConfig(),
     data="digits",
-    train=TrainConfig(steps=600, batch_size=64, lr=1e-2, warmup_steps=30, weight_decay=0.0, checkpoint_every=0),
+    # No global clipping: the InfoNCE gradient would throttle the adapter's (captions 0.66–0.95 over seeds with
+    # grad_clip=1, 0.95 without).
+    train=TrainConfig(steps=1200, batch_size=64, lr=1e-2, warmup_steps=30, weight_decay=0.0, grad_clip=0.0,
+                      checkpoint_every=0),
     doc="FROMAGe on the digits: frozen LM + frozen CLIP image tower; linear prefix adapter, [RET] and retrieval heads.",
     pretrained_parts=("lm", ("vision", "clip")),
 )

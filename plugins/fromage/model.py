@@ -5,15 +5,17 @@ Trained parts only (everything else is frozen and stays in eval mode):
 * ``adapter`` — a core :class:`~polymodal.fusion.AdapterFusion` (kind linear) from the
   image embedding (B, E_v) to ``prefix_tokens`` LM input embeddings: the captioning prefix;
 * ``ret_token_embed`` — the embedding row (1, D) of the new ``[RET]`` token, id
-  ``lm.vocab_size``; it is also the output row of ``[RET]`` (tied, like the LM's head),
-  so generation can emit it;
+  ``lm.vocab_size``, starting at the mean of the LM's rows (``ret_init``); it is also the
+  output row of ``[RET]`` (tied, like the LM's head), so generation can emit it;
 * ``ret_head`` (D → S) on the LM hidden state at ``[RET]`` and ``image_head`` (E_v → S) on
   the image embedding, trained with two-way InfoNCE (core :class:`ContrastiveLoss`,
   learnable logit scale).
 
-Captioning sequence: ``bos [prefix₁ … prefix_k] caption [RET]`` (``bos_first``; FROMAGe's own
-order ``[prefix] bos caption [RET]`` otherwise) with cross-entropy on the caption tokens and
-``[RET]``. Retrieval sequence: ``bos caption [RET]`` (text alone); its ``[RET]`` hidden state is
+Captioning sequence: ``bos [prefix₁ … prefix_k] caption eos`` (``bos_first``; FROMAGe's own
+order ``[prefix] bos caption eos`` otherwise) with cross-entropy on the caption tokens and the
+end of text (FROMAGe masks ``[RET]`` in captioning; ``caption_ret`` ends captions in ``[RET]``
+instead). The image feature is the CLIP tower's final-normed [CLS] (FROMAGe's pooler output).
+Retrieval sequence: ``bos caption [RET]`` (text alone); its ``[RET]`` hidden state is
 the text's query embedding (InfoNCE against the images), and a small cross-entropy teaches the
 text alone to end in ``[RET]`` too (see :mod:`.objective`).
 """
@@ -65,8 +67,12 @@ class Fromage(FromageTraining, PolymodalModel):
         d, e = int(lm.dim), self.visual_dim
         self.ret_id = int(lm.vocab_size)
         self.adapter = AdapterFusion(in_dim=e, out_dim=d, tokens=self.config.prefix_tokens, kind="linear")
-        std = float(lm.token_embeddings(torch.arange(min(lm.vocab_size, 256))[None]).std())  # scale of the LM's rows
-        self.ret_token_embed = nn.Parameter(torch.randn(1, d) * std)  # (1, D) the [RET] row, in and out
+        rows = lm.token_embeddings(torch.arange(lm.vocab_size)[None])[0].detach()  # (V, D) the LM's rows
+        if self.config.ret_init == "mean":  # transformers' mean_resizing of new rows
+            ret = rows.mean(0, keepdim=True)  # (1, D)
+        else:
+            ret = torch.randn(1, d) * float(rows[:256].std())  # (1, D)
+        self.ret_token_embed = nn.Parameter(ret.clone())  # (1, D) the [RET] row, in and out
         reads = len(lm.stack.blocks) if self.config.ret_layer == -2 else 1
         self.ret_head = nn.Linear(d * reads, self.config.shared_dim)
         self.image_head = nn.Linear(e, self.config.shared_dim)

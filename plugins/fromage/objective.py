@@ -1,6 +1,7 @@
 """FROMAGe's training side: template captions, the three losses and the contrastive groups.
 
-Loss = captioning cross-entropy (caption tokens and [RET] after the image prefix)
+Loss = captioning cross-entropy (caption tokens and end-of-text after the image prefix; [RET] with
+``caption_ret``)
 + ``retrieval_weight`` · two-way InfoNCE of [RET] queries (the text read alone) against images
 + ``emission_weight`` · cross-entropy of [RET] after the text read alone.
 """
@@ -47,6 +48,8 @@ class FromageTraining:
         + ``emission_weight`` · cross-entropy of [RET] after the text read alone."""
         images = batch["image"].float()
         ids = self.encode_captions(self.captions_for(batch)).to(self.ret_token_embed.device)  # (B, T)
+        if not self.config.caption_ret:  # FROMAGe: no [RET] in captioning; a caption ends as the LM's sentences do
+            ids = ids.masked_fill(ids == self.ret_id, self.tokenizer.special_tokens["eos"])  # (B, T)
         logits = self.caption_logits(images, ids)  # (B, k+T, V+1)
         k = self.config.prefix_tokens
         targets = ids[:, 1:].masked_fill(ids[:, 1:] == self.tokenizer.special_tokens["pad"], -100)  # (B, T-1)
