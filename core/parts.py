@@ -64,4 +64,15 @@ def resolve_part(value: str, variant: str, data: str, *, field: str, tiny: bool 
     finally:
         torch.set_rng_state(rng)  # training or building the part drew random numbers
 
-__all__ = ["cache_root", "default_part_folder", "resolve_part"]
+def resolve_config_part(config: object, name: str, *, tiny: bool = False) -> tuple[PolymodalModel, str]:
+    """:func:`resolve_part` for a config that names a part by the fields ``name`` (folder, 'auto' or
+    ''), ``name_variant`` and ``name_data`` ('' for the variant's default data); errors name
+    ``ConfigClass.name``."""
+    from .plugin_loader import get_registry
+
+    variant = getattr(config, f"{name}_variant")
+    data = getattr(config, f"{name}_data") or get_registry().get("model", variant).data
+    return resolve_part(getattr(config, name), variant, data, field=f"{type(config).__name__}.{name}", tiny=tiny)
+
+
+__all__ = ["cache_root", "default_part_folder", "resolve_config_part", "resolve_part"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import polymodal.api
-from polymodal.parts import default_part_folder, resolve_part
+from polymodal.parts import default_part_folder, resolve_config_part, resolve_part
 
 
 def test_fresh_part_is_the_variant_or_its_tiny_form():
@@ -44,3 +44,29 @@ def test_a_folder_without_a_model_is_named(tmp_path):
         resolve_part(str(tmp_path), "vit", "digits", field="X.vision")
     with pytest.raises(ValueError, match="X.vision must be a model folder, 'auto' or ''; got 3"):
         resolve_part(3, "vit", "digits", field="X.vision")
+
+
+def test_a_config_names_its_part_by_three_fields(tmp_path, monkeypatch):
+    """``name``, ``name_variant``, ``name_data`` ('' = the variant's default data); errors name Config.name."""
+    import attrs
+
+    @attrs.define
+    class HostConfig:
+        vision: str = "auto"
+        vision_variant: str = "vit"
+        vision_data: str = ""
+
+    monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path))
+    tiny, _ = resolve_part("", "vit", "digits", field="X.vision", tiny=True)
+    calls = []
+
+    def fake_train_model(name, *, data=None, out=None, **kw):
+        calls.append((name, data))
+        tiny.save(out)
+        return tiny, {}
+
+    monkeypatch.setattr(polymodal.api, "train_model", fake_train_model)
+    _, source = resolve_config_part(HostConfig(), "vision")
+    assert calls == [("vit", polymodal.api.spec("vit").data)] and source.endswith("vit-digits")
+    with pytest.raises(ValueError, match=r"HostConfig.vision must be a model folder with config.json"):
+        resolve_config_part(HostConfig(vision=str(tmp_path / "none")), "vision")

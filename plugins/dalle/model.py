@@ -33,7 +33,7 @@ from polymodal.layers import BlockConfig, KVCache, StackConfig, TransformerStack
 from polymodal.layers.embed import init_weights
 from polymodal.models import PolymodalModel
 from polymodal.objectives import cross_entropy
-from polymodal.parts import resolve_part
+from polymodal.parts import resolve_config_part
 from polymodal.plugin_loader import get_registry
 
 from . import text as txt
@@ -50,8 +50,7 @@ class DALLE(PolymodalModel):
 
     def __init__(self, config: DALLEConfig) -> None:
         super().__init__(config)
-        vq, self.tokenizer_source = resolve_part(config.tokenizer, config.tokenizer_variant, config.tokenizer_data,
-                                                 field="DALLEConfig.tokenizer", tiny=config.tokenizer_tiny)
+        vq, self.tokenizer_source = resolve_config_part(config, "tokenizer", tiny=config.tokenizer_tiny)
         self.set_text_tokenizer(txt.train_tokenizer(config.data, config.templates, config.class_names, config.text_vocab))
         self._build(vq)
 

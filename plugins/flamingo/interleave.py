@@ -155,5 +155,5 @@ def training_sequences(labels: Sequence[int], templates: Sequence[str], min_chun
     return out
 
 
-__all__ = ["CAPTION_TEMPLATES", "SENTENCE_TEMPLATES", "SHORT_TEMPLATES", "END_OF_CHUNK", "EVAL_TEMPLATE", "IMAGE", "chunk_text", "encode", "fill",
-           "image_counts", "media_index", "media_mask", "pad_rows", "training_sequences"]
+__all__ = ["CAPTION_TEMPLATES", "END_OF_CHUNK", "EVAL_TEMPLATE", "IMAGE", "SENTENCE_TEMPLATES", "SHORT_TEMPLATES",
+           "chunk_text", "encode", "fill", "image_counts", "media_index", "media_mask", "pad_rows", "training_sequences"]

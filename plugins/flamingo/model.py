@@ -30,7 +30,7 @@ from polymodal.config import to_dict
 from polymodal.fusion import CrossAttentionFusion
 from polymodal.models import PolymodalModel
 from polymodal.objectives import cross_entropy
-from polymodal.parts import resolve_part
+from polymodal.parts import resolve_config_part
 from polymodal.plugin_loader import get_registry
 
 from . import interleave as il
@@ -48,11 +48,8 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
 
     def __init__(self, config: FlamingoConfig) -> None:
         super().__init__(config)
-        data = config.lm_data or get_registry().get("model", config.lm_variant).data
-        lm, self.lm_source = resolve_part(config.lm, config.lm_variant, data, field="FlamingoConfig.lm",
-                                          tiny=config.parts_tiny)
-        vision, self.vision_source = resolve_part(config.vision, config.vision_variant, config.vision_data,
-                                                  field="FlamingoConfig.vision", tiny=config.parts_tiny)
+        lm, self.lm_source = resolve_config_part(config, "lm", tiny=config.parts_tiny)
+        vision, self.vision_source = resolve_config_part(config, "vision", tiny=config.parts_tiny)
         self._build(lm, vision)
 
     # -- construction -----------------------------------------------------------------------------

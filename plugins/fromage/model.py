@@ -34,7 +34,7 @@ from polymodal.config import to_dict
 from polymodal.fusion import AdapterFusion
 from polymodal.models import PolymodalModel
 from polymodal.objectives import ContrastiveLoss
-from polymodal.parts import resolve_part
+from polymodal.parts import resolve_config_part
 from polymodal.plugin_loader import get_registry
 
 from .config import EVAL_TEMPLATES, TRAIN_TEMPLATES, FromageConfig, check_lm, check_vision
@@ -50,11 +50,8 @@ class Fromage(FromageTraining, PolymodalModel):
 
     def __init__(self, config: FromageConfig) -> None:
         super().__init__(config)
-        lm_data = config.lm_data or get_registry().get("model", config.lm_variant).data
-        lm, self.lm_source = resolve_part(config.lm, config.lm_variant, lm_data, field="FromageConfig.lm",
-                                          tiny=config.lm_tiny)
-        vision, self.vision_source = resolve_part(config.vision, config.vision_variant, config.vision_data,
-                                                  field="FromageConfig.vision", tiny=config.vision_tiny)
+        lm, self.lm_source = resolve_config_part(config, "lm", tiny=config.lm_tiny)
+        vision, self.vision_source = resolve_config_part(config, "vision", tiny=config.vision_tiny)
         self._build(lm, vision)
 
     # -- construction ---------------------------------------------------------------------------
@@ -72,7 +69,7 @@ class Fromage(FromageTraining, PolymodalModel):
             ret = rows.mean(0, keepdim=True)  # (1, D)
         else:
             ret = torch.randn(1, d) * float(rows[:256].std())  # (1, D)
-        self.ret_token_embed = nn.Parameter(ret.clone())  # (1, D) the [RET] row, in and out
+        self.ret_token_embed = nn.Parameter(ret)  # (1, D) the [RET] row, in and out
         reads = len(lm.stack.blocks) if self.config.ret_layer == -2 else 1
         self.ret_head = nn.Linear(d * reads, self.config.shared_dim)
         self.image_head = nn.Linear(e, self.config.shared_dim)

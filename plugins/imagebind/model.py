@@ -29,7 +29,7 @@ from polymodal.config import config, field, in_range, to_dict
 from polymodal.data.augment import resize
 from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES
 from polymodal.models import PolymodalModel
-from polymodal.parts import default_part_folder, resolve_part
+from polymodal.parts import default_part_folder, resolve_config_part
 from polymodal.objectives import info_nce
 from polymodal.plugin_loader import get_registry as _registry
 
@@ -67,7 +67,7 @@ def default_clip_folder(variant: str, data: str) -> Path:
 
 def resolve_clip(cfg: ImageBindConfig) -> tuple[nn.Module, str]:
     """The CLIP model named by ``cfg.clip`` and a line saying where it came from (the RNG state is kept)."""
-    return resolve_part(cfg.clip, cfg.clip_variant, cfg.clip_data, field="ImageBindConfig.clip", tiny=cfg.clip_tiny)
+    return resolve_config_part(cfg, "clip", tiny=cfg.clip_tiny)
 
 
 def bind_loss(anchor: Tensor, other: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ from polymodal.layers import BlockConfig, KVCache, StackConfig, TransformerStack
 from polymodal.layers.embed import init_weights
 from polymodal.models import PolymodalModel
 from polymodal.objectives import cross_entropy
-from polymodal.parts import resolve_part
+from polymodal.parts import resolve_config_part
 from polymodal.plugin_loader import get_registry
 
 from . import text as tx
@@ -61,9 +61,7 @@ class RuDolph(RudolphTasks, PolymodalModel):
     def __init__(self, config: RudolphConfig, tokenizer: nn.Module | None = None) -> None:
         super().__init__(config)
         if tokenizer is None:
-            tokenizer, self.tokenizer_source = resolve_part(config.tokenizer, config.tokenizer_variant,
-                                                            config.tokenizer_data, field="RudolphConfig.tokenizer",
-                                                            tiny=config.tokenizer_tiny)
+            tokenizer, self.tokenizer_source = resolve_config_part(config, "tokenizer", tiny=config.tokenizer_tiny)
         else:
             self.tokenizer_source = f"given {type(tokenizer).__name__}"
         self.text = tx.make_tokenizer(config.text_tokenizer, config.text_vocab_size, config.templates, config.class_names)
