@@ -309,7 +309,7 @@ def run_case(variant: str, case: Case, dtype: torch.dtype, mode: str, ctx: Conte
     tflops = flops / median / 1e12
     gbps = case.io_bytes(element, backward) / median / 1e9
     peak, sheet = ctx.peaks.get(row["dtype"]), ctx.base.get("datasheet_tflops", {}).get(row["dtype"])
-    return {**row, "median_ms": round(median * 1e3, 4), "iqr_ms": round(iqr * 1e3, 4), "runs": runs,
+    return {**row, "median_ms": sig(median * 1e3, 6), "iqr_ms": sig(iqr * 1e3, 6), "runs": runs,
             "tflops": sig(tflops), "gflops": sig(tflops * 1e3),
             "pct_measured_peak": sig(100 * tflops / peak) if peak else None,
             "pct_datasheet_peak": sig(100 * tflops / sheet) if sheet else None, "gbps": sig(gbps),
