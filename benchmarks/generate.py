@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from polymodal.bench import load_average, machine, report_path, resolve_device, write_json
+from bench import load_average, machine, report_path, resolve_device, write_json
 from polymodal.plugins.igpt import IGPT, IGPTConfig
 from polymodal.plugins.igpt.convert import convert_hf_imagegpt
 

@@ -8,7 +8,7 @@
 
 import sys
 
-from polymodal.bench import main
+from bench import main  # benchmarks/bench.py, beside this script
 
 if __name__ == "__main__":
     sys.exit(main(["models", *sys.argv[1:]]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .hookspecs import hookimpl, hookspec
+from polymodal.registry.hookspecs import hookimpl, hookspec
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "create", "hookimpl", "hookspec", "load", "registry", "train_model"]
@@ -23,7 +23,7 @@ def __getattr__(name: str) -> Any:
 
         return importlib.import_module(".registry", __name__)
     if name in ("create", "load", "train_model", "evaluate_folder"):
-        from . import api
+        from polymodal import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'polymodal' has no attribute {name!r}")

@@ -9,13 +9,13 @@ from typing import Any
 import attrs
 import torch
 
-from .config import apply_overrides
-from .data import load_dataset
-from .io import load_model
-from .models import ModelSpec, PolymodalModel
-from .plugin_loader import get_registry
-from .train import train
-from .train_config import TrainConfig
+from polymodal.config import apply_overrides
+from polymodal.data import load_dataset
+from polymodal.io import load_model
+from polymodal.models import ModelSpec, PolymodalModel
+from polymodal.registry import get_registry
+from polymodal.train import train
+from polymodal.train import TrainConfig
 
 
 def spec(name: str) -> ModelSpec:

@@ -5,13 +5,13 @@ It loads through the ``polymodal`` entry-point group like any third-party plugin
 
 from __future__ import annotations
 
-from .hookspecs import hookimpl
+from polymodal import hookimpl
 
 
 @hookimpl
 def register_attention_backends(register):
     """math (reference), sdpa, xformers (CUDA only) and flex."""
-    from .attention import BUILTIN_BACKENDS
+    from polymodal.attention import BUILTIN_BACKENDS
 
     for backend in BUILTIN_BACKENDS:
         register(backend.name, backend)
@@ -20,7 +20,7 @@ def register_attention_backends(register):
 @hookimpl
 def register_encoders(register):
     """The ViT trunk (ViT, CLIP, DINO, PIXEL) and the text trunk (CLIP, ImageBind)."""
-    from .encoders import TextEncoder, ViTEncoder
+    from polymodal.nn.encoders import TextEncoder, ViTEncoder
 
     register("vit", ViTEncoder)
     register("text", TextEncoder, doc="Text transformer: token + learned position embedding, (causal) blocks, final norm.")
@@ -29,7 +29,7 @@ def register_encoders(register):
 @hookimpl
 def register_datasets(register):
     """Embedded data: digits, procedural shapes, generated sentences, and a folder of the user's own images."""
-    from .data import load_digits, load_folder, load_shapes, load_text
+    from polymodal.data import load_digits, load_folder, load_shapes, load_text
 
     register("digits", load_digits)
     register("shapes", load_shapes)
@@ -40,7 +40,7 @@ def register_datasets(register):
 @hookimpl
 def register_metrics(register):
     """Generic metrics."""
-    from .metrics import accuracy
+    from polymodal.eval.metrics import accuracy
 
     register("accuracy", accuracy)
 
@@ -48,7 +48,7 @@ def register_metrics(register):
 @hookimpl
 def register_tokenizers(register):
     """Text tokenizers: UTF-8 bytes and byte-level BPE (Hugging Face ``tokenizers``)."""
-    from .tokenizers import BPETokenizer, ByteTokenizer
+    from polymodal.data.tokenizers import BPETokenizer, ByteTokenizer
 
     register("bytes", ByteTokenizer)
     register("bpe", BPETokenizer)
@@ -57,7 +57,7 @@ def register_tokenizers(register):
 @hookimpl
 def register_fusions(register):
     """The three fusions: concatenation, (gated) cross-attention and adapters."""
-    from .fusion import AdapterFusion, ConcatFusion, CrossAttentionFusion
+    from polymodal.nn.fusion import AdapterFusion, ConcatFusion, CrossAttentionFusion
 
     register("concat", ConcatFusion)
     register("cross-attention", CrossAttentionFusion)
@@ -66,22 +66,19 @@ def register_fusions(register):
 
 @hookimpl
 def register_objectives(register):
-    """Cross-entropy with per-segment weights, CLIP's contrastive loss, MAE's masked-patch loss and
-    DINO's self-distillation loss."""
-    from .distill import DINOLoss
-    from .mae import masked_patch_loss
-    from .objectives import ContrastiveLoss, cross_entropy
+    """Cross-entropy with per-segment weights, CLIP's contrastive loss and MAE's masked-patch loss."""
+    from polymodal.nn.mae import masked_patch_loss
+    from polymodal.objectives import ContrastiveLoss, cross_entropy
 
     register("cross-entropy", cross_entropy)
     register("contrastive", ContrastiveLoss)
     register("masked-patches", masked_patch_loss)
-    register("self-distillation", DINOLoss)
 
 
 @hookimpl
 def register_samplers(register):
     """Autoregressive samplers ``(logits (B, V), generator=None, **kw) -> ids (B,)``."""
-    from .sampling import sample_greedy, sample_temperature, sample_top_k, sample_top_p
+    from polymodal.generation.sampling import sample_greedy, sample_temperature, sample_top_k, sample_top_p
 
     register("greedy", sample_greedy)
     register("temperature", sample_temperature)

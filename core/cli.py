@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from .plugin_loader import get_registry, plugin_records
+from polymodal.registry.loader import get_registry, plugin_records
 
 
 class _Group(click.Group):
@@ -66,7 +67,7 @@ def list_(kind: str | None) -> None:
 @click.argument("name")
 def info(name: str) -> None:
     """Show one component: its doc and, for configurable ones, every config field."""
-    from .config import describe
+    from polymodal.config import describe
 
     registry = get_registry()
     found = registry.find(name)
@@ -111,7 +112,7 @@ def _rows(describe, target, prefix: str = ""):
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(model, data, set_, train_set, steps, epochs, seed, out, device, resume, no_progress) -> None:
     """Train MODEL, print its test metrics and write a model folder."""
-    from .api import train_model
+    from polymodal.api import train_model
 
     if steps is not None and epochs is not None:
         raise click.UsageError("give --steps or --epochs, not both")
@@ -133,7 +134,7 @@ def train(model, data, set_, train_set, steps, epochs, seed, out, device, resume
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_(directory, data, device, as_json) -> None:
     """Evaluate a model folder and print the family's metrics."""
-    from .api import evaluate_folder
+    from polymodal.api import evaluate_folder
 
     try:
         metrics = evaluate_folder(directory, data=data, device=device)
@@ -167,7 +168,7 @@ def sample(directory, num, prompt, seed, out, complete, temperature, top_k, top_
     Options left unset are not passed, so each family uses its own defaults; a family
     that does not support an option says so.
     """
-    from .api import load
+    from polymodal.api import load
 
     model = load(directory)
     if not hasattr(model, "sample_to_folder"):
@@ -208,9 +209,22 @@ def bench(ctx, suite) -> None:
     Extra arguments go to the suite (try `bench attention --help`); `--compare BASELINE.json`
     flags regressions (> 5 % and > 30 µs slower).
     """
-    from . import bench as bench_module
+    sys.path.insert(0, str(_benchmarks_dir()))
+    import bench as bench_module  # benchmarks/bench.py: the suites live outside the package
 
     sys.exit(bench_module.main([suite, *ctx.args]))
+
+
+def _benchmarks_dir() -> Path:
+    """The source tree's ``benchmarks/`` folder (or ``$POLYMODAL_BENCHMARKS``), where the suites live."""
+    env = os.environ.get("POLYMODAL_BENCHMARKS")
+    candidates = [Path(env)] if env else [Path(__file__).resolve().parent.parent / "benchmarks"]
+    for folder in candidates:
+        if (folder / "bench.py").is_file():
+            return folder
+    raise click.ClickException(
+        f"the benchmark suites ship with the source tree, not the installed package: expected bench.py in "
+        f"{candidates[0]}; clone the repository (or set POLYMODAL_BENCHMARKS to its benchmarks/ folder)")
 
 
 if __name__ == "__main__":  # pragma: no cover

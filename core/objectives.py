@@ -5,10 +5,10 @@
 - :class:`ContrastiveLoss` / :func:`info_nce` — CLIP's symmetric InfoNCE with a learnable
   temperature.
 
-Masked reconstruction lives with the masked autoencoder in :mod:`polymodal.mae`
-(:func:`~polymodal.mae.masked_patch_loss`, registered as ``masked-patches``) and
-self-distillation with its head and EMA in :mod:`polymodal.distill`
-(:class:`~polymodal.distill.DINOLoss`, ``self-distillation``); diffusion objectives are to come.
+Masked reconstruction lives with the masked autoencoder in :mod:`polymodal.nn.mae`
+(:func:`~polymodal.nn.mae.masked_patch_loss`, registered as ``masked-patches``) and
+self-distillation with its head and EMA in :mod:`polymodal.plugins.dino.distill`
+(:class:`~polymodal.plugins.dino.distill.DINOLoss`, ``self-distillation``); diffusion objectives are to come.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import config, field, in_range
+from polymodal.config import config, field, in_range
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, *, segment_ids: Tensor | None = None,

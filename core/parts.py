@@ -13,23 +13,12 @@ A recipe that needs a trained part takes its model folder through a config field
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 import torch
 
-from .models import PolymodalModel
-
-
-def cache_root() -> Path:
-    """``$POLYMODAL_CACHE`` or ``~/.cache/polymodal``: where trained default parts and judges live."""
-    return Path(os.environ.get("POLYMODAL_CACHE") or Path.home() / ".cache" / "polymodal")
-
-
-def default_part_folder(variant: str, data: str) -> Path:
-    """Where ``"auto"`` keeps the default ``variant`` trained on ``data``."""
-    return cache_root() / "parts" / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{variant}-{data}")
+from polymodal.io.cache import cache_root, default_part_folder
+from polymodal.models import PolymodalModel
 
 
 def resolve_part(value: str, variant: str, data: str, *, field: str, tiny: bool = False) -> tuple[PolymodalModel, str]:
@@ -39,8 +28,8 @@ def resolve_part(value: str, variant: str, data: str, *, field: str, tiny: bool 
     (its tiny form with ``tiny``). Loading or training leaves the global torch RNG state as it
     was, so building a recipe is reproducible whether or not a part had to be trained.
     """
-    from .io import load_model
-    from .plugin_loader import get_registry
+    from polymodal.io import load_model
+    from polymodal.registry import get_registry
 
     if not isinstance(value, str):
         raise ValueError(f"{field} must be a model folder, 'auto' or ''; got {value!r}")
@@ -48,14 +37,14 @@ def resolve_part(value: str, variant: str, data: str, *, field: str, tiny: bool 
         spec = get_registry().get("model", variant)
         cfg = spec.config
         if tiny:
-            from .testing.contracts import tiny_config
+            from polymodal.testing.contracts import tiny_config
             cfg = tiny_config(spec.model_class, cfg)
         return spec.model_class(cfg), f"fresh, untrained `{variant}`"
     folder = Path(value) if value != "auto" else default_part_folder(variant, data)
     rng = torch.get_rng_state()
     try:
         if value == "auto" and not (folder / "config.json").is_file():
-            from .api import train_model
+            from polymodal.api import train_model
             print(f"{field}: no trained `{variant}` at {folder}; training it on {data} first")
             train_model(variant, data=data, out=folder)
         if not (folder / "config.json").is_file():
@@ -68,7 +57,7 @@ def resolve_config_part(config: object, name: str, *, tiny: bool = False) -> tup
     """:func:`resolve_part` for a config that names a part by the fields ``name`` (folder, 'auto' or
     ''), ``name_variant`` and ``name_data`` ('' for the variant's default data); errors name
     ``ConfigClass.name``."""
-    from .plugin_loader import get_registry
+    from polymodal.registry import get_registry
 
     variant = getattr(config, f"{name}_variant")
     data = getattr(config, f"{name}_data") or get_registry().get("model", variant).data

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("POLYMODAL_STRICT_PLUGINS", "1")
+# The benchmark suites live in benchmarks/, outside the package; their tests import them from there.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -26,8 +26,8 @@ from polymodal.attention import (
     use_backend,
 )
 from polymodal.attention.dispatch import _spec
-from polymodal.layers import Block, BlockConfig, StackConfig, TransformerStack
-from polymodal.plugin_loader import get_registry
+from polymodal.nn import Block, BlockConfig, StackConfig, TransformerStack
+from polymodal.registry import get_registry
 
 # flex runs eagerly (unfused) on the CPU and says so once per process; that is expected here.
 pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
@@ -640,7 +640,7 @@ ROW_KEYS = {"suite", "backend", "case", "shape", "dtype", "device", "device_name
 
 
 def test_bench_quick_writes_rows(tmp_path, capsys):
-    from polymodal import bench
+    import bench
 
     out = tmp_path / "attention.json"
     # flex is left out: unfused on the CPU it is slow, and the equivalence tests above cover it.
@@ -663,7 +663,7 @@ def test_bench_quick_writes_rows(tmp_path, capsys):
 
 
 def test_bench_rejects_unknown_suite(capsys):
-    from polymodal import bench
+    import bench
 
     assert bench.main(["nope"]) == 2
     assert "usage" in capsys.readouterr().err

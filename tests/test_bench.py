@@ -9,8 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from polymodal import bench, bench_attention as ba, bench_models as bm
-from polymodal.bench_report import compare, plot_attention, row_key
+import bench
+import bench_attention as ba
+import bench_models as bm
+from bench_report import compare, plot_attention, row_key
 from polymodal.cli import main
 
 ROW_KEYS = {"suite", "key", "backend", "case", "family", "shape", "seq_len", "head_dim", "mask", "dtype", "device",

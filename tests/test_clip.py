@@ -135,7 +135,7 @@ def test_logit_scale_starts_at_one_over_007_and_never_exceeds_100_after_any_step
         assert model.logit_scale.exp().item() <= 100.0 + 1e-4
         assert metrics["logit_scale"] <= 100.0 + 1e-4
     from polymodal.train import train
-    from polymodal.train_config import TrainConfig
+    from polymodal.train import TrainConfig
 
     train(model, digits, TrainConfig(steps=3, batch_size=8, lr=10.0, warmup_steps=0, checkpoint_every=0), progress=False)
     assert model.logit_scale.exp().item() <= 100.0 + 1e-4

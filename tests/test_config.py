@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polymodal.config import apply_overrides, from_json, to_json
-from polymodal.encoders import ViTEncoderConfig
-from polymodal.layers import BlockConfig
+from polymodal.nn.encoders import ViTEncoderConfig
+from polymodal.nn import BlockConfig
 from polymodal.plugins.vit import ViTConfig
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 
 def test_invalid_value_names_field_and_range():

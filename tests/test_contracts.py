@@ -16,7 +16,7 @@ from torch import nn
 
 from polymodal.config import config, field, in_range, one_of, to_json
 from polymodal.models import ModelSpec, PolymodalModel
-from polymodal.plugin_loader import get_registry
+from polymodal.registry import get_registry
 from polymodal.testing import contracts, strategies
 
 REGISTRY = get_registry()

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from polymodal.api import load
 from polymodal.attention.masks import image_pattern_mask
 from polymodal.data import load_dataset
-from polymodal.layers import KVCache
+from polymodal.nn import KVCache
 from polymodal.parts import resolve_part
 from polymodal.plugins.dalle import DALLE, VARIANTS
 from polymodal.plugins.dalle.sample import clip_scores, generate_codes, sample_images
@@ -286,7 +286,7 @@ def test_rerank_keeps_the_best_clip_candidate(model, tiny_clip, tmp_path):
 
 
 def test_complete_keeps_the_top_half(model, tmp_path, digits):
-    from polymodal.images import save_png
+    from polymodal.eval.images import save_png
 
     image = digits.test["image"][0]
     save_png(image, tmp_path / "d.png")

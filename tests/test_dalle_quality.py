@@ -2,7 +2,7 @@
 
 ``trained("dalle")`` runs exactly ``polymodal train dalle`` with ``--set tokenizer=`` the folder of
 ``trained("vqvae")`` (``dalle-shapes``: of ``trained("vqvae-shapes")``), as the spec's
-``pretrained_parts=(("tokenizer", variant),)`` asks; the judge (polymodal.judge) reads the samples.
+``pretrained_parts=(("tokenizer", variant),)`` asks; the judge (polymodal.eval.judge) reads the samples.
 """
 
 from __future__ import annotations

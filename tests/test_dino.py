@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 import polymodal
 from polymodal.cli import main
-from polymodal.distill import CollapseError
-from polymodal.images import save_png
+from polymodal.plugins.dino.distill import CollapseError
+from polymodal.eval.images import save_png
 from polymodal.plugins.dino import VARIANTS, DINOModel
 from polymodal.plugins.dino.attention_maps import centred_blobs, cls_attention, iou, last_attention, mass_mask
 from polymodal.plugins.dino.crops import multi_crop, random_resized_crop
@@ -124,7 +124,7 @@ def test_loss_never_reads_labels():
 def test_collapsed_teacher_stops_training_with_a_clear_error():
     from polymodal.data import load_dataset
     from polymodal.train import train
-    from polymodal.train_config import TrainConfig
+    from polymodal.train import TrainConfig
 
     model = tiny("dino", collapse_start=0, collapse_patience=3, collapse_min_kl=1e-3)
     with torch.no_grad():  # the teacher's head maps every image to the same bottleneck vector

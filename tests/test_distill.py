@@ -1,4 +1,4 @@
-"""Self-distillation pieces (polymodal.distill): head, loss, centre, EMA, schedules, collapse statistics."""
+"""Self-distillation pieces (polymodal.plugins.dino.distill): head, loss, centre, EMA, schedules, collapse statistics."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from polymodal.distill import (CollapseError, CollapseMonitor, DINOHead, DINOHeadConfig, DINOLoss, DINOLossConfig,
-                               collapse_stats, cosine_momentum, ema_update_, teacher_temperature)
-from polymodal.train import TrainingError
+from polymodal.plugins.dino.distill import (CollapseError, CollapseMonitor, DINOHead, DINOHeadConfig, DINOLoss, DINOLossConfig,
+                               collapse_stats, teacher_temperature)
+from polymodal.train import TrainingError, cosine_momentum, ema_update_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -127,7 +127,7 @@ def test_text_only_logits_equal_the_frozen_lm(model):
 def test_only_resampler_blocks_and_special_rows_train():
     from polymodal.data import load_dataset
     from polymodal.train import train
-    from polymodal.train_config import TrainConfig
+    from polymodal.train import TrainConfig
 
     m = build("flamingo", perturb=False)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
@@ -210,7 +210,7 @@ def test_token_ids_out_of_range(model):
 
 def test_kv_cache_steps_match_the_full_pass(model):
     """Feeding an interleaved prompt piece by piece through the cache gives the full pass's logits."""
-    from polymodal.layers import KVCache
+    from polymodal.nn import KVCache
 
     m = open_gates(model, attn=0.7, mlp=0.5)
     ids = text_ids(m, "<image>This is a one.<|endofchunk|><image>This is a")
@@ -244,7 +244,7 @@ def test_caption_command_and_eval(model, tmp_path):
     from click.testing import CliRunner
 
     from polymodal.cli import main
-    from polymodal.images import save_png
+    from polymodal.eval.images import save_png
 
     folder = tmp_path / "flamingo"
     model.save(folder)

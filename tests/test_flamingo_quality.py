@@ -33,7 +33,7 @@ def test_eval_json_and_caption_command(trained, tmp_path):
 
     from polymodal.cli import main
     from polymodal.data import DIGIT_WORDS, load_dataset
-    from polymodal.images import save_png
+    from polymodal.eval.images import save_png
 
     folder, metrics = trained("flamingo")
     result = CliRunner().invoke(main, ["eval", str(folder), "--json"])

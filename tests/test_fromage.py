@@ -243,7 +243,7 @@ def test_evaluate_reports_the_metrics():
 
 def test_caption_command(tmp_path):
     from polymodal.cli import main
-    from polymodal.images import save_png
+    from polymodal.eval.images import save_png
 
     model = tiny_model().eval()
     model.save(tmp_path / "m")

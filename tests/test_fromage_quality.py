@@ -67,7 +67,7 @@ def test_prompt_retrieves_images_of_the_digit(fromage, tmp_path):
 def test_caption_command_on_a_test_image(fromage, tmp_path):
     from polymodal.cli import main
     from polymodal.data import load_dataset
-    from polymodal.images import save_png
+    from polymodal.eval.images import save_png
     from polymodal.plugins.fromage.infer import named_digits
 
     folder, _ = fromage

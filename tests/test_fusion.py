@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polymodal.fusion import AdapterFusion, ConcatFusion, CrossAttentionFusion
-from polymodal.layers import BlockConfig, StackConfig, TransformerStack
+from polymodal.nn.fusion import AdapterFusion, ConcatFusion, CrossAttentionFusion
+from polymodal.nn import BlockConfig, StackConfig, TransformerStack
 
 
 @pytest.mark.parametrize("cls", [ConcatFusion, CrossAttentionFusion, AdapterFusion])

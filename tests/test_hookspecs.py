@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from polymodal import hookspecs
+from polymodal.registry import hookspecs
 from polymodal.registry import KINDS
 
 

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 import polymodal
 from polymodal.cli import main
 from polymodal.data import load_dataset
-from polymodal.images import read_image, save_png
+from polymodal.eval.images import read_image, save_png
 from polymodal.io import LoadError
-from polymodal.layers import KVCache, QuickGELU, RMSNorm
+from polymodal.nn import KVCache, QuickGELU, RMSNorm
 from polymodal.plugins.igpt import IGPT, IGPTConfig
 from polymodal.plugins.igpt import palette as pal
 from polymodal.plugins.igpt import probe
@@ -364,7 +364,7 @@ def test_evaluate_reports_nll_baseline_and_a_probe_per_layer(digits, tmp_path):
 
 
 def test_fd_judge_compares_judge_features_of_samples_and_test_images(digits, monkeypatch):
-    import polymodal.judge as judge_module
+    import polymodal.eval.judge as judge_module
 
     class FakeJudge:
         """Features = the mean brightness of each image quarter; reads 8×8 images."""

@@ -12,18 +12,18 @@ from hypothesis import strategies as st
 from torch import nn
 
 import polymodal
-from polymodal.data.audio import (CLIP_SAMPLES, DTMF_COLS, DTMF_ROWS, SAMPLE_RATE, dtmf_clips, dtmf_frequencies,
+from polymodal.plugins.imagebind.audio import (CLIP_SAMPLES, DTMF_COLS, DTMF_ROWS, SAMPLE_RATE, dtmf_clips, dtmf_frequencies,
                                   load_digits_audio, log_mel, mel_filterbank)
 from polymodal.data.base import Dataset, Split
 from polymodal.objectives import similarity_logits
-from polymodal.plugin_loader import register_plugin, unregister_plugin
+from polymodal.registry.loader import register_plugin, unregister_plugin
 from polymodal.plugins.imagebind import ImageBind, ImageBindConfig, compose, retrieve
 from polymodal.plugins.imagebind.model import bind_loss, default_clip_folder
 from polymodal.plugins.imagebind.modalities import ThermalEncoderConfig
 from polymodal.testing import contracts
 from polymodal.train import param_groups
 from polymodal.train import train as run_training
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 
 def tiny_model(seed: int = 0, **overrides) -> ImageBind:

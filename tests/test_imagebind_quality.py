@@ -9,7 +9,7 @@ import torch
 
 import polymodal
 from polymodal.data import load_digits
-from polymodal.data.audio import dtmf_clips
+from polymodal.plugins.imagebind.audio import dtmf_clips
 from polymodal.plugins.imagebind import compose, retrieve
 
 pytestmark = pytest.mark.slow

@@ -1,11 +1,11 @@
-"""PNG read/write, grids and sample folders (polymodal.images)."""
+"""PNG read/write, grids and sample folders (polymodal.eval.images)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from polymodal.images import make_grid, read_image, save_png, write_samples
+from polymodal.eval.images import make_grid, read_image, save_png, write_samples
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -14,13 +14,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import polymodal
-import polymodal.io as pio
+import polymodal.io.folders as pio
 from polymodal.config import config, field
-from polymodal.encoders import ViTEncoderConfig
-from polymodal.hookspecs import hookimpl
+from polymodal.nn.encoders import ViTEncoderConfig
+from polymodal import hookimpl
 from polymodal.io import LoadError, atomic_write, load_model, load_state_strict, save_model
 from polymodal.models import ModelSpec, PolymodalModel
-from polymodal.plugin_loader import register_plugin, unregister_plugin
+from polymodal.registry.loader import register_plugin, unregister_plugin
 from polymodal.plugins.vit import ViTClassifier
 
 TINY = ViTEncoderConfig(image_size=8, patch_size=4, channels=1, dim=16, depth=2, heads=2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import linalg
 
-import polymodal.judge as J
+import polymodal.eval.judge as J
 from polymodal.data.base import Dataset, Split
 
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from polymodal.attention import backends, use_backend
-from polymodal.layers import BlockConfig, KVCache, StackConfig, TransformerStack
+from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
 
 pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
               pytest.mark.usefixtures("one_thread")]

@@ -20,11 +20,11 @@ from torch import nn
 import polymodal
 from polymodal.cli import main
 from polymodal.io import LoadError
-from polymodal.layers import KVCache
-from polymodal.plugin_loader import get_registry
+from polymodal.nn import KVCache
+from polymodal.registry import get_registry
 from polymodal.plugins.lm import LMConfig, LMModel
 from polymodal.plugins.lm.convert import convert_hf_gpt2
-from polymodal.sampling import generate
+from polymodal.generation.sampling import generate
 from polymodal.testing import contracts
 
 ATOL = 1e-5

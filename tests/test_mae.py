@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polymodal.encoders import ViTEncoderConfig
-from polymodal.mae import (MAE, MAEConfig, masked_patch_loss, masking_from_noise, noise_from_mask, normalise_patches,
+from polymodal.nn.encoders import ViTEncoderConfig
+from polymodal.nn.mae import (MAE, MAEConfig, masked_patch_loss, masking_from_noise, noise_from_mask, normalise_patches,
                            patchify, unpatchify)
 from polymodal.plugins.pixel.convert import convert_hf_vitmae, mae_config_from_hf, mae_state_from_hf
 

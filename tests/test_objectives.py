@@ -77,8 +77,8 @@ def test_contrastive_init_and_registry():
     assert loss_fn.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     assert polymodal.registry.get("objective", "contrastive") is ContrastiveLoss
     assert polymodal.registry.get("objective", "cross-entropy") is cross_entropy
-    from polymodal.distill import DINOLoss
-    from polymodal.mae import masked_patch_loss
+    from polymodal.plugins.dino.distill import DINOLoss
+    from polymodal.nn.mae import masked_patch_loss
 
     assert polymodal.registry.get("objective", "masked-patches") is masked_patch_loss
     assert polymodal.registry.get("objective", "self-distillation") is DINOLoss

@@ -53,7 +53,7 @@ ENTRY_POINTS = PYPROJECT["project"]["entry-points"]["polymodal"]
 
 @pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
 def test_plugin_entry_points_import_and_implement_hooks(name):
-    from polymodal import hookspecs
+    from polymodal.registry import hookspecs
 
     target = ENTRY_POINTS[name]
     module_name, _, attr = target.partition(":")
@@ -73,7 +73,7 @@ def test_builtin_plugins_are_published_through_entry_points():
 
 
 def test_entry_points_are_lowercase_names():
-    from polymodal.registry import _NAME
+    from polymodal.registry.table import _NAME
 
     assert all(_NAME.match(name) for name in ENTRY_POINTS)
 

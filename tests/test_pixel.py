@@ -159,7 +159,7 @@ def test_forward_uses_only_non_padding_patches(tiny):
 def mae_folder(tmp_path_factory):
     """A tiny pixel-mae, trained for two steps and saved."""
     from polymodal.train import train
-    from polymodal.train_config import TrainConfig
+    from polymodal.train import TrainConfig
 
     model = contracts.build("pixel-mae", perturb=False)
     train(model, polymodal.data.load_dataset("text"), TrainConfig(steps=2, batch_size=8, warmup_steps=0), progress=False)

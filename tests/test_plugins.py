@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from polymodal import hookimpl
 from polymodal.cli import main
 from polymodal.models import ModelSpec
-from polymodal.plugin_loader import PluginError, get_registry, plugin_records, register_plugin, reset, unregister_plugin
+from polymodal.registry.loader import PluginError, get_registry, plugin_records, register_plugin, reset, unregister_plugin
 from polymodal.registry import RegistryError
 
 BROKEN_MODULES = {

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from polymodal.api import load
 from polymodal.attention import image_pattern_mask
-from polymodal.layers import KVCache
+from polymodal.nn import KVCache
 from polymodal.parts import resolve_part
 from polymodal.plugins.rudolph import RuDolph, RudolphConfig
 from polymodal.plugins.rudolph import text as tx
-from polymodal.sampling import generate
+from polymodal.generation.sampling import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

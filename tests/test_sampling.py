@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from polymodal.layers import BlockConfig, KVCache, StackConfig, TransformerStack
-from polymodal.sampling import apply_cfg, generate, sample_next, sample_top_k, sample_top_p
+from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
+from polymodal.generation.sampling import apply_cfg, generate, sample_next, sample_top_k, sample_top_p
 
 seeds = st.integers(0, 2**31 - 1)
 

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polymodal.interfaces import Tokenizer
-from polymodal.tokenizers import BPETokenizer, ByteTokenizer, load_tokenizer
+from polymodal.models.interfaces import Tokenizer
+from polymodal.data.tokenizers import BPETokenizer, ByteTokenizer, load_tokenizer
 
 CORPUS = [
     "a small red circle next to a blue square",

@@ -12,7 +12,7 @@ import polymodal
 from polymodal.config import apply_overrides
 from polymodal.data import load_digits
 from polymodal.train import TrainingError, batches, lr_at, train
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 TINY = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "encoder.mlp_ratio=2.0"]
 
@@ -84,7 +84,7 @@ def test_resume_without_checkpoint_is_a_clear_error(digits, tmp_path):
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(digits, tmp_path, monkeypatch):
-    import polymodal.train as train_module
+    import polymodal.train.trainer as train_module
 
     cfg = TrainConfig(steps=4, batch_size=8, warmup_steps=0, checkpoint_every=2)
     train(tiny_vit(digits), digits, cfg, out=tmp_path, progress=False)

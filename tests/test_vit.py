@@ -18,7 +18,7 @@ import polymodal
 from polymodal.attention import AttentionSpec, backends, use_backend
 from polymodal.cli import main
 from polymodal.io import LoadError
-from polymodal.hf import mlp_ratio_for
+from polymodal.io.hf import mlp_ratio_for
 from polymodal.plugins.vit.convert import convert_hf_vit
 
 transformers = pytest.importorskip("transformers")

@@ -9,11 +9,11 @@ import torch
 
 import polymodal
 from polymodal.data import load_digits
-from polymodal.plugin_loader import get_registry
+from polymodal.registry import get_registry
 from polymodal.plugins.vqvae import VARIANTS, VQVAE, VQVAEConfig
 from polymodal.plugins.vqvae.quantize import EMACodebook, kmeans, nearest
 from polymodal.train import train
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

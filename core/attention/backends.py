@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masks import AttentionSpec, as_additive, combine, rows_with_keys
+from polymodal.attention.masks import AttentionSpec, as_additive, combine, rows_with_keys
 
 
 class Backend:

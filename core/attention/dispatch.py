@@ -16,9 +16,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .. import plugin_loader as _loader
-from .backends import Backend
-from .masks import AttentionSpec
+from polymodal.registry import get_registry, peek_registry
+from polymodal.attention.backends import Backend
+from polymodal.attention.masks import AttentionSpec
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("polymodal_attention", default=None)
 _ENV = "POLYMODAL_ATTENTION"
@@ -47,9 +47,9 @@ def use_backend(name: str | None) -> Iterator[None]:
 def _backends() -> dict[str, Backend]:
     # Hot path: a lock-free peek at the loaded registry; the locked ``get_registry`` (which
     # loads plugins on first use) only when nothing is loaded yet or it changed.
-    registry = _loader._state.get("registry")
+    registry = peek_registry()
     if registry is None or registry is not _cache["registry"] or registry.version != _cache["version"]:
-        registry = _loader.get_registry()
+        registry = get_registry()
         found = {e.name: e.obj for e in registry.entries("attention_backend")}
         ranked = tuple(sorted(found.values(), key=lambda b: -b.priority))
         _cache.update(registry=registry, version=registry.version, backends=found, ranked=ranked, auto={})

@@ -1,10 +1,10 @@
 """Embedded data: nothing is downloaded. Datasets are registry entries (kind ``dataset``)."""
 
-from .base import Dataset, Split
-from .digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, load_digits
-from .folder import load_folder
-from .shapes import load_shapes
-from .text import load_text
+from polymodal.data.base import Dataset, Split
+from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, load_digits
+from polymodal.data.folder import load_folder
+from polymodal.data.shapes import load_shapes
+from polymodal.data.text import load_text
 
 __all__ = ["DIGIT_WORDS", "Dataset", "HELDOUT_TEMPLATES", "Split", "TRAIN_TEMPLATES", "load_digits", "load_dataset",
            "load_folder", "load_shapes", "load_text"]
@@ -14,7 +14,7 @@ def load_dataset(name_or_dir: str, **options):
     """A registered dataset by name, or a folder of images with ``captions.jsonl``."""
     import os
 
-    from ..plugin_loader import get_registry
+    from polymodal.registry import get_registry
 
     registry = get_registry()
     if ("dataset", name_or_dir) in registry:

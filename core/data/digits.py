@@ -12,7 +12,7 @@ import random
 import numpy as np
 import torch
 
-from .base import Dataset, Split
+from polymodal.data.base import Dataset, Split
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 """Class names of the digits, index = digit."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Dataset, Split
+from polymodal.data.base import Dataset, Split
 
 CAPTIONS = "captions.jsonl"
 

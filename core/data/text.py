@@ -17,8 +17,8 @@ import random
 
 import torch
 
-from .base import Dataset, Split
-from .digits import DIGIT_WORDS
+from polymodal.data.base import Dataset, Split
+from polymodal.data.digits import DIGIT_WORDS
 
 SENTENCE_TEMPLATES = (
     "I counted {word} {noun} on the table.",

@@ -43,8 +43,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from ..config import from_json, to_dict, to_json
-from ..models import ModelSpec, PolymodalModel
+from polymodal.config import from_json, to_dict, to_json
+from polymodal.models import ModelSpec, PolymodalModel
 
 MAX_PARAMS = 3_000_000
 """Model checks skip variants whose tiny form still has more parameters than this."""
@@ -65,7 +65,7 @@ def resolve(spec: str | ModelSpec) -> ModelSpec:
     """A :class:`ModelSpec` from a registered name (or the spec itself)."""
     if isinstance(spec, ModelSpec):
         return spec
-    from ..plugin_loader import get_registry
+    from polymodal.registry import get_registry
 
     return get_registry().get("model", spec)
 
@@ -230,7 +230,7 @@ def check_finite_outputs(spec: str | ModelSpec, *, use_tiny: bool = True, **over
 
 def check_save_load_equal(spec: str | ModelSpec, *, use_tiny: bool = True, **overrides: Any) -> None:
     """``save`` then ``polymodal.load`` gives the same class, config, state and outputs."""
-    from ..api import load
+    from polymodal.api import load
 
     spec = resolve(spec)
     model = build(spec, use_tiny=use_tiny, **overrides).eval()
@@ -271,7 +271,7 @@ def check_config_json_round_trip(spec: str | ModelSpec) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _dataset(name: str) -> Any:
-    from ..data import load_dataset
+    from polymodal.data import load_dataset
 
     return load_dataset(name)
 
@@ -338,7 +338,7 @@ def check_encoder(encoder_class: type, batch_size: int = 2) -> None:
 
 def attention_specs() -> list[Any]:
     """A spread of attention calls (devices, dtypes, masks, grad, dropout) to ask backends about."""
-    from ..attention import AttentionSpec
+    from polymodal.attention import AttentionSpec
 
     specs = []
     for device in ("cpu", "cuda"):
@@ -411,7 +411,7 @@ def registered_configs(registry: Any = None) -> dict[str, type]:
     Nested configs are not listed; :func:`check_config_docs` walks into them.
     """
     if registry is None:
-        from ..plugin_loader import get_registry
+        from polymodal.registry import get_registry
 
         registry = get_registry()
     found: dict[str, type] = {}

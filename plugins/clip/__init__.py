@@ -11,10 +11,10 @@ Real checkpoints (OpenAI/LAION ViT-B/32 …) come in through ``polymodal convert
 
 from __future__ import annotations
 
-from polymodal.encoders import TextEncoderConfig, ViTEncoderConfig
-from polymodal.hookspecs import hookimpl
+from polymodal.nn.encoders import TextEncoderConfig, ViTEncoderConfig
+from polymodal import hookimpl
 from polymodal.models import ModelSpec
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 from .model import CLIPConfig, CLIPModel, CLIPTextual, CLIPVisual
 

@@ -21,7 +21,7 @@ import torch
 
 from polymodal.data import digits as digits_data
 from polymodal.data import shapes as shapes_data
-from polymodal.tokenizers import BPETokenizer
+from polymodal.data.tokenizers import BPETokenizer
 
 
 def corpus() -> list[str]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from polymodal.encoders import TextEncoderConfig, ViTEncoderConfig
-from polymodal.hf import activation, mlp_ratio_for, square_side
+from polymodal.nn.encoders import TextEncoderConfig, ViTEncoderConfig
+from polymodal.io.hf import activation, mlp_ratio_for, square_side
 from polymodal.io import LoadError, load_state_strict, read_json, read_state
 from .model import CLIPConfig, CLIPModel
 
@@ -80,7 +80,7 @@ def state_from_hf(src: dict[str, torch.Tensor], cfg: CLIPConfig) -> dict[str, to
 
 def convert_hf_clip(src: str | Path, dst: str | Path | None = None) -> CLIPModel:
     """Convert the transformers CLIP folder ``src``; writes a model folder to ``dst`` when given."""
-    from polymodal.tokenizers import BPETokenizer
+    from polymodal.data.tokenizers import BPETokenizer
 
     src = Path(src)
     hf = read_json(src / "config.json")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
-from polymodal.encoders import TextEncoder, TextEncoderConfig, ViTEncoder, ViTEncoderConfig
+from polymodal.nn.encoders import TextEncoder, TextEncoderConfig, ViTEncoder, ViTEncoderConfig
 from polymodal.models import PolymodalModel
 from polymodal.objectives import info_nce, similarity_logits
 
@@ -284,7 +284,7 @@ class CLIPModel(PolymodalModel):
 
     def load_extras(self, directory) -> None:
         """The saved tokenizer, when there is one."""
-        from polymodal.tokenizers import load_tokenizer
+        from polymodal.data.tokenizers import load_tokenizer
 
         if (directory / "tokenizer.json").exists():
             self.tokenizer = load_tokenizer(directory)

@@ -49,8 +49,8 @@ def test_loss(model: Any, dataset: Any, split: str = "test", batch_size: int = 1
 
 @torch.no_grad()
 def judged_samples(model: Any, dataset: Any, per_class: int, seed: int = 0, batch_size: int = 256) -> dict[str, float]:
-    """Samples for the evaluation prompts scored by :func:`polymodal.judge.judge_samples`."""
-    from polymodal.judge import get_judge, judge_samples
+    """Samples for the evaluation prompts scored by :func:`polymodal.eval.judge.judge_samples`."""
+    from polymodal.eval.judge import get_judge, judge_samples
 
     with torch.enable_grad():  # a judge not cached yet is trained now, inside evaluate's no_grad
         get_judge(dataset)

@@ -29,12 +29,12 @@ from torch import Tensor, nn
 
 from polymodal.attention.masks import image_pattern_mask
 from polymodal.config import to_dict
-from polymodal.layers import BlockConfig, KVCache, StackConfig, TransformerStack
-from polymodal.layers.embed import init_weights
+from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
+from polymodal.nn.embed import init_weights
 from polymodal.models import PolymodalModel
 from polymodal.objectives import cross_entropy
 from polymodal.parts import resolve_config_part
-from polymodal.plugin_loader import get_registry
+from polymodal.registry import get_registry
 
 from . import text as txt
 from .augment import augment_scenes
@@ -301,7 +301,7 @@ class DALLE(PolymodalModel):
     def load_extras(self, directory: Path) -> None:
         """Swap in the folder's BPE and image tokenizer (then the strict state load fills every weight)."""
         from polymodal.io import load_model
-        from polymodal.tokenizers import load_tokenizer
+        from polymodal.data.tokenizers import load_tokenizer
 
         self.set_text_tokenizer(load_tokenizer(directory))
         self._build(load_model(Path(directory) / "tokenizer"))

@@ -6,7 +6,7 @@
     images = sample_images(model, "the digit 3", 4, seed=0, rerank="runs/clip", candidates=8)
 
 Only image codes can be drawn (``allowed=``); a non-finite logit raises a ValueError
-(from :func:`polymodal.sampling.sample_next`) instead of decoding garbage. Classifier-free
+(from :func:`polymodal.generation.sampling.sample_next`) instead of decoding garbage. Classifier-free
 guidance runs the unconditional stream (``bos`` + pads: the dropped caption of training)
 beside the prompt. Reranking draws ``candidates`` images per kept sample and keeps the
 one whose CLIP image embedding has the highest cosine with the prompt's text embedding.
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polymodal.images import read_image, write_samples
-from polymodal.sampling import generate
+from polymodal.eval.images import read_image, write_samples
+from polymodal.generation.sampling import generate
 
 OPTIONS = ("temperature", "top_k", "top_p", "cfg_scale", "rerank", "candidates", "use_cache", "complete")
 """The ``sample_to_folder`` options DALL·E understands (the CLI's names)."""

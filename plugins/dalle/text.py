@@ -13,7 +13,7 @@ import torch
 
 from polymodal.data import digits as digits_data
 from polymodal.data import shapes as shapes_data
-from polymodal.tokenizers import BPETokenizer
+from polymodal.data.tokenizers import BPETokenizer
 
 
 def fill_label(template: str, label: int, class_names: tuple[str, ...]) -> str:

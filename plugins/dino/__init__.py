@@ -7,16 +7,16 @@ Variants:
                      the [CLS] attention of the last layer against the true object masks.
 
 ``polymodal attention-maps DIR IMAGE... --out OUT`` writes the last layer's [CLS] attention per head.
-The objective, head, EMA and collapse monitor live in :mod:`polymodal.distill`.
+The objective, head, EMA and collapse monitor live in :mod:`polymodal.plugins.dino.distill`.
 """
 
 from __future__ import annotations
 
-from polymodal.distill import DINOHeadConfig, DINOLossConfig
-from polymodal.encoders import ViTEncoderConfig
-from polymodal.hookspecs import hookimpl
+from polymodal.plugins.dino.distill import DINOHeadConfig, DINOLossConfig
+from polymodal.nn.encoders import ViTEncoderConfig
+from polymodal import hookimpl
 from polymodal.models import ModelSpec
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 from .model import DINOConfig, DINOModel
 
@@ -63,6 +63,14 @@ def register_models(register):
     """The DINO variants."""
     for name, spec in VARIANTS.items():
         register(name, spec)
+
+
+@hookimpl
+def register_objectives(register):
+    """DINO's self-distillation loss: centred, sharpened teacher against the student's views."""
+    from .distill import DINOLoss
+
+    register("self-distillation", DINOLoss)
 
 
 @hookimpl

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polymodal.encoders import ViTEncoder
+from polymodal.nn.encoders import ViTEncoder
 
 
 @torch.no_grad()
@@ -103,7 +103,7 @@ def attention_rows(model, images: Tensor, scale: int = 4) -> Tensor:
 def write_attention_maps(model, images: Tensor, stems: list[str], out: str | Path, scale: int = 8) -> list[Path]:
     """Write ``<stem>_head<h>.png`` per head, ``<stem>_mean.png`` and a ``grid.png`` (one row per image:
     the input, each head, the mean over heads) for images (B, C, H, W)."""
-    from polymodal.images import make_grid, save_png
+    from polymodal.eval.images import make_grid, save_png
 
     x = model.prepare(images)  # (B, C, S, S)
     maps = upsample(cls_attention(model.teacher.backbone, x), x.shape[-2:])  # (B, H, S, S)
@@ -120,7 +120,7 @@ def write_attention_maps(model, images: Tensor, stems: list[str], out: str | Pat
 def _inputs(model, paths: tuple[str, ...], test_images: int) -> tuple[Tensor, list[str]]:
     """The images to map: files, and/or the first ``test_images`` of the test split of the model's data."""
     from polymodal.data import load_dataset
-    from polymodal.images import read_image
+    from polymodal.eval.images import read_image
 
     e = model.config.encoder
     images = [read_image(p, e.channels, e.image_size) for p in paths]  # each (C, S, S)

@@ -3,10 +3,10 @@
 A student and a teacher of the same architecture (core :class:`ViTEncoder` + :class:`DINOHead`)
 see different multi-crop views of a batch: the teacher only the two global views, the student
 every view. The student learns to predict the teacher's centred, sharpened distribution for
-every pair of different views (:class:`polymodal.distill.DINOLoss`). The teacher is never
+every pair of different views (:class:`polymodal.plugins.dino.distill.DINOLoss`). The teacher is never
 trained by gradients: after every optimiser step the trainer calls :meth:`DINOModel.after_step`,
 which moves it towards the student by EMA with a cosine momentum schedule, updates the centre,
-and stops training with a :class:`~polymodal.distill.CollapseError` if the teacher's output no
+and stops training with a :class:`~polymodal.plugins.dino.distill.CollapseError` if the teacher's output no
 longer depends on the image. No labels are used in training; they are used only by
 :meth:`DINOModel.evaluate` (k-NN and linear probe on frozen teacher features).
 """
@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import resize
-from polymodal.distill import (CollapseMonitor, DINOHead, DINOHeadConfig, DINOLoss, DINOLossConfig, collapse_stats,
-                               cosine_momentum, ema_update_)
-from polymodal.encoders import ViTEncoder, ViTEncoderConfig
+from .distill import (CollapseMonitor, DINOHead, DINOHeadConfig, DINOLoss, DINOLossConfig, collapse_stats)
+from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
 from polymodal.models import PolymodalModel
+from polymodal.train import cosine_momentum, ema_update_
 
 from .crops import check_images, multi_crop
 

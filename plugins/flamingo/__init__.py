@@ -10,9 +10,9 @@ Command: ``polymodal caption DIR IMAGE... [--shots K]`` prints an interleaved fe
 
 from __future__ import annotations
 
-from polymodal.hookspecs import hookimpl
+from polymodal import hookimpl
 from polymodal.models import ModelSpec
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 from .model import Flamingo, FlamingoConfig
 

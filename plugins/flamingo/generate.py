@@ -10,7 +10,7 @@ import click
 import torch
 from torch import Tensor
 
-from polymodal.sampling import generate
+from polymodal.generation.sampling import generate
 
 from . import interleave as il
 
@@ -21,7 +21,7 @@ class GenerateMixin:
     """Generation for :class:`~polymodal.plugins.flamingo.model.Flamingo` (uses its ``hidden``/``logits``)."""
 
     def step_fn(self, context: Tensor):
-        """``step(ids, cache) -> logits`` for :func:`polymodal.sampling.generate` over visual tokens ``context``.
+        """``step(ids, cache) -> logits`` for :func:`polymodal.generation.sampling.generate` over visual tokens ``context``.
 
         With a cache it gets only the new ids and counts the ``<image>`` tokens already fed, so
         every new token still sees the latest image before it.
@@ -97,7 +97,7 @@ class GenerateMixin:
         query images (``sample_000.png`` …, ``grid.png``), the examples (``examples/``) and
         ``transcript.txt``. Options: temperature, top_k, top_p, use_cache."""
         from polymodal.data import load_dataset
-        from polymodal.images import save_png, write_samples
+        from polymodal.eval.images import save_png, write_samples
 
         bad = sorted(set(options) - set(_SAMPLING))
         if bad:
@@ -146,7 +146,7 @@ def caption_command(directory, images, shots, prompt, seed, temperature, out) ->
     """Caption IMAGES with the Flamingo model folder DIRECTORY after SHOTS in-context examples; prints a transcript."""
     import polymodal
     from polymodal.data import load_dataset
-    from polymodal.images import read_image
+    from polymodal.eval.images import read_image
 
     try:
         model = polymodal.load(directory)

@@ -3,7 +3,7 @@ a Perceiver Resampler and gated cross-attention dense blocks.
 
 * Vision: the frozen CLIP's patch tokens ``clip.visual.encoder(pixels)`` (B, 1 + P, Dv) per image,
   resampled to ``num_latents`` visual tokens by the trained :class:`PerceiverResampler`.
-* Language: the frozen LM (plugins/lm); a core :class:`~polymodal.fusion.CrossAttentionFusion`
+* Language: the frozen LM (plugins/lm); a core :class:`~polymodal.nn.fusion.CrossAttentionFusion`
   (gated, both gates 0 at initialisation) runs before every ``cross_every``-th block through the
   LM stack's injection points ``lm.stack.inject(i, module)``.
 * Interleaved text: ``<image>`` and ``<|endofchunk|>`` get ids ``V`` and ``V + 1`` (V = ``lm.vocab_size``)
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import to_dict
-from polymodal.fusion import CrossAttentionFusion
+from polymodal.nn.fusion import CrossAttentionFusion
 from polymodal.models import PolymodalModel
 from polymodal.objectives import cross_entropy
 from polymodal.parts import resolve_config_part
-from polymodal.plugin_loader import get_registry
+from polymodal.registry import get_registry
 
 from . import interleave as il
 from .config import FlamingoConfig

@@ -3,7 +3,7 @@
 A set of learned latent queries ``(L, D)`` attends to the concatenation of the (normalised)
 media features and the (normalised) latents themselves (Alayrac et al., 2022, §2.1 and
 Fig. 4), followed by an MLP, ``depth`` times; a final norm closes the stack. All attention,
-MLP and norm modules come from :mod:`polymodal.layers`.
+MLP and norm modules come from :mod:`polymodal.nn`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from polymodal.layers import Attention, Mlp, make_norm
+from polymodal.nn import Attention, Mlp, make_norm
 
 
 class ResamplerLayer(nn.Module):

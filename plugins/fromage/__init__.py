@@ -11,9 +11,9 @@ Commands: ``polymodal fromage-caption DIR IMAGE...`` and ``polymodal fromage-ret
 
 from __future__ import annotations
 
-from polymodal.hookspecs import hookimpl
+from polymodal import hookimpl
 from polymodal.models import ModelSpec
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 from .model import Fromage, FromageConfig
 

@@ -23,7 +23,7 @@ def caption_command(directory, images, max_tokens) -> None:
     """Caption IMAGES with the FROMAGe model folder DIRECTORY; prints one `path: caption` line each."""
     import torch
 
-    from polymodal.images import read_image
+    from polymodal.eval.images import read_image
 
     from .infer import caption
 
@@ -51,7 +51,7 @@ def retrieve_command(directory, prompt, gallery, k, inputs, out) -> None:
     """Continue PROMPT (may hold <image> tokens) with DIRECTORY's FROMAGe model; print the k nearest gallery images."""
     import torch
 
-    from polymodal.images import read_image
+    from polymodal.eval.images import read_image
 
     from .infer import generate, load_gallery, sample_to_folder
 

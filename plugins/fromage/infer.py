@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from polymodal.data.digits import DIGIT_WORDS
-from polymodal.sampling import generate as core_generate
+from polymodal.generation.sampling import generate as core_generate
 
 from .config import DIGITS_TRAIN_TEMPLATES, fill_template
 
@@ -26,7 +26,7 @@ SAMPLE_OPTIONS = ("temperature", "top_k", "top_p", "use_cache", "gallery", "imag
 
 
 def _step_fn(model: Any, before: Tensor | None, after: Tensor | None, t0: int):
-    """A :func:`polymodal.sampling.generate` step over the extended vocabulary.
+    """A :func:`polymodal.generation.sampling.generate` step over the extended vocabulary.
 
     The first call (or every call without a cache) reads ``before``, the first ``t0`` ids,
     ``after`` and the ids after them; later calls read only the new ids.
@@ -211,7 +211,7 @@ def evaluate_fromage(model: Any, dataset: Any, split: str = "test") -> dict[str,
 def load_gallery(model: Any, gallery: Any) -> tuple[Tensor, list[str]]:
     """Gallery images (N, C, S, S) and a name per image: a tensor, a folder of images, or the model's test split."""
     from polymodal.data import load_dataset
-    from polymodal.images import read_image
+    from polymodal.eval.images import read_image
 
     v = model.vision.config.vision
     if gallery is None:
@@ -236,7 +236,7 @@ def sample_to_folder(model: Any, out: str | Path, n: int = 8, prompt: str | None
     Writes ``sample_000.png`` … (native size), ``grid.png`` and ``transcript.txt`` (the prompt,
     the generated text, [RET] and each image's file, source and score, or each caption).
     """
-    from polymodal.images import write_samples
+    from polymodal.eval.images import write_samples
 
     bad = sorted(set(options) - set(SAMPLE_OPTIONS))
     if bad:

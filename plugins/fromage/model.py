@@ -2,7 +2,7 @@
 
 Trained parts only (everything else is frozen and stays in eval mode):
 
-* ``adapter`` — a core :class:`~polymodal.fusion.AdapterFusion` (kind linear) from the
+* ``adapter`` — a core :class:`~polymodal.nn.fusion.AdapterFusion` (kind linear) from the
   image embedding (B, E_v) to ``prefix_tokens`` LM input embeddings: the captioning prefix;
 * ``ret_token_embed`` — the embedding row (1, D) of the new ``[RET]`` token, id
   ``lm.vocab_size``, starting at the mean of the LM's rows (``ret_init``); it is also the
@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import to_dict
-from polymodal.fusion import AdapterFusion
+from polymodal.nn.fusion import AdapterFusion
 from polymodal.models import PolymodalModel
 from polymodal.objectives import ContrastiveLoss
 from polymodal.parts import resolve_config_part
-from polymodal.plugin_loader import get_registry
+from polymodal.registry import get_registry
 
 from .config import EVAL_TEMPLATES, TRAIN_TEMPLATES, FromageConfig, check_lm, check_vision
 from .objective import FromageTraining

@@ -12,9 +12,9 @@ Real checkpoints (OpenAI's imagegpt-small …) come in through ``polymodal conve
 
 from __future__ import annotations
 
-from polymodal.hookspecs import hookimpl
+from polymodal import hookimpl
 from polymodal.models import ModelSpec
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 from .model import IGPT, IGPTConfig
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from polymodal.hf import activation, gpt2_state, mlp_ratio_for
+from polymodal.io.hf import activation, gpt2_state, mlp_ratio_for
 from polymodal.io import LoadError, load_state_strict, read_json, read_state
 
 from .model import IGPT, IGPTConfig
@@ -33,7 +33,7 @@ from .model import IGPT, IGPTConfig
 def config_from_hf(hf: dict, source: str = "hf-imagegpt") -> IGPTConfig:
     """Translate a transformers ``ImageGPTConfig`` dict (refusing what the core cannot run)."""
     refuse = {
-        "scale_attn_weights": (False, "an attention-scale option on polymodal.layers.BlockConfig (scale 1 instead "
+        "scale_attn_weights": (False, "an attention-scale option on polymodal.nn.BlockConfig (scale 1 instead "
                                       "of 1/sqrt(head_dim))"),
         "scale_attn_by_inverse_layer_idx": (True, "a per-layer attention scale 1/(layer+1) on BlockConfig"),
         "add_cross_attention": (True, "cross-attention into an encoder's states (not part of iGPT)"),
@@ -57,7 +57,7 @@ def config_from_hf(hf: dict, source: str = "hf-imagegpt") -> IGPTConfig:
 
 
 def state_from_hf(src: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """Rename a transformers ImageGPT state dict into polymodal's names (see :func:`polymodal.hf.gpt2_state`)."""
+    """Rename a transformers ImageGPT state dict into polymodal's names (see :func:`polymodal.io.hf.gpt2_state`)."""
     return gpt2_state(src, depth, "blocks.", norm_bias=False)
 
 

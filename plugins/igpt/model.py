@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
-from polymodal.layers import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack, init_weights
+from polymodal.nn import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack, init_weights
 from polymodal.models import PolymodalModel
 from polymodal.objectives import cross_entropy
 

@@ -1,6 +1,6 @@
 """iGPT sampling through the core sampler: unconditional images and completions of a top half.
 
-Every token is drawn by :func:`polymodal.sampling.generate` (temperature, top-k, top-p),
+Every token is drawn by :func:`polymodal.generation.sampling.generate` (temperature, top-k, top-p),
 by default with a KV cache (``use_cache=False`` recomputes the whole stream each step).
 A non-finite logit raises in the core sampler (``sample_next``), so a diverged model
 gives an error, never a garbage image.
@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polymodal.images import read_image, write_samples
-from polymodal.layers import KVCache
-from polymodal.sampling import generate
+from polymodal.eval.images import read_image, write_samples
+from polymodal.nn import KVCache
+from polymodal.generation.sampling import generate
 
 UNSUPPORTED = ("cfg_scale", "rerank", "candidates")
 """``polymodal sample`` options that an unconditional pixel model has no use for."""
@@ -26,7 +26,7 @@ class SamplingMixin:
     """Sampling methods of :class:`~polymodal.plugins.igpt.model.IGPT` (kept apart to keep files small)."""
 
     def step_fn(self):
-        """``(ids_new (B, n), cache) -> logits (B, n, K)`` for :func:`polymodal.sampling.generate`."""
+        """``(ids_new (B, n), cache) -> logits (B, n, K)`` for :func:`polymodal.generation.sampling.generate`."""
 
         def step(ids: Tensor, cache: KVCache | None) -> Tensor:
             return self(ids, cache=cache)  # (B, n, K)
@@ -103,7 +103,7 @@ class SamplingMixin:
     def fd_judge(self, dataset: Any, n: int, seed: int = 0) -> float:
         """Fréchet distance between the judge's features of ``n`` samples and of the test images."""
         from polymodal.data.augment import resize
-        from polymodal.judge import frechet_distance, get_judge
+        from polymodal.eval.judge import frechet_distance, get_judge
 
         judge = get_judge(dataset)
         samples = resize(self.sample(n, seed=seed).cpu(), judge.image_size)  # (n, C, S_judge, S_judge)

@@ -13,9 +13,9 @@ digits with a fixed DTMF clip per sample).
 
 from __future__ import annotations
 
-from polymodal.hookspecs import hookimpl
+from polymodal import hookimpl
 from polymodal.models import ModelSpec
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 from .arithmetic import compose, retrieve
 from .model import ImageBind, ImageBindConfig
@@ -53,6 +53,6 @@ def register_encoders(register):
 @hookimpl
 def register_datasets(register):
     """``digits-audio``: the digits with a seeded DTMF clip of each sample's digit (field ``audio``)."""
-    from polymodal.data.audio import load_digits_audio
+    from polymodal.plugins.imagebind.audio import load_digits_audio
 
     register("digits-audio", load_digits_audio)

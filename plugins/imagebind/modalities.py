@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range
-from polymodal.data.audio import SAMPLE_RATE, dtmf_clips, log_mel, mel_filterbank
-from polymodal.encoders import ViTEncoder, ViTEncoderConfig
-from polymodal.layers import make_norm
+from polymodal.plugins.imagebind.audio import SAMPLE_RATE, dtmf_clips, log_mel, mel_filterbank
+from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
+from polymodal.nn import make_norm
 
 
 def check_batch(x: Any, modality: str, shape: str, dims: int) -> Tensor:

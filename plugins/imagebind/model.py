@@ -31,7 +31,7 @@ from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATE
 from polymodal.models import PolymodalModel
 from polymodal.parts import default_part_folder, resolve_config_part
 from polymodal.objectives import info_nce
-from polymodal.plugin_loader import get_registry as _registry
+from polymodal.registry.loader import get_registry as _registry
 
 from .modalities import ModalityHead, Postprocessor, check_batch
 

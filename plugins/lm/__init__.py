@@ -10,9 +10,9 @@ Real checkpoints (OpenAI's gpt2 …) come in through ``polymodal convert --from 
 
 from __future__ import annotations
 
-from polymodal.hookspecs import hookimpl
+from polymodal import hookimpl
 from polymodal.models import ModelSpec
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 from .model import LMConfig, LMModel
 

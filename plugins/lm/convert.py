@@ -3,7 +3,7 @@
 Reads ``config.json`` and ``model.safetensors`` (as ``save_pretrained`` writes them) of a
 ``GPT2LMHeadModel`` or a ``GPT2Model``, and the tokenizer when the folder has one
 (``tokenizer.json``, else ``vocab.json`` + ``merges.txt``), which becomes a core
-:class:`~polymodal.tokenizers.BPETokenizer` (GPT-2's ``<|endoftext|>`` is bos, eos and pad).
+:class:`~polymodal.data.tokenizers.BPETokenizer` (GPT-2's ``<|endoftext|>`` is bos, eos and pad).
 Nothing is unpickled. transformers' details and how they map:
 
 * ``Conv1D`` stores weights as (in, out): transposed into ``nn.Linear``'s (out, in);
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from polymodal.hf import activation, gpt2_state, mlp_ratio_for
+from polymodal.io.hf import activation, gpt2_state, mlp_ratio_for
 from polymodal.io import LoadError, load_state_strict, read_json, read_state
-from polymodal.tokenizers import BPETokenizer
+from polymodal.data.tokenizers import BPETokenizer
 
 from .model import LMConfig, LMModel
 
@@ -32,7 +32,7 @@ EOT = "<|endoftext|>"
 """GPT-2's only special token: start, end and padding at once."""
 
 REFUSED = {
-    "scale_attn_weights": (False, "an attention-scale option on polymodal.layers.BlockConfig (scale 1 instead of "
+    "scale_attn_weights": (False, "an attention-scale option on polymodal.nn.BlockConfig (scale 1 instead of "
                                   "1/sqrt(head_dim))"),
     "scale_attn_by_inverse_layer_idx": (True, "a per-layer attention scale 1/(layer+1) on BlockConfig"),
     "add_cross_attention": (True, "cross-attention into an encoder's states (inject it instead)"),
@@ -62,7 +62,7 @@ def config_from_hf(hf: dict, source: str = "hf-gpt2") -> LMConfig:
 
 
 def state_from_hf(src: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """Rename a transformers GPT-2 state dict into polymodal's names (see :func:`polymodal.hf.gpt2_state`)."""
+    """Rename a transformers GPT-2 state dict into polymodal's names (see :func:`polymodal.io.hf.gpt2_state`)."""
     return gpt2_state(src, depth, "stack.", norm_bias=True)
 
 

@@ -16,7 +16,7 @@ import functools
 
 from polymodal.data import digits as digits_data
 from polymodal.data import text as text_data
-from polymodal.tokenizers import BPETokenizer
+from polymodal.data.tokenizers import BPETokenizer
 
 
 def caption_texts() -> list[str]:

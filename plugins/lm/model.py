@@ -1,6 +1,6 @@
 """A decoder-only language model (GPT-2 style) from the core parts.
 
-GPT-2's details, all from :mod:`polymodal.layers`: learned absolute position embeddings,
+GPT-2's details, all from :mod:`polymodal.nn`: learned absolute position embeddings,
 pre-LayerNorm blocks (eps 1e-5) with the tanh-approximate GELU (transformers' ``gelu_new``),
 a final LayerNorm, an output head tied to the token embedding (no bias), dropout on the
 embeddings, the attention weights and the residual branches, and GPT-2's initialisation
@@ -13,7 +13,7 @@ The interface other families build on (Flamingo, FROMAGe)::
     logits = lm.logits(h)                              # (B, T, V), tied head
     lm(ids, cache) == lm.logits(lm.run(lm.token_embeddings(ids), cache=cache))
 
-``lm.stack`` is the core :class:`~polymodal.layers.TransformerStack`; ``lm.stack.inject(i, module)``
+``lm.stack`` is the core :class:`~polymodal.nn.TransformerStack`; ``lm.stack.inject(i, module)``
 runs ``x = module(x, **inject_kwargs)`` before block ``i``.
 """
 
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
-from polymodal.layers import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack
+from polymodal.nn import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack
 from polymodal.models import PolymodalModel
 from polymodal.objectives import cross_entropy
-from polymodal.tokenizers import BPETokenizer, ByteTokenizer
+from polymodal.data.tokenizers import BPETokenizer, ByteTokenizer
 
 from . import corpus
 from .evaluate import EvalMixin
@@ -268,7 +268,7 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
 
     def load_extras(self, directory: Path) -> None:
         """The saved tokenizer, when the folder has one."""
-        from polymodal.tokenizers import CONFIG_FILE, load_tokenizer
+        from polymodal.data.tokenizers import CONFIG_FILE, load_tokenizer
 
         directory = Path(directory)
         if (directory / CONFIG_FILE).exists() or (directory / "tokenizer.json").exists():

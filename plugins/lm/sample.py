@@ -1,7 +1,7 @@
-"""Text generation through the core sampler (:func:`polymodal.sampling.generate`), with a KV cache.
+"""Text generation through the core sampler (:func:`polymodal.generation.sampling.generate`), with a KV cache.
 
 Every token is drawn by the core sampler (greedy, temperature, top-k, top-p); by default the
-model runs on the new token only with a :class:`~polymodal.layers.KVCache` (``use_cache=False``
+model runs on the new token only with a :class:`~polymodal.nn.KVCache` (``use_cache=False``
 recomputes the whole stream each step, the reference path). Generation stops at the
 end-of-text token or at ``max_len`` positions. Ids the tokenizer does not use (spare embedding
 rows), the padding token and (when distinct from eos) the start token are never drawn.
@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from polymodal.io import atomic_write
-from polymodal.layers import KVCache
-from polymodal.sampling import generate
+from polymodal.nn import KVCache
+from polymodal.generation.sampling import generate
 
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "use_cache")
 """``polymodal sample`` options a language model understands (besides ``prompt``, ``n`` and ``seed``)."""
@@ -33,7 +33,7 @@ class SamplingMixin:
     """Sampling methods of :class:`~polymodal.plugins.lm.model.LMModel` (kept apart to keep files small)."""
 
     def step_fn(self):
-        """``(ids_new (B, n), cache) -> logits (B, n, V)`` for :func:`polymodal.sampling.generate`."""
+        """``(ids_new (B, n), cache) -> logits (B, n, V)`` for :func:`polymodal.generation.sampling.generate`."""
 
         def step(ids: Tensor, cache: KVCache | None) -> Tensor:
             return self(ids, cache=cache)  # (B, n, V)

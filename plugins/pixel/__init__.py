@@ -11,9 +11,9 @@ Variants (default data: the embedded ``text``):
 
 from __future__ import annotations
 
-from polymodal.hookspecs import hookimpl
+from polymodal import hookimpl
 from polymodal.models import ModelSpec
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 from .model import PixelConfig, PixelModel
 from .pretrain import PixelMAEConfig, PixelMAEModel

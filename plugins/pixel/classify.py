@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from polymodal.data import DIGIT_WORDS
-from polymodal.mae import MAE
+from polymodal.nn.mae import MAE
 
 from .masking import DIGIT_LOOKALIKES, LETTER_LOOKALIKES, masked_forward, perturb
 
@@ -139,7 +139,7 @@ def sample_to_folder(mae: MAE, renderer: Any, out: str | Path, n: int = 8, promp
                      seed: int = 0) -> list[Path]:
     """Write :func:`reconstruction_rows` of ``prompt`` (or ``n`` embedded test sentences) as PNGs plus ``grid.png``."""
     from polymodal.data import load_dataset
-    from polymodal.images import write_samples
+    from polymodal.eval.images import write_samples
 
     texts = [prompt] if prompt is not None else split_texts(load_dataset("text"), "test")[0][:n]
     return write_samples(reconstruction_rows(mae, renderer, texts, seed), out, grid_scale=3)

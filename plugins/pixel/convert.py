@@ -1,4 +1,4 @@
-"""Transformers ViTMAE → the core :class:`~polymodal.mae.MAE`: config and weight translation.
+"""Transformers ViTMAE → the core :class:`~polymodal.nn.mae.MAE`: config and weight translation.
 
 Reads the naming schemes transformers has used for ViTMAE layers (``encoder.layer.i.attention.
 attention.query`` … as saved files spell them, ``layers.i.attention.q_proj`` … in 5.x modules; the
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from polymodal.encoders import ViTEncoderConfig
-from polymodal.hf import activation, mlp_ratio_for, square_side
+from polymodal.nn.encoders import ViTEncoderConfig
+from polymodal.io.hf import activation, mlp_ratio_for, square_side
 from polymodal.io import LoadError, load_state_strict, read_json, read_state
-from polymodal.mae import MAE, MAEConfig
+from polymodal.nn.mae import MAE, MAEConfig
 
 # ours → (5.x name, 4.x name) inside one layer
 _LAYER = {

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from polymodal.mae import MAE, MAEOutput, noise_from_mask
+from polymodal.nn.mae import MAE, MAEOutput, noise_from_mask
 
 SPAN_WEIGHTS = (0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
 """Cumulative probabilities of span lengths 1…6 (PIXEL's defaults)."""

@@ -4,8 +4,8 @@
 ``mae``: a folder, ``"auto"`` to train the default once into the cache, or ``""`` for a fresh one),
 copies its encoder and fine-tunes it with a linear head on the mean of the non-padding patch
 tokens (which digit word the sentence names). On the same batches it trains a byte-level
-classifier of the same width and depth (core :class:`~polymodal.encoders.TextEncoder` over
-:class:`~polymodal.tokenizers.ByteTokenizer` ids, mean-pooled). The pre-trained MAE is kept,
+classifier of the same width and depth (core :class:`~polymodal.nn.encoders.TextEncoder` over
+:class:`~polymodal.data.tokenizers.ByteTokenizer` ids, mean-pooled). The pre-trained MAE is kept,
 frozen, in the model folder, so ``evaluate`` reports its masked-patch loss too (:mod:`.classify`).
 """
 
@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, to_dict
-from polymodal.encoders import TextEncoder, TextEncoderConfig
+from polymodal.nn.encoders import TextEncoder, TextEncoderConfig
 from polymodal.models import PolymodalModel
 from polymodal.parts import resolve_part
-from polymodal.tokenizers import ByteTokenizer
+from polymodal.data.tokenizers import ByteTokenizer
 
 from .classify import evaluate, sample_to_folder
 from .pretrain import PixelMAEConfig, PixelMAEModel, Renderer, tiny_pixel_mae

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from polymodal.config import config, field, in_range
-from polymodal.encoders import ViTEncoderConfig
-from polymodal.mae import MAE, MAEConfig
+from polymodal.nn.encoders import ViTEncoderConfig
+from polymodal.nn.mae import MAE, MAEConfig
 from polymodal.models import PolymodalModel
 
 from .classify import masked_loss_metrics, sample_to_folder

@@ -13,9 +13,9 @@ right-text perplexity (``model.zero_shot(images, class_captions)``); ``polymodal
 
 from __future__ import annotations
 
-from polymodal.hookspecs import hookimpl
+from polymodal import hookimpl
 from polymodal.models import ModelSpec
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 from .config import RudolphConfig
 from .model import RuDolph

@@ -27,12 +27,12 @@ from torch import Tensor, nn
 
 from polymodal.attention import image_pattern_mask, pattern_schedule
 from polymodal.config import to_dict
-from polymodal.layers import BlockConfig, KVCache, StackConfig, TransformerStack
-from polymodal.layers.embed import init_weights
+from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
+from polymodal.nn.embed import init_weights
 from polymodal.models import PolymodalModel
 from polymodal.objectives import cross_entropy
 from polymodal.parts import resolve_config_part
-from polymodal.plugin_loader import get_registry
+from polymodal.registry import get_registry
 
 from . import text as tx
 from .config import RudolphConfig
@@ -308,7 +308,7 @@ class RuDolph(RudolphTasks, PolymodalModel):
     def load_extras(self, directory: Path) -> None:
         """The folder's own tokenizers (the strict state load then fills every weight)."""
         from polymodal.io import load_model
-        from polymodal.tokenizers import load_tokenizer
+        from polymodal.data.tokenizers import load_tokenizer
 
         self.text = load_tokenizer(Path(directory) / "text")
         self._build(load_model(Path(directory) / "tokenizer"))

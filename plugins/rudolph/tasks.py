@@ -1,6 +1,6 @@
 """RuDolph's tasks on a trained model: text→image, captioning, zero-shot classification, self-reranking.
 
-All sampling goes through the core :func:`polymodal.sampling.generate` with a KV cache and
+All sampling goes through the core :func:`polymodal.generation.sampling.generate` with a KV cache and
 ``allowed=`` restricting each position to its own part of the vocabulary (image codes in the
 image, text ids in the right context); a non-finite logit raises instead of drawing garbage.
 
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polymodal.layers import KVCache
-from polymodal.sampling import generate
+from polymodal.nn import KVCache
+from polymodal.generation.sampling import generate
 
 from . import text as tx
 
@@ -165,7 +165,7 @@ class RudolphTasks:
     def sample_to_folder(self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0,
                          **options: Any) -> list[Path]:
         """Write ``n`` samples for ``prompt`` as PNGs and a grid; supports temperature, top_k, top_p, use_cache, candidates."""
-        from polymodal.images import write_samples
+        from polymodal.eval.images import write_samples
 
         unknown = sorted(set(options) - set(SAMPLE_OPTIONS))
         if unknown:
@@ -184,11 +184,11 @@ class RudolphTasks:
 
         Captions are greedy; a caption is right when the only digit it names (word or numeral)
         is the image's. Zero-shot captions are every training template filled for every class. Samples: ``eval_samples`` per class for the prompt ``eval_prompt``,
-        seeded with ``eval_seed``, judged by :func:`polymodal.judge.judge_samples`. On data whose
+        seeded with ``eval_seed``, judged by :func:`polymodal.eval.judge.judge_samples`. On data whose
         captions name no single class (shapes scenes, a folder) only ``caption_nll`` is reported:
         the mean NLL per token of the split's own captions as right text.
         """
-        from polymodal.judge import get_judge, judge_samples
+        from polymodal.eval.judge import get_judge, judge_samples
 
         c = self.config
         data = dataset.split(split)

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from polymodal.tokenizers import DEFAULT_BPE_SPECIALS, BPETokenizer, ByteTokenizer
+from polymodal.data.tokenizers import DEFAULT_BPE_SPECIALS, BPETokenizer, ByteTokenizer
 
 TASK_TOKENS = {"lt_t2i": "<|lt_t2i|>", "lt_i2t": "<|lt_i2t|>", "rt_i2t": "<|rt_i2t|>"}
 """Role → token string of RuDolph's task tokens (left text→image, left image→text, right image→text)."""

@@ -8,10 +8,10 @@ Variants (timm style, five lines each):
 
 from __future__ import annotations
 
-from polymodal.encoders import ViTEncoderConfig
-from polymodal.hookspecs import hookimpl
+from polymodal.nn.encoders import ViTEncoderConfig
+from polymodal import hookimpl
 from polymodal.models import ModelSpec
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 from .model import ViTClassifier, ViTConfig
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from polymodal.encoders import ViTEncoderConfig
-from polymodal.hf import activation, mlp_ratio_for, square_side
+from polymodal.nn.encoders import ViTEncoderConfig
+from polymodal.io.hf import activation, mlp_ratio_for, square_side
 from polymodal.io import LoadError, load_state_strict, read_json, read_state
 
 from .model import ViTClassifier, ViTConfig

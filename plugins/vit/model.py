@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
-from polymodal.encoders import ViTEncoder, ViTEncoderConfig
+from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
 from polymodal.models import PolymodalModel
 
 

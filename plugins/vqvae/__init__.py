@@ -11,9 +11,9 @@ The class is also registered as the tokenizer ``vqvae``: a trained folder loaded
 
 from __future__ import annotations
 
-from polymodal.hookspecs import hookimpl
+from polymodal import hookimpl
 from polymodal.models import ModelSpec
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 from .model import VQVAE, VQVAEConfig
 

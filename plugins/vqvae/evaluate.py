@@ -50,7 +50,7 @@ def write_reconstructions(model: Any, out: str | Path, *, n: int = 8, prompt: st
     reconstructions (bottom row). A VQ-VAE takes no prompt and no sampling options.
     """
     from polymodal.data import load_dataset
-    from polymodal.images import make_grid, save_png, write_samples
+    from polymodal.eval.images import make_grid, save_png, write_samples
 
     if options:
         raise ValueError(f"vqvae sampling writes reconstructions and takes no options; got {', '.join(sorted(options))}")

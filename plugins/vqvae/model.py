@@ -73,7 +73,7 @@ class VQVAE(PolymodalModel):
 
     @property
     def vocab_size(self) -> int:
-        """Same as :attr:`codebook_size` (the :class:`polymodal.interfaces.Tokenizer` name)."""
+        """Same as :attr:`codebook_size` (the :class:`polymodal.models.interfaces.Tokenizer` name)."""
         return self.config.codebook_size
 
     @property

@@ -19,9 +19,9 @@ from torch import Tensor, nn
 from polymodal import hookimpl
 from polymodal.config import config, field, in_range
 from polymodal.data.augment import resize
-from polymodal.encoders import ViTEncoderConfig
+from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.models import ModelSpec, PolymodalModel
-from polymodal.train_config import TrainConfig
+from polymodal.train import TrainConfig
 
 
 @config

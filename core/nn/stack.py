@@ -12,9 +12,9 @@ from typing import Any, Sequence
 import attrs
 from torch import Tensor, nn
 
-from ..config import config, field, in_range
-from .block import Block, BlockConfig, KVCache
-from .norm import make_norm
+from polymodal.config import config, field, in_range
+from polymodal.nn.block import Block, BlockConfig, KVCache
+from polymodal.nn.norm import make_norm
 
 
 @config

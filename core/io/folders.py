@@ -181,7 +181,7 @@ def save_model(model: Any, directory: str | Path, *, metrics: dict[str, Any] | N
 
 def model_class_for(family: str) -> type:
     """The registered model class of ``family`` (any variant of it will do)."""
-    from .plugin_loader import get_registry
+    from polymodal.registry import get_registry
 
     registry = get_registry()
     for entry in registry.entries("model"):

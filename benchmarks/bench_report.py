@@ -9,14 +9,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .bench import fmt, text_table
+from bench import fmt, text_table
 
 
 def row_key(row: dict[str, Any]) -> str:
     """A row's identity across runs: its ``key``, or one built from the fields of older reports."""
     if row.get("key"):
         return row["key"]
-    from .bench_attention import shape_tag
+    from bench_attention import shape_tag
 
     return f"{row.get('backend')}|{row.get('case')}|{shape_tag(row['shape'])}|{row.get('dtype')}|{row.get('mode')}"
 

@@ -10,9 +10,9 @@ an image MAE uses a square grid):
   masking rule (PIXEL's spans) turns its boolean mask into noise with :func:`noise_from_mask`.
 - :func:`masked_patch_loss` — mean squared error on the masked patches only, against per-patch
   normalised targets (``norm_pix_loss``).
-- :class:`MAE` — a core :class:`~polymodal.encoders.ViTEncoder` run on the visible patches (its
+- :class:`MAE` — a core :class:`~polymodal.nn.encoders.ViTEncoder` run on the visible patches (its
   ``embed(images, keep=...)`` then its stack), a light decoder (a core
-  :class:`~polymodal.layers.TransformerStack`) that appends mask tokens, unshuffles and predicts
+  :class:`~polymodal.nn.TransformerStack`) that appends mask tokens, unshuffles and predicts
   every patch. ``valid`` (B, N) bool marks real patches: the others (PIXEL's blank padding) are
   hidden from attention as keys and never counted in the loss.
 
@@ -28,10 +28,10 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from .config import config, field, in_range, one_of
-from .encoders import ViTEncoder, ViTEncoderConfig
-from .layers import BlockConfig, StackConfig, TransformerStack, init_weights
-from .layers.embed import PositionEmbedding
+from polymodal.config import config, field, in_range, one_of
+from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
+from polymodal.nn import BlockConfig, StackConfig, TransformerStack, init_weights
+from polymodal.nn.embed import PositionEmbedding
 
 
 @config

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .data.augment import random_translate
-from .io import atomic_write
-from .parts import cache_root
+from polymodal.data.augment import random_translate
+from polymodal.io import atomic_write
+from polymodal.io.cache import cache_root
 
 VERSION = "judge/1"
 """Bumped when the judge's architecture or recipe changes (part of the cache key)."""

@@ -5,11 +5,11 @@
 - :class:`CrossAttentionFusion` — a stream attends to another modality's tokens (Flamingo,
   Kandinsky): pre-norm cross-attention and MLP, each behind a tanh gate that starts at 0,
   so an inserted layer leaves a pretrained model unchanged at initialisation. It can be
-  injected into a :class:`polymodal.layers.TransformerStack` with ``stack.inject(i, fusion)``.
+  injected into a :class:`polymodal.nn.TransformerStack` with ``stack.inject(i, fusion)``.
 - :class:`AdapterFusion` — embeddings of one model become ``k`` input tokens of another
   (FROMAGe, LLaVA-style prefixes, unCLIP's CLIP-embedding tokens).
 
-All attention, MLP and normalisation come from :mod:`polymodal.layers`.
+All attention, MLP and normalisation come from :mod:`polymodal.nn`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from .config import config, field, in_range, one_of
-from .layers import Attention, Mlp, init_weights, make_norm
-from .layers.mlp import ACTIVATIONS
+from polymodal.config import config, field, in_range, one_of
+from polymodal.nn import Attention, Mlp, init_weights, make_norm
+from polymodal.nn.mlp import ACTIVATIONS
 
 _optional_dim = attrs.validators.optional(in_range(1, 65536, integer=True))
 

@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .config import to_dict
-from .models import PolymodalModel
-from .io import read_json, read_state, replace_folder, save_state
-from .train_config import TrainConfig
+from polymodal.config import to_dict
+from polymodal.models.base import PolymodalModel
+from polymodal.io.folders import read_json, read_state, replace_folder, save_state
+from polymodal.models.recipe import TrainConfig
 
 CHECKPOINT = "checkpoint"
 
@@ -83,7 +83,7 @@ def _save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, st
 
 
 def _load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    from .io import load_state_strict
+    from polymodal.io.folders import load_state_strict
 
     folder = out / CHECKPOINT
     meta = read_json(folder / "trainer.json")

@@ -6,9 +6,9 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from .config import config, field, in_range, one_of
-from .layers import BlockConfig, PatchEmbed, PositionEmbedding, StackConfig, TransformerStack, init_weights
-from .layers.norm import make_norm
+from polymodal.config import config, field, in_range, one_of
+from polymodal.nn import BlockConfig, PatchEmbed, PositionEmbedding, StackConfig, TransformerStack, init_weights
+from polymodal.nn.norm import make_norm
 
 
 def stack_config(cfg) -> StackConfig:

@@ -4,7 +4,7 @@
                    generator=torch.Generator().manual_seed(0))
 
 ``step_fn(ids_new (B, n), cache) -> logits (B, n, V)`` runs the model on the new tokens
-only, appending their keys and values to ``cache`` (a :class:`polymodal.layers.KVCache`);
+only, appending their keys and values to ``cache`` (a :class:`polymodal.nn.KVCache`);
 with ``use_cache=False`` it gets the whole sequence and ``cache=None`` each step (the
 readable reference path). Diffusion schedulers live elsewhere.
 """
@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .layers import KVCache
+from polymodal.nn import KVCache
 
 StepFn = Callable[[Tensor, "KVCache | None"], Tensor]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .io import LoadError
+from polymodal.io import LoadError
 
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "quick_gelu": "quick_gelu", "relu": "relu"}
@@ -47,7 +47,7 @@ def gpt2_state(src: dict, depth: int, stack: str, *, norm_bias: bool = True) -> 
     """A transformers GPT-2-style decoder (GPT-2, ImageGPT) renamed into core names.
 
     ``src`` is the transformers state dict (with or without the ``transformer.`` prefix);
-    ``stack`` is the model's attribute holding the core :class:`~polymodal.layers.TransformerStack`
+    ``stack`` is the model's attribute holding the core :class:`~polymodal.nn.TransformerStack`
     (``"stack."``, ``"blocks."``). Conv1D weights, stored (in, out), are transposed into
     ``nn.Linear``'s (out, in); ``c_attn`` is the fused query/key/value projection. Norm biases
     are read when ``norm_bias`` (ImageGPT's RMS-style norms have none).

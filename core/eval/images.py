@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .io import atomic_write
+from polymodal.io import atomic_write
 
 
 def _check(images: Tensor, dims: int, what: str) -> None:

@@ -1,4 +1,4 @@
-"""Self-distillation without labels (DINO, Caron et al., 2021): the pieces any family can reuse.
+"""Self-distillation without labels (DINO, Caron et al., 2021): DINO's head, loss and collapse monitor.
 
 - :class:`DINOHead` — projection head: a 3-layer MLP, a bottleneck, L2 normalisation and a
   weight-normalised last layer whose gain is fixed to 1 (each output unit is the cosine of
@@ -6,13 +6,13 @@
 - :class:`DINOLoss` — the student's cross-entropy against the centred, sharpened teacher
   over every teacher/student view pair except identical views; holds the centre (an EMA of
   the teacher's batch means) and the teacher-temperature warm-up.
-- :func:`ema_update_` / :func:`cosine_momentum` — the teacher as an exponential moving
-  average of the student, with DINO's cosine momentum schedule (``m0`` → 1).
+- The teacher is an exponential moving average of the student, updated with the trainer's
+  :func:`polymodal.train.ema_update_` on DINO's :func:`polymodal.train.cosine_momentum` schedule.
 - :func:`collapse_stats` / :class:`CollapseMonitor` — teacher output entropy and the KL of
   each teacher distribution to the batch's mean distribution; a collapsed teacher (every
   image mapped to the same distribution: uniform or one-hot) has a KL near 0.
 
-All tensors are float; shapes are in the comments. Nothing here depends on a model family.
+All tensors are float; shapes are in the comments.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import config, field, in_range, one_of
-from .layers.mlp import make_activation
-from .train import TrainingError
+from polymodal.config import config, field, in_range, one_of
+from polymodal.nn.mlp import make_activation
+from polymodal.train import TrainingError
 
 __all__ = ["DINOHead", "DINOHeadConfig", "DINOLoss", "DINOLossConfig", "CollapseError", "CollapseMonitor",
-           "collapse_stats", "cosine_momentum", "ema_update_", "teacher_temperature"]
+           "collapse_stats", "teacher_temperature"]
 
 
 # -- the projection head ---------------------------------------------------------------------------
@@ -94,51 +94,13 @@ class DINOHead(nn.Module):
         return self.last(z)  # (B, K)
 
 
-# -- schedules and the EMA teacher ----------------------------------------------------------------
-
-def cosine_momentum(step: int, total: int, base: float) -> float:
-    """DINO's teacher momentum at ``step`` of ``total``: ``1 - (1 - base)(cos(π step/total) + 1)/2``.
-
-    Starts at ``base``, rises to 1 at ``total`` and stays there afterwards.
-    """
-    if total <= 0:
-        raise ValueError(f"the momentum schedule needs total > 0 steps; got {total}")
-    if not 0.0 <= base <= 1.0:
-        raise ValueError(f"the base momentum must be in [0, 1]; got {base}")
-    progress = min(max(step / total, 0.0), 1.0)
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
-
+# -- schedules ----------------------------------------------------------------
 
 def teacher_temperature(step: int, start: float, end: float, warmup: int) -> float:
     """Teacher temperature: linear from ``start`` to ``end`` over ``warmup`` steps, then ``end``."""
     if warmup <= 0 or step >= warmup:
         return end
     return start + (end - start) * step / warmup
-
-
-@torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """In place: ``teacher ← m·teacher + (1 − m)·student`` for every parameter (buffers are copied).
-
-    The two modules must have the same parameter names and shapes. ``momentum = 1`` leaves
-    the teacher exactly unchanged; ``0`` copies the student.
-    """
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"EMA momentum must be in [0, 1]; got {momentum}")
-    t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
-    if t_params.keys() != s_params.keys():
-        raise ValueError(f"teacher and student parameters differ: {sorted(set(t_params) ^ set(s_params))[:5]}")
-    if momentum == 1.0:
-        return
-    for name, t in t_params.items():
-        s = s_params[name].detach()
-        if t.shape != s.shape:
-            raise ValueError(f"teacher {name} has shape {tuple(t.shape)}, the student's is {tuple(s.shape)}")
-        t.mul_(momentum).add_(s.to(t.dtype), alpha=1.0 - momentum)
-    s_buffers = dict(student.named_buffers())
-    for name, b in teacher.named_buffers():
-        if name in s_buffers:
-            b.copy_(s_buffers[name])
 
 
 # -- the loss ---------------------------------------------------------------------------------------

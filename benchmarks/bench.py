@@ -1,11 +1,14 @@
-"""Benchmarks: ``polymodal bench {attention,models,compare} [options]`` (also ``benchmarks/*.py``).
+"""Benchmarks: ``polymodal bench {attention,models,compare} [options]`` (also ``python benchmarks/*.py``).
 
-* ``attention`` (:mod:`polymodal.bench_attention`): every attention backend, and each kernel of
+The suites live in the source tree, outside the ``polymodal`` package: they name plugins and
+import transformers. ``polymodal bench`` finds this folder beside the installed source.
+
+* ``attention`` (:mod:`bench_attention`): every attention backend, and each kernel of
   torch's SDPA forced where the device offers it, over ViT, causal-LM, cross-attention,
   sparse-image and packed-versus-padded shapes × head dims × dtypes × forward and
   forward+backward; TFLOP/s against the machine's matmul peak timed in the same run; the
   dispatcher's own overhead; a JSON report, a PNG plot and ``--compare BASELINE.json``.
-* ``models`` (:mod:`polymodal.bench_models`): polymodal against transformers on identical
+* ``models`` (:mod:`bench_models`): polymodal against transformers on identical
   converted weights, interleaved, same threads, ratio reported.
 * ``compare NEW.json BASELINE.json``: the regression check alone, on two saved reports;
   ``table REPORT.json``: a saved report as Markdown (the READMEs' tables).
@@ -233,7 +236,7 @@ def compare_suite(argv: Sequence[str]) -> int:
     """``polymodal bench compare NEW.json BASELINE.json [--threshold 0.05] [--min-us 30]``."""
     import argparse
 
-    from .bench_report import compare, compare_text
+    from bench_report import compare, compare_text
 
     p = argparse.ArgumentParser(prog="polymodal bench compare", description=(
         "Flag rows of NEW that are slower than BASELINE by more than --threshold and --min-us."))
@@ -253,7 +256,7 @@ def table_suite(argv: Sequence[str]) -> int:
     """``polymodal bench table REPORT.json [--all]``: the report as Markdown table rows."""
     import argparse
 
-    from .bench_report import markdown, markdown_pivot
+    from bench_report import markdown, markdown_pivot
 
     p = argparse.ArgumentParser(prog="polymodal bench table", description="Print a saved report as Markdown.")
     p.add_argument("report")
@@ -277,11 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     suite, rest = argv[0], argv[1:]
     try:
         if suite == "attention":
-            from .bench_attention import attention_suite
+            from bench_attention import attention_suite
 
             return attention_suite(rest)
         if suite == "models":
-            from .bench_models import models_suite
+            from bench_models import models_suite
 
             return models_suite(rest)
         if suite == "table":

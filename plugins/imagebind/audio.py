@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Dataset, Split
+from polymodal.data.base import Dataset, Split
 
 SAMPLE_RATE = 8000
 """Samples per second of the embedded clips (telephone quality)."""
@@ -143,7 +143,7 @@ def with_audio(dataset: Dataset, seed: int = 0, field: str = "audio") -> Dataset
 
 def load_digits_audio(root: str | None = None, seed: int = 0) -> Dataset:
     """The digits (same fixed split and captions) with a DTMF clip of each sample's digit."""
-    from .digits import load_digits
+    from polymodal.data.digits import load_digits
 
     return with_audio(load_digits(root, seed=seed), seed=seed)
 

@@ -1,6 +1,6 @@
 """Text tokenizers: UTF-8 bytes, and byte-level BPE through Hugging Face's ``tokenizers``.
 
-Both share one API (and satisfy :class:`polymodal.interfaces.Tokenizer`)::
+Both share one API (and satisfy :class:`polymodal.models.interfaces.Tokenizer`)::
 
     tok = ByteTokenizer()
     ids = tok.encode("a cat", max_length=16, truncate=True)   # [bos, 97, 32, ..., eos]

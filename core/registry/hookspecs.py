@@ -83,12 +83,12 @@ def register_encoders(register: Register) -> None:
 
 @hookspec
 def register_tokenizers(register: Register) -> None:
-    """Register tokenizer classes (text or image; see :class:`polymodal.interfaces.Tokenizer`).
+    """Register tokenizer classes (text or image; see :class:`polymodal.models.interfaces.Tokenizer`).
 
     Example::
 
         from polymodal import hookimpl
-        from polymodal.tokenizers import ByteTokenizer
+        from polymodal.data.tokenizers import ByteTokenizer
 
         class UpperByteTokenizer(ByteTokenizer):
             '''Bytes of the upper-cased text.'''
@@ -212,7 +212,7 @@ def register_models(register: Register) -> None:
     Example::
 
         from polymodal import hookimpl
-        from polymodal.encoders import ViTEncoderConfig
+        from polymodal.nn.encoders import ViTEncoderConfig
         from polymodal.models import ModelSpec
         from polymodal.plugins.vit import ViTClassifier, ViTConfig
 

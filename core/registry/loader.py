@@ -21,8 +21,8 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .registry import Registry
+from polymodal.registry import hookspecs
+from polymodal.registry.table import Registry
 
 GROUP = "polymodal"
 
@@ -163,6 +163,14 @@ def get_registry() -> Registry:
     """The process-wide registry, loading plugins on first use."""
     with _lock:
         return _ensure_loaded()[0]
+
+
+def peek_registry() -> Registry | None:
+    """The process-wide registry if the plugins are already loaded, else None (never loads them).
+
+    For code on a hot path that must not trigger plugin loading, such as the attention dispatcher.
+    """
+    return _state["registry"]
 
 
 def plugin_records() -> list[PluginRecord]:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .bench import (BenchUsageError, copy_bandwidth, datasheet_tflops, fmt, load_average, machine, matmul_peak,
+from bench import (BenchUsageError, copy_bandwidth, datasheet_tflops, fmt, load_average, machine, matmul_peak,
                     measure, report_path, resolve_device, sig, sync, write_json)
 
 SDPA_KERNELS = {"cpu": ("flash", "math"), "cuda": ("flash", "efficient", "cudnn", "math")}
@@ -73,7 +73,7 @@ class Case:
         """The (N, N) bool mask of a sparse image pattern (None for the other cases)."""
         if not self.pattern:
             return None
-        from .attention import image_pattern_mask
+        from polymodal.attention import image_pattern_mask
 
         return image_pattern_mask(self.pattern, self.grid, prefix=self.prefix, device=device)  # (N, N)
 
@@ -115,7 +115,7 @@ def total_flops(case: Case, mode: str) -> float:
 @functools.lru_cache(maxsize=64)
 def visible_pairs(pattern: str, grid: tuple[int, int], prefix: int) -> int:
     """(query, key) pairs a sparse image pattern lets through."""
-    from .attention import image_pattern_mask
+    from polymodal.attention import image_pattern_mask
 
     return int(image_pattern_mask(pattern, grid, prefix=prefix).sum())
 
@@ -170,7 +170,7 @@ def grid(kind: str, d: int) -> list[Case]:
 
 def variants(device: torch.device) -> list[str]:
     """Every registered backend, then ``sdpa[<kernel>]`` for each SDPA kernel the device offers."""
-    from .attention import backends
+    from polymodal.attention import backends
 
     names = sorted(backends())
     if "sdpa" in names:
@@ -243,8 +243,8 @@ def _sdpa_refusal(caught: list, exc: Exception) -> str:
 
 def run_case(variant: str, case: Case, dtype: torch.dtype, mode: str, ctx: Context) -> dict[str, Any]:
     """Time one (backend, case, dtype, mode); a combination that cannot run is a row with the reason."""
-    from .attention import AttentionError, attention, backends
-    from .attention.dispatch import _spec
+    from polymodal.attention import AttentionError, attention, backends
+    from polymodal.attention.dispatch import _spec
 
     row = empty_row(variant, case, dtype, mode, ctx)
     skip = lambda why: {**row, "status": "skipped", "reason": why}  # noqa: E731
@@ -328,7 +328,7 @@ def overhead(device: torch.device, dtype: torch.dtype, shapes: Sequence[tuple[in
     """
     import torch.nn.functional as F
 
-    from .attention import attention
+    from polymodal.attention import attention
 
     def pair(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run_time: float) -> tuple[float, float]:
         ours, theirs = [], []
@@ -441,7 +441,7 @@ def _peaks(device: torch.device, todo: dict[str, Any], quick: bool) -> tuple[dic
 
 def run(args: argparse.Namespace, argv: list[str], device: torch.device, todo: dict[str, Any]) -> int:
     """Measure the peaks, every row and the overhead; print, write JSON and PNG, compare."""
-    from .bench_report import attention_table, compare, compare_text, plot_attention
+    from bench_report import attention_table, compare, compare_text, plot_attention
 
     quick = todo["grid"] == "quick"
     base = machine(device)

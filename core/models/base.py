@@ -17,8 +17,8 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from .config import from_dict, to_dict
-from .train_config import TrainConfig
+from polymodal.config import from_dict, to_dict
+from polymodal.models.recipe import TrainConfig
 
 
 class PolymodalModel(nn.Module):
@@ -62,7 +62,7 @@ class PolymodalModel(nn.Module):
     def default_data(self) -> str | None:
         """The registered dataset named by ``config.data`` (what ``polymodal eval`` uses when no
         ``--data`` is given), or None when the config names none or an unregistered one."""
-        from .plugin_loader import get_registry
+        from polymodal.registry import get_registry
 
         data = getattr(self.config, "data", None)
         return data if isinstance(data, str) and data and ("dataset", data) in get_registry() else None
@@ -104,7 +104,7 @@ class PolymodalModel(nn.Module):
     def save(self, directory: str | Path, *, metrics: dict[str, Any] | None = None,
              card: str | None = None, source: str | None = None) -> Path:
         """Write a model folder atomically (see :func:`polymodal.io.save_model`)."""
-        from .io import save_model
+        from polymodal.io import save_model
 
         return save_model(self, directory, metrics=metrics, card=card, source=source)
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .bench import (BenchUsageError, fmt, load_average, machine, report_path, resolve_device, sync, text_table,
+from bench import (BenchUsageError, fmt, load_average, machine, report_path, resolve_device, sync, text_table,
                     write_json)
 
 PARITY_RTOL = {"float32": 1e-4}  # max |ours - theirs| / max |theirs| allowed before timing (fp32 check)
@@ -61,7 +61,7 @@ def _visible(model: torch.nn.Module, seed: int) -> None:
 
 
 def _convert(hf: torch.nn.Module, converter: str, folder: Path) -> torch.nn.Module:
-    from .plugin_loader import get_registry
+    from polymodal.registry import get_registry
 
     hf.save_pretrained(folder, safe_serialization=True)
     return get_registry().get("converter", converter)(folder).eval()
@@ -127,7 +127,7 @@ def build(family: str, folder: Path, quick: bool, batches: Sequence[int], train_
                        lambda x: _pooled(hf.get_text_features(input_ids=x))) for b in batches]
         return label, hf, pm, tasks
     if family == "imagegpt-s":
-        from .plugin_loader import get_registry
+        from polymodal.registry import get_registry
 
         if not any(e.name == "hf-imagegpt" for e in get_registry().entries("converter")):
             raise LookupError("the hf-imagegpt converter is not registered")
@@ -161,7 +161,7 @@ def _gpt2(folder: Path, quick: bool, batches: Sequence[int]):
     """GPT-2 small (124M): forward over 256 tokens, and greedy generation with the KV cache."""
     import transformers
 
-    from .plugin_loader import get_registry
+    from polymodal.registry import get_registry
 
     if not any(e.name == "hf-gpt2" for e in get_registry().entries("converter")):
         raise LookupError("the hf-gpt2 converter is not registered")
@@ -271,8 +271,8 @@ def time_pair(fns: Sequence[Callable[[], Any]], device: torch.device, rounds: in
 
 
 def _attention_used(task: Task, device: torch.device, dtype: torch.dtype) -> str:
-    from .attention import select_backend
-    from .attention.masks import AttentionSpec
+    from polymodal.attention import select_backend
+    from polymodal.attention.masks import AttentionSpec
 
     causal = task.task in ("text-tower",) or task.model.startswith("ImageGPT")
     try:
@@ -462,7 +462,7 @@ def _family_rows(family: str, args, device, dtype, batches, train_batch, rounds,
 
 
 def _run(args, argv, device, dtype, families, batches, train_batch, rounds, round_s) -> int:
-    from .bench_report import compare, compare_text
+    from bench_report import compare, compare_text
 
     base = machine(device)
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import config, field, in_range, one_of
+from polymodal.config import config, field, in_range, one_of
 
 
 @config

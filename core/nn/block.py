@@ -13,10 +13,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..attention import attention
-from ..config import config, field, in_range, one_of
-from .mlp import ACTIVATIONS, Mlp
-from .norm import make_norm
+from polymodal.attention import attention
+from polymodal.config import config, field, in_range, one_of
+from polymodal.nn.mlp import ACTIVATIONS, Mlp
+from polymodal.nn.norm import make_norm
 
 
 @config
