@@ -83,3 +83,29 @@ def test_the_embedded_judges_are_accurate(name):
 
     judge = J.get_judge(load_dataset(name))  # trained once per machine, cached by the data's hash
     assert min(judge.test_accuracy.values()) >= 0.97, judge.test_accuracy
+
+
+def test_a_dataset_declares_what_its_judge_reads():
+    # No dataset-name special case: any dataset may name attributes and a subset in meta["judge"].
+    g = torch.Generator().manual_seed(2)
+    n = 40
+    split = Split({"image": torch.rand(n, 3, 8, 8, generator=g), "colour": torch.randint(0, 3, (n,), generator=g),
+                   "count": torch.arange(n) % 2 + 1})
+    data = Dataset("anything", split, split, {"judge": {"attributes": {"colour": 3}, "where": ["count", 1]}})
+    images, targets = J._targets(data, "train")
+    assert list(targets) == ["colour"] and len(images) == n // 2
+    assert torch.equal(targets["colour"], split["colour"][split["count"] == 1])
+    assert J._num_classes(data, "colour") == 3
+    with pytest.raises(ValueError, match=r"'image' and 'label' fields; 'plain' has image"):
+        J._targets(Dataset("plain", Split({"image": split["image"]}), split, {}), "train")
+
+
+def test_shapes_are_judged_on_colour_and_kind_of_one_object_scenes():
+    from polymodal.data import load_shapes
+
+    shapes = load_shapes()
+    images, targets = J._targets(shapes, "test")
+    single = shapes.test["count"] == 1
+    assert set(targets) == {"colour", "kind"} and len(images) == int(single.sum())
+    assert J._num_classes(shapes, "colour") == len(shapes.meta["colours"])
+    assert J._num_classes(shapes, "kind") == len(shapes.meta["kinds"])

@@ -183,5 +183,7 @@ def load_shapes(root: str | None = None, seed: int = 0, image_size: int = 32, tr
         "kinds": list(KINDS), "positions": list(POSITIONS), "max_objects": 2,
         "image_size": image_size, "channels": 3,
         "templates": list(TRAIN_TEMPLATES), "heldout_templates": list(HELDOUT_TEMPLATES),
+        # the image judge reads colour and kind on one-object scenes, where they are the scene's
+        "judge": {"attributes": {"colour": len(COLOURS), "kind": len(KINDS)}, "where": ["count", 1]},
     }
     return Dataset("shapes", train, test, meta)

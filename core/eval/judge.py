@@ -4,8 +4,8 @@ A small CNN (deliberately not one of the transformer families it judges) is trai
 dataset's training split and cached by the data's fingerprint, so DALL·E, RuDolph and
 diffusion samples are scored by the same function and their numbers sit in one table.
 
-Attributes judged: ``label`` on a dataset with labels (digits); ``colour`` and ``kind`` on
-shapes (trained and tested on one-object scenes, where the attribute is unambiguous).
+Attributes judged: what the dataset declares in ``meta["judge"]`` (shapes: ``colour`` and ``kind``,
+trained and tested on one-object scenes, where the attribute is unambiguous), else ``label``.
 :func:`judge_samples` reports the share of samples the judge reads as the prompted
 attributes and ``fd_judge``, the Fréchet distance between the judge's penultimate features
 of the samples and of the test images (FID's recipe with a judge trained on the same data).
@@ -32,25 +32,32 @@ VERSION = "judge/1"
 
 
 def _targets(dataset: Any, split: str) -> tuple[Tensor, dict[str, Tensor]]:
-    """Images (N, C, H, W) and the attributes the judge learns on ``split``."""
+    """Images (N, C, H, W) and the attributes the judge learns on ``split``.
+
+    A dataset says what its judge reads through ``meta["judge"]``: ``{"attributes": {name: classes},
+    "where": (field, value)}`` (shapes: colour and kind, on one-object scenes). Without it the judge
+    reads ``label``.
+    """
     data = dataset.split(split)
-    if dataset.name == "shapes":
-        single = data["count"] == 1  # (N,) one object: colour and kind are the scene's
-        return data["image"][single], {"colour": data["colour"][single], "kind": data["kind"][single]}
-    if "label" not in data or "image" not in data:
-        raise ValueError(f"the judge needs a dataset with 'image' and 'label' fields; {dataset.name!r} has "
-                         f"{', '.join(data.fields)}")
-    return data["image"], {"label": data["label"]}
+    spec = dataset.meta.get("judge") or {}
+    attributes = list(spec.get("attributes") or ["label"])
+    missing = [f for f in ["image", *attributes] if f not in data]
+    if missing:
+        raise ValueError(f"the judge needs a dataset with 'image' and {', '.join(map(repr, attributes))} fields; "
+                         f"{dataset.name!r} has {', '.join(data.fields)}")
+    keep = torch.ones(len(data), dtype=torch.bool)  # (N,)
+    if spec.get("where"):
+        field, value = spec["where"]
+        keep = data[field] == value  # (N,) e.g. one-object scenes, where colour and kind are the scene's
+    return data["image"][keep], {a: data[a][keep] for a in attributes}
 
 
 def _num_classes(dataset: Any, attribute: str) -> int:
-    """Classes of ``attribute`` from the dataset's meta."""
-    meta = dataset.meta
-    if attribute == "colour":
-        return len(meta["colours"])
-    if attribute == "kind":
-        return len(meta["kinds"])
-    return int(meta.get("num_classes") or int(dataset.train["label"].max()) + 1)
+    """Classes of ``attribute``: from ``meta["judge"]``, else ``meta["num_classes"]`` or the largest label + 1."""
+    declared = (dataset.meta.get("judge") or {}).get("attributes") or {}
+    if attribute in declared:
+        return int(declared[attribute])
+    return int(dataset.meta.get("num_classes") or int(dataset.train[attribute].max()) + 1)
 
 
 class Judge(nn.Module):
