@@ -39,10 +39,8 @@ class FlamingoConfig:
     num_latents: int = field(8, "Visual tokens per image out of the Perceiver Resampler.", check=in_range(1, 4096, integer=True))
     resampler_depth: int = field(2, "Perceiver Resampler layers.", check=in_range(1, 64, integer=True))
     resampler_heads: int = field(4, "Perceiver Resampler attention heads.", check=in_range(1, 64, integer=True))
-    resampler_final_norm: bool = field(False, "LayerNorm on the resampler's output (Flamingo's). Off by default: on these "
-                                               "small parts the early caption-template gradient adds a shared offset "
-                                               "to every visual token, and a final norm then shrinks the image-specific "
-                                               "part until the resampler's output no longer tells the digits apart.")
+    resampler_final_norm: bool = field(False, "LayerNorm on the resampler's output (Flamingo's); off in the "
+                                               "digits recipe (see the README's Flamingo notes).")
     cross_every: int = field(1, "A gated cross-attention block before every n-th LM block (0, n, 2n …).",
                              check=in_range(1, 1024, integer=True))
     xattn_heads: int = field(4, "Heads of each gated cross-attention block.", check=in_range(1, 64, integer=True))

@@ -54,30 +54,26 @@ class FromageConfig:
     vision_tiny: bool = field(False, "With vision='', build the CLIP variant's tiny form (contract tests).")
     visual_feature: str = field("cls", "Image feature fed to the adapter and image head: 'cls' the ViT [CLS] token "
                                        "after its final norm (FROMAGe's CLIP pooler output), 'embed' the CLIP "
-                                       "projected embedding (captions 0.86 vs 0.95 on the digits).",
+                                       "projected embedding.",
                                 check=one_of("embed", "cls"))
-    prefix_tokens: int = field(8, "LM input tokens the adapter makes from one image (FROMAGe: 1; the small "
-                                  "frozen LM here is barely steered by a prefix: 0.36 caption accuracy with 1; "
-                                  "with 4 a digit class fell to another word in 1 of 4 seeds, with 8 in none).",
+    prefix_tokens: int = field(8, "LM input tokens the adapter makes from one image (FROMAGe: 1).",
                                check=in_range(1, 64, integer=True))
     bos_first: bool = field(True, "Captioning order bos, image prefix, caption (the small LM always saw bos at "
                                   "position 0); False: FROMAGe's prefix, bos, caption.")
     ret_layer: int = field(-1, "LM hidden state the [RET] query is read from: -1 the final output (FROMAGe); "
-                                "-2 every block's output at [RET], concatenated; i the input of block i (mid-stack "
-                                "reads helped with some small LMs: R@1 0.90 vs 0.48 with -1 on a 1000-step lm, but "
-                                "0.63 vs 0.80 on the default 500-step one).",
+                                "-2 every block's output at [RET], concatenated; i the input of block i.",
                            check=in_range(-2, 1024, integer=True))
     ret_init: str = field("mean", "Initial [RET] row: 'mean' of the LM's token rows (transformers' mean_resizing "
                                   "of added tokens), 'random' normal at the rows' scale.", check=one_of("mean", "random"))
     caption_ret: bool = field(False, "End captions with [RET] as their last target; False: with the LM's end-of-text, "
                                      "and [RET] is taught only by the text read alone (FROMAGe masks [RET] in "
-                                     "captioning). True lets the [RET] target pull whole digits onto one word.")
+                                     "captioning).")
     shared_dim: int = field(64, "Width of the retrieval space of the two heads.", check=in_range(1, 4096, integer=True))
     retrieval_weight: float = field(1.0, "Weight of the InfoNCE loss beside the captioning loss (weight 1).",
                                     check=in_range(0.0, 100.0))
     emission_weight: float = field(0.3, "Weight of the cross-entropy teaching the text read alone to end in [RET] "
                                         "(FROMAGe's retrieval-mode LM loss), so generation from a text prompt emits "
-                                        "it; captions end in end-of-text and do not teach it. 0.02 left emission at 0 %.",
+                                        "it; captions end in end-of-text and do not teach it.",
                                    check=in_range(0.0, 100.0))
     distinct_negatives: bool = field(True, "Compute InfoNCE within groups of distinct digits (templated captions "
                                            "repeat: an image of the caption's own digit is never its negative); "
