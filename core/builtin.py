@@ -76,8 +76,8 @@ def register_objectives(register):
 
 
 @hookimpl
-def register_samplers(register):
-    """Autoregressive samplers ``(logits (B, V), generator=None, **kw) -> ids (B,)``."""
+def register_token_samplers(register):
+    """Token samplers ``(logits (B, V), generator=None, **kw) -> ids (B,)``."""
     from polymodal.generation.sampling import sample_greedy, sample_temperature, sample_top_k, sample_top_p
 
     register("greedy", sample_greedy)

@@ -13,9 +13,10 @@ from polymodal.registry import KINDS
 
 
 def _specs() -> dict[str, object]:
+    """The current hookspecs (deprecated aliases left out: they point at a current one)."""
     marker = f"{hookspecs.PROJECT}_spec"
     return {name: fn for name, fn in vars(hookspecs).items()
-            if inspect.isfunction(fn) and hasattr(fn, marker)}
+            if inspect.isfunction(fn) and hasattr(fn, marker) and name not in hookspecs.DEPRECATED_HOOKS}
 
 
 SPECS = _specs()
@@ -77,6 +78,29 @@ def test_hook_kinds_cover_every_hookspec_and_name_real_kinds():
 
 def test_every_registry_kind_has_a_hook():
     assert set(KINDS) == set(hookspecs.HOOK_KINDS.values())
+
+
+def test_the_kinds_are_read_from_the_hookspecs(monkeypatch):
+    """A new kind is one new hookspec: ``registers`` records it, and KINDS is the hooks' kinds in order."""
+    from polymodal.registry import table
+
+    assert table.KINDS is KINDS == tuple(hookspecs.HOOK_KINDS.values())
+    monkeypatch.setattr(hookspecs, "HOOK_KINDS", dict(hookspecs.HOOK_KINDS))
+
+    @hookspecs.registers("diffusion_sampler")
+    def register_diffusion_samplers(register):
+        """Diffusion samplers."""
+
+    assert hookspecs.HOOK_KINDS["register_diffusion_samplers"] == "diffusion_sampler"
+    assert hasattr(register_diffusion_samplers, f"{hookspecs.PROJECT}_spec")
+    with pytest.raises(ValueError, match="'diffusion_sampler' already has a hook"):
+        hookspecs.registers("diffusion_sampler")(lambda register: None)
+
+
+def test_the_sampler_kind_is_now_token_sampler():
+    assert "token_sampler" in KINDS and "sampler" not in KINDS
+    assert hookspecs.HOOK_KINDS["register_token_samplers"] == "token_sampler"
+    assert hookspecs.DEPRECATED_HOOKS == {"register_samplers": "register_token_samplers"}
 
 
 def _run_example(name: str) -> list[tuple[str, object]]:

@@ -186,6 +186,28 @@ class DuplicatePlugin:
         register("vit", ModelSpec(ViTClassifier, ViTConfig()))
 
 
+class MisspeltPlugin:
+    """Means ``register_models`` but spells it ``register_modles``: without a check it would load and do nothing."""
+
+    @hookimpl
+    def register_metrics(self, register):
+        register("test-misspelt-metric", lambda logits, labels: 0.0, doc="Must not stay behind.")
+
+    @hookimpl
+    def register_modles(self, register):
+        from polymodal.plugins.vit import ViTClassifier, ViTConfig
+
+        register("test-misspelt-vit", ModelSpec(ViTClassifier, ViTConfig()))
+
+
+class OldSamplerPlugin:
+    """Implements the pre-rename hook ``register_samplers``."""
+
+    @hookimpl
+    def register_samplers(self, register):
+        register("test-old-argmax", lambda logits, generator=None: logits.argmax(-1), doc="Arg-max.")
+
+
 @pytest.fixture
 def registered():
     """Register plugin objects for one test, and unregister them afterwards whatever happens."""
@@ -241,6 +263,30 @@ def test_a_duplicate_name_names_both_plugins(registered, monkeypatch):
     assert "duplicate model 'vit'" in record.error
     assert "plugin 'vit'" in record.error and "plugin 'test-dup'" in record.error
     assert get_registry().entry("model", "vit").plugin == "vit"
+
+
+def test_a_misspelt_hook_fails_the_plugin_with_a_suggestion(registered, monkeypatch):
+    monkeypatch.delenv("POLYMODAL_STRICT_PLUGINS", raising=False)
+    record = registered(MisspeltPlugin(), "test-misspelt")
+    assert record.status == "failed"
+    assert "unknown hook 'register_modles'" in record.error and "did you mean 'register_models'" in record.error
+    assert ("metric", "test-misspelt-metric") not in get_registry()
+    assert "unknown hook 'register_modles'" in CliRunner().invoke(main, ["plugins"]).output
+
+
+def test_a_misspelt_hook_raises_in_strict_mode(registered, monkeypatch):
+    monkeypatch.setenv("POLYMODAL_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="test-misspelt.*unknown hook 'register_modles'.*'register_models'"):
+        registered(MisspeltPlugin(), "test-misspelt")
+    assert ("metric", "test-misspelt-metric") not in get_registry()
+
+
+def test_the_old_sampler_hook_still_registers_token_samplers_with_a_warning(registered, monkeypatch):
+    monkeypatch.setenv("POLYMODAL_STRICT_PLUGINS", "1")
+    with pytest.warns(DeprecationWarning, match="'register_samplers' is deprecated; rename it 'register_token_samplers'"):
+        record = registered(OldSamplerPlugin(), "test-old-sampler")
+    assert record.status == "loaded"
+    assert get_registry().entry("token_sampler", "test-old-argmax").plugin == "test-old-sampler"
 
 
 def test_an_unknown_name_suggests_close_matches():

@@ -99,7 +99,7 @@ def test_unknown_name_without_close_matches_lists_the_known(registry):
         registry.get("model", "diffusion")
     assert "did you mean" not in str(info.value) and "vit-s16" in str(info.value)
     with pytest.raises(RegistryError, match="none registered"):
-        registry.get("sampler", "greedy")
+        registry.get("token_sampler", "greedy")
 
 
 def test_registry_error_is_a_key_error_with_a_plain_message(registry):

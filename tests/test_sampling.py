@@ -129,14 +129,14 @@ def test_cfg():
     assert torch.allclose(apply_cfg(cond, uncond, 3.0), uncond + 3 * (cond - uncond))
 
 
-def test_registered_samplers():
+def test_registered_token_samplers():
     import polymodal
 
     logits = _logits(4)
-    assert torch.equal(polymodal.registry.get("sampler", "greedy")(logits), logits.argmax(-1))
+    assert torch.equal(polymodal.registry.get("token_sampler", "greedy")(logits), logits.argmax(-1))
     g = torch.Generator().manual_seed(0)
     for name in ("temperature", "top-k", "top-p"):
-        ids = polymodal.registry.get("sampler", name)(logits, generator=g)
+        ids = polymodal.registry.get("token_sampler", name)(logits, generator=g)
         assert ids.shape == (4,) and ids.dtype == torch.long
     assert torch.equal(sample_top_k(logits, top_k=1), logits.argmax(-1))
     assert torch.equal(sample_top_p(logits, top_p=1e-6), logits.argmax(-1))
@@ -223,5 +223,5 @@ def test_generate_with_registered_sampler(lm):
     import polymodal
 
     prompt = torch.randint(0, 17, (2, 3))
-    out = generate(lm.step, prompt, 4, sampler=polymodal.registry.get("sampler", "top-k"), top_k=1)
+    out = generate(lm.step, prompt, 4, sampler=polymodal.registry.get("token_sampler", "top-k"), top_k=1)
     assert torch.equal(out, generate(lm.step, prompt, 4, greedy=True))

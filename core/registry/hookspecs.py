@@ -23,23 +23,43 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 Register = Callable[..., object]
 
-# Maps each hook to the registry kind its ``register`` callback fills.
-HOOK_KINDS: dict[str, str] = {
-    "register_encoders": "encoder",
-    "register_tokenizers": "tokenizer",
-    "register_fusions": "fusion",
-    "register_objectives": "objective",
-    "register_samplers": "sampler",
-    "register_attention_backends": "attention_backend",
-    "register_datasets": "dataset",
-    "register_models": "model",
-    "register_converters": "converter",
-    "register_metrics": "metric",
-    "register_commands": "command",
-}
+HOOK_KINDS: dict[str, str] = {}
+"""Each registration hook → the registry kind its ``register`` callback fills, in declaration order.
+
+Filled by :func:`registers`: a hookspec declares its kind, and the registry's kinds
+(:data:`KINDS`) are read from here, so a new kind is one new hookspec.
+"""
+
+DEPRECATED_HOOKS: dict[str, str] = {}
+"""Old hook name → the hook that replaced it; an old name still registers, with a DeprecationWarning."""
 
 
-@hookspec
+def registers(kind: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Mark a function as the hookspec that fills registry kind ``kind`` (one kind per hook)."""
+
+    def mark(spec: Callable[..., None]) -> Callable[..., None]:
+        if kind in HOOK_KINDS.values():
+            raise ValueError(f"registry kind {kind!r} already has a hook; {spec.__name__} cannot fill it too")
+        HOOK_KINDS[spec.__name__] = kind
+        return hookspec(spec)
+
+    return mark
+
+
+def deprecated_alias(old: str, new: str) -> Callable[..., None]:
+    """A hookspec called ``old`` that fills ``new``'s kind and warns plugins that still implement it."""
+
+    def spec(register: Register) -> None:
+        pass
+
+    spec.__name__ = spec.__qualname__ = old
+    spec.__doc__ = f"Deprecated: implement :func:`{new}` instead (``{old}`` goes in the next release)."
+    DEPRECATED_HOOKS[old] = new
+    warning = DeprecationWarning(f"the polymodal hook {old!r} is deprecated; rename it {new!r}")
+    return hookspec(warn_on_impl=warning)(spec)
+
+
+@registers("encoder")
 def register_encoders(register: Register) -> None:
     """Register encoder classes (``nn.Module`` subclasses with a ``config_class``).
 
@@ -81,7 +101,7 @@ def register_encoders(register: Register) -> None:
     """
 
 
-@hookspec
+@registers("tokenizer")
 def register_tokenizers(register: Register) -> None:
     """Register tokenizer classes (text or image; see :class:`polymodal.models.interfaces.Tokenizer`).
 
@@ -101,7 +121,7 @@ def register_tokenizers(register: Register) -> None:
     """
 
 
-@hookspec
+@registers("fusion")
 def register_fusions(register: Register) -> None:
     """Register fusion modules that join two streams (concatenation, cross-attention, adapters).
 
@@ -121,7 +141,7 @@ def register_fusions(register: Register) -> None:
     """
 
 
-@hookspec
+@registers("objective")
 def register_objectives(register: Register) -> None:
     """Register objectives: callables returning ``(loss, metrics_dict)``.
 
@@ -141,9 +161,12 @@ def register_objectives(register: Register) -> None:
     """
 
 
-@hookspec
-def register_samplers(register: Register) -> None:
-    """Register samplers (functions that turn logits or scores into samples).
+@registers("token_sampler")
+def register_token_samplers(register: Register) -> None:
+    """Register token samplers: functions that choose the next token of a sequence,
+    ``(logits (B, V), generator=None, **kw) -> ids (B,)`` (greedy, temperature, top-k, top-p …).
+
+    Diffusion samplers, which step a noisy image, are not token samplers.
 
     Example::
 
@@ -155,12 +178,15 @@ def register_samplers(register: Register) -> None:
             return logits.argmax(dim=-1)
 
         @hookimpl
-        def register_samplers(register):
+        def register_token_samplers(register):
             register("argmax", argmax_sampler)
     """
 
 
-@hookspec
+register_samplers = deprecated_alias("register_samplers", "register_token_samplers")
+
+
+@registers("attention_backend")
 def register_attention_backends(register: Register) -> None:
     """Register attention backends (:class:`polymodal.attention.Backend` instances).
 
@@ -180,7 +206,7 @@ def register_attention_backends(register: Register) -> None:
     """
 
 
-@hookspec
+@registers("dataset")
 def register_datasets(register: Register) -> None:
     """Register datasets: callables ``(root=None, **options) -> polymodal.data.Dataset``.
 
@@ -205,7 +231,7 @@ def register_datasets(register: Register) -> None:
     """
 
 
-@hookspec
+@registers("model")
 def register_models(register: Register) -> None:
     """Register model variants (:class:`polymodal.models.ModelSpec`), timm style.
 
@@ -223,7 +249,7 @@ def register_models(register: Register) -> None:
     """
 
 
-@hookspec
+@registers("converter")
 def register_converters(register: Register) -> None:
     """Register checkpoint converters: ``convert(src_dir, dst_dir) -> model``.
 
@@ -244,7 +270,7 @@ def register_converters(register: Register) -> None:
     """
 
 
-@hookspec
+@registers("metric")
 def register_metrics(register: Register) -> None:
     """Register metrics: callables ``(predictions, targets) -> float``.
 
@@ -262,7 +288,7 @@ def register_metrics(register: Register) -> None:
     """
 
 
-@hookspec
+@registers("command")
 def register_commands(register: Register) -> None:
     """Register extra ``polymodal`` CLI commands (``click.Command`` objects).
 
@@ -280,3 +306,7 @@ def register_commands(register: Register) -> None:
         def register_commands(register):
             register("hello", hello)
     """
+
+
+KINDS: tuple[str, ...] = tuple(HOOK_KINDS.values())
+"""Every kind of component the registry holds, one per registration hook, in declaration order."""

@@ -11,6 +11,7 @@ Environment:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import threading
@@ -64,7 +65,9 @@ def _new_manager() -> pluggy.PluginManager:
 def _run_hooks(manager: pluggy.PluginManager, registry: Registry, name: str) -> int:
     """Call every registration hook the plugin ``name`` implements; returns how many it added."""
     count = 0
-    for hook_name, kind in hookspecs.HOOK_KINDS.items():
+    hooks = {**hookspecs.HOOK_KINDS,
+             **{old: hookspecs.HOOK_KINDS[new] for old, new in hookspecs.DEPRECATED_HOOKS.items()}}
+    for hook_name, kind in hooks.items():
         for impl in getattr(manager.hook, hook_name).get_hookimpls():
             if impl.plugin_name != name:
                 continue
@@ -76,6 +79,18 @@ def _run_hooks(manager: pluggy.PluginManager, registry: Registry, name: str) -> 
             impl.function(register=register)
             count += 1
     return count
+
+
+def _check_hooks(manager: pluggy.PluginManager, plugin: Any, name: str) -> None:
+    """Refuse a hook implementation no hookspec declares (a misspelt ``register_modles`` would never run)."""
+    known = [*hookspecs.HOOK_KINDS, *hookspecs.DEPRECATED_HOOKS]
+    for caller in manager.get_hookcallers(plugin) or []:
+        if caller.spec is None:
+            close = difflib.get_close_matches(caller.name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {', '.join(hookspecs.HOOK_KINDS)}"
+            raise pluggy.PluginValidationError(
+                plugin, f"plugin {name!r} implements an unknown hook {caller.name!r}{hint}")
+    manager.check_pending()  # the same check across every plugin, pluggy's own
 
 
 def register_plugin(plugin: Any, name: str, *, source: str = "<direct>") -> PluginRecord:
@@ -91,6 +106,7 @@ def register_plugin(plugin: Any, name: str, *, source: str = "<direct>") -> Plug
 def _add(manager: pluggy.PluginManager, registry: Registry, plugin: Any, name: str, source: str) -> PluginRecord:
     try:
         manager.register(plugin, name=name)
+        _check_hooks(manager, plugin, name)
         _run_hooks(manager, registry, name)
         record = PluginRecord(name, source, "loaded",
                               registered=sum(1 for e in registry.entries() if e.plugin == name))

@@ -11,20 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-KINDS: tuple[str, ...] = (
-    "encoder",
-    "tokenizer",
-    "fusion",
-    "objective",
-    "sampler",
-    "attention_backend",
-    "dataset",
-    "model",
-    "converter",
-    "metric",
-    "command",
-)
-"""Every kind of component the registry holds."""
+from polymodal.registry.hookspecs import KINDS  # one kind per registration hook: the hookspecs are the list
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 
