@@ -233,10 +233,10 @@ def test_folder_int_labels_split_field_resize_grey_and_boxes(tmp_path):
     _write_folder(tmp_path, rows, sizes={"0.png": (20, 10)})
     d = load_folder(tmp_path, channels=1)
     assert sorted(d.test["path"]) == ["0.png", "1.png"] and len(d.train) == 3
-    assert d.meta["num_classes"] == 3 and d.meta["image_size"] == 20  # the first image's larger side
-    assert d.train["image"].shape[1:] == (1, 20, 20)
+    assert d.meta["num_classes"] == 3 and d.meta["image_size"] == 12  # the most common size
+    assert d.train["image"].shape[1:] == (1, 12, 12) and d.test["image"].shape[1:] == (1, 12, 12)
     box = d.test["boxes"][d.test["path"].index("0.png")][0]
-    assert box == (0, 0, 20, 20, 7)  # scaled with the image
+    assert box == (0, 0, 12, 12, 7)  # scaled with the 20×10 image to 12×12
     d8 = load_folder(tmp_path, image_size=8)
     assert d8.train["image"].shape[1:] == (3, 8, 8)
 

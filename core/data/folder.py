@@ -13,13 +13,18 @@ the first four are kept. ``split`` (``"train"`` or ``"test"``) pins a line to a 
 the other lines are split by ``seed`` with ``test_fraction``.
 
 Images are read with Pillow (nothing is ever unpickled), converted to RGB (or L for
-``channels=1``) and stretched to a square ``image_size`` (default: the larger side of
-the first image), float32 in [0, 1].
+``channels=1``) and kept at their own size, float32 in [0, 1]. All images of a folder
+share one size: when they do not, every image is resized to the most common size and a
+note says how many were resized (a non-square size is stretched to the square of its
+larger side, also with a note). ``image_size`` resizes every image to that square size
+instead. ``meta["image_size"]`` is the size the images have, which the families read to
+size their models (``config_for_data``).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +116,25 @@ def _boxes(value: Any, scale: tuple[float, float], where: str) -> list[tuple]:
     return out
 
 
+def _common_size(root: Path, sizes: list[tuple[str, tuple[int, int]]]) -> int:
+    """The square side every image of the folder is brought to: the images' own size when they
+    share one square size; otherwise the most common size (its larger side when not square), with a
+    printed note naming how many images are resized and one of them."""
+    counts = Counter(size for _, size in sizes)
+    (w, h), n = counts.most_common(1)[0]
+    side = max(w, h)
+    odd = [path for path, size in sizes if size != (w, h)]
+    if odd:
+        shown = ", ".join(f"{wi}×{hi} ×{k}" for (wi, hi), k in counts.most_common(4))
+        more = ", …" if len(counts) > 4 else ""
+        print(f"folder {root.name}: images have {len(counts)} sizes ({shown}{more}); the {len(odd)} not "
+              f"{w}×{h} (e.g. {odd[0]!r}) are resized to {side}×{side} (pass image_size= to choose the size)")
+    if w != h:
+        print(f"folder {root.name}: images are {w}×{h} (width×height); stretched to {side}×{side} "
+              f"(the models take square images)")
+    return side
+
+
 def load_folder(root: str | Path | None = None, seed: int = 0, test_fraction: float = 0.2,
                 image_size: int | None = None, channels: int | None = None) -> Dataset:
     """The images in ``root`` described by ``root/captions.jsonl``.
@@ -118,6 +142,7 @@ def load_folder(root: str | Path | None = None, seed: int = 0, test_fraction: fl
     Fields of each split: ``image`` (N, C, S, S) float32 in [0, 1]; ``caption``
     list[str]; ``path`` list[str] (as written in the file); ``label`` (N,) when the
     lines have labels; ``boxes`` (a list of tuples per image) when any line has boxes.
+    ``S`` is ``image_size`` when given, else the images' own (most common) size.
     Raises ValueError naming the file and line for any bad input.
     """
     if root is None:
@@ -138,24 +163,27 @@ def load_folder(root: str | Path | None = None, seed: int = 0, test_fraction: fl
     labels = _labels(rows, file)
     mode, channels = ("L", 1) if channels == 1 else ("RGB", 3)
 
+    loaded = []
+    for lineno, row in rows:
+        where = f"{file}:{lineno}"
+        loaded.append(_load_image(_image_path(root, row["path"], where), mode, where))
+        split = row.get("split")
+        if split not in (None, "train", "test"):
+            raise ValueError(f"{where}: split must be 'train' or 'test'; got {split!r}")
+    if image_size is None:
+        image_size = _common_size(root, [(row["path"], img.size) for (_, row), img in zip(rows, loaded)])
+
     from PIL import Image
 
     images, boxes, pinned = [], [], []
-    for lineno, row in rows:
-        where = f"{file}:{lineno}"
-        img = _load_image(_image_path(root, row["path"], where), mode, where)
-        if image_size is None:
-            image_size = max(img.size)
+    for (lineno, row), img in zip(rows, loaded):
         scale = (image_size / img.size[0], image_size / img.size[1])
-        boxes.append(_boxes(row["boxes"], scale, where) if "boxes" in row else [])
+        boxes.append(_boxes(row["boxes"], scale, f"{file}:{lineno}") if "boxes" in row else [])
         if img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.float32) / 255.0  # (S, S) or (S, S, 3)
         images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))  # (C, S, S)
-        split = row.get("split")
-        if split not in (None, "train", "test"):
-            raise ValueError(f"{where}: split must be 'train' or 'test'; got {split!r}")
-        pinned.append(split)
+        pinned.append(row.get("split"))
 
     free = [i for i, s in enumerate(pinned) if s is None]
     order = np.random.default_rng(seed).permutation(len(free))
