@@ -152,3 +152,25 @@ def test_process_registry_has_the_builtins():
     assert polymodal.registry.entry("encoder", "vit").plugin == "core"
     assert "math" in polymodal.registry.names("attention_backend")
     assert polymodal.registry.entry("model", "vit").plugin == "vit"
+
+
+def test_register_variants_registers_every_variant_under_its_name():
+    from polymodal.registry import register_variants
+
+    calls = []
+    register_variants(lambda name, obj, doc="": calls.append((name, obj)), {"a": thing, "b": other})
+    assert calls == [("a", thing), ("b", other)]
+    with pytest.raises(ValueError, match="mapping of variant name to ModelSpec; got list"):
+        register_variants(lambda *a, **k: None, [thing])
+
+
+def test_every_family_registers_exactly_its_variants():
+    import importlib
+
+    import polymodal
+
+    for family in ("clip", "dalle", "dino", "flamingo", "fromage", "igpt", "imagebind", "lm", "pixel", "rudolph",
+                   "vit", "vqvae"):
+        variants = importlib.import_module(f"polymodal.plugins.{family}").VARIANTS
+        registered = {e.name: e.obj for e in polymodal.registry.entries("model") if e.plugin == family}
+        assert registered == variants, family

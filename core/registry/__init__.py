@@ -8,7 +8,7 @@ The module functions below read the process-wide registry, loading the plugins o
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from polymodal.registry.hookspecs import hookimpl, hookspec
 from polymodal.registry.loader import PluginError, PluginRecord, get_registry, peek_registry, plugin_records
@@ -40,6 +40,22 @@ def find(name: str) -> list[Entry]:
     return get_registry().find(name)
 
 
+def register_variants(register: Callable[..., object], variants: Mapping[str, Any]) -> None:
+    """Register every ``name -> ModelSpec`` of ``variants``: the whole body of a family's ``register_models``::
+
+        @hookimpl
+        def register_models(register):
+            register_variants(register, VARIANTS)
+
+    Each variant's registry doc is its spec's ``doc``.
+    """
+    if not isinstance(variants, Mapping):
+        raise ValueError(f"register_variants expects a mapping of variant name to ModelSpec; got "
+                         f"{type(variants).__name__}")
+    for name, spec in variants.items():
+        register(name, spec)
+
+
 def has(kind: str, name: str) -> bool:
     """Whether ``kind``/``name`` is registered in the process-wide registry."""
     return (kind, name) in get_registry()
@@ -47,4 +63,4 @@ def has(kind: str, name: str) -> bool:
 
 __all__ = ["KINDS", "Entry", "PluginError", "PluginRecord", "Registry", "RegistryError", "entries", "entry",
            "find", "get", "get_registry", "has", "hookimpl", "hookspec", "names", "peek_registry",
-           "plugin_records"]
+           "plugin_records", "register_variants"]

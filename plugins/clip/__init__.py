@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from polymodal.nn.encoders import TextEncoderConfig, ViTEncoderConfig
 from polymodal import hookimpl
+from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
@@ -55,8 +56,7 @@ VARIANTS = {"clip": DIGITS, "clip-shapes": SHAPES}
 @hookimpl
 def register_models(register):
     """The CLIP variants."""
-    for name, spec in VARIANTS.items():
-        register(name, spec)
+    register_variants(register, VARIANTS)
 
 
 @hookimpl

@@ -13,6 +13,7 @@ Variants:
 from __future__ import annotations
 
 from polymodal import hookimpl
+from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
@@ -46,5 +47,4 @@ VARIANTS = {"dalle": DIGITS, "dalle-shapes": SHAPES}
 @hookimpl
 def register_models(register):
     """The DALL·E variants."""
-    for name, spec in VARIANTS.items():
-        register(name, spec)
+    register_variants(register, VARIANTS)

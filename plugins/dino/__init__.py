@@ -15,6 +15,7 @@ from __future__ import annotations
 from polymodal.plugins.dino.distill import DINOHeadConfig, DINOLossConfig
 from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal import hookimpl
+from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
@@ -61,8 +62,7 @@ VARIANTS = {"dino": DIGITS, "dino-shapes": SHAPES}
 @hookimpl
 def register_models(register):
     """The DINO variants."""
-    for name, spec in VARIANTS.items():
-        register(name, spec)
+    register_variants(register, VARIANTS)
 
 
 @hookimpl

@@ -11,6 +11,7 @@ Command: ``polymodal caption DIR IMAGE... [--shots K]`` prints an interleaved fe
 from __future__ import annotations
 
 from polymodal import hookimpl
+from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
@@ -33,8 +34,7 @@ VARIANTS = {"flamingo": DIGITS}
 @hookimpl
 def register_models(register):
     """The Flamingo variants."""
-    for name, spec in VARIANTS.items():
-        register(name, spec)
+    register_variants(register, VARIANTS)
 
 
 @hookimpl

@@ -12,6 +12,7 @@ Commands: ``polymodal fromage-caption DIR IMAGE...`` and ``polymodal fromage-ret
 from __future__ import annotations
 
 from polymodal import hookimpl
+from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
@@ -37,8 +38,7 @@ VARIANTS = {"fromage": DIGITS}
 @hookimpl
 def register_models(register):
     """The FROMAGe variants."""
-    for name, spec in VARIANTS.items():
-        register(name, spec)
+    register_variants(register, VARIANTS)
 
 
 @hookimpl

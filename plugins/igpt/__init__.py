@@ -13,6 +13,7 @@ Real checkpoints (OpenAI's imagegpt-small …) come in through ``polymodal conve
 from __future__ import annotations
 
 from polymodal import hookimpl
+from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
@@ -43,8 +44,7 @@ VARIANTS = {"igpt": DIGITS, "igpt-shapes": SHAPES}
 @hookimpl
 def register_models(register):
     """The iGPT variants."""
-    for name, spec in VARIANTS.items():
-        register(name, spec)
+    register_variants(register, VARIANTS)
 
 
 @hookimpl

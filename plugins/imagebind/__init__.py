@@ -14,6 +14,7 @@ digits with a fixed DTMF clip per sample).
 from __future__ import annotations
 
 from polymodal import hookimpl
+from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
@@ -37,8 +38,7 @@ VARIANTS = {"imagebind": DIGITS}
 @hookimpl
 def register_models(register):
     """The ImageBind variants."""
-    for name, spec in VARIANTS.items():
-        register(name, spec)
+    register_variants(register, VARIANTS)
 
 
 @hookimpl

@@ -11,6 +11,7 @@ Real checkpoints (OpenAI's gpt2 …) come in through ``polymodal convert --from 
 from __future__ import annotations
 
 from polymodal import hookimpl
+from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
@@ -32,8 +33,7 @@ VARIANTS = {"lm": TEXT}
 @hookimpl
 def register_models(register):
     """The language-model variants."""
-    for name, spec in VARIANTS.items():
-        register(name, spec)
+    register_variants(register, VARIANTS)
 
 
 @hookimpl

@@ -12,6 +12,7 @@ Variants (default data: the embedded ``text``):
 from __future__ import annotations
 
 from polymodal import hookimpl
+from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
@@ -43,5 +44,4 @@ VARIANTS = {"pixel-mae": PIXEL_MAE, "pixel": PIXEL}
 @hookimpl
 def register_models(register):
     """The PIXEL variants."""
-    for name, spec in VARIANTS.items():
-        register(name, spec)
+    register_variants(register, VARIANTS)

@@ -14,6 +14,7 @@ right-text perplexity (``model.zero_shot(images, class_captions)``); ``polymodal
 from __future__ import annotations
 
 from polymodal import hookimpl
+from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
@@ -37,5 +38,4 @@ VARIANTS = {"rudolph": DIGITS}
 @hookimpl
 def register_models(register):
     """The RuDolph variants."""
-    for name, spec in VARIANTS.items():
-        register(name, spec)
+    register_variants(register, VARIANTS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal import hookimpl
+from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
@@ -49,8 +50,7 @@ VARIANTS = {"vit": DIGITS, "vit-s16": VIT_S16, "vit-b16": VIT_B16}
 @hookimpl
 def register_models(register):
     """The ViT variants."""
-    for name, spec in VARIANTS.items():
-        register(name, spec)
+    register_variants(register, VARIANTS)
 
 
 @hookimpl

@@ -12,6 +12,7 @@ The class is also registered as the tokenizer ``vqvae``: a trained folder loaded
 from __future__ import annotations
 
 from polymodal import hookimpl
+from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
@@ -43,8 +44,7 @@ VARIANTS = {"vqvae": DIGITS, "vqvae-shapes": SHAPES}
 @hookimpl
 def register_models(register):
     """The VQ-VAE variants."""
-    for name, spec in VARIANTS.items():
-        register(name, spec)
+    register_variants(register, VARIANTS)
 
 
 @hookimpl

@@ -3,8 +3,9 @@
 Nothing here is new machinery. The trunk comes from the registry
 (``polymodal.registry.get("encoder", "vit")``), the config is a frozen attrs class made
 with the core's ``config``/``field`` helpers, the model follows the
-:class:`polymodal.models.PolymodalModel` contract, and one ``@hookimpl`` registers a
-:class:`polymodal.models.ModelSpec` so that ``polymodal train example-meanpool`` works.
+:class:`polymodal.models.PolymodalModel` contract, and one ``@hookimpl`` registers its
+:class:`polymodal.models.ModelSpec` variants (``register_variants``) so that
+``polymodal train example-meanpool`` works.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from polymodal.config import config, field, in_range
 from polymodal.data.augment import resize
 from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.models import ModelSpec, PolymodalModel
+from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
 
@@ -83,8 +85,11 @@ class MeanPoolClassifier(PolymodalModel):
         return self.encoder.example_inputs(batch_size, generator)
 
 
+VARIANTS = {"example-meanpool": ModelSpec(MeanPoolClassifier, MeanPoolConfig(), data="digits",
+                                         train=TrainConfig(steps=300, batch_size=64, lr=2e-3, warmup_steps=20))}
+
+
 @hookimpl
 def register_models(register):
     """``example-meanpool``: the tutorial model, on the embedded digits."""
-    register("example-meanpool", ModelSpec(MeanPoolClassifier, MeanPoolConfig(), data="digits",
-                                           train=TrainConfig(steps=300, batch_size=64, lr=2e-3, warmup_steps=20)))
+    register_variants(register, VARIANTS)
