@@ -10,22 +10,42 @@ from pathlib import Path
 import click
 
 from polymodal.registry.loader import get_registry, plugin_records
+from polymodal.registry.table import Entry
 
 
 class _Group(click.Group):
-    """Adds the commands plugins registered (kind ``command``) after the built-in ones."""
+    """The built-in commands, then one group per plugin with the commands it registered (kind ``command``):
+    ``polymodal flamingo caption``. A registered command's old top-level name (``polymodal caption``)
+    still works for one release, hidden, with a one-line deprecation note on stderr."""
 
-    def _plugin_commands(self) -> dict[str, click.Command]:
+    def _commands(self) -> list[Entry]:
         try:
-            return {e.name: e.obj for e in get_registry().entries("command")}
+            return list(get_registry().entries("command"))
         except Exception:
-            return {}
+            return []
+
+    def _families(self) -> dict[str, click.Group]:
+        """One click group per plugin that registered commands, each command under its own name."""
+        commands: dict[str, dict[str, click.Command]] = {}
+        for e in self._commands():
+            commands.setdefault(e.plugin, {})[e.obj.name or e.name] = e.obj
+        return {family: click.Group(family, commands=cmds, help=f"The {family} plugin's commands: "
+                                    f"{', '.join(sorted(cmds))}.") for family, cmds in commands.items()}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | set(self._plugin_commands()))
+        return sorted(set(super().list_commands(ctx)) | set(self._families()))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        return super().get_command(ctx, name) or self._plugin_commands().get(name)
+        command = super().get_command(ctx, name) or self._families().get(name)
+        if command is not None:
+            return command
+        for e in self._commands():  # the deprecated top-level name: the name it was registered under
+            if e.name == name:
+                if not ctx.resilient_parsing:
+                    click.echo(f"`polymodal {name}` is deprecated and goes in the next release; use "
+                               f"`polymodal {e.plugin} {e.obj.name or e.name}`", err=True)
+                return e.obj
+        return None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

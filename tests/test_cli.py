@@ -71,3 +71,57 @@ def test_sample_refuses_a_classifier(run, tmp_path):
     run("train", "vit", "--steps", "2", "--out", str(out), "--no-progress", *TINY)
     result = CliRunner().invoke(main, ["sample", str(out)])
     assert result.exit_code != 0 and "does not generate samples" in result.output
+
+
+# -- plugin commands, grouped by family ----------------------------------------------------------
+
+def test_plugin_commands_are_grouped_by_family(run):
+    top = run("--help").output
+    assert "clip" in top and "dino" in top
+    for old in ("classify", "attention-maps", "fromage-caption"):  # hidden: listed under their family only
+        assert f"\n  {old} " not in top
+    assert "classify" in run("clip", "--help").output
+    dino = run("dino", "attention-maps", "--help")
+    assert dino.exit_code == 0 and "Usage: main dino attention-maps" in dino.output
+    assert "deprecated" not in dino.stderr
+
+
+@pytest.mark.parametrize("old,new", [(["classify"], ["clip", "classify"]),
+                                     (["attention-maps"], ["dino", "attention-maps"])])
+def test_old_top_level_command_names_still_work_with_a_deprecation_note(old, new):
+    result = CliRunner().invoke(main, [*old, "--help"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == (f"`polymodal {old[0]}` is deprecated and goes in the next release; "
+                                     f"use `polymodal {' '.join(new)}`")
+    assert "--help" in result.stdout and result.stdout == CliRunner().invoke(main, [*new, "--help"]).stdout.replace(
+        f"main {' '.join(new)}", f"main {old[0]}")
+
+
+def test_a_registered_command_runs_under_its_plugin_and_under_its_old_name():
+    import click
+
+    from polymodal import hookimpl
+    from polymodal.registry.loader import register_plugin, unregister_plugin
+
+    class Greeter:
+        @hookimpl
+        def register_commands(self, register):
+            @click.command("hello")
+            @click.argument("who")
+            def hello(who):
+                """Say hello."""
+                click.echo(f"hello {who}")
+
+            register("greeter-hello", hello)
+
+    register_plugin(Greeter(), "greeter")
+    try:
+        grouped = CliRunner().invoke(main, ["greeter", "hello", "you"])
+        assert grouped.exit_code == 0 and grouped.stdout == "hello you\n" and grouped.stderr == ""
+        old = CliRunner().invoke(main, ["greeter-hello", "you"])
+        assert old.exit_code == 0 and old.stdout == "hello you\n"
+        assert "use `polymodal greeter hello`" in old.stderr
+        assert "greeter" in CliRunner().invoke(main, ["--help"]).stdout
+    finally:
+        unregister_plugin("greeter")
+    assert CliRunner().invoke(main, ["greeter", "hello", "you"]).exit_code != 0

@@ -214,7 +214,7 @@ def test_eval_and_attention_maps_commands(tmp_path):
     images = []
     for i in range(2):
         images.append(str(save_png(torch.rand(3, 32, 32), tmp_path / f"img{i}.png")))
-    result = runner.invoke(main, ["attention-maps", str(tmp_path / "m"), *images, "--out", str(tmp_path / "att")])
+    result = runner.invoke(main, ["dino", "attention-maps", str(tmp_path / "m"), *images, "--out", str(tmp_path / "att")])
     assert result.exit_code == 0, result.output
     heads = model.config.encoder.heads
     for i in range(2):
@@ -226,19 +226,19 @@ def test_eval_and_attention_maps_commands(tmp_path):
 
     with Image.open(tmp_path / "att" / "img0_head0.png") as img:
         assert img.size == (32 * 8, 32 * 8)
-    result = runner.invoke(main, ["attention-maps", str(tmp_path / "m"), "--test-images", "3", "--out", str(tmp_path / "t")])
+    result = runner.invoke(main, ["dino", "attention-maps", str(tmp_path / "m"), "--test-images", "3", "--out", str(tmp_path / "t")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "t" / "test_002_mean.png").is_file() and not (tmp_path / "t" / "test_003_mean.png").exists()
     with Image.open(tmp_path / "t" / "grid.png") as img:  # three rows of (input, heads, mean) 32-pixel tiles
         assert img.size == (8 * ((2 + heads) * 33 + 1), 8 * (3 * 33 + 1))
-    result = runner.invoke(main, ["attention-maps", str(tmp_path / "m"), "--out", str(tmp_path / "n")])
+    result = runner.invoke(main, ["dino", "attention-maps", str(tmp_path / "m"), "--out", str(tmp_path / "n")])
     assert result.exit_code != 0 and "--test-images" in result.output
 
 
 def test_attention_maps_command_rejects_other_families(tmp_path):
     contracts.build("vit").save(tmp_path / "vit")
     img = save_png(torch.rand(1, 8, 8), tmp_path / "x.png")
-    result = CliRunner().invoke(main, ["attention-maps", str(tmp_path / "vit"), str(img), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(main, ["dino", "attention-maps", str(tmp_path / "vit"), str(img), "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "not a DINO model" in result.output
 
 

@@ -250,12 +250,12 @@ def test_caption_command_and_eval(model, tmp_path):
     model.save(folder)
     assert (folder / "lm" / "config.json").is_file() and (folder / "vision" / "config.json").is_file()
     image = save_png(images_for(model, 1)[0], tmp_path / "digit.png")
-    result = CliRunner().invoke(main, ["caption", str(folder), str(image), "--shots", "2", "--out",
+    result = CliRunner().invoke(main, ["flamingo", "caption", str(folder), str(image), "--shots", "2", "--out",
                                        str(tmp_path / "t.txt")])
     assert result.exit_code == 0, result.output
     assert result.output.count("[image:") == 3 and "digit.png] This is a" in result.output
     assert (tmp_path / "t.txt").read_text().strip() == result.output.strip()
-    result = CliRunner().invoke(main, ["caption", str(folder), str(image), "--shots", "0"])
+    result = CliRunner().invoke(main, ["flamingo", "caption", str(folder), str(image), "--shots", "0"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"[image: {image}] This is a ⟶") and result.output.count("[image:") == 1
     result = CliRunner().invoke(main, ["eval", str(folder), "--json"])

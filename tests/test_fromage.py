@@ -249,17 +249,17 @@ def test_caption_command(tmp_path):
     model.save(tmp_path / "m")
     images, _ = model.example_inputs(2, torch.Generator().manual_seed(8))
     files = [str(save_png(img, tmp_path / f"{i}.png")) for i, img in enumerate(images)]
-    result = CliRunner().invoke(main, ["fromage-caption", str(tmp_path / "m"), *files])
+    result = CliRunner().invoke(main, ["fromage", "caption", str(tmp_path / "m"), *files])
     assert result.exit_code == 0, result.output
     assert [line.split(": ")[0] for line in result.output.splitlines()] == files
-    result = CliRunner().invoke(main, ["fromage-retrieve", str(tmp_path / "m"), "the digit", "--gallery",
+    result = CliRunner().invoke(main, ["fromage", "retrieve", str(tmp_path / "m"), "the digit", "--gallery",
                                        str(tmp_path), "-k", "2"])
     assert result.exit_code == 0, result.output
     assert "generated:" in result.output and result.output.count("cosine") == 2
-    result = CliRunner().invoke(main, ["fromage-retrieve", str(tmp_path / "m"), "<image> and <image>", "--gallery",
+    result = CliRunner().invoke(main, ["fromage", "retrieve", str(tmp_path / "m"), "<image> and <image>", "--gallery",
                                        str(tmp_path), "--image", files[0]])
     assert result.exit_code != 0 and "2 <image> token(s) but 1 image(s)" in result.output
-    result = CliRunner().invoke(main, ["fromage-retrieve", str(tmp_path / "m"), "<image> is a", "--gallery",
+    result = CliRunner().invoke(main, ["fromage", "retrieve", str(tmp_path / "m"), "<image> is a", "--gallery",
                                        str(tmp_path), "--image", files[0], "-k", "1", "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "o" / "transcript.txt").read_text().startswith("prompt: <image> is a")

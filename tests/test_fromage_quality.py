@@ -74,7 +74,7 @@ def test_caption_command_on_a_test_image(fromage, tmp_path):
     test = load_dataset("digits").test
     picks = [int((test["label"] == d).nonzero()[0]) for d in range(10)]
     files = [str(save_png(test["image"][i], tmp_path / f"{i}.png")) for i in picks]
-    result = CliRunner().invoke(main, ["fromage-caption", str(folder), *files])
+    result = CliRunner().invoke(main, ["fromage", "caption", str(folder), *files])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     right = sum(named_digits(line.split(": ", 1)[1]) == {d} for d, line in zip(range(10), lines))

@@ -229,7 +229,7 @@ def test_register_and_unregister_a_plugin_object(registered):
     assert registry.entry("model", "test-extra-vit").plugin == "test-extra"
     runner = CliRunner()
     assert "test-extra-vit" in runner.invoke(main, ["list", "model"]).output
-    assert "hello from a plugin" in runner.invoke(main, ["test-extra-hello"]).output
+    assert "hello from a plugin" in runner.invoke(main, ["test-extra", "test-extra-hello"]).output
     plugins = runner.invoke(main, ["plugins"]).output
     assert "test-extra" in plugins and "loaded" in plugins
     unregister_plugin("test-extra")

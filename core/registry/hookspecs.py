@@ -292,6 +292,11 @@ def register_metrics(register: Register) -> None:
 def register_commands(register: Register) -> None:
     """Register extra ``polymodal`` CLI commands (``click.Command`` objects).
 
+    A plugin's commands are grouped under its name: the example below runs as
+    ``polymodal mine hello`` when the plugin's entry point is ``mine``. The registered name
+    must be unique among all plugins' commands; it is also the command's deprecated
+    top-level name (``polymodal hello``), kept for one release.
+
     Example::
 
         import click

@@ -69,7 +69,7 @@ def register_converters(register):
 
 @hookimpl
 def register_commands(register):
-    """``polymodal classify DIR IMAGE... --labels a,b,c``: zero-shot label probabilities."""
+    """``polymodal clip classify DIR IMAGE... --labels a,b,c``: zero-shot label probabilities."""
     from .zeroshot import classify_command
 
     register("classify", classify_command)

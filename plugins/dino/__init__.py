@@ -6,7 +6,7 @@ Variants:
     ``dino-shapes``  a small ViT on the embedded 32×32 shapes scenes (patch 4; 16×16 local crops); also scores
                      the [CLS] attention of the last layer against the true object masks.
 
-``polymodal attention-maps DIR IMAGE... --out OUT`` writes the last layer's [CLS] attention per head.
+``polymodal dino attention-maps DIR IMAGE... --out OUT`` writes the last layer's [CLS] attention per head.
 The objective, head, EMA and collapse monitor live in :mod:`polymodal.plugins.dino.distill`.
 """
 
@@ -75,7 +75,7 @@ def register_objectives(register):
 
 @hookimpl
 def register_commands(register):
-    """``polymodal attention-maps DIR IMAGE... --out OUT``: the last layer's [CLS] attention per head."""
+    """``polymodal dino attention-maps DIR IMAGE... --out OUT``: the last layer's [CLS] attention per head."""
     from .attention_maps import attention_maps_command
 
     register("attention-maps", attention_maps_command)

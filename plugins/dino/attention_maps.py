@@ -4,7 +4,7 @@
 ``norm1`` and ``qkv`` projection (the core attention returns only the mixed values), so the
 core block stays untouched. :func:`attention_masks` turns them into pixel masks the way DINO's
 visualisation does: upsample, then keep the pixels that hold a fraction of the attention mass.
-``polymodal attention-maps DIR IMAGE... --out OUT`` writes one PNG per head and image.
+``polymodal dino attention-maps DIR IMAGE... --out OUT`` writes one PNG per head and image.
 """
 
 from __future__ import annotations

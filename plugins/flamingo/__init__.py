@@ -5,7 +5,7 @@ Variants:
     ``flamingo``  frozen ``lm`` (``--set lm=LM_DIR``, else the default LM trained first) and frozen
                   digits ``clip`` (``--set vision=CLIP_DIR``, else the default CLIP trained first).
 
-Command: ``polymodal caption DIR IMAGE... [--shots K]`` prints an interleaved few-shot transcript.
+Command: ``polymodal flamingo caption DIR IMAGE... [--shots K]`` prints an interleaved few-shot transcript.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def register_models(register):
 
 @hookimpl
 def register_commands(register):
-    """``polymodal caption DIR IMAGE... [--shots K]``: few-shot captions as an interleaved transcript."""
+    """``polymodal flamingo caption DIR IMAGE... [--shots K]``: few-shot captions as an interleaved transcript."""
     from .generate import caption_command
 
     register("caption", caption_command)

@@ -1,5 +1,5 @@
 """Captioning with in-context examples: KV-cache generation, readable transcripts, ``sample_to_folder``
-and the ``polymodal caption DIR IMAGE... [--shots K]`` command."""
+and the ``polymodal flamingo caption DIR IMAGE... [--shots K]`` command."""
 
 from __future__ import annotations
 

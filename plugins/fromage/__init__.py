@@ -5,7 +5,7 @@ Variants:
                  first) and frozen ``clip`` image tower (``--set vision=CLIP_DIR``, else the
                  default CLIP trained first); trains the adapter, the [RET] row and two heads.
 
-Commands: ``polymodal fromage-caption DIR IMAGE...`` and ``polymodal fromage-retrieve DIR PROMPT``;
+Commands: ``polymodal fromage caption DIR IMAGE...`` and ``polymodal fromage retrieve DIR PROMPT``;
 ``polymodal sample DIR --prompt TEXT`` writes the retrieved images with a transcript.
 """
 
@@ -43,7 +43,7 @@ def register_models(register):
 
 @hookimpl
 def register_commands(register):
-    """``polymodal fromage-caption DIR IMAGE...`` and ``polymodal fromage-retrieve DIR PROMPT``."""
+    """``polymodal fromage caption DIR IMAGE...`` and ``polymodal fromage retrieve DIR PROMPT``."""
     from .commands import caption_command, retrieve_command
 
     register("fromage-caption", caption_command)

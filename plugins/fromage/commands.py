@@ -1,4 +1,4 @@
-"""The ``polymodal fromage-caption`` and ``polymodal fromage-retrieve`` commands."""
+"""The ``polymodal fromage caption`` and ``polymodal fromage retrieve`` commands."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _load(directory: str):
     return model
 
 
-@click.command("fromage-caption")
+@click.command("caption")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--max-tokens", type=int, help="Tokens generated at most (default: the model's max_caption_tokens).")
@@ -38,7 +38,7 @@ def caption_command(directory, images, max_tokens) -> None:
         click.echo(f"{path}: {text}")
 
 
-@click.command("fromage-retrieve")
+@click.command("retrieve")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.argument("prompt")
 @click.option("--gallery", type=click.Path(exists=True, file_okay=False),

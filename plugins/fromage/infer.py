@@ -241,7 +241,7 @@ def sample_to_folder(model: Any, out: str | Path, n: int = 8, prompt: str | None
     bad = sorted(set(options) - set(SAMPLE_OPTIONS))
     if bad:
         raise ValueError(f"fromage does not support {', '.join(bad)}; it supports {', '.join(SAMPLE_OPTIONS)} "
-                         "(caption your own images with `polymodal fromage-caption`)")
+                         "(caption your own images with `polymodal fromage caption`)")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1; got {n!r}")
     gen = {k: options[k] for k in ("temperature", "top_k", "top_p", "use_cache", "max_new_tokens") if k in options}
