@@ -101,7 +101,7 @@ def generate(step_fn: StepFn, prompt_ids: Tensor, max_new_tokens: int, *, temper
     (its own cache; the same new tokens are appended to both) and the logits are mixed by
     :func:`apply_cfg`. With ``eos_id``, a row that emitted it is filled with ``pad_id``
     (``eos_id`` when None) and the loop stops once every row has finished. ``sampler``
-    replaces :func:`sample_next` (e.g. a registered sampler); it gets ``generator``, the
+    replaces :func:`sample_next` (e.g. a registered token sampler); it gets ``generator``, the
     ``temperature``/``top_k``/``top_p`` given here and ``sampler_kwargs``.
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
@@ -151,25 +151,25 @@ def generate(step_fn: StepFn, prompt_ids: Tensor, max_new_tokens: int, *, temper
 
 
 def sample_greedy(logits: Tensor, generator: torch.Generator | None = None, **kw: Any) -> Tensor:
-    """Sampler ``"greedy"``: the arg-max of each row of ``logits`` (B, V)."""
+    """Token sampler ``"greedy"``: the arg-max of each row of ``logits`` (B, V)."""
     return sample_next(logits, greedy=True, allowed=kw.get("allowed"))
 
 
 def sample_temperature(logits: Tensor, generator: torch.Generator | None = None, *,
                        temperature: float = 1.0, **kw: Any) -> Tensor:
-    """Sampler ``"temperature"``: draw from ``softmax(logits / temperature)``."""
+    """Token sampler ``"temperature"``: draw from ``softmax(logits / temperature)``."""
     return sample_next(logits, temperature=temperature, generator=generator, allowed=kw.get("allowed"))
 
 
 def sample_top_k(logits: Tensor, generator: torch.Generator | None = None, *, top_k: int = 50,
                  temperature: float = 1.0, **kw: Any) -> Tensor:
-    """Sampler ``"top-k"``: draw among the ``top_k`` most likely tokens."""
+    """Token sampler ``"top-k"``: draw among the ``top_k`` most likely tokens."""
     return sample_next(logits, temperature=temperature, top_k=top_k, generator=generator, allowed=kw.get("allowed"))
 
 
 def sample_top_p(logits: Tensor, generator: torch.Generator | None = None, *, top_p: float = 0.9,
                  temperature: float = 1.0, **kw: Any) -> Tensor:
-    """Sampler ``"top-p"``: draw from the smallest set of tokens with mass at least ``top_p``."""
+    """Token sampler ``"top-p"``: draw from the smallest set of tokens with mass at least ``top_p``."""
     return sample_next(logits, temperature=temperature, top_p=top_p, generator=generator, allowed=kw.get("allowed"))
 
 

@@ -57,7 +57,10 @@ class Objective(Protocol):
 
 
 @runtime_checkable
-class Sampler(Protocol):
-    """Turns scores into a choice: ``(logits (B, V), generator) -> ids (B,)``."""
+class TokenSampler(Protocol):
+    """Chooses the next token from scores: ``(logits (B, V), generator) -> ids (B,)`` (registry kind ``token_sampler``)."""
 
     def __call__(self, logits: Tensor, *args: Any, **kwargs: Any) -> Tensor: ...
+
+
+Sampler = TokenSampler  # the name before diffusion samplers; goes in the next release
