@@ -51,7 +51,7 @@ def train_model(name: str, *, data: str | None = None, set_: tuple[str, ...] = (
         cfg = attrs.evolve(cfg, steps=max(1, math.ceil(epochs * len(dataset.train) / cfg.batch_size)))
     elif steps is not None:
         cfg = attrs.evolve(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, max(steps // 10, 0)))
-    model_cfg = apply_overrides(model_spec.model_class.config_for_data(model_spec.config, dataset), set_)
+    model_cfg = model_spec.config_for(dataset, set_)
     torch.manual_seed(cfg.seed)
     model = model_spec.model_class(model_cfg)
     model = train(model, dataset, cfg, out=out, device=device, resume=resume, progress=progress)

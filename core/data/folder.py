@@ -12,8 +12,8 @@ in the original image's pixels and are scaled with the image; extra entries afte
 the first four are kept. ``split`` (``"train"`` or ``"test"``) pins a line to a split;
 the other lines are split by ``seed`` with ``test_fraction``.
 
-Images are read with Pillow (nothing is ever unpickled), converted to RGB (or L for
-``channels=1``) and kept at their own size, float32 in [0, 1]. All images of a folder
+Images are read with Pillow (nothing is ever unpickled), converted to RGB, or to L when
+every image is greyscale (``channels`` chooses instead), and kept at their own size, float32 in [0, 1]. All images of a folder
 share one size: when they do not, every image is resized to the most common size and a
 note says how many were resized (a non-square size is stretched to the square of its
 larger side, also with a note). ``image_size`` resizes every image to that square size
@@ -71,14 +71,18 @@ def _image_path(root: Path, rel: str, where: str) -> Path:
     return path
 
 
-def _load_image(path: Path, mode: str, where: str):
-    """The image at ``path`` in Pillow ``mode``, fully read."""
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "F"})
+"""Pillow modes of greyscale images (a folder of only these loads with one channel)."""
+
+
+def _load_image(path: Path, where: str):
+    """The image at ``path`` in its own Pillow mode, fully read."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert(mode)
+            return img.copy()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"{where}: cannot read image {path.name!r}: {e}") from None
 
@@ -142,7 +146,8 @@ def load_folder(root: str | Path | None = None, seed: int = 0, test_fraction: fl
     Fields of each split: ``image`` (N, C, S, S) float32 in [0, 1]; ``caption``
     list[str]; ``path`` list[str] (as written in the file); ``label`` (N,) when the
     lines have labels; ``boxes`` (a list of tuples per image) when any line has boxes.
-    ``S`` is ``image_size`` when given, else the images' own (most common) size.
+    ``S`` is ``image_size`` when given, else the images' own (most common) size; ``C`` is
+    ``channels`` when given, else 1 when every image is greyscale and 3 otherwise.
     Raises ValueError naming the file and line for any bad input.
     """
     if root is None:
@@ -161,15 +166,17 @@ def load_folder(root: str | Path | None = None, seed: int = 0, test_fraction: fl
         raise ValueError(f"{root} has no {CAPTIONS} (one JSON object per line with 'path' and 'caption')")
     rows = _read_lines(file)
     labels = _labels(rows, file)
-    mode, channels = ("L", 1) if channels == 1 else ("RGB", 3)
 
     loaded = []
     for lineno, row in rows:
         where = f"{file}:{lineno}"
-        loaded.append(_load_image(_image_path(root, row["path"], where), mode, where))
+        loaded.append(_load_image(_image_path(root, row["path"], where), where))
         split = row.get("split")
         if split not in (None, "train", "test"):
             raise ValueError(f"{where}: split must be 'train' or 'test'; got {split!r}")
+    if channels is None:
+        channels = 1 if all(img.mode in GREY_MODES for img in loaded) else 3
+    mode = "L" if channels == 1 else "RGB"
     if image_size is None:
         image_size = _common_size(root, [(row["path"], img.size) for (_, row), img in zip(rows, loaded)])
 
@@ -177,6 +184,7 @@ def load_folder(root: str | Path | None = None, seed: int = 0, test_fraction: fl
 
     images, boxes, pinned = [], [], []
     for (lineno, row), img in zip(rows, loaded):
+        img = img.convert(mode)
         scale = (image_size / img.size[0], image_size / img.size[1])
         boxes.append(_boxes(row["boxes"], scale, f"{file}:{lineno}") if "boxes" in row else [])
         if img.size != (image_size, image_size):

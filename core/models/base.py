@@ -9,6 +9,8 @@ The trainer, the CLI, model folders and the testing kit use only this contract.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +19,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from polymodal.config import from_dict, to_dict
+from polymodal.config import apply_overrides, from_dict, to_dict
 from polymodal.models.recipe import TrainConfig
 
 
@@ -68,8 +70,9 @@ class PolymodalModel(nn.Module):
         return data if isinstance(data, str) and data and ("dataset", data) in get_registry() else None
 
     @classmethod
-    def config_for_data(cls, config: Any, dataset: Any) -> Any:
-        """Adapt a variant's config to a dataset (image size, classes …); default: unchanged."""
+    def config_for_data(cls, config: Any, dataset: Any, fixed: Collection[str] = ()) -> Any:
+        """Adapt a variant's config to a dataset (image size, classes …), leaving alone what the dotted
+        config keys in ``fixed`` name (the user set them, e.g. ``encoder.image_size``); default: unchanged."""
         return config
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
@@ -157,3 +160,13 @@ class ModelSpec:
         if overrides:
             cfg = attrs.evolve(cfg, **overrides)
         return self.model_class(cfg)
+
+    def config_for(self, dataset: Any, overrides: tuple[str, ...] = ()) -> Any:
+        """The config ``polymodal train`` builds: adapted to ``dataset`` by the family's
+        ``config_for_data`` (told the keys the ``key=value`` ``overrides`` set, so that an explicit
+        ``encoder.image_size=8`` is not adapted away), then the overrides applied."""
+        adapt = self.model_class.config_for_data
+        if "fixed" in inspect.signature(adapt).parameters:
+            fixed = frozenset(pair.split("=", 1)[0].strip() for pair in overrides)
+            return apply_overrides(adapt(self.config, dataset, fixed=fixed), overrides)
+        return apply_overrides(adapt(self.config, dataset), overrides)

@@ -14,6 +14,7 @@ core trainer calls.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 import attrs
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
 from polymodal.nn.encoders import TextEncoder, TextEncoderConfig, ViTEncoder, ViTEncoderConfig
+from polymodal.nn.grid import fit_encoder
 from polymodal.models import PolymodalModel
 from polymodal.objectives import info_nce, similarity_logits
 
@@ -148,10 +150,15 @@ class CLIPModel(PolymodalModel):
 
     # -- config adaptation and tiny form ----------------------------------------------------------
     @classmethod
-    def config_for_data(cls, config: CLIPConfig, dataset: Any) -> CLIPConfig:
-        """Channels, templates, class names and the caption re-sampler from the dataset's meta."""
+    def config_for_data(cls, config: CLIPConfig, dataset: Any, fixed: Collection[str] = ()) -> CLIPConfig:
+        """Channels, image size (the patch grid keeps about the variant's patches per side, printed;
+        not with ``vision.image_size`` in ``fixed``), templates, class names and the caption re-sampler
+        from the dataset's meta."""
         meta = dataset.meta
-        vision = attrs.evolve(config.vision, channels=meta.get("channels", config.vision.channels))
+        vision, line = fit_encoder(config.vision, meta, family="clip", key="vision", fixed=fixed)
+        if line:
+            print(line)
+        vision = attrs.evolve(vision, channels=meta.get("channels", config.vision.channels))
         captioner = "none"
         if dataset.name == "shapes" and meta.get("templates"):
             captioner = "shapes"

@@ -14,6 +14,7 @@ longer depends on the image. No labels are used in training; they are used only 
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from typing import Any
 
 import attrs
@@ -24,6 +25,7 @@ from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import resize
 from .distill import (CollapseMonitor, DINOHead, DINOHeadConfig, DINOLoss, DINOLossConfig, collapse_stats)
 from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
+from polymodal.nn.grid import fit_encoder
 from polymodal.models import PolymodalModel
 from polymodal.train import cosine_momentum, ema_update_
 
@@ -122,10 +124,21 @@ class DINOModel(PolymodalModel):
 
     # -- config adaptation and tiny form ----------------------------------------------------------
     @classmethod
-    def config_for_data(cls, config: DINOConfig, dataset: Any) -> DINOConfig:
-        """Match the dataset's channels; remember its name (``polymodal eval`` uses it)."""
-        encoder = attrs.evolve(config.encoder, channels=dataset.meta.get("channels", config.encoder.channels))
-        return attrs.evolve(config, encoder=encoder, data=dataset.name)
+    def config_for_data(cls, config: DINOConfig, dataset: Any, fixed: Collection[str] = ()) -> DINOConfig:
+        """Match the dataset's channels and image size (the patch grid keeps about the variant's patches
+        per side and the local crops their share of the image, printed; not with ``encoder.image_size``
+        in ``fixed``); remember its name (``polymodal eval`` uses it)."""
+        e = config.encoder
+        encoder, line = fit_encoder(e, dataset.meta, family="dino", fixed=fixed)
+        local = config.local_size
+        if encoder.image_size != e.image_size and "local_size" not in fixed:
+            p = encoder.patch_size
+            local = min(max(round(local * encoder.image_size / e.image_size / p), 1) * p, encoder.image_size)
+            line += f"; local crops {local}×{local}"
+        if line:
+            print(line)
+        encoder = attrs.evolve(encoder, channels=dataset.meta.get("channels", e.channels))
+        return attrs.evolve(config, encoder=encoder, local_size=local, data=dataset.name)
 
     @classmethod
     def tiny_config(cls, config: DINOConfig) -> DINOConfig:

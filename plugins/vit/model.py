@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import attrs
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
 from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
+from polymodal.nn.grid import fit_encoder
 from polymodal.models import PolymodalModel
 
 
@@ -47,10 +49,14 @@ class ViTClassifier(PolymodalModel):
             nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def config_for_data(cls, config: ViTConfig, dataset: Any) -> ViTConfig:
-        """Match the dataset's channels and classes (images are resized to ``encoder.image_size``)."""
+    def config_for_data(cls, config: ViTConfig, dataset: Any, fixed: Collection[str] = ()) -> ViTConfig:
+        """Match the dataset's channels, classes and image size (the patch grid keeps about the variant's
+        patches per side, printed); with ``encoder.image_size`` in ``fixed`` images are resized to it."""
         meta = dataset.meta
-        encoder = attrs.evolve(config.encoder, channels=meta.get("channels", config.encoder.channels))
+        encoder, line = fit_encoder(config.encoder, meta, family="vit", fixed=fixed)
+        if line:
+            print(line)
+        encoder = attrs.evolve(encoder, channels=meta.get("channels", config.encoder.channels))
         return attrs.evolve(config, encoder=encoder, num_classes=meta.get("num_classes", config.num_classes))
 
     @classmethod
