@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from polymodal.data.augment import random_translate
 from polymodal.io import atomic_write
 from polymodal.io.cache import cache_root
+from polymodal.nn import eval_mode
 
 VERSION = "judge/1"
 """Bumped when the judge's architecture or recipe changes (part of the cache key)."""
@@ -98,11 +99,9 @@ class Judge(nn.Module):
     @torch.no_grad()
     def predict(self, images: Tensor) -> dict[str, Tensor]:
         """Per attribute, the predicted class (N,) of each image in [0, 1]."""
-        was = self.training
-        self.eval()
-        out = {a: torch.cat([self.logits(chunk)[a].argmax(-1) for chunk in images.split(512)]) for a in self.attributes}
-        self.train(was)
-        return out
+        with eval_mode(self):
+            return {a: torch.cat([self.logits(chunk)[a].argmax(-1) for chunk in images.split(512)])
+                    for a in self.attributes}
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:

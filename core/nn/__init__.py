@@ -3,11 +3,12 @@
 from polymodal.nn.block import Attention, Block, BlockConfig, DropPath, KVCache
 from polymodal.nn.embed import PatchEmbed, PositionEmbedding, init_weights, interpolate_grid, sincos_1d, sincos_2d
 from polymodal.nn.mlp import ACTIVATIONS, Mlp, QuickGELU, make_activation
+from polymodal.nn.modes import eval_mode
 from polymodal.nn.norm import RMSNorm, make_norm
 from polymodal.nn.stack import StackConfig, TransformerStack
 
 __all__ = [
     "ACTIVATIONS", "Attention", "Block", "BlockConfig", "DropPath", "KVCache", "Mlp", "PatchEmbed",
-    "PositionEmbedding", "QuickGELU", "RMSNorm", "StackConfig", "TransformerStack", "init_weights",
+    "PositionEmbedding", "QuickGELU", "RMSNorm", "StackConfig", "TransformerStack", "eval_mode", "init_weights",
     "interpolate_grid", "make_activation", "make_norm", "sincos_1d", "sincos_2d",
 ]

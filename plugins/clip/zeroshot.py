@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from polymodal.nn import eval_mode
+
 from .captions import fill
 
 
@@ -88,37 +90,35 @@ def shapes_prompts(templates: Sequence[str], attribute: str) -> list[list[str]]:
 @torch.no_grad()
 def evaluate_clip(model: Any, dataset: Any, split: str = "test") -> dict[str, Any]:
     """The metrics ``polymodal eval`` prints for CLIP (train templates for zero-shot come from the dataset meta)."""
-    was = model.training
-    model.eval()
-    data, meta = dataset.split(split), dataset.meta
-    images = embed_images(model, data["image"])  # (N, E)
-    metrics: dict[str, Any] = {"samples": len(data)}
-    templates, heldout = meta.get("templates") or [], meta.get("heldout_templates") or []
-    if dataset.name == "shapes" and templates:
-        single = data["count"] == 1  # one object: the class is unambiguous
-        for attribute in ("colour", "kind"):
-            labels = data[attribute]
-            for suffix, temps in (("", templates), ("_heldout", heldout)):
-                if not temps:
-                    continue
-                clf = zero_shot_classifier(model, shapes_prompts(temps, attribute))
-                metrics[f"zero_shot_{attribute}_accuracy{suffix}"] = accuracy(images[single], clf, labels[single])
-                if not suffix:  # every scene: a hit when the prediction matches any object in it
-                    pred = (images @ clf.t()).argmax(-1).cpu().tolist()
-                    key = 4 if attribute == "colour" else 5
-                    hits = [any(int(b[key]) == p for b in boxes) for p, boxes in zip(pred, data["boxes"])]
-                    metrics[f"zero_shot_{attribute}_accuracy_any_object"] = sum(hits) / max(len(hits), 1)
-        metrics["single_object_samples"] = int(single.sum())
-    elif meta.get("class_names") and "label" in data:
-        names = meta["class_names"]
-        for suffix, temps in (("", templates or ["a photo of a {label}."]), ("_heldout", heldout)):
-            if temps:
-                clf = zero_shot_classifier(model, label_prompts(temps, names))
-                metrics[f"zero_shot_accuracy{suffix}"] = accuracy(images, clf, data["label"])
-    if "caption" in data:
-        metrics.update(retrieval(images, embed_texts(model, data["caption"]), list(data["caption"])))
-    metrics["logit_scale"] = model.scale().item()
-    model.train(was)
+    with eval_mode(model):
+        data, meta = dataset.split(split), dataset.meta
+        images = embed_images(model, data["image"])  # (N, E)
+        metrics: dict[str, Any] = {"samples": len(data)}
+        templates, heldout = meta.get("templates") or [], meta.get("heldout_templates") or []
+        if dataset.name == "shapes" and templates:
+            single = data["count"] == 1  # one object: the class is unambiguous
+            for attribute in ("colour", "kind"):
+                labels = data[attribute]
+                for suffix, temps in (("", templates), ("_heldout", heldout)):
+                    if not temps:
+                        continue
+                    clf = zero_shot_classifier(model, shapes_prompts(temps, attribute))
+                    metrics[f"zero_shot_{attribute}_accuracy{suffix}"] = accuracy(images[single], clf, labels[single])
+                    if not suffix:  # every scene: a hit when the prediction matches any object in it
+                        pred = (images @ clf.t()).argmax(-1).cpu().tolist()
+                        key = 4 if attribute == "colour" else 5
+                        hits = [any(int(b[key]) == p for b in boxes) for p, boxes in zip(pred, data["boxes"])]
+                        metrics[f"zero_shot_{attribute}_accuracy_any_object"] = sum(hits) / max(len(hits), 1)
+            metrics["single_object_samples"] = int(single.sum())
+        elif meta.get("class_names") and "label" in data:
+            names = meta["class_names"]
+            for suffix, temps in (("", templates or ["a photo of a {label}."]), ("_heldout", heldout)):
+                if temps:
+                    clf = zero_shot_classifier(model, label_prompts(temps, names))
+                    metrics[f"zero_shot_accuracy{suffix}"] = accuracy(images, clf, data["label"])
+        if "caption" in data:
+            metrics.update(retrieval(images, embed_texts(model, data["caption"]), list(data["caption"])))
+        metrics["logit_scale"] = model.scale().item()
     return metrics
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from polymodal.eval.images import read_image, write_samples
 from polymodal.generation.sampling import generate
+from polymodal.nn import eval_mode
 
 OPTIONS = ("temperature", "top_k", "top_p", "cfg_scale", "rerank", "candidates", "use_cache", "complete")
 """The ``sample_to_folder`` options DALL·E understands (the CLI's names)."""
@@ -56,14 +57,10 @@ def generate_codes(model: Any, prompts: list[str | None], *, generator: torch.Ge
         if prefix is not None:
             uncond = torch.cat([uncond, ids[:, model.config.text_length:]], dim=1)
     allowed = torch.arange(model.vocab_size, device=text.device) >= model.image_offset  # (V,) image codes only
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = generate(model.stream_logits, ids, model.seq_len - ids.shape[1], temperature=temperature, top_k=top_k,
                        top_p=top_p, generator=generator, allowed=allowed, cfg_scale=cfg_scale, uncond_ids=uncond,
                        use_cache=use_cache)  # (B, T)
-    finally:
-        model.train(was)
     return (out[:, model.config.text_length:] - model.image_offset).reshape(b, *model.grid)  # (B, h, w)
 
 

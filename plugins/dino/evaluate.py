@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from polymodal.nn import eval_mode
+
 from .attention_maps import attention_masks, centred_blobs, iou
 
 
@@ -88,19 +90,17 @@ def mask_ious(model, split, batch_size: int = 256) -> dict[str, float]:
 @torch.no_grad()
 def evaluate_dino(model, dataset: Any, split: str = "test") -> dict[str, Any]:
     """``knn_accuracy``, ``linear_probe_accuracy`` (and the attention IoUs where the data has masks)."""
-    was = model.training
-    model.eval()
-    test = dataset.split(split)
-    train_x, train_y = extract(model, dataset.train)
-    test_x, test_y = extract(model, test)
-    c = model.config
-    metrics: dict[str, Any] = {
-        "knn_accuracy": knn_accuracy(train_x, train_y, test_x, test_y, c.knn_k, c.knn_temperature,
-                                     dataset.meta.get("num_classes")),
-        "linear_probe_accuracy": linear_probe_accuracy(train_x, train_y, test_x, test_y),
-    }
-    if "masks" in test:
-        metrics.update(mask_ious(model, test))
-    metrics["samples"] = len(test)
-    model.train(was)
+    with eval_mode(model):
+        test = dataset.split(split)
+        train_x, train_y = extract(model, dataset.train)
+        test_x, test_y = extract(model, test)
+        c = model.config
+        metrics: dict[str, Any] = {
+            "knn_accuracy": knn_accuracy(train_x, train_y, test_x, test_y, c.knn_k, c.knn_temperature,
+                                         dataset.meta.get("num_classes")),
+            "linear_probe_accuracy": linear_probe_accuracy(train_x, train_y, test_x, test_y),
+        }
+        if "masks" in test:
+            metrics.update(mask_ious(model, test))
+        metrics["samples"] = len(test)
     return metrics

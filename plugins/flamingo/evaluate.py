@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from polymodal.data.digits import DIGIT_WORDS
+from polymodal.nn import eval_mode
 
 from . import interleave as il
 
@@ -105,10 +106,8 @@ class EvalMixin:
     def evaluate(self, dataset: Any, split: str = "test") -> dict[str, Any]:
         """``accuracy_by_shots`` (open-ended) and ``ranked_accuracy_by_shots`` (closed-set), {k: accuracy} each
         (also flat as ``accuracy_{k}_shot`` / ``ranked_accuracy_{k}_shot``), trainable and total parameters."""
-        was = self.training
-        self.eval()
-        scores = {str(k): self.few_shot_accuracy(dataset, k, split) for k in self.config.eval_shots}
-        self.train(was)
+        with eval_mode(self):
+            scores = {str(k): self.few_shot_accuracy(dataset, k, split) for k in self.config.eval_shots}
         n = len(dataset.split(split))
         metrics: dict[str, Any] = {"accuracy_by_shots": {k: v[0] for k, v in scores.items()},
                                    "ranked_accuracy_by_shots": {k: v[1] for k, v in scores.items()}}

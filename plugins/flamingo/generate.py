@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from polymodal.generation.sampling import generate
+from polymodal.nn import eval_mode
 
 from . import interleave as il
 
@@ -49,26 +50,24 @@ class GenerateMixin:
                       use_cache: bool = True) -> str:
         """Generate the continuation of one interleaved ``text`` over ``images`` (M, C, H, W), up to
         ``<|endofchunk|>``; greedy unless a sampling option is given."""
-        was = self.training
-        self.eval()
-        ids = torch.tensor([self.encode_text(text)], dtype=torch.long)  # (1, T)
-        context, counts = self.media([images], 1)
-        self.check_images(ids, counts)
-        room = self.lm.max_len - ids.shape[1]
-        if room < 1:
-            raise ValueError(f"the prompt has {ids.shape[1]} tokens; the LM reads at most {self.lm.max_len}")
-        allowed = torch.ones(self.lm.vocab_size + 2, dtype=torch.bool)
-        tok = self.tokenizer.special_tokens
-        allowed[[self.image_id, tok["bos"], tok["pad"]]] = False
-        greedy = temperature is None and top_k is None and top_p is None
-        out = generate(self.step_fn(context), ids.to(context.device), min(max_new_tokens, room),
-                       temperature=temperature or 1.0, top_k=top_k, top_p=top_p, greedy=greedy,
-                       generator=torch.Generator().manual_seed(seed), allowed=allowed.to(context.device),
-                       eos_id=self.eoc_id, use_cache=use_cache)
-        new = out[0, ids.shape[1]:].tolist()
-        stops = [i for i, t in enumerate(new) if t in (self.eoc_id, tok["eos"])]
-        end = stops[0] if stops else len(new)
-        self.train(was)
+        with eval_mode(self):
+            ids = torch.tensor([self.encode_text(text)], dtype=torch.long)  # (1, T)
+            context, counts = self.media([images], 1)
+            self.check_images(ids, counts)
+            room = self.lm.max_len - ids.shape[1]
+            if room < 1:
+                raise ValueError(f"the prompt has {ids.shape[1]} tokens; the LM reads at most {self.lm.max_len}")
+            allowed = torch.ones(self.lm.vocab_size + 2, dtype=torch.bool)
+            tok = self.tokenizer.special_tokens
+            allowed[[self.image_id, tok["bos"], tok["pad"]]] = False
+            greedy = temperature is None and top_k is None and top_p is None
+            out = generate(self.step_fn(context), ids.to(context.device), min(max_new_tokens, room),
+                           temperature=temperature or 1.0, top_k=top_k, top_p=top_p, greedy=greedy,
+                           generator=torch.Generator().manual_seed(seed), allowed=allowed.to(context.device),
+                           eos_id=self.eoc_id, use_cache=use_cache)
+            new = out[0, ids.shape[1]:].tolist()
+            stops = [i for i, t in enumerate(new) if t in (self.eoc_id, tok["eos"])]
+            end = stops[0] if stops else len(new)
         return self.tokenizer.decode(new[:end]) + (il.END_OF_CHUNK if stops and new[end] == self.eoc_id else "")
 
     def few_shot_text(self, labels: Sequence[int], query: str | None = None) -> str:

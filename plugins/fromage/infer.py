@@ -18,6 +18,7 @@ from torch import Tensor
 
 from polymodal.data.digits import DIGIT_WORDS
 from polymodal.generation.sampling import generate as core_generate
+from polymodal.nn import eval_mode
 
 from .config import DIGITS_TRAIN_TEMPLATES, fill_template
 
@@ -183,28 +184,27 @@ def evaluate_fromage(model: Any, dataset: Any, split: str = "test") -> dict[str,
     ``retrieval_precision10``: mean share of the 10 nearest images that show it.
     ``ret_emission_rate``: share of the word-form queries whose greedy continuation emits [RET].
     """
-    was = model.training
-    model.eval()
-    data = dataset.split(split)
-    images, labels = data["image"].float(), data["label"]
-    caps = caption(model, images)
-    right = [named_digits(c) == {y} for c, y in zip(caps, labels.tolist())]
-    gallery = embed_images(model, images).cpu()  # (N, S)
-    metrics: dict[str, Any] = {"caption_accuracy": sum(right) / len(right)}
-    words = tuple(t for t in DIGITS_TRAIN_TEMPLATES if "{numeral}" not in t)
-    numerals = tuple(t for t in DIGITS_TRAIN_TEMPLATES if "{numeral}" in t)
-    for suffix, templates in (("", words), ("_numerals", numerals), ("_heldout", model.config.eval_templates)):
-        queries = [(fill_template(t, d), d) for t in templates for d in range(10)]
-        sims = embed_texts(model, [q for q, _ in queries]).cpu() @ gallery.t()  # (Q, N)
-        want = torch.tensor([d for _, d in queries])  # (Q,)
-        metrics[f"retrieval_r1{suffix}"] = (labels[sims.argmax(1)] == want).float().mean().item()
-        metrics[f"retrieval_precision10{suffix}"] = (labels[sims.topk(10, dim=1).indices] == want[:, None]).float().mean().item()
-    queries = [fill_template(t, d) for t in words for d in range(10)]
-    metrics["ret_emission_rate"] = sum(generate(model, q)["emitted_ret"] for q in queries) / len(queries)
-    metrics.update(model.parameter_counts())
-    metrics["samples"] = len(labels)
-    metrics["example_captions"] = "; ".join(f"{y}: {c}" for c, y in list(zip(caps, labels.tolist()))[:5])
-    model.train(was)
+    with eval_mode(model):
+        data = dataset.split(split)
+        images, labels = data["image"].float(), data["label"]
+        caps = caption(model, images)
+        right = [named_digits(c) == {y} for c, y in zip(caps, labels.tolist())]
+        gallery = embed_images(model, images).cpu()  # (N, S)
+        metrics: dict[str, Any] = {"caption_accuracy": sum(right) / len(right)}
+        words = tuple(t for t in DIGITS_TRAIN_TEMPLATES if "{numeral}" not in t)
+        numerals = tuple(t for t in DIGITS_TRAIN_TEMPLATES if "{numeral}" in t)
+        for suffix, templates in (("", words), ("_numerals", numerals), ("_heldout", model.config.eval_templates)):
+            queries = [(fill_template(t, d), d) for t in templates for d in range(10)]
+            sims = embed_texts(model, [q for q, _ in queries]).cpu() @ gallery.t()  # (Q, N)
+            want = torch.tensor([d for _, d in queries])  # (Q,)
+            metrics[f"retrieval_r1{suffix}"] = (labels[sims.argmax(1)] == want).float().mean().item()
+            top10 = labels[sims.topk(10, dim=1).indices]  # (Q, 10)
+            metrics[f"retrieval_precision10{suffix}"] = (top10 == want[:, None]).float().mean().item()
+        queries = [fill_template(t, d) for t in words for d in range(10)]
+        metrics["ret_emission_rate"] = sum(generate(model, q)["emitted_ret"] for q in queries) / len(queries)
+        metrics.update(model.parameter_counts())
+        metrics["samples"] = len(labels)
+        metrics["example_captions"] = "; ".join(f"{y}: {c}" for c, y in list(zip(caps, labels.tolist()))[:5])
     return metrics
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
-from polymodal.nn import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack, init_weights
+from polymodal.nn import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack, eval_mode, init_weights
 from polymodal.models import PolymodalModel
 from polymodal.objectives import cross_entropy
 
@@ -199,30 +199,29 @@ class IGPT(SamplingMixin, PolymodalModel):
         The probe plot goes to ``plot_path``, else into the model folder this model was loaded
         from (``probe_by_layer.png``); its path is returned as ``probe_plot`` when written.
         """
-        was = self.training
-        self.eval()
-        if not bool(self.palette_fitted):
-            self.fit_palette(dataset.train["image"])
-        train, test = dataset.train, dataset.split(split)
-        train_tokens, test_tokens = self.tokens(train["image"]), self.tokens(test["image"])  # (N_tr, N), (N_te, N)
-        metrics: dict[str, Any] = {
-            "test_nll_bits_per_token": self.nll_bits(test_tokens),
-            "unigram_nll_bits_per_token": pal.unigram_bits(train_tokens, test_tokens, self.config.palette_size),
-        }
-        if "label" in train and "label" in test:
-            feats_train = probe.pooled_features(self, self.inputs(train_tokens))
-            feats_test = probe.pooled_features(self, self.inputs(test_tokens))
-            accs = probe.probe_accuracies(feats_train, train["label"], feats_test, test["label"], self.config.probe_l2)
-            self._probe = accs
-            best = max(range(len(accs)), key=accs.__getitem__)
-            metrics.update(probe_accuracy_by_layer=accs, best_probe_accuracy=accs[best], best_probe_layer=best)
-            target = Path(plot_path) if plot_path is not None else (
-                self._folder / "probe_by_layer.png" if self._folder is not None else None)
-            if target is not None:
-                metrics["probe_plot"] = str(probe.plot_probe(accs, target, self.plot_title(dataset.name)))
-        if self.config.eval_samples:
-            metrics["fd_judge"] = self.fd_judge(dataset, self.config.eval_samples)
-        self.train(was)
+        with eval_mode(self):
+            if not bool(self.palette_fitted):
+                self.fit_palette(dataset.train["image"])
+            train, test = dataset.train, dataset.split(split)
+            train_tokens, test_tokens = self.tokens(train["image"]), self.tokens(test["image"])  # (N_tr, N), (N_te, N)
+            metrics: dict[str, Any] = {
+                "test_nll_bits_per_token": self.nll_bits(test_tokens),
+                "unigram_nll_bits_per_token": pal.unigram_bits(train_tokens, test_tokens, self.config.palette_size),
+            }
+            if "label" in train and "label" in test:
+                feats_train = probe.pooled_features(self, self.inputs(train_tokens))
+                feats_test = probe.pooled_features(self, self.inputs(test_tokens))
+                accs = probe.probe_accuracies(feats_train, train["label"], feats_test, test["label"],
+                                              self.config.probe_l2)
+                self._probe = accs
+                best = max(range(len(accs)), key=accs.__getitem__)
+                metrics.update(probe_accuracy_by_layer=accs, best_probe_accuracy=accs[best], best_probe_layer=best)
+                target = Path(plot_path) if plot_path is not None else (
+                    self._folder / "probe_by_layer.png" if self._folder is not None else None)
+                if target is not None:
+                    metrics["probe_plot"] = str(probe.plot_probe(accs, target, self.plot_title(dataset.name)))
+            if self.config.eval_samples:
+                metrics["fd_judge"] = self.fd_judge(dataset, self.config.eval_samples)
         return metrics
 
     def plot_title(self, data: str) -> str:

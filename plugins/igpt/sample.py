@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from polymodal.eval.images import read_image, write_samples
-from polymodal.nn import KVCache
+from polymodal.nn import KVCache, eval_mode
 from polymodal.generation.sampling import generate
 
 UNSUPPORTED = ("cfg_scale", "rerank", "candidates")
@@ -40,23 +40,21 @@ class SamplingMixin:
         """``n`` token images (n, N); ``prefix`` (n, P) or (P,) fixes their first P tokens."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1; got {n!r}")
-        was = self.training
-        self.eval()
-        device = self.head.weight.device
-        prefix = torch.zeros(n, 0, dtype=torch.long) if prefix is None else prefix.long()
-        if prefix.dim() == 1:
-            prefix = prefix.expand(n, -1)  # (n, P)
-        if prefix.shape[0] != n or prefix.shape[1] >= self.num_tokens + 1:
-            raise ValueError(f"prefix must be (n={n}, P) with P <= {self.num_tokens}; got {tuple(prefix.shape)}")
-        start = torch.cat([torch.full((n, 1), self.sos, dtype=torch.long), prefix.cpu()], dim=1)  # (n, 1 + P)
-        g = torch.Generator(device=device).manual_seed(seed)
-        out = []
-        for chunk in start.split(batch_size):
-            ids = generate(self.step_fn(), chunk.to(device), self.num_tokens - prefix.shape[1],
-                           temperature=temperature, top_k=top_k, top_p=top_p, generator=g,
-                           use_cache=use_cache)  # (b, 1 + N)
-            out.append(ids[:, 1:])
-        self.train(was)
+        with eval_mode(self):
+            device = self.head.weight.device
+            prefix = torch.zeros(n, 0, dtype=torch.long) if prefix is None else prefix.long()
+            if prefix.dim() == 1:
+                prefix = prefix.expand(n, -1)  # (n, P)
+            if prefix.shape[0] != n or prefix.shape[1] >= self.num_tokens + 1:
+                raise ValueError(f"prefix must be (n={n}, P) with P <= {self.num_tokens}; got {tuple(prefix.shape)}")
+            start = torch.cat([torch.full((n, 1), self.sos, dtype=torch.long), prefix.cpu()], dim=1)  # (n, 1 + P)
+            g = torch.Generator(device=device).manual_seed(seed)
+            out = []
+            for chunk in start.split(batch_size):
+                ids = generate(self.step_fn(), chunk.to(device), self.num_tokens - prefix.shape[1],
+                               temperature=temperature, top_k=top_k, top_p=top_p, generator=g,
+                               use_cache=use_cache)  # (b, 1 + N)
+                out.append(ids[:, 1:])
         return torch.cat(out)  # (n, N)
 
     def sample(self, n: int, **options: Any) -> Tensor:

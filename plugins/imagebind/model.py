@@ -29,6 +29,7 @@ from polymodal.config import config, field, in_range, to_dict
 from polymodal.data.augment import resize
 from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES
 from polymodal.models import PolymodalModel
+from polymodal.nn import eval_mode
 from polymodal.parts import default_part_folder, resolve_config_part
 from polymodal.objectives import info_nce
 from polymodal.registry.loader import get_registry as _registry
@@ -176,18 +177,17 @@ class ImageBind(PolymodalModel):
     @torch.no_grad()
     def embed_split(self, dataset: Any, split: str = "test", batch_size: int = 256) -> dict[str, Tensor]:
         """Unit embeddings (N, E) of every modality of a split (extra modalities synthesised with ``data_seed``)."""
-        was = self.training
-        self.eval()
-        data = dataset.split(split)
-        g = torch.Generator().manual_seed(self.config.data_seed * 1_000_003 + (split == "test"))
-        device = next(self.heads.parameters()).device
-        out: dict[str, list[Tensor]] = {m: [] for m in ("image", *self.config.modalities)}
-        for start in range(0, len(data), batch_size):
-            batch = data.batch(list(range(start, min(start + batch_size, len(data)))))
-            out["image"].append(self.embed("image", self.prepare_images(batch["image"].to(device)), normalize_only=True))
-            for m in self.config.modalities:
-                out[m].append(self.embed(m, self.modality_input(m, batch, g).to(device), normalize_only=True))
-        self.train(was)
+        with eval_mode(self):
+            data = dataset.split(split)
+            g = torch.Generator().manual_seed(self.config.data_seed * 1_000_003 + (split == "test"))
+            device = next(self.heads.parameters()).device
+            out: dict[str, list[Tensor]] = {m: [] for m in ("image", *self.config.modalities)}
+            for start in range(0, len(data), batch_size):
+                batch = data.batch(list(range(start, min(start + batch_size, len(data)))))
+                images = self.prepare_images(batch["image"].to(device))
+                out["image"].append(self.embed("image", images, normalize_only=True))
+                for m in self.config.modalities:
+                    out[m].append(self.embed(m, self.modality_input(m, batch, g).to(device), normalize_only=True))
         return {m: torch.cat(v) for m, v in out.items()}
 
     @torch.no_grad()

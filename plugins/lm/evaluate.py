@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polymodal.data import DIGIT_WORDS
+from polymodal.nn import eval_mode
 
 from . import corpus
 
@@ -88,34 +89,32 @@ class EvalMixin:
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test") -> dict[str, Any]:
         """Perplexity, the unigram baseline, the digit-word slot and the sample validity (see the module)."""
-        was = self.training
-        self.eval()
-        tok = self.require_tokenizer()
-        test, train = dataset.split(split), dataset.train
-        field_name = "text" if "text" in test else "caption"
-        texts = list(test[field_name])
-        rows = self.sentence_rows(texts)
-        tokens = sum(len(r) - 1 for r in rows)
-        nats = self.sequence_nll(rows).sum().item() / tokens
-        counts = torch.ones(tok.vocab_size)  # add-one smoothing
-        for r in self.sentence_rows(list(train[field_name])):
-            counts += torch.bincount(torch.tensor(r[1:]), minlength=tok.vocab_size)[: tok.vocab_size].float()
-        logq = (counts / counts.sum()).log()  # (V_tok,)
-        unigram = -sum(logq[torch.tensor(r[1:])].sum().item() for r in rows) / tokens
-        metrics: dict[str, Any] = {
-            "test_nll_bits_per_token": nats / math.log(2),
-            "test_perplexity": math.exp(nats),
-            "unigram_bits_per_token": unigram / math.log(2),
-        }
-        if "label" in test:
-            mass, entropy = self.digit_slot(texts, test["label"].tolist())
-            metrics.update(digit_slot_mass=mass, digit_slot_entropy_bits=entropy)
-        if self.config.eval_samples:
-            samples = self.sample_texts(self.config.eval_samples, "", self.max_len, seed=0)
-            valid = corpus.valid_texts() | set(train[field_name]) | set(texts)
-            metrics["sample_valid_rate"] = sum(s.strip() in valid for s in samples) / len(samples)
-            metrics["sample_examples"] = samples[:5]
-        self.train(was)
+        with eval_mode(self):
+            tok = self.require_tokenizer()
+            test, train = dataset.split(split), dataset.train
+            field_name = "text" if "text" in test else "caption"
+            texts = list(test[field_name])
+            rows = self.sentence_rows(texts)
+            tokens = sum(len(r) - 1 for r in rows)
+            nats = self.sequence_nll(rows).sum().item() / tokens
+            counts = torch.ones(tok.vocab_size)  # add-one smoothing
+            for r in self.sentence_rows(list(train[field_name])):
+                counts += torch.bincount(torch.tensor(r[1:]), minlength=tok.vocab_size)[: tok.vocab_size].float()
+            logq = (counts / counts.sum()).log()  # (V_tok,)
+            unigram = -sum(logq[torch.tensor(r[1:])].sum().item() for r in rows) / tokens
+            metrics: dict[str, Any] = {
+                "test_nll_bits_per_token": nats / math.log(2),
+                "test_perplexity": math.exp(nats),
+                "unigram_bits_per_token": unigram / math.log(2),
+            }
+            if "label" in test:
+                mass, entropy = self.digit_slot(texts, test["label"].tolist())
+                metrics.update(digit_slot_mass=mass, digit_slot_entropy_bits=entropy)
+            if self.config.eval_samples:
+                samples = self.sample_texts(self.config.eval_samples, "", self.max_len, seed=0)
+                valid = corpus.valid_texts() | set(train[field_name]) | set(texts)
+                metrics["sample_valid_rate"] = sum(s.strip() in valid for s in samples) / len(samples)
+                metrics["sample_examples"] = samples[:5]
         return metrics
 
 

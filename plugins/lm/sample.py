@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from polymodal.io import atomic_write
-from polymodal.nn import KVCache
+from polymodal.nn import KVCache, eval_mode
 from polymodal.generation.sampling import generate
 
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "use_cache")
@@ -73,18 +73,14 @@ class SamplingMixin:
             raise ValueError(f"the prompt has {prompt_ids.shape[1]} tokens, more than max_len={self.max_len}")
         room = min(max_new_tokens, self.max_len - prompt_ids.shape[1]) if isinstance(max_new_tokens, int) \
             and not isinstance(max_new_tokens, bool) else max_new_tokens
-        was = self.training
-        self.eval()
         device = self.token_embed.weight.device
         g = torch.Generator(device=device).manual_seed(seed)
         eos = self.tokenizer.special_tokens["eos"] if stop_at_eos and self.tokenizer is not None else None
         allowed = self.allowed_tokens().to(device) if self.tokenizer is not None else None
-        try:
+        with eval_mode(self):
             return generate(self.step_fn(), prompt_ids.to(device), room, temperature=temperature, top_k=top_k,
                             top_p=top_p, greedy=greedy, generator=g, allowed=allowed, eos_id=eos,
                             use_cache=use_cache)  # (B, T + n)
-        finally:
-            self.train(was)
 
     def decode_new(self, ids: Tensor, start: int) -> list[str]:
         """Text of every row of ``ids`` (B, L) from position ``start``, cut at the first end-of-text."""

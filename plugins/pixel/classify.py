@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from polymodal.data import DIGIT_WORDS
+from polymodal.nn import eval_mode
 from polymodal.nn.mae import MAE
 
 from .masking import DIGIT_LOOKALIKES, LETTER_LOOKALIKES, masked_forward, perturb
@@ -85,36 +86,34 @@ def evaluate(model: Any, dataset: Any, split: str = "test") -> dict[str, float]:
     letter-for-letter look-alikes only (``…_perturbed_letters``) and by digit look-alikes only
     (``…_perturbed_digits``), and the frozen MAE's masked-patch loss against the predict-the-mean
     baseline on held-out text."""
-    was = model.training
-    model.eval()
-    texts, labels = split_texts(dataset, split)
-    seed, subs, draws = model.config.pretrain.eval_seed, model.config.substitutions, model.config.perturb_draws
-    dev = model._device()
+    with eval_mode(model):
+        texts, labels = split_texts(dataset, split)
+        seed, subs, draws = model.config.pretrain.eval_seed, model.config.substitutions, model.config.perturb_draws
+        dev = model._device()
 
-    def pixel(batch: list[str]) -> Tensor:
-        r = model.render(batch, truncate=True)
-        return model(r.images.to(dev), r.valid.to(dev))
+        def pixel(batch: list[str]) -> Tensor:
+            r = model.render(batch, truncate=True)
+            return model(r.images.to(dev), r.valid.to(dev))
 
-    def perturbed(table: dict[str, str] | None) -> tuple[list[str], Tensor]:
-        """``draws`` perturbed copies of the split (only the sentences the table changes)."""
-        rows = [(t, y) for d in range(draws) for t, c, y in
-                zip(perturbed_texts(texts, subs, seed + d, table), texts, labels.tolist()) if t != c]
-        return [t for t, _ in rows], torch.tensor([y for _, y in rows], dtype=torch.long)
+        def perturbed(table: dict[str, str] | None) -> tuple[list[str], Tensor]:
+            """``draws`` perturbed copies of the split (only the sentences the table changes)."""
+            rows = [(t, y) for d in range(draws) for t, c, y in
+                    zip(perturbed_texts(texts, subs, seed + d, table), texts, labels.tolist()) if t != c]
+            return [t for t, _ in rows], torch.tensor([y for _, y in rows], dtype=torch.long)
 
-    noisy, noisy_labels = perturbed(None)
-    out = {"accuracy_clean": _accuracy(pixel, texts, labels),
-           "accuracy_perturbed": _accuracy(pixel, noisy, noisy_labels),
-           "token_accuracy_clean": _accuracy(model.token_logits, texts, labels),
-           "token_accuracy_perturbed": _accuracy(model.token_logits, noisy, noisy_labels)}
-    out["accuracy_drop"] = out["accuracy_clean"] - out["accuracy_perturbed"]
-    out["token_accuracy_drop"] = out["token_accuracy_clean"] - out["token_accuracy_perturbed"]
-    for kind, table in (("letters", LETTER_LOOKALIKES), ("digits", DIGIT_LOOKALIKES)):
-        kind_texts, kind_labels = perturbed(table)
-        out[f"accuracy_perturbed_{kind}"] = _accuracy(pixel, kind_texts, kind_labels)
-        out[f"token_accuracy_perturbed_{kind}"] = _accuracy(model.token_logits, kind_texts, kind_labels)
-    out.update(masked_loss_metrics(model.mae, model, dataset, split))
-    out.update({"samples": len(texts), "perturbed_samples": len(noisy), "perturbed_example": noisy[0]})
-    model.train(was)
+        noisy, noisy_labels = perturbed(None)
+        out = {"accuracy_clean": _accuracy(pixel, texts, labels),
+               "accuracy_perturbed": _accuracy(pixel, noisy, noisy_labels),
+               "token_accuracy_clean": _accuracy(model.token_logits, texts, labels),
+               "token_accuracy_perturbed": _accuracy(model.token_logits, noisy, noisy_labels)}
+        out["accuracy_drop"] = out["accuracy_clean"] - out["accuracy_perturbed"]
+        out["token_accuracy_drop"] = out["token_accuracy_clean"] - out["token_accuracy_perturbed"]
+        for kind, table in (("letters", LETTER_LOOKALIKES), ("digits", DIGIT_LOOKALIKES)):
+            kind_texts, kind_labels = perturbed(table)
+            out[f"accuracy_perturbed_{kind}"] = _accuracy(pixel, kind_texts, kind_labels)
+            out[f"token_accuracy_perturbed_{kind}"] = _accuracy(model.token_logits, kind_texts, kind_labels)
+        out.update(masked_loss_metrics(model.mae, model, dataset, split))
+        out.update({"samples": len(texts), "perturbed_samples": len(noisy), "perturbed_example": noisy[0]})
     return out
 
 
@@ -122,16 +121,14 @@ def evaluate(model: Any, dataset: Any, split: str = "test") -> dict[str, float]:
 def reconstruction_rows(mae: MAE, renderer: Any, texts: Sequence[str], seed: int = 0) -> Tensor:
     """(B, 1, 3p, N·p): each sentence rendered, with its span mask (hidden patches mid-grey), and the
     MAE's reconstruction (visible patches as given, hidden ones predicted)."""
-    was = mae.training
-    mae.eval()
-    rendered = renderer.render(list(texts), truncate=True)
-    out, spans = masked_forward(mae, renderer, rendered, random.Random(seed))
-    spans = spans.to(out.pred.device).float()  # (B, N): the span mask (not the padding dropped to even the batch)
-    images = rendered.images.to(out.pred.device)  # (B, 1, p, N·p)
-    recon = 1.0 - mae.reconstruct(out.pred, renderer.prepare(images), spans)  # back to black on white
-    cells = spans.repeat_interleave(renderer.patch, dim=1)[:, None, None, :]  # (B, 1, 1, N·p)
-    masked = images * (1 - cells) + 0.5 * cells  # (B, 1, p, N·p)
-    mae.train(was)
+    with eval_mode(mae):
+        rendered = renderer.render(list(texts), truncate=True)
+        out, spans = masked_forward(mae, renderer, rendered, random.Random(seed))
+        spans = spans.to(out.pred.device).float()  # (B, N): the span mask (not the padding dropped to even the batch)
+        images = rendered.images.to(out.pred.device)  # (B, 1, p, N·p)
+        recon = 1.0 - mae.reconstruct(out.pred, renderer.prepare(images), spans)  # back to black on white
+        cells = spans.repeat_interleave(renderer.patch, dim=1)[:, None, None, :]  # (B, 1, 1, N·p)
+        masked = images * (1 - cells) + 0.5 * cells  # (B, 1, p, N·p)
     return torch.cat([images, masked, recon], dim=2).cpu()
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from polymodal.config import config, field, in_range
+from polymodal.nn import eval_mode
 from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.nn.mae import MAE, MAEConfig
 from polymodal.models import PolymodalModel
@@ -139,11 +140,8 @@ class PixelMAEModel(Renderer, PolymodalModel):
     def evaluate(self, dataset: Any, split: str = "test") -> dict[str, float]:
         """``masked_loss`` on held-out text, ``mean_baseline_loss`` (predict the training text patches'
         mean normalised patch) and their ratio."""
-        was = self.training
-        self.eval()
-        out = masked_loss_metrics(self.mae, self, dataset, split)
-        self.train(was)
-        return out
+        with eval_mode(self):
+            return masked_loss_metrics(self.mae, self, dataset, split)
 
     def sample_to_folder(self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0,
                          **options: Any) -> list[Path]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polymodal.nn import KVCache
+from polymodal.nn import KVCache, eval_mode
 from polymodal.generation.sampling import generate
 
 from . import text as tx
@@ -49,16 +49,15 @@ class RudolphTasks:
                        use_cache: bool = True) -> Tensor:
         """Image codes (B, h, w), one per prompt (None or '': unconditional); config defaults fill unset options."""
         c = self.config
-        was = self.training
-        self.eval()
-        t2i = self.left_text([p or "" for p in prompts], "lt_t2i")  # (B, L)
-        uncond = self.left_text([""] * len(prompts), "lt_i2t")  # (B, L)
-        has = torch.tensor([bool(p) for p in prompts], device=t2i.device)[:, None]  # (B, 1)
-        left = torch.where(has, t2i, uncond)  # (B, L)
-        ids = generate(self._step, left, self.image_len, temperature=c.temperature if temperature is None else temperature,
-                       top_k=c.top_k if top_k is None else top_k, top_p=c.top_p if top_p is None else top_p,
-                       generator=generator, allowed=self.vocab_masks[1], use_cache=use_cache)  # (B, L + h·w)
-        self.train(was)
+        with eval_mode(self):
+            t2i = self.left_text([p or "" for p in prompts], "lt_t2i")  # (B, L)
+            uncond = self.left_text([""] * len(prompts), "lt_i2t")  # (B, L)
+            has = torch.tensor([bool(p) for p in prompts], device=t2i.device)[:, None]  # (B, 1)
+            left = torch.where(has, t2i, uncond)  # (B, L)
+            ids = generate(self._step, left, self.image_len,
+                           temperature=c.temperature if temperature is None else temperature,
+                           top_k=c.top_k if top_k is None else top_k, top_p=c.top_p if top_p is None else top_p,
+                           generator=generator, allowed=self.vocab_masks[1], use_cache=use_cache)  # (B, L + h·w)
         return self.ids_to_codes(ids[:, c.left_len:])
 
     @torch.no_grad()
@@ -88,14 +87,13 @@ class RudolphTasks:
                       temperature: float = 1.0, use_cache: bool = True) -> list[str]:
         """A caption per image given as codes (B, h, w), generated in the right context (greedy by default)."""
         c, sp = self.config, self.text.special_tokens
-        was = self.training
-        self.eval()
-        b = codes.shape[0] if isinstance(codes, Tensor) and codes.dim() else 0
-        prefix = torch.cat([self.left_text([""] * b, "lt_i2t"), self.codes_to_ids(codes),
-                            self.right_text([""] * b, "rt_i2t")[:, :1]], dim=1)  # (B, L + h·w + 1)
-        ids = generate(self._step, prefix, c.right_len - 1, greedy=greedy, temperature=temperature, generator=generator,
-                       allowed=self.vocab_masks[2], eos_id=sp["eos"], pad_id=sp["pad"], use_cache=use_cache)
-        self.train(was)
+        with eval_mode(self):
+            b = codes.shape[0] if isinstance(codes, Tensor) and codes.dim() else 0
+            prefix = torch.cat([self.left_text([""] * b, "lt_i2t"), self.codes_to_ids(codes),
+                                self.right_text([""] * b, "rt_i2t")[:, :1]], dim=1)  # (B, L + h·w + 1)
+            ids = generate(self._step, prefix, c.right_len - 1, greedy=greedy, temperature=temperature,
+                           generator=generator, allowed=self.vocab_masks[2], eos_id=sp["eos"], pad_id=sp["pad"],
+                           use_cache=use_cache)
         return [t.strip() for t in self.text.decode_batch(ids[:, prefix.shape[1]:])]
 
     @torch.no_grad()
@@ -112,43 +110,40 @@ class RudolphTasks:
         the K captions, which then run together. Tokens are scored within the text vocabulary
         (caption tokens and end-of-text; the task token and padding are not scored).
         """
-        was = self.training
-        self.eval()
-        right = self.right_text(list(captions), "rt_i2t")  # (K, R)
-        k = right.shape[0]
-        tgt = self.targets(right)  # (K, R-1), pad ignored
-        out = []
-        for codes_part in codes.split(chunk):
-            b = codes_part.shape[0]
-            prefix = torch.cat([self.left_text([""] * b, "lt_i2t"), self.codes_to_ids(codes_part)], dim=1)  # (b, P)
-            cache = KVCache()
-            self(prefix, cache=cache)
-            cache.select(torch.arange(b, device=prefix.device).repeat_interleave(k))  # b·K rows
-            logits = self(right[:, :-1].repeat(b, 1), cache=cache)  # (b·K, R-1, V)
-            logits = logits.masked_fill(~self.vocab_masks[2], float("-inf"))
-            t = tgt.repeat(b, 1)  # (b·K, R-1)
-            ce = F.cross_entropy(logits.transpose(1, 2).float(), t, ignore_index=tx.IGNORE, reduction="none")  # (b·K, R-1)
-            counted = (t != tx.IGNORE).float()
-            out.append(((ce * counted).sum(1) / counted.sum(1).clamp(min=1)).view(b, k))
-        self.train(was)
+        with eval_mode(self):
+            right = self.right_text(list(captions), "rt_i2t")  # (K, R)
+            k = right.shape[0]
+            tgt = self.targets(right)  # (K, R-1), pad ignored
+            out = []
+            for codes_part in codes.split(chunk):
+                b = codes_part.shape[0]
+                prefix = torch.cat([self.left_text([""] * b, "lt_i2t"), self.codes_to_ids(codes_part)], dim=1)  # (b, P)
+                cache = KVCache()
+                self(prefix, cache=cache)
+                cache.select(torch.arange(b, device=prefix.device).repeat_interleave(k))  # b·K rows
+                logits = self(right[:, :-1].repeat(b, 1), cache=cache)  # (b·K, R-1, V)
+                logits = logits.masked_fill(~self.vocab_masks[2], float("-inf"))
+                t = tgt.repeat(b, 1)  # (b·K, R-1)
+                ce = F.cross_entropy(logits.transpose(1, 2).float(), t, ignore_index=tx.IGNORE,
+                                     reduction="none")  # (b·K, R-1)
+                counted = (t != tx.IGNORE).float()
+                out.append(((ce * counted).sum(1) / counted.sum(1).clamp(min=1)).view(b, k))
         return torch.cat(out)  # (B, K)
 
     @torch.no_grad()
     def paired_caption_nll(self, codes: Tensor, captions: Sequence[str], chunk: int = 64) -> Tensor:
         """(B,): mean NLL per token of caption i as right text of image i (long captions are cut)."""
-        was = self.training
-        self.eval()
-        r, out = self.config.right_len - 1, []
-        for start in range(0, len(captions), chunk):
-            part = codes[start:start + chunk]
-            t2i = torch.zeros(part.shape[0], dtype=torch.bool, device=self._device())
-            ids = self.stream(list(captions[start:start + chunk]), part, t2i, truncate=True)  # (b, N)
-            logits = self(ids[:, :-1])[:, -r:].masked_fill(~self.vocab_masks[2], float("-inf"))  # (b, R-1, V)
-            tgt = self.targets(ids)[:, -r:]  # (b, R-1)
-            ce = F.cross_entropy(logits.transpose(1, 2).float(), tgt, ignore_index=tx.IGNORE, reduction="none")
-            counted = (tgt != tx.IGNORE).float()
-            out.append((ce * counted).sum(1) / counted.sum(1).clamp(min=1))
-        self.train(was)
+        with eval_mode(self):
+            r, out = self.config.right_len - 1, []
+            for start in range(0, len(captions), chunk):
+                part = codes[start:start + chunk]
+                t2i = torch.zeros(part.shape[0], dtype=torch.bool, device=self._device())
+                ids = self.stream(list(captions[start:start + chunk]), part, t2i, truncate=True)  # (b, N)
+                logits = self(ids[:, :-1])[:, -r:].masked_fill(~self.vocab_masks[2], float("-inf"))  # (b, R-1, V)
+                tgt = self.targets(ids)[:, -r:]  # (b, R-1)
+                ce = F.cross_entropy(logits.transpose(1, 2).float(), tgt, ignore_index=tx.IGNORE, reduction="none")
+                counted = (tgt != tx.IGNORE).float()
+                out.append((ce * counted).sum(1) / counted.sum(1).clamp(min=1))
         return torch.cat(out)
 
     @torch.no_grad()

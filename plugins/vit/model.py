@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
+from polymodal.nn import eval_mode
 from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
 from polymodal.nn.grid import fit_encoder
 from polymodal.models import PolymodalModel
@@ -93,19 +94,17 @@ class ViTClassifier(PolymodalModel):
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test", batch_size: int = 256) -> dict[str, float]:
         """Top-1 ``accuracy`` and mean cross-entropy ``loss`` on a split."""
-        was = self.training
-        self.eval()
-        data = dataset.split(split)
-        device = next(self.parameters()).device
-        correct, total, loss_sum = 0, 0, 0.0
-        for start in range(0, len(data), batch_size):
-            batch = data.batch(list(range(start, min(start + batch_size, len(data)))))
-            logits = self(self._prepare(batch["image"].to(device)))  # (b, K)
-            labels = batch["label"].to(device)
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == labels).sum().item()
-            total += len(labels)
-        self.train(was)
+        with eval_mode(self):
+            data = dataset.split(split)
+            device = next(self.parameters()).device
+            correct, total, loss_sum = 0, 0, 0.0
+            for start in range(0, len(data), batch_size):
+                batch = data.batch(list(range(start, min(start + batch_size, len(data)))))
+                logits = self(self._prepare(batch["image"].to(device)))  # (b, K)
+                labels = batch["label"].to(device)
+                loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+                correct += (logits.argmax(-1) == labels).sum().item()
+                total += len(labels)
         return {"accuracy": correct / total, "loss": loss_sum / total, "samples": total}
 
     def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor]:

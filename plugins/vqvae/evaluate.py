@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polymodal.nn import eval_mode
+
 
 @torch.no_grad()
 def evaluate_vqvae(model: Any, dataset: Any, split: str = "test", batch_size: int = 256) -> dict[str, float]:
@@ -19,19 +21,17 @@ def evaluate_vqvae(model: Any, dataset: Any, split: str = "test", batch_size: in
     mean pixel); ``codebook_perplexity`` exp of the entropy of code usage over the split;
     ``codes_used`` distinct codes used; ``samples``.
     """
-    was = model.training
-    model.eval()
-    images = dataset.split(split)["image"].float()  # (N, C, H, W)
-    model.check_images(images)
-    counts = torch.zeros(model.codebook_size, dtype=torch.float64)
-    sq_err = 0.0
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]  # (b, C, H, W)
-        codes = model.encode(x)  # (b, h, w)
-        recon = model.decode(codes).cpu()  # (b, C, H, W)
-        sq_err += (recon.double() - x.double()).pow(2).sum().item()
-        counts += torch.bincount(codes.flatten().cpu(), minlength=model.codebook_size).double()
-    model.train(was)
+    with eval_mode(model):
+        images = dataset.split(split)["image"].float()  # (N, C, H, W)
+        model.check_images(images)
+        counts = torch.zeros(model.codebook_size, dtype=torch.float64)
+        sq_err = 0.0
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size]  # (b, C, H, W)
+            codes = model.encode(x)  # (b, h, w)
+            recon = model.decode(codes).cpu()  # (b, C, H, W)
+            sq_err += (recon.double() - x.double()).pow(2).sum().item()
+            counts += torch.bincount(codes.flatten().cpu(), minlength=model.codebook_size).double()
     mse = sq_err / images.numel()
     variance = images.double().var(unbiased=False).item()
     p = counts / counts.sum()
