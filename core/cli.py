@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from polymodal.registry.loader import get_registry, plugin_records
 from polymodal.registry.table import Entry
+
+if TYPE_CHECKING:
+    from polymodal.generation.options import SampleOption
 
 
 class _Group(click.Group):
@@ -167,36 +172,103 @@ def eval_(directory, data, device, as_json) -> None:
             click.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
 
 
-@main.command()
+_OPTION_TYPES = {"float": float, "int": int, "text": str, "file": click.Path(exists=True, dir_okay=False),
+                 "folder": click.Path(exists=True, file_okay=False)}
+
+
+@functools.lru_cache(maxsize=None)
+def _click_option(option: SampleOption) -> click.Option:
+    """The click option for one declared sampling option (one object per declaration)."""
+    if option.type == "switch":
+        return click.Option([option.flag, option.keyword], is_flag=True, default=False, help=option.help)
+    return click.Option([option.flag, option.keyword], type=_OPTION_TYPES[option.type], help=option.help)
+
+
+def _all_sample_options() -> list[SampleOption]:
+    """Every family's declared sampling options, one per flag (the first declaration of a flag wins)."""
+    from polymodal.generation.options import sample_options
+
+    seen: dict[str, SampleOption] = {}
+    try:
+        classes = dict.fromkeys(e.obj.model_class for e in get_registry().entries("model"))
+    except Exception:
+        return []
+    for cls in classes:
+        for option in sample_options(cls):
+            if option.flag not in seen and option.keyword not in {o.keyword for o in seen.values()}:
+                seen[option.flag] = option
+    return sorted(seen.values(), key=lambda o: o.flag)
+
+
+class _SampleCommand(click.Command):
+    """``polymodal sample``: its own options, then those DIR's family declares (``sample_options``).
+
+    DIR is found by a first parse that knows every family's options; the real parse then knows
+    only the family's, so ``--help`` lists them and another family's option is refused by name.
+    """
+
+    _FAMILY = "polymodal.sample.family"
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        family = ctx.meta.get(self._FAMILY)
+        extra = _all_sample_options() if family is None else list(family[1])
+        params = [*self.params, *(_click_option(o) for o in extra)]
+        help_option = self.get_help_option(ctx)
+        return params + [help_option] if help_option is not None else params
+
+    def _family(self, ctx: click.Context, args: list[str]) -> tuple[str, tuple[SampleOption, ...]] | None:
+        """The family of the model folder among ``args`` and its declared options, or None."""
+        from polymodal.generation.options import sample_options
+        from polymodal.io.folders import model_class_for
+
+        try:
+            opts, _, _ = self.make_parser(ctx).parse_args(args=list(args))
+            header = json.loads((Path(opts["directory"]) / "config.json").read_text())
+            cls = model_class_for(header["family"])
+        except Exception:  # not a model folder (yet): the real parse and load report it
+            return None
+        return header["family"], sample_options(cls)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        family = self._family(ctx, args)
+        ctx.meta[self._FAMILY] = family
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            known = {o.flag: o for o in _all_sample_options()}
+            if family is None or exc.option_name not in known:
+                raise
+            offered = ", ".join(o.flag for o in family[1]) or "none"
+            raise click.UsageError(f"the {family[0]!r} family does not support {exc.option_name} "
+                                   f"({known[exc.option_name].keyword}); its sampling options: {offered}", ctx) from None
+
+
+@main.command(cls=_SampleCommand)
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("-n", "num", default=8, show_default=True, help="Number of samples.")
 @click.option("--prompt", help="Text prompt, for conditional families.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="samples", show_default=True)
-@click.option("--complete", type=click.Path(exists=True, dir_okay=False), help="Complete the bottom half of this image.")
-@click.option("--temperature", type=float, help="Softmax temperature (> 0).")
-@click.option("--top-k", type=int, help="Sample among the k most likely tokens.")
-@click.option("--top-p", type=float, help="Nucleus sampling mass in (0, 1].")
-@click.option("--cfg", "cfg_scale", type=float, help="Classifier-free guidance scale.")
-@click.option("--rerank", type=click.Path(exists=True, file_okay=False), help="CLIP model folder that reranks candidates.")
-@click.option("--candidates", type=int, help="Candidates drawn per kept sample when reranking.")
-@click.option("--no-cache", is_flag=True, help="Recompute the whole sequence each step (no KV cache).")
-def sample(directory, num, prompt, seed, out, complete, temperature, top_k, top_p, cfg_scale, rerank,
-           candidates, no_cache) -> None:
+def sample(directory, num, prompt, seed, out, **family_options) -> None:
     """Sample from a generative model folder; writes PNGs (and a grid) to OUT.
 
-    Options left unset are not passed, so each family uses its own defaults; a family
-    that does not support an option says so.
+    The options after the common ones are those DIR's family declares
+    (`polymodal sample DIR --help` lists them); options left unset are not passed, so each
+    family uses its own defaults.
     """
     from polymodal.api import load
+    from polymodal.generation.options import sample_options
 
     model = load(directory)
     if not hasattr(model, "sample_to_folder"):
         _fail(ValueError(f"the {model.family!r} family does not generate samples"))
-    options = {k: v for k, v in dict(complete=complete, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     cfg_scale=cfg_scale, rerank=rerank, candidates=candidates).items() if v is not None}
-    if no_cache:
-        options["use_cache"] = False
+    options = {}
+    for option in sample_options(type(model)):
+        value = family_options.get(option.keyword)
+        if option.type == "switch" and value:
+            options[option.keyword] = option.value
+        elif option.type != "switch" and value is not None:
+            options[option.keyword] = value
     try:
         paths = model.sample_to_folder(out, n=num, prompt=prompt, seed=seed, **options)
     except (ValueError, TypeError) as exc:

@@ -125,3 +125,88 @@ def test_a_registered_command_runs_under_its_plugin_and_under_its_old_name():
     finally:
         unregister_plugin("greeter")
     assert CliRunner().invoke(main, ["greeter", "hello", "you"]).exit_code != 0
+
+
+# -- sampling options, declared by each family ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Untrained iGPT and VQ-VAE folders (``--help`` and option parsing need no training)."""
+    from polymodal.plugins.igpt import VARIANTS as IGPT
+    from polymodal.plugins.vqvae import VARIANTS as VQVAE
+
+    root = tmp_path_factory.mktemp("folders")
+    for name, spec in (("igpt", IGPT["igpt"]), ("vqvae", VQVAE["vqvae"])):
+        spec.build().save(root / name)
+    return root
+
+
+def test_sample_help_lists_the_options_of_the_folder_s_family(run, folders):
+    igpt = run("sample", str(folders / "igpt"), "--help").output
+    for flag in ("--complete", "--temperature", "--top-k", "--top-p", "--no-cache", "--prompt", "--seed"):
+        assert flag in igpt
+    assert "--cfg" not in igpt and "--rerank" not in igpt and "--candidates" not in igpt
+    vqvae = run("sample", str(folders / "vqvae"), "--help").output
+    assert "--out" in vqvae and "--temperature" not in vqvae and "--complete" not in vqvae
+    everything = run("sample", "--help").output  # no folder: every family's options
+    for flag in ("--cfg", "--rerank", "--candidates", "--complete", "--no-cache"):
+        assert flag in everything
+
+
+def test_sample_refuses_an_option_the_family_does_not_declare(folders):
+    result = CliRunner().invoke(main, ["sample", str(folders / "igpt"), "--cfg", "2"])
+    assert result.exit_code == 2
+    assert "the 'igpt' family does not support --cfg (cfg_scale)" in result.output
+    assert "--complete, --temperature, --top-k, --top-p, --no-cache" in result.output
+    result = CliRunner().invoke(main, ["sample", str(folders / "igpt"), "--colour", "red"])
+    assert result.exit_code == 2 and "No such option '--colour'" in result.output
+
+
+def test_sample_passes_exactly_the_declared_options_that_were_given(folders, tmp_path, monkeypatch):
+    from polymodal.generation.options import SampleOption
+    from polymodal.plugins.vqvae import VQVAE
+
+    calls = []
+
+    def record(self, out, n=8, prompt=None, seed=0, **options):
+        calls.append((n, prompt, seed, options))
+        return []
+
+    monkeypatch.setattr(VQVAE, "sample_options", (SampleOption("strength", "--strength", "How strong."),
+                                                  SampleOption("fast", "--fast", "Go fast.", type="switch", value="yes")),
+                        raising=False)
+    monkeypatch.setattr(VQVAE, "sample_to_folder", record)
+    assert "--strength" in CliRunner().invoke(main, ["sample", str(folders / "vqvae"), "--help"]).output
+    result = CliRunner().invoke(main, ["sample", str(folders / "vqvae"), "-n", "3", "--strength", "0.5", "--fast"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["sample", str(folders / "vqvae"), "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    assert calls == [(3, None, 0, {"strength": 0.5, "fast": "yes"}), (8, None, 4, {})]
+
+
+def test_sample_option_declarations_are_checked():
+    from polymodal.generation.options import SampleOption
+
+    with pytest.raises(ValueError, match="flag must look like '--name'; got 'cfg'"):
+        SampleOption("cfg_scale", "cfg", "Guidance.")
+    with pytest.raises(ValueError, match="type must be one of .*; got 'image'"):
+        SampleOption("complete", "--complete", "An image.", type="image")
+    with pytest.raises(ValueError, match="keyword must be a Python identifier; got 'top-k'"):
+        SampleOption("top-k", "--top-k", "k.")
+
+
+def test_every_documented_sample_command_uses_options_its_family_declares():
+    import re
+    from pathlib import Path
+
+    import polymodal
+    from polymodal.generation.options import sample_options
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    lines = re.findall(r"^polymodal sample runs/([\w.-]+)(.*)$", readme, flags=re.M)
+    assert len(lines) >= 8
+    for variant, rest in lines:
+        cls = polymodal.registry.get("model", variant).model_class
+        allowed = {"-n", "--prompt", "--seed", "--out"} | {o.flag for o in sample_options(cls)}
+        used = set(re.findall(r"(?<![\w-])(-n|--[a-z][\w-]*)", rest.split("#")[0]))
+        assert used <= allowed, f"README: `polymodal sample runs/{variant}` uses {sorted(used - allowed)}"

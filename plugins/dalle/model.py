@@ -39,6 +39,7 @@ from polymodal.registry import get_registry
 from . import text as txt
 from .augment import augment_scenes
 from .config import DALLEConfig
+from .sample import SAMPLE_OPTIONS
 
 
 class DALLE(PolymodalModel):
@@ -46,6 +47,7 @@ class DALLE(PolymodalModel):
 
     family = "dalle"
     config_class = DALLEConfig
+    sample_options = SAMPLE_OPTIONS
     frozen = ("vq",)
 
     def __init__(self, config: DALLEConfig) -> None:

@@ -23,10 +23,20 @@ from torch import Tensor
 
 from polymodal.eval.images import read_image, write_samples
 from polymodal.generation.sampling import generate
+from polymodal.generation.options import COMPLETE, NO_CACHE, TEMPERATURE, TOP_K, TOP_P, SampleOption, keywords
 from polymodal.nn import eval_mode
 
-OPTIONS = ("temperature", "top_k", "top_p", "cfg_scale", "rerank", "candidates", "use_cache", "complete")
-"""The ``sample_to_folder`` options DALL·E understands (the CLI's names)."""
+SAMPLE_OPTIONS = (
+    TEMPERATURE, TOP_K, TOP_P,
+    SampleOption("cfg_scale", "--cfg", "Classifier-free guidance scale (1 = none)."),
+    SampleOption("rerank", "--rerank", "CLIP model folder that reranks candidates.", type="folder"),
+    SampleOption("candidates", "--candidates", "Candidates drawn per kept sample when reranking.", type="int"),
+    NO_CACHE, COMPLETE,
+)
+"""What ``polymodal sample`` offers for a DALL·E folder (``DALLE.sample_options``)."""
+
+OPTIONS = keywords(SAMPLE_OPTIONS)
+"""The ``sample_to_folder`` options DALL·E understands."""
 
 
 @torch.no_grad()

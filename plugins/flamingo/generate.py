@@ -11,15 +11,19 @@ import torch
 from torch import Tensor
 
 from polymodal.generation.sampling import generate
+from polymodal.generation.options import TOKEN_SAMPLING, keywords
 from polymodal.nn import eval_mode
 
 from . import interleave as il
 
-_SAMPLING = ("temperature", "top_k", "top_p", "use_cache")
+_SAMPLING = keywords(TOKEN_SAMPLING)
 
 
 class GenerateMixin:
     """Generation for :class:`~polymodal.plugins.flamingo.model.Flamingo` (uses its ``hidden``/``logits``)."""
+
+    sample_options = TOKEN_SAMPLING
+    """The options of ``polymodal sample`` (temperature, top-k, top-p, no cache)."""
 
     def step_fn(self, context: Tensor):
         """``step(ids, cache) -> logits`` for :func:`polymodal.generation.sampling.generate` over visual tokens ``context``.

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import to_dict
+from polymodal.generation.options import TOKEN_SAMPLING
 from polymodal.nn.fusion import AdapterFusion
 from polymodal.models import PolymodalModel
 from polymodal.objectives import ContrastiveLoss
@@ -45,6 +46,7 @@ class Fromage(FromageTraining, PolymodalModel):
 
     family = "fromage"
     config_class = FromageConfig
+    sample_options = TOKEN_SAMPLING  # gallery, images and max_new_tokens: from Python only
     frozen = ("lm", "vision")
     batch_independent = True
 

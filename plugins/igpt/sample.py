@@ -17,6 +17,7 @@ from torch import Tensor
 from polymodal.eval.images import read_image, write_samples
 from polymodal.nn import KVCache, eval_mode
 from polymodal.generation.sampling import generate
+from polymodal.generation.options import COMPLETE, TOKEN_SAMPLING
 
 UNSUPPORTED = ("cfg_scale", "rerank", "candidates")
 """``polymodal sample`` options that an unconditional pixel model has no use for."""
@@ -24,6 +25,9 @@ UNSUPPORTED = ("cfg_scale", "rerank", "candidates")
 
 class SamplingMixin:
     """Sampling methods of :class:`~polymodal.plugins.igpt.model.IGPT` (kept apart to keep files small)."""
+
+    sample_options = (COMPLETE, *TOKEN_SAMPLING)
+    """The options of ``polymodal sample``: an image to complete, and the token-sampling options."""
 
     def step_fn(self):
         """``(ids_new (B, n), cache) -> logits (B, n, K)`` for :func:`polymodal.generation.sampling.generate`."""

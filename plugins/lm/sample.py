@@ -18,8 +18,9 @@ from torch import Tensor
 from polymodal.io import atomic_write
 from polymodal.nn import KVCache, eval_mode
 from polymodal.generation.sampling import generate
+from polymodal.generation.options import TOKEN_SAMPLING, keywords
 
-SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "use_cache")
+SAMPLING_OPTIONS = keywords(TOKEN_SAMPLING)
 """``polymodal sample`` options a language model understands (besides ``prompt``, ``n`` and ``seed``)."""
 
 
@@ -31,6 +32,9 @@ def printable(text: str) -> str:
 
 class SamplingMixin:
     """Sampling methods of :class:`~polymodal.plugins.lm.model.LMModel` (kept apart to keep files small)."""
+
+    sample_options = TOKEN_SAMPLING
+    """The options of ``polymodal sample`` (temperature, top-k, top-p, no cache)."""
 
     def step_fn(self):
         """``(ids_new (B, n), cache) -> logits (B, n, V)`` for :func:`polymodal.generation.sampling.generate`."""

@@ -25,15 +25,21 @@ from torch import Tensor
 
 from polymodal.nn import KVCache, eval_mode
 from polymodal.generation.sampling import generate
+from polymodal.generation.options import TOKEN_SAMPLING, SampleOption, keywords
 
 from . import text as tx
 
-SAMPLE_OPTIONS = ("temperature", "top_k", "top_p", "use_cache", "candidates")
+CANDIDATES = SampleOption("candidates", "--candidates", "Images drawn per kept sample, self-reranked by the caption's right-text perplexity.", type="int")
+
+SAMPLE_OPTIONS = keywords((*TOKEN_SAMPLING, CANDIDATES))
 """Options of ``polymodal sample`` this family supports."""
 
 
 class RudolphTasks:
     """Mixin of :class:`~polymodal.plugins.rudolph.model.RuDolph` with its generation and scoring tasks."""
+
+    sample_options = (*TOKEN_SAMPLING, CANDIDATES)
+    """The options of ``polymodal sample``: the token-sampling options and self-reranking ``--candidates``."""
 
     def _step(self, ids: Tensor, cache: KVCache | None) -> Tensor:
         """The sampler's step function: logits (B, n, V) for the new ids (the whole stream without cache)."""

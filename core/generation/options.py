@@ -1,0 +1,76 @@
+"""The options a family's ``sample_to_folder`` takes, declared by the family.
+
+Every generative model has ``sample_to_folder(out, n=8, prompt=None, seed=0, **options)``.
+What it accepts in ``options`` differs by family (guidance for DALL·E, an image to complete
+for iGPT, nothing for a VQ-VAE), so the model class declares it::
+
+    from polymodal.generation.options import TOKEN_SAMPLING, SampleOption
+
+    class MyModel(PolymodalModel):
+        sample_options = (*TOKEN_SAMPLING,
+                          SampleOption("cfg_scale", "--cfg", "Classifier-free guidance scale."))
+
+``polymodal sample DIR`` builds its command-line options from the declaration of DIR's family
+(``polymodal sample DIR --help`` lists them); nothing family-specific is written in the CLI.
+"""
+
+from __future__ import annotations
+
+import keyword
+from dataclasses import dataclass
+from typing import Any
+
+TYPES = ("float", "int", "text", "file", "folder", "switch")
+"""Value types an option may declare: numbers, free text, an existing file or folder, or a switch."""
+
+
+@dataclass(frozen=True)
+class SampleOption:
+    """One keyword of a family's ``sample_to_folder`` and the command-line flag that sets it.
+
+    ``type`` is one of :data:`TYPES`. A ``"switch"`` takes no value on the command line: giving
+    the flag passes ``value`` as the keyword (``--no-cache`` passes ``use_cache=False``).
+    """
+
+    keyword: str
+    flag: str
+    help: str
+    type: str = "float"
+    value: Any = True
+
+    def __post_init__(self) -> None:
+        if not self.keyword.isidentifier() or keyword.iskeyword(self.keyword):
+            raise ValueError(f"SampleOption keyword must be a Python identifier; got {self.keyword!r}")
+        if not self.flag.startswith("--") or len(self.flag) < 3 or " " in self.flag:
+            raise ValueError(f"SampleOption flag must look like '--name'; got {self.flag!r}")
+        if self.type not in TYPES:
+            raise ValueError(f"SampleOption type must be one of {', '.join(TYPES)}; got {self.type!r}")
+
+
+TEMPERATURE = SampleOption("temperature", "--temperature", "Softmax temperature (> 0).")
+TOP_K = SampleOption("top_k", "--top-k", "Sample among the k most likely tokens.", type="int")
+TOP_P = SampleOption("top_p", "--top-p", "Nucleus sampling mass in (0, 1].")
+NO_CACHE = SampleOption("use_cache", "--no-cache", "Recompute the whole sequence each step (no KV cache).",
+                        type="switch", value=False)
+COMPLETE = SampleOption("complete", "--complete", "Complete the bottom half of this image.", type="file")
+
+TOKEN_SAMPLING: tuple[SampleOption, ...] = (TEMPERATURE, TOP_K, TOP_P, NO_CACHE)
+"""The options of every family that samples tokens with :func:`polymodal.generation.sampling.generate`."""
+
+
+def sample_options(model_class: type) -> tuple[SampleOption, ...]:
+    """The options ``model_class`` declares in ``sample_options`` (none when it declares nothing)."""
+    declared = tuple(getattr(model_class, "sample_options", ()))
+    bad = [o for o in declared if not isinstance(o, SampleOption)]
+    if bad:
+        raise ValueError(f"{model_class.__name__}.sample_options must hold SampleOption objects; got {bad[0]!r}")
+    return declared
+
+
+def keywords(options: tuple[SampleOption, ...]) -> tuple[str, ...]:
+    """The ``sample_to_folder`` keywords of ``options``, in order."""
+    return tuple(o.keyword for o in options)
+
+
+__all__ = ["COMPLETE", "NO_CACHE", "TEMPERATURE", "TOKEN_SAMPLING", "TOP_K", "TOP_P", "TYPES", "SampleOption", "keywords",
+           "sample_options"]
