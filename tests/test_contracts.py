@@ -253,3 +253,57 @@ def test_configs_vary_fields():
     draw()
     assert (True, "none") in seen or (True, "nan") in seen
     assert len({flaw for _, flaw in seen}) > 1
+
+
+# -- declared interfaces (polymodal.models.interfaces) ------------------------------------------
+
+@pytest.mark.parametrize("name", [n for n in MODELS if getattr(REGISTRY.get("model", n).model_class, "implements", ())])
+def test_declared_interfaces_hold(name):
+    contracts.check_implements(_entry("model", name).obj)
+
+
+def test_the_part_families_declare_their_interfaces():
+    from polymodal.models import interfaces
+
+    declared = {p for n in MODELS for p in REGISTRY.get("model", n).model_class.implements}
+    assert {interfaces.CausalLM, interfaces.ImageTokenizer, interfaces.ImageEncoder, interfaces.TextEncoder} <= declared
+
+
+def test_a_model_missing_a_declared_member_fails():
+    from polymodal.models.interfaces import CausalLM, require
+
+    class HeadlessLM(ToyModel):
+        """Claims to be a language model but has no ``logits``."""
+
+        implements = (CausalLM,)
+        tokenizer, vocab_size, dim, max_len, stack = None, 8, 8, 16, nn.Identity()
+
+        def token_embeddings(self, ids):
+            return torch.zeros(*ids.shape, 8)
+
+        def run(self, embeds, **kwargs):
+            return embeds
+
+    spec = ModelSpec(HeadlessLM, ToyConfig(), data="digits")
+    with pytest.raises(AssertionError, match="declares it implements CausalLM but lacks logits"):
+        contracts.check_implements(spec)
+    with pytest.raises(ValueError, match=r"Part\.lm: expected a language model .* got a HeadlessLM .*lacking logits$"):
+        require(spec.build(), CausalLM, what="Part.lm")
+    HeadlessLM.logits = lambda self, hidden: hidden
+    contracts.check_implements(spec)
+
+
+def test_require_names_members_missing_inside_a_nested_part():
+    from polymodal.models.interfaces import ImageEncoder, require
+
+    class Tower(nn.Module):
+        def check(self, pixels):
+            pass
+
+    class Clipish:
+        visual, prepare, encode_image = Tower(), staticmethod(lambda x: x), staticmethod(lambda x: x)
+
+    with pytest.raises(ValueError, match=r"lacking visual\.encoder$"):
+        require(Clipish(), ImageEncoder, what="vision")
+    Clipish.visual.encoder = nn.Identity()
+    assert require(Clipish(), ImageEncoder, what="vision") is not None

@@ -35,6 +35,9 @@ class PolymodalModel(nn.Module):
     frozen: ClassVar[tuple[str, ...]] = ()
     """Attribute names of pretrained parts that never train (a VQ-VAE tokenizer, a frozen CLIP or
     LM): :meth:`freeze` turns their gradients off and :meth:`train` keeps them in eval mode."""
+    implements: ClassVar[tuple[type, ...]] = ()
+    """Contracts of :mod:`polymodal.models.interfaces` the model meets (``(CausalLM,)``), so other
+    families can take it as a part; the contract kit checks every registered variant against them."""
 
     def __init__(self, config: Any) -> None:
         super().__init__()

@@ -2,13 +2,37 @@
 
 They are structural (``typing.Protocol``): a part needs the methods, not a base class.
 ``isinstance(obj, Tokenizer)`` works for a quick check.
+
+Two groups:
+
+- building blocks (:class:`Encoder`, :class:`Tokenizer`, :class:`Fusion`, :class:`Objective`,
+  :class:`TokenSampler`);
+- the contracts a composite model relies on when it takes a pretrained part: :class:`CausalLM`
+  (Flamingo's and FROMAGe's frozen LM), :class:`ImageTokenizer` (DALL·E's and RuDolph's VQ-VAE),
+  :class:`ImageEncoder` and :class:`TextEncoder` (a CLIP's two sides: FROMAGe's and Flamingo's
+  vision, DALL·E's reranker).
+
+A composite model checks a part with :func:`require`, which raises a ValueError naming every
+missing member (and, for members typed with another protocol such as ``ImageEncoder.visual``,
+the missing members inside them)::
+
+    require(lm, CausalLM, what="FlamingoConfig.lm")
+
+A model class that implements a contract says so with ``implements = (CausalLM,)`` (see
+:attr:`polymodal.models.PolymodalModel.implements`); the contract kit
+(:func:`polymodal.testing.contracts.check_implements`) builds every registered variant of it and
+checks the declaration holds.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import typing
+from typing import Any, Protocol, Sequence, runtime_checkable
 
-from torch import Tensor
+from torch import Tensor, nn
+
+from polymodal.nn.block import KVCache
+from polymodal.nn.stack import TransformerStack
 
 
 @runtime_checkable
@@ -64,3 +88,155 @@ class TokenSampler(Protocol):
 
 
 Sampler = TokenSampler  # the name before diffusion samplers; goes in the next release
+
+
+# -- contracts of pretrained parts --------------------------------------------------------------
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """A language model a composite model runs on its own input embeddings (the ``lm`` family)::
+
+        x = lm.token_embeddings(ids)                       # (B, T, D), no positions
+        h = lm.run(x, cache=cache, injected=blocks, inject_kwargs={...})  # (B, T, D), final norm applied
+        logits = lm.logits(h)                              # (B, T, V)
+    """
+
+    tokenizer: Any
+    """Its text tokenizer (a :class:`Tokenizer`), or None for a model converted without one."""
+    vocab_size: int
+    """Rows of the token-embedding table (columns of the logits)."""
+    dim: int
+    """Width of the embeddings and hidden states."""
+    max_len: int
+    """Longest sequence (cached positions included) it runs."""
+    stack: TransformerStack
+    """Its blocks (``len(stack.blocks)`` layers), for models that read or inject per layer."""
+
+    def token_embeddings(self, ids: Tensor) -> Tensor:
+        """Ids (B, T) → input embeddings (B, T, D) without positions."""
+
+    def run(self, embeds: Tensor, *, cache: KVCache | None = None, key_padding: Tensor | None = None,
+            injected: Any = None, inject_kwargs: dict[str, Any] | None = None,
+            return_hidden: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Input embeddings (B, T, D) → hidden states (B, T, D); ``injected`` {layer: module} runs
+        ``module(x, **inject_kwargs)`` before that block for this call only."""
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Hidden states (B, T, D) → logits (B, T, vocab_size)."""
+
+
+@runtime_checkable
+class ImageTokenizer(Protocol):
+    """Images to a grid of discrete codes and back (a VQ-VAE; DALL·E's and RuDolph's image tokens)."""
+
+    codebook_size: int
+    """Number of distinct codes."""
+    grid: tuple[int, int]
+    """(rows, cols) of codes per image."""
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Images (B, C, S, S) in [0, 1] → codes (B, rows, cols)."""
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Codes (B, rows, cols) → images (B, C, S, S)."""
+
+
+@runtime_checkable
+class ImageTower(Protocol):
+    """The image side of an :class:`ImageEncoder`: the core ViT trunk and its input check."""
+
+    encoder: nn.Module
+    """Pixels (B, C, S, S) → patch tokens (B, 1 + P, D), [CLS] first."""
+
+    def check(self, pixels: Tensor) -> None:
+        """Raise a ValueError unless ``pixels`` is a batch the tower takes."""
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """Images to embeddings in a space shared with text (a CLIP's image side).
+
+    Not to be confused with the trunk :class:`polymodal.nn.encoders.ViTEncoder`, which
+    ``visual.encoder`` holds.
+    """
+
+    visual: ImageTower
+    """The image tower (its ``encoder`` gives patch tokens)."""
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] → pixels (B, C', S, S) at the tower's size and channels."""
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """Prepared pixels (B, C, S, S) → unnormalised embeddings (B, E)."""
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Texts to embeddings in a space shared with images (a CLIP's text side).
+
+    Not to be confused with the trunk :class:`polymodal.nn.encoders.TextEncoder`.
+    """
+
+    def tokenize(self, texts: Sequence[str] | str) -> Tensor:
+        """Texts → token ids (B, L)."""
+
+    def encode_text(self, ids: Tensor) -> Tensor:
+        """Token ids (B, L) → unnormalised embeddings (B, E)."""
+
+
+DESCRIPTIONS: dict[type, str] = {
+    CausalLM: "a language model (family 'lm')",
+    ImageTokenizer: "an image tokenizer (family 'vqvae')",
+    ImageEncoder: "a CLIP model's image side (family 'clip')",
+    TextEncoder: "a CLIP model's text side (family 'clip')",
+}
+"""How :func:`require` names what it expected; a protocol not listed is named by its class name."""
+
+
+def protocol_members(protocol: type) -> tuple[str, ...]:
+    """The public members (attributes, properties, methods) a protocol declares, sorted."""
+    if not getattr(protocol, "_is_protocol", False):
+        raise ValueError(f"expected a typing.Protocol class; got {protocol!r}")
+    names: set[str] = set()
+    for base in protocol.__mro__:
+        if base in (Protocol, typing.Generic, object) or not getattr(base, "_is_protocol", False):
+            continue
+        names.update(base.__dict__.get("__annotations__", {}))
+        names.update(n for n, v in base.__dict__.items() if callable(v) or isinstance(v, property))
+    return tuple(sorted(n for n in names if not n.startswith("_")))
+
+
+def missing_members(obj: Any, protocol: type, prefix: str = "") -> list[str]:
+    """Members of ``protocol`` that ``obj`` lacks (dotted into members typed with another protocol)."""
+    hints = typing.get_type_hints(protocol)
+    missing = []
+    for name in protocol_members(protocol):
+        if not hasattr(obj, name):
+            missing.append(prefix + name)
+            continue
+        inner = hints.get(name)
+        if isinstance(inner, type) and getattr(inner, "_is_protocol", False):
+            missing += missing_members(getattr(obj, name), inner, f"{prefix}{name}.")
+    return missing
+
+
+def require(obj: Any, protocols: type | tuple[type, ...], what: str) -> Any:
+    """``obj`` if it has every member of ``protocols``, else a ValueError naming what is missing.
+
+    ``what`` names the place the part goes (``"FlamingoConfig.lm"``); the message names the
+    expected protocol, the given class (and family) and each missing member.
+    """
+    protocols = protocols if isinstance(protocols, tuple) else (protocols,)
+    for protocol in protocols:
+        missing = missing_members(obj, protocol)
+        if missing:
+            expected = DESCRIPTIONS.get(protocol, protocol.__name__)
+            family = getattr(obj, "family", None)
+            given = type(obj).__name__ + (f" (family {family!r})" if family else "")
+            raise ValueError(f"{what}: expected {expected} implementing {protocol.__name__} "
+                             f"({', '.join(protocol_members(protocol))}); got a {given} lacking {', '.join(missing)}")
+    return obj
+
+
+__all__ = ["CausalLM", "DESCRIPTIONS", "Encoder", "Fusion", "ImageEncoder", "ImageTokenizer", "ImageTower", "Objective",
+           "TextEncoder", "TokenSampler", "Tokenizer", "missing_members", "protocol_members", "require"]

@@ -437,3 +437,27 @@ def check_spec(spec: str | ModelSpec) -> None:
     assert cls.family, f"{cls.__name__}.family is empty"
     assert isinstance(spec.config, cls.config_class), (
         f"{cls.__name__}: the spec's config is a {type(spec.config).__name__}, not its config_class {cls.config_class.__name__}")
+
+
+def check_implements(spec: str | ModelSpec, *, use_tiny: bool = True) -> None:
+    """A built model has every member of each protocol its class declares in ``implements``.
+
+    ``implements = (CausalLM,)`` on a model class (see :mod:`polymodal.models.interfaces`)
+    promises that other families can take the model as that part; a variant whose class declares
+    nothing passes without being built.
+    """
+    from polymodal.models.interfaces import missing_members
+
+    spec = resolve(spec)
+    declared = tuple(getattr(spec.model_class, "implements", ()))
+    if not declared:
+        return
+    for protocol in declared:
+        assert getattr(protocol, "_is_protocol", False), (
+            f"{_name(spec)}.implements lists {protocol!r}, which is not a typing.Protocol")
+    model = build(spec, use_tiny=use_tiny, perturb=False)
+    for protocol in declared:
+        missing = missing_members(model, protocol)
+        assert not missing, (f"{_name(spec)} declares it implements {protocol.__name__} but lacks "
+                             f"{', '.join(missing)}")
+        assert isinstance(model, protocol), f"{_name(spec)} is not an instance of {protocol.__name__}"

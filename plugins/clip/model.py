@@ -26,7 +26,7 @@ from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
 from polymodal.nn.encoders import TextEncoder, TextEncoderConfig, ViTEncoder, ViTEncoderConfig
 from polymodal.nn.grid import fit_encoder
-from polymodal.models import PolymodalModel
+from polymodal.models import PolymodalModel, interfaces
 from polymodal.objectives import info_nce, similarity_logits
 
 from . import captions as cap
@@ -135,6 +135,7 @@ class CLIPModel(PolymodalModel):
     """Images (B, C, S, S) and ids (B, L) → (normalised image emb, normalised text emb, scale (B,))."""
 
     family = "clip"
+    implements = (interfaces.ImageEncoder, interfaces.TextEncoder)
     config_class = CLIPConfig
 
     def __init__(self, config: CLIPConfig) -> None:

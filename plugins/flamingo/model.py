@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from polymodal.config import to_dict
 from polymodal.nn.fusion import CrossAttentionFusion
 from polymodal.models import PolymodalModel
+from polymodal.models.interfaces import CausalLM, ImageEncoder, require
 from polymodal.objectives import cross_entropy
 from polymodal.parts import resolve_config_part
 from polymodal.registry import get_registry
@@ -55,12 +56,8 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
     # -- construction -----------------------------------------------------------------------------
     def _build(self, lm: nn.Module, vision: nn.Module) -> None:
         """Freeze ``lm`` and ``vision`` in, check their widths, make the resampler, blocks and special rows."""
-        for attr in ("token_embeddings", "run", "logits", "stack", "tokenizer", "vocab_size", "dim"):
-            if not hasattr(lm, attr):
-                raise ValueError(f"FlamingoConfig.lm must be a language model with `{attr}` (the lm family); "
-                                 f"got a {type(lm).__name__}")
-        if not hasattr(vision, "visual") or not hasattr(vision.visual, "encoder"):
-            raise ValueError(f"FlamingoConfig.vision must be a CLIP model (with visual.encoder); got {type(vision).__name__}")
+        require(lm, CausalLM, what="FlamingoConfig.lm")
+        require(vision, ImageEncoder, what="FlamingoConfig.vision")
         c = self.config
         vdim = vision.config.vision.dim
         for name, want, got in (("lm", c.lm_dim, lm.dim), ("vision", c.vision_dim, vdim)):

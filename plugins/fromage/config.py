@@ -1,4 +1,4 @@
-"""FROMAGe's config: where the frozen parts come from, the joints' sizes, templates and the part checks."""
+"""FROMAGe's config: where the frozen parts come from, the joints' sizes and the templates."""
 
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ RETRIEVAL_TEMPLATES = DIGITS_TRAIN_TEMPLATES + ("This is a {word}.", "The answer
 
 EVAL_TEMPLATES = HELDOUT_TEMPLATES
 """Held-out retrieval queries of `evaluate` (``retrieval_r1_heldout``): the digits' held-out caption templates."""
-
-_LM_API = ("tokenizer", "vocab_size", "dim", "max_len", "token_embeddings", "run", "logits")
 
 
 def fill_template(template: str, digit: int, noun: str = "things") -> str:
@@ -92,20 +90,5 @@ class FromageConfig:
     data: str = field("digits", "Dataset the config was adapted to (`polymodal eval` default).")
 
 
-def check_lm(lm: Any) -> None:
-    """ValueError unless ``lm`` has the LM contract's attributes."""
-    missing = [a for a in _LM_API if not hasattr(lm, a)]
-    if missing:
-        raise ValueError(f"FromageConfig.lm: expected a language model (family 'lm') with {', '.join(_LM_API)}; "
-                         f"got a {type(lm).__name__} (family {getattr(lm, 'family', '?')!r}) lacking {', '.join(missing)}")
-
-
-def check_vision(clip: Any) -> None:
-    """ValueError unless ``clip`` is a CLIP-like model with an image tower."""
-    if not (hasattr(clip, "encode_image") and hasattr(clip, "visual") and hasattr(clip, "prepare")):
-        raise ValueError(f"FromageConfig.vision: expected a CLIP model (family 'clip') with encode_image, visual and "
-                         f"prepare; got a {type(clip).__name__} (family {getattr(clip, 'family', '?')!r})")
-
-
 __all__ = ["DIGITS_TRAIN_TEMPLATES", "EVAL_TEMPLATES", "FromageConfig", "RETRIEVAL_TEMPLATES", "TRAIN_TEMPLATES",
-           "check_lm", "check_vision", "fill_template"]
+           "fill_template"]

@@ -6,15 +6,15 @@ a final LayerNorm, an output head tied to the token embedding (no bias), dropout
 embeddings, the attention weights and the residual branches, and GPT-2's initialisation
 (normal(0, 0.02) weights, zero biases, residual output projections scaled by 1/sqrt(2·depth)).
 
-The interface other families build on (Flamingo, FROMAGe)::
+The interface other families build on (Flamingo, FROMAGe; :class:`polymodal.models.interfaces.CausalLM`)::
 
     x = lm.token_embeddings(ids)                       # (B, T, D), no positions
-    h = lm.run(x, cache=cache, key_padding=kp, inject_kwargs={...})   # (B, T, D), final norm applied
+    h = lm.run(x, cache=cache, key_padding=kp, injected={i: module}, inject_kwargs={...})  # (B, T, D), final norm
     logits = lm.logits(h)                              # (B, T, V), tied head
     lm(ids, cache) == lm.logits(lm.run(lm.token_embeddings(ids), cache=cache))
 
-``lm.stack`` is the core :class:`~polymodal.nn.TransformerStack`; ``lm.stack.inject(i, module)``
-runs ``x = module(x, **inject_kwargs)`` before block ``i``.
+``lm.stack`` is the core :class:`~polymodal.nn.TransformerStack`; ``injected={i: module}`` runs
+``x = module(x, **inject_kwargs)`` before block ``i`` for that call, leaving the LM unchanged.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.nn import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack
-from polymodal.models import PolymodalModel
+from polymodal.models import PolymodalModel, interfaces
 from polymodal.objectives import cross_entropy
 from polymodal.data.tokenizers import BPETokenizer, ByteTokenizer
 
@@ -88,6 +88,7 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
     """Token ids (B, T) → next-token logits (B, T, V): a GPT-2 style decoder."""
 
     family = "lm"
+    implements = (interfaces.CausalLM,)
     config_class = LMConfig
 
     def __init__(self, config: LMConfig) -> None:
@@ -170,13 +171,14 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
         return self.pos_embed()[:, past:past + t]  # (1, t, D)
 
     def run(self, embeds: Tensor, *, cache: KVCache | None = None, key_padding: Tensor | None = None,
-            inject_kwargs: dict[str, Any] | None = None, return_hidden: bool = False
+            injected: Any = None, inject_kwargs: dict[str, Any] | None = None, return_hidden: bool = False
             ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Input embeddings (B, T, D) → hidden states (B, T, D) after the final LayerNorm.
 
         Adds the position embeddings of positions ``cache.length … cache.length + T - 1`` and runs
         the causal stack (appending to ``cache``). ``key_padding`` (B, cache.length + T) bool marks
-        real keys (True). ``inject_kwargs`` go to the modules injected into ``self.stack``. With
+        real keys (True). ``injected`` ({layer: module}) runs modules before those blocks for this
+        call only (the stack is not changed); ``inject_kwargs`` go to every injected module. With
         ``return_hidden`` also returns the input of every block and the final output.
         """
         if not isinstance(embeds, Tensor) or embeds.dim() != 3 or embeds.shape[-1] != self.dim:
@@ -184,8 +186,8 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
             raise ValueError(f"expected input embeddings (B, T, {self.dim}); got {got}")
         past = cache.length if cache is not None else 0
         x = self.drop(embeds + self.positions(past, embeds.shape[1]))  # (B, T, D)
-        return self.stack(x, causal=True, key_padding=key_padding, cache=cache, inject_kwargs=inject_kwargs,
-                          return_hidden=return_hidden)
+        return self.stack(x, causal=True, key_padding=key_padding, cache=cache, injected=injected,
+                          inject_kwargs=inject_kwargs, return_hidden=return_hidden)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Hidden states (B, T, D) → logits (B, T, V) through the head tied to the token embedding."""

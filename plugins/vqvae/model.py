@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polymodal.config import config, field, in_range
-from polymodal.models import PolymodalModel
+from polymodal.models import PolymodalModel, interfaces
 
 from .nets import Decoder, Encoder
 from .quantize import EMACodebook
@@ -55,6 +55,7 @@ class VQVAE(PolymodalModel):
     """Images (B, C, H, W) in [0, 1] ⇄ codes (B, h, w); ``forward`` gives the reconstruction."""
 
     family = "vqvae"
+    implements = (interfaces.ImageTokenizer, interfaces.Tokenizer)
     config_class = VQVAEConfig
 
     def __init__(self, config: VQVAEConfig) -> None:
@@ -144,7 +145,11 @@ class VQVAE(PolymodalModel):
     def config_for_data(cls, config: VQVAEConfig, dataset: Any) -> VQVAEConfig:
         """Image size and channels from the dataset's meta; remembers the dataset's name."""
         meta = dataset.meta
-        return attrs.evolve(config, image_size=meta.get("image_size", config.image_size),
+        size = meta.get("image_size", config.image_size)
+        if size != config.image_size:  # fully convolutional: it trains at the images' own size
+            side = size >> config.stages
+            print(f"vqvae: images are {size}×{size}×{meta.get('channels')}; image_size {size} → {side}×{side} codes")
+        return attrs.evolve(config, image_size=size,
                             channels=meta.get("channels", config.channels), data=dataset.name)
 
     @classmethod
