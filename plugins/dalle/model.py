@@ -32,6 +32,7 @@ from polymodal.config import to_dict
 from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
 from polymodal.nn.embed import init_weights
 from polymodal.models import PolymodalModel
+from polymodal.models.interfaces import ImageTokenizer, require
 from polymodal.objectives import cross_entropy
 from polymodal.parts import resolve_config_part
 from polymodal.registry import get_registry
@@ -59,11 +60,7 @@ class DALLE(PolymodalModel):
     def _build(self, vq: nn.Module) -> None:
         """Freeze ``vq`` in and make every module whose size depends on it."""
         c = self.config
-        for name in ("encode", "decode", "codebook_size", "grid"):
-            if not hasattr(vq, name):
-                raise ValueError(f"the image tokenizer must have encode, decode, codebook_size and grid; "
-                                 f"{type(vq).__name__} lacks {name}")
-        self.vq = vq
+        self.vq = require(vq, ImageTokenizer, what="DALLEConfig.tokenizer")
         self.freeze()
         self.grid = (int(vq.grid[0]), int(vq.grid[1]))
         self.codebook_size = int(vq.codebook_size)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from polymodal.eval.images import read_image, write_samples
 from polymodal.generation.sampling import generate
+from polymodal.models.interfaces import ImageEncoder, TextEncoder, require
 from polymodal.generation.options import COMPLETE, NO_CACHE, TEMPERATURE, TOP_K, TOP_P, SampleOption, keywords
 from polymodal.nn import eval_mode
 
@@ -75,27 +76,19 @@ def generate_codes(model: Any, prompts: list[str | None], *, generator: torch.Ge
 
 
 def load_clip(rerank: Any) -> Any:
-    """The reranking CLIP: a model (anything with ``encode_image``/``encode_text``/``tokenize``) or its folder."""
+    """The reranking CLIP (an :class:`~polymodal.models.interfaces.ImageEncoder` and
+    :class:`~polymodal.models.interfaces.TextEncoder`): a model or its folder."""
     if isinstance(rerank, (str, Path)):
         from polymodal.api import load
 
         rerank = load(rerank)
-    for name in ("encode_image", "encode_text", "tokenize"):
-        if not hasattr(rerank, name):
-            raise ValueError(f"rerank needs a CLIP model (encode_image, encode_text, tokenize); "
-                             f"{type(rerank).__name__} lacks {name}")
-    return rerank
+    return require(rerank, (ImageEncoder, TextEncoder), what="rerank")
 
 
 @torch.no_grad()
 def clip_scores(clip: Any, images: Tensor, prompt: str) -> Tensor:
     """(N,) cosine of each image's CLIP embedding with ``prompt``'s; images resized to CLIP's input."""
-    if hasattr(clip, "prepare"):
-        pixels = clip.prepare(images)
-    else:
-        v = clip.config.vision
-        pixels = images.float().expand(-1, v.channels, -1, -1) if images.shape[1] == 1 else images.float()
-        pixels = F.interpolate(pixels, size=(v.image_size,) * 2, mode="bilinear", align_corners=False)
+    pixels = clip.prepare(images)  # (N, C, S, S)
     img = F.normalize(clip.encode_image(pixels).float(), dim=-1)  # (N, E)
     txt = F.normalize(clip.encode_text(clip.tokenize([prompt])).float(), dim=-1)  # (1, E)
     return (img @ txt.t()).squeeze(1)  # (N,)

@@ -34,11 +34,12 @@ from polymodal.config import to_dict
 from polymodal.generation.options import TOKEN_SAMPLING
 from polymodal.nn.fusion import AdapterFusion
 from polymodal.models import PolymodalModel
+from polymodal.models.interfaces import CausalLM, ImageEncoder, require
 from polymodal.objectives import ContrastiveLoss
 from polymodal.parts import resolve_config_part
 from polymodal.registry import get_registry
 
-from .config import EVAL_TEMPLATES, TRAIN_TEMPLATES, FromageConfig, check_lm, check_vision
+from .config import EVAL_TEMPLATES, TRAIN_TEMPLATES, FromageConfig
 from .objective import FromageTraining
 
 class Fromage(FromageTraining, PolymodalModel):
@@ -59,8 +60,8 @@ class Fromage(FromageTraining, PolymodalModel):
     # -- construction ---------------------------------------------------------------------------
     def _build(self, lm: nn.Module, vision: nn.Module) -> None:
         """Freeze ``lm`` and ``vision`` in and make the trained joints for their widths."""
-        check_lm(lm)
-        check_vision(vision)
+        require(lm, CausalLM, what="FromageConfig.lm")
+        require(vision, ImageEncoder, what="FromageConfig.vision")
         self.lm, self.vision = lm, vision
         self.freeze()
         d, e = int(lm.dim), self.visual_dim
@@ -86,14 +87,14 @@ class Fromage(FromageTraining, PolymodalModel):
     def swap_parts(self, lm: nn.Module | None = None, vision: nn.Module | None = None) -> "Fromage":
         """Replace a frozen part by another of the same widths, keeping the trained joints."""
         if lm is not None:
-            check_lm(lm)
+            require(lm, CausalLM, what="FromageConfig.lm")
             want = (self.adapter.cfg.out_dim, self.ret_id)
             if (int(lm.dim), int(lm.vocab_size)) != want:
                 raise ValueError(f"FromageConfig.lm: the trained joints expect an LM of width {want[0]} and vocabulary "
                                  f"{want[1]}; got width {lm.dim} and vocabulary {lm.vocab_size}")
             self.lm = lm
         if vision is not None:
-            check_vision(vision)
+            require(vision, ImageEncoder, what="FromageConfig.vision")
             old, self.vision = self.vision, vision
             if self.visual_dim != self.adapter.cfg.in_dim:
                 got, self.vision = self.visual_dim, old
