@@ -1,10 +1,108 @@
-"""Helpers shared by converters that read Hugging Face transformers folders."""
+"""Helpers shared by converters that read Hugging Face transformers folders.
+
+:func:`convert_hf_folder` is the converters' template: it reads and checks the folder, builds the
+model, loads the renamed weights strictly, attaches the tokenizer and saves the model folder, so a
+family's converter keeps only its config mapping and its key renaming.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
-from polymodal.io import LoadError
+import torch
+from torch import nn
+
+from polymodal.io.folders import LoadError, load_state_strict, read_json, read_state
+
+M = TypeVar("M", bound=nn.Module)
+State = dict[str, torch.Tensor]
+
+PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5", "flax_model.msgpack")
+"""Checkpoint files a transformers folder may hold instead of ``model.safetensors``; none is read."""
+
+
+def read_hf_config(src: Path, converter: str, model_type: str, label: str) -> dict[str, Any]:
+    """``src/config.json`` as a dict whose ``model_type`` is ``model_type`` (or unset); else a LoadError."""
+    path = src / "config.json"
+    hf = read_json(path)
+    if not isinstance(hf, dict):
+        raise LoadError(f"{path} is not a transformers config (expected a JSON object, got {type(hf).__name__})")
+    if hf.get("model_type") not in (None, model_type):
+        raise LoadError(f"{converter} reads {label} folders (config.json with model_type {model_type!r}); "
+                        f"{path} has {hf.get('model_type')!r}")
+    return hf
+
+
+def read_hf_weights(src: Path, converter: str) -> State:
+    """``src/model.safetensors``; a folder with only a pickled checkpoint is refused, naming the file."""
+    path = src / "model.safetensors"
+    if not path.is_file():
+        pickled = [name for name in PICKLED if (src / name).is_file()]
+        if pickled:
+            raise LoadError(f"{converter} reads {path}, which is missing; {src} has {pickled[0]}, which it does not "
+                            "unpickle (loading a pickle can run code): save the model again with "
+                            "save_pretrained(..., safe_serialization=True)")
+    return read_state(path)
+
+
+def convert_hf_folder(
+    src: str | Path,
+    dst: str | Path | None = None,
+    *,
+    converter: str,
+    model_type: str,
+    label: str,
+    build_model: Callable[[dict[str, Any], State, str], M],
+    rename_state: Callable[[State, M], State],
+    extras: Callable[[M, State, State], str] | None = None,
+    tokenizer: Callable[[Path, M], bool] | None = None,
+) -> M:
+    """Convert the transformers folder ``src`` (``config.json`` + ``model.safetensors``) into a model;
+    writes a model folder to ``dst`` (atomically, with ``model.save``) when given.
+
+    ``converter`` is the converter's registered name (``"hf-vit"``), ``model_type`` the config's
+    ``model_type``, ``label`` the architecture as messages name it (``"ViT"``). The family supplies:
+
+    * ``build_model(hf, weights, source)``: the model for the config dict ``hf`` (``weights`` for
+      what the config does not say, e.g. the number of classes); ``source`` names the config file
+      for error messages;
+    * ``rename_state(weights, model)``: the transformers state dict in the model's names; a missing
+      source key (``KeyError``) is reported as a missing weight of the file;
+    * ``extras(model, state, weights)``: optional; adds what is not a renamed weight to ``state`` or
+      refuses what the model cannot express, and returns a note for the model card ('' for none);
+    * ``tokenizer(src, model)``: optional; attaches the folder's tokenizer to the model and returns
+      whether the folder had one (a ``ValueError`` is reported naming the folder).
+
+    The state is loaded strictly (missing, unexpected and mis-shaped keys fail together), and the
+    model is returned in eval mode. Nothing is unpickled.
+    """
+    src = Path(src)
+    hf = read_hf_config(src, converter, model_type, label)
+    weights = read_hf_weights(src, converter)
+    model = build_model(hf, weights, f"{converter} ({src / 'config.json'})")
+    try:
+        state = rename_state(weights, model)
+    except KeyError as exc:
+        raise LoadError(f"{src / 'model.safetensors'} lacks the {label} weight {exc.args[0]!r}") from exc
+    note = extras(model, state, weights) if extras is not None else ""
+    load_state_strict(model, state, f"{src} (converted from transformers {label})")
+    if tokenizer is not None:
+        try:
+            if not tokenizer(src, model):
+                note += " (no tokenizer files: the model takes token ids only)"
+        except LoadError:
+            raise
+        except ValueError as exc:
+            raise LoadError(f"{src}: {exc}") from exc
+    model.eval()
+    if dst is not None:
+        model.save(dst, source=f"converted from the transformers {label} folder {src.name} with "
+                   f"`polymodal convert --from {converter}`{note}")
+    return model
+
 
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "quick_gelu": "quick_gelu", "relu": "relu"}

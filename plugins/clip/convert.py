@@ -12,29 +12,29 @@ from pathlib import Path
 
 import torch
 
+from polymodal.data.tokenizers import BPETokenizer
+from polymodal.io.hf import activation, convert_hf_folder, mlp_ratio_for, square_side
 from polymodal.nn.encoders import TextEncoderConfig, ViTEncoderConfig
-from polymodal.io.hf import activation, mlp_ratio_for, square_side
-from polymodal.io import LoadError, load_state_strict, read_json, read_state
+
 from .model import CLIPConfig, CLIPModel
 
-def _act(sub: dict) -> str:
-    return activation(sub, "hf-clip", default="quick_gelu")
 
-
-def config_from_hf(hf: dict, has_tokenizer: bool) -> CLIPConfig:
+def config_from_hf(hf: dict, has_tokenizer: bool, source: str = "hf-clip") -> CLIPConfig:
     """Translate a transformers ``CLIPConfig`` dict."""
     v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
     vdim, tdim = v.get("hidden_size", 768), t.get("hidden_size", 512)
     vision = ViTEncoderConfig(
-        image_size=square_side(v, "image_size", 224, "hf-clip"), patch_size=square_side(v, "patch_size", 32, "hf-clip"), channels=v.get("num_channels", 3),
-        dim=vdim, depth=v.get("num_hidden_layers", 12), heads=v.get("num_attention_heads", 12),
-        mlp_ratio=mlp_ratio_for(vdim, v.get("intermediate_size", 4 * vdim), "hf-clip"), act=_act(v),
-        norm_eps=v.get("layer_norm_eps", 1e-5), ln_pre=True, patch_bias=False)
+        image_size=square_side(v, "image_size", 224, source), patch_size=square_side(v, "patch_size", 32, source),
+        channels=v.get("num_channels", 3), dim=vdim, depth=v.get("num_hidden_layers", 12),
+        heads=v.get("num_attention_heads", 12),
+        mlp_ratio=mlp_ratio_for(vdim, v.get("intermediate_size", 4 * vdim), source),
+        act=activation(v, source, default="quick_gelu"), norm_eps=v.get("layer_norm_eps", 1e-5), ln_pre=True,
+        patch_bias=False)
     text = TextEncoderConfig(
         vocab_size=t.get("vocab_size", 49408), context_length=t.get("max_position_embeddings", 77), dim=tdim,
         depth=t.get("num_hidden_layers", 12), heads=t.get("num_attention_heads", 8),
-        mlp_ratio=mlp_ratio_for(tdim, t.get("intermediate_size", 4 * tdim), "hf-clip"), act=_act(t),
-        norm_eps=t.get("layer_norm_eps", 1e-5), causal=True)
+        mlp_ratio=mlp_ratio_for(tdim, t.get("intermediate_size", 4 * tdim), source),
+        act=activation(t, source, default="quick_gelu"), norm_eps=t.get("layer_norm_eps", 1e-5), causal=True)
     eos = t.get("eos_token_id", 2)
     return CLIPConfig(vision=vision, text=text, embed_dim=hf.get("projection_dim", 512),
                       eos_id=None if eos == 2 else eos, tokenizer="file" if has_tokenizer else "none")
@@ -78,27 +78,18 @@ def state_from_hf(src: dict[str, torch.Tensor], cfg: CLIPConfig) -> dict[str, to
     return out
 
 
+def attach_tokenizer(folder: Path, model: CLIPModel) -> bool:
+    """Give ``model`` the folder's ``tokenizer.json`` (its config says ``'file'`` when there is one)."""
+    if model.config.tokenizer != "file":
+        return False
+    model.tokenizer = BPETokenizer.from_file(folder / "tokenizer.json")
+    return True
+
+
 def convert_hf_clip(src: str | Path, dst: str | Path | None = None) -> CLIPModel:
     """Convert the transformers CLIP folder ``src``; writes a model folder to ``dst`` when given."""
-    from polymodal.data.tokenizers import BPETokenizer
-
-    src = Path(src)
-    hf = read_json(src / "config.json")
-    if not isinstance(hf, dict):
-        raise LoadError(f"{src / 'config.json'} is not a transformers config (expected a JSON object)")
-    if hf.get("model_type") not in (None, "clip"):
-        raise LoadError(f"hf-clip expects a CLIP config (model_type 'clip'); {src / 'config.json'} has {hf.get('model_type')!r}")
-    has_tok = (src / "tokenizer.json").is_file()
-    model = CLIPModel(config_from_hf(hf, has_tok))
-    weights = read_state(src / "model.safetensors")
-    try:
-        state = state_from_hf(weights, model.config)
-    except KeyError as exc:
-        raise LoadError(f"{src / 'model.safetensors'} lacks the CLIP weight {exc.args[0]!r}") from exc
-    load_state_strict(model, state, f"{src} (converted from transformers CLIP)")
-    if has_tok:
-        model.tokenizer = BPETokenizer.from_file(src / "tokenizer.json")
-    model.eval()
-    if dst is not None:
-        model.save(dst, source=f"converted from the transformers CLIP folder {src.name} with `polymodal convert --from hf-clip`")
-    return model
+    has_tokenizer = (Path(src) / "tokenizer.json").is_file()
+    return convert_hf_folder(
+        src, dst, converter="hf-clip", model_type="clip", label="CLIP",
+        build_model=lambda hf, weights, source: CLIPModel(config_from_hf(hf, has_tokenizer, source)),
+        rename_state=lambda weights, model: state_from_hf(weights, model.config), tokenizer=attach_tokenizer)

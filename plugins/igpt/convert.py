@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from polymodal.io.hf import activation, gpt2_state, mlp_ratio_for
-from polymodal.io import LoadError, load_state_strict, read_json, read_state
+from polymodal.io import LoadError, read_json
+from polymodal.io.hf import activation, convert_hf_folder, gpt2_state, mlp_ratio_for
 
 from .model import IGPT, IGPTConfig
 
@@ -77,28 +77,16 @@ def palette_from_processor(folder: Path, size: int) -> torch.Tensor | None:
 
 def convert_hf_imagegpt(src: str | Path, dst: str | Path | None = None) -> IGPT:
     """Convert the transformers ImageGPT folder ``src``; writes a model folder to ``dst`` when given."""
-    src = Path(src)
-    hf = read_json(src / "config.json")
-    if not isinstance(hf, dict):
-        raise LoadError(f"{src / 'config.json'} is not a transformers config (expected a JSON object)")
-    if hf.get("model_type") not in (None, "imagegpt"):
-        raise LoadError(f"hf-imagegpt expects an ImageGPT config (model_type 'imagegpt'); {src / 'config.json'} "
-                        f"has {hf.get('model_type')!r}")
-    cfg = config_from_hf(hf, f"hf-imagegpt ({src / 'config.json'})")
-    weights = read_state(src / "model.safetensors")
-    model = IGPT(cfg)
-    try:
-        state = state_from_hf(weights, cfg.depth)
-    except KeyError as exc:
-        raise LoadError(f"{src / 'model.safetensors'} lacks the ImageGPT weight {exc.args[0]!r}") from exc
-    state["head.weight"] = weights.get("lm_head.weight", model.head.weight.detach())  # ImageGPTModel: no head
-    palette = palette_from_processor(src, cfg.palette_size)
-    state["palette"] = palette if palette is not None else model.palette
-    state["palette_fitted"] = torch.tensor(palette is not None)
-    load_state_strict(model, state, f"{src} (converted from transformers ImageGPT)")
-    model.eval()
-    if dst is not None:
-        note = "" if palette is not None else " (no preprocessor_config.json clusters: the palette is a placeholder)"
-        model.save(dst, source=f"converted from the transformers ImageGPT folder {src.name} with "
-                   f"`polymodal convert --from hf-imagegpt`{note}")
-    return model
+
+    def extras(model: IGPT, state: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> str:
+        """The output layer (an ``ImageGPTModel`` has none: it stays zero) and the processor's palette."""
+        state["head.weight"] = weights.get("lm_head.weight", model.head.weight.detach())
+        palette = palette_from_processor(Path(src), model.config.palette_size)
+        state["palette"] = palette if palette is not None else model.palette
+        state["palette_fitted"] = torch.tensor(palette is not None)
+        return "" if palette is not None else " (no preprocessor_config.json clusters: the palette is a placeholder)"
+
+    return convert_hf_folder(src, dst, converter="hf-imagegpt", model_type="imagegpt", label="ImageGPT",
+                             build_model=lambda hf, weights, source: IGPT(config_from_hf(hf, source)),
+                             rename_state=lambda weights, model: state_from_hf(weights, model.config.depth),
+                             extras=extras)

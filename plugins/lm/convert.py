@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from polymodal.io.hf import activation, gpt2_state, mlp_ratio_for
-from polymodal.io import LoadError, load_state_strict, read_json, read_state
 from polymodal.data.tokenizers import BPETokenizer
+from polymodal.io import LoadError
+from polymodal.io.hf import activation, convert_hf_folder, gpt2_state, mlp_ratio_for
 
 from .model import LMConfig, LMModel
 
@@ -83,39 +83,30 @@ def tokenizer_from_folder(folder: Path) -> BPETokenizer | None:
     return BPETokenizer(tok, add_eos=False)
 
 
+def attach_tokenizer(folder: Path, model: LMModel) -> bool:
+    """Give ``model`` the folder's tokenizer (see :func:`tokenizer_from_folder`); False without one."""
+    tokenizer = tokenizer_from_folder(folder)
+    if tokenizer is not None:
+        model.set_tokenizer(tokenizer)
+    return tokenizer is not None
+
+
 def convert_hf_gpt2(src: str | Path, dst: str | Path | None = None) -> LMModel:
     """Convert the transformers GPT-2 folder ``src``; writes a model folder to ``dst`` when given."""
-    src = Path(src)
-    hf = read_json(src / "config.json")
-    if not isinstance(hf, dict):
-        raise LoadError(f"{src / 'config.json'} is not a transformers config (expected a JSON object)")
-    if hf.get("model_type") not in (None, "gpt2"):
-        raise LoadError(f"hf-gpt2 expects a GPT-2 config (model_type 'gpt2'); {src / 'config.json'} "
-                        f"has {hf.get('model_type')!r}")
-    cfg = config_from_hf(hf, f"hf-gpt2 ({src / 'config.json'})")
-    weights = read_state(src / "model.safetensors")
-    model = LMModel(cfg)
-    try:
-        state = state_from_hf(weights, cfg.depth)
-    except KeyError as exc:
-        raise LoadError(f"{src / 'model.safetensors'} lacks the GPT-2 weight {exc.args[0]!r}") from exc
-    head = weights.get("lm_head.weight")
-    if head is not None and not torch.equal(head, state["token_embed.weight"]):
-        raise LoadError(f"{src}: lm_head.weight differs from transformer.wte.weight (tie_word_embeddings=False); "
-                        "the lm family has a tied head only")
-    load_state_strict(model, state, f"{src} (converted from transformers GPT-2)")
-    tokenizer = tokenizer_from_folder(src)
-    if tokenizer is not None:
-        try:
-            model.set_tokenizer(tokenizer)
-        except ValueError as exc:
-            raise LoadError(f"{src}: {exc}") from exc
-    model.eval()
-    if dst is not None:
-        note = "" if tokenizer is not None else " (no tokenizer files: the model takes token ids only)"
-        model.save(dst, source=f"converted from the transformers GPT-2 folder {src.name} with "
-                   f"`polymodal convert --from hf-gpt2`{note}")
-    return model
+
+    def tied_head(model: LMModel, state: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> str:
+        """Refuse an ``lm_head`` that is not the token embedding (the lm family ties them)."""
+        head = weights.get("lm_head.weight")
+        if head is not None and not torch.equal(head, state["token_embed.weight"]):
+            raise LoadError(f"{src}: lm_head.weight differs from transformer.wte.weight (tie_word_embeddings=False); "
+                            "the lm family has a tied head only")
+        return ""
+
+    return convert_hf_folder(src, dst, converter="hf-gpt2", model_type="gpt2", label="GPT-2",
+                             build_model=lambda hf, weights, source: LMModel(config_from_hf(hf, source)),
+                             rename_state=lambda weights, model: state_from_hf(weights, model.config.depth),
+                             extras=tied_head, tokenizer=attach_tokenizer)
 
 
-__all__ = ["REFUSED", "config_from_hf", "convert_hf_gpt2", "state_from_hf", "tokenizer_from_folder"]
+__all__ = ["REFUSED", "attach_tokenizer", "config_from_hf", "convert_hf_gpt2", "state_from_hf",
+           "tokenizer_from_folder"]

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
+from polymodal.io.hf import activation, convert_hf_folder, mlp_ratio_for, square_side
 from polymodal.nn.encoders import ViTEncoderConfig
-from polymodal.io.hf import activation, mlp_ratio_for, square_side
-from polymodal.io import LoadError, load_state_strict, read_json, read_state
 from polymodal.nn.mae import MAE, MAEConfig
 
 # ours → (5.x name, 4.x name) inside one layer
@@ -30,19 +29,19 @@ _QKV = (("attention.q_proj", "attention.k_proj", "attention.v_proj"),
         ("attention.attention.query", "attention.attention.key", "attention.attention.value"))
 
 
-def mae_config_from_hf(hf: dict) -> MAEConfig:
+def mae_config_from_hf(hf: dict, source: str = "hf-vitmae") -> MAEConfig:
     """Translate a transformers ``ViTMAEConfig`` dict (as in ``config.json``)."""
-    act = activation(hf, "hf-vitmae")
     dim, ddim = hf.get("hidden_size", 768), hf.get("decoder_hidden_size", 512)
     encoder = ViTEncoderConfig(
-        image_size=square_side(hf, "image_size", 224, "hf-vitmae"), patch_size=square_side(hf, "patch_size", 16, "hf-vitmae"),
+        image_size=square_side(hf, "image_size", 224, source), patch_size=square_side(hf, "patch_size", 16, source),
         channels=hf.get("num_channels", 3), dim=dim, depth=hf.get("num_hidden_layers", 12),
-        heads=hf.get("num_attention_heads", 12), mlp_ratio=mlp_ratio_for(dim, hf.get("intermediate_size", 4 * dim), "hf-vitmae"),
-        act=act, norm_eps=hf.get("layer_norm_eps", 1e-12), qkv_bias=hf.get("qkv_bias", True), pos_embed="learned",
+        heads=hf.get("num_attention_heads", 12),
+        mlp_ratio=mlp_ratio_for(dim, hf.get("intermediate_size", 4 * dim), source), act=activation(hf, source),
+        norm_eps=hf.get("layer_norm_eps", 1e-12), qkv_bias=hf.get("qkv_bias", True), pos_embed="learned",
     )
     return MAEConfig(encoder=encoder, decoder_dim=ddim, decoder_depth=hf.get("decoder_num_hidden_layers", 8),
                      decoder_heads=hf.get("decoder_num_attention_heads", 16),
-                     decoder_mlp_ratio=mlp_ratio_for(ddim, hf.get("decoder_intermediate_size", 4 * ddim), "hf-vitmae"),
+                     decoder_mlp_ratio=mlp_ratio_for(ddim, hf.get("decoder_intermediate_size", 4 * ddim), source),
                      decoder_pos_embed="learned", mask_ratio=hf.get("mask_ratio", 0.75),
                      norm_pix_loss=hf.get("norm_pix_loss", False))
 
@@ -93,17 +92,7 @@ def mae_state_from_hf(src: dict[str, torch.Tensor], depth: int, decoder_depth: i
 
 def convert_hf_vitmae(src: str | Path) -> MAE:
     """Load a transformers ``ViTMAEForPreTraining`` folder (``config.json`` + ``model.safetensors``) as a core MAE."""
-    src = Path(src)
-    hf = read_json(src / "config.json")
-    if not isinstance(hf, dict) or hf.get("model_type") not in (None, "vit_mae"):
-        got = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
-        raise LoadError(f"hf-vitmae expects a ViTMAE config (model_type 'vit_mae'); {src / 'config.json'} has {got!r}")
-    cfg = mae_config_from_hf(hf)
-    model = MAE(cfg)
-    weights = read_state(src / "model.safetensors")
-    try:
-        state = mae_state_from_hf(weights, cfg.encoder.depth, cfg.decoder_depth)
-    except KeyError as exc:
-        raise LoadError(f"{src / 'model.safetensors'} lacks the ViTMAE weight {exc.args[0]!r}") from exc
-    load_state_strict(model, state, f"{src} (converted from transformers ViTMAE)")
-    return model.eval()
+    return convert_hf_folder(
+        src, converter="hf-vitmae", model_type="vit_mae", label="ViTMAE",
+        build_model=lambda hf, weights, source: MAE(mae_config_from_hf(hf, source)),
+        rename_state=lambda weights, mae: mae_state_from_hf(weights, mae.cfg.encoder.depth, mae.cfg.decoder_depth))

@@ -11,21 +11,21 @@ from pathlib import Path
 
 import torch
 
+from polymodal.io.hf import activation, convert_hf_folder, mlp_ratio_for, square_side
 from polymodal.nn.encoders import ViTEncoderConfig
-from polymodal.io.hf import activation, mlp_ratio_for, square_side
-from polymodal.io import LoadError, load_state_strict, read_json, read_state
 
 from .model import ViTClassifier, ViTConfig
 
-def config_from_hf(hf: dict, num_classes: int) -> ViTConfig:
+
+def config_from_hf(hf: dict, num_classes: int, source: str = "hf-vit") -> ViTConfig:
     """Translate a transformers ``ViTConfig`` dict; eps and activation come from the source."""
-    act = activation(hf, "hf-vit")
     dim = hf.get("hidden_size", 768)
     encoder = ViTEncoderConfig(
-        image_size=square_side(hf, "image_size", 224, "hf-vit"), patch_size=square_side(hf, "patch_size", 16, "hf-vit"),
+        image_size=square_side(hf, "image_size", 224, source), patch_size=square_side(hf, "patch_size", 16, source),
         channels=hf.get("num_channels", 3), dim=dim, depth=hf.get("num_hidden_layers", 12),
-        heads=hf.get("num_attention_heads", 12), mlp_ratio=mlp_ratio_for(dim, hf.get("intermediate_size", 4 * dim), "hf-vit"),
-        act=act, norm_eps=hf.get("layer_norm_eps", 1e-12), qkv_bias=hf.get("qkv_bias", True),
+        heads=hf.get("num_attention_heads", 12),
+        mlp_ratio=mlp_ratio_for(dim, hf.get("intermediate_size", 4 * dim), source), act=activation(hf, source),
+        norm_eps=hf.get("layer_norm_eps", 1e-12), qkv_bias=hf.get("qkv_bias", True),
     )
     return ViTConfig(encoder=encoder, num_classes=num_classes)
 
@@ -58,23 +58,13 @@ def state_from_hf(src: dict[str, torch.Tensor], depth: int) -> dict[str, torch.T
     return out
 
 
+def build_model(hf: dict, weights: dict[str, torch.Tensor], source: str) -> ViTClassifier:
+    """The classifier for ``hf``, with as many classes as the source's classifier has rows (0 without one)."""
+    num_classes = weights["classifier.weight"].shape[0] if "classifier.weight" in weights else 0
+    return ViTClassifier(config_from_hf(hf, num_classes, source))
+
+
 def convert_hf_vit(src: str | Path, dst: str | Path | None = None) -> ViTClassifier:
     """Convert the transformers ViT folder ``src``; writes a model folder to ``dst`` when given."""
-    src = Path(src)
-    hf = read_json(src / "config.json")
-    if not isinstance(hf, dict):
-        raise LoadError(f"{src / 'config.json'} is not a transformers config (expected a JSON object)")
-    if hf.get("model_type") not in (None, "vit"):
-        raise LoadError(f"hf-vit expects a ViT config (model_type 'vit'); {src / 'config.json'} has {hf.get('model_type')!r}")
-    weights = read_state(src / "model.safetensors")
-    num_classes = weights["classifier.weight"].shape[0] if "classifier.weight" in weights else 0
-    model = ViTClassifier(config_from_hf(hf, num_classes))
-    try:
-        state = state_from_hf(weights, model.config.encoder.depth)
-    except KeyError as exc:
-        raise LoadError(f"{src / 'model.safetensors'} lacks the ViT weight {exc.args[0]!r}") from exc
-    load_state_strict(model, state, f"{src} (converted from transformers ViT)")
-    model.eval()
-    if dst is not None:
-        model.save(dst, source=f"converted from the transformers ViT folder {src.name} with `polymodal convert --from hf-vit`")
-    return model
+    return convert_hf_folder(src, dst, converter="hf-vit", model_type="vit", label="ViT", build_model=build_model,
+                             rename_state=lambda weights, model: state_from_hf(weights, model.config.encoder.depth))
