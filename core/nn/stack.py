@@ -1,13 +1,15 @@
 """Encoder and decoder stacks: ``depth`` blocks, optional final norm, KV cache, injection points.
 
-Injection points let a recipe add a module before any layer without replacing classes
-(Flamingo's gated cross-attention): ``stack.inject(i, module)`` runs
-``x = module(x, **inject_kwargs)`` just before block ``i``.
+Injection points let a recipe add a module before any layer without replacing classes:
+``x = module(x, **inject_kwargs)`` runs just before block ``i``. A stack's owner registers such a
+module for good with ``stack.inject(i, module)``; a model that runs a stack it does not own (Flamingo's
+gated cross-attention in a frozen LM) passes ``injected={i: module}`` per call instead, so the
+frozen stack is never changed.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import attrs
 from torch import Tensor, nn
@@ -41,25 +43,42 @@ class TransformerStack(nn.Module):
         self.injected = nn.ModuleDict()
 
     def inject(self, layer: int, module: nn.Module) -> None:
-        """Run ``module(x, **inject_kwargs)`` just before block ``layer``."""
+        """Run ``module(x, **inject_kwargs)`` just before block ``layer`` on every call (the module
+        becomes part of the stack; see ``forward(injected=...)`` for a stack you do not own)."""
+        self._check_layer(layer)
+        self.injected[str(layer)] = module
+
+    def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < len(self.blocks):
             raise ValueError(f"injection layer must be in [0, {len(self.blocks) - 1}], got {layer}")
-        self.injected[str(layer)] = module
+
+    def _injections(self, injected: Mapping[int | str, nn.Module] | None) -> dict[int, list[nn.Module]]:
+        """Modules to run before each block: the registered ones, then this call's ``injected``."""
+        out: dict[int, list[nn.Module]] = {}
+        for key, module in [*self.injected.items(), *(injected or {}).items()]:
+            layer = int(key)
+            self._check_layer(layer)
+            out.setdefault(layer, []).append(module)
+        return out
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, causal: bool = False,
                 key_padding: Tensor | None = None, seqlens: Sequence[int] | None = None,
                 mask: Tensor | list[Tensor | None] | None = None, context_padding: Tensor | None = None,
                 cache: KVCache | None = None, return_hidden: bool = False,
+                injected: Mapping[int | str, nn.Module] | None = None,
                 inject_kwargs: dict[str, Any] | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
         """x: (B, N, D) → (B, N, D). ``mask`` may be one mask or a list with one per layer.
 
-        With ``return_hidden`` also returns the input of every block plus the final output
-        (``depth + 1`` tensors, the last one after the final norm).
+        ``injected`` ({layer: module}, e.g. an ``nn.ModuleDict`` keyed by the layer) adds modules
+        for this call only, run after any registered with :meth:`inject`; every injected module
+        gets ``inject_kwargs``. With ``return_hidden`` also returns the input of every block plus
+        the final output (``depth + 1`` tensors, the last one after the final norm).
         """
         hidden = []
+        injections = self._injections(injected)
         for i, block in enumerate(self.blocks):
-            if str(i) in self.injected:
-                x = self.injected[str(i)](x, **(inject_kwargs or {}))
+            for module in injections.get(i, ()):
+                x = module(x, **(inject_kwargs or {}))  # (B, N, D)
             if return_hidden:
                 hidden.append(x)
             layer_mask = mask[i] if isinstance(mask, (list, tuple)) else mask

@@ -4,8 +4,9 @@ a Perceiver Resampler and gated cross-attention dense blocks.
 * Vision: the frozen CLIP's patch tokens ``clip.visual.encoder(pixels)`` (B, 1 + P, Dv) per image,
   resampled to ``num_latents`` visual tokens by the trained :class:`PerceiverResampler`.
 * Language: the frozen LM (plugins/lm); a core :class:`~polymodal.nn.fusion.CrossAttentionFusion`
-  (gated, both gates 0 at initialisation) runs before every ``cross_every``-th block through the
-  LM stack's injection points ``lm.stack.inject(i, module)``.
+  (gated, both gates 0 at initialisation) runs before every ``cross_every``-th block: the blocks are
+  Flamingo's own (``xattn``) and reach the LM per call (``lm.run(..., injected=self.xattn)``), so the
+  frozen LM is never changed.
 * Interleaved text: ``<image>`` and ``<|endofchunk|>`` get ids ``V`` and ``V + 1`` (V = ``lm.vocab_size``)
   and trained embedding rows of their own (tied as two extra output columns; they start as copies of the
   LM's bos / eos rows, the LM's own sentence boundaries); the LM's rows stay frozen.
@@ -66,7 +67,7 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
                                  f"the given {name} has width {got}")
         self.config = attrs.evolve(c, lm_dim=lm.dim, vision_dim=vdim)
         self.lm, self.vision = lm, vision
-        self.freeze()  # before the cross-attention blocks go into the LM stack: they train
+        self.freeze()
         self.resampler = PerceiverResampler(vdim, c.num_latents, c.resampler_depth, c.resampler_heads,
                                             final_norm=c.resampler_final_norm)
         self.special = nn.Embedding(2, lm.dim)  # rows: <image>, <|endofchunk|>
@@ -77,9 +78,10 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
                     self.special.weight[row] = lm.token_embeddings(torch.tensor([[tok[name]]]))[0, 0]
                 else:
                     nn.init.normal_(self.special.weight[row], std=0.02)
-        for i in range(0, len(lm.stack.blocks), c.cross_every):
-            lm.stack.inject(i, CrossAttentionFusion(dim=lm.dim, context_dim=vdim, heads=c.xattn_heads, gate=True,
-                                                    mlp_ratio=c.xattn_mlp_ratio, norm="layernorm", norm_eps=1e-5))
+        self.xattn = nn.ModuleDict({  # keyed by the LM block each one runs before
+            str(i): CrossAttentionFusion(dim=lm.dim, context_dim=vdim, heads=c.xattn_heads, gate=True,
+                                         mlp_ratio=c.xattn_mlp_ratio, norm="layernorm", norm_eps=1e-5)
+            for i in range(0, len(lm.stack.blocks), c.cross_every)})
 
     @property
     def image_id(self) -> int:
@@ -97,8 +99,8 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
         return self.lm.tokenizer
 
     def xattn_blocks(self) -> list[nn.Module]:
-        """The gated cross-attention blocks injected into the LM stack (in layer order)."""
-        return [self.lm.stack.injected[k] for k in sorted(self.lm.stack.injected, key=int)]
+        """The gated cross-attention blocks run inside the LM (in layer order)."""
+        return [self.xattn[k] for k in sorted(self.xattn, key=int)]
 
     @classmethod
     def config_for_data(cls, config: FlamingoConfig, dataset: Any) -> FlamingoConfig:
@@ -111,14 +113,6 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
         """Fresh tiny parts, one small resampler layer."""
         return attrs.evolve(config, lm="", vision="", parts_tiny=True, num_latents=2, resampler_depth=1,
                             resampler_heads=2, xattn_heads=2, eval_limit=20)
-
-    def train(self, mode: bool = True) -> "Flamingo":
-        """Train mode for the trained parts; the frozen LM and vision tower stay in eval mode, except
-        the cross-attention blocks injected into the LM's stack."""
-        super().train(mode)
-        for block in self.xattn_blocks():
-            block.train(mode)
-        return self
 
     # -- the network ------------------------------------------------------------------------------
     def embed(self, ids: Tensor) -> Tensor:
@@ -183,7 +177,8 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
         """Hidden states (B, T, D): the LM run on ``embed(ids)`` with media-masked cross-attention to ``context``."""
         index = il.media_index(ids.to(context.device), self.image_id, offset)  # (B, T)
         mask = il.media_mask(index, context.shape[1] // self.config.num_latents, self.config.num_latents)  # (B, T, M·L)
-        return self.lm.run(self.embed(ids), cache=cache, inject_kwargs={"context": context, "mask": mask})
+        return self.lm.run(self.embed(ids), cache=cache, injected=self.xattn,
+                           inject_kwargs={"context": context, "mask": mask})
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(B, T, D) → (B, T, V + 2): the LM's tied head, then the two special rows (tied too)."""
@@ -258,14 +253,8 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
         return to_dict(attrs.evolve(self.config, lm="", vision=""))
 
     def save_extras(self, directory: Path) -> None:
-        """The frozen LM (without the injected blocks) in ``lm/`` and the frozen CLIP in ``vision/``."""
-        stack = self.lm.stack
-        injected = stack.injected
-        stack.injected = nn.ModuleDict()
-        try:
-            self.lm.save(Path(directory) / "lm", source=f"frozen LM of a Flamingo model ({self.lm_source})")
-        finally:
-            stack.injected = injected
+        """The frozen LM in ``lm/`` and the frozen CLIP in ``vision/``."""
+        self.lm.save(Path(directory) / "lm", source=f"frozen LM of a Flamingo model ({self.lm_source})")
         self.vision.save(Path(directory) / "vision", source=f"frozen vision of a Flamingo model ({self.vision_source})")
 
     def load_extras(self, directory: Path) -> None:
