@@ -2,8 +2,8 @@
 
 - :func:`cross_entropy` — next-token / classification cross-entropy with optional
   per-segment weights (DALL·E weights text 1/8 and image 7/8).
-- :class:`ContrastiveLoss` / :func:`info_nce` — CLIP's symmetric InfoNCE with a learnable
-  temperature.
+- :func:`info_nce` — CLIP's symmetric InfoNCE (:func:`info_nce_from_logits` on a similarity
+  matrix); :class:`ContrastiveLoss` — the same loss as a module with a learnable temperature.
 
 Masked reconstruction lives with the masked autoencoder in :mod:`polymodal.nn.mae`
 (:func:`~polymodal.nn.mae.masked_patch_loss`, registered as ``masked-patches``) and
@@ -44,7 +44,8 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, segment_ids: Tensor | None
     ``ce_segment_{s}`` (mean CE of each segment).
     """
     if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits (..., V) must match targets (...); got {tuple(logits.shape)} and {tuple(targets.shape)}")
+        raise ValueError(f"logits (..., V) must match targets (...); got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
     if segment_weights is not None and segment_ids is None:
         raise ValueError("segment_weights needs segment_ids (one segment index per target)")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -95,9 +96,25 @@ def info_nce(a: Tensor, b: Tensor, logit_scale: float | Tensor, *, normalize: bo
     """
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"info_nce needs as many rows in a as in b; got {a.shape[0]} and {b.shape[0]}")
-    logits = similarity_logits(a, b, logit_scale, normalize=normalize)  # (B, B)
-    labels = torch.arange(a.shape[0], device=logits.device)  # (B,)
+    return info_nce_from_logits(similarity_logits(a, b, logit_scale, normalize=normalize))  # (B, B) logits
+
+
+def info_nce_from_logits(logits: Tensor) -> Tensor:
+    """Symmetric InfoNCE of a similarity matrix (B, B) whose diagonal holds the positive pairs: the
+    mean of the cross-entropies over rows and over columns (what :func:`info_nce` computes)."""
+    if logits.dim() != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"InfoNCE needs a square (B, B) similarity matrix; got {tuple(logits.shape)}")
+    labels = torch.arange(logits.shape[0], device=logits.device)  # (B,)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+@torch.no_grad()
+def retrieval_accuracies(logits: Tensor) -> dict[str, float]:
+    """``accuracy_i2t`` / ``accuracy_t2i``: how often the diagonal wins its row / its column of the
+    similarity matrix (B, B) whose rows index images and columns texts."""
+    labels = torch.arange(logits.shape[0], device=logits.device)  # (B,)
+    return {"accuracy_i2t": (logits.argmax(1) == labels).float().mean().item(),
+            "accuracy_t2i": (logits.argmax(0) == labels).float().mean().item()}
 
 
 @config
@@ -143,19 +160,12 @@ class ContrastiveLoss(nn.Module):
         """Loss and retrieval accuracies for aligned batches a (B, D) (e.g. images) and b (B, D) (texts)."""
         scale = self.scale()
         logits = similarity_logits(a, b, scale)  # (B, B)
-        labels = torch.arange(a.shape[0], device=logits.device)  # (B,)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-        with torch.no_grad():
-            metrics = {
-                "accuracy_i2t": (logits.argmax(1) == labels).float().mean().item(),
-                "accuracy_t2i": (logits.argmax(0) == labels).float().mean().item(),
-                "logit_scale": scale.item(),
-            }
-        return loss, metrics
+        return info_nce_from_logits(logits), {**retrieval_accuracies(logits), "logit_scale": scale.item()}
 
     def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
         """Two random embedding batches (B, 16)."""
         return torch.randn(batch_size, 16, generator=generator), torch.randn(batch_size, 16, generator=generator)
 
 
-__all__ = ["ContrastiveConfig", "ContrastiveLoss", "cross_entropy", "info_nce", "similarity_logits"]
+__all__ = ["ContrastiveConfig", "ContrastiveLoss", "cross_entropy", "info_nce", "info_nce_from_logits",
+           "retrieval_accuracies", "similarity_logits"]

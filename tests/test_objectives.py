@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polymodal.objectives import ContrastiveLoss, cross_entropy, info_nce, similarity_logits
+from polymodal.objectives import (ContrastiveLoss, cross_entropy, info_nce, info_nce_from_logits, retrieval_accuracies,
+                                  similarity_logits)
 
 
 def test_cross_entropy_matches_torch():
@@ -107,6 +108,24 @@ def test_contrastive_matches_functional_and_normalises():
     loss_fn = ContrastiveLoss()
     loss, _ = loss_fn(a * 7.0, b * 0.1)  # scaling the inputs does not matter
     assert torch.allclose(loss, info_nce(a, b, loss_fn.scale()), atol=1e-5)
+
+
+def test_contrastive_loss_is_info_nce_at_its_scale():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 8, generator=g, requires_grad=True), torch.randn(6, 8, generator=g, requires_grad=True)
+    loss_fn = ContrastiveLoss(init_temperature=0.2)
+    loss, metrics = loss_fn(a, b)
+    want = info_nce(a, b, loss_fn.scale())
+    assert torch.equal(loss, want)  # the same computation, not a copy of it
+    got_grads = torch.autograd.grad(loss, (a, b, loss_fn.logit_scale))
+    want_grads = torch.autograd.grad(want, (a, b, loss_fn.logit_scale))
+    for got, expected in zip(got_grads, want_grads):
+        assert torch.equal(got, expected)
+    logits = similarity_logits(a, b, loss_fn.scale())
+    assert torch.equal(info_nce_from_logits(logits), want)
+    assert metrics == {**retrieval_accuracies(logits), "logit_scale": pytest.approx(5.0)}
+    with pytest.raises(ValueError, match=r"square \(B, B\).*\(6, 5\)"):
+        loss_fn(a, b[:5])
 
 
 def test_perfect_alignment_low_loss_and_full_accuracy():
