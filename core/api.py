@@ -13,6 +13,7 @@ from polymodal.config import apply_overrides
 from polymodal.data import load_dataset
 from polymodal.io import load_model
 from polymodal.models import ModelSpec, PolymodalModel
+from polymodal.models.parts import auto_folder, load_parts, part_data, part_fields
 from polymodal.registry import get_registry
 from polymodal.train import train
 from polymodal.train import TrainConfig
@@ -23,9 +24,34 @@ def spec(name: str) -> ModelSpec:
     return get_registry().get("model", name)
 
 
+def prepare_parts(config: Any, *, progress: bool = True) -> dict[str, PolymodalModel]:
+    """Every pretrained part ``config`` names, made before the model is built: an ``"auto"`` part
+    missing from the cache is trained there first (:func:`train_model` on its variant and data),
+    then each part is loaded or built by :func:`~polymodal.models.parts.load_parts`.
+
+    The global torch RNG state is left as it was, so building a model draws the same random
+    numbers whether or not a part had to be trained.
+    """
+    for name, part in part_fields(config).items():
+        folder = auto_folder(part)
+        if part.path == "auto" and not (folder / "config.json").is_file():
+            data = part_data(part)
+            print(f"{type(config).__name__}.{name}: no trained `{part.variant}` at {folder}; "
+                  f"training it on {data} first")
+            rng = torch.get_rng_state()
+            try:
+                train_model(part.variant, data=data, out=folder, progress=progress)
+            finally:
+                torch.set_rng_state(rng)
+    return load_parts(config)
+
+
 def create(name: str, dataset: Any = None, **overrides: Any) -> PolymodalModel:
-    """A new model of variant ``name``; keyword overrides change its config fields."""
-    return spec(name).build(dataset, **overrides)
+    """A new model of variant ``name``; keyword overrides change its config fields (a string for a
+    part field is its folder). Its 'auto' parts are trained into the cache first when missing."""
+    model_spec = spec(name)
+    cfg = model_spec.make_config(dataset, **overrides)
+    return model_spec.instantiate(cfg, prepare_parts(cfg))
 
 
 def load(directory: str | Path, device: str = "cpu") -> PolymodalModel:
@@ -52,8 +78,9 @@ def train_model(name: str, *, data: str | None = None, set_: tuple[str, ...] = (
     elif steps is not None:
         cfg = attrs.evolve(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, max(steps // 10, 0)))
     model_cfg = model_spec.config_for(dataset, set_)
+    parts = prepare_parts(model_cfg, progress=progress)
     torch.manual_seed(cfg.seed)
-    model = model_spec.model_class(model_cfg)
+    model = model_spec.instantiate(model_cfg, parts)
     model = train(model, dataset, cfg, out=out, device=device, resume=resume, progress=progress)
     metrics = model.evaluate(dataset)
     metrics = {"data": dataset.name, "steps": cfg.steps, "seed": cfg.seed, **metrics}

@@ -138,8 +138,21 @@ def parse_overrides(cls: type, pairs: list[str] | tuple[str, ...]) -> dict[str, 
     return out
 
 
+def evolve(cfg: Any, **changes: Any) -> Any:
+    """``attrs.evolve(cfg, **changes)``, where a string given for a nested config whose class names a
+    ``string_field`` (a pretrained part's ``path``) sets that field of the nested config: with
+    ``lm: PartConfig``, ``evolve(cfg, lm="runs/lm")`` is ``evolve(cfg, lm=evolve(cfg.lm, path="runs/lm"))``."""
+    for key, value in changes.items():
+        current = getattr(cfg, key, None)
+        name = getattr(type(current), "string_field", None)
+        if isinstance(value, str) and attrs.has(type(current)) and isinstance(name, str):
+            changes[key] = attrs.evolve(current, **{name: value})
+    return attrs.evolve(cfg, **changes)
+
+
 def apply_overrides(cfg: Any, pairs: list[str] | tuple[str, ...]) -> Any:
-    """``cfg`` with ``key=value`` overrides applied; dotted keys reach nested configs (``encoder.dim=128``)."""
+    """``cfg`` with ``key=value`` overrides applied; dotted keys reach nested configs (``encoder.dim=128``),
+    and a plain string for a nested config with a ``string_field`` sets that field (``lm=DIR``, see :func:`evolve`)."""
     nested: dict[str, list[str]] = {}
     flat: list[str] = []
     for pair in pairs:
@@ -149,8 +162,9 @@ def apply_overrides(cfg: Any, pairs: list[str] | tuple[str, ...]) -> Any:
             nested.setdefault(head.strip(), []).append(rest)
         else:
             flat.append(pair)
-    changes = parse_overrides(type(cfg), flat)
+    cfg = evolve(cfg, **parse_overrides(type(cfg), flat))  # first, so `lm=DIR lm.variant=…` keeps both
     fields = attrs.fields_dict(type(cfg))
+    changes: dict[str, Any] = {}
     for head, rest in nested.items():
         inner = getattr(cfg, head, None) if head in fields else None
         if inner is None or not attrs.has(type(inner)):

@@ -25,10 +25,10 @@ def trained(tmp_path_factory):
     """Train a registered model's default recipe once per test run; returns its folder and metrics.
 
     ``trained("vit")`` runs exactly what ``polymodal train vit`` runs (default data, steps
-    and seed) and caches the result for every test in the session. A variant whose spec
-    lists ``pretrained_parts`` (ImageBind's ``("clip",)``, DALL·E's ``(("tokenizer", "vqvae"),)``)
-    gets each part from this same cache, as ``--set field=FOLDER`` (``trained("imagebind")``
-    reuses ``trained("clip")``).
+    and seed) and caches the result for every test in the session. A variant whose config names
+    pretrained parts (``spec.parts()``: ImageBind's ``[("clip", "clip")]``, DALL·E's
+    ``[("tokenizer", "vqvae")]``) gets each part from this same cache, as ``--set field=FOLDER``
+    (``trained("imagebind")`` reuses ``trained("clip")``), so each default model trains once per run.
     """
     from polymodal.api import spec, train_model
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from polymodal.config import config, field, in_range, one_of, to_json
 from polymodal.models import ModelSpec, PolymodalModel
+from polymodal.models.parts import part_fields
 from polymodal.registry import get_registry
 from polymodal.testing import contracts, strategies
 
@@ -50,6 +51,19 @@ def test_tiny_variant_is_small(name):
     spec = contracts.tiny(_entry("model", name).obj)
     model = contracts.build(spec, use_tiny=False)
     assert sum(p.numel() for p in model.parameters()) <= contracts.MAX_PARAMS
+
+
+COMPOSITES = [n for n in MODELS if part_fields(REGISTRY.get("model", n).config)]
+
+
+def test_the_composite_families_name_their_parts_by_part_configs():
+    families = {REGISTRY.get("model", n).model_class.family for n in COMPOSITES}
+    assert {"dalle", "rudolph", "imagebind", "fromage", "flamingo", "pixel"} <= families
+
+
+@pytest.mark.parametrize("name", COMPOSITES)
+def test_composite_saves_each_part_once_in_its_own_folder(name):
+    contracts.check_part_folders(_entry("model", name).obj)
 
 
 # -- other kinds --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from polymodal.api import load
 from polymodal.attention.masks import image_pattern_mask
 from polymodal.data import load_dataset
 from polymodal.nn import KVCache
-from polymodal.parts import resolve_part
+from polymodal.models.parts import PartConfig, load_part
 from polymodal.plugins.dalle import DALLE, VARIANTS
 from polymodal.plugins.dalle.sample import clip_scores, generate_codes, sample_images
 from polymodal.testing import contracts
@@ -265,7 +265,7 @@ def test_cfg_scale_one_is_the_conditional_and_zero_the_unconditional(digits):
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    clip, _ = resolve_part("", "clip", "digits", field="test clip", tiny=True)
+    clip = load_part(PartConfig(path="", variant="clip", tiny=True))
     contracts._perturb(clip, 11)
     return clip.eval()
 
@@ -335,18 +335,18 @@ def test_bad_sampling_options(model):
 # -- model folders and the CLI --------------------------------------------------------------------
 
 def test_save_load_round_trip_carries_the_tokenizer(digits, tmp_path):
-    vq, _ = resolve_part("", "vqvae", "digits", field="test vq", tiny=True)
+    vq = load_part(PartConfig(path="", variant="vqvae", tiny=True))
     contracts._perturb(vq, 3)
     vq.save(tmp_path / "vq")
     spec = contracts.tiny(VARIANTS["dalle"])
     torch.manual_seed(0)
-    model = spec.build(digits, tokenizer=str(tmp_path / "vq"), tokenizer_tiny=False).eval()
+    model = spec.build(digits, tokenizer=str(tmp_path / "vq")).eval()  # a string for a part field is its path
     model.save(tmp_path / "dalle")
     shutil.rmtree(tmp_path / "vq")  # the folder must not need the original tokenizer
     assert (tmp_path / "dalle" / "tokenizer" / "config.json").is_file()
     assert (tmp_path / "dalle" / "tokenizer.json").is_file()
     loaded = load(tmp_path / "dalle")
-    assert loaded.config == attrs.evolve(model.config, tokenizer="")
+    assert loaded.config == attrs.evolve(model.config, tokenizer=attrs.evolve(model.config.tokenizer, path=""))
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     assert torch.equal(loaded.encode_text("a handwritten 9"), model.encode_text("a handwritten 9"))
@@ -373,7 +373,7 @@ def test_sample_command_writes_native_size_pngs(model, tmp_path):
 
 
 def test_variants_name_their_tokenizer_part():
-    assert VARIANTS["dalle"].pretrained_parts == (("tokenizer", "vqvae"),)
-    assert VARIANTS["dalle-shapes"].pretrained_parts == (("tokenizer", "vqvae-shapes"),)
-    assert VARIANTS["dalle-shapes"].config.tokenizer_variant == "vqvae-shapes"
+    assert VARIANTS["dalle"].parts() == [("tokenizer", "vqvae")]
+    assert VARIANTS["dalle-shapes"].parts() == [("tokenizer", "vqvae-shapes")]
+    assert VARIANTS["dalle-shapes"].config.tokenizer.data == "shapes"
     assert VARIANTS["dalle-shapes"].data == "shapes"

@@ -14,6 +14,7 @@ from torch import nn
 import polymodal
 from polymodal.plugins.imagebind.audio import (CLIP_SAMPLES, DTMF_COLS, DTMF_ROWS, SAMPLE_RATE, dtmf_clips, dtmf_frequencies,
                                   load_digits_audio, log_mel, mel_filterbank)
+from polymodal.config import evolve
 from polymodal.data.base import Dataset, Split
 from polymodal.objectives import similarity_logits
 from polymodal.registry.loader import register_plugin, unregister_plugin
@@ -181,7 +182,7 @@ def test_bad_inputs_raise_value_errors_naming_expected_and_given():
 
 def test_a_missing_clip_folder_is_named(tmp_path):
     with pytest.raises(ValueError, match="no-such-clip"):
-        ImageBind(ImageBindConfig(clip=str(tmp_path / "no-such-clip"), dim=16, depth=1, heads=2))
+        ImageBind(evolve(ImageBindConfig(dim=16, depth=1, heads=2), clip=str(tmp_path / "no-such-clip")))
 
 
 # -- model folders ------------------------------------------------------------------------------
@@ -203,9 +204,9 @@ def test_auto_reuses_a_clip_in_the_cache(tmp_path, monkeypatch):
     clip = tiny_model().clip
     folder = default_clip_folder("clip", "digits")
     clip.save(folder)
-    model = ImageBind(ImageBindConfig(clip="auto", dim=16, depth=1, heads=2))
-    assert model.clip_source == str(folder)
-    assert model.config_dict()["clip"] == ""  # the saved folder never points elsewhere
+    model = ImageBind(ImageBindConfig(dim=16, depth=1, heads=2))  # clip.path is 'auto'
+    assert model.part_sources["clip"] == str(folder)
+    assert model.config_dict()["clip"]["path"] == ""  # the saved folder never points elsewhere
     for k, v in clip.state_dict().items():
         assert torch.equal(model.clip.state_dict()[k], v)
 
@@ -222,14 +223,17 @@ def test_auto_trains_the_default_clip_first_when_the_cache_is_empty(tmp_path, mo
         return clip, {}
 
     monkeypatch.setattr(polymodal.api, "train_model", fake_train_model)
-    model = ImageBind(ImageBindConfig(clip="auto", clip_data="digits", dim=16, depth=1, heads=2))
+    with pytest.raises(ValueError, match="no trained `clip`"):  # a constructor never trains
+        ImageBind(ImageBindConfig(dim=16, depth=1, heads=2))
+    assert calls == []
+    model = polymodal.api.create("imagebind", dim=16, depth=1, heads=2)  # the API trains it first
     assert calls == [("clip", "digits", default_clip_folder("clip", "digits"))]
-    assert model.clip_source == str(default_clip_folder("clip", "digits"))
-    ImageBind(ImageBindConfig(clip="auto", dim=16, depth=1, heads=2))
+    assert model.part_sources["clip"] == str(default_clip_folder("clip", "digits"))
+    polymodal.api.create("imagebind", dim=16, depth=1, heads=2)
     assert len(calls) == 1  # the second build reuses the cached folder
     spec = polymodal.api.spec("imagebind")
-    assert spec.pretrained_parts == ("clip",) and spec.data == "digits"
-    assert ImageBind.config_for_data(spec.config, polymodal.data.load_digits()).clip_data == "digits"
+    assert spec.parts() == [("clip", "clip")] and spec.data == "digits"
+    assert ImageBind.config_for_data(spec.config, polymodal.data.load_digits()).clip.data == "digits"
 
 
 def test_evaluate_reports_emergent_and_image_to_modality_accuracy():

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),
     ("train",),
     ("eval",),
-    ("parts", "api"),
+    ("api",),
     ("builtin", "cli", "testing", "__init__"),
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import polymodal
 import polymodal.data
 from polymodal.cli import main
+from polymodal.config import evolve
 from polymodal.data import DIGIT_WORDS
 from polymodal.plugins.pixel import PixelMAEConfig, PixelModel
 from polymodal.plugins.pixel.masking import DIGIT_LOOKALIKES, LETTER_LOOKALIKES, LOOKALIKES, batch_span_masks, perturb, perturb_word, span_mask
@@ -171,7 +172,7 @@ def mae_folder(tmp_path_factory):
 def test_finetuning_starts_from_the_frozen_mae_encoder(mae_folder):
     folder, pre = mae_folder
     tiny_cfg = contracts.tiny("pixel").config
-    model = PixelModel(attrs.evolve(tiny_cfg, mae=str(folder))).train()
+    model = PixelModel(evolve(tiny_cfg, mae=str(folder))).train()  # a string for a part field is its path
     assert not model.mae.training  # frozen parts stay in eval mode
     for (k, a), (_, b) in zip(model.encoder.state_dict().items(), pre.mae.encoder.state_dict().items()):
         assert torch.equal(a, b), k
@@ -182,13 +183,13 @@ def test_finetuning_starts_from_the_frozen_mae_encoder(mae_folder):
     assert all(p.grad is None and not p.requires_grad for p in model.mae.parameters())
     assert all(p.grad is not None for p in model.encoder.parameters())
     assert model.token_head.weight.grad is not None and model.head.weight.grad is not None
-    assert model.config_dict()["mae"] == ""  # the folder carries the MAE itself
+    assert model.config_dict()["mae"]["path"] == ""  # the folder carries the MAE itself (mae/)
 
 
 def test_a_mae_folder_of_another_architecture_is_refused(mae_folder):
     folder, _ = mae_folder
     with pytest.raises(ValueError, match="config equals `pretrain`"):
-        PixelModel(attrs.evolve(contracts.tiny("pixel").config, mae=str(folder), pretrain=PixelMAEConfig()))
+        PixelModel(evolve(contracts.tiny("pixel").config, mae=str(folder), pretrain=PixelMAEConfig()))
 
 
 def test_token_baseline_reads_bytes(tiny):
@@ -228,7 +229,8 @@ def test_train_then_eval_on_the_command_line(tmp_path):
                 "masked_loss", "mean_baseline_loss"):
         assert 0 <= metrics[key] < 10, key
     model = polymodal.load(tmp_path / "pixel")
-    assert model.config.mae == "" and model.config.pretrain.mae.encoder.dim == 16
+    assert model.config.mae.path == "" and model.config.pretrain.mae.encoder.dim == 16
+    assert (tmp_path / "pixel" / "mae" / "config.json").is_file()  # the pre-trained MAE, saved once as a part
     mae = polymodal.load(tmp_path / "mae")
     for (k, a), (_, b) in zip(model.mae.state_dict().items(), mae.mae.state_dict().items()):
         assert torch.equal(a, b), k  # the frozen MAE travelled inside the pixel folder unchanged

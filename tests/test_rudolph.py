@@ -13,21 +13,22 @@ from hypothesis import strategies as st
 
 from polymodal.api import load
 from polymodal.attention import image_pattern_mask
+from polymodal.config import evolve
 from polymodal.nn import KVCache
-from polymodal.parts import resolve_part
+from polymodal.models.parts import PartConfig, load_part
 from polymodal.plugins.rudolph import RuDolph, RudolphConfig
 from polymodal.plugins.rudolph import text as tx
 from polymodal.generation.sampling import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = RudolphConfig(tokenizer="", tokenizer_tiny=True, dim=16, depth=4, heads=2)
+TINY = RudolphConfig(tokenizer=PartConfig(path="", variant="vqvae", tiny=True), dim=16, depth=4, heads=2)
 
 
 def tiny_vq():
     """A fresh tiny VQ-VAE whose codes are spread over its encoder outputs (untrained, images would share one code)."""
     torch.manual_seed(0)
-    vq, _ = resolve_part("", "vqvae", "digits", field="test", tiny=True)
+    vq = load_part(TINY.tokenizer)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():  # codes = encoder outputs of random images, as k-means initialisation would pick
         z = vq.encoder(torch.rand(8, 1, 8, 8, generator=g)).permute(0, 2, 3, 1).flatten(0, 2)  # (128, D)
@@ -39,7 +40,7 @@ def build(**changes) -> RuDolph:
     """A tiny RuDolph (fresh tiny VQ-VAE) with noisy weights, so every input matters to the logits."""
     vq = tiny_vq()
     torch.manual_seed(0)
-    model = RuDolph(attrs.evolve(TINY, **changes), tokenizer=vq).eval()
+    model = RuDolph(attrs.evolve(TINY, **changes), parts={"tokenizer": vq}).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -368,13 +369,13 @@ def test_save_load_round_trip_carries_the_frozen_tokenizer(tmp_path):
     with torch.no_grad():
         vq.codebook.embed.normal_()
     vq.save(tmp_path / "vq")
-    m = RuDolph(attrs.evolve(TINY, tokenizer=str(tmp_path / "vq"), tokenizer_tiny=False)).eval()
+    m = RuDolph(evolve(TINY, tokenizer=str(tmp_path / "vq"))).eval()  # a string for a part field is its path
     m.save(tmp_path / "rudolph")
     shutil.rmtree(tmp_path / "vq")  # the model folder must not need the original tokenizer folder
     assert (tmp_path / "rudolph" / "tokenizer" / "config.json").is_file()
     assert (tmp_path / "rudolph" / "text" / "tokenizer.json").is_file()
     back = load(tmp_path / "rudolph")
-    assert back.config.tokenizer == "" and back.config == attrs.evolve(m.config, tokenizer="")
+    assert back.config.tokenizer.path == "" and back.config == evolve(m.config, tokenizer="")
     for key, value in m.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
     images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -422,8 +423,8 @@ def test_image_codes_start_with_embeddings_of_their_decoded_look():
     iu = torch.triu_indices(k, k, 1)
     d_look, d_emb = torch.cdist(look, look)[iu[0], iu[1]], torch.cdist(emb, emb)[iu[0], iu[1]]
     assert torch.corrcoef(torch.stack([d_look, d_emb]))[0, 1] > 0.8  # distances kept by the random projection
-    fresh = RuDolph(attrs.evolve(TINY, dim=128), tokenizer=tiny_vq())
-    random = RuDolph(attrs.evolve(TINY, dim=128, image_embed_init="random"), tokenizer=tiny_vq())
+    fresh = RuDolph(attrs.evolve(TINY, dim=128), parts={"tokenizer": tiny_vq()})
+    random = RuDolph(attrs.evolve(TINY, dim=128, image_embed_init="random"), parts={"tokenizer": tiny_vq()})
     assert fresh.token_embed.weight[vt:].std().item() == pytest.approx(0.02, rel=0.5)
     assert not torch.allclose(fresh.token_embed.weight[vt:], random.token_embed.weight[vt:])
 
@@ -435,7 +436,7 @@ def test_scene_captions_train_as_bytes_and_evaluate_by_perplexity():
     shapes = load_dataset("shapes")
     small = Dataset("shapes", shapes.train.subset(list(range(6))), shapes.test.subset(list(range(3))), shapes.meta)
     cfg = RuDolph.config_for_data(attrs.evolve(TINY, depth=1), small)
-    assert (cfg.text_tokenizer, cfg.templates, cfg.tokenizer_variant) == ("bytes", (), "vqvae-shapes")
+    assert (cfg.text_tokenizer, cfg.templates, cfg.tokenizer.variant) == ("bytes", (), "vqvae-shapes")
     assert cfg.left_len >= 91 and cfg.right_len >= 91  # the longest scene caption (89 bytes), task token, eos
     digits_cfg = RuDolph.config_for_data(TINY, load_dataset("digits"))
     assert digits_cfg.text_tokenizer == "bpe" and digits_cfg.class_names[7] == "seven"

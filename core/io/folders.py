@@ -125,9 +125,14 @@ def _group(keys: list[str]) -> str:
     return "; ".join(f"{p}: {len(v)} ({', '.join(v[:3])}{', …' if len(v) > 3 else ''})" for p, v in groups.items())
 
 
-def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``state`` into ``module``; missing, unexpected and mis-shaped keys fail together."""
-    own = module.state_dict()
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                      expected: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy ``state`` into ``module``; missing, unexpected and mis-shaped keys fail together.
+
+    ``expected`` is the part of ``module.state_dict()`` that ``state`` must match exactly (default:
+    all of it; a composite's :meth:`own_state_dict`, whose parts were loaded from their sub-folders).
+    """
+    own = module.state_dict() if expected is None else expected
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -141,7 +146,7 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], s
         if shapes:
             parts.append("shape mismatches — " + "; ".join(shapes))
         raise LoadError(f"{source} does not match the model:\n  " + "\n  ".join(parts))
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=expected is None)
 
 
 def _card(model: Any, family: str, metrics: dict[str, Any] | None, source: str | None, card: str | None) -> str:
@@ -160,23 +165,38 @@ def _card(model: Any, family: str, metrics: dict[str, Any] | None, source: str |
     return "\n".join(lines)
 
 
-def save_model(model: Any, directory: str | Path, *, metrics: dict[str, Any] | None = None,
-               card: str | None = None, source: str | None = None) -> Path:
-    """Write ``model`` as a model folder, replacing any folder there atomically."""
+def write_model(model: Any, directory: Path, *, state: dict[str, torch.Tensor] | None = None,
+                metrics: dict[str, Any] | None = None, card: str | None = None, source: str | None = None) -> None:
+    """Write ``model``'s files into the new, empty folder ``directory`` (not atomic by itself:
+    :func:`save_model` builds the folder aside and swaps it in).
+
+    ``model.safetensors`` holds ``state`` (default: the model's own weights, without its parts'); each
+    pretrained part is written once, as a complete model folder of its own, in ``directory/<field>/``.
+    """
     family = model.family
     header = {"format": FORMAT, "family": family, "config": model.config_dict()}
     if source:
         header["source"] = source
+    if state is None:
+        state = model.own_state_dict() if hasattr(model, "own_state_dict") else model.state_dict()
+    (directory / "config.json").write_text(json.dumps(header, indent=2, sort_keys=True))
+    save_state(directory / "model.safetensors", state, {"family": family, "format": FORMAT})
+    parts = model.part_modules() if hasattr(model, "part_modules") else {}
+    for name, part in parts.items():
+        (directory / name).mkdir()
+        write_model(part, directory / name, state=model.part_state_dict(name),
+                    source=f"the frozen `{name}` of a {family} model ({model.part_sources.get(name, 'given')})")
+    model.save_extras(directory)
+    if metrics is not None:
+        (directory / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (directory / "README.md").write_text(_card(model, family, metrics, source, card))
 
-    def fill(tmp: Path) -> None:
-        (tmp / "config.json").write_text(json.dumps(header, indent=2, sort_keys=True))
-        save_state(tmp / "model.safetensors", model.state_dict(), {"family": family, "format": FORMAT})
-        model.save_extras(tmp)
-        if metrics is not None:
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        (tmp / "README.md").write_text(_card(model, family, metrics, source, card))
 
-    return replace_folder(directory, fill, keep=("checkpoint",))
+def save_model(model: Any, directory: str | Path, *, metrics: dict[str, Any] | None = None,
+               card: str | None = None, source: str | None = None) -> Path:
+    """Write ``model`` as a model folder (see :func:`write_model`), replacing any folder there atomically."""
+    return replace_folder(directory, lambda tmp: write_model(model, tmp, metrics=metrics, card=card, source=source),
+                          keep=("checkpoint",))
 
 
 def model_class_for(family: str) -> type:
@@ -204,7 +224,17 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> 
         cfg = cls.config_from_dict(header["config"])
     except (ValueError, TypeError) as exc:
         raise LoadError(f"{directory / 'config.json'}: {exc}") from exc
-    model = cls(cfg)
+    parts = {}
+    for name in getattr(cls, "part_attributes", {}):  # each part is a model folder of its own in DIR/<field>/
+        if not (directory / name / "config.json").is_file():
+            raise LoadError(f"{directory / name} is not a model folder: a {header['family']} folder keeps its "
+                            f"part `{name}` there")
+        parts[name] = load_model(directory / name)
+    model = cls(cfg, parts=parts) if parts else cls(cfg)
+    for name in parts:
+        model.part_sources[name] = str(directory / name)
     model.load_extras(directory)
-    load_state_strict(model, read_state(directory / "model.safetensors"), str(directory / "model.safetensors"))
+    expected = model.own_state_dict() if parts else None
+    load_state_strict(model, read_state(directory / "model.safetensors"), str(directory / "model.safetensors"),
+                      expected)
     return model.to(device).eval()

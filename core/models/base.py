@@ -13,13 +13,13 @@ import inspect
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import attrs
 import torch
 from torch import Tensor, nn
 
-from polymodal.config import apply_overrides, from_dict, to_dict
+from polymodal.config import apply_overrides, evolve, from_dict, to_dict
 from polymodal.models.recipe import TrainConfig
 
 
@@ -38,12 +38,58 @@ class PolymodalModel(nn.Module):
     implements: ClassVar[tuple[type, ...]] = ()
     """Contracts of :mod:`polymodal.models.interfaces` the model meets (``(CausalLM,)``), so other
     families can take it as a part; the contract kit checks every registered variant against them."""
+    part_attributes: ClassVar[dict[str, str]] = {}
+    """A composite's pretrained parts: each :class:`~polymodal.models.parts.PartConfig` field of the
+    config, mapped to the attribute that holds the built part (DALL·E: ``{"tokenizer": "vq"}``).
+
+    The builder makes the parts before the constructor runs and passes them as
+    ``Model(config, parts={"tokenizer": vq})``; the constructor hands them to :meth:`attach_parts`,
+    which loads or builds (never trains) any that were not passed. A saved model keeps each part
+    once, as a model folder of its own in ``DIR/<field>/``, outside its own ``model.safetensors``
+    (:meth:`own_state_dict`); loading reads the sub-folders and passes them in the same way."""
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
+        self.part_sources: dict[str, str] = {}
+        self._part_keys: dict[str, frozenset[str]] = {}
+
+    def attach_parts(self, parts: Mapping[str, "PolymodalModel"] | None) -> dict[str, "PolymodalModel"]:
+        """The built part of every :attr:`part_attributes` field: from ``parts``, else made by
+        :func:`~polymodal.models.parts.load_part` (a folder or the cached 'auto' one loaded, '' built
+        fresh; nothing is trained). Call it in ``__init__`` before changing a part: it records each
+        part's own state keys (what ``DIR/<field>/`` holds) and where it came from (model cards)."""
+        from polymodal.models.parts import describe_part, load_parts, part_fields
+
+        fields = part_fields(self.config)
+        if set(fields) != set(self.part_attributes):
+            raise TypeError(f"{type(self).__name__}.part_attributes names {sorted(self.part_attributes)}; its config's "
+                            f"PartConfig fields are {sorted(fields)}")
+        built = load_parts(self.config, parts)
+        for name, part in built.items():
+            if not isinstance(part, PolymodalModel):
+                raise ValueError(f"{type(self.config).__name__}.{name} must be a polymodal model; "
+                                 f"got {type(part).__name__}")
+            self._part_keys[name] = frozenset(part.own_state_dict())
+            self.part_sources[name] = describe_part(fields[name])
+        return built
+
+    def part_modules(self) -> dict[str, "PolymodalModel"]:
+        """The attached parts by config field (see :attr:`part_attributes`)."""
+        return {name: getattr(self, attr) for name, attr in self.part_attributes.items()}
+
+    def part_state_dict(self, name: str) -> dict[str, Tensor]:
+        """The weights part ``name`` keeps in ``DIR/<name>/model.safetensors``: its own state as it was
+        attached (modules the composite injected into it later stay the composite's)."""
+        part = self.part_modules()[name]
+        return {k: v for k, v in part.own_state_dict().items() if k in self._part_keys[name]}
+
+    def own_state_dict(self) -> dict[str, Tensor]:
+        """The weights in this model's own ``model.safetensors``: :meth:`state_dict` without the parts'."""
+        owned = {f"{self.part_attributes[name]}.{k}" for name, keys in self._part_keys.items() for k in keys}
+        return {k: v for k, v in self.state_dict().items() if k not in owned}
 
     def freeze(self) -> None:
         """Turn off gradients of every part named in :attr:`frozen` and put it in eval mode."""
@@ -121,8 +167,12 @@ class PolymodalModel(nn.Module):
         """Read what :meth:`save_extras` wrote; default: nothing."""
 
     def config_dict(self) -> dict[str, Any]:
-        """The config as JSON-compatible values."""
-        return to_dict(self.config)
+        """The config as JSON-compatible values; every part's ``path`` is ``''``: a saved folder carries
+        its parts in ``DIR/<field>/`` and reads no other path."""
+        data = to_dict(self.config)
+        for name in self.part_attributes:
+            data[name]["path"] = ""
+        return data
 
     @classmethod
     def config_from_dict(cls, data: dict[str, Any]) -> Any:
@@ -143,26 +193,23 @@ class ModelSpec:
     data: str = "digits"
     train: TrainConfig = field(default_factory=TrainConfig)
     doc: str = ""
-    pretrained_parts: tuple[str | tuple[str, str], ...] = ()
-    """Config fields that take a trained part's folder: ``"clip"`` (field and variant share the
-    name) or ``("tokenizer", "vqvae-shapes")`` (field, registered variant that trains it)."""
 
     @property
     def __doc__(self) -> str:  # type: ignore[override]
         return self.doc or (self.model_class.__doc__ or "").strip().split("\n")[0]
 
     def parts(self) -> list[tuple[str, str]]:
-        """``(config field, variant)`` of every pretrained part."""
-        return [(p, p) if isinstance(p, str) else (p[0], p[1]) for p in self.pretrained_parts]
+        """``(config field, registered variant)`` of every pretrained part the config names."""
+        from polymodal.models.parts import part_fields
 
-    def build(self, dataset: Any = None, **overrides: Any) -> PolymodalModel:
-        """A freshly initialised model, adapted to ``dataset`` and with config ``overrides``."""
+        return [(name, part.variant) for name, part in part_fields(self.config).items()]
+
+    def make_config(self, dataset: Any = None, **overrides: Any) -> Any:
+        """The config adapted to ``dataset``, with ``overrides`` (a string for a part field sets its path)."""
         cfg = self.config
         if dataset is not None:
             cfg = self.model_class.config_for_data(cfg, dataset)
-        if overrides:
-            cfg = attrs.evolve(cfg, **overrides)
-        return self.model_class(cfg)
+        return evolve(cfg, **overrides) if overrides else cfg
 
     def config_for(self, dataset: Any, overrides: tuple[str, ...] = ()) -> Any:
         """The config ``polymodal train`` builds: adapted to ``dataset`` by the family's
@@ -173,3 +220,23 @@ class ModelSpec:
             fixed = frozenset(pair.split("=", 1)[0].strip() for pair in overrides)
             return apply_overrides(adapt(self.config, dataset, fixed=fixed), overrides)
         return apply_overrides(adapt(self.config, dataset), overrides)
+
+    def build(self, dataset: Any = None, parts: Mapping[str, PolymodalModel] | None = None,
+              **overrides: Any) -> PolymodalModel:
+        """A freshly initialised model, adapted to ``dataset`` and with config ``overrides``.
+
+        Its pretrained parts are made first: those in ``parts`` as given, the others loaded or
+        built fresh by :func:`~polymodal.models.parts.load_parts` (nothing is trained: an 'auto'
+        part not in the cache yet raises; :func:`polymodal.create` trains it).
+        """
+        return self.instantiate(self.make_config(dataset, **overrides), parts)
+
+    def instantiate(self, config: Any, parts: Mapping[str, PolymodalModel] | None = None) -> PolymodalModel:
+        """``model_class(config)``, with ``parts=`` (every part made beforehand) for a composite."""
+        from polymodal.models.parts import load_parts
+
+        if not self.model_class.part_attributes:
+            if parts:
+                raise ValueError(f"{self.model_class.__name__} takes no parts; got {', '.join(parts)}")
+            return self.model_class(config)
+        return self.model_class(config, parts=load_parts(config, parts))

@@ -45,18 +45,13 @@ from torch import Tensor
 
 from polymodal.config import from_json, to_dict, to_json
 from polymodal.models import ModelSpec, PolymodalModel
+from polymodal.models.tiny import shrink_config, tiny_config  # noqa: F401  (part of the kit's API)
 
 MAX_PARAMS = 3_000_000
 """Model checks skip variants whose tiny form still has more parameters than this."""
 
 ATOL = 1e-5
 """Tolerance of the batch-independence check."""
-
-_SHRINK = {
-    "depth": 1, "layers": 1, "num_layers": 1, "n_layers": 1, "decoder_depth": 1, "encoder_depth": 1,
-    "dim": 16, "width": 16, "embed_dim": 16, "d_model": 16, "hidden_dim": 32, "mlp_dim": 32,
-    "heads": 2, "num_heads": 2, "n_heads": 2,
-}
 
 
 # -- specs and tiny variants ------------------------------------------------------------------
@@ -68,38 +63,6 @@ def resolve(spec: str | ModelSpec) -> ModelSpec:
     from polymodal.registry import get_registry
 
     return get_registry().get("model", spec)
-
-
-def shrink_config(cfg: Any) -> Any:
-    """``cfg`` with size fields (depth, dim, heads …) lowered wherever the config stays valid."""
-    if not attrs.has(type(cfg)):
-        return cfg
-    for _ in range(2):  # a second pass takes changes that needed another field lowered first
-        for a in attrs.fields(type(cfg)):
-            value = getattr(cfg, a.name)
-            if attrs.has(type(value)):
-                new = shrink_config(value)
-            elif (a.name in _SHRINK and isinstance(value, int) and not isinstance(value, bool)
-                  and value > _SHRINK[a.name]):
-                new = _SHRINK[a.name]
-            else:
-                continue
-            if a.init and new != value:
-                try:
-                    cfg = attrs.evolve(cfg, **{a.name: new})
-                except (ValueError, TypeError):
-                    pass
-    return cfg
-
-
-def tiny_config(model_class: type, config: Any) -> Any:
-    """The model class's ``tiny_config(config)`` when it has one, else :func:`shrink_config`."""
-    hook = getattr(model_class, "tiny_config", None)
-    small = hook(config) if hook is not None else shrink_config(config)
-    if not isinstance(small, model_class.config_class):
-        raise AssertionError(f"{model_class.__name__}.tiny_config returned {type(small).__name__}, "
-                             f"not a {model_class.config_class.__name__}")
-    return small
 
 
 def tiny(spec: str | ModelSpec) -> ModelSpec:
@@ -247,6 +210,49 @@ def check_save_load_equal(spec: str | ModelSpec, *, use_tiny: bool = True, **ove
     assert mine.keys() == theirs.keys(), f"{_name(spec)}: state keys differ: {sorted(set(mine) ^ set(theirs))}"
     for key in mine:
         assert torch.equal(mine[key], theirs[key]), f"{_name(spec)}: {key} changed on save/load"
+    a, b = _run(model, inputs), _run(loaded.eval(), inputs)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0,
+                                   msg=lambda m, k=key: f"{_name(spec)}: {k} differs after save/load: {m}")
+
+
+def check_part_folders(spec: str | ModelSpec, *, use_tiny: bool = True, **overrides: Any) -> None:
+    """A composite keeps each pretrained part once: ``DIR/<field>/`` is a model folder of its own that
+    loads alone as the part's registered variant with the part's weights, the parent's
+    ``model.safetensors`` holds none of them, and save → load gives identical outputs.
+
+    Variants whose config names no :class:`~polymodal.models.parts.PartConfig` pass trivially.
+    """
+    from polymodal.api import load
+    from polymodal.io import read_state
+    from polymodal.models.parts import part_fields
+    from polymodal.registry import get_registry
+
+    spec = resolve(spec)
+    fields = part_fields(spec.config)
+    if not fields:
+        return
+    assert set(fields) == set(spec.model_class.part_attributes), (
+        f"{_name(spec)}.part_attributes names {sorted(spec.model_class.part_attributes)}; the config's part fields "
+        f"are {sorted(fields)}")
+    model = build(spec, use_tiny=use_tiny, **overrides).eval()
+    inputs = example_inputs(model, 2, seed=5)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        model.save(folder)
+        parent = read_state(folder / "model.safetensors")
+        assert parent.keys() == model.own_state_dict().keys(), f"{_name(spec)}: model.safetensors is not own_state_dict()"
+        for name, part_config in fields.items():
+            assert (folder / name / "config.json").is_file(), f"{_name(spec)}: the saved folder lacks the part folder {name}/"
+            part = load(folder / name)
+            variant = get_registry().get("model", part_config.variant).model_class
+            assert type(part) is variant, f"{_name(spec)}: {name}/ loads as a {type(part).__name__}, not a {variant.__name__}"
+            attr, mine = spec.model_class.part_attributes[name], model.part_modules()[name].state_dict()
+            leaked = sorted({f"{attr}.{k}" for k in part.state_dict()} & parent.keys())
+            assert not leaked, f"{_name(spec)}: model.safetensors repeats weights of the part {name}: {leaked[:3]}"
+            for key, value in part.state_dict().items():
+                assert torch.equal(value, mine[key]), f"{_name(spec)}: {name}/ holds another {key} than the model's part"
+        loaded = load(folder)
     a, b = _run(model, inputs), _run(loaded.eval(), inputs)
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=0, rtol=0,

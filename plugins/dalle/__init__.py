@@ -15,6 +15,7 @@ from __future__ import annotations
 from polymodal import hookimpl
 from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
+from polymodal.models.parts import PartConfig
 from polymodal.train import TrainConfig
 
 from .model import DALLE, DALLEConfig
@@ -23,22 +24,19 @@ __all__ = ["DALLE", "DALLEConfig", "VARIANTS"]
 
 DIGITS = ModelSpec(
     DALLE,
-    DALLEConfig(tokenizer_variant="vqvae", text_vocab=384, text_length=10, dim=64, depth=4, heads=4, dropout=0.1,
-                cfg_scale=3.0),
+    DALLEConfig(text_vocab=384, text_length=10, dim=64, depth=4, heads=4, dropout=0.1, cfg_scale=3.0),
     data="digits",
     train=TrainConfig(steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, weight_decay=0.05, checkpoint_every=0),
     doc="DALL·E on the digits: 10 text tokens then 4×4 VQ-VAE codes, width 64, depth 4, dropout 0.1; guidance 3.",
-    pretrained_parts=(("tokenizer", "vqvae"),),
 )
 
 SHAPES = ModelSpec(
     DALLE,
-    DALLEConfig(tokenizer_variant="vqvae-shapes", tokenizer_data="shapes", text_vocab=384, text_length=20, dim=64,
+    DALLEConfig(tokenizer=PartConfig(variant="vqvae-shapes", data="shapes"), text_vocab=384, text_length=20, dim=64,
                 depth=4, heads=4, mlp_ratio=2.0, augment_flip=True, cfg_scale=2.0, temperature=0.5, eval_per_class=6),
     data="shapes",
     train=TrainConfig(steps=2000, batch_size=32, lr=3e-3, warmup_steps=100, weight_decay=0.05, checkpoint_every=0),
     doc="DALL·E on the shapes: 20 text tokens then 8×8 VQ-VAE codes, width 64, depth 4; mirrored scenes; guidance 2.",
-    pretrained_parts=(("tokenizer", "vqvae-shapes"),),
 )
 
 VARIANTS = {"dalle": DIGITS, "dalle-shapes": SHAPES}

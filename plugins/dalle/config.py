@@ -8,6 +8,7 @@ import attrs
 
 from polymodal.attention.masks import IMAGE_PATTERNS, pattern_schedule
 from polymodal.config import config, field, in_range, one_of
+from polymodal.models.parts import PartConfig, part_field
 
 
 def _patterns(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -21,12 +22,8 @@ def _patterns(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 class DALLEConfig:
     """A DALL·E text-to-image transformer over a frozen image tokenizer."""
 
-    tokenizer: str = field("auto", "Image tokenizer (VQ-VAE) model folder, frozen in; 'auto' trains (or reuses) the "
-                                   "default `tokenizer_variant` in $POLYMODAL_CACHE; '' builds it fresh and untrained "
-                                   "(tests, and loading: a saved folder carries its own copy in tokenizer/).")
-    tokenizer_variant: str = field("vqvae", "Registered image tokenizer variant trained by 'auto' and built by ''.")
-    tokenizer_tiny: bool = field(False, "With tokenizer='', build the variant's tiny form (contract tests).")
-    tokenizer_data: str = field("digits", "Dataset the 'auto' tokenizer trains on (set from --data).")
+    tokenizer: PartConfig = part_field(PartConfig(variant="vqvae", data="digits"),
+                                       "The frozen image tokenizer (a VQ-VAE); its data follows --data.")
     text_vocab: int = field(384, "Text ids (BPE vocabulary, specials included); the BPE learns at most this many.",
                             check=in_range(259, 1 << 20, integer=True))
     text_length: int = field(10, "Text positions L (bos, caption, eos, then one unique pad per position).",

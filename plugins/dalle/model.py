@@ -28,13 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.attention.masks import image_pattern_mask
-from polymodal.config import to_dict
 from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
 from polymodal.nn.embed import init_weights
 from polymodal.models import PolymodalModel
 from polymodal.models.interfaces import ImageTokenizer, require
 from polymodal.objectives import cross_entropy
-from polymodal.parts import resolve_config_part
 from polymodal.registry import get_registry
 
 from . import text as txt
@@ -50,10 +48,11 @@ class DALLE(PolymodalModel):
     config_class = DALLEConfig
     sample_options = SAMPLE_OPTIONS
     frozen = ("vq",)
+    part_attributes = {"tokenizer": "vq"}
 
-    def __init__(self, config: DALLEConfig) -> None:
+    def __init__(self, config: DALLEConfig, parts: dict[str, PolymodalModel] | None = None) -> None:
         super().__init__(config)
-        vq, self.tokenizer_source = resolve_config_part(config, "tokenizer", tiny=config.tokenizer_tiny)
+        vq = self.attach_parts(parts)["tokenizer"]
         self.set_text_tokenizer(txt.train_tokenizer(config.data, config.templates, config.class_names, config.text_vocab))
         self._build(vq)
 
@@ -97,13 +96,13 @@ class DALLE(PolymodalModel):
                                        class_names=tuple(meta.get("class_names", ())),
                                        image_size=int(meta.get("image_size", 0)))
         if ("dataset", name) in get_registry():
-            changes["tokenizer_data"] = name
+            changes["tokenizer"] = attrs.evolve(config.tokenizer, data=name)
         return attrs.evolve(config, **changes)
 
     @classmethod
     def tiny_config(cls, config: DALLEConfig) -> DALLEConfig:
         """A fresh tiny tokenizer and a tiny transformer with a sparse schedule."""
-        return attrs.evolve(config, tokenizer="", tokenizer_tiny=True, dim=16, depth=2, heads=2,
+        return attrs.evolve(config, tokenizer=attrs.evolve(config.tokenizer, path="", tiny=True), dim=16, depth=2, heads=2,
                             attention=("row", "column"), attention_last="conv")
 
     # -- text and image tokens --------------------------------------------------------------------
@@ -288,23 +287,15 @@ class DALLE(PolymodalModel):
         return text, codes
 
     # -- model folders ----------------------------------------------------------------------------
-    def config_dict(self) -> dict[str, Any]:
-        """The config with ``tokenizer=''``: the folder carries its own tokenizer copy (tokenizer/)."""
-        return to_dict(attrs.evolve(self.config, tokenizer=""))
-
     def save_extras(self, directory: Path) -> None:
-        """The BPE (tokenizer.json) and the frozen image tokenizer as a model folder in ``tokenizer/``."""
+        """The BPE (tokenizer.json); the frozen image tokenizer is a part, saved in ``tokenizer/``."""
         self.text_tokenizer.save(directory)
-        self.vq.save(Path(directory) / "tokenizer", source=f"frozen image tokenizer of a DALL·E model ({self.tokenizer_source})")
 
     def load_extras(self, directory: Path) -> None:
-        """Swap in the folder's BPE and image tokenizer (then the strict state load fills every weight)."""
-        from polymodal.io import load_model
+        """Swap in the folder's BPE."""
         from polymodal.data.tokenizers import load_tokenizer
 
         self.set_text_tokenizer(load_tokenizer(directory))
-        self._build(load_model(Path(directory) / "tokenizer"))
-        self.tokenizer_source = f"{directory}/tokenizer"
 
     def card_lines(self) -> list[str]:
         """Architecture, stream layout, attention schedule and the tokenizer's source."""
@@ -313,5 +304,5 @@ class DALLE(PolymodalModel):
                 f"(BPE, {c.text_vocab} ids, unique pad per position) then {self.grid[0]}×{self.grid[1]} image tokens "
                 f"({self.codebook_size} codes); image attention per layer: {', '.join(c.schedule)}; loss weights "
                 f"text {c.text_loss_weight:g} / image {1 - c.text_loss_weight:g}; caption dropout {c.caption_dropout:g}.",
-                "", f"Image tokenizer: {self.tokenizer_source} (frozen, copied into `tokenizer/`).", "",
+                "", f"Image tokenizer: {self.part_sources['tokenizer']} (frozen, saved in `tokenizer/`).", "",
                 f"Data: {c.data or 'unspecified'}.", ""]

@@ -25,7 +25,6 @@ DIGITS = ModelSpec(
     data="digits",
     train=TrainConfig(steps=800, batch_size=64, lr=3e-3, warmup_steps=30, weight_decay=0.01, checkpoint_every=0),
     doc="Flamingo on the digits: frozen LM + frozen CLIP, trained resampler and gated cross-attention (few-shot).",
-    pretrained_parts=("lm", ("vision", "clip")),
 )
 
 VARIANTS = {"flamingo": DIGITS}

@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 
 from polymodal.config import config, field, in_range
+from polymodal.models.parts import PartConfig, part_field
 
 from . import interleave as il
 
@@ -24,15 +25,9 @@ def _check_templates(instance: Any, attribute: attrs.Attribute, value: Any) -> N
 class FlamingoConfig:
     """Flamingo: frozen LM + frozen CLIP vision, trained resampler and gated cross-attention."""
 
-    lm: str = field("auto", "Language-model folder frozen in; 'auto' trains (or reuses) the default `lm` in "
-                            "$POLYMODAL_CACHE; '' builds a fresh untrained one (tests; a saved folder carries its own in lm/).")
-    lm_variant: str = field("lm", "Registered LM variant trained by 'auto' and built fresh by ''.")
-    lm_data: str = field("", "Dataset the 'auto' LM trains on; '' for the LM variant's default data.")
-    vision: str = field("auto", "CLIP folder whose image tower is frozen in; 'auto' trains (or reuses) the default `clip`; "
-                                "'' builds a fresh untrained one (a saved folder carries its own in vision/).")
-    vision_variant: str = field("clip", "Registered CLIP variant trained by 'auto' and built fresh by ''.")
-    vision_data: str = field("digits", "Dataset the 'auto' CLIP trains on (set from --data).")
-    parts_tiny: bool = field(False, "With lm='' / vision='', build the variants' tiny forms (contract tests).")
+    lm: PartConfig = part_field(PartConfig(variant="lm"), "The frozen language model.")
+    vision: PartConfig = part_field(PartConfig(variant="clip", data="digits"),
+                                    "The CLIP whose image tower is frozen in; its data follows --data.")
     lm_dim: int | None = field(None, "Width the frozen LM must have; None: take the part's (filled in on build).", check=_dim)
     vision_dim: int | None = field(None, "Width of the frozen vision tokens; None: take the part's (filled in on build).",
                                    check=_dim)

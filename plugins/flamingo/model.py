@@ -27,12 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.config import to_dict
 from polymodal.nn.fusion import CrossAttentionFusion
 from polymodal.models import PolymodalModel
 from polymodal.models.interfaces import CausalLM, ImageEncoder, require
 from polymodal.objectives import cross_entropy
-from polymodal.parts import resolve_config_part
 from polymodal.registry import get_registry
 
 from . import interleave as il
@@ -47,12 +45,12 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
     family = "flamingo"
     config_class = FlamingoConfig
     frozen = ("lm", "vision")
+    part_attributes = {"lm": "lm", "vision": "vision"}
 
-    def __init__(self, config: FlamingoConfig) -> None:
+    def __init__(self, config: FlamingoConfig, parts: dict[str, PolymodalModel] | None = None) -> None:
         super().__init__(config)
-        lm, self.lm_source = resolve_config_part(config, "lm", tiny=config.parts_tiny)
-        vision, self.vision_source = resolve_config_part(config, "vision", tiny=config.parts_tiny)
-        self._build(lm, vision)
+        parts = self.attach_parts(parts)
+        self._build(parts["lm"], parts["vision"])
 
     # -- construction -----------------------------------------------------------------------------
     def _build(self, lm: nn.Module, vision: nn.Module) -> None:
@@ -106,12 +104,15 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
     def config_for_data(cls, config: FlamingoConfig, dataset: Any) -> FlamingoConfig:
         """The 'auto' CLIP trains on the same (registered) dataset; remember the dataset's name."""
         name = getattr(dataset, "name", "")
-        return attrs.evolve(config, vision_data=name, data=name) if ("dataset", name) in get_registry() else config
+        if ("dataset", name) not in get_registry():
+            return config
+        return attrs.evolve(config, vision=attrs.evolve(config.vision, data=name), data=name)
 
     @classmethod
     def tiny_config(cls, config: FlamingoConfig) -> FlamingoConfig:
         """Fresh tiny parts, one small resampler layer."""
-        return attrs.evolve(config, lm="", vision="", parts_tiny=True, num_latents=2, resampler_depth=1,
+        return attrs.evolve(config, lm=attrs.evolve(config.lm, path="", tiny=True),
+                            vision=attrs.evolve(config.vision, path="", tiny=True), num_latents=2, resampler_depth=1,
                             resampler_heads=2, xattn_heads=2, eval_limit=20)
 
     # -- the network ------------------------------------------------------------------------------
@@ -248,30 +249,16 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
         return ids, images
 
     # -- model folders ----------------------------------------------------------------------------
-    def config_dict(self) -> dict[str, Any]:
-        """The config with ``lm=''`` and ``vision=''``: the folder carries its own copies (lm/, vision/)."""
-        return to_dict(attrs.evolve(self.config, lm="", vision=""))
-
-    def save_extras(self, directory: Path) -> None:
-        """The frozen LM in ``lm/`` and the frozen CLIP in ``vision/``."""
-        self.lm.save(Path(directory) / "lm", source=f"frozen LM of a Flamingo model ({self.lm_source})")
-        self.vision.save(Path(directory) / "vision", source=f"frozen vision of a Flamingo model ({self.vision_source})")
-
-    def load_extras(self, directory: Path) -> None:
-        """Swap in the folder's own LM and CLIP (then the strict state load fills every weight)."""
-        from polymodal.io import load_model
-
-        self._build(load_model(Path(directory) / "lm"), load_model(Path(directory) / "vision"))
-        self.lm_source, self.vision_source = f"{directory}/lm", f"{directory}/vision"
-
     def card_lines(self) -> list[str]:
         """Architecture, trainable share and where the frozen parts come from."""
         c = self.config
         trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
-        return [f"Flamingo: frozen LM (width {c.lm_dim}, {len(self.lm.stack.blocks)} blocks; {self.lm_source}) and frozen "
-                f"CLIP vision tower (width {c.vision_dim}; {self.vision_source}); Perceiver Resampler ({c.num_latents} "
-                f"latents, depth {c.resampler_depth}); gated cross-attention before every {c.cross_every} LM block(s).",
+        lm, vision = self.part_sources["lm"], self.part_sources["vision"]
+        return [f"Flamingo: frozen LM (width {c.lm_dim}, {len(self.lm.stack.blocks)} blocks; {lm}, saved in `lm/`) and "
+                f"frozen CLIP vision tower (width {c.vision_dim}; {vision}, saved in `vision/`); Perceiver Resampler "
+                f"({c.num_latents} latents, depth {c.resampler_depth}); gated cross-attention before every "
+                f"{c.cross_every} LM block(s).",
                 "", f"Trainable parameters: {trained:,} of {total:,}.", "",
                 "Training captions: " + "; ".join(f"`{t}`" for t in c.templates) + f". Evaluation format: `{c.eval_template}`.",
                 ""]

@@ -29,7 +29,6 @@ DIGITS = ModelSpec(
     train=TrainConfig(steps=1200, batch_size=64, lr=1e-2, warmup_steps=30, weight_decay=0.0, grad_clip=0.0,
                       checkpoint_every=0),
     doc="FROMAGe on the digits: frozen LM + frozen CLIP image tower; linear prefix adapter, [RET] and retrieval heads.",
-    pretrained_parts=("lm", ("vision", "clip")),
 )
 
 VARIANTS = {"fromage": DIGITS}

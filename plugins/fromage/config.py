@@ -9,6 +9,7 @@ import attrs
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES
 from polymodal.data.digits import TRAIN_TEMPLATES as DIGITS_TRAIN_TEMPLATES
+from polymodal.models.parts import PartConfig, part_field
 
 TRAIN_TEMPLATES = ("a {word}",)
 """Captioning templates: the digit right after the prefix and "a" (the small frozen LM's digit slot is
@@ -39,17 +40,9 @@ def _not_empty(instance: Any, attribute: attrs.Attribute, value: tuple) -> None:
 class FromageConfig:
     """FROMAGe: frozen LM + frozen CLIP image tower, a linear prefix adapter, [RET] and two retrieval heads."""
 
-    lm: str = field("auto", "Frozen language model folder; 'auto' trains (or reuses) the default `lm` in "
-                            "$POLYMODAL_CACHE; '' builds it fresh and untrained (tests, and loading: a saved "
-                            "folder carries its own copy in lm/).")
-    lm_variant: str = field("lm", "Registered LM variant trained by 'auto' and built fresh by ''.")
-    lm_data: str = field("", "Dataset the 'auto' LM trains on; '' = the LM variant's default data.")
-    lm_tiny: bool = field(False, "With lm='', build the LM variant's tiny form (contract tests).")
-    vision: str = field("auto", "Frozen CLIP model folder (its image tower is used); 'auto' trains (or reuses) the "
-                                "default CLIP; '' builds it fresh (a saved folder carries its own copy in vision/).")
-    vision_variant: str = field("clip", "Registered CLIP variant trained by 'auto' and built fresh by ''.")
-    vision_data: str = field("digits", "Dataset the 'auto' CLIP trains on (set from --data).")
-    vision_tiny: bool = field(False, "With vision='', build the CLIP variant's tiny form (contract tests).")
+    lm: PartConfig = part_field(PartConfig(variant="lm"), "The frozen language model.")
+    vision: PartConfig = part_field(PartConfig(variant="clip", data="digits"),
+                                    "The CLIP whose image tower is frozen in; its data follows --data.")
     visual_feature: str = field("cls", "Image feature fed to the adapter and image head: 'cls' the ViT [CLS] token "
                                        "after its final norm (FROMAGe's CLIP pooler output), 'embed' the CLIP "
                                        "projected embedding.",

@@ -30,13 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.config import to_dict
 from polymodal.generation.options import TOKEN_SAMPLING
 from polymodal.nn.fusion import AdapterFusion
 from polymodal.models import PolymodalModel
 from polymodal.models.interfaces import CausalLM, ImageEncoder, require
 from polymodal.objectives import ContrastiveLoss
-from polymodal.parts import resolve_config_part
 from polymodal.registry import get_registry
 
 from .config import EVAL_TEMPLATES, TRAIN_TEMPLATES, FromageConfig
@@ -49,13 +47,13 @@ class Fromage(FromageTraining, PolymodalModel):
     config_class = FromageConfig
     sample_options = TOKEN_SAMPLING  # gallery, images and max_new_tokens: from Python only
     frozen = ("lm", "vision")
+    part_attributes = {"lm": "lm", "vision": "vision"}
     batch_independent = True
 
-    def __init__(self, config: FromageConfig) -> None:
+    def __init__(self, config: FromageConfig, parts: dict[str, PolymodalModel] | None = None) -> None:
         super().__init__(config)
-        lm, self.lm_source = resolve_config_part(config, "lm", tiny=config.lm_tiny)
-        vision, self.vision_source = resolve_config_part(config, "vision", tiny=config.vision_tiny)
-        self._build(lm, vision)
+        parts = self.attach_parts(parts)
+        self._build(parts["lm"], parts["vision"])
 
     # -- construction ---------------------------------------------------------------------------
     def _build(self, lm: nn.Module, vision: nn.Module) -> None:
@@ -93,6 +91,8 @@ class Fromage(FromageTraining, PolymodalModel):
                 raise ValueError(f"FromageConfig.lm: the trained joints expect an LM of width {want[0]} and vocabulary "
                                  f"{want[1]}; got width {lm.dim} and vocabulary {lm.vocab_size}")
             self.lm = lm
+            self._part_keys["lm"] = frozenset(lm.own_state_dict())
+            self.part_sources["lm"] = f"a given {type(lm).__name__}"
         if vision is not None:
             require(vision, ImageEncoder, what="FromageConfig.vision")
             old, self.vision = self.vision, vision
@@ -101,6 +101,8 @@ class Fromage(FromageTraining, PolymodalModel):
                 raise ValueError(f"FromageConfig.vision: the trained joints expect image features of width "
                                  f"{self.adapter.cfg.in_dim} ({self.config.visual_feature}); got width {got}")
             self.vision = vision
+            self._part_keys["vision"] = frozenset(vision.own_state_dict())
+            self.part_sources["vision"] = f"a given {type(vision).__name__}"
         self.freeze()
         return self
 
@@ -108,12 +110,15 @@ class Fromage(FromageTraining, PolymodalModel):
     def config_for_data(cls, config: FromageConfig, dataset: Any) -> FromageConfig:
         """The 'auto' CLIP trains on the same (registered) dataset; evaluation defaults to it."""
         name = getattr(dataset, "name", "")
-        return attrs.evolve(config, vision_data=name, data=name) if ("dataset", name) in get_registry() else config
+        if ("dataset", name) not in get_registry():
+            return config
+        return attrs.evolve(config, vision=attrs.evolve(config.vision, data=name), data=name)
 
     @classmethod
     def tiny_config(cls, config: FromageConfig) -> FromageConfig:
         """Fresh tiny LM and CLIP, a small shared space."""
-        return attrs.evolve(config, lm="", lm_tiny=True, vision="", vision_tiny=True, shared_dim=16, max_caption_tokens=4,
+        return attrs.evolve(config, lm=attrs.evolve(config.lm, path="", tiny=True),
+                            vision=attrs.evolve(config.vision, path="", tiny=True), shared_dim=16, max_caption_tokens=4,
                             ret_layer=-1)
 
     def parameter_counts(self) -> dict[str, int]:
@@ -240,27 +245,12 @@ class Fromage(FromageTraining, PolymodalModel):
         return sample_to_folder(self, out, n=n, prompt=prompt, seed=seed, **options)
 
     # -- model folders --------------------------------------------------------------------------
-    def config_dict(self) -> dict[str, Any]:
-        """The config with ``lm=''`` and ``vision=''``: the folder carries its own copies (lm/, vision/)."""
-        return to_dict(attrs.evolve(self.config, lm="", vision=""))
-
-    def save_extras(self, directory: Path) -> None:
-        """The frozen LM and CLIP as complete model folders in ``lm/`` and ``vision/``."""
-        self.lm.save(Path(directory) / "lm", source=f"frozen LM of a FROMAGe model ({self.lm_source})")
-        self.vision.save(Path(directory) / "vision", source=f"frozen CLIP of a FROMAGe model ({self.vision_source})")
-
-    def load_extras(self, directory: Path) -> None:
-        """Swap in the folder's own LM and CLIP and rebuild the joints for them (the state load fills them)."""
-        from polymodal.io import load_model
-
-        self._build(load_model(Path(directory) / "lm"), load_model(Path(directory) / "vision"))
-        self.lm_source, self.vision_source = f"{directory}/lm", f"{directory}/vision"
-
     def card_lines(self) -> list[str]:
         """Parts, joints and templates for the model card."""
         c, n = self.config, self.parameter_counts()
-        return [f"FROMAGe: frozen LM (width {self.lm.dim}, vocabulary {self.ret_id}; {self.lm_source}, copied into "
-                f"`lm/`) and frozen CLIP image tower ({self.vision_source}, copied into `vision/`).",
+        lm, vision = self.part_sources["lm"], self.part_sources["vision"]
+        return [f"FROMAGe: frozen LM (width {self.lm.dim}, vocabulary {self.ret_id}; {lm}, saved in `lm/`) and frozen "
+                f"CLIP image tower ({vision}, saved in `vision/`).",
                 f"Trained: a linear adapter from the CLIP {c.visual_feature} ({self.visual_dim}) to {c.prefix_tokens} LM "
                 f"input token(s), the [RET] embedding row (id {self.ret_id}, tied output logit), the [RET]-hidden and "
                 f"image heads into a {c.shared_dim}-d retrieval space and the logit scale: "

@@ -29,7 +29,6 @@ DIGITS = ModelSpec(
     data="digits",
     train=TrainConfig(steps=600, batch_size=128, lr=1e-3, warmup_steps=50, weight_decay=0.05, checkpoint_every=0),
     doc="ImageBind on the digits: frozen CLIP image/text, trained audio (DTMF) and thermal encoders.",
-    pretrained_parts=("clip",),
 )
 
 VARIANTS = {"imagebind": DIGITS}

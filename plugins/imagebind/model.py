@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.config import config, field, in_range, to_dict
+from polymodal.config import config, field, in_range
 from polymodal.data.augment import resize
 from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES
 from polymodal.models import PolymodalModel
 from polymodal.nn import eval_mode
-from polymodal.parts import default_part_folder, resolve_config_part
+from polymodal.io.cache import default_part_folder
+from polymodal.models.parts import PartConfig, part_field
 from polymodal.objectives import info_nce
 from polymodal.registry.loader import get_registry as _registry
 
@@ -41,12 +42,8 @@ from .modalities import ModalityHead, Postprocessor, check_batch
 class ImageBindConfig:
     """ImageBind: frozen CLIP image/text towers plus one trained encoder per extra modality."""
 
-    clip: str = field("auto", "CLIP model folder whose towers are frozen in; 'auto' trains (or reuses) the default CLIP in "
-                              "$POLYMODAL_CACHE; '' builds fresh untrained towers (tests, and loading: a saved folder "
-                              "carries its own copy in clip/).")
-    clip_variant: str = field("clip", "Registered CLIP variant trained by 'auto' and built fresh by ''.")
-    clip_tiny: bool = field(False, "With clip='', build the variant's tiny form (contract tests).")
-    clip_data: str = field("digits", "Dataset the 'auto' CLIP trains on (set from --data).")
+    clip: PartConfig = part_field(PartConfig(variant="clip", data="digits"),
+                                  "The CLIP whose image and text towers are frozen in; its data follows --data.")
     modalities: tuple[str, ...] = field(("audio", "thermal"), "Extra modalities; each is the registered encoder "
                                                               "'imagebind-<name>' and the batch field '<name>'.")
     dim: int = field(64, "Token width of every modality trunk.", check=in_range(1, 4096, integer=True))
@@ -66,11 +63,6 @@ def default_clip_folder(variant: str, data: str) -> Path:
     return default_part_folder(variant, data)
 
 
-def resolve_clip(cfg: ImageBindConfig) -> tuple[nn.Module, str]:
-    """The CLIP model named by ``cfg.clip`` and a line saying where it came from (the RNG state is kept)."""
-    return resolve_config_part(cfg, "clip", tiny=cfg.clip_tiny)
-
-
 def bind_loss(anchor: Tensor, other: Tensor) -> Tensor:
     """InfoNCE of unit image embeddings (B, E) against a modality's postprocessed (scaled) ones (B, E)."""
     return info_nce(anchor, other, 1.0, normalize=False)
@@ -82,11 +74,11 @@ class ImageBind(PolymodalModel):
     family = "imagebind"
     config_class = ImageBindConfig
     frozen = ("clip",)
+    part_attributes = {"clip": "clip"}
 
-    def __init__(self, config: ImageBindConfig) -> None:
+    def __init__(self, config: ImageBindConfig, parts: dict[str, PolymodalModel] | None = None) -> None:
         super().__init__(config)
-        clip, self.clip_source = resolve_clip(config)
-        self._build(clip)
+        self._build(self.attach_parts(parts)["clip"])
         self.templates: tuple[tuple[str, ...], tuple[str, ...]] = (TRAIN_TEMPLATES, HELDOUT_TEMPLATES)
 
     def _build(self, clip: nn.Module) -> None:
@@ -108,12 +100,12 @@ class ImageBind(PolymodalModel):
     def config_for_data(cls, config: ImageBindConfig, dataset: Any) -> ImageBindConfig:
         """The 'auto' CLIP trains on the same (registered) dataset."""
         name = getattr(dataset, "name", "")
-        return attrs.evolve(config, clip_data=name) if ("dataset", name) in _registry() else config
+        return attrs.evolve(config, clip=attrs.evolve(config.clip, data=name)) if ("dataset", name) in _registry() else config
 
     @classmethod
     def tiny_config(cls, config: ImageBindConfig) -> ImageBindConfig:
         """Fresh tiny CLIP towers, tiny trunks."""
-        return attrs.evolve(config, clip="", clip_tiny=True, dim=16, depth=1, heads=2)
+        return attrs.evolve(config, clip=attrs.evolve(config.clip, path="", tiny=True), dim=16, depth=1, heads=2)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -240,28 +232,13 @@ class ImageBind(PolymodalModel):
         return {**batch, **{m: self.modality_input(m, batch, generator) for m in self.config.modalities}}
 
     # -- model folders --------------------------------------------------------------------------
-    def config_dict(self) -> dict[str, Any]:
-        """The config with ``clip=''``: the folder carries its own CLIP copy (clip/), so loading reads no other path."""
-        return to_dict(attrs.evolve(self.config, clip=""))
-
-    def save_extras(self, directory: Path) -> None:
-        """The frozen CLIP as a complete model folder in ``clip/`` (weights, tokenizer, card)."""
-        self.clip.save(Path(directory) / "clip", source=f"frozen CLIP of an ImageBind model ({self.clip_source})")
-
-    def load_extras(self, directory: Path) -> None:
-        """Swap in the folder's own CLIP (then the strict state load fills every weight)."""
-        from polymodal.io import load_model
-
-        self._build(load_model(Path(directory) / "clip"))
-        self.clip_source = f"{directory}/clip"
-
     def card_lines(self) -> list[str]:
         """Modalities, scales, data, templates and where the frozen towers come from."""
         scales = ", ".join(f"{m} {float(self.post[m].scale()):.3g}" for m in self.modalities)
         return ["ImageBind: frozen CLIP image and text towers; trained encoders for "
                 f"{', '.join(self.config.modalities)} (width {self.config.dim}, depth {self.config.depth}), bound to images "
                 "with InfoNCE only (never to text).", "",
-                f"Frozen towers: {self.clip_source} (copied into `clip/`). Postprocessor scales: {scales}.", "",
+                f"Frozen towers: {self.part_sources['clip']} (saved in `clip/`). Postprocessor scales: {scales}.", "",
                 "Data: the digits split; audio is each digit's telephone DTMF dual tone (random onset, duration, "
                 "phases, amplitude, twist and noise; 8 kHz, 2,240 samples, 32×32 log-mel from torch.stft); thermal is "
                 "a blurred 16×16 heat view of the digit image with random ambient level, gain and noise.", "",
@@ -273,4 +250,4 @@ def _acc(pred: Tensor, labels: Tensor) -> float:
     return (pred == labels).float().mean().item()
 
 
-__all__ = ["ImageBind", "ImageBindConfig", "bind_loss", "default_clip_folder", "resolve_clip"]
+__all__ = ["ImageBind", "ImageBindConfig", "bind_loss", "default_clip_folder"]

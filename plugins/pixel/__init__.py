@@ -35,7 +35,6 @@ PIXEL = ModelSpec(
     data="text",
     train=TrainConfig(steps=800, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05),
     doc="PIXEL fine-tuned to name the digit word, with a same-size byte-level baseline trained alongside.",
-    pretrained_parts=(("mae", "pixel-mae"),),
 )
 
 VARIANTS = {"pixel-mae": PIXEL_MAE, "pixel": PIXEL}

@@ -1,12 +1,13 @@
 """PIXEL (Rust et al., 2023) fine-tuned as a classifier, next to a same-size byte-level baseline.
 
-``polymodal train pixel`` starts from a pre-trained ``pixel-mae`` (:mod:`.pretrain`; config field
+``polymodal train pixel`` starts from a pre-trained ``pixel-mae`` (:mod:`.pretrain`; the part field
 ``mae``: a folder, ``"auto"`` to train the default once into the cache, or ``""`` for a fresh one),
 copies its encoder and fine-tunes it with a linear head on the mean of the non-padding patch
 tokens (which digit word the sentence names). On the same batches it trains a byte-level
 classifier of the same width and depth (core :class:`~polymodal.nn.encoders.TextEncoder` over
 :class:`~polymodal.data.tokenizers.ByteTokenizer` ids, mean-pooled). The pre-trained MAE is kept,
-frozen, in the model folder, so ``evaluate`` reports its masked-patch loss too (:mod:`.classify`).
+frozen, as a part of the model folder (``mae/``), so ``evaluate`` reports its masked-patch loss too
+(:mod:`.classify`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.config import config, field, in_range, to_dict
+from polymodal.config import config, field, in_range
 from polymodal.nn.encoders import TextEncoder, TextEncoderConfig
 from polymodal.models import PolymodalModel
-from polymodal.parts import resolve_part
+from polymodal.models.parts import PartConfig, part_field
 from polymodal.data.tokenizers import ByteTokenizer
 
 from .classify import evaluate, sample_to_folder
@@ -35,10 +36,9 @@ from .render import valid_from_images
 class PixelConfig:
     """The PIXEL classifier: the pre-trained MAE it starts from, its head, and the byte-level baseline."""
 
-    mae: str = field("auto", "pixel-mae model folder to start from; 'auto' trains (or reuses) the default in the "
-                             "cache; '' builds a fresh one from `pretrain` (a saved pixel folder carries its own copy).")
+    mae: PartConfig = part_field(PartConfig(variant="pixel-mae", data="text"),
+                                 "The pre-trained pixel-mae whose encoder is fine-tuned (the MAE itself stays frozen).")
     pretrain: PixelMAEConfig = field(PixelMAEConfig(), "Rendering and MAE architecture; must match the `mae` folder's.")
-    mae_data: str = field("text", "Dataset 'auto' pre-trains on.")
     num_classes: int = field(10, "Classes of the fine-tuning heads.", check=in_range(1, 1 << 20, integer=True))
     head_dropout: float = field(0.1, "Dropout on the pooled features before each head.", check=in_range(0.0, 1.0))
     token_context: int = field(64, "Byte positions of the token baseline (longer sentences are cut).",
@@ -54,20 +54,17 @@ class PixelModel(Renderer, PolymodalModel):
 
     family = "pixel"
     config_class = PixelConfig
-    frozen = ("mae",)
+    frozen = ("mae_model",)
+    part_attributes = {"mae": "mae_model"}
 
-    def __init__(self, config: PixelConfig) -> None:
+    def __init__(self, config: PixelConfig, parts: dict[str, PolymodalModel] | None = None) -> None:
         super().__init__(config)
-        self.mae_source = "fresh"
-        if config.mae:
-            part, self.mae_source = resolve_part(config.mae, "pixel-mae", config.mae_data, field="PixelConfig.mae")
-            if not isinstance(part, PixelMAEModel) or part.config != config.pretrain:
-                got = part.config if isinstance(part, PixelMAEModel) else type(part).__name__
-                raise ValueError(f"PixelConfig.mae must be a pixel-mae folder whose config equals `pretrain`;\n"
-                                 f"expected {config.pretrain}\ngot {got} (from {self.mae_source})")
-            self.mae = part.mae
-        else:
-            self.mae = PixelMAEModel(config.pretrain).mae
+        part = self.attach_parts(parts)["mae"]
+        if not isinstance(part, PixelMAEModel) or part.config != config.pretrain:
+            got = part.config if isinstance(part, PixelMAEModel) else type(part).__name__
+            raise ValueError(f"PixelConfig.mae must be a pixel-mae whose config equals `pretrain`;\n"
+                             f"expected {config.pretrain}\ngot {got} (from {self.part_sources['mae']})")
+        self.mae_model = part
         self.freeze()
         e = config.pretrain.mae.encoder
         self.encoder = copy.deepcopy(self.mae.encoder).requires_grad_(True)  # the copy that is fine-tuned
@@ -85,10 +82,16 @@ class PixelModel(Renderer, PolymodalModel):
     def _render_config(self) -> PixelMAEConfig:
         return self.config.pretrain
 
+    @property
+    def mae(self) -> nn.Module:
+        """The frozen pre-trained MAE (of the ``mae`` part)."""
+        return self.mae_model.mae
+
     @classmethod
     def tiny_config(cls, config: PixelConfig) -> PixelConfig:
         """The same architecture at toy size with a fresh MAE (contract tests)."""
-        return attrs.evolve(config, mae="", pretrain=tiny_pixel_mae(config.pretrain))
+        return attrs.evolve(config, mae=attrs.evolve(config.mae, path="", tiny=True),
+                            pretrain=tiny_pixel_mae(config.pretrain))
 
     def _device(self) -> torch.device:
         return self.head.weight.device
@@ -150,12 +153,9 @@ class PixelModel(Renderer, PolymodalModel):
             raise ValueError(f"pixel sampling takes no options; got {', '.join(sorted(options))}")
         return sample_to_folder(self.mae, self, out, n=n, prompt=prompt, seed=seed)
 
-    def config_dict(self) -> dict[str, Any]:
-        """The config with ``mae=''``: the folder carries the frozen MAE's weights itself."""
-        return to_dict(attrs.evolve(self.config, mae=""))
-
     def card_lines(self) -> list[str]:
         """Architecture summary for the model card."""
         e = self.config.pretrain.mae.encoder
         return [f"PIXEL classifier: encoder width {e.dim}, depth {e.depth}, mean pooling over non-padding patches, "
-                f"fine-tuned from a pixel-mae ({self.mae_source}); byte-level baseline of the same width and depth.", ""]
+                f"fine-tuned from a pixel-mae ({self.part_sources['mae']}, saved in `mae/`); byte-level baseline "
+                "of the same width and depth.", ""]

@@ -29,7 +29,6 @@ DIGITS = ModelSpec(
     data="digits",
     train=TrainConfig(steps=800, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05, checkpoint_every=0),
     doc="RuDolph on the digits: [left text][4×4 VQ codes][right text], width 128, depth 4 (row, column, conv, conv).",
-    pretrained_parts=(("tokenizer", "vqvae"),),
 )
 
 VARIANTS = {"rudolph": DIGITS}

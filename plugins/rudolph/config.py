@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from polymodal.attention import IMAGE_PATTERNS
 from polymodal.config import config, field, in_range, one_of
+from polymodal.models.parts import PartConfig, part_field
 from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES
 
 
@@ -11,12 +12,8 @@ from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATE
 class RudolphConfig:
     """RuDolph: a decoder over [left text][image codes][right text] with a frozen VQ-VAE image tokenizer."""
 
-    tokenizer: str = field("auto", "VQ-VAE model folder frozen in as the image tokenizer; 'auto' trains (or reuses) the "
-                                   "default one in $POLYMODAL_CACHE; '' builds it fresh (tests, and loading: a saved "
-                                   "folder carries its own copy in tokenizer/).")
-    tokenizer_variant: str = field("vqvae", "Registered VQ-VAE variant trained by 'auto' and built fresh by ''.")
-    tokenizer_tiny: bool = field(False, "With tokenizer='', build the variant's tiny form (contract tests).")
-    tokenizer_data: str = field("digits", "Dataset the 'auto' tokenizer trains on (set from --data).")
+    tokenizer: PartConfig = part_field(PartConfig(variant="vqvae", data="digits"),
+                                       "The frozen image tokenizer (a VQ-VAE); its variant and data follow --data.")
     text_tokenizer: str = field("bpe", "'bpe': byte-level BPE learnt from the caption templates; 'bytes': UTF-8 bytes.",
                                 check=one_of("bpe", "bytes"))
     text_vocab_size: int = field(400, "Rows of the text part of the vocabulary (the BPE learns at most this many ids).",

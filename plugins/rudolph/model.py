@@ -26,12 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.attention import image_pattern_mask, pattern_schedule
-from polymodal.config import to_dict
 from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
 from polymodal.nn.embed import init_weights
 from polymodal.models import PolymodalModel
 from polymodal.objectives import cross_entropy
-from polymodal.parts import resolve_config_part
 from polymodal.registry import get_registry
 
 from . import text as tx
@@ -57,13 +55,11 @@ class RuDolph(RudolphTasks, PolymodalModel):
     family = "rudolph"
     config_class = RudolphConfig
     frozen = ("vq",)
+    part_attributes = {"tokenizer": "vq"}
 
-    def __init__(self, config: RudolphConfig, tokenizer: nn.Module | None = None) -> None:
+    def __init__(self, config: RudolphConfig, parts: dict[str, PolymodalModel] | None = None) -> None:
         super().__init__(config)
-        if tokenizer is None:
-            tokenizer, self.tokenizer_source = resolve_config_part(config, "tokenizer", tiny=config.tokenizer_tiny)
-        else:
-            self.tokenizer_source = f"given {type(tokenizer).__name__}"
+        tokenizer = self.attach_parts(parts)["tokenizer"]
         self.text = tx.make_tokenizer(config.text_tokenizer, config.text_vocab_size, config.templates, config.class_names)
         self._build(tokenizer)
 
@@ -115,9 +111,10 @@ class RuDolph(RudolphTasks, PolymodalModel):
         meta, name = dataset.meta, getattr(dataset, "name", "")
         changes: dict[str, Any] = {"data": name}
         if ("dataset", name) in get_registry():
-            changes["tokenizer_data"] = name
-            if ("model", f"vqvae-{name}") in get_registry() and config.tokenizer_variant == "vqvae":
-                changes["tokenizer_variant"] = f"vqvae-{name}"
+            variant = config.tokenizer.variant
+            if ("model", f"vqvae-{name}") in get_registry() and variant == "vqvae":
+                variant = f"vqvae-{name}"
+            changes["tokenizer"] = attrs.evolve(config.tokenizer, variant=variant, data=name)
         templates, names = tuple(meta.get("templates", ())), tuple(meta.get("class_names", ()))
         if tx.label_templates(templates, names) and "label" in dataset.train:
             changes.update(templates=templates, heldout_templates=tuple(meta.get("heldout_templates", ())),
@@ -130,7 +127,7 @@ class RuDolph(RudolphTasks, PolymodalModel):
     @classmethod
     def tiny_config(cls, config: RudolphConfig) -> RudolphConfig:
         """A fresh tiny tokenizer and a two-layer width-16 decoder (contract tests)."""
-        return attrs.evolve(config, tokenizer="", tokenizer_tiny=True, dim=16, depth=2, heads=2)
+        return attrs.evolve(config, tokenizer=attrs.evolve(config.tokenizer, path="", tiny=True), dim=16, depth=2, heads=2)
 
     # -- the stream -------------------------------------------------------------------------------
     def positions(self) -> Tensor:
@@ -296,23 +293,17 @@ class RuDolph(RudolphTasks, PolymodalModel):
                 "caption": [f"a {int(y)}" for y in labels]}
 
     # -- model folders ----------------------------------------------------------------------------
-    def config_dict(self) -> dict[str, Any]:
-        """The config with ``tokenizer=''``: the folder carries its own tokenizer (tokenizer/)."""
-        return to_dict(attrs.evolve(self.config, tokenizer=""))
-
     def save_extras(self, directory: Path) -> None:
-        """The frozen VQ-VAE as a model folder in ``tokenizer/`` and the text tokenizer in ``text/``."""
-        self.vq.save(Path(directory) / "tokenizer", source=f"frozen image tokenizer of a RuDolph model ({self.tokenizer_source})")
+        """The text tokenizer in ``text/`` (the frozen VQ-VAE is a part, saved in ``tokenizer/``)."""
         self.text.save(Path(directory) / "text")
 
     def load_extras(self, directory: Path) -> None:
-        """The folder's own tokenizers (the strict state load then fills every weight)."""
-        from polymodal.io import load_model
+        """The folder's own text tokenizer, and the layers and masks sized by it (the strict state load
+        then fills every weight)."""
         from polymodal.data.tokenizers import load_tokenizer
 
         self.text = load_tokenizer(Path(directory) / "text")
-        self._build(load_model(Path(directory) / "tokenizer"))
-        self.tokenizer_source = f"{directory}/tokenizer"
+        self._build(self.vq)
 
     def card_lines(self) -> list[str]:
         """Layout, schedule, loss weights and where the image tokenizer comes from."""
@@ -320,7 +311,7 @@ class RuDolph(RudolphTasks, PolymodalModel):
         return [f"RuDolph: [left text {c.left_len}][image {self.grid[0]}×{self.grid[1]} codes of {self.codebook_size}]"
                 f"[right text {c.right_len}], width {c.dim}, depth {c.depth}, {c.heads} heads; image attention per "
                 f"layer: {', '.join(self.patterns)}; loss weights left/image/right {c.loss_weights}.", "",
-                f"Image tokenizer (frozen): {self.tokenizer_source}, copied into `tokenizer/`. Text: {c.text_tokenizer} "
+                f"Image tokenizer (frozen): {self.part_sources['tokenizer']}, saved in `tokenizer/`. Text: {c.text_tokenizer} "
                 f"({self.text.vocab_size} ids) in `text/`.", ""]
 
 
