@@ -27,7 +27,7 @@ from polymodal.data.augment import random_translate, resize
 from polymodal.nn.encoders import TextEncoder, TextEncoderConfig, ViTEncoder, ViTEncoderConfig
 from polymodal.nn.grid import fit_encoder
 from polymodal.models import PolymodalModel, interfaces
-from polymodal.objectives import info_nce, similarity_logits
+from polymodal.objectives import info_nce, retrieval_accuracies, similarity_logits
 
 from . import captions as cap
 from .objective import multi_positive_info_nce
@@ -258,11 +258,7 @@ class CLIPModel(PolymodalModel):
         loss = torch.stack(losses).mean()
         with torch.no_grad():
             logits = similarity_logits(image, text, scale)  # (B, B)
-            labels = torch.arange(len(logits), device=logits.device)
-            metrics = {"accuracy_i2t": (logits.argmax(1) == labels).float().mean().item(),
-                       "accuracy_t2i": (logits.argmax(0) == labels).float().mean().item(),
-                       "logit_scale": scale.item()}
-        return loss, metrics
+        return loss, {**retrieval_accuracies(logits), "logit_scale": scale.item()}
 
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test") -> dict[str, Any]:
