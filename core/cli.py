@@ -176,7 +176,7 @@ _OPTION_TYPES = {"float": float, "int": int, "text": str, "file": click.Path(exi
                  "folder": click.Path(exists=True, file_okay=False)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _click_option(option: SampleOption) -> click.Option:
     """The click option for one declared sampling option (one object per declaration)."""
     if option.type == "switch":
@@ -188,15 +188,17 @@ def _all_sample_options() -> list[SampleOption]:
     """Every family's declared sampling options, one per flag (the first declaration of a flag wins)."""
     from polymodal.generation.options import sample_options
 
-    seen: dict[str, SampleOption] = {}
     try:
         classes = dict.fromkeys(e.obj.model_class for e in get_registry().entries("model"))
     except Exception:
         return []
+    seen: dict[str, SampleOption] = {}
+    keywords: set[str] = set()
     for cls in classes:
         for option in sample_options(cls):
-            if option.flag not in seen and option.keyword not in {o.keyword for o in seen.values()}:
+            if option.flag not in seen and option.keyword not in keywords:
                 seen[option.flag] = option
+                keywords.add(option.keyword)
     return sorted(seen.values(), key=lambda o: o.flag)
 
 
@@ -211,7 +213,7 @@ class _SampleCommand(click.Command):
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         family = ctx.meta.get(self._FAMILY)
-        extra = _all_sample_options() if family is None else list(family[1])
+        extra = _all_sample_options() if family is None else family[1]
         params = [*self.params, *(_click_option(o) for o in extra)]
         help_option = self.get_help_option(ctx)
         return params + [help_option] if help_option is not None else params
@@ -238,8 +240,9 @@ class _SampleCommand(click.Command):
             known = {o.flag: o for o in _all_sample_options()}
             if family is None or exc.option_name not in known:
                 raise
-            offered = ", ".join(o.flag for o in family[1]) or "none"
-            raise click.UsageError(f"the {family[0]!r} family does not support {exc.option_name} "
+            name, declared = family
+            offered = ", ".join(o.flag for o in declared) or "none"
+            raise click.UsageError(f"the {name!r} family does not support {exc.option_name} "
                                    f"({known[exc.option_name].keyword}); its sampling options: {offered}", ctx) from None
 
 

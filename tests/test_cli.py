@@ -203,7 +203,7 @@ def test_every_documented_sample_command_uses_options_its_family_declares():
     from polymodal.generation.options import sample_options
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    lines = re.findall(r"^polymodal sample runs/([\w.-]+)(.*)$", readme, flags=re.M)
+    lines = re.findall(r"^polymodal sample runs/([\w.-]+)(.*)$", readme, flags=re.MULTILINE)
     assert len(lines) >= 8
     for variant, rest in lines:
         cls = polymodal.registry.get("model", variant).model_class
