@@ -19,12 +19,32 @@ def stack_config(cfg) -> StackConfig:
     return StackConfig(depth=cfg.depth, block=block, final_norm=cfg.final_norm)
 
 
+def _as_grid(value):
+    """A list (as JSON or ``--set`` give it) becomes a tuple; anything else is left to the validator."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _check_grid(instance, attribute, value) -> None:
+    """Validator: None or two positive integers."""
+    if value is None:
+        return
+    if (not isinstance(value, tuple) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be None or (rows, cols) of positive "
+                         f"integers; got {value!r}")
+
+
 @config
 class ViTEncoderConfig:
     """A patch-embedding transformer encoder over images."""
 
-    image_size: int = field(8, "Height and width the position table is built for.", check=in_range(1, 8192, integer=True))
+    image_size: int = field(8, "Side of the square images the position table is built for (unless ``grid`` is set).",
+                            check=in_range(1, 8192, integer=True))
     patch_size: int = field(2, "Side of the square patches.", check=in_range(1, 1024, integer=True))
+    grid: tuple[int, int] | None = field(None, "Patch (rows, cols) the position table is built for, for non-square "
+                                         "inputs such as a 1×N strip of rendered text or a mels × frames "
+                                         "spectrogram; None: image_size / patch_size per side.", check=_check_grid,
+                                         converter=_as_grid)
     channels: int = field(1, "Input image channels.", check=in_range(1, 64, integer=True))
     dim: int = field(64, "Token width.", check=in_range(1, 65536, integer=True))
     depth: int = field(4, "Number of transformer blocks.", check=in_range(1, 1024, integer=True))
@@ -43,11 +63,24 @@ class ViTEncoderConfig:
     drop_path: float = field(0.0, "Maximum stochastic-depth rate.", check=in_range(0.0, 1.0))
 
     def __attrs_post_init__(self) -> None:
-        if self.image_size % self.patch_size:
+        if self.grid is None and self.image_size % self.patch_size:
             raise ValueError(
                 f"ViTEncoderConfig.patch_size must divide image_size; got image_size="
                 f"{self.image_size}, patch_size={self.patch_size}"
             )
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, cols) of patches the encoder is built for."""
+        if self.grid is not None:
+            return self.grid
+        return (self.image_size // self.patch_size,) * 2
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the inputs the encoder is built for."""
+        rows, cols = self.patch_grid
+        return rows * self.patch_size, cols * self.patch_size
 
     def stack(self) -> StackConfig:
         """The :class:`StackConfig` of the encoder's blocks."""
@@ -55,7 +88,11 @@ class ViTEncoderConfig:
 
 
 class ViTEncoder(nn.Module):
-    """Images (B, C, H, W) → tokens (B, [CLS] + N, dim), patches in raster order."""
+    """Images (B, C, H, W) → tokens (B, [CLS] + N, dim), patches in raster order.
+
+    The position table covers ``cfg.patch_grid`` (square, or any ``grid`` of rows × cols); inputs of
+    another size get it resized by bicubic interpolation.
+    """
 
     config_class = ViTEncoderConfig
 
@@ -67,8 +104,7 @@ class ViTEncoder(nn.Module):
         self.patch_embed = PatchEmbed(cfg.channels, cfg.dim, cfg.patch_size, bias=cfg.patch_bias)
         self.prefix = 1 if cfg.cls_token else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls_token else None
-        grid = (cfg.image_size // cfg.patch_size,) * 2
-        self.pos_embed = PositionEmbedding(cfg.dim, grid, prefix=self.prefix, kind=cfg.pos_embed)
+        self.pos_embed = PositionEmbedding(cfg.dim, cfg.patch_grid, prefix=self.prefix, kind=cfg.pos_embed)
         self.drop = nn.Dropout(cfg.dropout)
         self.ln_pre = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.ln_pre else None
         self.blocks = TransformerStack(cfg.stack())
@@ -95,9 +131,8 @@ class ViTEncoder(nn.Module):
         return self.blocks(self.embed(images, keep), return_hidden=return_hidden)
 
     def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor]:
-        """A random image batch of the configured size."""
-        c, s = self.cfg.channels, self.cfg.image_size
-        return (torch.rand(batch_size, c, s, s, generator=generator),)
+        """A random image batch of the configured size (B, C, H, W)."""
+        return (torch.rand(batch_size, self.cfg.channels, *self.cfg.input_size, generator=generator),)
 
 
 @config

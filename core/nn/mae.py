@@ -39,9 +39,9 @@ class MAEConfig:
     """A masked autoencoder: a ViT encoder over visible patches and a light decoder over all of them."""
 
     encoder: ViTEncoderConfig = field(ViTEncoderConfig(pos_embed="sincos"), "The encoder (patch size, width, depth …).")
-    grid_rows: int = field(0, "Patch rows the position tables are built for (0: image_size / patch_size).",
+    grid_rows: int = field(0, "Patch rows the position tables are built for (0: the encoder's patch grid).",
                            check=in_range(0, 8192, integer=True))
-    grid_cols: int = field(0, "Patch columns the position tables are built for (0: image_size / patch_size).",
+    grid_cols: int = field(0, "Patch columns the position tables are built for (0: the encoder's patch grid).",
                            check=in_range(0, 8192, integer=True))
     decoder_dim: int = field(64, "Decoder width.", check=in_range(1, 65536, integer=True))
     decoder_depth: int = field(2, "Decoder blocks.", check=in_range(1, 1024, integer=True))
@@ -56,6 +56,9 @@ class MAEConfig:
         if (self.grid_rows == 0) != (self.grid_cols == 0):
             raise ValueError(f"MAEConfig.grid_rows and grid_cols must both be 0 or both be set; "
                              f"got {self.grid_rows} and {self.grid_cols}")
+        if self.grid_rows and self.encoder.grid is not None and self.encoder.grid != self.grid:
+            raise ValueError(f"MAEConfig.grid_rows × grid_cols ({self.grid_rows}×{self.grid_cols}) and the encoder's "
+                             f"grid {self.encoder.grid} disagree; set one of them")
         if self.decoder_dim % self.decoder_heads:
             raise ValueError(f"MAEConfig.decoder_heads must divide decoder_dim; got {self.decoder_dim}, {self.decoder_heads}")
 
@@ -64,8 +67,12 @@ class MAEConfig:
         """(rows, cols) of patches the model is built for."""
         if self.grid_rows:
             return self.grid_rows, self.grid_cols
-        side = self.encoder.image_size // self.encoder.patch_size
-        return side, side
+        return self.encoder.patch_grid
+
+    @property
+    def encoder_config(self) -> ViTEncoderConfig:
+        """The encoder's config with the model's grid (a non-square one such as PIXEL's 1×N strip)."""
+        return self.encoder if self.encoder.patch_grid == self.grid else attrs.evolve(self.encoder, grid=self.grid)
 
     @property
     def patch_dim(self) -> int:
@@ -178,10 +185,8 @@ class MAE(nn.Module):
         cfg = attrs.evolve(cfg or MAEConfig(), **overrides)
         self.cfg = cfg
         e = cfg.encoder
-        self.encoder = ViTEncoder(e)
+        self.encoder = ViTEncoder(cfg.encoder_config)
         self.grid = cfg.grid
-        if self.encoder.pos_embed.grid != self.grid:  # a non-square grid (PIXEL's 1×N strip)
-            self.encoder.pos_embed = PositionEmbedding(e.dim, self.grid, prefix=self.encoder.prefix, kind=e.pos_embed)
         self.prefix = self.encoder.prefix
         self.decoder_embed = nn.Linear(e.dim, cfg.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))

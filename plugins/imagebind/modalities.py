@@ -43,9 +43,12 @@ def check_batch(x: Any, modality: str, shape: str, dims: int) -> Tensor:
     return x
 
 
-def _trunk(image_size: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float) -> ViTEncoder:
-    """One channel ViT trunk without a final norm: the modality head normalises (ImageBind's head order)."""
-    return ViTEncoder(ViTEncoderConfig(image_size=image_size, patch_size=patch, channels=1, dim=dim, depth=depth,
+def _trunk(size: tuple[int, int], patch: int, dim: int, depth: int, heads: int, mlp_ratio: float,
+           drop_path: float) -> ViTEncoder:
+    """One channel ViT trunk over (height, width) inputs, without a final norm: the modality head
+    normalises (ImageBind's head order)."""
+    grid = (size[0] // patch, size[1] // patch) if size[0] != size[1] else None  # None: square
+    return ViTEncoder(ViTEncoderConfig(image_size=size[0], patch_size=patch, grid=grid, channels=1, dim=dim, depth=depth,
                                        heads=heads, mlp_ratio=mlp_ratio, ln_pre=True, final_norm=False,
                                        drop_path=drop_path))
 
@@ -91,9 +94,8 @@ class AudioEncoder(nn.Module):
         self.out_dim = cfg.dim
         self.register_buffer("filterbank", mel_filterbank(cfg.n_fft, cfg.mels, cfg.sample_rate, cfg.fmin, cfg.fmax),
                              persistent=False)
-        self.trunk = _trunk(cfg.mels, cfg.patch, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.drop_path)
-        self.trunk.pos_embed = type(self.trunk.pos_embed)(cfg.dim, (cfg.mels // cfg.patch, cfg.frames // cfg.patch),
-                                                          prefix=1)  # a mels × frames grid
+        self.trunk = _trunk((cfg.mels, cfg.frames), cfg.patch, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio,
+                            cfg.drop_path)  # a mels × frames grid of patches
 
     def preprocess(self, wave: Tensor) -> Tensor:
         """(B, T) waveforms → (B, 1, mels, frames) normalised log-mel spectrograms."""
@@ -164,7 +166,8 @@ class ThermalEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg = attrs.evolve(cfg or ThermalEncoderConfig(), **overrides)
         self.out_dim = cfg.dim
-        self.trunk = _trunk(cfg.image_size, cfg.patch, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.drop_path)
+        self.trunk = _trunk((cfg.image_size,) * 2, cfg.patch, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio,
+                            cfg.drop_path)
 
     def preprocess(self, thermal: Tensor) -> Tensor:
         """Check the shape (B, 1, S, S) and centre the values."""
