@@ -122,3 +122,32 @@ def test_non_square_images_are_stretched_with_a_note(tmp_path, capsys):
     data = load_folder(folder, test_fraction=0)
     assert data.train["image"].shape == (3, 1, 24, 24)
     assert "images are 24×12 (width×height); stretched to 24×24" in capsys.readouterr().out
+
+
+def test_families_bound_to_a_frozen_part_say_the_images_are_resized(tmp_path, capsys):
+    data = load_folder(write_folder(tmp_path, [(28, 28)] * 4))
+    parts = {"dalle": ("VQ-VAE tokenizer", "tokenizer", "vqvae"), "rudolph": ("VQ-VAE tokenizer", "tokenizer", "vqvae"),
+             "imagebind": ("CLIP image tower", "clip", "clip"), "flamingo": ("CLIP vision tower", "vision", "clip"),
+             "fromage": ("CLIP vision tower", "vision", "clip")}
+    for name, (part, key, variant) in parts.items():
+        cfg = polymodal.api.spec(name).config_for(data)
+        assert getattr(cfg, "data", "") != "folder", name  # an 'auto' part cannot train on a folder by name
+        out = capsys.readouterr().out
+        assert (f"{name}: images are 28×28×1; the frozen {part} reads them resized to its own image size "
+                f"(--set {key}=DIR takes one trained on these images: polymodal train {variant} --data {tmp_path} "
+                f"--out DIR)") in out, name
+    igpt = polymodal.api.spec("igpt").config_for(data)
+    assert igpt.image_size == 8  # one token per pixel: the variant's sequence length stays
+    assert "igpt: images are 28×28×1; resized to image_size 8 (64 pixel tokens; --set image_size=28 trains on all " \
+           "784)" in capsys.readouterr().out
+    vq = polymodal.api.spec("vqvae").config_for(data)
+    assert vq.image_size == 28 and "vqvae: images are 28×28×1; image_size 28 → 14×14 codes" in capsys.readouterr().out
+
+
+def test_rudolph_trains_on_a_folder_resized_to_its_tokenizer(tmp_path):
+    folder = write_folder(tmp_path / "data", [(28, 28)] * 8)
+    result = CliRunner().invoke(main, ["train", "rudolph", "--data", str(folder), "--steps", "2", "--no-progress",
+                                       "--out", str(tmp_path / "run"), "--set", "tokenizer=", "--set", "depth=2",
+                                       "--set", "dim=32"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "caption_nll" in result.output

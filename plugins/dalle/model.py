@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from polymodal.attention.masks import image_pattern_mask
 from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
 from polymodal.nn.embed import init_weights
+from polymodal.data.folder import frozen_part_line, is_folder
 from polymodal.models import PolymodalModel
 from polymodal.models.interfaces import ImageTokenizer, require
 from polymodal.objectives import cross_entropy
@@ -92,6 +93,9 @@ class DALLE(PolymodalModel):
     def config_for_data(cls, config: DALLEConfig, dataset: Any) -> DALLEConfig:
         """Templates, class names and native size from the dataset; the 'auto' tokenizer trains on it."""
         meta, name = dataset.meta, getattr(dataset, "name", "")
+        if is_folder(dataset):  # the 'auto' tokenizer trains on its default data, not on a folder
+            print(frozen_part_line("dalle", dataset, "VQ-VAE tokenizer", "tokenizer", "vqvae"))
+            name = ""
         changes: dict[str, Any] = dict(data=name, templates=tuple(meta.get("templates", ())),
                                        class_names=tuple(meta.get("class_names", ())),
                                        image_size=int(meta.get("image_size", 0)))

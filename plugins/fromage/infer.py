@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from polymodal.data.augment import resize
 from polymodal.data.digits import DIGIT_WORDS
 from polymodal.generation.sampling import generate as core_generate
 from polymodal.nn import eval_mode
@@ -186,7 +187,7 @@ def evaluate_fromage(model: Any, dataset: Any, split: str = "test") -> dict[str,
     """
     with eval_mode(model):
         data = dataset.split(split)
-        images, labels = data["image"].float(), data["label"]
+        images, labels = resize(data["image"].float(), model.vision.config.vision.image_size), data["label"]
         caps = caption(model, images)
         right = [named_digits(c) == {y} for c, y in zip(caps, labels.tolist())]
         gallery = embed_images(model, images).cpu()  # (N, S)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from polymodal.generation.options import TOKEN_SAMPLING
 from polymodal.nn.fusion import AdapterFusion
+from polymodal.data.folder import frozen_part_line, is_folder
 from polymodal.models import PolymodalModel
 from polymodal.models.interfaces import CausalLM, ImageEncoder, require
 from polymodal.objectives import ContrastiveLoss
@@ -110,6 +111,9 @@ class Fromage(FromageTraining, PolymodalModel):
     def config_for_data(cls, config: FromageConfig, dataset: Any) -> FromageConfig:
         """The 'auto' CLIP trains on the same (registered) dataset; evaluation defaults to it."""
         name = getattr(dataset, "name", "")
+        if is_folder(dataset):  # the 'auto' CLIP trains on its default data, not on a folder
+            print(frozen_part_line("fromage", dataset, "CLIP vision tower", "vision", "clip"))
+            return config
         if ("dataset", name) not in get_registry():
             return config
         return attrs.evolve(config, vision=attrs.evolve(config.vision, data=name), data=name)

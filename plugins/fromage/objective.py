@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polymodal.data.augment import resize
 from polymodal.data.text import NOUNS
 from polymodal.objectives import cross_entropy
 
@@ -46,7 +47,7 @@ class FromageTraining:
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """Captioning cross-entropy (caption tokens and [RET]) + ``retrieval_weight`` · two-way InfoNCE
         + ``emission_weight`` · cross-entropy of [RET] after the text read alone."""
-        images = batch["image"].float()
+        images = resize(batch["image"].float(), self.vision.config.vision.image_size)  # (B, C, S, S) for the CLIP
         ids = self.encode_captions(self.captions_for(batch)).to(self.ret_token_embed.device)  # (B, T)
         if not self.config.caption_ret:  # FROMAGe: no [RET] in captioning; a caption ends as the LM's sentences do
             ids = ids.masked_fill(ids == self.ret_id, self.tokenizer.special_tokens["eos"])  # (B, T)

@@ -99,7 +99,12 @@ class IGPT(SamplingMixin, PolymodalModel):
     @classmethod
     def config_for_data(cls, config: IGPTConfig, dataset: Any) -> IGPTConfig:
         """Take the dataset's channels and name (images are resized to ``image_size``)."""
-        return attrs.evolve(config, channels=dataset.meta.get("channels", config.channels), data=dataset.name)
+        meta, s = dataset.meta, config.image_size
+        size = meta.get("image_size")
+        if isinstance(size, int) and size != s:  # one token per pixel: the sequence length is the variant's choice
+            print(f"igpt: images are {size}×{size}×{meta.get('channels')}; resized to image_size {s} ({s * s} pixel "
+                  f"tokens; --set image_size={size} trains on all {size * size})")
+        return attrs.evolve(config, channels=meta.get("channels", config.channels), data=dataset.name)
 
     @classmethod
     def tiny_config(cls, config: IGPTConfig) -> IGPTConfig:

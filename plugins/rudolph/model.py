@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from polymodal.attention import image_pattern_mask, pattern_schedule
 from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
 from polymodal.nn.embed import init_weights
+from polymodal.data.folder import frozen_part_line, is_folder
 from polymodal.models import PolymodalModel
 from polymodal.objectives import cross_entropy
 from polymodal.registry import get_registry
@@ -109,6 +110,9 @@ class RuDolph(RudolphTasks, PolymodalModel):
     def config_for_data(cls, config: RudolphConfig, dataset: Any) -> RudolphConfig:
         """Templates and class names from the dataset's meta; the 'auto' tokenizer trains on the same data."""
         meta, name = dataset.meta, getattr(dataset, "name", "")
+        if is_folder(dataset):  # the 'auto' tokenizer trains on its default data, not on a folder
+            print(frozen_part_line("rudolph", dataset, "VQ-VAE tokenizer", "tokenizer", "vqvae"))
+            name = ""
         changes: dict[str, Any] = {"data": name}
         if ("dataset", name) in get_registry():
             variant = config.tokenizer.variant
@@ -263,7 +267,7 @@ class RuDolph(RudolphTasks, PolymodalModel):
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """RuDolph's loss on a batch: each sample in the text→image or image→text layout at random."""
-        images = batch["image"]  # (B, C, S, S)
+        images = self.dataset_images(batch["image"])  # (B, C, S, S)
         self.check_images(images)
         t2i = torch.rand(images.shape[0]) < self.config.t2i_fraction  # (B,)
         if self.training and self.config.augment_noise:

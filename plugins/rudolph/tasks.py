@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from polymodal.data.augment import resize
 from polymodal.nn import KVCache, eval_mode
 from polymodal.generation.sampling import generate
 from polymodal.generation.options import TOKEN_SAMPLING, SampleOption, keywords
@@ -179,6 +180,12 @@ class RudolphTasks:
         return write_samples(images.cpu(), out)
 
     # -- evaluation ---------------------------------------------------------------------------------
+    def dataset_images(self, images: Tensor) -> Tensor:
+        """A dataset's float images (B, C, H, W) resized to the frozen tokenizer's size (a folder keeps its
+        images at their own size; :meth:`encode_images` itself takes only the tokenizer's)."""
+        ok = isinstance(images, Tensor) and images.dim() == 4 and images.is_floating_point()
+        return resize(images, self.vq.config.image_size) if ok else images  # (B, C, S, S)
+
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test") -> dict[str, Any]:
         """``caption_accuracy``, ``zero_shot_accuracy``, ``sample_accuracy`` (judge), ``fd_judge`` and reranked samples.
@@ -193,7 +200,7 @@ class RudolphTasks:
 
         c = self.config
         data = dataset.split(split)
-        codes = torch.cat([self.encode_images(x) for x in data["image"].split(256)])  # (N, h, w)
+        codes = torch.cat([self.encode_images(self.dataset_images(x)) for x in data["image"].split(256)])  # (N, h, w)
         if not c.class_names or "label" not in data:  # captions that name no single class: perplexity only
             nll = self.paired_caption_nll(codes, list(data["caption"])) if "caption" in data else torch.zeros(1)
             return {"caption_nll": nll.mean().item(), "samples": len(codes)}
