@@ -29,8 +29,8 @@ def prepare_parts(config: Any, *, progress: bool = True) -> dict[str, PolymodalM
     missing from the cache is trained there first (:func:`train_model` on its variant and data),
     then each part is loaded or built by :func:`~polymodal.models.parts.load_parts`.
 
-    The global torch RNG state is left as it was, so building a model draws the same random
-    numbers whether or not a part had to be trained.
+    Training a part leaves the global torch RNG state as it was, so building a model draws the same
+    random numbers whether or not a part had to be trained.
     """
     for name, part in part_fields(config).items():
         folder = auto_folder(part)
@@ -78,9 +78,8 @@ def train_model(name: str, *, data: str | None = None, set_: tuple[str, ...] = (
     elif steps is not None:
         cfg = attrs.evolve(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, max(steps // 10, 0)))
     model_cfg = model_spec.config_for(dataset, set_)
-    parts = prepare_parts(model_cfg, progress=progress)
-    torch.manual_seed(cfg.seed)
-    model = model_spec.instantiate(model_cfg, parts)
+    torch.manual_seed(cfg.seed)  # a fresh ('') part draws first, then the model: one seed makes both
+    model = model_spec.instantiate(model_cfg, prepare_parts(model_cfg, progress=progress))
     model = train(model, dataset, cfg, out=out, device=device, resume=resume, progress=progress)
     metrics = model.evaluate(dataset)
     metrics = {"data": dataset.name, "steps": cfg.steps, "seed": cfg.seed, **metrics}

@@ -1,4 +1,6 @@
-"""Model folders: ``config.json``, ``model.safetensors``, extras, ``metrics.json``, ``README.md``.
+"""Model folders: ``config.json``, ``model.safetensors``, extras, ``metrics.json``, ``README.md``,
+and one sub-folder per pretrained part of a composite (``lm/``, ``vision/`` …: complete model
+folders of their own, whose weights the parent's ``model.safetensors`` leaves out).
 
 Writes are atomic: a folder is built next to its destination and renamed into place, and
 single files go through a temporary file and ``os.replace``. Loading is strict and never

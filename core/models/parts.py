@@ -95,19 +95,19 @@ def load_part(part: PartConfig, *, name: str = "part") -> Any:
     A folder is loaded (strict, safetensors only); ``"auto"`` loads the cache's trained default
     and raises a ValueError when it is not there yet (``polymodal.create``, ``polymodal train`` and
     :func:`polymodal.api.prepare_parts` train it first); ``""`` builds ``part.variant`` fresh (its
-    tiny form with ``part.tiny``). The global torch RNG state is left as it was, so building a
-    composite draws the same random numbers however its parts were made.
+    tiny form with ``part.tiny``), drawing from the global torch RNG like any new module. Loading
+    leaves the RNG state as it was, so a composite draws the same random numbers whether its parts
+    came from a folder or the cache.
     """
     from polymodal.registry import get_registry
 
     if not isinstance(part, PartConfig):
         raise ValueError(f"{name} must be a PartConfig; got {part!r}")
+    if part.path == "":
+        spec = get_registry().get("model", part.variant)
+        return spec.instantiate(tiny_config(spec.model_class, spec.config) if part.tiny else spec.config)
     rng = torch.get_rng_state()
     try:
-        if part.path == "":
-            spec = get_registry().get("model", part.variant)
-            cfg = tiny_config(spec.model_class, spec.config) if part.tiny else spec.config
-            return spec.instantiate(cfg)
         folder = auto_folder(part) if part.path == "auto" else Path(part.path)
         if not (folder / "config.json").is_file():
             if part.path == "auto":
@@ -116,7 +116,7 @@ def load_part(part: PartConfig, *, name: str = "part") -> Any:
             raise ValueError(f"{name} must be a model folder with config.json (or 'auto' / ''); {folder} has none")
         return load_model(folder)
     finally:
-        torch.set_rng_state(rng)  # building a fresh part drew random numbers
+        torch.set_rng_state(rng)  # a plugin's load may draw random numbers (a fresh module before its weights load)
 
 
 def load_parts(config: Any, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
