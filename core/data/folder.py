@@ -125,7 +125,7 @@ def _common_size(root: Path, sizes: list[tuple[str, tuple[int, int]]]) -> int:
     share one square size; otherwise the most common size (its larger side when not square), with a
     printed note naming how many images are resized and one of them."""
     counts = Counter(size for _, size in sizes)
-    (w, h), n = counts.most_common(1)[0]
+    (w, h), _ = counts.most_common(1)[0]
     side = max(w, h)
     odd = [path for path, size in sizes if size != (w, h)]
     if odd:
