@@ -27,7 +27,9 @@ class PolymodalModel(nn.Module):
     """Base class of every family's model.
 
     Subclasses set ``family`` and ``config_class`` and implement ``loss`` and ``evaluate``;
-    ``forward`` is the model's natural call (logits, features …).
+    ``forward`` is the model's natural call (logits, features …). A composite made of pretrained
+    parts (a frozen LM, CLIP or tokenizer) takes them built: ``Model(config, parts={"lm": lm})``
+    (see :attr:`part_attributes`); its constructor never trains anything.
     """
 
     family: ClassVar[str] = ""
