@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from polymodal.cli import main
 
-TINY = ["--set", "encoder.dim=32", "--set", "encoder.depth=2", "--set", "encoder.heads=2"]
+TINY = ["--set", "encoder.block.dim=32", "--set", "encoder.depth=2", "--set", "encoder.block.heads=2"]
 
 
 @pytest.fixture()

@@ -175,7 +175,7 @@ def test_shrink_config_lowers_size_fields_when_there_is_no_tiny_config():
     vit_b16 = get_registry().get("model", "vit-b16").config if ("model", "vit-b16") in get_registry() else None
     if vit_b16 is not None:
         shrunk = contracts.shrink_config(vit_b16)
-        assert (shrunk.encoder.dim, shrunk.encoder.depth, shrunk.encoder.heads) == (16, 1, 2)
+        assert (shrunk.encoder.dim, shrunk.encoder.depth, shrunk.encoder.block.heads) == (16, 1, 2)
 
 
 def test_config_without_docs_is_caught():

@@ -143,7 +143,7 @@ def test_collapse_error_is_reported_by_the_cli(tmp_path):
     result = CliRunner().invoke(main, ["train", "dino", "--steps", "3", "--out", str(tmp_path / "m"), "--no-progress",
                                        "--set", "collapse_min_kl=100", "--set", "collapse_start=0",
                                        "--set", "collapse_patience=2", "--set", "encoder.depth=1",
-                                       "--set", "encoder.dim=16", "--set", "encoder.heads=2"])
+                                       "--set", "encoder.block.dim=16", "--set", "encoder.block.heads=2"])
     assert result.exit_code != 0
     assert "DINO collapse at step 1" in result.output
     assert issubclass(CollapseError, TrainingError)
@@ -183,7 +183,7 @@ def test_last_attention_reproduces_the_blocks_output():
     mixed = (probs @ v).transpose(1, 2).reshape(x.shape)
     torch.testing.assert_close(block.attn.proj(mixed), block.attn(x), atol=1e-5, rtol=1e-5)
     maps = cls_attention(enc, images)
-    assert maps.shape == (2, enc.cfg.heads, 8, 8)
+    assert maps.shape == (2, enc.cfg.block.heads, 8, 8)
     assert (maps.flatten(2).sum(-1) <= 1 + 1e-5).all()
 
 
@@ -216,7 +216,7 @@ def test_eval_and_attention_maps_commands(tmp_path):
         images.append(str(save_png(torch.rand(3, 32, 32), tmp_path / f"img{i}.png")))
     result = runner.invoke(main, ["dino", "attention-maps", str(tmp_path / "m"), *images, "--out", str(tmp_path / "att")])
     assert result.exit_code == 0, result.output
-    heads = model.config.encoder.heads
+    heads = model.config.encoder.block.heads
     for i in range(2):
         for h in range(heads):
             assert (tmp_path / "att" / f"img{i}_head{h}.png").is_file()

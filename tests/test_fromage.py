@@ -187,7 +187,7 @@ def test_frozen_part_of_mismatched_width_is_refused():
     clip_spec = spec("clip")
     tiny_clip = contracts.tiny_config(clip_spec.model_class, clip_spec.config)
     assert model.config.visual_feature == "cls"  # the adapter reads the ViT's [CLS] width
-    wide_clip = clip_spec.model_class(attrs.evolve(tiny_clip, vision=attrs.evolve(tiny_clip.vision, dim=24)))
+    wide_clip = clip_spec.model_class(attrs.evolve(tiny_clip, vision=tiny_clip.vision.with_block(dim=24)))
     with pytest.raises(ValueError, match=f"width {model.visual_dim}.*got width 24"):
         model.swap_parts(vision=wide_clip)
     assert model.vision.config.vision.dim == model.visual_dim  # the refused part was not kept

@@ -16,7 +16,7 @@ from polymodal.data import load_folder
 from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.nn.grid import fit_encoder, patch_size_for
 
-TINY = ["--set", "encoder.dim=16", "--set", "encoder.depth=1", "--set", "encoder.heads=2", "--no-progress"]
+TINY = ["--set", "encoder.block.dim=16", "--set", "encoder.depth=1", "--set", "encoder.block.heads=2", "--no-progress"]
 LINE = "vit: images are 28×28×1; image_size 28, patch 7 → 4×4 patches (set --set encoder.image_size=8 to resize instead)"
 
 

@@ -16,6 +16,7 @@ from torch import nn
 import polymodal
 import polymodal.io.folders as pio
 from polymodal.config import config, field
+from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal import hookimpl
 from polymodal.io import LoadError, atomic_write, load_model, load_state_strict, save_model
@@ -23,7 +24,7 @@ from polymodal.models import ModelSpec, PolymodalModel
 from polymodal.registry.loader import register_plugin, unregister_plugin
 from polymodal.plugins.vit import ViTClassifier
 
-TINY = ViTEncoderConfig(image_size=8, patch_size=4, channels=1, dim=16, depth=2, heads=2)
+TINY = ViTEncoderConfig(image_size=8, patch_size=4, channels=1, depth=2, block=BlockConfig(dim=16, heads=2))
 
 
 def tiny_vit(seed: int = 0) -> ViTClassifier:
@@ -71,7 +72,7 @@ def test_config_json_names_family_and_config(tmp_path):
     assert header["family"] == "vit"
     assert header["format"] == pio.FORMAT
     assert header["config"] == model.config_dict()
-    assert header["config"]["encoder"]["dim"] == 16
+    assert header["config"]["encoder"]["block"]["dim"] == 16
     assert header["source"] == "unit test"
     assert ViTClassifier.config_from_dict(header["config"]) == model.config
 

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.nn.mae import (MAE, MAEConfig, masked_patch_loss, masking_from_noise, noise_from_mask, normalise_patches,
                            patchify, unpatchify)
@@ -157,7 +158,8 @@ def test_normalised_patches_have_zero_mean_unit_variance():
 # -- a 1×N strip with padding --------------------------------------------------------------------
 
 def strip_mae() -> MAE:
-    enc = ViTEncoderConfig(image_size=4, patch_size=4, channels=1, dim=16, depth=2, heads=2, pos_embed="sincos")
+    enc = ViTEncoderConfig(image_size=4, patch_size=4, channels=1, depth=2, block=BlockConfig(dim=16, heads=2),
+                           pos_embed="sincos")
     return MAE(MAEConfig(encoder=enc, grid_rows=1, grid_cols=6, decoder_dim=16, decoder_depth=1, decoder_heads=2,
                          mask_ratio=0.25)).eval()
 

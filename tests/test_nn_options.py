@@ -17,6 +17,8 @@ from polymodal.nn.mae import MAE, MAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+SMALL = BlockConfig(dim=16, heads=2)
+
 
 def _stack() -> TransformerStack:
     torch.manual_seed(0)
@@ -71,17 +73,17 @@ def test_injection_at_a_missing_layer_is_an_error():
 
 
 def test_a_non_square_grid_is_configured_and_round_trips():
-    cfg = ViTEncoderConfig(image_size=4, patch_size=4, channels=1, dim=16, depth=1, heads=2, grid=(2, 5), pos_embed="sincos")
+    cfg = ViTEncoderConfig(image_size=4, patch_size=4, channels=1, block=SMALL, depth=1, grid=(2, 5), pos_embed="sincos")
     assert cfg.patch_grid == (2, 5) and cfg.input_size == (8, 20)
     assert from_json(ViTEncoderConfig, to_json(cfg)) == cfg
     enc = ViTEncoder(cfg)
     (images,) = enc.example_inputs(3)
     assert images.shape == (3, 1, 8, 20) and enc(images).shape == (3, 1 + 10, 16)
     torch.testing.assert_close(enc.pos_embed.weight[0, 1:], sincos_2d(2, 5, 16))  # rows × cols, not a square
-    strip = ViTEncoder(ViTEncoderConfig(image_size=4, patch_size=4, channels=1, dim=16, depth=1, heads=2, grid=(1, 6),
+    strip = ViTEncoder(ViTEncoderConfig(image_size=4, patch_size=4, channels=1, block=SMALL, depth=1, grid=(1, 6),
                                         pos_embed="sincos"))
     torch.testing.assert_close(strip.pos_embed.weight[0, 1:], sincos_1d(6, 16))  # a 1×N strip: 1-D positions
-    learned = ViTEncoder(ViTEncoderConfig(image_size=4, patch_size=2, dim=16, depth=1, heads=2, grid=[3, 2]))
+    learned = ViTEncoder(ViTEncoderConfig(image_size=4, patch_size=2, block=SMALL, depth=1, grid=[3, 2]))
     assert learned.cfg.grid == (3, 2) and learned.pos_embed.weight.shape == (1, 1 + 6, 16)
 
 
@@ -92,10 +94,10 @@ def test_a_bad_grid_is_refused(grid):
 
 
 def test_mae_builds_its_encoder_for_its_grid():
-    enc = ViTEncoderConfig(image_size=4, patch_size=4, channels=1, dim=16, depth=1, heads=2, pos_embed="sincos")
+    enc = ViTEncoderConfig(image_size=4, patch_size=4, channels=1, block=SMALL, depth=1, pos_embed="sincos")
     mae = MAE(MAEConfig(encoder=enc, grid_rows=1, grid_cols=6, decoder_dim=16, decoder_depth=1, decoder_heads=2))
     assert mae.encoder.cfg.grid == (1, 6) and mae.encoder.pos_embed.grid == (1, 6)
-    same = MAE(MAEConfig(encoder=ViTEncoderConfig(image_size=4, patch_size=4, channels=1, dim=16, depth=1, heads=2,
+    same = MAE(MAEConfig(encoder=ViTEncoderConfig(image_size=4, patch_size=4, channels=1, block=SMALL, depth=1,
                                                   pos_embed="sincos", grid=(1, 6)),
                          decoder_dim=16, decoder_depth=1, decoder_heads=2))
     assert same.grid == (1, 6) and same.encoder.cfg == mae.encoder.cfg
@@ -109,3 +111,17 @@ def test_imagebind_audio_trunk_is_configured_for_its_spectrogram_grid():
     audio = AudioEncoder(mels=16, frames=32, patch=4, dim=16, depth=1, heads=2)
     assert audio.trunk.cfg.patch_grid == (4, 8) and audio.trunk.pos_embed.weight.shape == (1, 1 + 32, 16)
     assert audio(*audio.example_inputs(2)).shape == (2, 1 + 32, 16)
+
+
+def test_both_encoder_configs_nest_one_block_config():
+    from polymodal.config import apply_overrides
+    from polymodal.nn.encoders import TextEncoderConfig
+
+    for cls in (ViTEncoderConfig, TextEncoderConfig):
+        cfg = cls(block=SMALL, depth=3)
+        assert cfg.dim == 16 and cfg.stack() == StackConfig(depth=3, block=SMALL, final_norm=True)
+        assert cfg.with_block(heads=4).block == BlockConfig(dim=16, heads=4)
+        assert from_json(cls, to_json(cfg)) == cfg
+        assert apply_overrides(cfg, ["block.mlp_ratio=2.0"]).block.mlp_ratio == 2.0
+        with pytest.raises(ValueError, match=rf"{cls.__name__}.block must be a BlockConfig without cross-attention"):
+            cls(block=BlockConfig(cross_attention=True))

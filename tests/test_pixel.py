@@ -213,7 +213,7 @@ def test_bad_strip_shape_names_expected_and_given(tiny):
 
 
 def test_train_then_eval_on_the_command_line(tmp_path):
-    small = ["--set", "mae.encoder.dim=16", "--set", "mae.encoder.depth=1", "--set", "mae.decoder_dim=16"]
+    small = ["--set", "mae.encoder.block.dim=16", "--set", "mae.encoder.depth=1", "--set", "mae.decoder_dim=16"]
     runner = CliRunner()
     result = runner.invoke(main, ["train", "pixel-mae", "--steps", "3", *small, "--out", str(tmp_path / "mae"),
                                   "--no-progress"])

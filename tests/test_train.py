@@ -14,7 +14,7 @@ from polymodal.data import load_digits
 from polymodal.train import TrainingError, batches, lr_at, train
 from polymodal.train import TrainConfig
 
-TINY = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "encoder.mlp_ratio=2.0"]
+TINY = ["encoder.block.dim=32", "encoder.depth=2", "encoder.block.heads=2", "encoder.block.mlp_ratio=2.0"]
 
 
 @pytest.fixture(scope="module")

@@ -147,9 +147,9 @@ def test_interpolated_positions_match_transformers(converted, size):
 def test_converted_config_mirrors_the_source(converted, case):
     hf, pm, root = converted(case)
     src, enc = hf.config, pm.config.encoder
-    assert (enc.dim, enc.depth, enc.heads) == (src.hidden_size, src.num_hidden_layers, src.num_attention_heads)
+    assert (enc.dim, enc.depth, enc.block.heads) == (src.hidden_size, src.num_hidden_layers, src.num_attention_heads)
     assert (enc.image_size, enc.patch_size, enc.channels) == (32, 8, 3)
-    assert enc.norm_eps == src.layer_norm_eps
+    assert enc.block.norm_eps == src.layer_norm_eps
     assert all(m.eps == src.layer_norm_eps for m in pm.modules() if isinstance(m, torch.nn.LayerNorm))
     assert pm.encoder.blocks.blocks[0].mlp.fc1.out_features == src.intermediate_size
     assert (pm.encoder.blocks.blocks[0].attn.qkv.bias is not None) == src.qkv_bias
@@ -276,7 +276,7 @@ def n_params(model: torch.nn.Module) -> int:
 def test_create_vit_digits_recipe():
     model = polymodal.create("vit")
     e = model.config.encoder
-    assert (e.image_size, e.patch_size, e.channels, e.dim, e.depth, e.heads) == (8, 2, 1, 128, 6, 4)
+    assert (e.image_size, e.patch_size, e.channels, e.dim, e.depth, e.block.heads) == (8, 2, 1, 128, 6, 4)
     assert model.config.num_classes == 10
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
@@ -288,7 +288,7 @@ def test_create_vit_digits_recipe():
 def test_create_imagenet_variants(name, width, depth, heads, params):
     model = polymodal.create(name)
     e = model.config.encoder
-    assert (e.image_size, e.patch_size, e.channels, e.dim, e.depth, e.heads) == (224, 16, 3, width, depth, heads)
+    assert (e.image_size, e.patch_size, e.channels, e.dim, e.depth, e.block.heads) == (224, 16, 3, width, depth, heads)
     assert model.config.num_classes == 1000
     assert len(model.encoder.blocks.blocks) == depth
     assert n_params(model) == pytest.approx(params, rel=0.01)

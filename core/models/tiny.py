@@ -7,7 +7,7 @@ fresh pretrained part this way when its :class:`~polymodal.models.parts.PartConf
     @classmethod
     def tiny_config(cls, config):
         '''The same architecture at toy size (a few thousand parameters).'''
-        return attrs.evolve(config, encoder=attrs.evolve(config.encoder, dim=16, depth=1, heads=2))
+        return attrs.evolve(config, encoder=attrs.evolve(config.encoder.with_block(dim=16, heads=2), depth=1))
 
 Without one, :func:`shrink_config` lowers the fields with the usual size names.
 """

@@ -11,12 +11,34 @@ from polymodal.nn import BlockConfig, PatchEmbed, PositionEmbedding, StackConfig
 from polymodal.nn.norm import make_norm
 
 
-def stack_config(cfg) -> StackConfig:
-    """The :class:`StackConfig` an encoder config's block fields describe (shared by every encoder config)."""
-    block = BlockConfig(dim=cfg.dim, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, norm=cfg.norm,
-                        norm_eps=cfg.norm_eps, act=cfg.act, qkv_bias=cfg.qkv_bias,
-                        dropout=cfg.dropout, drop_path=cfg.drop_path)
-    return StackConfig(depth=cfg.depth, block=block, final_norm=cfg.final_norm)
+BLOCK_DOC = ("The transformer blocks: width (``dim``), heads, MLP ratio and activation (QuickGELU for OpenAI CLIP), "
+             "norm and its epsilon, biases, dropout (also applied after the embedding) and the maximum "
+             "stochastic-depth rate (``drop_path``, growing linearly over the blocks); no cross-attention.")
+"""The doc of both encoder configs' ``block`` field."""
+
+
+def _self_attention_only(instance, attribute, value: BlockConfig) -> None:
+    """Validator: an encoder's blocks have no cross-attention (an encoder runs without a context)."""
+    if not isinstance(value, BlockConfig) or value.cross_attention:
+        got = "cross_attention=True" if isinstance(value, BlockConfig) else repr(value)
+        raise ValueError(f"{type(instance).__name__}.block must be a BlockConfig without cross-attention; got {got}")
+
+
+class EncoderBlocks:
+    """What both encoder configs share: ``block`` (a :class:`BlockConfig`), ``depth`` and ``final_norm``."""
+
+    @property
+    def dim(self) -> int:
+        """Token width (``block.dim``)."""
+        return self.block.dim
+
+    def with_block(self, **changes):
+        """The config with ``changes`` to its block (``cfg.with_block(dim=16, heads=2)``)."""
+        return attrs.evolve(self, block=attrs.evolve(self.block, **changes))
+
+    def stack(self) -> StackConfig:
+        """The :class:`StackConfig` of the encoder's blocks."""
+        return StackConfig(depth=self.depth, block=self.block, final_norm=self.final_norm)
 
 
 def _as_grid(value):
@@ -35,7 +57,7 @@ def _check_grid(instance, attribute, value) -> None:
 
 
 @config
-class ViTEncoderConfig:
+class ViTEncoderConfig(EncoderBlocks):
     """A patch-embedding transformer encoder over images."""
 
     image_size: int = field(8, "Side of the square images the position table is built for (unless ``grid`` is set).",
@@ -46,21 +68,13 @@ class ViTEncoderConfig:
                                          "spectrogram; None: image_size / patch_size per side.", check=_check_grid,
                                          converter=_as_grid)
     channels: int = field(1, "Input image channels.", check=in_range(1, 64, integer=True))
-    dim: int = field(64, "Token width.", check=in_range(1, 65536, integer=True))
+    block: BlockConfig = field(BlockConfig(), BLOCK_DOC, check=_self_attention_only)
     depth: int = field(4, "Number of transformer blocks.", check=in_range(1, 1024, integer=True))
-    heads: int = field(4, "Attention heads per block.", check=in_range(1, 1024, integer=True))
-    mlp_ratio: float = field(4.0, "MLP width as a multiple of ``dim``.", check=in_range(0.25, 64))
-    act: str = field("gelu", "MLP activation (QuickGELU for OpenAI CLIP).", check=one_of("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu"))
-    norm: str = field("layernorm", "Normalisation kind.", check=one_of("layernorm", "rmsnorm"))
-    norm_eps: float = field(1e-6, "Norm epsilon (Hugging Face ViT uses 1e-12).", check=in_range(0.0, 1.0))
-    qkv_bias: bool = field(True, "Bias on query/key/value projections.")
     cls_token: bool = field(True, "Prepend a learned [CLS] token.")
     pos_embed: str = field("learned", "Position embedding: 'learned' or fixed 'sincos'.", check=one_of("learned", "sincos"))
     ln_pre: bool = field(False, "Normalise the embedded tokens before the blocks (CLIP).")
     patch_bias: bool = field(True, "Bias on the patch-embedding convolution (CLIP's has none).")
     final_norm: bool = field(True, "Normalise the output tokens.")
-    dropout: float = field(0.0, "Dropout in blocks and after the embedding.", check=in_range(0.0, 1.0))
-    drop_path: float = field(0.0, "Maximum stochastic-depth rate.", check=in_range(0.0, 1.0))
 
     def __attrs_post_init__(self) -> None:
         if self.grid is None and self.image_size % self.patch_size:
@@ -82,10 +96,6 @@ class ViTEncoderConfig:
         rows, cols = self.patch_grid
         return rows * self.patch_size, cols * self.patch_size
 
-    def stack(self) -> StackConfig:
-        """The :class:`StackConfig` of the encoder's blocks."""
-        return stack_config(self)
-
 
 class ViTEncoder(nn.Module):
     """Images (B, C, H, W) → tokens (B, [CLS] + N, dim), patches in raster order.
@@ -105,8 +115,8 @@ class ViTEncoder(nn.Module):
         self.prefix = 1 if cfg.cls_token else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls_token else None
         self.pos_embed = PositionEmbedding(cfg.dim, cfg.patch_grid, prefix=self.prefix, kind=cfg.pos_embed)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.ln_pre = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.ln_pre else None
+        self.drop = nn.Dropout(cfg.block.dropout)
+        self.ln_pre = make_norm(cfg.block.norm, cfg.dim, cfg.block.norm_eps) if cfg.ln_pre else None
         self.blocks = TransformerStack(cfg.stack())
         init_weights(self)
         if self.cls_token is not None:
@@ -136,27 +146,15 @@ class ViTEncoder(nn.Module):
 
 
 @config
-class TextEncoderConfig:
+class TextEncoderConfig(EncoderBlocks):
     """A token-embedding transformer encoder over text (CLIP's text tower: causal, learned positions)."""
 
     vocab_size: int = field(512, "Rows of the token-embedding table (ids must be below it).", check=in_range(1, 1 << 24, integer=True))
     context_length: int = field(16, "Maximum sequence length (rows of the learned position table).", check=in_range(1, 1 << 16, integer=True))
-    dim: int = field(64, "Token width.", check=in_range(1, 65536, integer=True))
+    block: BlockConfig = field(BlockConfig(norm_eps=1e-5), BLOCK_DOC, check=_self_attention_only)
     depth: int = field(2, "Number of transformer blocks.", check=in_range(1, 1024, integer=True))
-    heads: int = field(4, "Attention heads per block.", check=in_range(1, 1024, integer=True))
-    mlp_ratio: float = field(4.0, "MLP width as a multiple of ``dim``.", check=in_range(0.25, 64))
-    act: str = field("gelu", "MLP activation (QuickGELU for OpenAI CLIP).", check=one_of("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu"))
-    norm: str = field("layernorm", "Normalisation kind.", check=one_of("layernorm", "rmsnorm"))
-    norm_eps: float = field(1e-5, "Norm epsilon (CLIP uses 1e-5).", check=in_range(0.0, 1.0))
-    qkv_bias: bool = field(True, "Bias on query/key/value projections.")
     causal: bool = field(True, "Causal self-attention (each token sees only earlier ones), as in CLIP.")
     final_norm: bool = field(True, "Normalise the output tokens.")
-    dropout: float = field(0.0, "Dropout in blocks and after the embedding.", check=in_range(0.0, 1.0))
-    drop_path: float = field(0.0, "Maximum stochastic-depth rate.", check=in_range(0.0, 1.0))
-
-    def stack(self) -> StackConfig:
-        """The :class:`StackConfig` of the encoder's blocks."""
-        return stack_config(self)
 
 
 class TextEncoder(nn.Module):
@@ -176,7 +174,7 @@ class TextEncoder(nn.Module):
         self.out_dim = cfg.dim
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embed = PositionEmbedding(cfg.dim, (1, cfg.context_length), kind="learned")
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.block.dropout)
         self.blocks = TransformerStack(cfg.stack())
         init_weights(self)
         nn.init.normal_(self.token_embed.weight, std=0.02)

@@ -191,8 +191,8 @@ class MAE(nn.Module):
         self.decoder_embed = nn.Linear(e.dim, cfg.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
         self.decoder_pos = PositionEmbedding(cfg.decoder_dim, self.grid, prefix=self.prefix, kind=cfg.decoder_pos_embed)
-        block = BlockConfig(dim=cfg.decoder_dim, heads=cfg.decoder_heads, mlp_ratio=cfg.decoder_mlp_ratio, norm=e.norm,
-                            norm_eps=e.norm_eps, act=e.act, qkv_bias=e.qkv_bias)
+        block = BlockConfig(dim=cfg.decoder_dim, heads=cfg.decoder_heads, mlp_ratio=cfg.decoder_mlp_ratio, norm=e.block.norm,
+                            norm_eps=e.block.norm_eps, act=e.block.act, qkv_bias=e.block.qkv_bias)
         self.decoder = TransformerStack(StackConfig(depth=cfg.decoder_depth, block=block, final_norm=True))
         self.decoder_pred = nn.Linear(cfg.decoder_dim, cfg.patch_dim)
         for part in (self.decoder_embed, self.decoder, self.decoder_pred):

@@ -244,7 +244,7 @@ def register_models(register: Register) -> None:
 
         @hookimpl
         def register_models(register):
-            wide = ViTConfig(encoder=ViTEncoderConfig(dim=256, heads=8))
+            wide = ViTConfig(encoder=ViTEncoderConfig().with_block(dim=256, heads=8))
             register("vit-wide", ModelSpec(ViTClassifier, wide, data="digits"))
     """
 

@@ -14,7 +14,7 @@ runs in seconds. A model class may define a classmethod::
     @classmethod
     def tiny_config(cls, config):
         '''The same architecture at toy size (a few thousand parameters).'''
-        return attrs.evolve(config, encoder=attrs.evolve(config.encoder, dim=16, depth=1, heads=2))
+        return attrs.evolve(config, encoder=attrs.evolve(config.encoder.with_block(dim=16, heads=2), depth=1))
 
 Without one, :func:`shrink_config` lowers fields with the usual size names (``depth``,
 ``dim``, ``heads`` …, in nested configs too) where the config stays valid. A model still

@@ -11,6 +11,7 @@ Real checkpoints (OpenAI/LAION ViT-B/32 …) come in through ``polymodal convert
 
 from __future__ import annotations
 
+from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import TextEncoderConfig, ViTEncoderConfig
 from polymodal import hookimpl
 from polymodal.registry import register_variants
@@ -21,13 +22,13 @@ from .model import CLIPConfig, CLIPModel, CLIPTextual, CLIPVisual
 
 __all__ = ["CLIPConfig", "CLIPModel", "CLIPTextual", "CLIPVisual", "VARIANTS"]
 
-_CLIP_VIT = dict(ln_pre=True, patch_bias=False, norm_eps=1e-5, act="quick_gelu")
+_CLIP_VIT = dict(ln_pre=True, patch_bias=False, block=BlockConfig(dim=64, heads=4, norm_eps=1e-5, act="quick_gelu"))
+_CLIP_TEXT = BlockConfig(dim=64, heads=4, norm_eps=1e-5, act="quick_gelu", dropout=0.1, drop_path=0.1)
 
 DIGITS = ModelSpec(
     CLIPModel,
-    CLIPConfig(vision=ViTEncoderConfig(image_size=8, patch_size=2, channels=1, dim=64, depth=3, heads=4, **_CLIP_VIT),
-               text=TextEncoderConfig(vocab_size=512, context_length=24, dim=64, depth=1, heads=4, act="quick_gelu",
-                                      dropout=0.1, drop_path=0.1),
+    CLIPConfig(vision=ViTEncoderConfig(image_size=8, patch_size=2, channels=1, depth=3, **_CLIP_VIT),
+               text=TextEncoderConfig(vocab_size=512, context_length=24, depth=1, block=_CLIP_TEXT),
                embed_dim=64),
     data="digits",
     train=TrainConfig(steps=2000, batch_size=128, lr=2e-3, warmup_steps=50, weight_decay=0.1, checkpoint_every=0),
@@ -36,9 +37,8 @@ DIGITS = ModelSpec(
 
 SHAPES = ModelSpec(
     CLIPModel,
-    CLIPConfig(vision=ViTEncoderConfig(image_size=32, patch_size=8, channels=3, dim=64, depth=3, heads=4, **_CLIP_VIT),
-               text=TextEncoderConfig(vocab_size=512, context_length=48, dim=64, depth=1, heads=4, act="quick_gelu",
-                                      dropout=0.1, drop_path=0.1),
+    CLIPConfig(vision=ViTEncoderConfig(image_size=32, patch_size=8, channels=3, depth=3, **_CLIP_VIT),
+               text=TextEncoderConfig(vocab_size=512, context_length=48, depth=1, block=_CLIP_TEXT),
                embed_dim=64, augment_shift=2, multi_positive=True,
                # Kind alone first: trained together from the start, the easy colour starves the kind
                # (zero-shot kind stays at chance); after 300 kind-only steps both are learnt.

@@ -14,6 +14,7 @@ import torch
 
 from polymodal.data.tokenizers import BPETokenizer
 from polymodal.io.hf import activation, convert_hf_folder, mlp_ratio_for, square_side
+from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import TextEncoderConfig, ViTEncoderConfig
 
 from .model import CLIPConfig, CLIPModel
@@ -25,16 +26,16 @@ def config_from_hf(hf: dict, has_tokenizer: bool, source: str = "hf-clip") -> CL
     vdim, tdim = v.get("hidden_size", 768), t.get("hidden_size", 512)
     vision = ViTEncoderConfig(
         image_size=square_side(v, "image_size", 224, source), patch_size=square_side(v, "patch_size", 32, source),
-        channels=v.get("num_channels", 3), dim=vdim, depth=v.get("num_hidden_layers", 12),
-        heads=v.get("num_attention_heads", 12),
-        mlp_ratio=mlp_ratio_for(vdim, v.get("intermediate_size", 4 * vdim), source),
-        act=activation(v, source, default="quick_gelu"), norm_eps=v.get("layer_norm_eps", 1e-5), ln_pre=True,
-        patch_bias=False)
+        channels=v.get("num_channels", 3), depth=v.get("num_hidden_layers", 12), ln_pre=True, patch_bias=False,
+        block=BlockConfig(dim=vdim, heads=v.get("num_attention_heads", 12),
+                          mlp_ratio=mlp_ratio_for(vdim, v.get("intermediate_size", 4 * vdim), source),
+                          act=activation(v, source, default="quick_gelu"), norm_eps=v.get("layer_norm_eps", 1e-5)))
     text = TextEncoderConfig(
-        vocab_size=t.get("vocab_size", 49408), context_length=t.get("max_position_embeddings", 77), dim=tdim,
-        depth=t.get("num_hidden_layers", 12), heads=t.get("num_attention_heads", 8),
-        mlp_ratio=mlp_ratio_for(tdim, t.get("intermediate_size", 4 * tdim), source),
-        act=activation(t, source, default="quick_gelu"), norm_eps=t.get("layer_norm_eps", 1e-5), causal=True)
+        vocab_size=t.get("vocab_size", 49408), context_length=t.get("max_position_embeddings", 77),
+        depth=t.get("num_hidden_layers", 12), causal=True,
+        block=BlockConfig(dim=tdim, heads=t.get("num_attention_heads", 8),
+                          mlp_ratio=mlp_ratio_for(tdim, t.get("intermediate_size", 4 * tdim), source),
+                          act=activation(t, source, default="quick_gelu"), norm_eps=t.get("layer_norm_eps", 1e-5)))
     eos = t.get("eos_token_id", 2)
     return CLIPConfig(vision=vision, text=text, embed_dim=hf.get("projection_dim", 512),
                       eos_id=None if eos == 2 else eos, tokenizer="file" if has_tokenizer else "none")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
+from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import TextEncoder, TextEncoderConfig, ViTEncoder, ViTEncoderConfig
 from polymodal.nn.grid import fit_encoder
 from polymodal.models import PolymodalModel, interfaces
@@ -37,7 +38,7 @@ from .objective import multi_positive_info_nce
 class CLIPConfig:
     """A CLIP dual encoder."""
 
-    vision: ViTEncoderConfig = field(ViTEncoderConfig(ln_pre=True, patch_bias=False, norm_eps=1e-5),
+    vision: ViTEncoderConfig = field(ViTEncoderConfig(ln_pre=True, patch_bias=False, block=BlockConfig(norm_eps=1e-5)),
                                      "The image tower's ViT trunk (CLIP: ln_pre, no patch bias).")
     text: TextEncoderConfig = field(TextEncoderConfig(), "The text tower's causal transformer.")
     embed_dim: int = field(64, "Width of the shared embedding space.", check=in_range(1, 65536, integer=True))
@@ -174,8 +175,8 @@ class CLIPModel(PolymodalModel):
     def tiny_config(cls, config: CLIPConfig) -> CLIPConfig:
         """The same architecture at toy size (contract tests)."""
         v = config.vision
-        vision = attrs.evolve(v, dim=16, depth=1, heads=2, image_size=min(v.image_size, 2 * v.patch_size))
-        text = attrs.evolve(config.text, dim=16, depth=1, heads=2)
+        vision = attrs.evolve(v.with_block(dim=16, heads=2), depth=1, image_size=min(v.image_size, 2 * v.patch_size))
+        text = attrs.evolve(config.text.with_block(dim=16, heads=2), depth=1)
         return attrs.evolve(config, vision=vision, text=text, embed_dim=16)
 
     # -- the API ----------------------------------------------------------------------------------
@@ -297,8 +298,9 @@ class CLIPModel(PolymodalModel):
         """Architecture, data and templates for the model card."""
         c, v, t = self.config, self.config.vision, self.config.text
         lines = [f"CLIP: image tower ViT {v.image_size}×{v.image_size}×{v.channels}, patch {v.patch_size}, width {v.dim}, "
-                 f"depth {v.depth}, {v.heads} heads, {v.act}; text tower width {t.dim}, depth {t.depth}, {t.heads} heads, "
-                 f"context {t.context_length}, vocabulary {t.vocab_size}, {t.act}; shared embedding {c.embed_dim}.",
+                 f"depth {v.depth}, {v.block.heads} heads, {v.block.act}; text tower width {t.dim}, depth {t.depth}, "
+                 f"{t.block.heads} heads, context {t.context_length}, vocabulary {t.vocab_size}, {t.block.act}; "
+                 f"shared embedding {c.embed_dim}.",
                  f"Data: {c.data or 'unspecified'}; captions re-sampled per step: {c.captioner}.", ""]
         lines += cap.describe(c)
         if c.templates:

@@ -13,6 +13,7 @@ The objective, head, EMA and collapse monitor live in :mod:`polymodal.plugins.di
 from __future__ import annotations
 
 from polymodal.plugins.dino.distill import DINOHeadConfig, DINOLossConfig
+from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal import hookimpl
 from polymodal.registry import register_variants
@@ -28,12 +29,13 @@ SHAPES_STEPS = 500
 
 # BatchNorm in the head: without it these small ViTs give every image nearly the same [CLS] feature at
 # initialisation (cosine ≈ 0.98), the centred teacher is then almost uniform and training collapses to it.
+_BLOCK = BlockConfig(dim=64, heads=4, mlp_ratio=2.0)
 _HEAD = DINOHeadConfig(hidden_dim=256, bottleneck_dim=64, out_dim=256, batchnorm=True)
 _LOSS = DINOLossConfig(student_temp=0.1, teacher_temp=0.05, warmup_teacher_temp=0.04, warmup_teacher_temp_steps=100)
 
 DIGITS = ModelSpec(
     DINOModel,
-    DINOConfig(encoder=ViTEncoderConfig(image_size=8, patch_size=2, channels=1, dim=64, depth=4, heads=4, mlp_ratio=2.0),
+    DINOConfig(encoder=ViTEncoderConfig(image_size=8, patch_size=2, channels=1, depth=4, block=_BLOCK),
                head=_HEAD, loss=_LOSS,
                local_size=4, local_crops=4, global_scale=(0.6, 1.0), local_scale=(0.25, 0.5), flip=0.0, jitter=0.2,
                momentum=0.96),
@@ -44,7 +46,7 @@ DIGITS = ModelSpec(
 
 SHAPES = ModelSpec(
     DINOModel,
-    DINOConfig(encoder=ViTEncoderConfig(image_size=32, patch_size=4, channels=3, dim=64, depth=3, heads=4, mlp_ratio=2.0),
+    DINOConfig(encoder=ViTEncoderConfig(image_size=32, patch_size=4, channels=3, depth=3, block=_BLOCK),
                head=_HEAD, loss=_LOSS,
                local_size=16, local_crops=4, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), flip=0.5, jitter=0.2,
                momentum=0.96,

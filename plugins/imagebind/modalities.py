@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from polymodal.config import config, field, in_range
 from polymodal.plugins.imagebind.audio import SAMPLE_RATE, dtmf_clips, log_mel, mel_filterbank
 from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
-from polymodal.nn import make_norm
+from polymodal.nn import BlockConfig, make_norm
 
 
 def check_batch(x: Any, modality: str, shape: str, dims: int) -> Tensor:
@@ -48,9 +48,9 @@ def _trunk(size: tuple[int, int], patch: int, dim: int, depth: int, heads: int, 
     """One channel ViT trunk over (height, width) inputs, without a final norm: the modality head
     normalises (ImageBind's head order)."""
     grid = (size[0] // patch, size[1] // patch) if size[0] != size[1] else None  # None: square
-    return ViTEncoder(ViTEncoderConfig(image_size=size[0], patch_size=patch, grid=grid, channels=1, dim=dim, depth=depth,
-                                       heads=heads, mlp_ratio=mlp_ratio, ln_pre=True, final_norm=False,
-                                       drop_path=drop_path))
+    block = BlockConfig(dim=dim, heads=heads, mlp_ratio=mlp_ratio, drop_path=drop_path)
+    return ViTEncoder(ViTEncoderConfig(image_size=size[0], patch_size=patch, grid=grid, channels=1, block=block,
+                                       depth=depth, ln_pre=True, final_norm=False))
 
 
 # -- audio --------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from polymodal.io.hf import activation, convert_hf_folder, mlp_ratio_for, square_side
+from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.nn.mae import MAE, MAEConfig
 
@@ -34,10 +35,11 @@ def mae_config_from_hf(hf: dict, source: str = "hf-vitmae") -> MAEConfig:
     dim, ddim = hf.get("hidden_size", 768), hf.get("decoder_hidden_size", 512)
     encoder = ViTEncoderConfig(
         image_size=square_side(hf, "image_size", 224, source), patch_size=square_side(hf, "patch_size", 16, source),
-        channels=hf.get("num_channels", 3), dim=dim, depth=hf.get("num_hidden_layers", 12),
-        heads=hf.get("num_attention_heads", 12),
-        mlp_ratio=mlp_ratio_for(dim, hf.get("intermediate_size", 4 * dim), source), act=activation(hf, source),
-        norm_eps=hf.get("layer_norm_eps", 1e-12), qkv_bias=hf.get("qkv_bias", True), pos_embed="learned",
+        channels=hf.get("num_channels", 3), depth=hf.get("num_hidden_layers", 12), pos_embed="learned",
+        block=BlockConfig(dim=dim, heads=hf.get("num_attention_heads", 12),
+                          mlp_ratio=mlp_ratio_for(dim, hf.get("intermediate_size", 4 * dim), source),
+                          act=activation(hf, source), norm_eps=hf.get("layer_norm_eps", 1e-12),
+                          qkv_bias=hf.get("qkv_bias", True)),
     )
     return MAEConfig(encoder=encoder, decoder_dim=ddim, decoder_depth=hf.get("decoder_num_hidden_layers", 8),
                      decoder_heads=hf.get("decoder_num_attention_heads", 16),

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range
+from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import TextEncoder, TextEncoderConfig
 from polymodal.models import PolymodalModel
 from polymodal.models.parts import PartConfig, part_field
@@ -72,8 +73,8 @@ class PixelModel(Renderer, PolymodalModel):
         self.head = nn.Linear(e.dim, config.num_classes)
         self.tokenizer = ByteTokenizer(add_bos=False, add_eos=True)
         self.token_encoder = TextEncoder(TextEncoderConfig(
-            vocab_size=self.tokenizer.vocab_size, context_length=config.token_context, dim=e.dim, depth=e.depth,
-            heads=e.heads, mlp_ratio=e.mlp_ratio, causal=False, norm_eps=e.norm_eps))
+            vocab_size=self.tokenizer.vocab_size, context_length=config.token_context, depth=e.depth, causal=False,
+            block=BlockConfig(dim=e.dim, heads=e.block.heads, mlp_ratio=e.block.mlp_ratio, norm_eps=e.block.norm_eps)))
         self.token_head = nn.Linear(e.dim, config.num_classes)
         for head in (self.head, self.token_head):
             nn.init.zeros_(head.weight)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from polymodal.config import config, field, in_range
 from polymodal.nn import eval_mode
+from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.nn.mae import MAE, MAEConfig
 from polymodal.models import PolymodalModel
@@ -26,7 +27,7 @@ from .masking import masked_forward
 from .render import Rendered, render, valid_from_images
 
 DEFAULT_MAE = MAEConfig(
-    encoder=ViTEncoderConfig(image_size=12, patch_size=12, channels=1, dim=64, depth=4, heads=4, mlp_ratio=2.0,
+    encoder=ViTEncoderConfig(image_size=12, patch_size=12, channels=1, depth=4, block=BlockConfig(dim=64, heads=4, mlp_ratio=2.0),
                              pos_embed="sincos"),
     grid_rows=1, grid_cols=24, decoder_dim=64, decoder_depth=2, decoder_heads=4, decoder_mlp_ratio=2.0, mask_ratio=0.25,
 )
@@ -54,7 +55,7 @@ class PixelMAEConfig:
 
 def tiny_pixel_mae(cfg: PixelMAEConfig) -> PixelMAEConfig:
     """The same architecture at toy size (contract tests)."""
-    enc = attrs.evolve(cfg.mae.encoder, dim=16, depth=1, heads=2)
+    enc = attrs.evolve(cfg.mae.encoder.with_block(dim=16, heads=2), depth=1)
     return attrs.evolve(cfg, mae=attrs.evolve(cfg.mae, encoder=enc, decoder_dim=16, decoder_depth=1, decoder_heads=2))
 
 

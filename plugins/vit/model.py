@@ -64,7 +64,7 @@ class ViTClassifier(PolymodalModel):
     def tiny_config(cls, config: ViTConfig) -> ViTConfig:
         """The same architecture at toy size, for the contract tests (``polymodal.testing.contracts.tiny``)."""
         e = config.encoder
-        encoder = attrs.evolve(e, dim=16, depth=1, heads=2, image_size=min(e.image_size, 2 * e.patch_size))
+        encoder = attrs.evolve(e.with_block(dim=16, heads=2), depth=1, image_size=min(e.image_size, 2 * e.patch_size))
         return attrs.evolve(config, encoder=encoder, num_classes=min(config.num_classes, 10))
 
     def features(self, images: Tensor) -> Tensor:
@@ -115,4 +115,4 @@ class ViTClassifier(PolymodalModel):
         """Architecture summary for the model card."""
         e = self.config.encoder
         return [f"ViT: {e.image_size}×{e.image_size} input, patch {e.patch_size}, width {e.dim}, depth {e.depth}, "
-                f"{e.heads} heads, {self.config.num_classes} classes.", ""]
+                f"{e.block.heads} heads, {self.config.num_classes} classes.", ""]

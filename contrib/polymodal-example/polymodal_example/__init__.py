@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from polymodal import hookimpl
 from polymodal.config import config, field, in_range
 from polymodal.data.augment import resize
+from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.models import ModelSpec, PolymodalModel
 from polymodal.registry import register_variants
@@ -31,7 +32,7 @@ class MeanPoolConfig:
     """A ViT trunk without a [CLS] token, mean-pooled, normalised, then a linear head."""
 
     trunk: str = field("vit", "Registered encoder to use as the trunk (kind 'encoder').")
-    encoder: ViTEncoderConfig = field(ViTEncoderConfig(dim=64, depth=2, heads=4, mlp_ratio=2.0, cls_token=False),
+    encoder: ViTEncoderConfig = field(ViTEncoderConfig(depth=2, cls_token=False, block=BlockConfig(dim=64, heads=4, mlp_ratio=2.0)),
                                       "The trunk's config (patch size, width, depth …).")
     num_classes: int = field(10, "Output classes.", check=in_range(1, 1 << 20, integer=True))
 
@@ -59,7 +60,7 @@ class MeanPoolClassifier(PolymodalModel):
     @classmethod
     def tiny_config(cls, config: MeanPoolConfig) -> MeanPoolConfig:
         """A very small variant for the contract tests (``polymodal.testing.tiny``)."""
-        return attrs.evolve(config, encoder=attrs.evolve(config.encoder, dim=16, depth=1, heads=2))
+        return attrs.evolve(config, encoder=attrs.evolve(config.encoder.with_block(dim=16, heads=2), depth=1))
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, C, H, W) → (B, num_classes)."""
