@@ -26,8 +26,10 @@ checks the declaration holds.
 
 from __future__ import annotations
 
+import inspect
 import typing
-from typing import Any, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -201,7 +203,7 @@ def protocol_members(protocol: type) -> tuple[str, ...]:
     for base in protocol.__mro__:
         if base in (Protocol, typing.Generic, object) or not getattr(base, "_is_protocol", False):
             continue
-        names.update(base.__dict__.get("__annotations__", {}))
+        names.update(inspect.get_annotations(base))
         names.update(n for n, v in base.__dict__.items() if callable(v) or isinstance(v, property))
     return tuple(sorted(n for n in names if not n.startswith("_")))
 
@@ -238,5 +240,5 @@ def require(obj: Any, protocols: type | tuple[type, ...], what: str) -> Any:
     return obj
 
 
-__all__ = ["CausalLM", "DESCRIPTIONS", "Encoder", "Fusion", "ImageEncoder", "ImageTokenizer", "ImageTower", "Objective",
+__all__ = ["DESCRIPTIONS", "CausalLM", "Encoder", "Fusion", "ImageEncoder", "ImageTokenizer", "ImageTower", "Objective",
            "TextEncoder", "TokenSampler", "Tokenizer", "missing_members", "protocol_members", "require"]

@@ -9,7 +9,8 @@ frozen stack is never changed.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 from torch import Tensor, nn
