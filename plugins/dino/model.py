@@ -237,7 +237,8 @@ class DINOModel(PolymodalModel):
         """Architecture and recipe for the model card."""
         c, e, h = self.config, self.config.encoder, self.config.head
         return [f"DINO: ViT {e.image_size}×{e.image_size}×{e.channels}, patch {e.patch_size}, width {e.dim}, depth {e.depth}, "
-                f"{e.block.heads} heads; head MLP {h.hidden_dim} → bottleneck {h.bottleneck_dim} → {h.out_dim} prototypes.",
+                f"{e.block.heads} heads; head MLP {h.hidden_dim} → bottleneck {h.bottleneck_dim} → {h.out_dim} "
+                "prototypes.",
                 f"Multi-crop: 2 global {e.image_size}² views (area {c.global_scale}), {c.local_crops} local {c.local_size}² "
                 f"views (area {c.local_scale}); teacher momentum {c.momentum} → 1 over {c.momentum_steps or 'the run'} steps; "
                 f"temperatures student {c.loss.student_temp}, teacher {c.loss.warmup_teacher_temp} → {c.loss.teacher_temp}.",

@@ -27,8 +27,8 @@ from .masking import masked_forward
 from .render import Rendered, render, valid_from_images
 
 DEFAULT_MAE = MAEConfig(
-    encoder=ViTEncoderConfig(image_size=12, patch_size=12, channels=1, depth=4, block=BlockConfig(dim=64, heads=4, mlp_ratio=2.0),
-                             pos_embed="sincos"),
+    encoder=ViTEncoderConfig(image_size=12, patch_size=12, channels=1, depth=4, pos_embed="sincos",
+                             block=BlockConfig(dim=64, heads=4, mlp_ratio=2.0)),
     grid_rows=1, grid_cols=24, decoder_dim=64, decoder_depth=2, decoder_heads=4, decoder_mlp_ratio=2.0, mask_ratio=0.25,
 )
 

@@ -31,7 +31,8 @@ DIGITS = ModelSpec(
 
 VIT_S16 = ModelSpec(
     ViTClassifier,
-    ViTConfig(encoder=ViTEncoderConfig(image_size=224, patch_size=16, channels=3, depth=12, block=BlockConfig(dim=384, heads=6)),
+    ViTConfig(encoder=ViTEncoderConfig(image_size=224, patch_size=16, channels=3, depth=12,
+                                       block=BlockConfig(dim=384, heads=6)),
               num_classes=1000),
     data="digits", train=TrainConfig(steps=2000, batch_size=32, lr=5e-4),
     doc="ViT-S/16: 224×224, width 384, depth 12, 6 heads.",

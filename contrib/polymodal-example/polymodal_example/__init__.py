@@ -32,7 +32,8 @@ class MeanPoolConfig:
     """A ViT trunk without a [CLS] token, mean-pooled, normalised, then a linear head."""
 
     trunk: str = field("vit", "Registered encoder to use as the trunk (kind 'encoder').")
-    encoder: ViTEncoderConfig = field(ViTEncoderConfig(depth=2, cls_token=False, block=BlockConfig(dim=64, heads=4, mlp_ratio=2.0)),
+    encoder: ViTEncoderConfig = field(ViTEncoderConfig(depth=2, cls_token=False,
+                                                       block=BlockConfig(dim=64, heads=4, mlp_ratio=2.0)),
                                       "The trunk's config (patch size, width, depth …).")
     num_classes: int = field(10, "Output classes.", check=in_range(1, 1 << 20, integer=True))
 
