@@ -12,13 +12,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
-
 from polymodal.config import config, field, in_range, one_of, to_json
 from polymodal.models import ModelSpec, PolymodalModel
 from polymodal.models.parts import part_fields
 from polymodal.registry import get_registry
 from polymodal.testing import contracts, strategies
+from torch import nn
 
 REGISTRY = get_registry()
 MODELS = REGISTRY.names("model")

@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 
 import attrs
+import polymodal.api
 import pytest
 import torch
-
-import polymodal.api
 from polymodal.config import apply_overrides, evolve, from_dict, to_dict
 from polymodal.io import LoadError, read_state
 from polymodal.io.cache import default_part_folder
 from polymodal.models.parts import PartConfig, load_part, load_parts, part_fields
-from polymodal.plugins.dalle import DALLE, VARIANTS as DALLE_VARIANTS
+from polymodal.plugins.dalle import DALLE
+from polymodal.plugins.dalle import VARIANTS as DALLE_VARIANTS
 from polymodal.plugins.flamingo import FlamingoConfig
 from polymodal.testing import contracts
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 
-import attrs
 import pytest
 import torch
 from click.testing import CliRunner

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
-import attrs
 import torch
 from torch import Tensor, nn
 
@@ -58,7 +57,7 @@ class PolymodalModel(nn.Module):
         self.part_sources: dict[str, str] = {}
         self._part_keys: dict[str, frozenset[str]] = {}
 
-    def attach_parts(self, parts: Mapping[str, "PolymodalModel"] | None) -> dict[str, "PolymodalModel"]:
+    def attach_parts(self, parts: Mapping[str, PolymodalModel] | None) -> dict[str, PolymodalModel]:
         """The built part of every :attr:`part_attributes` field: from ``parts``, else made by
         :func:`~polymodal.models.parts.load_part` (a folder or the cached 'auto' one loaded, '' built
         fresh; nothing is trained). Call it in ``__init__`` before changing a part: it records each
@@ -78,7 +77,7 @@ class PolymodalModel(nn.Module):
             self.part_sources[name] = describe_part(fields[name])
         return built
 
-    def part_modules(self) -> dict[str, "PolymodalModel"]:
+    def part_modules(self) -> dict[str, PolymodalModel]:
         """The attached parts by config field (see :attr:`part_attributes`)."""
         return {name: getattr(self, attr) for name, attr in self.part_attributes.items()}
 
@@ -102,7 +101,7 @@ class PolymodalModel(nn.Module):
                                      f"set it before calling freeze()")
             part.requires_grad_(False).eval()
 
-    def train(self, mode: bool = True) -> "PolymodalModel":
+    def train(self, mode: bool = True) -> PolymodalModel:
         """Set train/eval mode; the parts named in :attr:`frozen` always stay in eval mode."""
         super().train(mode)
         for name in self.frozen:

@@ -20,7 +20,7 @@ pattern (row, column, conv) built with :func:`polymodal.attention.image_pattern_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -49,7 +49,7 @@ class DALLE(PolymodalModel):
     config_class = DALLEConfig
     sample_options = SAMPLE_OPTIONS
     frozen = ("vq",)
-    part_attributes = {"tokenizer": "vq"}
+    part_attributes: ClassVar[dict[str, str]] = {"tokenizer": "vq"}
 
     def __init__(self, config: DALLEConfig, parts: dict[str, PolymodalModel] | None = None) -> None:
         super().__init__(config)

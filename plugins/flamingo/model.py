@@ -19,8 +19,7 @@ the logits (the first V columns) equal the frozen LM's logits on the same input 
 from __future__ import annotations
 
 import random
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import attrs
 import torch
@@ -46,7 +45,7 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
     family = "flamingo"
     config_class = FlamingoConfig
     frozen = ("lm", "vision")
-    part_attributes = {"lm": "lm", "vision": "vision"}
+    part_attributes: ClassVar[dict[str, str]] = {"lm": "lm", "vision": "vision"}
 
     def __init__(self, config: FlamingoConfig, parts: dict[str, PolymodalModel] | None = None) -> None:
         super().__init__(config)

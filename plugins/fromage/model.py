@@ -23,7 +23,7 @@ text alone to end in ``[RET]`` too (see :mod:`.objective`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -48,7 +48,7 @@ class Fromage(FromageTraining, PolymodalModel):
     config_class = FromageConfig
     sample_options = TOKEN_SAMPLING  # gallery, images and max_new_tokens: from Python only
     frozen = ("lm", "vision")
-    part_attributes = {"lm": "lm", "vision": "vision"}
+    part_attributes: ClassVar[dict[str, str]] = {"lm": "lm", "vision": "vision"}
     batch_independent = True
 
     def __init__(self, config: FromageConfig, parts: dict[str, PolymodalModel] | None = None) -> None:

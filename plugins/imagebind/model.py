@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -75,7 +75,7 @@ class ImageBind(PolymodalModel):
     family = "imagebind"
     config_class = ImageBindConfig
     frozen = ("clip",)
-    part_attributes = {"clip": "clip"}
+    part_attributes: ClassVar[dict[str, str]] = {"clip": "clip"}
 
     def __init__(self, config: ImageBindConfig, parts: dict[str, PolymodalModel] | None = None) -> None:
         super().__init__(config)

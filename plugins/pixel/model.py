@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import attrs
 import torch
@@ -56,7 +56,7 @@ class PixelModel(Renderer, PolymodalModel):
     family = "pixel"
     config_class = PixelConfig
     frozen = ("mae_model",)
-    part_attributes = {"mae": "mae_model"}
+    part_attributes: ClassVar[dict[str, str]] = {"mae": "mae_model"}
 
     def __init__(self, config: PixelConfig, parts: dict[str, PolymodalModel] | None = None) -> None:
         super().__init__(config)

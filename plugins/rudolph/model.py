@@ -19,7 +19,7 @@ Tasks (text→image, captioning, zero-shot classification, self-reranking) are i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -56,7 +56,7 @@ class RuDolph(RudolphTasks, PolymodalModel):
     family = "rudolph"
     config_class = RudolphConfig
     frozen = ("vq",)
-    part_attributes = {"tokenizer": "vq"}
+    part_attributes: ClassVar[dict[str, str]] = {"tokenizer": "vq"}
 
     def __init__(self, config: RudolphConfig, parts: dict[str, PolymodalModel] | None = None) -> None:
         super().__init__(config)
