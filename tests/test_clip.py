@@ -241,7 +241,7 @@ def test_train_eval_and_classify_on_the_command_line(tmp_path):
     assert "Training templates" in card and "a handwritten {numeral}" in card and "digits" in card
     assert "someone wrote the number {numeral}" in card  # held-out, listed as evaluation only
     Image.fromarray((torch.rand(12, 10, 3) * 255).byte().numpy()).save(tmp_path / "x.png")
-    result = run(main, ["classify", str(out), str(tmp_path / "x.png"), "--labels", "zero,one,two"])
+    result = run(main, ["clip", "classify", str(out), str(tmp_path / "x.png"), "--labels", "zero,one,two"])
     assert result.exit_code == 0, result.output
     probs = [float(line.split(":")[1]) for line in result.output.splitlines()[1:]]
     assert len(probs) == 3 and sum(probs) == pytest.approx(1.0, abs=1e-3)
