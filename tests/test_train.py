@@ -157,3 +157,27 @@ def test_default_data_is_the_registered_dataset_the_config_names(digits):
     for cfg, expected in ((Named(), "digits"), (Unknown(), None)):
         model.config = cfg
         assert model.default_data == expected
+
+
+def test_a_checkpoint_leaves_out_frozen_parts_and_resumes_exactly(digits, tmp_path):
+    # DALL·E's frozen VQ-VAE lives in its own folder; the checkpoint holds only what trains.
+    from polymodal.io import read_state
+    from polymodal.testing.contracts import tiny
+
+    spec = tiny("dalle")
+
+    def fresh():
+        torch.manual_seed(0)
+        return spec.build(digits)
+
+    cfg = TrainConfig(steps=6, batch_size=8, warmup_steps=1, checkpoint_every=3)
+    straight = train(fresh(), digits, cfg, out=tmp_path / "a", progress=False)
+    keys = set(read_state(tmp_path / "a" / "checkpoint" / "model.safetensors"))
+    part = {f"vq.{k}" for k in straight.vq.state_dict()}
+    assert keys and not keys & part, "the frozen tokenizer's weights are in the checkpoint"
+    assert keys == set(straight.state_dict()) - part
+    train(fresh(), digits, cfg, out=tmp_path / "b", progress=False, stop_after=4)
+    resumed = train(fresh(), digits, cfg, out=tmp_path / "b", progress=False, resume=True)
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -92,6 +92,12 @@ class PolymodalModel(nn.Module):
         owned = {f"{self.part_attributes[name]}.{k}" for name, keys in self._part_keys.items() for k in keys}
         return {k: v for k, v in self.state_dict().items() if k not in owned}
 
+    def checkpoint_state_dict(self) -> dict[str, Tensor]:
+        """What a training checkpoint keeps: :meth:`state_dict` without the weights of the parts named
+        in :attr:`frozen` (they never change in training and come back from their folders on ``--resume``)."""
+        frozen_parts = {attr for attr in self.part_attributes.values() if attr in self.frozen}
+        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] not in frozen_parts}
+
     def freeze(self) -> None:
         """Turn off gradients of every part named in :attr:`frozen` and put it in eval mode."""
         for name in self.frozen:

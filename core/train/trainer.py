@@ -65,9 +65,16 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds: a composite's frozen parts are left out (see
+    :meth:`PolymodalModel.checkpoint_state_dict`)."""
+    keep = getattr(model, "checkpoint_state_dict", None)
+    return keep() if keep is not None else model.state_dict()
+
+
 def _save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
     def fill(tmp: Path) -> None:
-        save_state(tmp / "model.safetensors", model.state_dict(), {"step": str(step)})
+        save_state(tmp / "model.safetensors", _checkpoint_state(model), {"step": str(step)})
         state = opt.state_dict()
         tensors = {f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()
                    if isinstance(v, torch.Tensor)}
@@ -87,7 +94,8 @@ def _load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
 
     folder = out / CHECKPOINT
     meta = read_json(folder / "trainer.json")
-    load_state_strict(model, read_state(folder / "model.safetensors"), str(folder / "model.safetensors"))
+    load_state_strict(model, read_state(folder / "model.safetensors"), str(folder / "model.safetensors"),
+                      expected=_checkpoint_state(model))
     tensors = read_state(folder / "optimizer.safetensors")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
