@@ -26,8 +26,9 @@ import platform
 import re
 import statistics
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -36,6 +37,7 @@ SUITES = ("attention", "models", "compare", "table")
 
 class BenchUsageError(ValueError):
     """A bad option value (device, backend, case, dtype, model name): exit status 2, no traceback."""
+
 
 # Dense (no structured sparsity) datasheet peaks in TFLOP/s, by a substring of the GPU name:
 # (bfloat16/float16 tensor cores, float32 without TF32). Checked in order: the first match wins.
@@ -62,6 +64,7 @@ DATASHEET_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 
 
 # -- the machine -------------------------------------------------------------------------------
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` → CUDA when available, else the CPU; anything else as given (ValueError without CUDA)."""
@@ -122,13 +125,22 @@ def versions() -> dict[str, str | None]:
 
 def machine(device: torch.device) -> dict[str, Any]:
     """Where and with what a report was measured: device, libraries, threads, load, platform."""
-    info: dict[str, Any] = dict(device=device.type, device_name=device_name(device), **versions(),
-                                threads=torch.get_num_threads(), cpus=os.cpu_count(), platform=platform.platform(),
-                                load_before=load_average())
+    info: dict[str, Any] = dict(
+        device=device.type,
+        device_name=device_name(device),
+        **versions(),
+        threads=torch.get_num_threads(),
+        cpus=os.cpu_count(),
+        platform=platform.platform(),
+        load_before=load_average(),
+    )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu_memory_gb=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}",
-                    allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+        info.update(
+            gpu_memory_gb=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}",
+            allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        )
     return info
 
 
@@ -156,14 +168,16 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 
 # -- timing ------------------------------------------------------------------------------------
 
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], device: torch.device, min_run_time: float, warmup: int = 2,
-            slow_samples: int = 3) -> tuple[float, float, int]:
+def measure(
+    fn: Callable[[], Any], device: torch.device, min_run_time: float, warmup: int = 2, slow_samples: int = 3
+) -> tuple[float, float, int]:
     """(median, IQR, measurements) in seconds per call of ``fn``: ``warmup`` untimed calls, one
     timed call, then ``torch.utils.benchmark.Timer.blocked_autorange`` (blocks of calls, so no
     per-call synchronisation skews short kernels). A call slower than ``min_run_time`` on its own
@@ -190,7 +204,8 @@ def measure(fn: Callable[[], Any], device: torch.device, min_run_time: float, wa
         q = statistics.quantiles(times, n=4)
         return statistics.median(times), q[2] - q[0], len(times)
     m = Timer("fn()", globals={"fn": fn}, timer=clock, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time)
+        min_run_time=min_run_time
+    )
     return m.median, m.iqr, len(m.times)
 
 
@@ -200,8 +215,12 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, min_run_time: float, n
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))  # (n, n)
     median, iqr, runs = measure(lambda: a @ b, device, min_run_time)
-    return dict(dtype=str(dtype).replace("torch.", ""), n=n, median_ms=round(median * 1e3, 4),
-                tflops=round(2.0 * n ** 3 / median / 1e12, 4))
+    return dict(
+        dtype=str(dtype).replace("torch.", ""),
+        n=n,
+        median_ms=round(median * 1e3, 4),
+        tflops=round(2.0 * n**3 / median / 1e12, 4),
+    )
 
 
 def copy_bandwidth(device: torch.device, min_run_time: float, mib: int | None = None) -> dict[str, Any]:
@@ -232,14 +251,17 @@ def text_table(head: Sequence[str], lines: Sequence[Sequence[Any]]) -> str:
 
 # -- the command ------------------------------------------------------------------------------
 
+
 def compare_suite(argv: Sequence[str]) -> int:
     """``polymodal bench compare NEW.json BASELINE.json [--threshold 0.05] [--min-us 30]``."""
     import argparse
 
     from bench_report import compare, compare_text
 
-    p = argparse.ArgumentParser(prog="polymodal bench compare", description=(
-        "Flag rows of NEW that are slower than BASELINE by more than --threshold and --min-us."))
+    p = argparse.ArgumentParser(
+        prog="polymodal bench compare",
+        description=("Flag rows of NEW that are slower than BASELINE by more than --threshold and --min-us."),
+    )
     p.add_argument("new")
     p.add_argument("baseline")
     p.add_argument("--threshold", type=float, default=0.05, help="relative slowdown that counts (default 0.05)")
@@ -261,8 +283,9 @@ def table_suite(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="polymodal bench table", description="Print a saved report as Markdown.")
     p.add_argument("report")
     p.add_argument("--all", action="store_true", help="also the skipped, mismatch and error rows")
-    p.add_argument("--pivot", action="store_true", help="attention: one table per dtype, pass and head dim, "
-                                                        "backends side by side")
+    p.add_argument(
+        "--pivot", action="store_true", help="attention: one table per dtype, pass and head dim, backends side by side"
+    )
     args = p.parse_args(list(argv))
     report = json.loads(Path(args.report).read_text())
     statuses = ("ok", "skipped", "mismatch", "error") if args.all else ("ok",)
@@ -274,8 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``main([suite, *options])``; returns the exit status (0 ok, 1 a row errored, 2 usage, 3 regression)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUITES:
-        print(f"usage: polymodal bench {{{','.join(SUITES)}}} [options]; got {argv[:1] or 'nothing'}",
-              file=sys.stderr)
+        print(f"usage: polymodal bench {{{','.join(SUITES)}}} [options]; got {argv[:1] or 'nothing'}", file=sys.stderr)
         return 2
     suite, rest = argv[0], argv[1:]
     try:

@@ -18,14 +18,28 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from bench import (BenchUsageError, copy_bandwidth, datasheet_tflops, fmt, load_average, machine, matmul_peak,
-                    measure, report_path, resolve_device, sig, sync, write_json)
+from bench import (
+    BenchUsageError,
+    copy_bandwidth,
+    datasheet_tflops,
+    fmt,
+    load_average,
+    machine,
+    matmul_peak,
+    measure,
+    report_path,
+    resolve_device,
+    sig,
+    sync,
+    write_json,
+)
 
 SDPA_KERNELS = {"cpu": ("flash", "math"), "cuda": ("flash", "efficient", "cudnn", "math")}
 """The SDPA kernels each device type offers, forced one at a time as ``sdpa[<kernel>]``."""
@@ -54,8 +68,16 @@ class Case:
     @property
     def mask(self) -> str:
         """The mask kinds of the call, e.g. ``causal``, ``seqlens``, ``image-row``, ``none``."""
-        kinds = [k for k, on in (("causal", self.causal), ("seqlens", self.seqlens), ("key_padding", self.padded),
-                                 (f"image-{self.pattern}", self.pattern)) if on]
+        kinds = [
+            k
+            for k, on in (
+                ("causal", self.causal),
+                ("seqlens", self.seqlens),
+                ("key_padding", self.padded),
+                (f"image-{self.pattern}", self.pattern),
+            )
+            if on
+        ]
         return "+".join(kinds) or "none"
 
     def shape(self) -> dict[str, Any]:
@@ -122,21 +144,25 @@ def visible_pairs(pattern: str, grid: tuple[int, int], prefix: int) -> int:
 
 # -- grids ------------------------------------------------------------------------------------
 
+
 def _lm(ns: Sequence[int], tokens: int, hidden: int, d: int) -> list[Case]:
     return [Case(f"lm-{n}", "causal-lm", max(1, tokens // n), hidden // d, n, n, d, causal=True) for n in ns]
 
 
 def _varlen(name: str, lengths: Sequence[int], h: int, d: int, causal: bool = False) -> list[Case]:
     n, longest = sum(lengths), max(lengths)
-    return [Case(f"{name}-packed", "packed", 1, h, n, n, d, causal=causal, seqlens=tuple(lengths)),
-            Case(f"{name}-padded", "padded", len(lengths), h, longest, longest, d, causal=causal,
-                 padded=tuple(lengths))]
+    return [
+        Case(f"{name}-packed", "packed", 1, h, n, n, d, causal=causal, seqlens=tuple(lengths)),
+        Case(f"{name}-padded", "padded", len(lengths), h, longest, longest, d, causal=causal, padded=tuple(lengths)),
+    ]
 
 
 def _sparse(b: int, h: int, d: int, grid: tuple[int, int], prefix: int) -> list[Case]:
     n = prefix + grid[0] * grid[1]
-    return [Case(f"image-{p}-{n}", "sparse-image", b, h, n, n, d, pattern=p, grid=grid, prefix=prefix)
-            for p in ("row", "column", "conv")]
+    return [
+        Case(f"image-{p}-{n}", "sparse-image", b, h, n, n, d, pattern=p, grid=grid, prefix=prefix)
+        for p in ("row", "column", "conv")
+    ]
 
 
 GRIDS = ("quick", "small", "full")
@@ -147,24 +173,35 @@ def grid(kind: str, d: int) -> list[Case]:
     minutes on 2 cores) or ``full`` (CUDA default; LM shapes as in the FlashAttention-2 paper:
     16k tokens per batch, width 2048)."""
     if kind == "quick":
-        return [Case("vit-17", "vit", 2, 2, 17, 17, d), *_lm((64,), 128, 2 * d, d),
-                Case("cross-4x32", "cross", 2, 2, 4, 32, d), *_sparse(1, 2, d, (3, 3), 2)[:1],
-                *_varlen("varlen", (5, 3, 8), 2, d)]
+        return [
+            Case("vit-17", "vit", 2, 2, 17, 17, d),
+            *_lm((64,), 128, 2 * d, d),
+            Case("cross-4x32", "cross", 2, 2, 4, 32, d),
+            *_sparse(1, 2, d, (3, 3), 2)[:1],
+            *_varlen("varlen", (5, 3, 8), 2, d),
+        ]
     if kind == "small":
         h_vit, h = max(1, 384 // d), max(1, 256 // d)
-        return [*(Case(f"vit-{n}", "vit", 8, h_vit, n, n, d) for n in (65, 197, 577)),
-                *_lm((256, 512, 1024, 2048), 2048, 256, d),
-                Case("cross-32x2048", "cross", 2, h, 32, 2048, d), Case("cross-2048x32", "cross", 2, h, 2048, 32, d),
-                *_sparse(1, h, d, (16, 16), 64),
-                *_varlen("varlen", (300, 45, 520, 90, 17, 200), h, d)]
+        return [
+            *(Case(f"vit-{n}", "vit", 8, h_vit, n, n, d) for n in (65, 197, 577)),
+            *_lm((256, 512, 1024, 2048), 2048, 256, d),
+            Case("cross-32x2048", "cross", 2, h, 32, 2048, d),
+            Case("cross-2048x32", "cross", 2, h, 2048, 32, d),
+            *_sparse(1, h, d, (16, 16), 64),
+            *_varlen("varlen", (300, 45, 520, 90, 17, 200), h, d),
+        ]
     if kind == "full":
         h_vit, h = 768 // d, 1024 // d
         lengths = (1024, 77, 2048, 512, 197, 4096, 33, 256)
-        return [*(Case(f"vit-{n}", "vit", 32, h_vit, n, n, d) for n in (65, 197, 577)),
-                *_lm((512, 1024, 2048, 4096, 8192), 16384, 2048, d),
-                Case("cross-64x4096", "cross", 8, h, 64, 4096, d), Case("cross-4096x64", "cross", 8, h, 4096, 64, d),
-                *_sparse(4, h, d, (32, 32), 256),  # DALL·E: 256 text + 32×32 image tokens
-                *_varlen("varlen", lengths, h, d), *_varlen("varlen-causal", lengths, h, d, causal=True)]
+        return [
+            *(Case(f"vit-{n}", "vit", 32, h_vit, n, n, d) for n in (65, 197, 577)),
+            *_lm((512, 1024, 2048, 4096, 8192), 16384, 2048, d),
+            Case("cross-64x4096", "cross", 8, h, 64, 4096, d),
+            Case("cross-4096x64", "cross", 8, h, 4096, 64, d),
+            *_sparse(4, h, d, (32, 32), 256),  # DALL·E: 256 text + 32×32 image tokens
+            *_varlen("varlen", lengths, h, d),
+            *_varlen("varlen-causal", lengths, h, d, causal=True),
+        ]
     raise BenchUsageError(f"--grid must be one of {', '.join(GRIDS)}; got {kind!r}")
 
 
@@ -183,12 +220,17 @@ def _kernel_context(kernel: str | None):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    member = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-              "math": "MATH"}[kernel]
+    member = {
+        "flash": "FLASH_ATTENTION",
+        "efficient": "EFFICIENT_ATTENTION",
+        "cudnn": "CUDNN_ATTENTION",
+        "math": "MATH",
+    }[kernel]
     return sdpa_kernel(getattr(SDPBackend, member))
 
 
 # -- one row ----------------------------------------------------------------------------------
+
 
 @dataclass
 class Context:
@@ -206,8 +248,10 @@ class Context:
 def inputs(case: Case, device: torch.device, dtype: torch.dtype, grad: bool, seed: int = 0) -> dict[str, Any]:
     """Random (never all-zero) q, k, v and the case's mask arguments."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(case.b, case.h, n, case.d, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
-               for n in (case.nq, case.nk, case.nk))  # (B, H, N, D)
+    q, k, v = (
+        torch.randn(case.b, case.h, n, case.d, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+        for n in (case.nq, case.nk, case.nk)
+    )  # (B, H, N, D)
     call: dict[str, Any] = dict(q=q, k=k, v=v, causal=case.causal)
     if case.seqlens:
         call["seqlens"] = list(case.seqlens)
@@ -228,12 +272,36 @@ def empty_row(variant: str, case: Case, dtype: torch.dtype, mode: str, ctx: Cont
     """A row with the grid point filled in and every measurement ``None``."""
     dt = str(dtype).replace("torch.", "")
     return dict(
-        suite="attention", key=f"{variant}|{case.name}|{shape_tag(case.shape())}|{dt}|{mode}", backend=variant, case=case.name,
-        family=case.family, shape=case.shape(), seq_len=case.nk, head_dim=case.d, mask=case.mask, dtype=dt,
-        device=ctx.device.type, device_name=ctx.base["device_name"], mode=mode, status="ok", reason=None,
-        median_ms=None, iqr_ms=None, runs=None, work_gflop=sig(total_flops(case, mode) / 1e9, 6), tflops=None,
-        gflops=None, pct_measured_peak=None, pct_datasheet_peak=None, gbps=None, pct_measured_bandwidth=None,
-        peak_mem_mb=None, torch=ctx.base["torch"], xformers=ctx.base.get("xformers"), threads=ctx.base["threads"])
+        suite="attention",
+        key=f"{variant}|{case.name}|{shape_tag(case.shape())}|{dt}|{mode}",
+        backend=variant,
+        case=case.name,
+        family=case.family,
+        shape=case.shape(),
+        seq_len=case.nk,
+        head_dim=case.d,
+        mask=case.mask,
+        dtype=dt,
+        device=ctx.device.type,
+        device_name=ctx.base["device_name"],
+        mode=mode,
+        status="ok",
+        reason=None,
+        median_ms=None,
+        iqr_ms=None,
+        runs=None,
+        work_gflop=sig(total_flops(case, mode) / 1e9, 6),
+        tflops=None,
+        gflops=None,
+        pct_measured_peak=None,
+        pct_datasheet_peak=None,
+        gbps=None,
+        pct_measured_bandwidth=None,
+        peak_mem_mb=None,
+        torch=ctx.base["torch"],
+        xformers=ctx.base.get("xformers"),
+        threads=ctx.base["threads"],
+    )
 
 
 def _sdpa_refusal(caught: list, exc: Exception) -> str:
@@ -257,8 +325,18 @@ def run_case(variant: str, case: Case, dtype: torch.dtype, mode: str, ctx: Conte
         return skip(f"backend {backend!r} is not registered")
     backward = mode == "forward+backward"
     call = inputs(case, ctx.device, dtype, backward)
-    why = impl.supports(_spec(call["q"], call["k"], case.causal, call.get("key_padding"), call.get("seqlens"),
-                              call.get("mask"), 0.0, call["v"]))
+    why = impl.supports(
+        _spec(
+            call["q"],
+            call["k"],
+            case.causal,
+            call.get("key_padding"),
+            call.get("seqlens"),
+            call.get("mask"),
+            0.0,
+            call["v"],
+        )
+    )
     if why is not None:
         return skip(why)
     if kernel is not None and kernel not in SDPA_KERNELS.get(ctx.device.type, ()):
@@ -267,10 +345,14 @@ def run_case(variant: str, case: Case, dtype: torch.dtype, mode: str, ctx: Conte
     if variant in MATERIALISING:
         need = case.scores_bytes(element, backward) / 1e9
         if need > ctx.max_gb:
-            return skip(f"{variant} materialises the (B, H, Nq, Nk) scores: about {need:.1f} GB, over the "
-                        f"--max-gb budget of {ctx.max_gb:.1f} GB")
+            return skip(
+                f"{variant} materialises the (B, H, Nq, Nk) scores: about {need:.1f} GB, over the "
+                f"--max-gb budget of {ctx.max_gb:.1f} GB"
+            )
     q, k, v = call.pop("q"), call.pop("k"), call.pop("v")
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(ctx.device, dtype) if backward else None
+    grad_out = (
+        torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(ctx.device, dtype) if backward else None
+    )
 
     def fn() -> None:
         out = attention(q, k, v, backend=backend, **call)  # (B, H, Nq, D)
@@ -309,17 +391,30 @@ def run_case(variant: str, case: Case, dtype: torch.dtype, mode: str, ctx: Conte
     tflops = flops / median / 1e12
     gbps = case.io_bytes(element, backward) / median / 1e9
     peak, sheet = ctx.peaks.get(row["dtype"]), ctx.base.get("datasheet_tflops", {}).get(row["dtype"])
-    return {**row, "median_ms": sig(median * 1e3, 6), "iqr_ms": sig(iqr * 1e3, 6), "runs": runs,
-            "tflops": sig(tflops), "gflops": sig(tflops * 1e3),
-            "pct_measured_peak": sig(100 * tflops / peak) if peak else None,
-            "pct_datasheet_peak": sig(100 * tflops / sheet) if sheet else None, "gbps": sig(gbps),
-            "pct_measured_bandwidth": sig(100 * gbps / ctx.bandwidth_gbps) if ctx.bandwidth_gbps else None}
+    return {
+        **row,
+        "median_ms": sig(median * 1e3, 6),
+        "iqr_ms": sig(iqr * 1e3, 6),
+        "runs": runs,
+        "tflops": sig(tflops),
+        "gflops": sig(tflops * 1e3),
+        "pct_measured_peak": sig(100 * tflops / peak) if peak else None,
+        "pct_datasheet_peak": sig(100 * tflops / sheet) if sheet else None,
+        "gbps": sig(gbps),
+        "pct_measured_bandwidth": sig(100 * gbps / ctx.bandwidth_gbps) if ctx.bandwidth_gbps else None,
+    }
 
 
 # -- the dispatcher's overhead ------------------------------------------------------------------
 
-def overhead(device: torch.device, dtype: torch.dtype, shapes: Sequence[tuple[int, int, int, int]],
-             rounds: int, min_run_time: float) -> dict[str, Any]:
+
+def overhead(
+    device: torch.device,
+    dtype: torch.dtype,
+    shapes: Sequence[tuple[int, int, int, int]],
+    rounds: int,
+    min_run_time: float,
+) -> dict[str, Any]:
     """``attention(q, k, v)`` vs ``F.scaled_dot_product_attention(q, k, v)`` at ``shapes`` (B, H, N, D).
 
     Interleaved (A, B, A, B, ...) so drift and neighbours' load hit both equally; the figure
@@ -340,40 +435,71 @@ def overhead(device: torch.device, dtype: torch.dtype, shapes: Sequence[tuple[in
     results = []
     for b, h, n, d in shapes:
         g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype) for _ in range(3))  # (B, H, N, D)
+        q, k, v = (
+            torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype) for _ in range(3)
+        )  # (B, H, N, D)
         a, s = pair(q, k, v, min_run_time)
-        results.append(dict(shape=dict(B=b, H=h, N=n, D=d), attention_ms=round(a * 1e3, 4), sdpa_ms=round(s * 1e3, 4),
-                            ratio=round(a / s, 4), overhead_us=round((a - s) * 1e6, 2)))
+        results.append(
+            dict(
+                shape=dict(B=b, H=h, N=n, D=d),
+                attention_ms=round(a * 1e3, 4),
+                sdpa_ms=round(s * 1e3, 4),
+                ratio=round(a / s, 4),
+                overhead_us=round((a - s) * 1e6, 2),
+            )
+        )
     q, k, v = (torch.randn(1, 1, 8, 16).to(device=device, dtype=dtype) for _ in range(3))  # (1, 1, 8, 16)
     a, s = pair(q, k, v, min_run_time / 2)
     worst = max(results, key=lambda r: r["ratio"])
-    return dict(method="interleaved torch.utils.benchmark blocked_autorange, median of round medians",
-                dtype=str(dtype).replace("torch.", ""), rounds=rounds, cases=results, attention_ms=worst["attention_ms"],
-                sdpa_ms=worst["sdpa_ms"], ratio=worst["ratio"], worst_shape=worst["shape"],
-                tiny_call_overhead_us=round((a - s) * 1e6, 2))
+    return dict(
+        method="interleaved torch.utils.benchmark blocked_autorange, median of round medians",
+        dtype=str(dtype).replace("torch.", ""),
+        rounds=rounds,
+        cases=results,
+        attention_ms=worst["attention_ms"],
+        sdpa_ms=worst["sdpa_ms"],
+        ratio=worst["ratio"],
+        worst_shape=worst["shape"],
+        tiny_call_overhead_us=round((a - s) * 1e6, 2),
+    )
 
 
 # -- the suite --------------------------------------------------------------------------------
 
+
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     """The suite's options."""
-    p = argparse.ArgumentParser(prog="polymodal bench attention", description=(
-        "Time every attention backend (and each forced SDPA kernel) over shapes, masks, head dims, dtypes and "
-        "passes; print a table, write JSON rows and a PNG plot."))
+    p = argparse.ArgumentParser(
+        prog="polymodal bench attention",
+        description=(
+            "Time every attention backend (and each forced SDPA kernel) over shapes, masks, head dims, dtypes and "
+            "passes; print a table, write JSON rows and a PNG plot."
+        ),
+    )
     p.add_argument("--grid", choices=GRIDS, default=None, help="shape grid (default: small on the CPU, full on CUDA)")
     p.add_argument("--quick", action="store_true", help="the quick grid with short timings (a smoke run, seconds)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (auto: cuda when available)")
     p.add_argument("--backends", default="", help="comma-separated, e.g. math,sdpa,sdpa[flash] (default: all)")
     p.add_argument("--cases", default="", help="comma-separated case names (default: the whole grid)")
     p.add_argument("--head-dims", default="", help="comma-separated (default 64,128; quick 16)")
-    p.add_argument("--dtypes", default="", help="comma-separated (default float32 on the CPU, bfloat16,float32 on CUDA)")
+    p.add_argument(
+        "--dtypes", default="", help="comma-separated (default float32 on the CPU, bfloat16,float32 on CUDA)"
+    )
     p.add_argument("--modes", default="", help="forward, forward+backward or both (default both; quick: forward)")
     p.add_argument("--backward", action="store_true", help="only forward+backward (same as --modes forward+backward)")
-    p.add_argument("--min-run-time", type=float, default=None,
-                   help="seconds per measurement (default 0.2 CPU, 0.1 CUDA, quick 0.01)")
+    p.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help="seconds per measurement (default 0.2 CPU, 0.1 CUDA, quick 0.01)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's current setting)")
-    p.add_argument("--max-gb", type=float, default=None,
-                   help="skip backends that materialise the scores beyond this (default 2 CPU, 40%% of GPU memory)")
+    p.add_argument(
+        "--max-gb",
+        type=float,
+        default=None,
+        help="skip backends that materialise the scores beyond this (default 2 CPU, 40%% of GPU memory)",
+    )
     p.add_argument("--budget-s", type=float, default=None, help="skip the rows left after this many seconds")
     p.add_argument("--no-overhead", action="store_true", help="skip the dispatcher-overhead measurement")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention-<device>.json)")
@@ -396,8 +522,11 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     dims = [int(x) for x in _names(args.head_dims)] or ([16] if kind == "quick" else [64, 128])
     dtypes = _names(args.dtypes) or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])
     bad = [d for d in dtypes if not isinstance(getattr(torch, d, None), torch.dtype)]
-    modes = ["forward+backward"] if args.backward else _names(args.modes) or (
-        ["forward"] if kind == "quick" else list(MODES))
+    modes = (
+        ["forward+backward"]
+        if args.backward
+        else _names(args.modes) or (["forward"] if kind == "quick" else list(MODES))
+    )
     bad += [m for m in modes if m not in MODES]
     known = variants(device)
     names = _names(args.backends) or known
@@ -408,13 +537,25 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         bad += sorted(wanted - {c.name for c in cases})
         cases = [c for c in cases if c.name in wanted]
     if bad:
-        raise BenchUsageError(f"unknown backend, case, dtype or mode: {', '.join(bad)}; backends: {', '.join(known)}; "
-                         f"cases: {', '.join(dict.fromkeys(c.name for c in grid(kind, dims[0])))}; modes: "
-                         f"{', '.join(MODES)}")
-    run_time = args.min_run_time if args.min_run_time is not None else (
-        0.01 if kind == "quick" else 0.1 if device.type == "cuda" else 0.2)
-    return dict(grid=kind, head_dims=dims, dtypes=[getattr(torch, d) for d in dtypes], modes=modes, backends=names,
-                cases=cases, min_run_time=run_time)
+        raise BenchUsageError(
+            f"unknown backend, case, dtype or mode: {', '.join(bad)}; backends: {', '.join(known)}; "
+            f"cases: {', '.join(dict.fromkeys(c.name for c in grid(kind, dims[0])))}; modes: "
+            f"{', '.join(MODES)}"
+        )
+    run_time = (
+        args.min_run_time
+        if args.min_run_time is not None
+        else (0.01 if kind == "quick" else 0.1 if device.type == "cuda" else 0.2)
+    )
+    return dict(
+        grid=kind,
+        head_dims=dims,
+        dtypes=[getattr(torch, d) for d in dtypes],
+        modes=modes,
+        backends=names,
+        cases=cases,
+        min_run_time=run_time,
+    )
 
 
 def attention_suite(argv: Sequence[str]) -> int:
@@ -433,8 +574,10 @@ def attention_suite(argv: Sequence[str]) -> int:
 
 def _peaks(device: torch.device, todo: dict[str, Any], quick: bool) -> tuple[dict, dict, dict]:
     run_time = max(todo["min_run_time"], 0.05 if quick else 0.3)
-    peaks = {str(dt).replace("torch.", ""): matmul_peak(device, dt, run_time, 256 if quick else None)
-             for dt in todo["dtypes"]}
+    peaks = {
+        str(dt).replace("torch.", ""): matmul_peak(device, dt, run_time, 256 if quick else None)
+        for dt in todo["dtypes"]
+    }
     bandwidth = copy_bandwidth(device, run_time, 8 if quick else None)
     return peaks, bandwidth, {k: v["tflops"] for k, v in peaks.items()}
 
@@ -446,8 +589,9 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device, todo: d
     quick = todo["grid"] == "quick"
     base = machine(device)
     if device.type == "cuda":
-        base["datasheet_tflops"] = {str(dt).replace("torch.", ""): datasheet_tflops(base["device_name"], dt)
-                                    for dt in todo["dtypes"]}
+        base["datasheet_tflops"] = {
+            str(dt).replace("torch.", ""): datasheet_tflops(base["device_name"], dt) for dt in todo["dtypes"]
+        }
     if args.max_gb is not None:
         max_gb = args.max_gb
     elif device.type == "cuda":
@@ -456,8 +600,15 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device, todo: d
         max_gb = 2.0
     started = time.perf_counter()
     peaks, bandwidth, tflops = _peaks(device, todo, quick)
-    ctx = Context(device, base, todo["min_run_time"], tflops, bandwidth["gbps"], max_gb,
-                  None if args.budget_s is None else started + args.budget_s)
+    ctx = Context(
+        device,
+        base,
+        todo["min_run_time"],
+        tflops,
+        bandwidth["gbps"],
+        max_gb,
+        None if args.budget_s is None else started + args.budget_s,
+    )
     rows = []
     for dtype in todo["dtypes"]:
         for mode in todo["modes"]:
@@ -465,25 +616,46 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device, todo: d
                 for name in todo["backends"]:
                     rows.append(run_case(name, case, dtype, mode, ctx))
                     r = rows[-1]
-                    print(f"  {name:16s} {case.name:20s} D{case.d:<4d} {r['dtype']:9s} {mode:17s} {r['status']:8s}"
-                          f" {fmt(r['median_ms'], '.3f')} ms", file=sys.stderr, flush=True)
+                    print(
+                        f"  {name:16s} {case.name:20s} D{case.d:<4d} {r['dtype']:9s} {mode:17s} {r['status']:8s}"
+                        f" {fmt(r['median_ms'], '.3f')} ms",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     over = None
     if not args.no_overhead:
-        vit = [c for c in todo["cases"] if c.family == "vit" and c.d == todo["head_dims"][0]] or \
-              [c for c in grid(todo["grid"], todo["head_dims"][0]) if c.family == "vit"]
+        vit = [c for c in todo["cases"] if c.family == "vit" and c.d == todo["head_dims"][0]] or [
+            c for c in grid(todo["grid"], todo["head_dims"][0]) if c.family == "vit"
+        ]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            over = overhead(device, todo["dtypes"][0], [(c.b, c.h, c.nq, c.d) for c in vit], 3 if quick else 7,
-                            todo["min_run_time"])
+            over = overhead(
+                device, todo["dtypes"][0], [(c.b, c.h, c.nq, c.d) for c in vit], 3 if quick else 7, todo["min_run_time"]
+            )
     base["load_after"] = load_average()
-    report = dict(suite="attention", command="polymodal bench attention " + " ".join(argv), machine=base,
-                  grid=todo["grid"], head_dims=todo["head_dims"], modes=todo["modes"],
-                  dtypes=[str(d).replace("torch.", "") for d in todo["dtypes"]], min_run_time_s=todo["min_run_time"],
-                  max_gb=round(max_gb, 2), quick=quick, backward=todo["modes"] == ["forward+backward"],
-                  matmul_peak=peaks, copy_bandwidth=bandwidth, seconds=None, rows=rows, overhead=over)
+    report = dict(
+        suite="attention",
+        command="polymodal bench attention " + " ".join(argv),
+        machine=base,
+        grid=todo["grid"],
+        head_dims=todo["head_dims"],
+        modes=todo["modes"],
+        dtypes=[str(d).replace("torch.", "") for d in todo["dtypes"]],
+        min_run_time_s=todo["min_run_time"],
+        max_gb=round(max_gb, 2),
+        quick=quick,
+        backward=todo["modes"] == ["forward+backward"],
+        matmul_peak=peaks,
+        copy_bandwidth=bandwidth,
+        seconds=None,
+        rows=rows,
+        overhead=over,
+    )
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(attention_table(report))
-    out = Path(args.out) if args.out else report_path("attention", device, base["device_name"], "-quick" if quick else "")
+    out = (
+        Path(args.out) if args.out else report_path("attention", device, base["device_name"], "-quick" if quick else "")
+    )
     status = 1 if any(r["status"] == "error" for r in rows) else 0
     if args.compare:
         import json

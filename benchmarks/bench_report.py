@@ -32,26 +32,42 @@ def attention_table(report: dict[str, Any]) -> str:
     m = report["machine"]
     cuda = m["device"] == "cuda"
     peaks = ", ".join(f"{k} {_tf(v['tflops'])} TFLOP/s" for k, v in report.get("matmul_peak", {}).items())
-    lines = [f"attention on {m['device_name']} ({m['device']}, torch {m['torch']}, {m['threads']} threads, "
-             f"load {m.get('load_before')}); grid {report.get('grid')}; measured matmul peak: {peaks}; "
-             f"copy bandwidth {fmt((report.get('copy_bandwidth') or {}).get('gbps'))} GB/s"]
+    lines = [
+        f"attention on {m['device_name']} ({m['device']}, torch {m['torch']}, {m['threads']} threads, "
+        f"load {m.get('load_before')}); grid {report.get('grid')}; measured matmul peak: {peaks}; "
+        f"copy bandwidth {fmt((report.get('copy_bandwidth') or {}).get('gbps'))} GB/s"
+    ]
     head = ["backend", "case", "D", "dtype", "mode", "median ms", "IQR ms", "TFLOP/s", "% peak"]
     head += ["% sheet", "GB/s", "peak MB"] if cuda else ["GB/s"]
     head.append("status")
     body = []
     for r in report["rows"]:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
-        line = [r["backend"], r["case"], r["head_dim"], r["dtype"], "fwd" if r["mode"] == "forward" else "fwd+bwd",
-                fmt(r["median_ms"], ".3f"), fmt(r["iqr_ms"], ".3f"), _tf(r["tflops"]), fmt(r["pct_measured_peak"], ".1f")]
-        line += [fmt(r["pct_datasheet_peak"], ".1f"), fmt(r["gbps"], ".1f"), fmt(r["peak_mem_mb"], ".1f")] if cuda \
+        line = [
+            r["backend"],
+            r["case"],
+            r["head_dim"],
+            r["dtype"],
+            "fwd" if r["mode"] == "forward" else "fwd+bwd",
+            fmt(r["median_ms"], ".3f"),
+            fmt(r["iqr_ms"], ".3f"),
+            _tf(r["tflops"]),
+            fmt(r["pct_measured_peak"], ".1f"),
+        ]
+        line += (
+            [fmt(r["pct_datasheet_peak"], ".1f"), fmt(r["gbps"], ".1f"), fmt(r["peak_mem_mb"], ".1f")]
+            if cuda
             else [fmt(r["gbps"], ".1f")]
+        )
         body.append([*line, status])
     lines.append(text_table(head, body))
     over = report.get("overhead")
     if over:
         for c in over["cases"]:
-            lines.append(f"dispatcher overhead at {c['shape']}: attention {c['attention_ms']:.4f} ms vs sdpa "
-                         f"{c['sdpa_ms']:.4f} ms, ratio {c['ratio']:.3f}")
+            lines.append(
+                f"dispatcher overhead at {c['shape']}: attention {c['attention_ms']:.4f} ms vs sdpa "
+                f"{c['sdpa_ms']:.4f} ms, ratio {c['ratio']:.3f}"
+            )
         lines.append(f"dispatcher overhead per tiny call: {over['tiny_call_overhead_us']:.1f} µs")
         if over["ratio"] > 1.05:
             lines.append(f"note: dispatcher overhead ratio {over['ratio']:.3f} is above the 1.05 target")
@@ -60,6 +76,7 @@ def attention_table(report: dict[str, Any]) -> str:
 
 # -- compare ----------------------------------------------------------------------------------
 
+
 def compare(new: dict[str, Any], base: dict[str, Any], threshold: float = 0.05, min_us: float = 30.0) -> dict[str, Any]:
     """Rows of ``new`` against the same rows (same key) of ``base``.
 
@@ -67,6 +84,7 @@ def compare(new: dict[str, Any], base: dict[str, Any], threshold: float = 0.05, 
     ``min_us`` microseconds; an improvement is the mirror image. Rows that ran in the
     baseline but not now are listed as ``lost``.
     """
+
     def timed(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         return {row_key(r): r for r in report.get("rows", []) if r.get("median_ms")}
 
@@ -79,28 +97,44 @@ def compare(new: dict[str, Any], base: dict[str, Any], threshold: float = 0.05, 
         compared += 1
         ratio = r["median_ms"] / b["median_ms"]
         delta_us = (r["median_ms"] - b["median_ms"]) * 1e3
-        item = dict(key=key, baseline_ms=b["median_ms"], new_ms=r["median_ms"], ratio=round(ratio, 4),
-                    delta_us=round(delta_us, 2))
+        item = dict(
+            key=key,
+            baseline_ms=b["median_ms"],
+            new_ms=r["median_ms"],
+            ratio=round(ratio, 4),
+            delta_us=round(delta_us, 2),
+        )
         if ratio > 1 + threshold and delta_us > min_us:
             regressions.append(item)
         elif ratio < 1 / (1 + threshold) and -delta_us > min_us:
             improvements.append(item)
     names = [(r.get("machine") or {}).get("device_name") for r in (new, base)]
-    return dict(threshold=threshold, min_us=min_us, compared=compared, same_device=names[0] == names[1],
-                baseline_device=names[1], regressions=sorted(regressions, key=lambda x: -x["ratio"]),
-                improvements=sorted(improvements, key=lambda x: x["ratio"]), lost=sorted(set(old) - set(now)))
+    return dict(
+        threshold=threshold,
+        min_us=min_us,
+        compared=compared,
+        same_device=names[0] == names[1],
+        baseline_device=names[1],
+        regressions=sorted(regressions, key=lambda x: -x["ratio"]),
+        improvements=sorted(improvements, key=lambda x: x["ratio"]),
+        lost=sorted(set(old) - set(now)),
+    )
 
 
 def compare_text(result: dict[str, Any]) -> str:
     """The comparison as lines for the screen."""
-    lines = [f"compared {result['compared']} rows with the baseline (regression: > {result['threshold']:.0%} and "
-             f"> {result['min_us']:g} µs slower)"]
+    lines = [
+        f"compared {result['compared']} rows with the baseline (regression: > {result['threshold']:.0%} and "
+        f"> {result['min_us']:g} µs slower)"
+    ]
     if not result["same_device"]:
         lines.append(f"warning: the baseline ran on {result['baseline_device']!r}, another device")
     for tag, items in (("REGRESSION", result["regressions"]), ("improvement", result["improvements"])):
         for x in items:
-            lines.append(f"{tag}: {x['key']}: {x['baseline_ms']:.4f} → {x['new_ms']:.4f} ms "
-                         f"(×{x['ratio']:.3f}, {x['delta_us']:+.1f} µs)")
+            lines.append(
+                f"{tag}: {x['key']}: {x['baseline_ms']:.4f} → {x['new_ms']:.4f} ms "
+                f"(×{x['ratio']:.3f}, {x['delta_us']:+.1f} µs)"
+            )
     for key in result["lost"]:
         lines.append(f"lost: {key} ran in the baseline but has no timing now")
     lines.append(f"{len(result['regressions'])} regression(s), {len(result['improvements'])} improvement(s)")
@@ -109,8 +143,7 @@ def compare_text(result: dict[str, Any]) -> str:
 
 # -- the plot ---------------------------------------------------------------------------------
 
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
-           "#bcbd22")
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
 
 
 def _font(size: int):
@@ -143,8 +176,12 @@ def plot_attention(report: dict[str, Any], path: str | Path) -> bool:
     draw = ImageDraw.Draw(img)
     m = report["machine"]
     draw.text((12, 8), "Causal attention: time per call vs sequence length, per backend", fill="black", font=_font(16))
-    draw.text((12, 30), f"{m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads",
-              fill="black", font=_font(13))
+    draw.text(
+        (12, 30),
+        f"{m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads",
+        fill="black",
+        font=_font(13),
+    )
     draw.text((12, 48), report.get("command", ""), fill="#555555", font=_font(12))
     for i, (key, series) in enumerate(sorted(panels.items())):
         _panel(draw, (i % cols) * pw, head + (i // cols) * ph, pw, ph, key, series, colour)
@@ -170,9 +207,9 @@ def _panel(draw, x0: int, y0: int, w: int, h: int, key: tuple, series: dict, col
     draw.text((left, y0 + 8), f"{dtype}, {mode}, head dim {d}", fill="black", font=label)
     draw.rectangle([left, top, right, bottom], outline="black")
     for e in range(ly0, ly1 + 1):
-        y = py(10.0 ** e)
+        y = py(10.0**e)
         draw.line([left, y, right, y], fill="#dddddd")
-        draw.text((x0 + 8, y - 7), f"{10.0 ** e:g} ms", fill="black", font=small)
+        draw.text((x0 + 8, y - 7), f"{10.0**e:g} ms", fill="black", font=small)
     for n in xs:
         x = px(n)
         draw.line([x, top, x, bottom], fill="#eeeeee")
@@ -192,30 +229,43 @@ def _panel(draw, x0: int, y0: int, w: int, h: int, key: tuple, series: dict, col
 
 # -- Markdown for the READMEs ---------------------------------------------------------------------
 
+
 def markdown(report: dict[str, Any], statuses: tuple[str, ...] = ("ok",)) -> str:
     """A report as Markdown table rows (the READMEs' tables): timed rows, plus any of ``statuses``."""
     m = report["machine"]
     load = f"load average {m.get('load_before')} before, {m.get('load_after')} after"
-    lines = [f"{m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads, {load}; "
-             f"`{report.get('command', '').strip()}`", ""]
+    lines = [
+        f"{m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads, {load}; "
+        f"`{report.get('command', '').strip()}`",
+        "",
+    ]
     rows = [r for r in report["rows"] if r["status"] in statuses]
     if report.get("suite") == "models":
-        lines += ["| model | task | batch | dtype | polymodal ms | transformers ms | ratio | polymodal /s | "
-                  "transformers /s | status |", "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "| model | task | batch | dtype | polymodal ms | transformers ms | ratio | polymodal /s | "
+            "transformers /s | status |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+        ]
         for r in rows:
             status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
-            lines.append(f"| {r['model']} | {r['task']} | {fmt(r['batch'])} | {r['dtype']} | {fmt(r['polymodal_ms'], '.1f')} "
-                         f"| {fmt(r['transformers_ms'], '.1f')} | {fmt(r['ratio'], '.3f')} | "
-                         f"{fmt(r.get('polymodal_per_s'), '.1f')} {r.get('unit', '')} | "
-                         f"{fmt(r.get('transformers_per_s'), '.1f')} | {status} |")
+            lines.append(
+                f"| {r['model']} | {r['task']} | {fmt(r['batch'])} | {r['dtype']} | {fmt(r['polymodal_ms'], '.1f')} "
+                f"| {fmt(r['transformers_ms'], '.1f')} | {fmt(r['ratio'], '.3f')} | "
+                f"{fmt(r.get('polymodal_per_s'), '.1f')} {r.get('unit', '')} | "
+                f"{fmt(r.get('transformers_per_s'), '.1f')} | {status} |"
+            )
         return "\n".join(lines)
-    lines += ["| case | shape (B, H, Nq, Nk, D) | mask | mode | backend | median ms | IQR ms | TFLOP/s | % peak |",
-              "|---|---|---|---|---|---:|---:|---:|---:|"]
+    lines += [
+        "| case | shape (B, H, Nq, Nk, D) | mask | mode | backend | median ms | IQR ms | TFLOP/s | % peak |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         s = r["shape"]
-        lines.append(f"| {r['case']} | {s['B']}, {s['H']}, {s['Nq']}, {s['Nk']}, {s['D']} | {r['mask']} | "
-                     f"{'fwd' if r['mode'] == 'forward' else 'fwd+bwd'} | {r['backend']} | {fmt(r['median_ms'], '.3f')} | "
-                     f"{fmt(r['iqr_ms'], '.3f')} | {_tf(r.get('tflops'))} | {fmt(r.get('pct_measured_peak'), '.1f')} |")
+        lines.append(
+            f"| {r['case']} | {s['B']}, {s['H']}, {s['Nq']}, {s['Nk']}, {s['D']} | {r['mask']} | "
+            f"{'fwd' if r['mode'] == 'forward' else 'fwd+bwd'} | {r['backend']} | {fmt(r['median_ms'], '.3f')} | "
+            f"{fmt(r['iqr_ms'], '.3f')} | {_tf(r.get('tflops'))} | {fmt(r.get('pct_measured_peak'), '.1f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -227,18 +277,23 @@ def markdown_pivot(report: dict[str, Any]) -> str:
     out = []
     for dtype, mode, d in dict.fromkeys((r["dtype"], r["mode"], r["head_dim"]) for r in rows):
         group = [r for r in rows if (r["dtype"], r["mode"], r["head_dim"]) == (dtype, mode, d)]
-        out += [f"{dtype}, {mode}, head dim {d} (median ms per call; - = cannot run, see the JSON for why):", "",
-                "| case | B, H, Nq, Nk | mask | " + " | ".join(backends) + " | best: TFLOP/s | % peak |",
-                "|---|---|---|" + "---:|" * (len(backends) + 2)]
+        out += [
+            f"{dtype}, {mode}, head dim {d} (median ms per call; - = cannot run, see the JSON for why):",
+            "",
+            "| case | B, H, Nq, Nk | mask | " + " | ".join(backends) + " | best: TFLOP/s | % peak |",
+            "|---|---|---|" + "---:|" * (len(backends) + 2),
+        ]
         for case in dict.fromkeys(r["case"] for r in group):
             cells = {r["backend"]: r for r in group if r["case"] == case}
             first = next(iter(cells.values()))
             s = first["shape"]
             timed = [r for r in cells.values() if r.get("median_ms")]
             best = min(timed, key=lambda r: r["median_ms"]) if timed else None
-            out.append(f"| {case} | {s['B']}, {s['H']}, {s['Nq']}, {s['Nk']} | {first['mask']} | "
-                       + " | ".join(fmt((cells.get(b) or {}).get("median_ms"), ".2f") for b in backends)
-                       + f" | {_tf(best['tflops']) + ' (' + best['backend'] + ')' if best else '-'} | "
-                       f"{fmt(best['pct_measured_peak'] if best else None, '.0f')} |")
+            out.append(
+                f"| {case} | {s['B']}, {s['H']}, {s['Nq']}, {s['Nk']} | {first['mask']} | "
+                + " | ".join(fmt((cells.get(b) or {}).get("median_ms"), ".2f") for b in backends)
+                + f" | {_tf(best['tflops']) + ' (' + best['backend'] + ')' if best else '-'} | "
+                f"{fmt(best['pct_measured_peak'] if best else None, '.0f')} |"
+            )
         out.append("")
     return "\n".join(out)

@@ -22,8 +22,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -75,9 +76,17 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
 def row(impl: str, tokens: int, cache: bool, batch: int, times: list[float]) -> dict[str, Any]:
     """One JSON row: the median time and the tokens per second it gives."""
     median = statistics.median(times)
-    return dict(impl=impl, tokens=tokens, use_cache=cache, batch=batch, median_s=round(median, 5),
-                best_s=round(min(times), 5), times_s=[round(t, 5) for t in times],
-                tokens_per_s=round(batch * tokens / median, 1), tokens_per_s_best=round(batch * tokens / min(times), 1))
+    return dict(
+        impl=impl,
+        tokens=tokens,
+        use_cache=cache,
+        batch=batch,
+        median_s=round(median, 5),
+        best_s=round(min(times), 5),
+        times_s=[round(t, 5) for t in times],
+        tokens_per_s=round(batch * tokens / median, 1),
+        tokens_per_s_best=round(batch * tokens / min(times), 1),
+    )
 
 
 def cache_rows(args: argparse.Namespace, device: torch.device, sync: Callable[[], None]) -> list[dict[str, Any]]:
@@ -88,12 +97,21 @@ def cache_rows(args: argparse.Namespace, device: torch.device, sync: Callable[[]
         if side * side != n:
             raise ValueError(f"--tokens must be square numbers (side² pixels); got {n}")
         torch.manual_seed(0)
-        model = IGPT(IGPTConfig(image_size=side, channels=1, palette_size=args.palette, dim=args.dim,
-                                depth=args.depth, heads=args.heads))
+        model = IGPT(
+            IGPTConfig(
+                image_size=side, channels=1, palette_size=args.palette, dim=args.dim, depth=args.depth, heads=args.heads
+            )
+        )
         randomise(model, 0)
         model.to(device).eval()
-        times = interleaved({c: (lambda c=c: model.sample_tokens(args.batch, seed=0, use_cache=c == "cache"))
-                             for c in ("cache", "no-cache")}, args.repeats, sync)
+        times = interleaved(
+            {
+                c: (lambda c=c, model=model: model.sample_tokens(args.batch, seed=0, use_cache=c == "cache"))
+                for c in ("cache", "no-cache")
+            },
+            args.repeats,
+            sync,
+        )
         for c, t in times.items():
             rows.append(row("polymodal", n, c == "cache", args.batch, t))
             print(f"polymodal  tokens {n:4d}  {c:8s}  {rows[-1]['tokens_per_s']:9.1f} tokens/s", flush=True)
@@ -105,8 +123,16 @@ def transformers_rows(args: argparse.Namespace, device: torch.device, sync: Call
     import transformers
 
     n = 64
-    cfg = transformers.ImageGPTConfig(vocab_size=args.palette + 1, n_positions=n, n_embd=args.dim, n_layer=args.depth,
-                                      n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.ImageGPTConfig(
+        vocab_size=args.palette + 1,
+        n_positions=n,
+        n_embd=args.dim,
+        n_layer=args.depth,
+        n_head=args.heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     torch.manual_seed(0)
     hf = transformers.ImageGPTForCausalImageModeling(cfg)
     randomise(hf, 1)
@@ -122,15 +148,23 @@ def transformers_rows(args: argparse.Namespace, device: torch.device, sync: Call
     def hf_generate(cache: bool, sample: bool = True) -> torch.Tensor:
         with torch.no_grad():
             # top-k left at the generation default (50): a no-op over the palette's 16 logits
-            return hf.generate(input_ids=start, max_length=n + 1, do_sample=sample, temperature=1.0,
-                               use_cache=cache, pad_token_id=0)
+            return hf.generate(
+                input_ids=start, max_length=n + 1, do_sample=sample, temperature=1.0, use_cache=cache, pad_token_id=0
+            )
 
-    greedy_equal = torch.equal(hf_generate(True, sample=False)[:, 1:].cpu(),
-                               pm.sample_tokens(args.batch, top_k=1).cpu())
+    greedy_equal = torch.equal(
+        hf_generate(True, sample=False)[:, 1:].cpu(), pm.sample_tokens(args.batch, top_k=1).cpu()
+    )
     rows = []
     for cache in (True, False):
-        times = interleaved({"transformers": lambda: hf_generate(cache),
-                             "polymodal": lambda: pm.sample_tokens(args.batch, seed=0, use_cache=cache)}, args.repeats, sync)
+        times = interleaved(
+            {
+                "transformers": lambda cache=cache: hf_generate(cache),
+                "polymodal": lambda cache=cache: pm.sample_tokens(args.batch, seed=0, use_cache=cache),
+            },
+            args.repeats,
+            sync,
+        )
         for impl, t in times.items():
             rows.append(row(impl, n, cache, args.batch, t))
             print(f"{impl:12s} tokens {n}  cache {str(cache):5s}  {rows[-1]['tokens_per_s']:9.1f} tokens/s", flush=True)
@@ -147,10 +181,23 @@ def main(argv: list[str] | None = None) -> int:
     rows = cache_rows(args, device, sync)
     versus = transformers_rows(args, device, sync)
     info["load_after"] = load_average()
-    report = dict(suite="generate", command="python benchmarks/generate.py " + " ".join(argv or sys.argv[1:]),
-                  machine=info, config=dict(dim=args.dim, depth=args.depth, heads=args.heads, palette=args.palette,
-                                            batch=args.batch, repeats=args.repeats, sampling="multinomial, T=1"),
-                  seconds=round(time.perf_counter() - began, 1), rows=rows, versus_transformers=versus)
+    report = dict(
+        suite="generate",
+        command="python benchmarks/generate.py " + " ".join(argv or sys.argv[1:]),
+        machine=info,
+        config=dict(
+            dim=args.dim,
+            depth=args.depth,
+            heads=args.heads,
+            palette=args.palette,
+            batch=args.batch,
+            repeats=args.repeats,
+            sampling="multinomial, T=1",
+        ),
+        seconds=round(time.perf_counter() - began, 1),
+        rows=rows,
+        versus_transformers=versus,
+    )
     out = Path(args.out) if args.out else report_path("generate", device, info["device_name"])
     write_json(out, report)
     print(f"greedy decoding identical to transformers: {versus['greedy_tokens_equal']}")

@@ -1,9 +1,9 @@
 """polymodal: multimodal transformer families composed from one small core.
 
-    import polymodal
-    model = polymodal.create("vit")           # a registered variant
-    model = polymodal.load("runs/vit")        # a model folder
-    polymodal.registry.names("model")         # what the plugins registered (module functions)
+import polymodal
+model = polymodal.create("vit")           # a registered variant
+model = polymodal.load("runs/vit")        # a model folder
+polymodal.registry.names("model")         # what the plugins registered (module functions)
 """
 
 from __future__ import annotations

@@ -15,8 +15,7 @@ from polymodal.io import load_model
 from polymodal.models import ModelSpec, PolymodalModel
 from polymodal.models.parts import auto_folder, load_parts, part_data, part_fields
 from polymodal.registry import get_registry
-from polymodal.train import train
-from polymodal.train import TrainConfig
+from polymodal.train import TrainConfig, train
 
 
 def spec(name: str) -> ModelSpec:
@@ -36,8 +35,9 @@ def prepare_parts(config: Any, *, progress: bool = True) -> dict[str, PolymodalM
         folder = auto_folder(part)
         if part.path == "auto" and not (folder / "config.json").is_file():
             data = part_data(part)
-            print(f"{type(config).__name__}.{name}: no trained `{part.variant}` at {folder}; "
-                  f"training it on {data} first")
+            print(
+                f"{type(config).__name__}.{name}: no trained `{part.variant}` at {folder}; training it on {data} first"
+            )
             rng = torch.get_rng_state()
             try:
                 train_model(part.variant, data=data, out=folder, progress=progress)
@@ -59,10 +59,20 @@ def load(directory: str | Path, device: str = "cpu") -> PolymodalModel:
     return load_model(directory, device=device)
 
 
-def train_model(name: str, *, data: str | None = None, set_: tuple[str, ...] = (), steps: int | None = None,
-                epochs: float | None = None, seed: int | None = None, out: str | Path | None = None,
-                device: str = "cpu", resume: bool = False, progress: bool = True,
-                train_set: tuple[str, ...] = ()) -> tuple[PolymodalModel, dict[str, Any]]:
+def train_model(
+    name: str,
+    *,
+    data: str | None = None,
+    set_: tuple[str, ...] = (),
+    steps: int | None = None,
+    epochs: float | None = None,
+    seed: int | None = None,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+    train_set: tuple[str, ...] = (),
+) -> tuple[PolymodalModel, dict[str, Any]]:
     """Train variant ``name`` on ``data`` (its default when None), evaluate, and save to ``out``.
 
     ``set_`` holds ``key=value`` model-config overrides, ``train_set`` trainer overrides.
@@ -84,8 +94,11 @@ def train_model(name: str, *, data: str | None = None, set_: tuple[str, ...] = (
     metrics = model.evaluate(dataset)
     metrics = {"data": dataset.name, "steps": cfg.steps, "seed": cfg.seed, **metrics}
     if out is not None:
-        model.save(out, metrics=metrics, source=f"trained with `polymodal train {name}` on {dataset.name} "
-                   f"({cfg.steps} steps, seed {cfg.seed})")
+        model.save(
+            out,
+            metrics=metrics,
+            source=f"trained with `polymodal train {name}` on {dataset.name} ({cfg.steps} steps, seed {cfg.seed})",
+        )
     return model, metrics
 
 

@@ -23,7 +23,9 @@ def register_encoders(register):
     from polymodal.nn.encoders import TextEncoder, ViTEncoder
 
     register("vit", ViTEncoder)
-    register("text", TextEncoder, doc="Text transformer: token + learned position embedding, (causal) blocks, final norm.")
+    register(
+        "text", TextEncoder, doc="Text transformer: token + learned position embedding, (causal) blocks, final norm."
+    )
 
 
 @hookimpl

@@ -34,8 +34,12 @@ class _Group(click.Group):
         commands: dict[str, dict[str, click.Command]] = {}
         for e in self._commands():
             commands.setdefault(e.plugin, {})[e.obj.name or e.name] = e.obj
-        return {family: click.Group(family, commands=cmds, help=f"The {family} plugin's commands: "
-                                    f"{', '.join(sorted(cmds))}.") for family, cmds in commands.items()}
+        return {
+            family: click.Group(
+                family, commands=cmds, help=f"The {family} plugin's commands: {', '.join(sorted(cmds))}."
+            )
+            for family, cmds in commands.items()
+        }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(self._families()))
@@ -47,8 +51,11 @@ class _Group(click.Group):
         for e in self._commands():  # the deprecated top-level name: the name it was registered under
             if e.name == name:
                 if not ctx.resilient_parsing:
-                    click.echo(f"`polymodal {name}` is deprecated and goes in the next release; use "
-                               f"`polymodal {e.plugin} {e.obj.name or e.name}`", err=True)
+                    click.echo(
+                        f"`polymodal {name}` is deprecated and goes in the next release; use "
+                        f"`polymodal {e.plugin} {e.obj.name or e.name}`",
+                        err=True,
+                    )
                 return e.obj
         return None
 
@@ -126,7 +133,9 @@ def _rows(describe, target, prefix: str = ""):
 @main.command()
 @click.argument("model")
 @click.option("--data", help="Dataset name or a folder with captions.jsonl (default: the model's).")
-@click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", help="Override a model config field (dotted for nested).")
+@click.option(
+    "--set", "set_", multiple=True, metavar="KEY=VALUE", help="Override a model config field (dotted for nested)."
+)
 @click.option("--train-set", multiple=True, metavar="KEY=VALUE", help="Override a training field (lr, batch_size …).")
 @click.option("--steps", type=int, help="Optimiser steps.")
 @click.option("--epochs", type=float, help="Epochs over the training split (instead of --steps).")
@@ -143,8 +152,19 @@ def train(model, data, set_, train_set, steps, epochs, seed, out, device, resume
         raise click.UsageError("give --steps or --epochs, not both")
     out = out or str(Path("runs") / model)
     try:
-        _, metrics = train_model(model, data=data, set_=set_, train_set=train_set, steps=steps, epochs=epochs,
-                                 seed=seed, out=out, device=device, resume=resume, progress=not no_progress)
+        _, metrics = train_model(
+            model,
+            data=data,
+            set_=set_,
+            train_set=train_set,
+            steps=steps,
+            epochs=epochs,
+            seed=seed,
+            out=out,
+            device=device,
+            resume=resume,
+            progress=not no_progress,
+        )
     except (ValueError, KeyError, RuntimeError) as exc:
         _fail(exc)
     for k, v in metrics.items():
@@ -172,8 +192,13 @@ def eval_(directory, data, device, as_json) -> None:
             click.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
 
 
-_OPTION_TYPES = {"float": float, "int": int, "text": str, "file": click.Path(exists=True, dir_okay=False),
-                 "folder": click.Path(exists=True, file_okay=False)}
+_OPTION_TYPES = {
+    "float": float,
+    "int": int,
+    "text": str,
+    "file": click.Path(exists=True, dir_okay=False),
+    "folder": click.Path(exists=True, file_okay=False),
+}
 
 
 @functools.cache
@@ -242,8 +267,11 @@ class _SampleCommand(click.Command):
                 raise
             name, declared = family
             offered = ", ".join(o.flag for o in declared) or "none"
-            raise click.UsageError(f"the {name!r} family does not support {exc.option_name} "
-                                   f"({known[exc.option_name].keyword}); its sampling options: {offered}", ctx) from None
+            raise click.UsageError(
+                f"the {name!r} family does not support {exc.option_name} "
+                f"({known[exc.option_name].keyword}); its sampling options: {offered}",
+                ctx,
+            ) from None
 
 
 @main.command(cls=_SampleCommand)
@@ -294,8 +322,7 @@ def convert(source, src, dst) -> None:
     click.echo(f"wrote {dst}")
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-              add_help_option=False)
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
 @click.argument("suite", type=click.Choice(["attention", "models", "compare", "table"]))
 @click.pass_context
 def bench(ctx, suite) -> None:
@@ -319,7 +346,8 @@ def _benchmarks_dir() -> Path:
             return folder
     raise click.ClickException(
         f"the benchmark suites ship with the source tree, not the installed package: expected bench.py in "
-        f"{candidates[0]}; clone the repository (or set POLYMODAL_BENCHMARKS to its benchmarks/ folder)")
+        f"{candidates[0]}; clone the repository (or set POLYMODAL_BENCHMARKS to its benchmarks/ folder)"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import types
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -47,9 +48,7 @@ def in_range(lo: float | None = None, hi: float | None = None, *, integer: bool 
             raise ValueError(f"{type(instance).__name__}.{attribute.name} must be {kind}, got {value!r}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-            raise ValueError(
-                f"{type(instance).__name__}.{attribute.name} must be in {bounds}, got {value!r}"
-            )
+            raise ValueError(f"{type(instance).__name__}.{attribute.name} must be in {bounds}, got {value!r}")
 
     return check
 
@@ -97,9 +96,7 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     fields = attrs.fields_dict(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(
-            f"unknown {cls.__name__} field(s) {', '.join(unknown)}; known: {', '.join(fields)}"
-        )
+        raise ValueError(f"unknown {cls.__name__} field(s) {', '.join(unknown)}; known: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     return cls(**{k: _coerce(hints.get(k, Any), v) for k, v in data.items()})
 

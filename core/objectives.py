@@ -14,7 +14,7 @@ self-distillation with its head and EMA in :mod:`polymodal.plugins.dino.distill`
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -24,9 +24,15 @@ from torch import Tensor, nn
 from polymodal.config import config, field, in_range
 
 
-def cross_entropy(logits: Tensor, targets: Tensor, *, segment_ids: Tensor | None = None,
-                  segment_weights: Sequence[float] | Tensor | None = None, ignore_index: int = -100,
-                  label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+def cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    segment_ids: Tensor | None = None,
+    segment_weights: Sequence[float] | Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy of ``logits`` (..., V) against ``targets`` (...), with optional segment weights.
 
     Without ``segment_weights`` the loss is the mean over all tokens whose target is not
@@ -44,16 +50,22 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, segment_ids: Tensor | None
     ``ce_segment_{s}`` (mean CE of each segment).
     """
     if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits (..., V) must match targets (...); got {tuple(logits.shape)} and "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"logits (..., V) must match targets (...); got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
     if segment_weights is not None and segment_ids is None:
         raise ValueError("segment_weights needs segment_ids (one segment index per target)")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     v = logits.shape[-1]
     flat_t = targets.reshape(-1)  # (T,)
-    ce = F.cross_entropy(logits.reshape(-1, v).float(), flat_t, reduction="none",
-                         ignore_index=ignore_index, label_smoothing=label_smoothing)  # (T,)
+    ce = F.cross_entropy(
+        logits.reshape(-1, v).float(),
+        flat_t,
+        reduction="none",
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )  # (T,)
     counted = flat_t != ignore_index  # (T,)
     with torch.no_grad():
         hits = (logits.reshape(-1, v).argmax(-1) == flat_t) & counted  # (T,)
@@ -67,8 +79,9 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, segment_ids: Tensor | None
     if segment_weights is not None:
         w = torch.as_tensor(segment_weights, dtype=torch.float32, device=ce.device).reshape(-1)  # (S,)
         if num > w.numel():
-            raise ValueError(f"segment_ids must lie in [0, {w.numel() - 1}] for {w.numel()} segment_weights; "
-                             f"got ids up to {num - 1}")
+            raise ValueError(
+                f"segment_ids must lie in [0, {w.numel() - 1}] for {w.numel()} segment_weights; got ids up to {num - 1}"
+            )
         num = w.numel()
     one_hot = F.one_hot(seg, num).float() * counted.unsqueeze(-1)  # (T, S)
     per_seg = (ce.unsqueeze(-1) * one_hot).sum(0) / one_hot.sum(0).clamp(min=1)  # (S,)
@@ -113,18 +126,22 @@ def retrieval_accuracies(logits: Tensor) -> dict[str, float]:
     """``accuracy_i2t`` / ``accuracy_t2i``: how often the diagonal wins its row / its column of the
     similarity matrix (B, B) whose rows index images and columns texts."""
     labels = torch.arange(logits.shape[0], device=logits.device)  # (B,)
-    return {"accuracy_i2t": (logits.argmax(1) == labels).float().mean().item(),
-            "accuracy_t2i": (logits.argmax(0) == labels).float().mean().item()}
+    return {
+        "accuracy_i2t": (logits.argmax(1) == labels).float().mean().item(),
+        "accuracy_t2i": (logits.argmax(0) == labels).float().mean().item(),
+    }
 
 
 @config
 class ContrastiveConfig:
     """CLIP's contrastive loss."""
 
-    init_temperature: float = field(0.07, "Initial temperature; the learnable log-scale starts at ln(1/T).",
-                                    check=in_range(1e-4, 100.0))
-    max_logit_scale: float = field(100.0, "Upper bound of the logit scale exp(s) (CLIP: 100).",
-                                   check=in_range(1.0, 1e6))
+    init_temperature: float = field(
+        0.07, "Initial temperature; the learnable log-scale starts at ln(1/T).", check=in_range(1e-4, 100.0)
+    )
+    max_logit_scale: float = field(
+        100.0, "Upper bound of the logit scale exp(s) (CLIP: 100).", check=in_range(1.0, 1e6)
+    )
     learnable: bool = field(True, "Learn the temperature (else keep it fixed).")
 
 
@@ -167,5 +184,12 @@ class ContrastiveLoss(nn.Module):
         return torch.randn(batch_size, 16, generator=generator), torch.randn(batch_size, 16, generator=generator)
 
 
-__all__ = ["ContrastiveConfig", "ContrastiveLoss", "cross_entropy", "info_nce", "info_nce_from_logits",
-           "retrieval_accuracies", "similarity_logits"]
+__all__ = [
+    "ContrastiveConfig",
+    "ContrastiveLoss",
+    "cross_entropy",
+    "info_nce",
+    "info_nce_from_logits",
+    "retrieval_accuracies",
+    "similarity_logits",
+]

@@ -30,8 +30,10 @@ from polymodal.nn import Block, BlockConfig, StackConfig, TransformerStack
 from polymodal.registry import get_registry
 
 # flex runs eagerly (unfused) on the CPU and says so once per process; that is expected here.
-pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 ATOL = 1e-5
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -62,8 +64,16 @@ def qkv(seed: int, b: int, h: int, nq: int, nk: int, d: int, dtype=torch.float32
 
 def run_or_skip(name: str, q, k, v, **kw):
     """``attention`` forced to ``name``; skip (with the backend's reason) a call it does not support."""
-    spec = _spec(q, k, kw.get("causal", False), kw.get("key_padding"), kw.get("seqlens"), kw.get("mask"),
-                 kw.get("dropout_p", 0.0), v)
+    spec = _spec(
+        q,
+        k,
+        kw.get("causal", False),
+        kw.get("key_padding"),
+        kw.get("seqlens"),
+        kw.get("mask"),
+        kw.get("dropout_p", 0.0),
+        v,
+    )
     why = backends()[name].supports(spec)
     if why is not None:
         pytest.skip(f"{name}: {why}")
@@ -72,8 +82,21 @@ def run_or_skip(name: str, q, k, v, **kw):
 
 # -- drawn calls ---------------------------------------------------------------------------------
 
-KINDS = ["none", "causal", "padding", "seqlens", "bool", "additive", "causal+padding", "causal+seqlens",
-         "bool+causal", "additive+causal", "additive+padding", "bool+padding+causal", "scale"]
+KINDS = [
+    "none",
+    "causal",
+    "padding",
+    "seqlens",
+    "bool",
+    "additive",
+    "causal+padding",
+    "causal+seqlens",
+    "bool+causal",
+    "additive+causal",
+    "additive+padding",
+    "bool+padding+causal",
+    "scale",
+]
 
 
 @st.composite
@@ -155,6 +178,7 @@ def reference(q, k, v, *, causal=False, key_padding=None, seqlens=None, mask=Non
 
 # -- every backend equals math -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_math_matches_written_out_reference(kind):
     @given(calls(kind))
@@ -200,7 +224,9 @@ def test_float64_matches_math(name):
     check()
 
 
-@pytest.mark.parametrize("kind", ["none", "causal", "padding", "causal+seqlens", "additive+causal", "bool+padding+causal"])
+@pytest.mark.parametrize(
+    "kind", ["none", "causal", "padding", "causal+seqlens", "additive+causal", "bool+padding+causal"]
+)
 @pytest.mark.parametrize("name", [n for n in FUSED if n != "flex"])  # flex has no CPU backward
 def test_gradients_match_math(name, kind):
     usable(name)
@@ -218,7 +244,7 @@ def test_gradients_match_math(name, kind):
             grads.append([t.grad for t in leaves])
         for got, want, label in zip(*grads, "qkv"):
             assert got.isfinite().all(), f"{name}: non-finite d{label}"
-            torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4, msg=lambda m: f"d{label}: {m}")
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4, msg=lambda m, label=label: f"d{label}: {m}")
 
     check()
 
@@ -242,6 +268,7 @@ def test_additive_bias_gradient_matches_math(name):
 
 
 # -- properties of the function itself -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ALL)
 def test_packed_equals_separate(name):
@@ -279,11 +306,11 @@ def test_packed_equals_padded(name):
         start = 0
         for i, n in enumerate(seqlens):
             for dst, src in zip(pad, (q, k, v)):
-                dst[i, :, :n] = src[0, :, start:start + n]
+                dst[i, :, :n] = src[0, :, start : start + n]
             kp[i, :n] = True
             start += n
         padded = run_or_skip(name, *pad, key_padding=kp)
-        unpadded = torch.cat([padded[i:i + 1, :, :n] for i, n in enumerate(seqlens)], dim=2)
+        unpadded = torch.cat([padded[i : i + 1, :, :n] for i, n in enumerate(seqlens)], dim=2)
         torch.testing.assert_close(packed, unpadded, atol=ATOL, rtol=1e-5)
 
     check()
@@ -322,8 +349,9 @@ def test_key_padding_ignores_padded_values(name):
         kp = kw["key_padding"]
         k2 = torch.where(kp[:, None, :, None], k, torch.randn_like(k) * 100)
         v2 = torch.where(kp[:, None, :, None], v, torch.randn_like(v) * 100)
-        torch.testing.assert_close(run_or_skip(name, q, k2, v2, **kw), run_or_skip(name, q, k, v, **kw),
-                                   atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(
+            run_or_skip(name, q, k2, v2, **kw), run_or_skip(name, q, k, v, **kw), atol=ATOL, rtol=1e-5
+        )
 
     check()
 
@@ -371,8 +399,9 @@ def test_single_query_after_cache_sees_everything(name):
     """Decoding: one query appended after a cache, causal, attends to every key (bottom-right)."""
     usable(name)
     q, k, v, _ = qkv(2, 2, 2, 1, 11, 16)
-    torch.testing.assert_close(run_or_skip(name, q, k, v, causal=True), run_or_skip(name, q, k, v),
-                               atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(
+        run_or_skip(name, q, k, v, causal=True), run_or_skip(name, q, k, v), atol=ATOL, rtol=1e-5
+    )
 
 
 def block_inputs(seed: int, b: int, n: int, dim: int):
@@ -407,6 +436,7 @@ def test_block_is_permutation_equivariant(name):
 
 # -- the dispatcher ------------------------------------------------------------------------------
 
+
 class Recording(MathBackend):
     """``math`` that remembers it ran; registered around the tests that need it."""
 
@@ -433,15 +463,39 @@ def recording():
 
 
 def spec(**over) -> AttentionSpec:
-    fields = dict(device="cpu", dtype=torch.float32, grad=False, causal=False, padding=False, packed=False,
-                  dense="", dropout=False, nq=8, nk=8, head_dim=16)
+    fields = dict(
+        device="cpu",
+        dtype=torch.float32,
+        grad=False,
+        causal=False,
+        padding=False,
+        packed=False,
+        dense="",
+        dropout=False,
+        nq=8,
+        nk=8,
+        head_dim=16,
+    )
     fields.update(over)
     return AttentionSpec(**fields)
 
 
-@pytest.mark.parametrize("over", [{}, dict(causal=True), dict(padding=True), dict(packed=True), dict(dense="bool"),
-                                  dict(dense="additive", causal=True), dict(grad=True), dict(dropout=True),
-                                  dict(dtype=torch.float64), dict(dtype=torch.bfloat16), dict(nq=1, nk=300)])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {},
+        dict(causal=True),
+        dict(padding=True),
+        dict(packed=True),
+        dict(dense="bool"),
+        dict(dense="additive", causal=True),
+        dict(grad=True),
+        dict(dropout=True),
+        dict(dtype=torch.float64),
+        dict(dtype=torch.bfloat16),
+        dict(nq=1, nk=300),
+    ],
+)
 def test_auto_never_picks_flex_on_cpu(over):
     assert select_backend(spec(**over)).name != "flex"
     registry = get_registry()
@@ -464,8 +518,9 @@ def test_auto_prefers_sdpa_on_cpu():
 def test_auto_respects_size_dependent_support(recording, monkeypatch):
     """``auto``'s cache must not reuse a choice for a call the chosen backend rejects."""
     recording.priority = 1000
-    monkeypatch.setattr(Recording, "supports",
-                        lambda self, s: None if s.head_dim <= 8 else "head_dim > 8", raising=False)
+    monkeypatch.setattr(
+        Recording, "supports", lambda self, s: None if s.head_dim <= 8 else "head_dim > 8", raising=False
+    )
     get_registry().version += 1  # priorities are read when the registry changes
     q, k, v, _ = qkv(0, 1, 1, 4, 4, 8)
     attention(q, k, v)
@@ -594,9 +649,15 @@ def test_sdpa_single_query_needs_no_mask(sdpa_calls):
     assert sdpa_calls[0].get("attn_mask") is None and not sdpa_calls[0].get("is_causal", False)
 
 
-@pytest.mark.parametrize("shapes", [((4, 5, 8), (1, 4, 5, 8), (1, 4, 5, 8)), ((1, 4, 5, 8), (4, 5, 8), (4, 5, 8)),
-                                    ((1, 2, 5, 8), (1, 2, 6, 16), (1, 2, 6, 16)),
-                                    ((1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 7, 8))])
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        ((4, 5, 8), (1, 4, 5, 8), (1, 4, 5, 8)),
+        ((1, 4, 5, 8), (4, 5, 8), (4, 5, 8)),
+        ((1, 2, 5, 8), (1, 2, 6, 16), (1, 2, 6, 16)),
+        ((1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 7, 8)),
+    ],
+)
 def test_bad_shapes_raise_naming_them(shapes):
     q, k, v = (torch.randn(s) for s in shapes)
     with pytest.raises(AttentionError) as info:
@@ -635,8 +696,24 @@ def test_every_backend_declares_support_reasons():
 
 # -- the benchmark -------------------------------------------------------------------------------
 
-ROW_KEYS = {"suite", "backend", "case", "shape", "dtype", "device", "device_name", "mode", "status", "reason",
-            "median_ms", "iqr_ms", "gflops", "peak_mem_mb", "torch", "threads"}
+ROW_KEYS = {
+    "suite",
+    "backend",
+    "case",
+    "shape",
+    "dtype",
+    "device",
+    "device_name",
+    "mode",
+    "status",
+    "reason",
+    "median_ms",
+    "iqr_ms",
+    "gflops",
+    "peak_mem_mb",
+    "torch",
+    "threads",
+}
 
 
 def test_bench_quick_writes_rows(tmp_path, capsys):

@@ -15,10 +15,37 @@ import bench_models as bm
 from bench_report import compare, plot_attention, row_key
 from polymodal.cli import main
 
-ROW_KEYS = {"suite", "key", "backend", "case", "family", "shape", "seq_len", "head_dim", "mask", "dtype", "device",
-            "device_name", "mode", "status", "reason", "median_ms", "iqr_ms", "runs", "work_gflop", "tflops", "gflops",
-            "pct_measured_peak", "pct_datasheet_peak", "gbps", "pct_measured_bandwidth", "peak_mem_mb", "torch",
-            "xformers", "threads"}
+ROW_KEYS = {
+    "suite",
+    "key",
+    "backend",
+    "case",
+    "family",
+    "shape",
+    "seq_len",
+    "head_dim",
+    "mask",
+    "dtype",
+    "device",
+    "device_name",
+    "mode",
+    "status",
+    "reason",
+    "median_ms",
+    "iqr_ms",
+    "runs",
+    "work_gflop",
+    "tflops",
+    "gflops",
+    "pct_measured_peak",
+    "pct_datasheet_peak",
+    "gbps",
+    "pct_measured_bandwidth",
+    "peak_mem_mb",
+    "torch",
+    "xformers",
+    "threads",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -31,12 +58,20 @@ def one_thread():
 
 def context(**over) -> ba.Context:
     device = torch.device("cpu")
-    fields = dict(device=device, base=bench.machine(device), min_run_time=0.005, peaks={"float32": 0.05},
-                  bandwidth_gbps=10.0, max_gb=2.0, deadline=None)
+    fields = dict(
+        device=device,
+        base=bench.machine(device),
+        min_run_time=0.005,
+        peaks={"float32": 0.05},
+        bandwidth_gbps=10.0,
+        max_gb=2.0,
+        deadline=None,
+    )
     return ba.Context(**{**fields, **over})
 
 
 # -- formulas -----------------------------------------------------------------------------------
+
 
 def test_forward_flops_follow_the_issue_formula():
     assert ba.attention_flops(2, 3, 5, 7, 11) == 4 * 2 * 3 * 5 * 7 * 11
@@ -114,6 +149,7 @@ def test_measure_warms_up_and_times_slow_calls_one_by_one():
 
 # -- rows ---------------------------------------------------------------------------------------
 
+
 def test_a_timed_row_has_the_schema_and_consistent_numbers():
     ctx = context()
     row = ba.run_case("math", ba.Case("vit-9", "vit", 2, 2, 9, 9, 8), torch.float32, "forward", ctx)
@@ -127,18 +163,26 @@ def test_a_timed_row_has_the_schema_and_consistent_numbers():
 
 
 def test_backward_rows_run_forward_and_backward():
-    row = ba.run_case("sdpa", ba.Case("lm-16", "causal-lm", 1, 2, 16, 16, 8, causal=True), torch.float32,
-                      "forward+backward", context())
+    row = ba.run_case(
+        "sdpa",
+        ba.Case("lm-16", "causal-lm", 1, 2, 16, 16, 8, causal=True),
+        torch.float32,
+        "forward+backward",
+        context(),
+    )
     assert row["status"] == "ok" and row["mode"] == "forward+backward"
     assert row["work_gflop"] == pytest.approx(3.5 * 4 * 2 * 16 * 16 * 8 / 2 / 1e9, rel=1e-3)
 
 
-@pytest.mark.parametrize("variant, mode, needle", [
-    ("xformers", "forward", "CUDA"),
-    ("flex", "forward+backward", "backward"),
-    ("sdpa[efficient]", "forward", "does not run on cpu"),
-    ("nope", "forward", "not registered"),
-])
+@pytest.mark.parametrize(
+    "variant, mode, needle",
+    [
+        ("xformers", "forward", "CUDA"),
+        ("flex", "forward+backward", "backward"),
+        ("sdpa[efficient]", "forward", "does not run on cpu"),
+        ("nope", "forward", "not registered"),
+    ],
+)
 def test_combinations_a_backend_cannot_run_are_rows_with_the_reason(variant, mode, needle):
     row = ba.run_case(variant, ba.Case("vit-9", "vit", 1, 2, 9, 9, 8), torch.float32, mode, context())
     assert row["status"] == "skipped" and needle in row["reason"] and row["median_ms"] is None
@@ -176,6 +220,7 @@ def test_sdpa_refusal_names_the_warnings():
 
 
 # -- compare ------------------------------------------------------------------------------------
+
 
 def report(rows, name="cpu-x"):
     return {"machine": {"device_name": name}, "rows": rows}
@@ -220,12 +265,24 @@ def test_compare_command_exit_status(tmp_path):
 
 
 def test_table_prints_a_report_as_markdown(tmp_path):
-    row = dict(r("k", 1.5), case="vit-65", shape=dict(B=8, H=6, Nq=65, Nk=65, D=64), mask="none", mode="forward",
-               backend="sdpa", iqr_ms=0.1, tflops=0.0421, pct_measured_peak=30.0)
+    row = dict(
+        r("k", 1.5),
+        case="vit-65",
+        shape=dict(B=8, H=6, Nq=65, Nk=65, D=64),
+        mask="none",
+        mode="forward",
+        backend="sdpa",
+        iqr_ms=0.1,
+        tflops=0.0421,
+        pct_measured_peak=30.0,
+    )
     skipped = {**row, "key": "k2", "status": "skipped", "reason": "xformers needs CUDA", "median_ms": None}
-    rep = dict(suite="attention", command="polymodal bench attention",
-               machine=dict(device_name="X", device="cpu", torch="t", threads=2, load_before=[0.5], load_after=[1.0]),
-               rows=[row, skipped])
+    rep = dict(
+        suite="attention",
+        command="polymodal bench attention",
+        machine=dict(device_name="X", device="cpu", torch="t", threads=2, load_before=[0.5], load_after=[1.0]),
+        rows=[row, skipped],
+    )
     path = tmp_path / "r.json"
     path.write_text(json.dumps(rep))
     out = CliRunner().invoke(main, ["bench", "table", str(path)]).output
@@ -239,11 +296,16 @@ def test_table_prints_a_report_as_markdown(tmp_path):
 
 # -- the plot -----------------------------------------------------------------------------------
 
+
 def test_plot_draws_lm_rows_and_skips_without_them(tmp_path):
     from PIL import Image
 
-    rows = [dict(family="causal-lm", median_ms=t, backend=b, dtype="float32", mode=m, head_dim=64, seq_len=n)
-            for b in ("math", "sdpa") for m in ("forward", "forward+backward") for n, t in ((256, 1.0), (512, 3.0))]
+    rows = [
+        dict(family="causal-lm", median_ms=t, backend=b, dtype="float32", mode=m, head_dim=64, seq_len=n)
+        for b in ("math", "sdpa")
+        for m in ("forward", "forward+backward")
+        for n, t in ((256, 1.0), (512, 3.0))
+    ]
     rep = dict(machine=dict(device_name="X", device="cpu", torch="t", threads=1), command="c", rows=rows)
     assert plot_attention(rep, tmp_path / "p.png")
     with Image.open(tmp_path / "p.png") as img:
@@ -256,14 +318,35 @@ def test_plot_draws_lm_rows_and_skips_without_them(tmp_path):
 
 # -- smoke runs through the command line --------------------------------------------------------
 
+
 def test_attention_smoke_run_through_the_cli(tmp_path):
     out, baseline = tmp_path / "a.json", tmp_path / "base.json"
     key = "math|lm-64|B2H2Nq64Nk64D16|float32|forward+backward"  # well over 30 µs on any CPU
-    baseline.write_text(json.dumps(report([r(key, 1e-6), r("math|gone|B1H1Nq1Nk1D16|float32|forward", 1.0)],
-                                          bench.device_name(torch.device("cpu")))))
-    args = ["bench", "attention", "--quick", "--threads", "1", "--backends", "math,sdpa,sdpa[math],xformers",
-            "--modes", "forward,forward+backward", "--cases", "vit-17,lm-64", "--out", str(out),
-            "--compare", str(baseline)]
+    baseline.write_text(
+        json.dumps(
+            report(
+                [r(key, 1e-6), r("math|gone|B1H1Nq1Nk1D16|float32|forward", 1.0)],
+                bench.device_name(torch.device("cpu")),
+            )
+        )
+    )
+    args = [
+        "bench",
+        "attention",
+        "--quick",
+        "--threads",
+        "1",
+        "--backends",
+        "math,sdpa,sdpa[math],xformers",
+        "--modes",
+        "forward,forward+backward",
+        "--cases",
+        "vit-17,lm-64",
+        "--out",
+        str(out),
+        "--compare",
+        str(baseline),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     rep = json.loads(out.read_text())
@@ -297,8 +380,10 @@ transformers = pytest.importorskip("transformers")
 
 def test_models_smoke_run_checks_outputs_then_times_both(tmp_path):
     out = tmp_path / "m.json"
-    result = CliRunner().invoke(main, ["bench", "models", "--quick", "--threads", "1", "--models", "vit-b16",
-                                       "--batches", "2", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        ["bench", "models", "--quick", "--threads", "1", "--models", "vit-b16", "--batches", "2", "--out", str(out)],
+    )
     assert result.exit_code == 0, result.output
     rep = json.loads(out.read_text())
     (row,) = rep["rows"]
@@ -320,8 +405,10 @@ def test_models_mismatched_outputs_are_not_timed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bm, "_convert", broken)
     out = tmp_path / "m.json"
-    result = CliRunner().invoke(main, ["bench", "models", "--quick", "--threads", "1", "--models", "vit-b16",
-                                       "--batches", "1", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        ["bench", "models", "--quick", "--threads", "1", "--models", "vit-b16", "--batches", "1", "--out", str(out)],
+    )
     assert result.exit_code == 1
     (row,) = json.loads(out.read_text())["rows"]
     assert row["status"] == "mismatch" and "outputs differ" in row["reason"] and row["polymodal_ms"] is None
@@ -329,8 +416,22 @@ def test_models_mismatched_outputs_are_not_timed(tmp_path, monkeypatch):
 
 def test_models_train_step_and_towers_run(tmp_path):
     out = tmp_path / "m.json"
-    result = CliRunner().invoke(main, ["bench", "models", "--quick", "--threads", "1", "--models",
-                                       "vit-s16-train,clip-b16", "--batches", "1", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "models",
+            "--quick",
+            "--threads",
+            "1",
+            "--models",
+            "vit-s16-train,clip-b16",
+            "--batches",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = {x["task"]: x for x in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"train-step", "image-tower", "text-tower"}
@@ -339,8 +440,24 @@ def test_models_train_step_and_towers_run(tmp_path):
 
 def test_models_gpt2_forward_and_greedy_generation_match_before_timing(tmp_path):
     out = tmp_path / "m.json"
-    result = CliRunner().invoke(main, ["bench", "models", "--quick", "--threads", "1", "--models", "gpt2",
-                                       "--batches", "2", "--rounds", "1", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "models",
+            "--quick",
+            "--threads",
+            "1",
+            "--models",
+            "gpt2",
+            "--batches",
+            "2",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = {x["task"]: x for x in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"forward", "generate"}

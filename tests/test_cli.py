@@ -75,6 +75,7 @@ def test_sample_refuses_a_classifier(run, tmp_path):
 
 # -- plugin commands, grouped by family ----------------------------------------------------------
 
+
 def test_plugin_commands_are_grouped_by_family(run):
     top = run("--help").output
     assert "clip" in top and "dino" in top
@@ -86,15 +87,18 @@ def test_plugin_commands_are_grouped_by_family(run):
     assert "deprecated" not in dino.stderr
 
 
-@pytest.mark.parametrize("old,new", [(["classify"], ["clip", "classify"]),
-                                     (["attention-maps"], ["dino", "attention-maps"])])
+@pytest.mark.parametrize(
+    "old,new", [(["classify"], ["clip", "classify"]), (["attention-maps"], ["dino", "attention-maps"])]
+)
 def test_old_top_level_command_names_still_work_with_a_deprecation_note(old, new):
     result = CliRunner().invoke(main, [*old, "--help"])
     assert result.exit_code == 0, result.output
-    assert result.stderr.strip() == (f"`polymodal {old[0]}` is deprecated and goes in the next release; "
-                                     f"use `polymodal {' '.join(new)}`")
+    assert result.stderr.strip() == (
+        f"`polymodal {old[0]}` is deprecated and goes in the next release; use `polymodal {' '.join(new)}`"
+    )
     assert "--help" in result.stdout and result.stdout == CliRunner().invoke(main, [*new, "--help"]).stdout.replace(
-        f"main {' '.join(new)}", f"main {old[0]}")
+        f"main {' '.join(new)}", f"main {old[0]}"
+    )
 
 
 def test_a_registered_command_runs_under_its_plugin_and_under_its_old_name():
@@ -128,6 +132,7 @@ def test_a_registered_command_runs_under_its_plugin_and_under_its_old_name():
 
 
 # -- sampling options, declared by each family ------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
@@ -172,9 +177,15 @@ def test_sample_passes_exactly_the_declared_options_that_were_given(folders, tmp
         calls.append((n, prompt, seed, options))
         return []
 
-    monkeypatch.setattr(VQVAE, "sample_options", (SampleOption("strength", "--strength", "How strong."),
-                                                  SampleOption("fast", "--fast", "Go fast.", type="switch", value="yes")),
-                        raising=False)
+    monkeypatch.setattr(
+        VQVAE,
+        "sample_options",
+        (
+            SampleOption("strength", "--strength", "How strong."),
+            SampleOption("fast", "--fast", "Go fast.", type="switch", value="yes"),
+        ),
+        raising=False,
+    )
     monkeypatch.setattr(VQVAE, "sample_to_folder", record)
     assert "--strength" in CliRunner().invoke(main, ["sample", str(folders / "vqvae"), "--help"]).output
     result = CliRunner().invoke(main, ["sample", str(folders / "vqvae"), "-n", "3", "--strength", "0.5", "--fast"])

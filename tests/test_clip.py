@@ -29,10 +29,27 @@ from polymodal.testing import contracts
 
 ATOL = 1e-5
 EOS = 7
-TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=16, hidden_act="quick_gelu", eos_token_id=EOS, bos_token_id=5, pad_token_id=1)
-VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-              patch_size=8, hidden_act="quick_gelu")
+TEXT = dict(
+    vocab_size=99,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=16,
+    hidden_act="quick_gelu",
+    eos_token_id=EOS,
+    bos_token_id=5,
+    pad_token_id=1,
+)
+VISION = dict(
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    hidden_act="quick_gelu",
+)
 
 
 def tiny_clip(perturb: bool = True, **overrides) -> CLIPModel:
@@ -41,6 +58,7 @@ def tiny_clip(perturb: bool = True, **overrides) -> CLIPModel:
 
 
 # -- parity with transformers -------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
@@ -98,6 +116,7 @@ def test_converted_text_without_eos_is_a_clear_error(converted):
 
 # -- properties ---------------------------------------------------------------------------------
 
+
 @settings(max_examples=10, deadline=None)
 @given(b=st.integers(1, 4), seed=st.integers(0, 1000))
 def test_normalised_embeddings_have_unit_norm(b, seed):
@@ -134,10 +153,11 @@ def test_logit_scale_starts_at_one_over_007_and_never_exceeds_100_after_any_step
         opt.zero_grad()
         assert model.logit_scale.exp().item() <= 100.0 + 1e-4
         assert metrics["logit_scale"] <= 100.0 + 1e-4
-    from polymodal.train import train
-    from polymodal.train import TrainConfig
+    from polymodal.train import TrainConfig, train
 
-    train(model, digits, TrainConfig(steps=3, batch_size=8, lr=10.0, warmup_steps=0, checkpoint_every=0), progress=False)
+    train(
+        model, digits, TrainConfig(steps=3, batch_size=8, lr=10.0, warmup_steps=0, checkpoint_every=0), progress=False
+    )
     assert model.logit_scale.exp().item() <= 100.0 + 1e-4
 
 
@@ -149,11 +169,12 @@ def test_batch_independence_in_eval_mode(seed):
     with torch.no_grad():
         img, txt = model.encode_image(pixels), model.encode_text(ids)
         for i in range(4):
-            torch.testing.assert_close(model.encode_image(pixels[i:i + 1]), img[i:i + 1], atol=ATOL, rtol=0)
-            torch.testing.assert_close(model.encode_text(ids[i:i + 1]), txt[i:i + 1], atol=ATOL, rtol=0)
+            torch.testing.assert_close(model.encode_image(pixels[i : i + 1]), img[i : i + 1], atol=ATOL, rtol=0)
+            torch.testing.assert_close(model.encode_text(ids[i : i + 1]), txt[i : i + 1], atol=ATOL, rtol=0)
 
 
 # -- tokenizer ----------------------------------------------------------------------------------
+
 
 def test_tokenizer_is_trained_on_training_captions_only_and_keeps_eot_on_truncation():
     from polymodal.data import digits, shapes
@@ -181,6 +202,7 @@ def test_tokenizer_is_saved_in_the_model_folder(tmp_path):
 
 # -- bad input ----------------------------------------------------------------------------------
 
+
 def test_bad_input_names_expected_and_given():
     model = tiny_clip()
     s, c = model.config.vision.image_size, model.config.vision.channels
@@ -200,6 +222,7 @@ def test_bad_input_names_expected_and_given():
 
 
 # -- zero-shot and retrieval helpers ------------------------------------------------------------
+
 
 def test_zero_shot_classifier_ensembles_normalised_prompts():
     model = tiny_clip()
@@ -223,19 +246,40 @@ def test_retrieval_counts_identical_captions_as_one_text():
 
 # -- CLI ----------------------------------------------------------------------------------------
 
+
 def test_train_eval_and_classify_on_the_command_line(tmp_path):
     from PIL import Image
 
     out = tmp_path / "clip"
     run = CliRunner().invoke
-    result = run(main, ["train", "clip", "--steps", "2", "--out", str(out), "--no-progress",
-                        "--set", "vision.depth=1", "--set", "text.depth=1"])
+    result = run(
+        main,
+        [
+            "train",
+            "clip",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            "vision.depth=1",
+            "--set",
+            "text.depth=1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     result = run(main, ["eval", str(out), "--json"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
-    for key in ("zero_shot_accuracy", "zero_shot_accuracy_heldout", "image_to_text_r1", "image_to_text_r5",
-                "text_to_image_r1", "text_to_image_r5"):
+    for key in (
+        "zero_shot_accuracy",
+        "zero_shot_accuracy_heldout",
+        "image_to_text_r1",
+        "image_to_text_r5",
+        "text_to_image_r1",
+        "text_to_image_r5",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
     card = (out / "README.md").read_text()
     assert "Training templates" in card and "a handwritten {numeral}" in card and "digits" in card
@@ -267,6 +311,7 @@ def test_shapes_config_adapts_and_resamples_captions():
 
 # -- shapes caption views, attribute dropout, multi-positive InfoNCE, curriculum ----------------
 
+
 def _shapes_cfg(**overrides):
     from polymodal.data import load_shapes
 
@@ -293,7 +338,9 @@ def test_attribute_dropout_keeps_at_least_one_attribute_at_the_given_rates():
     assert all(sum(k) == 1 for k in everything)  # all drawn out: exactly one random attribute kept
     assert {k.index(True) for k in everything} == {0, 1, 2}
     keep = torch.tensor(drop_attributes(4000, (0.8, 0.0, 0.5)), dtype=torch.float)
-    assert keep[:, 1].all() and abs(keep[:, 0].mean().item() - 0.2) < 0.03 and abs(keep[:, 2].mean().item() - 0.5) < 0.03
+    assert (
+        keep[:, 1].all() and abs(keep[:, 0].mean().item() - 0.2) < 0.03 and abs(keep[:, 2].mean().item() - 0.5) < 0.03
+    )
     with pytest.raises(ValueError, match="three dropout probabilities"):
         drop_attributes(3, (0.5, 1.5, 0.0))
 
@@ -304,16 +351,20 @@ def test_positives_mark_every_scene_a_caption_is_true_of():
     scenes = [[(0, 1, 4)], [(0, 1, 0), (2, 3, 8)], [(2, 1, 4)], [(5, 0, 2)]]
     claims = [[(0, 1, 4)], [(None, 1, None)], [(2, None, None), (0, None, 0)], [(5, 0, 2)]]
     want = torch.tensor([[claim_holds(c, s) for c in claims] for s in scenes])
-    assert want.tolist() == [[True, True, False, False],   # "a circle" is true of every scene with a circle
-                             [False, True, True, False],   # both clauses of caption 2 hold in scene 1 only
-                             [False, True, False, False],
-                             [False, False, False, True]]
+    assert want.tolist() == [
+        [True, True, False, False],  # "a circle" is true of every scene with a circle
+        [False, True, True, False],  # both clauses of caption 2 hold in scene 1 only
+        [False, True, False, False],
+        [False, False, False, True],
+    ]
     assert torch.equal(positives(claims, scenes), want | torch.eye(4, dtype=torch.bool))
     cfg, batch = _shapes_cfg(caption_dropout=(0.5, 0.5, 0.5))
     from polymodal.plugins.clip.captions import shapes_captions
 
     texts, claims, scenes = shapes_captions(cfg, batch)
-    brute = torch.tensor([[claim_holds(c, s) for c in claims] for s in scenes]) | torch.eye(len(texts), dtype=torch.bool)
+    brute = torch.tensor([[claim_holds(c, s) for c in claims] for s in scenes]) | torch.eye(
+        len(texts), dtype=torch.bool
+    )
     assert torch.equal(positives(claims, scenes), brute)
 
 

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polymodal.config import apply_overrides, from_json, to_json
-from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.nn import BlockConfig
+from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.plugins.vit import ViTConfig
 from polymodal.train import TrainConfig
 
@@ -33,8 +33,13 @@ def test_configs_are_frozen_and_evolve():
 
 
 @settings(max_examples=30, deadline=None)
-@given(dim=st.sampled_from([16, 32, 64]), depth=st.integers(1, 12), act=st.sampled_from(["gelu", "quick_gelu", "swiglu"]),
-       classes=st.integers(0, 1000), eps=st.floats(1e-12, 1e-3))
+@given(
+    dim=st.sampled_from([16, 32, 64]),
+    depth=st.integers(1, 12),
+    act=st.sampled_from(["gelu", "quick_gelu", "swiglu"]),
+    classes=st.integers(0, 1000),
+    eps=st.floats(1e-12, 1e-3),
+)
 def test_json_round_trip(dim, depth, act, classes, eps):
     block = BlockConfig(dim=dim, act=act, norm_eps=eps)
     cfg = ViTConfig(encoder=ViTEncoderConfig(block=block, depth=depth), num_classes=classes)
@@ -47,9 +52,16 @@ def test_unknown_json_key_lists_known_fields():
 
 
 def test_overrides_reach_nested_fields_and_parse_json_values():
-    cfg = apply_overrides(ViTConfig(), ["encoder.block.dim=32", "encoder.block.heads=2", "encoder.depth=3",
-                                        "num_classes=3", "pool=mean"])
-    assert (cfg.encoder.dim, cfg.encoder.block.heads, cfg.encoder.depth, cfg.num_classes, cfg.pool) == (32, 2, 3, 3, "mean")
+    cfg = apply_overrides(
+        ViTConfig(), ["encoder.block.dim=32", "encoder.block.heads=2", "encoder.depth=3", "num_classes=3", "pool=mean"]
+    )
+    assert (cfg.encoder.dim, cfg.encoder.block.heads, cfg.encoder.depth, cfg.num_classes, cfg.pool) == (
+        32,
+        2,
+        3,
+        3,
+        "mean",
+    )
     with pytest.raises(ValueError, match="unknown ViTEncoderConfig field 'width'"):
         apply_overrides(ViTConfig(), ["encoder.width=3"])
     with pytest.raises(ValueError, match="key=value"):

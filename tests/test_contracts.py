@@ -12,12 +12,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import nn
+
 from polymodal.config import config, field, in_range, one_of, to_json
 from polymodal.models import ModelSpec, PolymodalModel
 from polymodal.models.parts import part_fields
 from polymodal.registry import get_registry
 from polymodal.testing import contracts, strategies
-from torch import nn
 
 REGISTRY = get_registry()
 MODELS = REGISTRY.names("model")
@@ -33,6 +34,7 @@ def _entry(kind: str, name: str):
 
 
 # -- every model variant ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("check", contracts.MODEL_CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
 @pytest.mark.parametrize("name", MODELS)
@@ -66,6 +68,7 @@ def test_composite_saves_each_part_once_in_its_own_folder(name):
 
 
 # -- other kinds --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", REGISTRY.names("encoder"))
 def test_encoder_builds_from_defaults_and_runs(name):
@@ -102,6 +105,7 @@ def test_config_variants_round_trip_json(label, data):
 
 
 # -- the checks catch what they claim to --------------------------------------------------------
+
 
 @config
 class ToyConfig:
@@ -147,8 +151,13 @@ def _toy(flaw: str = "none") -> ModelSpec:
 
 
 def test_a_sound_toy_passes_the_checks_that_need_no_registration():
-    for check in (contracts.check_output_shapes, contracts.check_batch_independence, contracts.check_finite_outputs,
-                  contracts.check_config_json_round_trip, contracts.check_loss_backward):
+    for check in (
+        contracts.check_output_shapes,
+        contracts.check_batch_independence,
+        contracts.check_finite_outputs,
+        contracts.check_config_json_round_trip,
+        contracts.check_loss_backward,
+    ):
         check(_toy())
 
 
@@ -221,6 +230,7 @@ def test_backend_with_a_bad_answer_is_caught():
 
 # -- strategies ---------------------------------------------------------------------------------
 
+
 @settings(max_examples=25, deadline=None)
 @given(strategies.image_batches(channels=st.sampled_from([1, 3]), size=8, max_batch=4))
 def test_image_batches(images):
@@ -269,6 +279,7 @@ def test_configs_vary_fields():
 
 
 # -- declared interfaces (polymodal.models.interfaces) ------------------------------------------
+
 
 @pytest.mark.parametrize("name", [n for n in MODELS if getattr(REGISTRY.get("model", n).model_class, "implements", ())])
 def test_declared_interfaces_hold(name):

@@ -32,8 +32,14 @@ def _env(target: Path) -> dict[str, str]:
 
 
 def _polymodal(target: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "polymodal.cli", *args], env=_env(target), cwd=cwd,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "polymodal.cli", *args],
+        env=_env(target),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, f"polymodal {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -46,9 +52,25 @@ def installed(tmp_path_factory) -> Path:
     # Build from a copy, so the build leaves no build/ or *.egg-info in the source tree.
     shutil.copytree(CONTRIB, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-         "--no-cache-dir", "--disable-pip-version-check", "--quiet", "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if result.returncode != 0:
         pytest.fail(f"offline install of {CONTRIB.name} failed:\n{result.stdout}\n{result.stderr}")
     assert (target / "polymodal_example" / "__init__.py").is_file()
@@ -82,8 +104,9 @@ def test_it_is_listed_as_loaded(installed, tmp_path):
 
 def test_it_trains_and_evaluates_through_the_cli(installed, tmp_path):
     out = tmp_path / "run"
-    trained = _polymodal(installed, "train", "example-meanpool", "--steps", "20", "--out", str(out),
-                         "--no-progress", cwd=tmp_path).stdout
+    trained = _polymodal(
+        installed, "train", "example-meanpool", "--steps", "20", "--out", str(out), "--no-progress", cwd=tmp_path
+    ).stdout
     assert "accuracy:" in trained and f"saved model folder: {out}" in trained
     header = json.loads((out / "config.json").read_text())
     assert header["family"] == "example-meanpool" and header["config"]["encoder"]["cls_token"] is False
@@ -97,9 +120,25 @@ def test_it_trains_and_evaluates_through_the_cli(installed, tmp_path):
 def test_the_contract_tests_pick_it_up_on_arrival(installed, tmp_path):
     """The core's contract suite runs over the new plugin with no change to the suite."""
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_contracts.py"), "-q", "-p", "no:cacheprovider",
-         "-k", "example-meanpool", "--rootdir", str(ROOT)],
-        env=_env(installed), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(ROOT / "tests" / "test_contracts.py"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "example-meanpool",
+            "--rootdir",
+            str(ROOT),
+        ],
+        env=_env(installed),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     passed = re.search(r"(\d+) passed", result.stdout)
     assert passed and int(passed.group(1)) >= len(contracts.MODEL_CHECKS), result.stdout[-2000:]

@@ -19,14 +19,16 @@ from hypothesis import strategies as st
 from polymodal.api import load
 from polymodal.attention.masks import image_pattern_mask
 from polymodal.data import load_dataset
-from polymodal.nn import KVCache
 from polymodal.models.parts import PartConfig, load_part
+from polymodal.nn import KVCache
 from polymodal.plugins.dalle import DALLE, VARIANTS
 from polymodal.plugins.dalle.sample import clip_scores, generate_codes, sample_images
 from polymodal.testing import contracts
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")]
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+]
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -56,6 +58,7 @@ def random_stream(model: DALLE, batch: int, seed: int) -> torch.Tensor:
 
 # -- stream layout ----------------------------------------------------------------------------------
 
+
 def test_stream_layout_and_unique_pads(model):
     c, tok = model.config, model.text_tokenizer
     assert model.vocab_size == c.text_vocab + c.text_length + model.codebook_size
@@ -64,8 +67,12 @@ def test_stream_layout_and_unique_pads(model):
     assert text.shape == (2, c.text_length)
     for row, caption in zip(text.tolist(), ["the digit 3", "a 7"]):
         body = tok.encode(caption)
-        assert row[: len(body)] == body and body[0] == tok.special_tokens["bos"] and body[-1] == tok.special_tokens["eos"]
-        assert row[len(body):] == [c.text_vocab + i for i in range(len(body), c.text_length)]  # pad i is text_vocab + i
+        assert (
+            row[: len(body)] == body and body[0] == tok.special_tokens["bos"] and body[-1] == tok.special_tokens["eos"]
+        )
+        assert row[len(body) :] == [
+            c.text_vocab + i for i in range(len(body), c.text_length)
+        ]  # pad i is text_vocab + i
     empty = model.empty_text(3)
     assert empty[:, 0].eq(tok.special_tokens["bos"]).all()
     assert empty[0, 1:].tolist() == [c.text_vocab + i for i in range(1, c.text_length)]
@@ -73,7 +80,7 @@ def test_stream_layout_and_unique_pads(model):
     codes = torch.randint(0, model.codebook_size, (2, *model.grid))
     stream = model.stream(text, codes)
     assert torch.equal(stream[:, : c.text_length], text)
-    assert torch.equal(stream[:, c.text_length:], codes.flatten(1) + c.text_vocab + c.text_length)
+    assert torch.equal(stream[:, c.text_length :], codes.flatten(1) + c.text_vocab + c.text_length)
 
 
 def test_too_long_prompt_names_length_and_limit(model):
@@ -89,11 +96,12 @@ def test_too_long_prompt_names_length_and_limit(model):
 
 # -- vocabulary restriction and loss weights --------------------------------------------------------
 
+
 def test_vocab_mask_splits_text_and_image(model):
     L, off = model.config.text_length, model.image_offset
     mask = model.vocab_mask(torch.arange(model.seq_len - 1))  # (T-1, V)
     assert mask[: L - 1, :off].all() and not mask[: L - 1, off:].any()  # the next token is text
-    assert mask[L - 1:, off:].all() and not mask[L - 1:, :off].any()  # the next token is an image code
+    assert mask[L - 1 :, off:].all() and not mask[L - 1 :, :off].any()  # the next token is an image code
 
 
 def test_image_positions_never_sample_text_ids(digits):
@@ -107,14 +115,14 @@ def test_image_positions_never_sample_text_ids(digits):
 def test_loss_is_one_eighth_text_seven_eighths_image_by_hand(digits):
     model = make(digits, seed=1)
     with torch.no_grad():
-        model.head.bias[model.image_offset:] += 5.0  # unrestricted, image ids would dominate text positions
+        model.head.bias[model.image_offset :] += 5.0  # unrestricted, image ids would dominate text positions
         model.head.bias[: model.image_offset] += 3.0
     ids = random_stream(model, 3, seed=2)  # (B, T)
     loss, metrics = model.stream_loss(ids)
     logits = model.stream_logits(ids[:, :-1]).detach()  # (B, T-1, V)
     L, off = model.config.text_length, model.image_offset
     text_lp = F.log_softmax(logits[:, : L - 1, :off], -1)  # text positions: text vocabulary only
-    image_lp = F.log_softmax(logits[:, L - 1:, off:], -1)  # image positions: codes only
+    image_lp = F.log_softmax(logits[:, L - 1 :, off:], -1)  # image positions: codes only
     ce_text = -text_lp.gather(-1, ids[:, 1:L, None]).mean()
     ce_image = -image_lp.gather(-1, (ids[:, L:, None] - off)).mean()
     torch.testing.assert_close(loss.detach(), ce_text / 8 + 7 * ce_image / 8, rtol=1e-5, atol=1e-6)
@@ -151,8 +159,11 @@ def test_scene_augmentation_moves_boxes_with_the_pixels():
             assert (x0, y0, x1, y1) == (int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1)
             checked += 1
         assert (c, k) == tuple(batch["boxes"][i][0][4:])
-        mirrored += int(not torch.equal(out["image"][i].sum(0).nonzero().float().mean(0),
-                                        batch["image"][i].sum(0).nonzero().float().mean(0)))
+        mirrored += int(
+            not torch.equal(
+                out["image"][i].sum(0).nonzero().float().mean(0), batch["image"][i].sum(0).nonzero().float().mean(0)
+            )
+        )
     assert mirrored > 0 and checked > len(single) // 2
     flipped = augment_scenes(batch, flip=True, shift=0)
     size = batch["image"].shape[-1]
@@ -171,12 +182,15 @@ def test_scene_augmentation_moves_boxes_with_the_pixels():
 
 # -- sparse attention -----------------------------------------------------------------------------
 
+
 def test_layer_masks_follow_the_schedule_and_reach_every_block(digits):
     model = make(digits, depth=4, attention=("row", "column"), attention_last="conv")
     assert model.config.schedule == ["row", "column", "row", "conv"]
     seen: dict[int, torch.Tensor] = {}
-    hooks = [block.register_forward_pre_hook(lambda m, a, kw, i=i: seen.__setitem__(i, kw["mask"]), with_kwargs=True)
-             for i, block in enumerate(model.stack.blocks)]
+    hooks = [
+        block.register_forward_pre_hook(lambda m, a, kw, i=i: seen.__setitem__(i, kw["mask"]), with_kwargs=True)
+        for i, block in enumerate(model.stack.blocks)
+    ]
     ids = random_stream(model, 2, seed=0)[:, :-1]
     model.stream_logits(ids)
     for h in hooks:
@@ -204,6 +218,7 @@ def test_a_sparse_pattern_hides_what_it_masks(digits, pattern):
 
 
 # -- KV cache -------------------------------------------------------------------------------------
+
 
 @st.composite
 def decodes(draw, total: int):
@@ -244,6 +259,7 @@ def test_sampling_with_and_without_cache_agree(digits):
 
 # -- guidance, reranking, completion ----------------------------------------------------------------
 
+
 def test_cfg_scale_one_is_the_conditional_and_zero_the_unconditional(digits):
     model = make(digits, seed=2, cfg_scale=None)  # the recipe's default guidance off
     g = torch.Generator().manual_seed(0)
@@ -273,16 +289,19 @@ def tiny_clip():
 def test_rerank_keeps_the_best_clip_candidate(model, tiny_clip, tmp_path):
     prompt, n, per = "the digit 5", 3, 4
     plain = sample_images(model, prompt, n * per, seed=2)  # the same draws as the candidates
-    cos = F.normalize(tiny_clip.encode_image(tiny_clip.prepare(plain)), dim=-1) @ \
-        F.normalize(tiny_clip.encode_text(tiny_clip.tokenize([prompt])), dim=-1).t()  # (n·per, 1)
+    cos = (
+        F.normalize(tiny_clip.encode_image(tiny_clip.prepare(plain)), dim=-1)
+        @ F.normalize(tiny_clip.encode_text(tiny_clip.tokenize([prompt])), dim=-1).t()
+    )  # (n·per, 1)
     best = cos.reshape(n, per).argmax(1) + torch.arange(n) * per
     assert not torch.equal(best, torch.arange(n) * per) or per == 1  # the test can tell choosing from not choosing
     kept = sample_images(model, prompt, n, seed=2, rerank=tiny_clip, candidates=per)
     torch.testing.assert_close(kept, plain[best])
     torch.testing.assert_close(clip_scores(tiny_clip, plain, prompt), cos[:, 0].detach())
     tiny_clip.save(tmp_path / "clip")
-    torch.testing.assert_close(sample_images(model, prompt, n, seed=2, rerank=str(tmp_path / "clip"), candidates=per),
-                               kept)
+    torch.testing.assert_close(
+        sample_images(model, prompt, n, seed=2, rerank=str(tmp_path / "clip"), candidates=per), kept
+    )
 
 
 def test_complete_keeps_the_top_half(model, tmp_path, digits):
@@ -298,6 +317,7 @@ def test_complete_keeps_the_top_half(model, tmp_path, digits):
 
 
 # -- bad inputs -----------------------------------------------------------------------------------
+
 
 def test_codes_outside_the_codebook_are_refused(model):
     h, w = model.grid
@@ -334,6 +354,7 @@ def test_bad_sampling_options(model):
 
 # -- model folders and the CLI --------------------------------------------------------------------
 
+
 def test_save_load_round_trip_carries_the_tokenizer(digits, tmp_path):
     vq = load_part(PartConfig(path="", variant="vqvae", tiny=True))
     contracts._perturb(vq, 3)
@@ -363,8 +384,25 @@ def test_sample_command_writes_native_size_pngs(model, tmp_path):
 
     model.save(tmp_path / "m")
     out = tmp_path / "s"
-    result = CliRunner().invoke(main, ["sample", str(tmp_path / "m"), "--prompt", "the digit 3", "-n", "3",
-                                       "--seed", "0", "--out", str(out), "--cfg", "2", "--top-k", "8"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "sample",
+            str(tmp_path / "m"),
+            "--prompt",
+            "the digit 3",
+            "-n",
+            "3",
+            "--seed",
+            "0",
+            "--out",
+            str(out),
+            "--cfg",
+            "2",
+            "--top-k",
+            "8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "sample_000.png", "sample_001.png", "sample_002.png"]
     assert Image.open(out / "sample_000.png").size == (8, 8)

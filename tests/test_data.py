@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ def words(text: str) -> set[str]:
 # --- digits -----------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def digits():
     return load_digits()
 
@@ -60,8 +60,10 @@ def _matches(caption: str, templates: list[str], label: int) -> bool:
 
 def test_digits_captions_use_the_right_templates_and_digit():
     d = digits()
-    for split, templates, other in ((d.train, "templates", "heldout_templates"),
-                                    (d.test, "heldout_templates", "templates")):
+    for split, templates, other in (
+        (d.train, "templates", "heldout_templates"),
+        (d.test, "heldout_templates", "templates"),
+    ):
         for caption, label in zip(split["caption"], split["label"].tolist()):
             assert _matches(caption, d.meta[templates], label), caption
             assert not _matches(caption, d.meta[other], label), caption
@@ -78,7 +80,7 @@ def test_digits_refuses_a_root():
 SMALL = dict(train_size=48, test_size=16)
 
 
-@lru_cache(maxsize=None)
+@cache
 def shapes(seed: int = 0, image_size: int = 32):
     return load_shapes(seed=seed, image_size=image_size, **SMALL)
 
@@ -132,7 +134,7 @@ def test_shapes_fields_are_consistent(seed, size):
             assert len(boxes) == count in (1, 2)
             assert (boxes[0][4], boxes[0][5]) == (int(split["colour"][i]), int(split["kind"][i]))
             drawn = torch.zeros(size, size, dtype=torch.bool)
-            for x0, y0, x1, y1, c, k in boxes:
+            for x0, y0, x1, y1, c, _kind in boxes:
                 assert 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size
                 inside = masks[i, y0:y1, x0:x1]
                 # tight: every edge row and column of the box has object pixels
@@ -163,8 +165,12 @@ def test_shapes_captions_use_train_and_heldout_templates():
     d = shapes()
 
     def pattern(template):
-        return re.escape(template).replace(r"\{colour\}", r"\w+").replace(r"\{kind\}", r"\w+").replace(
-            r"\{where\}", r"(?:in|at|on) the [a-z ]+?")
+        return (
+            re.escape(template)
+            .replace(r"\{colour\}", r"\w+")
+            .replace(r"\{kind\}", r"\w+")
+            .replace(r"\{where\}", r"(?:in|at|on) the [a-z ]+?")
+        )
 
     for split, key in ((d.train, "templates"), (d.test, "heldout_templates")):
         alternatives = "|".join(pattern(t) for t in d.meta[key])
@@ -185,7 +191,7 @@ def _write_folder(root, rows, sizes=None):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for i, row in enumerate(rows):
+    for row in rows:
         path = root / row["path"]
         path.parent.mkdir(parents=True, exist_ok=True)
         w, h = (sizes or {}).get(row["path"], (12, 12))
@@ -194,8 +200,10 @@ def _write_folder(root, rows, sizes=None):
 
 
 def _rows(n=6, labels=True):
-    return [{"path": f"img/{i}.png", "caption": f"picture {i}", **({"label": "cat" if i % 2 else "dog"} if labels else {})}
-            for i in range(n)]
+    return [
+        {"path": f"img/{i}.png", "caption": f"picture {i}", **({"label": "cat" if i % 2 else "dog"} if labels else {})}
+        for i in range(n)
+    ]
 
 
 def test_folder_loads_with_string_labels(tmp_path):
@@ -228,8 +236,16 @@ def test_folder_pixels_match_the_file(tmp_path):
 
 
 def test_folder_int_labels_split_field_resize_grey_and_boxes(tmp_path):
-    rows = [{"path": f"{i}.png", "caption": f"c{i}", "label": i % 3, "split": "test" if i < 2 else "train",
-             "boxes": [[0, 0, 20, 10, 7]]} for i in range(5)]
+    rows = [
+        {
+            "path": f"{i}.png",
+            "caption": f"c{i}",
+            "label": i % 3,
+            "split": "test" if i < 2 else "train",
+            "boxes": [[0, 0, 20, 10, 7]],
+        }
+        for i in range(5)
+    ]
     _write_folder(tmp_path, rows, sizes={"0.png": (20, 10)})
     d = load_folder(tmp_path, channels=1)
     assert sorted(d.test["path"]) == ["0.png", "1.png"] and len(d.train) == 3
@@ -247,9 +263,24 @@ def test_load_dataset_dispatches_a_directory(tmp_path):
     assert d.name == "folder" and len(d.train) + len(d.test) == 4
 
 
-@pytest.mark.parametrize("case", ["no_captions", "bad_json", "not_object", "no_path", "no_caption", "missing_file",
-                                  "unreadable", "escapes", "absolute", "mixed_labels", "bad_label", "bad_split",
-                                  "bad_boxes"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no_captions",
+        "bad_json",
+        "not_object",
+        "no_path",
+        "no_caption",
+        "missing_file",
+        "unreadable",
+        "escapes",
+        "absolute",
+        "mixed_labels",
+        "bad_label",
+        "bad_split",
+        "bad_boxes",
+    ],
+)
 def test_folder_bad_input_names_file_and_line(tmp_path, case):
     root = tmp_path / "data"
     root.mkdir()
@@ -314,7 +345,7 @@ def test_text_sentences_name_exactly_their_digit():
 
 def test_text_split_is_by_wording_and_fixed():
     def wording(s: str) -> str:
-        return re.sub(r"\b(%s)\b" % "|".join(DIGIT_WORDS), "#", s)
+        return re.sub(r"\b({})\b".format("|".join(DIGIT_WORDS)), "#", s)
 
     a, b = load_dataset("text"), load_dataset("text", seed=1)
     train, test = {wording(s) for s in a.train["text"]}, {wording(s) for s in a.test["text"]}

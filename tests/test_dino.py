@@ -13,11 +13,11 @@ from click.testing import CliRunner
 
 import polymodal
 from polymodal.cli import main
-from polymodal.plugins.dino.distill import CollapseError
 from polymodal.eval.images import save_png
 from polymodal.plugins.dino import VARIANTS, DINOModel
 from polymodal.plugins.dino.attention_maps import centred_blobs, cls_attention, iou, last_attention, mass_mask
 from polymodal.plugins.dino.crops import multi_crop, random_resized_crop
+from polymodal.plugins.dino.distill import CollapseError
 from polymodal.plugins.dino.evaluate import knn_accuracy, linear_probe_accuracy
 from polymodal.testing import contracts
 from polymodal.train import TrainingError, param_groups
@@ -37,12 +37,22 @@ def test_contracts(name):
 
 # -- multi-crop and bad input -------------------------------------------------------------------
 
+
 def test_multi_crop_shapes_and_counts():
     images = torch.rand(3, 3, 32, 32)
-    g, l = multi_crop(images, global_size=32, local_size=16, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4),
-                      local_crops=5, flip=0.5, jitter=0.2, generator=torch.Generator().manual_seed(0))
-    assert len(g) == 2 and len(l) == 5
-    assert all(v.shape == (3, 3, 32, 32) for v in g) and all(v.shape == (3, 3, 16, 16) for v in l)
+    g, local = multi_crop(
+        images,
+        global_size=32,
+        local_size=16,
+        global_scale=(0.4, 1.0),
+        local_scale=(0.1, 0.4),
+        local_crops=5,
+        flip=0.5,
+        jitter=0.2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert len(g) == 2 and len(local) == 5
+    assert all(v.shape == (3, 3, 32, 32) for v in g) and all(v.shape == (3, 3, 16, 16) for v in local)
     assert not torch.equal(g[0], g[1])  # two different random crops
 
 
@@ -59,8 +69,14 @@ def test_image_smaller_than_a_local_crop_raises():
     with pytest.raises(ValueError, match=r"at least 4×4 pixels \(the local crop size\); got 3×3"):
         model.loss({"image": torch.rand(2, 1, 3, 3)})
     with pytest.raises(ValueError, match=r"at least 16×16 .* got 12×20"):
-        multi_crop(torch.rand(2, 3, 12, 20), global_size=32, local_size=16, global_scale=(0.4, 1), local_scale=(0.1, 0.4),
-                   local_crops=2)
+        multi_crop(
+            torch.rand(2, 3, 12, 20),
+            global_size=32,
+            local_size=16,
+            global_scale=(0.4, 1),
+            local_scale=(0.1, 0.4),
+            local_crops=2,
+        )
     with pytest.raises(ValueError, match="expected 1 image channels; got 3"):
         model(torch.rand(2, 3, 8, 8))
 
@@ -74,6 +90,7 @@ def test_config_checks():
 
 
 # -- the teacher --------------------------------------------------------------------------------
+
 
 def _step(model: DINOModel) -> None:
     opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-2)
@@ -97,7 +114,9 @@ def test_teacher_gets_no_gradients_and_is_not_optimised():
 
 def test_after_step_with_momentum_one_leaves_teacher_unchanged_and_moves_the_centre():
     model = tiny("dino", momentum=1.0)
-    before = {k: v.clone() for k, v in model.teacher.state_dict().items() if "running" not in k and "num_batches" not in k}
+    before = {
+        k: v.clone() for k, v in model.teacher.state_dict().items() if "running" not in k and "num_batches" not in k
+    }
     centre = model.dino_loss.center.clone()
     _step(model)
     after = model.teacher.state_dict()
@@ -123,8 +142,7 @@ def test_loss_never_reads_labels():
 
 def test_collapsed_teacher_stops_training_with_a_clear_error():
     from polymodal.data import load_dataset
-    from polymodal.train import train
-    from polymodal.train import TrainConfig
+    from polymodal.train import TrainConfig, train
 
     model = tiny("dino", collapse_start=0, collapse_patience=3, collapse_min_kl=1e-3)
     with torch.no_grad():  # the teacher's head maps every image to the same bottleneck vector
@@ -135,21 +153,46 @@ def test_collapsed_teacher_stops_training_with_a_clear_error():
     model.student.head.mlp[-1].weight.requires_grad_(False)
     model.student.head.mlp[-1].bias.requires_grad_(False)
     with pytest.raises(TrainingError, match=r"DINO collapse at step 2: the teacher gives every image the same output"):
-        train(model, load_dataset("digits"), TrainConfig(steps=10, batch_size=8, warmup_steps=0, checkpoint_every=0),
-              progress=False)
+        train(
+            model,
+            load_dataset("digits"),
+            TrainConfig(steps=10, batch_size=8, warmup_steps=0, checkpoint_every=0),
+            progress=False,
+        )
 
 
 def test_collapse_error_is_reported_by_the_cli(tmp_path):
-    result = CliRunner().invoke(main, ["train", "dino", "--steps", "3", "--out", str(tmp_path / "m"), "--no-progress",
-                                       "--set", "collapse_min_kl=100", "--set", "collapse_start=0",
-                                       "--set", "collapse_patience=2", "--set", "encoder.depth=1",
-                                       "--set", "encoder.block.dim=16", "--set", "encoder.block.heads=2"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "dino",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path / "m"),
+            "--no-progress",
+            "--set",
+            "collapse_min_kl=100",
+            "--set",
+            "collapse_start=0",
+            "--set",
+            "collapse_patience=2",
+            "--set",
+            "encoder.depth=1",
+            "--set",
+            "encoder.block.dim=16",
+            "--set",
+            "encoder.block.heads=2",
+        ],
+    )
     assert result.exit_code != 0
     assert "DINO collapse at step 1" in result.output
     assert issubclass(CollapseError, TrainingError)
 
 
 # -- evaluation pieces --------------------------------------------------------------------------
+
 
 def test_weighted_knn_votes_by_similarity():
     train_x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]])
@@ -202,6 +245,7 @@ def test_mass_mask_blobs_and_iou():
 
 # -- folders and commands -----------------------------------------------------------------------
 
+
 def test_eval_and_attention_maps_commands(tmp_path):
     model = tiny("dino-shapes", data="shapes")
     model.save(tmp_path / "m")
@@ -214,7 +258,9 @@ def test_eval_and_attention_maps_commands(tmp_path):
     images = []
     for i in range(2):
         images.append(str(save_png(torch.rand(3, 32, 32), tmp_path / f"img{i}.png")))
-    result = runner.invoke(main, ["dino", "attention-maps", str(tmp_path / "m"), *images, "--out", str(tmp_path / "att")])
+    result = runner.invoke(
+        main, ["dino", "attention-maps", str(tmp_path / "m"), *images, "--out", str(tmp_path / "att")]
+    )
     assert result.exit_code == 0, result.output
     heads = model.config.encoder.block.heads
     for i in range(2):
@@ -226,7 +272,9 @@ def test_eval_and_attention_maps_commands(tmp_path):
 
     with Image.open(tmp_path / "att" / "img0_head0.png") as img:
         assert img.size == (32 * 8, 32 * 8)
-    result = runner.invoke(main, ["dino", "attention-maps", str(tmp_path / "m"), "--test-images", "3", "--out", str(tmp_path / "t")])
+    result = runner.invoke(
+        main, ["dino", "attention-maps", str(tmp_path / "m"), "--test-images", "3", "--out", str(tmp_path / "t")]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "t" / "test_002_mean.png").is_file() and not (tmp_path / "t" / "test_003_mean.png").exists()
     with Image.open(tmp_path / "t" / "grid.png") as img:  # three rows of (input, heads, mean) 32-pixel tiles
@@ -238,7 +286,9 @@ def test_eval_and_attention_maps_commands(tmp_path):
 def test_attention_maps_command_rejects_other_families(tmp_path):
     contracts.build("vit").save(tmp_path / "vit")
     img = save_png(torch.rand(1, 8, 8), tmp_path / "x.png")
-    result = CliRunner().invoke(main, ["dino", "attention-maps", str(tmp_path / "vit"), str(img), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        main, ["dino", "attention-maps", str(tmp_path / "vit"), str(img), "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code != 0 and "not a DINO model" in result.output
 
 
@@ -250,7 +300,9 @@ def test_save_load_keeps_centre_and_step(tmp_path):
     assert torch.equal(loaded.dino_loss.center, model.dino_loss.center)
     assert int(loaded.steps_done) == 1
     assert math.isfinite(float(loaded(torch.rand(2, 1, 8, 8)).sum()))
-    assert F.cosine_similarity(loaded(torch.ones(1, 1, 8, 8)), model.eval()(torch.ones(1, 1, 8, 8))).item() == pytest.approx(1.0)
+    assert F.cosine_similarity(
+        loaded(torch.ones(1, 1, 8, 8)), model.eval()(torch.ones(1, 1, 8, 8))
+    ).item() == pytest.approx(1.0)
 
 
 def test_head_batch_statistics_shared_or_per_crop_size():

@@ -12,8 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from polymodal.plugins.dino.distill import (CollapseError, CollapseMonitor, DINOHead, DINOHeadConfig, DINOLoss, DINOLossConfig,
-                               collapse_stats, teacher_temperature)
+from polymodal.plugins.dino.distill import (
+    CollapseError,
+    CollapseMonitor,
+    DINOHead,
+    DINOHeadConfig,
+    DINOLoss,
+    DINOLossConfig,
+    collapse_stats,
+    teacher_temperature,
+)
 from polymodal.train import TrainingError, cosine_momentum, ema_update_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,6 +51,7 @@ def _views(seed: int, b: int = 5, n_student: int = 4) -> tuple[list[torch.Tensor
 
 # -- the head ---------------------------------------------------------------------------------------
 
+
 def test_head_shapes_unit_prototypes_and_cosine_logits():
     torch.manual_seed(0)
     head = DINOHead(10, DINOHeadConfig(hidden_dim=32, bottleneck_dim=8, out_dim=50))
@@ -61,6 +70,7 @@ def test_head_shapes_unit_prototypes_and_cosine_logits():
 
 
 # -- EMA ----------------------------------------------------------------------------------------------
+
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000))
@@ -112,6 +122,7 @@ def test_teacher_temperature_warmup():
 
 # -- the loss and the centre ------------------------------------------------------------------------
 
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), m=st.floats(0.0, 0.99))
 def test_centre_moves_toward_the_batch_mean(seed, m):
@@ -150,7 +161,12 @@ def test_loss_skips_identical_views_and_averages_the_other_pairs():
         q = F.softmax((t - loss.center) / 0.04, dim=-1)
         return -(q * F.log_softmax(s / 0.1, dim=-1)).sum(-1).mean()
 
-    pairs = [ce(teacher[0], student[1]), ce(teacher[0], student[2]), ce(teacher[1], student[0]), ce(teacher[1], student[2])]
+    pairs = [
+        ce(teacher[0], student[1]),
+        ce(teacher[0], student[2]),
+        ce(teacher[1], student[0]),
+        ce(teacher[1], student[2]),
+    ]
     torch.testing.assert_close(loss(student, teacher), torch.stack(pairs).mean())
 
 
@@ -176,13 +192,16 @@ def test_loss_config_and_inputs_are_checked():
 
 # -- collapse -----------------------------------------------------------------------------------------
 
+
 def test_collapse_stats_tell_apart_collapsed_and_healthy_outputs():
     same = F.softmax(torch.randn(1, K), -1).expand(8, K)
     uniform = torch.full((8, K), 1 / K)
     distinct = torch.eye(K)[:8]
     assert collapse_stats(same)["kl_to_centre"] == pytest.approx(0.0, abs=1e-6)
     u = collapse_stats(uniform)
-    assert u["teacher_entropy"] == pytest.approx(math.log(K), abs=1e-5) and u["kl_to_centre"] == pytest.approx(0, abs=1e-6)
+    assert u["teacher_entropy"] == pytest.approx(math.log(K), abs=1e-5) and u["kl_to_centre"] == pytest.approx(
+        0, abs=1e-6
+    )
     d = collapse_stats(distinct)
     assert d["teacher_entropy"] == pytest.approx(0.0, abs=1e-5)
     assert d["kl_to_centre"] == pytest.approx(math.log(8), abs=1e-4)  # eight one-hots: log B nats of information

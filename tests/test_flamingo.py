@@ -50,6 +50,7 @@ def text_ids(model, text: str) -> torch.Tensor:
 
 # -- resampler ----------------------------------------------------------------------------------
 
+
 def test_resampler_fixed_number_of_tokens_for_any_input_length():
     r = PerceiverResampler(16, num_latents=3, depth=2, heads=2).eval()
     for n in (1, 5, 17):
@@ -66,6 +67,7 @@ def test_resampler_latents_read_the_media():
 
 
 # -- interleaved parsing and masks --------------------------------------------------------------
+
 
 def test_encode_interleaved_text(model):
     ids = model.encode_text("<image>This is a seven.<|endofchunk|><image>This is a")
@@ -98,14 +100,18 @@ def test_training_sequences_use_every_image_once():
 
 # -- the init property and frozen parts ---------------------------------------------------------
 
+
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_init_logits_equal_the_frozen_lm(model, data):
     """At initialisation the logits equal the frozen LM's on the same input embeddings, on any interleaving."""
     v = model.lm.vocab_size
     n = data.draw(st.integers(1, 20))
-    tokens = data.draw(st.lists(st.one_of(st.integers(3, v - 1), st.sampled_from([model.image_id, model.eoc_id])),
-                                min_size=n, max_size=n))
+    tokens = data.draw(
+        st.lists(
+            st.one_of(st.integers(3, v - 1), st.sampled_from([model.image_id, model.eoc_id])), min_size=n, max_size=n
+        )
+    )
     ids = torch.tensor([[0] + tokens])
     images = [images_for(model, int((ids == model.image_id).sum()), seed=n)]
     ref = frozen_reference(model)
@@ -134,21 +140,24 @@ def test_the_frozen_lm_is_not_changed(model):
 def test_text_only_logits_equal_the_frozen_lm(model):
     ids = text_ids(model, "I counted seven apples on the table.")
     with torch.no_grad():
-        assert torch.equal(model(ids, [images_for(model, 0)])[..., :model.lm.vocab_size], frozen_reference(model)(ids))
+        assert torch.equal(model(ids, [images_for(model, 0)])[..., : model.lm.vocab_size], frozen_reference(model)(ids))
 
 
 def test_only_resampler_blocks_and_special_rows_train():
     from polymodal.data import load_dataset
-    from polymodal.train import train
-    from polymodal.train import TrainConfig
+    from polymodal.train import TrainConfig, train
 
     m = build("flamingo", perturb=False)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("resampler.", "xattn.", "special.")) for n in trainable)
     assert any(n.startswith("xattn.") for n in trainable) and "special.weight" in trainable
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    train(m, load_dataset("digits"), TrainConfig(steps=2, batch_size=16, lr=1e-2, warmup_steps=0, checkpoint_every=0),
-          progress=False)
+    train(
+        m,
+        load_dataset("digits"),
+        TrainConfig(steps=2, batch_size=16, lr=1e-2, warmup_steps=0, checkpoint_every=0),
+        progress=False,
+    )
     after = m.state_dict()
     frozen = [k for k in before if k not in trainable]
     assert any(k.startswith("lm.token_embed") for k in frozen) and any(k.startswith("vision.") for k in frozen)
@@ -159,6 +168,7 @@ def test_only_resampler_blocks_and_special_rows_train():
 
 
 # -- media masking in the cross-attention -------------------------------------------------------
+
 
 def first_block_outputs(model, ids, images):
     """Input and output of the first injected cross-attention block."""
@@ -196,6 +206,7 @@ def test_each_token_sees_only_the_latest_image(model):
 
 # -- bad input ----------------------------------------------------------------------------------
 
+
 def test_more_image_tokens_than_images(model):
     ids = text_ids(model, "<image>a one<|endofchunk|><image>a two")
     with pytest.raises(ValueError, match=r"2 <image> tokens but 1 images"):
@@ -220,6 +231,7 @@ def test_token_ids_out_of_range(model):
 
 
 # -- generation ---------------------------------------------------------------------------------
+
 
 def test_kv_cache_steps_match_the_full_pass(model):
     """Feeding an interleaved prompt piece by piece through the cache gives the full pass's logits."""
@@ -263,8 +275,9 @@ def test_caption_command_and_eval(model, tmp_path):
     model.save(folder)
     assert (folder / "lm" / "config.json").is_file() and (folder / "vision" / "config.json").is_file()
     image = save_png(images_for(model, 1)[0], tmp_path / "digit.png")
-    result = CliRunner().invoke(main, ["flamingo", "caption", str(folder), str(image), "--shots", "2", "--out",
-                                       str(tmp_path / "t.txt")])
+    result = CliRunner().invoke(
+        main, ["flamingo", "caption", str(folder), str(image), "--shots", "2", "--out", str(tmp_path / "t.txt")]
+    )
     assert result.exit_code == 0, result.output
     assert result.output.count("[image:") == 3 and "digit.png] This is a" in result.output
     assert (tmp_path / "t.txt").read_text().strip() == result.output.strip()
@@ -274,6 +287,7 @@ def test_caption_command_and_eval(model, tmp_path):
     result = CliRunner().invoke(main, ["eval", str(folder), "--json"])
     assert result.exit_code == 0, result.output
     import json
+
     metrics = json.loads(result.output)
     assert set(metrics["accuracy_by_shots"]) == {"0", "2", "4"} and metrics["samples"] == 20
 
@@ -321,4 +335,4 @@ def test_the_few_shot_format_is_one_of_several_trained_sentences():
     assert il.EVAL_TEMPLATE in il.CAPTION_TEMPLATES
     siblings = [t for t in il.CAPTION_TEMPLATES if t.startswith(head) and t != il.EVAL_TEMPLATE]
     assert len(siblings) >= 3 and any("{numeral}" in t for t in siblings), siblings
-    assert all(t.endswith(".") and t[len("This is "):-1] in il.SHORT_TEMPLATES for t in il.SENTENCE_TEMPLATES)
+    assert all(t.endswith(".") and t[len("This is ") : -1] in il.SHORT_TEMPLATES for t in il.SENTENCE_TEMPLATES)

@@ -43,7 +43,9 @@ def test_eval_json_and_caption_command(trained, tmp_path):
     right = 0
     for i in range(10):
         path = save_png(test["image"][i], tmp_path / f"digit_{i}.png")
-        result = CliRunner().invoke(main, ["flamingo", "caption", str(folder), str(path), "--shots", "4", "--seed", str(i)])
+        result = CliRunner().invoke(
+            main, ["flamingo", "caption", str(folder), str(path), "--shots", "4", "--seed", str(i)]
+        )
         assert result.exit_code == 0, result.output
         caption = result.output.rsplit("⟶", 1)[1]
         right += DIGIT_WORDS[int(test["label"][i])] in caption.split(".")[0]

@@ -30,8 +30,9 @@ def tiny_digits(n: int = 24) -> Dataset:
 
     def split() -> Split:
         labels = torch.arange(n) % 10
-        return Split({"image": torch.rand(n, 1, 4, 4, generator=g), "label": labels,
-                      "caption": [f"a {int(y)}" for y in labels]})
+        return Split(
+            {"image": torch.rand(n, 1, 4, 4, generator=g), "label": labels, "caption": [f"a {int(y)}" for y in labels]}
+        )
 
     return Dataset("tiny-digits", split(), split(), {"class_names": list(map(str, range(10)))})
 
@@ -45,7 +46,9 @@ def test_only_the_joints_train():
     assert not any(p.requires_grad for p in model.lm.parameters())
     assert not any(p.requires_grad for p in model.vision.parameters())
     counts = model.parameter_counts()
-    assert counts["trainable_parameters"] == sum(p.numel() for n, p in model.named_parameters() if n.startswith(TRAINABLE))
+    assert counts["trainable_parameters"] == sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith(TRAINABLE)
+    )
     assert counts["total_parameters"] > counts["trainable_parameters"]
     model.train()
     assert model.adapter.training and not model.lm.training and not model.vision.training
@@ -111,7 +114,9 @@ def test_contrastive_groups_hold_distinct_digits():
     groups = model.contrastive_groups({"label": labels}, 6)
     assert [g.tolist() for g in groups] == [[0, 2, 5], [1, 4]]  # the third 3 is alone: no InfoNCE term
     assert all(len(set(labels[g].tolist())) == len(g) for g in groups)
-    assert [g.tolist() for g in tiny_model(distinct_negatives=False).contrastive_groups({"label": labels}, 6)] == [list(range(6))]
+    assert [g.tolist() for g in tiny_model(distinct_negatives=False).contrastive_groups({"label": labels}, 6)] == [
+        list(range(6))
+    ]
 
 
 def test_prefix_carries_the_image_and_retrieval_reads_text_alone():
@@ -134,8 +139,13 @@ def test_generation_with_and_without_cache_agree(bos_first):
     a = generate(model, "the digit", gallery=gallery, k=3)
     b = generate(model, "the digit", gallery=gallery, k=3, use_cache=False)
     assert a["text"] == b["text"] and torch.equal(a["retrieved"], b["retrieved"])
-    ids = torch.tensor([model.tokenizer.encode("the digit", add_bos=True, add_eos=False)
-                        + model.tokenizer.encode(a["text"], add_bos=False, add_eos=False) + [model.ret_id]])
+    ids = torch.tensor(
+        [
+            model.tokenizer.encode("the digit", add_bos=True, add_eos=False)
+            + model.tokenizer.encode(a["text"], add_bos=False, add_eos=False)
+            + [model.ret_id]
+        ]
+    )
     scores = model.image_embeddings(gallery) @ model.text_embeddings(ids)[0]
     torch.testing.assert_close(a["scores"], scores.topk(3).values, atol=1e-5, rtol=0)
 
@@ -252,15 +262,42 @@ def test_caption_command(tmp_path):
     result = CliRunner().invoke(main, ["fromage", "caption", str(tmp_path / "m"), *files])
     assert result.exit_code == 0, result.output
     assert [line.split(": ")[0] for line in result.output.splitlines()] == files
-    result = CliRunner().invoke(main, ["fromage", "retrieve", str(tmp_path / "m"), "the digit", "--gallery",
-                                       str(tmp_path), "-k", "2"])
+    result = CliRunner().invoke(
+        main, ["fromage", "retrieve", str(tmp_path / "m"), "the digit", "--gallery", str(tmp_path), "-k", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert "generated:" in result.output and result.output.count("cosine") == 2
-    result = CliRunner().invoke(main, ["fromage", "retrieve", str(tmp_path / "m"), "<image> and <image>", "--gallery",
-                                       str(tmp_path), "--image", files[0]])
+    result = CliRunner().invoke(
+        main,
+        [
+            "fromage",
+            "retrieve",
+            str(tmp_path / "m"),
+            "<image> and <image>",
+            "--gallery",
+            str(tmp_path),
+            "--image",
+            files[0],
+        ],
+    )
     assert result.exit_code != 0 and "2 <image> token(s) but 1 image(s)" in result.output
-    result = CliRunner().invoke(main, ["fromage", "retrieve", str(tmp_path / "m"), "<image> is a", "--gallery",
-                                       str(tmp_path), "--image", files[0], "-k", "1", "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "fromage",
+            "retrieve",
+            str(tmp_path / "m"),
+            "<image> is a",
+            "--gallery",
+            str(tmp_path),
+            "--image",
+            files[0],
+            "-k",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "o" / "transcript.txt").read_text().startswith("prompt: <image> is a")
 
@@ -271,7 +308,9 @@ def test_ret_query_reads_the_chosen_lm_layer(ret_layer):
     embeds = torch.randn(2, 5, model.lm.dim, generator=torch.Generator().manual_seed(3))  # (B, T, D)
     final, states = model.retrieval_hidden(embeds)
     _, hidden = model.lm.run(embeds, return_hidden=True)  # depth + 1 states, the last the final output
-    expected = {-2: torch.cat(hidden[1:], dim=-1), -1: final}.get(ret_layer, hidden[ret_layer] if ret_layer >= 0 else None)
+    expected = {-2: torch.cat(hidden[1:], dim=-1), -1: final}.get(
+        ret_layer, hidden[ret_layer] if ret_layer >= 0 else None
+    )
     torch.testing.assert_close(final, hidden[-1])
     assert states.shape[-1] == model.ret_head.in_features
     if ret_layer != -2:

@@ -57,8 +57,10 @@ def test_prompt_retrieves_images_of_the_digit(fromage, tmp_path):
     assert hits >= 8, hits  # of 10 retrieved images
     from polymodal.cli import main
 
-    result = CliRunner().invoke(main, ["sample", str(folder), "--prompt", "a photo of the number seven", "-n", "4",
-                                       "--out", str(tmp_path / "s")])
+    result = CliRunner().invoke(
+        main,
+        ["sample", str(folder), "--prompt", "a photo of the number seven", "-n", "4", "--out", str(tmp_path / "s")],
+    )
     assert result.exit_code == 0, result.output
     transcript = (tmp_path / "s" / "transcript.txt").read_text()
     assert transcript.count("(label 7)") >= 3, transcript

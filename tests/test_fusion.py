@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polymodal.nn.fusion import AdapterFusion, ConcatFusion, CrossAttentionFusion
 from polymodal.nn import BlockConfig, StackConfig, TransformerStack
+from polymodal.nn.fusion import AdapterFusion, ConcatFusion, CrossAttentionFusion
 
 
 @pytest.mark.parametrize("cls", [ConcatFusion, CrossAttentionFusion, AdapterFusion])
@@ -121,7 +121,7 @@ def test_adapter_tokens_follow_their_input():
     x = torch.randn(1, 3, 4)
     out = adapter(x)  # (1, 6, 6)
     for i in range(3):
-        assert torch.allclose(out[:, 2 * i: 2 * i + 2], adapter(x[:, i]))
+        assert torch.allclose(out[:, 2 * i : 2 * i + 2], adapter(x[:, i]))
 
 
 def test_adapter_rejects_wrong_width():

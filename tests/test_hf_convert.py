@@ -23,14 +23,26 @@ from polymodal.plugins.vit.convert import convert_hf_vit
 
 transformers = pytest.importorskip("transformers")
 
-CONVERTERS = {"vit": convert_hf_vit, "clip": convert_hf_clip, "imagegpt": convert_hf_imagegpt,
-              "gpt2": convert_hf_gpt2, "vit_mae": convert_hf_vitmae}
+CONVERTERS = {
+    "vit": convert_hf_vit,
+    "clip": convert_hf_clip,
+    "imagegpt": convert_hf_imagegpt,
+    "gpt2": convert_hf_gpt2,
+    "vit_mae": convert_hf_vitmae,
+}
 
 
 @pytest.fixture(scope="module")
 def vit_folder(tmp_path_factory):
-    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                 image_size=16, patch_size=8, num_labels=3)
+    cfg = transformers.ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=16,
+        patch_size=8,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("vit") / "hf"
     transformers.ViTForImageClassification(cfg).save_pretrained(folder, safe_serialization=True)
@@ -64,9 +76,16 @@ def test_the_template_builds_renames_adds_extras_and_saves(vit_folder, tmp_path)
         calls.append(sorted(state) == sorted(model.state_dict()))
         return " (a note)"
 
-    model = convert_hf_folder(vit_folder, tmp_path / "pm", converter="hf-vit", model_type="vit", label="ViT",
-                              build_model=build_model, extras=extras,
-                              rename_state=lambda weights, m: state_from_hf(weights, m.config.encoder.depth))
+    model = convert_hf_folder(
+        vit_folder,
+        tmp_path / "pm",
+        converter="hf-vit",
+        model_type="vit",
+        label="ViT",
+        build_model=build_model,
+        extras=extras,
+        rename_state=lambda weights, m: state_from_hf(weights, m.config.encoder.depth),
+    )
     assert calls == [True] and not model.training
     assert "`polymodal convert --from hf-vit` (a note)" in (tmp_path / "pm" / "README.md").read_text()
     x = torch.rand(2, 3, 16, 16)
@@ -80,8 +99,9 @@ def test_a_missing_weight_names_the_file_and_the_key(vit_folder):
         return {"head.weight": weights["no.such.key"]}
 
     with pytest.raises(LoadError, match=r"model\.safetensors lacks the ViT weight 'no\.such\.key'"):
-        convert_hf_folder(vit_folder, converter="hf-vit", model_type="vit", label="ViT", build_model=build_model,
-                          rename_state=rename)
+        convert_hf_folder(
+            vit_folder, converter="hf-vit", model_type="vit", label="ViT", build_model=build_model, rename_state=rename
+        )
 
 
 def test_the_tokenizer_step_notes_a_missing_tokenizer_and_names_the_folder_on_error(vit_folder, tmp_path):
@@ -90,13 +110,28 @@ def test_the_tokenizer_step_notes_a_missing_tokenizer_and_names_the_folder_on_er
     def rename(weights, m):
         return state_from_hf(weights, m.config.encoder.depth)
 
-    convert_hf_folder(vit_folder, tmp_path / "pm", converter="hf-vit", model_type="vit", label="ViT",
-                      build_model=build_model, rename_state=rename, tokenizer=lambda folder, model: False)
+    convert_hf_folder(
+        vit_folder,
+        tmp_path / "pm",
+        converter="hf-vit",
+        model_type="vit",
+        label="ViT",
+        build_model=build_model,
+        rename_state=rename,
+        tokenizer=lambda folder, model: False,
+    )
     assert "(no tokenizer files: the model takes token ids only)" in (tmp_path / "pm" / "README.md").read_text()
 
     def bad_tokenizer(folder, model):
         raise ValueError("the tokenizer has 9 ids")
 
     with pytest.raises(LoadError, match=rf"{vit_folder}: the tokenizer has 9 ids"):
-        convert_hf_folder(vit_folder, converter="hf-vit", model_type="vit", label="ViT", build_model=build_model,
-                          rename_state=rename, tokenizer=bad_tokenizer)
+        convert_hf_folder(
+            vit_folder,
+            converter="hf-vit",
+            model_type="vit",
+            label="ViT",
+            build_model=build_model,
+            rename_state=rename,
+            tokenizer=bad_tokenizer,
+        )

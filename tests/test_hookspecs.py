@@ -8,15 +8,17 @@ import textwrap
 
 import pytest
 
-from polymodal.registry import hookspecs
-from polymodal.registry import KINDS
+from polymodal.registry import KINDS, hookspecs
 
 
 def _specs() -> dict[str, object]:
     """The current hookspecs (deprecated aliases left out: they point at a current one)."""
     marker = f"{hookspecs.PROJECT}_spec"
-    return {name: fn for name, fn in vars(hookspecs).items()
-            if inspect.isfunction(fn) and hasattr(fn, marker) and name not in hookspecs.DEPRECATED_HOOKS}
+    return {
+        name: fn
+        for name, fn in vars(hookspecs).items()
+        if inspect.isfunction(fn) and hasattr(fn, marker) and name not in hookspecs.DEPRECATED_HOOKS
+    }
 
 
 SPECS = _specs()
@@ -55,7 +57,8 @@ def test_hookspec_docstring_has_an_example_plugin(name):
     assert "Example" in doc and "@hookimpl" in doc, f"{name}'s docstring needs an 'Example::' with a @hookimpl"
     examples = _examples(doc)
     assert any("@hookimpl" in e and f"def {name}(register)" in e for e in examples), (
-        f"{name}'s example should implement `def {name}(register)`")
+        f"{name}'s example should implement `def {name}(register)`"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))

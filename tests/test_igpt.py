@@ -24,9 +24,8 @@ from polymodal.data import load_dataset
 from polymodal.eval.images import read_image, save_png
 from polymodal.io import LoadError
 from polymodal.nn import KVCache, QuickGELU, RMSNorm
-from polymodal.plugins.igpt import IGPT, IGPTConfig
+from polymodal.plugins.igpt import IGPT, IGPTConfig, probe
 from polymodal.plugins.igpt import palette as pal
-from polymodal.plugins.igpt import probe
 from polymodal.plugins.igpt.convert import convert_hf_imagegpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,7 +59,9 @@ def perturbed(model: IGPT, seed: int = 1) -> IGPT:
 
 def stream(model: IGPT, b: int, n: int | None = None, seed: int = 0) -> torch.Tensor:
     """Random input streams (b, n): the start token then palette ids."""
-    ids = torch.randint(0, model.config.palette_size, (b, n or model.num_tokens), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(
+        0, model.config.palette_size, (b, n or model.num_tokens), generator=torch.Generator().manual_seed(seed)
+    )
     ids[:, 0] = model.sos
     return ids
 
@@ -71,7 +72,7 @@ def stream(model: IGPT, b: int, n: int | None = None, seed: int = 0) -> torch.Te
 def test_kmeans_finds_separated_clusters():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.1, 0.1, 0.1], [0.9, 0.2, 0.1], [0.2, 0.3, 0.9]])
-    points = (centres.repeat_interleave(200, 0) + 0.02 * torch.randn(600, 3, generator=g))  # (600, 3)
+    points = centres.repeat_interleave(200, 0) + 0.02 * torch.randn(600, 3, generator=g)  # (600, 3)
     found = pal.kmeans(points, 3)
     order = torch.cdist(centres, found).argmin(1)
     assert sorted(order.tolist()) == [0, 1, 2]
@@ -309,8 +310,21 @@ def test_cli_sample_and_complete(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s" / "grid.png").is_file() and (tmp_path / "s" / "sample_003.png").is_file()
     top = save_png(torch.rand(1, 8, 8), tmp_path / "top.png")
-    result = runner.invoke(main, ["sample", str(tmp_path / "m"), "-n", "2", "--complete", str(top),
-                                  "--out", str(tmp_path / "c"), "--top-k", "3"])
+    result = runner.invoke(
+        main,
+        [
+            "sample",
+            str(tmp_path / "m"),
+            "-n",
+            "2",
+            "--complete",
+            str(top),
+            "--out",
+            str(tmp_path / "c"),
+            "--top-k",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     done = read_image(tmp_path / "c" / "sample_001.png", 1)
     want = model.images(model.tokens(read_image(top, 1)[None]))[0]
@@ -386,8 +400,9 @@ def test_fd_judge_compares_judge_features_of_samples_and_test_images(digits, mon
 
 transformers = pytest.importorskip("transformers")
 
-SMALL = dict(vocab_size=17, n_positions=16, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
-             attn_pdrop=0.0)
+SMALL = dict(
+    vocab_size=17, n_positions=16, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -442,7 +457,15 @@ def test_converted_greedy_generation_matches_transformers(hf_pair):
 def test_converted_config_and_palette(hf_pair):
     hf, pm, root = hf_pair
     c = pm.config
-    assert (c.image_size, c.channels, c.palette_size, c.dim, c.depth, c.heads, c.act) == (4, 3, 16, 32, 2, 4, "quick_gelu")
+    assert (c.image_size, c.channels, c.palette_size, c.dim, c.depth, c.heads, c.act) == (
+        4,
+        3,
+        16,
+        32,
+        2,
+        4,
+        "quick_gelu",
+    )
     assert c.norm_eps == hf.config.layer_norm_epsilon
     clusters = torch.tensor(json.loads((root / "hf" / "preprocessor_config.json").read_text())["clusters"])
     torch.testing.assert_close(pm.palette, (clusters + 1) / 2)
@@ -465,13 +488,16 @@ def test_convert_python_api_without_clusters(hf_pair, tmp_path):
         model.sample_to_folder(tmp_path / "out", n=1)
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"scale_attn_by_inverse_layer_idx": True}, "per-layer attention scale"),
-    ({"scale_attn_weights": False}, "attention-scale option"),
-    ({"n_positions": 15}, "square number"),
-    ({"activation_function": "silu"}, "unsupported hidden_act 'silu'"),
-    ({"model_type": "gpt2"}, "model_type 'imagegpt'"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"scale_attn_by_inverse_layer_idx": True}, "per-layer attention scale"),
+        ({"scale_attn_weights": False}, "attention-scale option"),
+        ({"n_positions": 15}, "square number"),
+        ({"activation_function": "silu"}, "unsupported hidden_act 'silu'"),
+        ({"model_type": "gpt2"}, "model_type 'imagegpt'"),
+    ],
+)
 def test_unsupported_sources_are_refused_by_name(hf_pair, tmp_path, change, needle):
     _, _, root = hf_pair
     src = tmp_path / "src"

@@ -30,8 +30,14 @@ def _written_out(pattern: str, h: int, w: int, prefix: int, suffix: int, kernel:
 
 
 @settings(max_examples=60, deadline=None)
-@given(pattern=st.sampled_from(["full", "row", "column", "conv"]), h=st.integers(1, 5), w=st.integers(1, 5),
-       prefix=st.integers(0, 4), suffix=st.integers(0, 4), kernel=st.sampled_from([1, 3, 5]))
+@given(
+    pattern=st.sampled_from(["full", "row", "column", "conv"]),
+    h=st.integers(1, 5),
+    w=st.integers(1, 5),
+    prefix=st.integers(0, 4),
+    suffix=st.integers(0, 4),
+    kernel=st.sampled_from([1, 3, 5]),
+)
 def test_pattern_matches_its_definition(pattern, h, w, prefix, suffix, kernel):
     got = image_pattern_mask(pattern, (h, w), prefix=prefix, suffix=suffix, kernel=kernel)
     assert torch.equal(got, _written_out(pattern, h, w, prefix, suffix, kernel))

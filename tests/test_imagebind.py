@@ -12,19 +12,27 @@ from hypothesis import strategies as st
 from torch import nn
 
 import polymodal
-from polymodal.plugins.imagebind.audio import (CLIP_SAMPLES, DTMF_COLS, DTMF_ROWS, SAMPLE_RATE, dtmf_clips, dtmf_frequencies,
-                                  load_digits_audio, log_mel, mel_filterbank)
 from polymodal.config import evolve
 from polymodal.data.base import Dataset, Split
 from polymodal.objectives import similarity_logits
-from polymodal.registry.loader import register_plugin, unregister_plugin
 from polymodal.plugins.imagebind import ImageBind, ImageBindConfig, compose, retrieve
-from polymodal.plugins.imagebind.model import bind_loss, default_clip_folder
+from polymodal.plugins.imagebind.audio import (
+    CLIP_SAMPLES,
+    DTMF_COLS,
+    DTMF_ROWS,
+    SAMPLE_RATE,
+    dtmf_clips,
+    dtmf_frequencies,
+    load_digits_audio,
+    log_mel,
+    mel_filterbank,
+)
 from polymodal.plugins.imagebind.modalities import ThermalEncoderConfig
+from polymodal.plugins.imagebind.model import bind_loss, default_clip_folder
+from polymodal.registry.loader import register_plugin, unregister_plugin
 from polymodal.testing import contracts
-from polymodal.train import param_groups
+from polymodal.train import TrainConfig, param_groups
 from polymodal.train import train as run_training
-from polymodal.train import TrainConfig
 
 
 def tiny_model(seed: int = 0, **overrides) -> ImageBind:
@@ -38,6 +46,7 @@ def inputs(model: ImageBind, b: int, seed: int = 0) -> dict:
 
 
 # -- DTMF audio and the log-mel spectrogram -----------------------------------------------------
+
 
 def test_dtmf_uses_the_telephone_keypad():
     assert dtmf_frequencies(1) == (697.0, 1209.0)
@@ -80,7 +89,9 @@ def test_digits_audio_is_aligned_with_the_digits_split():
     data = load_digits_audio()
     digits = polymodal.data.load_digits()
     assert len(data.train) == len(digits.train) == 1437 and len(data.test) == 360
-    assert torch.equal(data.train["label"], digits.train["label"]) and torch.equal(data.test["image"], digits.test["image"])
+    assert torch.equal(data.train["label"], digits.train["label"]) and torch.equal(
+        data.test["image"], digits.test["image"]
+    )
     assert data.train["audio"].shape == (1437, CLIP_SAMPLES)
     assert torch.equal(data.test["audio"], load_digits_audio().test["audio"])  # fixed by the seed
     row = dtmf_frequencies(int(data.test["label"][0]))[0]
@@ -90,6 +101,7 @@ def test_digits_audio_is_aligned_with_the_digits_split():
 
 
 # -- properties ---------------------------------------------------------------------------------
+
 
 @settings(max_examples=10, deadline=None)
 @given(b=st.integers(1, 4), seed=st.integers(0, 100))
@@ -119,7 +131,9 @@ def test_loss_is_symmetric_in_swapping_the_modalities(b, d, seed, scale):
     g = torch.Generator().manual_seed(seed)
     a = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1)
     o = scale * torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1)
-    torch.testing.assert_close(similarity_logits(o, a, 1.0, normalize=False), similarity_logits(a, o, 1.0, normalize=False).t())
+    torch.testing.assert_close(
+        similarity_logits(o, a, 1.0, normalize=False), similarity_logits(a, o, 1.0, normalize=False).t()
+    )
     torch.testing.assert_close(bind_loss(a, o), bind_loss(o, a))
 
 
@@ -128,13 +142,17 @@ def test_batch_independence_in_eval_mode():
     for modality, x in inputs(model, 3, seed=5).items():
         full = model.embed(modality, x)
         for i in range(3):
-            torch.testing.assert_close(model.embed(modality, x[i:i + 1]), full[i:i + 1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(model.embed(modality, x[i : i + 1]), full[i : i + 1], atol=1e-5, rtol=0)
 
 
 def _toy_dataset(model: ImageBind, n: int = 16) -> Dataset:
     batch = model.example_batch(n, torch.Generator().manual_seed(0))
-    return Dataset("toy", Split(dict(batch)), Split(dict(batch)),
-                   {"num_classes": 10, "class_names": list(polymodal.data.DIGIT_WORDS)})
+    return Dataset(
+        "toy",
+        Split(dict(batch)),
+        Split(dict(batch)),
+        {"num_classes": 10, "class_names": list(polymodal.data.DIGIT_WORDS)},
+    )
 
 
 def test_frozen_clip_towers_are_unchanged_by_training_steps():
@@ -144,8 +162,12 @@ def test_frozen_clip_towers_are_unchanged_by_training_steps():
     assert all(not p.requires_grad for p in model.clip.parameters())
     trainable = {id(p) for g in param_groups(model, 0.1) for p in g["params"]}
     assert trainable and not trainable & {id(p) for p in model.clip.parameters()}
-    run_training(model, _toy_dataset(model), TrainConfig(steps=2, batch_size=8, warmup_steps=0, checkpoint_every=0),
-                 progress=False)
+    run_training(
+        model,
+        _toy_dataset(model),
+        TrainConfig(steps=2, batch_size=8, warmup_steps=0, checkpoint_every=0),
+        progress=False,
+    )
     for k, v in model.clip.state_dict().items():
         assert torch.equal(v, before[k]), f"frozen CLIP weight {k} changed"
     assert any(not torch.equal(v, trunk[k]) for k, v in model.encoders.state_dict().items())
@@ -155,11 +177,14 @@ def test_frozen_clip_towers_are_unchanged_by_training_steps():
 
 # -- bad input ----------------------------------------------------------------------------------
 
+
 def test_bad_inputs_raise_value_errors_naming_expected_and_given():
     model = tiny_model().eval()
     v = model.clip.config.vision
     s, c = v.image_size, v.channels
-    with pytest.raises(ValueError, match=rf"expected images \(B, {c}, {s}, {s}\); got shape \(2, {c}, {s + 2}, {s + 2}\)"):
+    with pytest.raises(
+        ValueError, match=rf"expected images \(B, {c}, {s}, {s}\); got shape \(2, {c}, {s + 2}, {s + 2}\)"
+    ):
         model.embed("image", torch.rand(2, c, s + 2, s + 2))
     with pytest.raises(ValueError, match=rf"expected images \(B, {c}, {s}, {s}\); got shape \(2, {c + 2}, {s}, {s}\)"):
         model.embed("image", torch.rand(2, c + 2, s, s))
@@ -187,11 +212,14 @@ def test_a_missing_clip_folder_is_named(tmp_path):
 
 # -- model folders ------------------------------------------------------------------------------
 
+
 def test_saved_folder_is_self_contained(tmp_path):
     model = tiny_model(seed=3).eval()
     x = inputs(model, 2, seed=7)
     model.save(tmp_path / "a")
-    assert (tmp_path / "a" / "clip" / "config.json").is_file() and (tmp_path / "a" / "clip" / "model.safetensors").is_file()
+    assert (tmp_path / "a" / "clip" / "config.json").is_file() and (
+        tmp_path / "a" / "clip" / "model.safetensors"
+    ).is_file()
     shutil.move(tmp_path / "a", tmp_path / "moved")
     loaded = polymodal.load(tmp_path / "moved")
     assert all(not p.requires_grad for p in loaded.clip.parameters())
@@ -241,13 +269,20 @@ def test_evaluate_reports_emergent_and_image_to_modality_accuracy():
     digits = polymodal.data.load_digits()
     small = Dataset("digits", digits.train.subset(list(range(20))), digits.test.subset(list(range(30))), digits.meta)
     metrics = model.evaluate(small)
-    for key in ("emergent_text_to_audio_accuracy", "emergent_text_to_audio_accuracy_heldout", "image_to_audio_accuracy",
-                "emergent_text_to_thermal_accuracy", "image_to_thermal_accuracy", "zero_shot_image_accuracy"):
+    for key in (
+        "emergent_text_to_audio_accuracy",
+        "emergent_text_to_audio_accuracy_heldout",
+        "image_to_audio_accuracy",
+        "emergent_text_to_thermal_accuracy",
+        "image_to_thermal_accuracy",
+        "zero_shot_image_accuracy",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics == model.evaluate(small)  # the synthesised clips are fixed by data_seed
 
 
 # -- embedding arithmetic -----------------------------------------------------------------------
+
 
 def test_embedding_arithmetic_image_plus_audio_retrieves_images():
     model = tiny_model().eval()
@@ -264,6 +299,7 @@ def test_embedding_arithmetic_image_plus_audio_retrieves_images():
 
 
 # -- a plugin adds a modality ---------------------------------------------------------------------
+
 
 class ProfileEncoder(nn.Module):
     """A 1-D ink profile (B, 16) → tokens (B, 1 + 16, dim): a plugin-added modality."""

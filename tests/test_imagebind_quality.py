@@ -9,8 +9,8 @@ import torch
 
 import polymodal
 from polymodal.data import load_digits
-from polymodal.plugins.imagebind.audio import dtmf_clips
 from polymodal.plugins.imagebind import compose, retrieve
+from polymodal.plugins.imagebind.audio import dtmf_clips
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,7 @@ def test_embedding_arithmetic_on_the_trained_model(trained):
     scores, index = retrieve(compose(model, {"audio": audio}), gallery, k=10)
     assert (test["label"][index[0]] == 7).float().mean() >= 0.7  # the sound of 7 retrieves images of 7
     three = int((test["label"] == 3).nonzero()[0])
-    scores, index = retrieve(compose(model, {"image": model.prepare_images(test["image"][three:three + 1]), "audio": audio}),
-                             gallery, k=10)
+    scores, index = retrieve(
+        compose(model, {"image": model.prepare_images(test["image"][three : three + 1]), "audio": audio}), gallery, k=10
+    )
     assert scores.shape == (1, 10) and set(test["label"][index[0]].tolist()) <= set(range(10))

@@ -15,14 +15,14 @@ from torch import nn
 
 import polymodal
 import polymodal.io.folders as pio
-from polymodal.config import config, field
-from polymodal.nn import BlockConfig
-from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal import hookimpl
+from polymodal.config import config, field
 from polymodal.io import LoadError, atomic_write, load_model, load_state_strict, save_model
 from polymodal.models import ModelSpec, PolymodalModel
-from polymodal.registry.loader import register_plugin, unregister_plugin
+from polymodal.nn import BlockConfig
+from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.plugins.vit import ViTClassifier
+from polymodal.registry.loader import register_plugin, unregister_plugin
 
 TINY = ViTEncoderConfig(image_size=8, patch_size=4, channels=1, depth=2, block=BlockConfig(dim=16, heads=2))
 
@@ -159,7 +159,7 @@ def test_corrupt_safetensors_is_a_load_error_naming_the_file(tmp_path, damage):
         "garbage": os.urandom(len(data)),
         "empty": b"",
         "huge-header": (10**12).to_bytes(8, "little") + data[8:],
-        "bad-header-json": data[:8] + b"{" * n + data[8 + n:],
+        "bad-header-json": data[:8] + b"{" * n + data[8 + n :],
     }[damage]
     path.write_bytes(broken)
     with pytest.raises(LoadError) as info:
@@ -184,11 +184,14 @@ def test_malformed_config_json_is_named(tmp_path, data):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda c: c["encoder"].update(depth=0), "depth"),
-    (lambda c: c.update(bogus=1), "bogus"),
-    (lambda c: c.update(pool="max"), "pool"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda c: c["encoder"].update(depth=0), "depth"),
+        (lambda c: c.update(bogus=1), "bogus"),
+        (lambda c: c.update(pool="max"), "pool"),
+    ],
+)
 def test_invalid_config_values_name_the_file_and_field(tmp_path, edit, needle):
     tiny_vit().save(tmp_path / "m")
     path = tmp_path / "m" / "config.json"

@@ -14,6 +14,7 @@ def _reference_fd(a: torch.Tensor, b: torch.Tensor) -> float:
     """FID's formula with scipy's general matrix square root."""
     a, b = a.double().numpy(), b.double().numpy()
     import numpy as np
+
     mu = a.mean(0) - b.mean(0)
     ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root = linalg.sqrtm(ca @ cb).real
@@ -89,8 +90,13 @@ def test_a_dataset_declares_what_its_judge_reads():
     # No dataset-name special case: any dataset may name attributes and a subset in meta["judge"].
     g = torch.Generator().manual_seed(2)
     n = 40
-    split = Split({"image": torch.rand(n, 3, 8, 8, generator=g), "colour": torch.randint(0, 3, (n,), generator=g),
-                   "count": torch.arange(n) % 2 + 1})
+    split = Split(
+        {
+            "image": torch.rand(n, 3, 8, 8, generator=g),
+            "colour": torch.randint(0, 3, (n,), generator=g),
+            "count": torch.arange(n) % 2 + 1,
+        }
+    )
     data = Dataset("anything", split, split, {"judge": {"attributes": {"colour": 3}, "where": ["count", 1]}})
     images, targets = J._targets(data, "train")
     assert list(targets) == ["colour"] and len(images) == n // 2

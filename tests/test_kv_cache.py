@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from polymodal.attention import backends, use_backend
 from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
 
-pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 ATOL = 1e-5
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -103,8 +105,9 @@ def test_cached_decoding_with_per_layer_masks_and_padding(stack):
         kp = torch.arange(n).unsqueeze(0) >= pad.unsqueeze(1)  # (B, N), True = real
         with torch.no_grad():
             full = stack(x, causal=True, mask=masks, key_padding=kp)
-            got = decode(stack, x, chunks, mask=lambda s, e: [m[..., s:e, :e] for m in masks],
-                         key_padding=lambda s, e: kp[:, :e])
+            got = decode(
+                stack, x, chunks, mask=lambda s, e: [m[..., s:e, :e] for m in masks], key_padding=lambda s, e: kp[:, :e]
+            )
         torch.testing.assert_close(got, full, atol=ATOL, rtol=1e-5)
 
     check()

@@ -40,7 +40,8 @@ def module_name(path: Path) -> str:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imported_modules(path: Path, modules: set[str]) -> set[str]:
@@ -101,8 +102,9 @@ def test_core_never_imports_a_plugin_or_a_benchmark():
                 assert not node.module.startswith(("polymodal.plugins", "bench")), f"{path}: imports {node.module}"
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    assert not alias.name.startswith(("polymodal.plugins", "transformers", "diffusers")), \
+                    assert not alias.name.startswith(("polymodal.plugins", "transformers", "diffusers")), (
                         f"{path}: imports {alias.name}"
+                    )
 
 
 def test_layers_import_downward_only():
@@ -123,7 +125,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = 2
@@ -144,11 +146,14 @@ def test_no_import_cycle_in_core():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-@pytest.mark.parametrize("edges, cyclic", [
-    ({"a": {"b"}, "b": {"c"}, "c": set()}, False),
-    ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, True),
-    ({"a": {"a"}}, True),
-])
+@pytest.mark.parametrize(
+    "edges, cyclic",
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, False),
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, True),
+        ({"a": {"a"}}, True),
+    ],
+)
 def test_the_cycle_finder_finds_cycles(edges, cyclic):
     assert (find_cycle(edges) is not None) is cyclic
 

@@ -19,12 +19,12 @@ from torch import nn
 
 import polymodal
 from polymodal.cli import main
+from polymodal.generation.sampling import generate
 from polymodal.io import LoadError
 from polymodal.nn import KVCache
-from polymodal.registry import get_registry
 from polymodal.plugins.lm import LMConfig, LMModel
 from polymodal.plugins.lm.convert import convert_hf_gpt2
-from polymodal.generation.sampling import generate
+from polymodal.registry import get_registry
 from polymodal.testing import contracts
 
 ATOL = 1e-5
@@ -45,6 +45,7 @@ def lm() -> LMModel:
 
 
 # -- the interface ------------------------------------------------------------------------------
+
 
 def test_registered_with_text_data_and_contracts_pass():
     spec = get_registry().get("model", "lm")
@@ -101,7 +102,9 @@ def test_run_return_hidden_and_positions_shift_with_the_cache(lm):
 def test_injected_module_runs_with_inject_kwargs():
     model = small()
     seen = []
-    direction = torch.randn(model.dim, generator=torch.Generator().manual_seed(0))  # a constant shift would vanish in LN
+    direction = torch.randn(
+        model.dim, generator=torch.Generator().manual_seed(0)
+    )  # a constant shift would vanish in LN
 
     class Shift(nn.Module):
         def forward(self, x, *, media=None, scale=1.0):
@@ -139,6 +142,7 @@ def test_key_padding_hides_padded_keys(lm):
 
 # -- KV cache --------------------------------------------------------------------------------------
 
+
 @settings(max_examples=25, deadline=None)
 @given(length=st.integers(2, 30), split=st.integers(1, 29), batch=st.integers(1, 3), seed=st.integers(0, 10**6))
 def test_cache_matches_the_full_forward(lm, length, split, batch, seed):
@@ -147,7 +151,7 @@ def test_cache_matches_the_full_forward(lm, length, split, batch, seed):
     with torch.no_grad():
         full = lm(ids)
         cache = KVCache()
-        parts = [lm(ids[:, :split], cache=cache)] + [lm(ids[:, i:i + 1], cache=cache) for i in range(split, length)]
+        parts = [lm(ids[:, :split], cache=cache)] + [lm(ids[:, i : i + 1], cache=cache) for i in range(split, length)]
     assert cache.length == length
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=ATOL, rtol=0)
 
@@ -174,7 +178,7 @@ def test_generation_stops_at_max_len_and_never_draws_pad_or_bos(lm):
     prompt = torch.tensor([lm.prompt_ids("a")] * 4)
     ids = lm.generate_ids(prompt, 500, seed=3, temperature=2.0, stop_at_eos=False)
     assert ids.shape == (4, lm.max_len)
-    new = ids[:, prompt.shape[1]:]
+    new = ids[:, prompt.shape[1] :]
     specials = lm.tokenizer.special_tokens
     assert not ((new == specials["pad"]) | (new == specials["bos"])).any()
     assert new.max() < lm.tokenizer.vocab_size
@@ -188,15 +192,17 @@ def test_generate_text_and_sample_to_folder(lm, tmp_path):
     assert [p.name for p in paths] == ["samples.txt"]
     lines = paths[0].read_text().splitlines()
     assert len(lines) == 3 and all(line.startswith("The number is") for line in lines)
-    again = lm.sample_to_folder(tmp_path / "t", n=3, prompt="The number is", seed=1, temperature=0.8, top_k=20,
-                                use_cache=False)
+    again = lm.sample_to_folder(
+        tmp_path / "t", n=3, prompt="The number is", seed=1, temperature=0.8, top_k=20, use_cache=False
+    )
     assert again[0].read_text() == paths[0].read_text()
 
 
 def test_cli_sample_writes_text(lm, tmp_path):
     lm.save(tmp_path / "m")
-    result = CliRunner().invoke(main, ["sample", str(tmp_path / "m"), "-n", "2", "--prompt", "a", "--seed", "0",
-                                       "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main, ["sample", str(tmp_path / "m"), "-n", "2", "--prompt", "a", "--seed", "0", "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "out" / "samples.txt").read_text().splitlines()) == 2
     bad = CliRunner().invoke(main, ["sample", str(tmp_path / "m"), "--cfg", "2", "--out", str(tmp_path / "o2")])
@@ -205,13 +211,17 @@ def test_cli_sample_writes_text(lm, tmp_path):
 
 # -- bad input --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad, needle", [
-    (torch.zeros(2, 3), "integer token ids (B, T)"),
-    (torch.zeros(3, dtype=torch.long), "integer token ids (B, T)"),
-    (torch.full((1, 3), 512), "[0, 512)"),
-    (torch.full((1, 3), -1), "[0, 512)"),
-    (torch.zeros(1, 41, dtype=torch.long), "max_len=40"),
-])
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (torch.zeros(2, 3), "integer token ids (B, T)"),
+        (torch.zeros(3, dtype=torch.long), "integer token ids (B, T)"),
+        (torch.full((1, 3), 512), "[0, 512)"),
+        (torch.full((1, 3), -1), "[0, 512)"),
+        (torch.zeros(1, 41, dtype=torch.long), "max_len=40"),
+    ],
+)
 def test_bad_ids_raise_naming_expected_and_given(lm, bad, needle):
     with pytest.raises(ValueError, match=None) as exc:
         lm(bad)
@@ -249,8 +259,8 @@ def test_loss_ignores_padding_and_packs_sentences():
     words = model.tokenizer.encode("a seven", add_bos=False, add_eos=False)
     assert ids[0, : len(words) + 1].tolist() == [model.tokenizer.special_tokens["bos"]] + words
     assert targets[0, : len(words) + 1].tolist() == words + [eos]  # shifted by one, eos predicted
-    assert ids[0, len(words) + 1] == eos and (ids[0, len(words) + 2:] == pad).all()
-    assert (targets[0, len(words) + 1:] == -100).all()  # nothing is learnt from padding
+    assert ids[0, len(words) + 1] == eos and (ids[0, len(words) + 2 :] == pad).all()
+    assert (targets[0, len(words) + 1 :] == -100).all()  # nothing is learnt from padding
     assert (targets[1] == eos).sum() == 2 and (targets[1] != -100).all()
     model.train()
     loss, metrics = model.loss({"text": ["a seven", "the digit two", "This is a one."]})
@@ -272,8 +282,9 @@ def test_byte_tokenizer_variant_round_trips(tmp_path):
 
 transformers = pytest.importorskip("transformers")
 
-HF_SMALL = dict(vocab_size=300, n_positions=48, n_embd=48, n_layer=3, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
-                attn_pdrop=0.0)
+HF_SMALL = dict(
+    vocab_size=300, n_positions=48, n_embd=48, n_layer=3, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
 
 
 def gpt2_folder(root: Path, seed: int = 1, tokenizer: str = "", **extra) -> tuple:
@@ -292,8 +303,12 @@ def gpt2_folder(root: Path, seed: int = 1, tokenizer: str = "", **extra) -> tupl
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=HF_SMALL["vocab_size"], special_tokens=["<|endoftext|>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=HF_SMALL["vocab_size"],
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train_from_iterator([s for s, _ in polymodal.data.text.corpus()], trainer)
         if tokenizer == "json":
             tok.save(str(root / "hf" / "tokenizer.json"))
@@ -334,8 +349,15 @@ def test_cached_logits_match_transformers(parity):
 def test_greedy_generation_matches_transformers(parity):
     hf, pm, _ = parity
     prompt = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(2))
-    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=15,
-                       min_new_tokens=15, pad_token_id=0, eos_token_id=None)
+    want = hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=False,
+        max_new_tokens=15,
+        min_new_tokens=15,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     got = pm.generate_ids(prompt, 15, greedy=True, stop_at_eos=False)
     assert torch.equal(got, want)
 
@@ -353,8 +375,16 @@ def test_tokenizer_matches_transformers(parity):
 def test_converted_config_mirrors_the_source(parity):
     _, pm, _ = parity
     c = pm.config
-    assert (c.vocab_size, c.max_len, c.dim, c.depth, c.heads, c.act, c.norm_eps, c.tokenizer) == \
-        (300, 48, 48, 3, 4, "gelu_tanh", 1e-5, "file")
+    assert (c.vocab_size, c.max_len, c.dim, c.depth, c.heads, c.act, c.norm_eps, c.tokenizer) == (
+        300,
+        48,
+        48,
+        3,
+        4,
+        "gelu_tanh",
+        1e-5,
+        "file",
+    )
 
 
 def test_tokenizer_json_and_no_tokenizer(tmp_path):
@@ -368,9 +398,16 @@ def test_tokenizer_json_and_no_tokenizer(tmp_path):
         model.generate_text("a")
 
 
-@pytest.mark.parametrize("field, value", [("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True),
-                                          ("add_cross_attention", True), ("tie_word_embeddings", False),
-                                          ("activation_function", "silu")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("scale_attn_weights", False),
+        ("scale_attn_by_inverse_layer_idx", True),
+        ("add_cross_attention", True),
+        ("tie_word_embeddings", False),
+        ("activation_function", "silu"),
+    ],
+)
 def test_unsupported_configs_are_refused_by_name(tmp_path, field, value):
     _, src = gpt2_folder(tmp_path, seed=4)
     cfg = json.loads((src / "config.json").read_text())

@@ -18,7 +18,7 @@ def test_test_nll_is_at_most_half_the_unigram_baseline(trained):
     nll, unigram = metrics["test_nll_bits_per_token"], metrics["unigram_bits_per_token"]
     assert unigram > 4.0  # a real baseline over a few hundred BPE tokens
     assert nll <= 0.5 * unigram, (nll, unigram)
-    assert metrics["test_perplexity"] == pytest.approx(2 ** nll, rel=1e-6)
+    assert metrics["test_perplexity"] == pytest.approx(2**nll, rel=1e-6)
 
 
 def test_digit_words_fill_the_digit_slot(trained):

@@ -9,8 +9,16 @@ from hypothesis import strategies as st
 
 from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import ViTEncoderConfig
-from polymodal.nn.mae import (MAE, MAEConfig, masked_patch_loss, masking_from_noise, noise_from_mask, normalise_patches,
-                           patchify, unpatchify)
+from polymodal.nn.mae import (
+    MAE,
+    MAEConfig,
+    masked_patch_loss,
+    masking_from_noise,
+    noise_from_mask,
+    normalise_patches,
+    patchify,
+    unpatchify,
+)
 from polymodal.plugins.pixel.convert import convert_hf_vitmae, mae_config_from_hf, mae_state_from_hf
 
 ATOL = 1e-5
@@ -18,13 +26,26 @@ ATOL = 1e-5
 
 # -- parity with transformers ------------------------------------------------------------------
 
+
 def hf_mae(norm_pix_loss: bool, seed: int):
     """A small random ViTMAEForPreTraining with every weight (position tables included) visibly random."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.ViTMAEConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=4,
-        num_channels=3, decoder_hidden_size=24, decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
-        decoder_intermediate_size=48, norm_pix_loss=norm_pix_loss, mask_ratio=0.75, layer_norm_eps=1e-12)
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        decoder_hidden_size=24,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=48,
+        norm_pix_loss=norm_pix_loss,
+        mask_ratio=0.75,
+        layer_norm_eps=1e-12,
+    )
     torch.manual_seed(seed)
     model = transformers.ViTMAEForPreTraining(cfg).eval()
     g = torch.Generator().manual_seed(seed)
@@ -100,6 +121,7 @@ def test_patchify_matches_transformers_and_round_trips(pair):
 
 # -- masking -----------------------------------------------------------------------------------
 
+
 @settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 4), n=st.integers(1, 30), ratio=st.floats(0.0, 0.95), seed=st.integers(0, 10**6))
 def test_masking_from_noise_keeps_the_lowest_noise(b, n, ratio, seed):
@@ -157,11 +179,16 @@ def test_normalised_patches_have_zero_mean_unit_variance():
 
 # -- a 1×N strip with padding --------------------------------------------------------------------
 
+
 def strip_mae() -> MAE:
-    enc = ViTEncoderConfig(image_size=4, patch_size=4, channels=1, depth=2, block=BlockConfig(dim=16, heads=2),
-                           pos_embed="sincos")
-    return MAE(MAEConfig(encoder=enc, grid_rows=1, grid_cols=6, decoder_dim=16, decoder_depth=1, decoder_heads=2,
-                         mask_ratio=0.25)).eval()
+    enc = ViTEncoderConfig(
+        image_size=4, patch_size=4, channels=1, depth=2, block=BlockConfig(dim=16, heads=2), pos_embed="sincos"
+    )
+    return MAE(
+        MAEConfig(
+            encoder=enc, grid_rows=1, grid_cols=6, decoder_dim=16, decoder_depth=1, decoder_heads=2, mask_ratio=0.25
+        )
+    ).eval()
 
 
 def test_padding_is_invisible_to_the_encoder_and_the_loss():
@@ -187,8 +214,9 @@ def test_loss_is_invariant_to_batch_order():
     images, noise = torch.rand(4, 1, 4, 24), torch.rand(4, 6)
     order = torch.tensor([2, 0, 3, 1])
     with torch.no_grad():
-        torch.testing.assert_close(model(images, noise=noise).loss, model(images[order], noise=noise[order]).loss,
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            model(images, noise=noise).loss, model(images[order], noise=noise[order]).loss, atol=1e-6, rtol=0
+        )
 
 
 def test_reconstruction_keeps_visible_patches():
@@ -201,11 +229,14 @@ def test_reconstruction_keeps_visible_patches():
     torch.testing.assert_close(recon[visible], images[visible], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("bad, needle", [
-    (torch.rand(2, 1, 4, 20), "(B, 1, 4, 24)"),
-    (torch.rand(2, 3, 4, 24), "got (2, 3, 4, 24)"),
-    (torch.rand(1, 4, 24), "1×6 patches of 4×4"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (torch.rand(2, 1, 4, 20), "(B, 1, 4, 24)"),
+        (torch.rand(2, 3, 4, 24), "got (2, 3, 4, 24)"),
+        (torch.rand(1, 4, 24), "1×6 patches of 4×4"),
+    ],
+)
 def test_wrong_images_name_expected_and_given(bad, needle):
     with pytest.raises(ValueError) as info:
         strip_mae()(bad)

@@ -73,15 +73,18 @@ def test_injection_at_a_missing_layer_is_an_error():
 
 
 def test_a_non_square_grid_is_configured_and_round_trips():
-    cfg = ViTEncoderConfig(image_size=4, patch_size=4, channels=1, block=SMALL, depth=1, grid=(2, 5), pos_embed="sincos")
+    cfg = ViTEncoderConfig(
+        image_size=4, patch_size=4, channels=1, block=SMALL, depth=1, grid=(2, 5), pos_embed="sincos"
+    )
     assert cfg.patch_grid == (2, 5) and cfg.input_size == (8, 20)
     assert from_json(ViTEncoderConfig, to_json(cfg)) == cfg
     enc = ViTEncoder(cfg)
     (images,) = enc.example_inputs(3)
     assert images.shape == (3, 1, 8, 20) and enc(images).shape == (3, 1 + 10, 16)
     torch.testing.assert_close(enc.pos_embed.weight[0, 1:], sincos_2d(2, 5, 16))  # rows × cols, not a square
-    strip = ViTEncoder(ViTEncoderConfig(image_size=4, patch_size=4, channels=1, block=SMALL, depth=1, grid=(1, 6),
-                                        pos_embed="sincos"))
+    strip = ViTEncoder(
+        ViTEncoderConfig(image_size=4, patch_size=4, channels=1, block=SMALL, depth=1, grid=(1, 6), pos_embed="sincos")
+    )
     torch.testing.assert_close(strip.pos_embed.weight[0, 1:], sincos_1d(6, 16))  # a 1×N strip: 1-D positions
     learned = ViTEncoder(ViTEncoderConfig(image_size=4, patch_size=2, block=SMALL, depth=1, grid=[3, 2]))
     assert learned.cfg.grid == (3, 2) and learned.pos_embed.weight.shape == (1, 1 + 6, 16)
@@ -97,9 +100,16 @@ def test_mae_builds_its_encoder_for_its_grid():
     enc = ViTEncoderConfig(image_size=4, patch_size=4, channels=1, block=SMALL, depth=1, pos_embed="sincos")
     mae = MAE(MAEConfig(encoder=enc, grid_rows=1, grid_cols=6, decoder_dim=16, decoder_depth=1, decoder_heads=2))
     assert mae.encoder.cfg.grid == (1, 6) and mae.encoder.pos_embed.grid == (1, 6)
-    same = MAE(MAEConfig(encoder=ViTEncoderConfig(image_size=4, patch_size=4, channels=1, block=SMALL, depth=1,
-                                                  pos_embed="sincos", grid=(1, 6)),
-                         decoder_dim=16, decoder_depth=1, decoder_heads=2))
+    same = MAE(
+        MAEConfig(
+            encoder=ViTEncoderConfig(
+                image_size=4, patch_size=4, channels=1, block=SMALL, depth=1, pos_embed="sincos", grid=(1, 6)
+            ),
+            decoder_dim=16,
+            decoder_depth=1,
+            decoder_heads=2,
+        )
+    )
     assert same.grid == (1, 6) and same.encoder.cfg == mae.encoder.cfg
     with pytest.raises(ValueError, match=r"grid_rows × grid_cols \(1×6\) and the encoder's grid \(2, 3\) disagree"):
         MAEConfig(encoder=ViTEncoderConfig(image_size=4, patch_size=2, grid=(2, 3)), grid_rows=1, grid_cols=6)

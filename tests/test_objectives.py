@@ -10,8 +10,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polymodal.objectives import (ContrastiveLoss, cross_entropy, info_nce, info_nce_from_logits, retrieval_accuracies,
-                                  similarity_logits)
+from polymodal.objectives import (
+    ContrastiveLoss,
+    cross_entropy,
+    info_nce,
+    info_nce_from_logits,
+    retrieval_accuracies,
+    similarity_logits,
+)
 
 
 def test_cross_entropy_matches_torch():
@@ -57,16 +63,21 @@ def test_cross_entropy_errors():
     with pytest.raises(ValueError, match="segment_ids"):
         cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), segment_weights=(1.0,))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        cross_entropy(torch.randn(1, 3, 4), torch.zeros(1, 3, dtype=torch.long),
-                      segment_ids=torch.tensor([0, 1, 2]), segment_weights=(0.5, 0.5))
+        cross_entropy(
+            torch.randn(1, 3, 4),
+            torch.zeros(1, 3, dtype=torch.long),
+            segment_ids=torch.tensor([0, 1, 2]),
+            segment_weights=(0.5, 0.5),
+        )
     with pytest.raises(ValueError, match="must match"):
         cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
 
 
 def test_cross_entropy_gradient_flows():
     logits = torch.randn(2, 4, 6, requires_grad=True)
-    loss, _ = cross_entropy(logits, torch.randint(0, 6, (2, 4)), segment_ids=torch.tensor([0, 0, 1, 1]),
-                            segment_weights=(0.5, 0.5))
+    loss, _ = cross_entropy(
+        logits, torch.randint(0, 6, (2, 4)), segment_ids=torch.tensor([0, 0, 1, 1]), segment_weights=(0.5, 0.5)
+    )
     loss.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
@@ -78,8 +89,8 @@ def test_contrastive_init_and_registry():
     assert loss_fn.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     assert polymodal.registry.get("objective", "contrastive") is ContrastiveLoss
     assert polymodal.registry.get("objective", "cross-entropy") is cross_entropy
-    from polymodal.plugins.dino.distill import DINOLoss
     from polymodal.nn.mae import masked_patch_loss
+    from polymodal.plugins.dino.distill import DINOLoss
 
     assert polymodal.registry.get("objective", "masked-patches") is masked_patch_loss
     assert polymodal.registry.get("objective", "self-distillation") is DINOLoss

@@ -38,7 +38,8 @@ def test_the_roots_are_mapped():
 def test_every_package_folder_is_listed(package):
     assert package in SETUPTOOLS["packages"], (
         f"{FOLDERS[package].relative_to(ROOT)} has an __init__.py but {package!r} is not in "
-        "[tool.setuptools] packages of pyproject.toml, so a wheel would leave it out")
+        "[tool.setuptools] packages of pyproject.toml, so a wheel would leave it out"
+    )
 
 
 @pytest.mark.parametrize("package", SETUPTOOLS["packages"])
@@ -69,7 +70,8 @@ def test_builtin_plugins_are_published_through_entry_points():
     for init in (ROOT / "plugins").glob("*/__init__.py"):
         family = init.parent.name
         assert ENTRY_POINTS.get(family) == f"polymodal.plugins.{family}", (
-            f"plugins/{family} is not published as entry point {family!r} in pyproject.toml")
+            f"plugins/{family} is not published as entry point {family!r} in pyproject.toml"
+        )
 
 
 def test_entry_points_are_lowercase_names():

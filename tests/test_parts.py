@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 import attrs
-import polymodal.api
 import pytest
 import torch
+
+import polymodal.api
 from polymodal.config import apply_overrides, evolve, from_dict, to_dict
 from polymodal.io import LoadError, read_state
 from polymodal.io.cache import default_part_folder
@@ -137,7 +138,10 @@ def test_a_missing_part_folder_or_a_stray_part_weight_is_a_load_error(tmp_path):
     from polymodal.io import save_state
 
     state = read_state(tmp_path / "ib2" / "model.safetensors")
-    save_state(tmp_path / "ib2" / "model.safetensors", {**state, **{f"clip.{k}": v for k, v in
-                                                                  model.clip.state_dict().items()}}, {})
+    save_state(
+        tmp_path / "ib2" / "model.safetensors",
+        {**state, **{f"clip.{k}": v for k, v in model.clip.state_dict().items()}},
+        {},
+    )
     with pytest.raises(LoadError, match="unexpected keys — clip"):
         polymodal.api.load(tmp_path / "ib2")

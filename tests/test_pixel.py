@@ -17,7 +17,15 @@ from polymodal.cli import main
 from polymodal.config import evolve
 from polymodal.data import DIGIT_WORDS
 from polymodal.plugins.pixel import PixelMAEConfig, PixelModel
-from polymodal.plugins.pixel.masking import DIGIT_LOOKALIKES, LETTER_LOOKALIKES, LOOKALIKES, batch_span_masks, perturb, perturb_word, span_mask
+from polymodal.plugins.pixel.masking import (
+    DIGIT_LOOKALIKES,
+    LETTER_LOOKALIKES,
+    LOOKALIKES,
+    batch_span_masks,
+    perturb,
+    perturb_word,
+    span_mask,
+)
 from polymodal.plugins.pixel.render import missing_glyphs, render, valid_from_images
 from polymodal.testing import contracts
 
@@ -25,6 +33,7 @@ P, N = 12, 24
 
 
 # -- rendering -----------------------------------------------------------------------------------
+
 
 def test_render_one_row_of_patches_with_text_eos_and_padding():
     r = render(["She bought seven cups.", "a five"], patch=P, max_patches=N)
@@ -37,7 +46,7 @@ def test_render_one_row_of_patches_with_text_eos_and_padding():
         assert torch.equal(r.text[row], torch.arange(N) < t)
         assert torch.equal(r.valid[row], torch.arange(N) <= t)
         assert (patches[row, t] == 0).all()  # the black end-of-sequence patch
-        assert (patches[row, t + 1:] == 1).all()  # white padding
+        assert (patches[row, t + 1 :] == 1).all()  # white padding
         assert (patches[row, :t].amin(dim=(1, 2)) < 0.5).sum() >= t - 1  # ink in (nearly) every text patch
     assert r.num_text[0] > r.num_text[1]
     assert torch.equal(valid_from_images(r.images, P), r.valid)
@@ -50,7 +59,7 @@ def test_text_too_long_is_a_value_error_unless_truncated():
     assert f"max_patches={N}" in str(info.value) and "truncate=True" in str(info.value)
     r = render([long], patch=P, max_patches=N, truncate=True)
     assert int(r.num_text[0]) == N - 1 and r.valid.all()
-    assert (r.images[0, 0, :, (N - 1) * P:] == 0).all()
+    assert (r.images[0, 0, :, (N - 1) * P :] == 0).all()
 
 
 def test_glyphs_the_font_lacks_are_refused():
@@ -68,6 +77,7 @@ def test_every_lookalike_is_drawn_and_differs_from_the_original():
 
 
 # -- span masking (property tests) -----------------------------------------------------------------
+
 
 def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
     """(start, length) of each run of True."""
@@ -111,6 +121,7 @@ def test_span_masking_bad_arguments():
 
 # -- perturbations -----------------------------------------------------------------------------------
 
+
 @settings(max_examples=50, deadline=None)
 @given(digit=st.integers(0, 9), seed=st.integers(0, 10**6))
 def test_perturb_changes_only_the_digit_word(digit, seed):
@@ -132,6 +143,7 @@ def test_perturb_word_uses_the_table():
 
 # -- the model --------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
@@ -151,18 +163,19 @@ def test_forward_uses_only_non_padding_patches(tiny):
     torch.testing.assert_close(logits, tiny(r.images, r.valid), atol=0, rtol=0)
     noisy = r.images.clone()
     t = int(r.num_text[1])
-    noisy[1, :, :, (t + 1) * P:] = torch.rand(1, P, (N - t - 1) * P) * 0.5 + 0.5  # paint over the padding
+    noisy[1, :, :, (t + 1) * P :] = torch.rand(1, P, (N - t - 1) * P) * 0.5 + 0.5  # paint over the padding
     torch.testing.assert_close(tiny(noisy, r.valid), logits, atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
 def mae_folder(tmp_path_factory):
     """A tiny pixel-mae, trained for two steps and saved."""
-    from polymodal.train import train
-    from polymodal.train import TrainConfig
+    from polymodal.train import TrainConfig, train
 
     model = contracts.build("pixel-mae", perturb=False)
-    train(model, polymodal.data.load_dataset("text"), TrainConfig(steps=2, batch_size=8, warmup_steps=0), progress=False)
+    train(
+        model, polymodal.data.load_dataset("text"), TrainConfig(steps=2, batch_size=8, warmup_steps=0), progress=False
+    )
     folder = tmp_path_factory.mktemp("pixel-mae")
     model.save(folder)
     return folder, model
@@ -214,18 +227,38 @@ def test_bad_strip_shape_names_expected_and_given(tiny):
 def test_train_then_eval_on_the_command_line(tmp_path):
     small = ["--set", "mae.encoder.block.dim=16", "--set", "mae.encoder.depth=1", "--set", "mae.decoder_dim=16"]
     runner = CliRunner()
-    result = runner.invoke(main, ["train", "pixel-mae", "--steps", "3", *small, "--out", str(tmp_path / "mae"),
-                                  "--no-progress"])
+    result = runner.invoke(
+        main, ["train", "pixel-mae", "--steps", "3", *small, "--out", str(tmp_path / "mae"), "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     pretrain = [a.replace("mae.", "pretrain.mae.") for a in small]
-    result = runner.invoke(main, ["train", "pixel", "--steps", "3", "--set", f"mae={tmp_path / 'mae'}", *pretrain,
-                                  "--out", str(tmp_path / "pixel"), "--no-progress"])
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            "pixel",
+            "--steps",
+            "3",
+            "--set",
+            f"mae={tmp_path / 'mae'}",
+            *pretrain,
+            "--out",
+            str(tmp_path / "pixel"),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["eval", str(tmp_path / "pixel"), "--json"])
     assert result.exit_code == 0, result.output
-    metrics = json.loads(result.output[result.output.index("{"):])
-    for key in ("accuracy_clean", "accuracy_perturbed", "token_accuracy_clean", "token_accuracy_perturbed",
-                "masked_loss", "mean_baseline_loss"):
+    metrics = json.loads(result.output[result.output.index("{") :])
+    for key in (
+        "accuracy_clean",
+        "accuracy_perturbed",
+        "token_accuracy_clean",
+        "token_accuracy_perturbed",
+        "masked_loss",
+        "mean_baseline_loss",
+    ):
         assert 0 <= metrics[key] < 10, key
     model = polymodal.load(tmp_path / "pixel")
     assert model.config.mae.path == "" and model.config.pretrain.mae.encoder.dim == 16

@@ -20,8 +20,15 @@ from click.testing import CliRunner
 from polymodal import hookimpl
 from polymodal.cli import main
 from polymodal.models import ModelSpec
-from polymodal.registry.loader import PluginError, get_registry, plugin_records, register_plugin, reset, unregister_plugin
 from polymodal.registry import RegistryError
+from polymodal.registry.loader import (
+    PluginError,
+    get_registry,
+    plugin_records,
+    register_plugin,
+    reset,
+    unregister_plugin,
+)
 
 BROKEN_MODULES = {
     "pm_bad_import": """
@@ -91,6 +98,7 @@ def _lines(output: str) -> dict[str, str]:
 
 # -- real entry points, in a subprocess ---------------------------------------------------------
 
+
 def test_broken_entry_points_are_recorded_and_the_rest_loads(broken_site):
     result = _run(broken_site, "plugins")
     assert result.returncode == 0, result.stderr
@@ -140,6 +148,7 @@ def test_disabled_plugins_are_skipped_even_in_strict_mode(broken_site):
 
 
 # -- in process: register around a test, then unregister ---------------------------------------
+
 
 class ExtraPlugin:
     """A well-behaved plugin object: a model variant, a metric and a CLI command."""
@@ -283,7 +292,9 @@ def test_a_misspelt_hook_raises_in_strict_mode(registered, monkeypatch):
 
 def test_the_old_sampler_hook_still_registers_token_samplers_with_a_warning(registered, monkeypatch):
     monkeypatch.setenv("POLYMODAL_STRICT_PLUGINS", "1")
-    with pytest.warns(DeprecationWarning, match="'register_samplers' is deprecated; rename it 'register_token_samplers'"):
+    with pytest.warns(
+        DeprecationWarning, match="'register_samplers' is deprecated; rename it 'register_token_samplers'"
+    ):
         record = registered(OldSamplerPlugin(), "test-old-sampler")
     assert record.status == "loaded"
     assert get_registry().entry("token_sampler", "test-old-argmax").plugin == "test-old-sampler"

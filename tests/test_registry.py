@@ -78,9 +78,13 @@ def test_same_name_in_different_kinds_is_fine(registry):
 
 
 def test_unknown_kind(registry):
-    for call in (lambda: registry.get("modle", "vit"), lambda: registry.add("modle", "x", thing),
-                 lambda: registry.names("modle"), lambda: list(registry.entries("modle")),
-                 lambda: registry.remove("modle", "x")):
+    for call in (
+        lambda: registry.get("modle", "vit"),
+        lambda: registry.add("modle", "x", thing),
+        lambda: registry.names("modle"),
+        lambda: list(registry.entries("modle")),
+        lambda: registry.remove("modle", "x"),
+    ):
         with pytest.raises(RegistryError, match="unknown registry kind 'modle'") as info:
             call()
         assert "model" in str(info.value)  # lists the kinds
@@ -169,8 +173,20 @@ def test_every_family_registers_exactly_its_variants():
 
     import polymodal
 
-    for family in ("clip", "dalle", "dino", "flamingo", "fromage", "igpt", "imagebind", "lm", "pixel", "rudolph",
-                   "vit", "vqvae"):
+    for family in (
+        "clip",
+        "dalle",
+        "dino",
+        "flamingo",
+        "fromage",
+        "igpt",
+        "imagebind",
+        "lm",
+        "pixel",
+        "rudolph",
+        "vit",
+        "vqvae",
+    ):
         variants = importlib.import_module(f"polymodal.plugins.{family}").VARIANTS
         registered = {e.name: e.obj for e in polymodal.registry.entries("model") if e.plugin == family}
         assert registered == variants, family

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from polymodal.api import load
 from polymodal.attention import image_pattern_mask
 from polymodal.config import evolve
-from polymodal.nn import KVCache
+from polymodal.generation.sampling import generate
 from polymodal.models.parts import PartConfig, load_part
+from polymodal.nn import KVCache
 from polymodal.plugins.rudolph import RuDolph, RudolphConfig
 from polymodal.plugins.rudolph import text as tx
-from polymodal.generation.sampling import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +32,7 @@ def tiny_vq():
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():  # codes = encoder outputs of random images, as k-means initialisation would pick
         z = vq.encoder(torch.rand(8, 1, 8, 8, generator=g)).permute(0, 2, 3, 1).flatten(0, 2)  # (128, D)
-        vq.codebook.embed.copy_(z[torch.randperm(len(z), generator=g)[:vq.codebook_size]])
+        vq.codebook.embed.copy_(z[torch.randperm(len(z), generator=g)[: vq.codebook_size]])
     return vq
 
 
@@ -75,6 +75,7 @@ def codes(model: RuDolph, batch: int, seed: int = 0) -> torch.Tensor:
 
 # -- layout and position embeddings ----------------------------------------------------------------
 
+
 def test_stream_layout_and_task_tokens(model):
     c, sp, L, n_img = model.config, model.text.special_tokens, model.config.left_len, model.image_len
     grid = codes(model, 2)
@@ -82,11 +83,11 @@ def test_stream_layout_and_task_tokens(model):
     assert ids.shape == (2, model.seq_len) == (2, c.left_len + n_img + c.right_len)
     caption = model.text.encode("the digit seven", add_bos=False, add_eos=True)
     assert ids[0, :L].tolist() == [sp["lt_t2i"], *caption] + [sp["pad"]] * (L - 1 - len(caption))
-    assert ids[0, L + n_img:].tolist() == [sp["pad"]] * c.right_len  # text→image: no right text
+    assert ids[0, L + n_img :].tolist() == [sp["pad"]] * c.right_len  # text→image: no right text
     assert ids[1, :L].tolist() == [sp["lt_i2t"]] + [sp["pad"]] * (L - 1)  # image→text: empty left text
     right = model.text.encode("a 3", add_bos=False, add_eos=True)
-    assert ids[1, L + n_img:L + n_img + 1 + len(right)].tolist() == [sp["rt_i2t"], *right]
-    assert torch.equal(ids[:, L:L + n_img] - c.text_vocab_size, grid.flatten(1))
+    assert ids[1, L + n_img : L + n_img + 1 + len(right)].tolist() == [sp["rt_i2t"], *right]
+    assert torch.equal(ids[:, L : L + n_img] - c.text_vocab_size, grid.flatten(1))
 
 
 def test_training_alternates_the_two_layouts(model):
@@ -109,7 +110,7 @@ def test_image_positions_are_row_plus_column(model):
         for col in range(w):
             torch.testing.assert_close(pos[L + r * w + col], model.row_pos_embed[r] + model.col_pos_embed[col])
     torch.testing.assert_close(pos[:L], model.left_pos_embed)
-    torch.testing.assert_close(pos[L + h * w:], model.right_pos_embed)
+    torch.testing.assert_close(pos[L + h * w :], model.right_pos_embed)
 
 
 def test_left_and_right_text_have_separate_position_tables(model):
@@ -126,17 +127,23 @@ def test_left_and_right_text_have_separate_position_tables(model):
     with torch.no_grad():
         m.left_pos_embed[-1].add_(torch.randn(m.config.dim))
     after = m(ids)
-    torch.testing.assert_close(after[:, :model.config.left_len - 1], before[:, :model.config.left_len - 1], atol=0, rtol=0)
+    torch.testing.assert_close(
+        after[:, : model.config.left_len - 1], before[:, : model.config.left_len - 1], atol=0, rtol=0
+    )
     assert (after[:, start:] - before[:, start:]).abs().amax() > 1e-3
 
 
 # -- per-layer masks ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("depth,expected", [
-    (3, ["row", "column", "conv"]),
-    (4, ["row", "column", "conv", "conv"]),
-    (7, ["row", "column", "conv", "row", "column", "conv", "conv"]),
-])
+
+@pytest.mark.parametrize(
+    "depth,expected",
+    [
+        (3, ["row", "column", "conv"]),
+        (4, ["row", "column", "conv", "conv"]),
+        (7, ["row", "column", "conv", "row", "column", "conv", "conv"]),
+    ],
+)
 def test_layer_masks_follow_rudolphs_schedule(depth, expected):
     m = RuDolph(attrs.evolve(TINY, depth=depth))
     assert m.patterns == expected
@@ -145,12 +152,15 @@ def test_layer_masks_follow_rudolphs_schedule(depth, expected):
         assert torch.equal(m.layer_masks[i], image_pattern_mask(p, m.grid, prefix=L, suffix=R, kernel=3))
 
 
-@pytest.mark.parametrize("pattern,seen,unseen", [
-    ("row", (1, 0), (0, 2)),      # same row earlier: seen; an earlier row: not
-    ("column", (0, 1), (1, 0)),   # same column above: seen; same row, other column: not
-    ("conv", (0, 0), (0, 3)),     # inside the 3×3 window: seen; outside: not
-    ("full", (0, 3), None),       # dense: every earlier image token
-])
+@pytest.mark.parametrize(
+    "pattern,seen,unseen",
+    [
+        ("row", (1, 0), (0, 2)),  # same row earlier: seen; an earlier row: not
+        ("column", (0, 1), (1, 0)),  # same column above: seen; same row, other column: not
+        ("conv", (0, 0), (0, 3)),  # inside the 3×3 window: seen; outside: not
+        ("full", (0, 3), None),  # dense: every earlier image token
+    ],
+)
 def test_sparse_mask_reaches_attention(pattern, seen, unseen):
     m = build(depth=1, cycle=(pattern,), last=pattern)
     ids = random_stream(m, 1)
@@ -170,6 +180,7 @@ def test_sparse_mask_reaches_attention(pattern, seen, unseen):
 
 
 # -- the loss -----------------------------------------------------------------------------------------
+
 
 def test_loss_weights_1_7_1_by_hand(model):
     ids = model.stream(["a 3", "the digit seven", "a 5"], codes(model, 3), torch.tensor([True, False, False]))
@@ -210,6 +221,7 @@ def test_loss_backward_reaches_the_decoder_not_the_frozen_tokenizer():
 
 # -- KV cache ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def by_masks() -> dict[bool, RuDolph]:
     """RuDolph with the sparse schedule (True) and with dense causal image attention (False)."""
@@ -240,6 +252,7 @@ def test_sampling_with_and_without_cache_agree(model):
 
 # -- vocabulary restriction and sampling errors -----------------------------------------------------------
 
+
 def test_vocabulary_is_restricted_per_part():
     m = build()
     vt = m.config.text_vocab_size
@@ -256,10 +269,11 @@ def test_vocabulary_is_restricted_per_part():
         text = m.caption_codes(codes(m, 2))  # decodes: every sampled id is a text id
         assert all(isinstance(t, str) for t in text)
         sp = m.text.special_tokens
-        prefix = torch.cat([m.left_text(["", ""], "lt_i2t"), m.codes_to_ids(codes(m, 2)),
-                            m.right_text(["", ""])[:, :1]], 1)
+        prefix = torch.cat(
+            [m.left_text(["", ""], "lt_i2t"), m.codes_to_ids(codes(m, 2)), m.right_text(["", ""])[:, :1]], 1
+        )
         out = generate(m._step, prefix, 5, greedy=True, allowed=m.vocab_masks[2])
-        new = out[:, prefix.shape[1]:]
+        new = out[:, prefix.shape[1] :]
         assert (new < m.text.vocab_size).all() and not torch.isin(new, torch.tensor(tx.conditions(m.text))).any()
         assert (new != sp["pad"]).all()
     finally:
@@ -280,12 +294,13 @@ def test_non_finite_logits_raise_instead_of_sampling():
 
 # -- zero-shot and reranking ------------------------------------------------------------------------------
 
+
 def naive_nll(m: RuDolph, grid: torch.Tensor, caption: str) -> torch.Tensor:
     """Mean NLL of ``caption`` as right text of each image, from one full forward per stream (no cache tricks)."""
     ids = m.stream([caption] * grid.shape[0], grid, torch.zeros(grid.shape[0], dtype=torch.bool))
-    logits = m(ids[:, :-1])[:, -(m.config.right_len - 1):]  # (B, R-1, V) predicting right tokens 1..
+    logits = m(ids[:, :-1])[:, -(m.config.right_len - 1) :]  # (B, R-1, V) predicting right tokens 1..
     logits = logits.masked_fill(~m.vocab_masks[2], float("-inf"))
-    tgt = m.targets(ids)[:, -(m.config.right_len - 1):]
+    tgt = m.targets(ids)[:, -(m.config.right_len - 1) :]
     ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="none")
     counted = (tgt != -100).float()
     return (ce * counted).sum(1) / counted.sum(1)
@@ -337,6 +352,7 @@ def test_caption_parsing_names_one_digit():
 
 # -- bad inputs ----------------------------------------------------------------------------------------------
 
+
 def test_bad_inputs_name_expected_and_given(model):
     with pytest.raises(ValueError, match=r"encodes to \d+ tokens .* longer than the 9"):
         model.generate_codes(["the number 7 written by hand on a sheet of paper"])
@@ -358,9 +374,9 @@ def test_bad_inputs_name_expected_and_given(model):
 
 # -- model folders ---------------------------------------------------------------------------------------------
 
+
 def test_save_load_round_trip_carries_the_frozen_tokenizer(tmp_path):
     from polymodal.api import spec
-
     from polymodal.testing.contracts import tiny_config
 
     torch.manual_seed(0)

@@ -23,8 +23,23 @@ def test_trained_rudolph_samples_and_captions_from_its_folder(trained, tmp_path)
     from polymodal.plugins.rudolph.text import caption_label
 
     folder, _ = trained("rudolph")
-    result = CliRunner().invoke(main, ["sample", str(folder), "--prompt", "the digit three", "-n", "4", "--seed", "0",
-                                       "--candidates", "2", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "sample",
+            str(folder),
+            "--prompt",
+            "the digit three",
+            "-n",
+            "4",
+            "--seed",
+            "0",
+            "--candidates",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"] + [f"sample_{i:03d}.png" for i in range(4)]
     model = load(folder)

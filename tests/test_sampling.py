@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
 from polymodal.generation.sampling import apply_cfg, generate, sample_next, sample_top_k, sample_top_p
+from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -110,13 +110,16 @@ def test_non_finite_logits_raise(bad):
         sample_next(logits, greedy=True)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": 0.0}, "temperature must be a number > 0, got 0.0"),
-    ({"temperature": -1}, "got -1"),
-    ({"top_k": 0}, "top_k must be an integer >= 1"),
-    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-    ({"top_p": 1.5}, "got 1.5"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": 0.0}, "temperature must be a number > 0, got 0.0"),
+        ({"temperature": -1}, "got -1"),
+        ({"top_k": 0}, "top_k must be an integer >= 1"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, "got 1.5"),
+    ],
+)
 def test_argument_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sample_next(_logits(0), **kwargs)
@@ -169,8 +172,10 @@ def lm() -> TinyLM:
 @pytest.mark.parametrize("kwargs", [{"greedy": True}, {"top_k": 5, "temperature": 0.8}, {"top_p": 0.9}])
 def test_generate_with_cache_equals_without(lm, kwargs):
     prompt = torch.randint(0, 17, (3, 4), generator=torch.Generator().manual_seed(1))
-    runs = [generate(lm.step, prompt, 12, use_cache=c, generator=torch.Generator().manual_seed(2), **kwargs)
-            for c in (True, False)]
+    runs = [
+        generate(lm.step, prompt, 12, use_cache=c, generator=torch.Generator().manual_seed(2), **kwargs)
+        for c in (True, False)
+    ]
     assert runs[0].shape == (3, 16) and torch.equal(runs[0][:, :4], prompt)
     assert torch.equal(runs[0], runs[1])
 
@@ -179,7 +184,7 @@ def test_cached_logits_match_full_recompute(lm):
     ids = torch.randint(0, 17, (2, 9))
     full = lm.step(ids, None)  # (2, 9, V)
     cache = KVCache()
-    parts = [lm.step(ids[:, :5], cache)] + [lm.step(ids[:, i:i + 1], cache) for i in range(5, 9)]
+    parts = [lm.step(ids[:, :5], cache)] + [lm.step(ids[:, i : i + 1], cache) for i in range(5, 9)]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
 
 

@@ -11,8 +11,7 @@ import torch
 import polymodal
 from polymodal.config import apply_overrides
 from polymodal.data import load_digits
-from polymodal.train import TrainingError, batches, lr_at, train
-from polymodal.train import TrainConfig
+from polymodal.train import TrainConfig, TrainingError, batches, lr_at, train
 
 TINY = ["encoder.block.dim=32", "encoder.depth=2", "encoder.block.heads=2", "encoder.block.mlp_ratio=2.0"]
 

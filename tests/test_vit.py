@@ -24,8 +24,15 @@ from polymodal.plugins.vit.convert import convert_hf_vit
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-5
-SMALL = dict(hidden_size=48, num_attention_heads=4, intermediate_size=96, image_size=32, patch_size=8,
-             num_channels=3, hidden_act="gelu")
+SMALL = dict(
+    hidden_size=48,
+    num_attention_heads=4,
+    intermediate_size=96,
+    image_size=32,
+    patch_size=8,
+    num_channels=3,
+    hidden_act="gelu",
+)
 
 
 def cpu_backends() -> list[str]:
@@ -186,16 +193,19 @@ def test_other_image_sizes_interpolate_positions(converted, size):
     assert pm(pixels(2, *size)).shape == (2, 5)
 
 
-@pytest.mark.parametrize("bad, needles", [
-    (torch.randn(2, 1, 32, 32), ["3 channels", "got 1"]),
-    (torch.randn(2, 4, 32, 32), ["3 channels", "got 4"]),
-    (torch.randn(2, 3, 30, 32), ["patch size 8", "30×32"]),
-    (torch.randn(2, 3, 32, 36), ["patch size 8", "32×36"]),
-    (torch.randn(3, 32, 32), ["4-D", "(B, 3, H, W)", "(3, 32, 32)"]),
-    (torch.randn(1, 2, 3, 32, 32), ["4-D", "(1, 2, 3, 32, 32)"]),
-    (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), ["floating-point", "torch.uint8"]),
-    (torch.zeros(2, 3, 32, 32, dtype=torch.int64), ["floating-point", "torch.int64"]),
-])
+@pytest.mark.parametrize(
+    "bad, needles",
+    [
+        (torch.randn(2, 1, 32, 32), ["3 channels", "got 1"]),
+        (torch.randn(2, 4, 32, 32), ["3 channels", "got 4"]),
+        (torch.randn(2, 3, 30, 32), ["patch size 8", "30×32"]),
+        (torch.randn(2, 3, 32, 36), ["patch size 8", "32×36"]),
+        (torch.randn(3, 32, 32), ["4-D", "(B, 3, H, W)", "(3, 32, 32)"]),
+        (torch.randn(1, 2, 3, 32, 32), ["4-D", "(1, 2, 3, 32, 32)"]),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), ["floating-point", "torch.uint8"]),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.int64), ["floating-point", "torch.int64"]),
+    ],
+)
 def test_bad_images_raise_a_value_error_naming_expected_and_given(converted, bad, needles):
     _, pm, _ = converted("eps1e-12")
     with pytest.raises(ValueError) as info:
@@ -281,10 +291,13 @@ def test_create_vit_digits_recipe():
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name, width, depth, heads, params", [
-    ("vit-s16", 384, 12, 6, 22_050_664),  # timm vit_small_patch16_224
-    ("vit-b16", 768, 12, 12, 86_567_656),  # timm vit_base_patch16_224
-])
+@pytest.mark.parametrize(
+    "name, width, depth, heads, params",
+    [
+        ("vit-s16", 384, 12, 6, 22_050_664),  # timm vit_small_patch16_224
+        ("vit-b16", 768, 12, 12, 86_567_656),  # timm vit_base_patch16_224
+    ],
+)
 def test_create_imagenet_variants(name, width, depth, heads, params):
     model = polymodal.create(name)
     e = model.config.encoder

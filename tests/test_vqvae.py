@@ -9,11 +9,10 @@ import torch
 
 import polymodal
 from polymodal.data import load_digits
-from polymodal.registry import get_registry
 from polymodal.plugins.vqvae import VARIANTS, VQVAE, VQVAEConfig
 from polymodal.plugins.vqvae.quantize import EMACodebook, kmeans, nearest
-from polymodal.train import train
-from polymodal.train import TrainConfig
+from polymodal.registry import get_registry
+from polymodal.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,7 +42,10 @@ def codebook(embed: list[list[float]], *, decay: float = 0.99, eps: float = 0.0,
 
 # -- the tokenizer contract -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,channels,size,grid,k", [("vqvae", 1, 8, (4, 4), 64), ("vqvae-shapes", 3, 32, (8, 8), 128)])
+
+@pytest.mark.parametrize(
+    "name,channels,size,grid,k", [("vqvae", 1, 8, (4, 4), 64), ("vqvae-shapes", 3, 32, (8, 8), 128)]
+)
 def test_encode_decode_shapes(name, channels, size, grid, k):
     model = tiny(name).eval()
     images = torch.rand(5, channels, size, size)
@@ -54,7 +56,7 @@ def test_encode_decode_shapes(name, channels, size, grid, k):
     out = model.decode(codes)
     assert out.shape == (5, channels, size, size) and out.dtype == torch.float32
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
-    every = torch.arange(k).repeat(grid[0] * grid[1] // k + 1)[:grid[0] * grid[1]].view(1, *grid)
+    every = torch.arange(k).repeat(grid[0] * grid[1] // k + 1)[: grid[0] * grid[1]].view(1, *grid)
     assert model.decode(every).shape == (1, channels, size, size)  # any valid id decodes
 
 
@@ -93,6 +95,7 @@ def test_bad_inputs_name_expected_and_given():
 
 
 # -- the codebook ----------------------------------------------------------------------------------
+
 
 def test_ema_update_moves_a_used_code_towards_its_outputs_with_decay_099():
     cb = codebook([[0.0, 0.0], [10.0, 10.0]])
@@ -167,7 +170,7 @@ def test_straight_through_gradient_reaches_the_encoder():
 def test_codebook_is_initialised_from_the_first_batch():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0]])
-    z = (centres[torch.arange(90) % 3] + 0.1 * torch.randn(90, 2, generator=g))  # three tight clusters
+    z = centres[torch.arange(90) % 3] + 0.1 * torch.randn(90, 2, generator=g)  # three tight clusters
     cb = EMACodebook(3, 2, kmeans_iters=0, dead_code_steps=0)
     assert not bool(cb.initted)
     cb.eval()(z)
@@ -211,6 +214,7 @@ def test_dead_code_reset_off_keeps_unused_codes():
 
 # -- model folders, training, registration ---------------------------------------------------------
 
+
 def test_loss_has_metrics_and_first_batch_initialises(digits):
     model = tiny().train()
     assert not bool(model.codebook.initted)
@@ -236,8 +240,9 @@ def test_save_load_gives_identical_codes(digits, tmp_path):
 
 def test_resume_reaches_the_same_codebook_and_weights(digits, tmp_path):
     spec = VARIANTS["vqvae"]
-    cfg = attrs.evolve(spec.model_class.config_for_data(spec.config, digits), **TINY, dead_code_steps=2,
-                       codebook_size=64)
+    cfg = attrs.evolve(
+        spec.model_class.config_for_data(spec.config, digits), **TINY, dead_code_steps=2, codebook_size=64
+    )
     run = TrainConfig(steps=8, batch_size=8, warmup_steps=2, checkpoint_every=3, log_every=1)
 
     def fresh(seed=0):
@@ -271,8 +276,18 @@ def test_sample_to_folder_writes_reconstructions_and_rejects_options(tmp_path):
     model = tiny().eval()
     paths = model.sample_to_folder(tmp_path / "s", n=3, prompt=None, seed=1)
     names = sorted(p.name for p in paths)
-    assert names == sorted(["sample_000.png", "sample_001.png", "sample_002.png", "grid.png",
-                            "original_000.png", "original_001.png", "original_002.png", "pairs.png"])
+    assert names == sorted(
+        [
+            "sample_000.png",
+            "sample_001.png",
+            "sample_002.png",
+            "grid.png",
+            "original_000.png",
+            "original_001.png",
+            "original_002.png",
+            "pairs.png",
+        ]
+    )
     assert all(p.is_file() for p in paths)
     with pytest.raises(ValueError, match="temperature"):
         model.sample_to_folder(tmp_path / "t", n=2, prompt=None, seed=0, temperature=0.5)

@@ -7,7 +7,7 @@ cannot run a call) and computes exactly the function ``math`` computes.
 from __future__ import annotations
 
 import math as _math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,19 @@ class Backend:
             return f"{self.name} does not support {', '.join(missing)} masks"
         return None
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding: Tensor | None,
-                 seqlens: Sequence[int] | None, mask: Tensor | None, dropout_p: float,
-                 scale: float | None) -> Tensor:
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool,
+        key_padding: Tensor | None,
+        seqlens: Sequence[int] | None,
+        mask: Tensor | None,
+        dropout_p: float,
+        scale: float | None,
+    ) -> Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -66,8 +76,7 @@ class MathBackend(Backend):
         nq, nk = q.shape[-2], k.shape[-2]
         scale = 1.0 / _math.sqrt(q.shape[-1]) if scale is None else scale
         scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
-        full = combine(nq, nk, causal=causal, key_padding=key_padding, seqlens=seqlens,
-                       mask=mask, device=q.device)
+        full = combine(nq, nk, causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask, device=q.device)
         keep = None
         if full is not None:
             keep = rows_with_keys(full)  # (B?, H?, Nq)
@@ -99,18 +108,15 @@ class SDPABackend(Backend):
             if not causal or nq == 1:
                 return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
             if nq == nk:
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
-                                                      scale=scale)
-        full = combine(nq, nk, causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask,
-                       device=q.device)
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+        full = combine(nq, nk, causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask, device=q.device)
         if full.dtype != torch.bool:
             full = full.to(q.dtype)
         keep = rows_with_keys(full)  # (B?, H?, Nq)
         # On the CPU, checking is free and saves work; on a GPU ``bool(...)`` would stall the
         # stream on every call, so there the guarded path always runs (same result).
         if q.device.type == "cpu" and bool(keep.all()):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=full, dropout_p=dropout_p,
-                                                  scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=full, dropout_p=dropout_p, scale=scale)
         # Rows with no visible key: let them attend anywhere, then zero their output.
         if full.dtype == torch.bool:
             full = full | ~keep.unsqueeze(-1)
@@ -151,8 +157,7 @@ class XFormersBackend(Backend):
             # (With Nq > Nk the first queries see no key: the general path zeroes them.)
             bias = fmha.attn_bias.LowerTriangularFromBottomRightMask()
         elif key_padding is not None or mask is not None or seqlens is not None or causal:
-            full = combine(nq, nk, causal=causal, key_padding=key_padding, seqlens=seqlens,
-                           mask=mask, device=q.device)
+            full = combine(nq, nk, causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask, device=q.device)
             keep = rows_with_keys(full)
             additive = as_additive(full, q.dtype).masked_fill(~keep.unsqueeze(-1), 0.0)
             b, h = q.shape[0], q.shape[1]
@@ -161,13 +166,21 @@ class XFormersBackend(Backend):
             store = torch.zeros(b, h, nq, nk + pad, dtype=q.dtype, device=q.device)
             store[..., :nk] = additive.expand(b, h, nq, nk)
             out = xops.memory_efficient_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_bias=store[..., :nk], p=dropout_p, scale=scale,
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_bias=store[..., :nk],
+                p=dropout_p,
+                scale=scale,
             ).transpose(1, 2)  # (B, H, Nq, D)
             return out * keep.unsqueeze(-1).to(out.dtype)
         out = xops.memory_efficient_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, N, H, D)
-            attn_bias=bias, p=dropout_p, scale=scale,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),  # (B, N, H, D)
+            attn_bias=bias,
+            p=dropout_p,
+            scale=scale,
         )
         return out.transpose(1, 2)  # (B, H, Nq, D)
 
@@ -206,8 +219,7 @@ class FlexBackend(Backend):
         from torch.nn.attention.flex_attention import flex_attention
 
         nq, nk = q.shape[-2], k.shape[-2]
-        full = combine(nq, nk, causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask,
-                       device=q.device)
+        full = combine(nq, nk, causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask, device=q.device)
         if full is None:
             return flex_attention(q, k, v, scale=scale)
         b, h = q.shape[0], q.shape[1]

@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from polymodal.registry import get_registry, peek_registry
 from polymodal.attention.backends import Backend
 from polymodal.attention.masks import AttentionSpec
+from polymodal.registry import get_registry, peek_registry
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("polymodal_attention", default=None)
 _ENV = "POLYMODAL_ATTENTION"
@@ -61,22 +61,48 @@ def backends() -> dict[str, Backend]:
     return dict(_backends())
 
 
-def _spec(q: Tensor, k: Tensor, causal: bool, key_padding: Tensor | None,
-          seqlens: Sequence[int] | None, mask: Tensor | None, dropout_p: float,
-          v: Tensor | None = None) -> AttentionSpec:
+def _spec(
+    q: Tensor,
+    k: Tensor,
+    causal: bool,
+    key_padding: Tensor | None,
+    seqlens: Sequence[int] | None,
+    mask: Tensor | None,
+    dropout_p: float,
+    v: Tensor | None = None,
+) -> AttentionSpec:
     dense = "" if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                        or (v is not None and v.requires_grad))
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or (v is not None and v.requires_grad))
     return AttentionSpec(
-        q.device.type, q.dtype, grad, bool(causal), key_padding is not None, seqlens is not None,
-        dense, dropout_p > 0.0, q.shape[-2], k.shape[-2], q.shape[-1],
+        q.device.type,
+        q.dtype,
+        grad,
+        bool(causal),
+        key_padding is not None,
+        seqlens is not None,
+        dense,
+        dropout_p > 0.0,
+        q.shape[-2],
+        k.shape[-2],
+        q.shape[-1],
     )
 
 
 def _auto_key(spec: AttentionSpec) -> tuple:
     # Every field a backend's ``supports`` may look at, so a cached choice is never wrong.
-    return (spec.device, spec.dtype, spec.grad, spec.causal, spec.padding, spec.packed, spec.dense,
-            spec.dropout, spec.nq, spec.nk, spec.head_dim)
+    return (
+        spec.device,
+        spec.dtype,
+        spec.grad,
+        spec.causal,
+        spec.padding,
+        spec.packed,
+        spec.dense,
+        spec.dropout,
+        spec.nq,
+        spec.nk,
+        spec.head_dim,
+    )
 
 
 def _choose(spec: AttentionSpec, key: tuple) -> Backend:
@@ -85,9 +111,7 @@ def _choose(spec: AttentionSpec, key: tuple) -> Backend:
     ranked: tuple[Backend, ...] = _cache["ranked"]  # type: ignore[assignment]
     chosen = next((b for b in ranked if spec.device in b.auto_devices and b.supports(spec) is None), None)
     if chosen is None:
-        reasons = "; ".join(
-            f"{b.name}: {b.supports(spec) or 'not picked by auto on ' + spec.device}" for b in ranked
-        )
+        reasons = "; ".join(f"{b.name}: {b.supports(spec) or 'not picked by auto on ' + spec.device}" for b in ranked)
         raise AttentionError(f"no attention backend supports this call ({reasons})")
     auto: dict = _cache["auto"]  # type: ignore[assignment]
     if len(auto) >= _AUTO_CACHE_MAX:
@@ -105,9 +129,7 @@ def select_backend(spec: AttentionSpec, name: str | None = None) -> Backend:
         return chosen if chosen is not None else _choose(spec, key)  # type: ignore[return-value]
     backend = table.get(name)
     if backend is None:
-        raise AttentionError(
-            f"unknown attention backend {name!r}; registered: {', '.join(sorted(table))}"
-        )
+        raise AttentionError(f"unknown attention backend {name!r}; registered: {', '.join(sorted(table))}")
     why = backend.supports(spec)
     if why is not None:
         raise AttentionError(f"attention backend {name!r} cannot run this call: {why}")
@@ -144,8 +166,7 @@ def attention(
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise AttentionError(
-            f"attention expects q, k, v of shape (B, H, N, D); got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
+            f"attention expects q, k, v of shape (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise AttentionError(
@@ -168,12 +189,24 @@ def attention(
         _backends()
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         dense = "" if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
-        key = (q.device.type, q.dtype, grad, bool(causal), key_padding is not None,
-               seqlens is not None, dense, dropout_p > 0.0, q.shape[-2], k.shape[-2], q.shape[-1])
+        key = (
+            q.device.type,
+            q.dtype,
+            grad,
+            bool(causal),
+            key_padding is not None,
+            seqlens is not None,
+            dense,
+            dropout_p > 0.0,
+            q.shape[-2],
+            k.shape[-2],
+            q.shape[-1],
+        )
         chosen = _cache["auto"].get(key)  # type: ignore[union-attr]
         if chosen is None:
             chosen = _choose(_spec(q, k, causal, key_padding, seqlens, mask, dropout_p, v), key)
     else:
         chosen = select_backend(_spec(q, k, causal, key_padding, seqlens, mask, dropout_p, v), name)
-    return chosen(q, k, v, causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask,
-                  dropout_p=dropout_p, scale=scale)
+    return chosen(
+        q, k, v, causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask, dropout_p=dropout_p, scale=scale
+    )

@@ -13,8 +13,8 @@ A query row that may attend to no key returns zeros, never NaN.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -41,8 +41,12 @@ class AttentionSpec:
         """Mask kinds present in this call, e.g. ``("causal", "padding")``; ``("none",)`` when bare."""
         kinds = tuple(
             name
-            for name, on in (("causal", self.causal), ("padding", self.padding),
-                             ("block", self.packed), (self.dense, bool(self.dense)))
+            for name, on in (
+                ("causal", self.causal),
+                ("padding", self.padding),
+                ("block", self.packed),
+                (self.dense, bool(self.dense)),
+            )
             if on
         )
         return kinds or ("none",)
@@ -119,8 +123,15 @@ IMAGE_PATTERNS: tuple[str, ...] = ("full", "row", "column", "conv")
 """Sparse image-to-image attention patterns (DALL·E, RuDolph); every one is also causal."""
 
 
-def image_pattern_mask(pattern: str, grid: tuple[int, int], *, prefix: int = 0, suffix: int = 0, kernel: int = 3,
-                       device: torch.device | str | None = None) -> Tensor:
+def image_pattern_mask(
+    pattern: str,
+    grid: tuple[int, int],
+    *,
+    prefix: int = 0,
+    suffix: int = 0,
+    kernel: int = 3,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """(N, N) bool for a causal stream ``[prefix tokens][h·w image tokens, raster order][suffix tokens]``.
 
     Every token sees only earlier tokens (and itself). Among image tokens ``pattern`` keeps:
@@ -133,8 +144,10 @@ def image_pattern_mask(pattern: str, grid: tuple[int, int], *, prefix: int = 0, 
         raise ValueError(f"image attention pattern must be one of {', '.join(IMAGE_PATTERNS)}; got {pattern!r}")
     h, w = grid
     if h < 1 or w < 1 or prefix < 0 or suffix < 0 or kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"need grid >= (1, 1), prefix/suffix >= 0 and an odd kernel; got grid={grid}, "
-                         f"prefix={prefix}, suffix={suffix}, kernel={kernel}")
+        raise ValueError(
+            f"need grid >= (1, 1), prefix/suffix >= 0 and an odd kernel; got grid={grid}, "
+            f"prefix={prefix}, suffix={suffix}, kernel={kernel}"
+        )
     n = prefix + h * w + suffix
     allowed = causal_mask(n, n, device)  # (N, N)
     if pattern == "full":
@@ -153,7 +166,9 @@ def image_pattern_mask(pattern: str, grid: tuple[int, int], *, prefix: int = 0, 
     return allowed
 
 
-def pattern_schedule(depth: int, cycle: Sequence[str] = ("row", "column", "row", "row"), last: str | None = "conv") -> list[str]:
+def pattern_schedule(
+    depth: int, cycle: Sequence[str] = ("row", "column", "row", "row"), last: str | None = "conv"
+) -> list[str]:
     """One image pattern per layer: ``cycle`` repeated, the last layer ``last`` (DALL·E's schedule by default)."""
     for p in (*cycle, *([last] if last else [])):
         if p not in IMAGE_PATTERNS:

@@ -6,8 +6,18 @@ from polymodal.data.folder import load_folder
 from polymodal.data.shapes import load_shapes
 from polymodal.data.text import load_text
 
-__all__ = ["DIGIT_WORDS", "Dataset", "HELDOUT_TEMPLATES", "Split", "TRAIN_TEMPLATES", "load_digits", "load_dataset",
-           "load_folder", "load_shapes", "load_text"]
+__all__ = [
+    "DIGIT_WORDS",
+    "Dataset",
+    "HELDOUT_TEMPLATES",
+    "Split",
+    "TRAIN_TEMPLATES",
+    "load_digits",
+    "load_dataset",
+    "load_folder",
+    "load_shapes",
+    "load_text",
+]
 
 
 def load_dataset(name_or_dir: str, **options):

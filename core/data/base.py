@@ -39,7 +39,7 @@ class Split:
             out[k] = v[index] if isinstance(v, Tensor) else [v[i] for i in index.tolist()]
         return out
 
-    def subset(self, index: Tensor | list[int]) -> "Split":
+    def subset(self, index: Tensor | list[int]) -> Split:
         """A new split with only the samples at ``index``."""
         return Split(self.batch(index))
 

@@ -59,15 +59,21 @@ def load_digits(root: str | None = None, seed: int = 0) -> Dataset:
 
     def split(index: list[int], templates: tuple[str, ...]) -> Split:
         idx = torch.tensor(index)
-        return Split({
-            "image": images[idx],
-            "label": targets[idx],
-            "caption": [caption(rng.choice(templates), int(labels[i])) for i in index],
-        })
+        return Split(
+            {
+                "image": images[idx],
+                "label": targets[idx],
+                "caption": [caption(rng.choice(templates), int(labels[i])) for i in index],
+            }
+        )
 
     meta = {
-        "num_classes": 10, "class_names": list(DIGIT_WORDS), "image_size": 8, "channels": 1,
-        "templates": list(TRAIN_TEMPLATES), "heldout_templates": list(HELDOUT_TEMPLATES),
+        "num_classes": 10,
+        "class_names": list(DIGIT_WORDS),
+        "image_size": 8,
+        "channels": 1,
+        "templates": list(TRAIN_TEMPLATES),
+        "heldout_templates": list(HELDOUT_TEMPLATES),
         "indices": {"train": list(train_idx), "test": list(test_idx)},
     }
     return Dataset("digits", split(train_idx, TRAIN_TEMPLATES), split(test_idx, HELDOUT_TEMPLATES), meta)

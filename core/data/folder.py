@@ -92,7 +92,7 @@ def _labels(rows: list[tuple[int, dict[str, Any]]], file: Path) -> tuple[list[in
     has = [("label" in row) for _, row in rows]
     if not any(has):
         return None
-    for (lineno, row), h in zip(rows, has):
+    for (lineno, _row), h in zip(rows, has):
         if not h:
             raise ValueError(f"{file}:{lineno}: no 'label', but other lines have one (label every line or none)")
     raw = [row["label"] for _, row in rows]
@@ -112,8 +112,11 @@ def _boxes(value: Any, scale: tuple[float, float], where: str) -> list[tuple]:
         raise ValueError(f"{where}: 'boxes' must be a list of [x0, y0, x1, y1, …] lists")
     out = []
     for box in value:
-        if (not isinstance(box, list) or len(box) < 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box[:4])):
+        if (
+            not isinstance(box, list)
+            or len(box) < 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box[:4])
+        ):
             raise ValueError(f"{where}: box {box!r} must be a list starting with four numbers x0, y0, x1, y1")
         sx, sy = scale
         out.append((box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy, *box[4:]))
@@ -131,16 +134,25 @@ def _common_size(root: Path, sizes: list[tuple[str, tuple[int, int]]]) -> int:
     if odd:
         shown = ", ".join(f"{wi}×{hi} ×{k}" for (wi, hi), k in counts.most_common(4))
         more = ", …" if len(counts) > 4 else ""
-        print(f"folder {root.name}: images have {len(counts)} sizes ({shown}{more}); the {len(odd)} not "
-              f"{w}×{h} (e.g. {odd[0]!r}) are resized to {side}×{side} (pass image_size= to choose the size)")
+        print(
+            f"folder {root.name}: images have {len(counts)} sizes ({shown}{more}); the {len(odd)} not "
+            f"{w}×{h} (e.g. {odd[0]!r}) are resized to {side}×{side} (pass image_size= to choose the size)"
+        )
     if w != h:
-        print(f"folder {root.name}: images are {w}×{h} (width×height); stretched to {side}×{side} "
-              f"(the models take square images)")
+        print(
+            f"folder {root.name}: images are {w}×{h} (width×height); stretched to {side}×{side} "
+            f"(the models take square images)"
+        )
     return side
 
 
-def load_folder(root: str | Path | None = None, seed: int = 0, test_fraction: float = 0.2,
-                image_size: int | None = None, channels: int | None = None) -> Dataset:
+def load_folder(
+    root: str | Path | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    image_size: int | None = None,
+    channels: int | None = None,
+) -> Dataset:
     """The images in ``root`` described by ``root/captions.jsonl``.
 
     Fields of each split: ``image`` (N, C, S, S) float32 in [0, 1]; ``caption``
@@ -218,8 +230,13 @@ def load_folder(root: str | Path | None = None, seed: int = 0, test_fraction: fl
 
     class_names = labels[1] if labels is not None else []
     meta = {
-        "num_classes": len(class_names), "class_names": class_names, "image_size": image_size,
-        "channels": channels, "templates": [], "heldout_templates": [], "root": str(root),
+        "num_classes": len(class_names),
+        "class_names": class_names,
+        "image_size": image_size,
+        "channels": channels,
+        "templates": [],
+        "heldout_templates": [],
+        "root": str(root),
         "indices": index,
     }
     return Dataset("folder", split_of(index["train"]), split_of(index["test"]), meta)
@@ -235,6 +252,8 @@ def frozen_part_line(family: str, dataset: Any, part: str, key: str, variant: st
     """The line a family bound to a frozen part's input size prints for a folder of images: they are
     resized to the part's own size, and how to give it a part trained on them instead."""
     size, channels = dataset.meta.get("image_size"), dataset.meta.get("channels")
-    return (f"{family}: images are {size}×{size}×{channels}; the frozen {part} reads them resized to its own image "
-            f"size (--set {key}=DIR takes one trained on these images: polymodal train {variant} --data "
-            f"{dataset.meta.get('root')} --out DIR)")
+    return (
+        f"{family}: images are {size}×{size}×{channels}; the frozen {part} reads them resized to its own image "
+        f"size (--set {key}=DIR takes one trained on these images: polymodal train {variant} --data "
+        f"{dataset.meta.get('root')} --out DIR)"
+    )

@@ -31,16 +31,28 @@ KINDS: tuple[str, ...] = ("square", "circle", "triangle", "cross")
 """Shape kinds; index = position in this tuple."""
 
 POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )
 """Cell names of the 3×3 grid, row-major: index = row * 3 + column."""
 
 WHERE: dict[str, str] = {
-    "top left": "in the top left", "top": "at the top", "top right": "in the top right",
-    "left": "on the left", "center": "in the center", "right": "on the right",
-    "bottom left": "in the bottom left", "bottom": "at the bottom", "bottom right": "in the bottom right",
+    "top left": "in the top left",
+    "top": "at the top",
+    "top right": "in the top right",
+    "left": "on the left",
+    "center": "in the center",
+    "right": "on the right",
+    "bottom left": "in the bottom left",
+    "bottom": "at the bottom",
+    "bottom right": "in the bottom right",
 }
 """Position name → the phrase a caption or question uses."""
 
@@ -135,28 +147,34 @@ def _scenes(n: int, size: int, rng: np.random.Generator, templates: tuple[str, .
     for i in range(n):
         objects = [(int(colour[i, j]), int(kind[i, j]), int(cells[i, j])) for j in range(count[i])]
         template = templates[choice[i]]
-        captions.append(" and ".join(
-            template.format(colour=_COLOUR_NAMES[c], kind=KINDS[k], where=WHERE[POSITIONS[p]]) for c, k, p in objects
-        ))
+        captions.append(
+            " and ".join(
+                template.format(colour=_COLOUR_NAMES[c], kind=KINDS[k], where=WHERE[POSITIONS[p]])
+                for c, k, p in objects
+            )
+        )
         box_lists.append([(*map(int, boxes[j][i]), c, k) for j, (c, k, _) in enumerate(objects)])
         qas.append(_qa(objects, rng))
 
-    return Split({
-        "image": torch.from_numpy(images),
-        "label": torch.from_numpy(combos[:, 0].astype(np.int64)),
-        "colour": torch.from_numpy(colour[:, 0].astype(np.int64)),
-        "kind": torch.from_numpy(kind[:, 0].astype(np.int64)),
-        "position": torch.from_numpy(cells[:, 0].astype(np.int64)),
-        "count": torch.from_numpy(count.astype(np.int64)),
-        "caption": captions,
-        "boxes": box_lists,
-        "masks": torch.from_numpy(union),
-        "qa": qas,
-    })
+    return Split(
+        {
+            "image": torch.from_numpy(images),
+            "label": torch.from_numpy(combos[:, 0].astype(np.int64)),
+            "colour": torch.from_numpy(colour[:, 0].astype(np.int64)),
+            "kind": torch.from_numpy(kind[:, 0].astype(np.int64)),
+            "position": torch.from_numpy(cells[:, 0].astype(np.int64)),
+            "count": torch.from_numpy(count.astype(np.int64)),
+            "caption": captions,
+            "boxes": box_lists,
+            "masks": torch.from_numpy(union),
+            "qa": qas,
+        }
+    )
 
 
-def load_shapes(root: str | None = None, seed: int = 0, image_size: int = 32, train_size: int = 2000,
-                test_size: int = 500) -> Dataset:
+def load_shapes(
+    root: str | None = None, seed: int = 0, image_size: int = 32, train_size: int = 2000, test_size: int = 500
+) -> Dataset:
     """The shapes dataset.
 
     Fields of each split: ``image`` (N, 3, S, S) float32 in [0, 1]; ``label`` (N,) the
@@ -179,10 +197,15 @@ def load_shapes(root: str | None = None, seed: int = 0, image_size: int = 32, tr
     meta = {
         "num_classes": len(COLOURS) * len(KINDS),
         "class_names": [f"{c} {k}" for c in COLOURS for k in KINDS],
-        "colours": list(COLOURS), "colour_values": [list(v) for v in COLOURS.values()],
-        "kinds": list(KINDS), "positions": list(POSITIONS), "max_objects": 2,
-        "image_size": image_size, "channels": 3,
-        "templates": list(TRAIN_TEMPLATES), "heldout_templates": list(HELDOUT_TEMPLATES),
+        "colours": list(COLOURS),
+        "colour_values": [list(v) for v in COLOURS.values()],
+        "kinds": list(KINDS),
+        "positions": list(POSITIONS),
+        "max_objects": 2,
+        "image_size": image_size,
+        "channels": 3,
+        "templates": list(TRAIN_TEMPLATES),
+        "heldout_templates": list(HELDOUT_TEMPLATES),
         # the image judge reads colour and kind on one-object scenes, where they are the scene's
         "judge": {"attributes": {"colour": len(COLOURS), "kind": len(KINDS)}, "where": ["count", 1]},
     }

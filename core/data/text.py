@@ -51,8 +51,24 @@ SHORT_TEMPLATES = (
 """Caption-like templates (the digits' word-form captions and Flamingo's "This is a {word}.")."""
 
 NOUNS = (
-    "apples", "birds", "books", "boxes", "cats", "chairs", "coins", "cups", "dogs", "eggs",
-    "flowers", "keys", "lamps", "pens", "shoes", "stones", "trees", "windows",
+    "apples",
+    "birds",
+    "books",
+    "boxes",
+    "cats",
+    "chairs",
+    "coins",
+    "cups",
+    "dogs",
+    "eggs",
+    "flowers",
+    "keys",
+    "lamps",
+    "pens",
+    "shoes",
+    "stones",
+    "trees",
+    "windows",
 )
 """Plural nouns filled into :data:`SENTENCE_TEMPLATES`."""
 
@@ -94,8 +110,12 @@ def load_text(root: str | None = None, seed: int = 0, test_fraction: float = 0.2
 
     train = split([w for w in wordings if w not in test_wordings])
     test = split([w for w in wordings if w in test_wordings])
-    meta = {"num_classes": 10, "class_names": list(DIGIT_WORDS), "modality": "text",
-            "templates": list(SENTENCE_TEMPLATES + SHORT_TEMPLATES)}
+    meta = {
+        "num_classes": 10,
+        "class_names": list(DIGIT_WORDS),
+        "modality": "text",
+        "templates": list(SENTENCE_TEMPLATES + SHORT_TEMPLATES),
+    }
     return Dataset("text", train, test, meta)
 
 

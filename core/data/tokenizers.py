@@ -16,8 +16,9 @@ tokens (the convention of :func:`polymodal.attention.attention`'s ``key_padding`
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,8 +57,15 @@ class _TextTokenizer:
         """The first ``room`` ids of ``body`` (subclasses may back off to a character boundary)."""
         return body[:room]
 
-    def encode(self, text: str, max_length: int | None = None, truncate: bool = False, *,
-               add_bos: bool | None = None, add_eos: bool | None = None) -> list[int]:
+    def encode(
+        self,
+        text: str,
+        max_length: int | None = None,
+        truncate: bool = False,
+        *,
+        add_bos: bool | None = None,
+        add_eos: bool | None = None,
+    ) -> list[int]:
         """Ids of ``text`` with ``bos``/``eos`` (tokenizer defaults unless given).
 
         With ``max_length``, a longer result raises ``ValueError`` unless ``truncate``; truncation
@@ -86,8 +94,9 @@ class _TextTokenizer:
                 body = self._cut(body, room)
         return bos + body + eos
 
-    def encode_batch(self, texts: str | Sequence[str], context_length: int | None = None,
-                     truncate: bool = False, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    def encode_batch(
+        self, texts: str | Sequence[str], context_length: int | None = None, truncate: bool = False, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
         """Encode and pad ``texts`` to ``context_length`` (longest text when None).
 
         Returns ``(ids, mask)``: LongTensor (B, L) padded with ``pad``, and bool (B, L) True
@@ -132,8 +141,9 @@ class ByteTokenizer(_TextTokenizer):
     are not valid UTF-8 (e.g. from a sampler) shows U+FFFD for the broken bytes.
     """
 
-    def __init__(self, specials: Sequence[str] = ("bos", "eos", "pad"), *, add_bos: bool = True,
-                 add_eos: bool = True) -> None:
+    def __init__(
+        self, specials: Sequence[str] = ("bos", "eos", "pad"), *, add_bos: bool = True, add_eos: bool = True
+    ) -> None:
         super().__init__(add_bos, add_eos)
         specials = tuple(specials)
         missing = [s for s in ("bos", "eos", "pad") if s not in specials]
@@ -163,7 +173,7 @@ class ByteTokenizer(_TextTokenizer):
         return path / CONFIG_FILE
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ByteTokenizer":
+    def load(cls, directory: str | Path) -> ByteTokenizer:
         """The tokenizer :meth:`save` wrote into ``directory``."""
         data = _read_config(directory, "bytes")
         return cls(data["specials"], add_bos=data["add_bos"], add_eos=data["add_eos"])
@@ -180,8 +190,14 @@ class BPETokenizer(_TextTokenizer):
     encoded as plain text, never as control tokens.
     """
 
-    def __init__(self, tokenizer: Any = None, specials: Mapping[str, str] | None = None, *,
-                 add_bos: bool = True, add_eos: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        specials: Mapping[str, str] | None = None,
+        *,
+        add_bos: bool = True,
+        add_eos: bool = True,
+    ) -> None:
         super().__init__(add_bos, add_eos)
         if tokenizer is None:
             tokenizer = _empty_byte_bpe(dict(specials or DEFAULT_BPE_SPECIALS))
@@ -205,25 +221,40 @@ class BPETokenizer(_TextTokenizer):
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, specials: Mapping[str, str] | None = None, *,
-              min_frequency: int = 2, add_bos: bool = True, add_eos: bool = True) -> "BPETokenizer":
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        specials: Mapping[str, str] | None = None,
+        *,
+        min_frequency: int = 2,
+        add_bos: bool = True,
+        add_eos: bool = True,
+    ) -> BPETokenizer:
         """Learn a byte-level BPE of ``vocab_size`` ids (specials included) from ``texts``."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         specials = dict(specials or DEFAULT_BPE_SPECIALS)
         strings = list(dict.fromkeys(specials.values()))
         if vocab_size < 256 + len(strings):
-            raise ValueError(f"vocab_size must be at least {256 + len(strings)} (256 bytes + specials), got {vocab_size}")
+            raise ValueError(
+                f"vocab_size must be at least {256 + len(strings)} (256 bytes + specials), got {vocab_size}"
+            )
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=strings,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=strings,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train_from_iterator(texts, trainer)
         return cls(tok, specials, add_bos=add_bos, add_eos=add_eos)
 
     @classmethod
-    def from_file(cls, path: str | Path, specials: Mapping[str, str] | None = None, **kwargs: Any) -> "BPETokenizer":
+    def from_file(cls, path: str | Path, specials: Mapping[str, str] | None = None, **kwargs: Any) -> BPETokenizer:
         """Load a ``tokenizer.json`` written by the ``tokenizers`` library (or :meth:`save`)."""
         from tokenizers import Tokenizer
 
@@ -239,14 +270,15 @@ class BPETokenizer(_TextTokenizer):
         return path / "tokenizer.json"
 
     @classmethod
-    def load(cls, directory: str | Path) -> "BPETokenizer":
+    def load(cls, directory: str | Path) -> BPETokenizer:
         """The tokenizer in ``directory`` (``polymodal_tokenizer.json`` optional)."""
         path = Path(directory)
         if not (path / CONFIG_FILE).exists():
             return cls.from_file(path / "tokenizer.json")
         data = _read_config(path, "bpe")
-        return cls.from_file(path / "tokenizer.json", data["specials"], add_bos=data["add_bos"],
-                             add_eos=data["add_eos"])
+        return cls.from_file(
+            path / "tokenizer.json", data["specials"], add_bos=data["add_bos"], add_eos=data["add_eos"]
+        )
 
 
 def load_tokenizer(directory: str | Path) -> ByteTokenizer | BPETokenizer:
@@ -298,8 +330,10 @@ def _resolve_specials(tokenizer: Any, specials: Mapping[str, str] | None) -> dic
             if tokenizer.token_to_id(tok) is None:
                 raise ValueError(f"special token {tok!r} ({role}) is not in the tokenizer's vocabulary")
         return out
-    found = {role: next((t for t in cands if tokenizer.token_to_id(t) is not None), None)
-             for role, cands in _ROLE_CANDIDATES.items()}
+    found = {
+        role: next((t for t in cands if tokenizer.token_to_id(t) is not None), None)
+        for role, cands in _ROLE_CANDIDATES.items()
+    }
     if found["eos"] is None:
         raise ValueError(
             f"no end-of-text token found (tried {', '.join(_ROLE_CANDIDATES['eos'])}); pass specials={{'eos': ...}}"

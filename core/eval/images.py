@@ -6,8 +6,8 @@ Tensors are float (C, H, W) or (N, C, H, W) in [0, 1] with C = 1 (grey) or 3 (RG
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ def save_png(image: Tensor, path: str | Path, scale: int = 1) -> Path:
     img = to_pil(image)
     if scale > 1:
         from PIL import Image
+
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
@@ -78,12 +79,13 @@ def make_grid(images: Tensor, nrow: int | None = None, pad: int = 1) -> Tensor:
     for i, img in enumerate(images.detach().cpu()):
         r, col = divmod(i, nrow)
         y, x = pad + r * (h + pad), pad + col * (w + pad)
-        out[:, y:y + h, x:x + w] = img  # (C, H, W)
+        out[:, y : y + h, x : x + w] = img  # (C, H, W)
     return out
 
 
-def write_samples(images: Tensor, out: str | Path, *, names: Sequence[str] | None = None,
-                  grid_scale: int = 4) -> list[Path]:
+def write_samples(
+    images: Tensor, out: str | Path, *, names: Sequence[str] | None = None, grid_scale: int = 4
+) -> list[Path]:
     """Write each of (N, C, H, W) at its native size as ``sample_000.png`` … and a ``grid.png``.
 
     ``names`` replaces the file stems; the grid is enlarged ``grid_scale`` times so small

@@ -44,8 +44,10 @@ def _targets(dataset: Any, split: str) -> tuple[Tensor, dict[str, Tensor]]:
     attributes = list(spec.get("attributes") or ["label"])
     missing = [f for f in ["image", *attributes] if f not in data]
     if missing:
-        raise ValueError(f"the judge needs a dataset with 'image' and {', '.join(map(repr, attributes))} fields; "
-                         f"{dataset.name!r} has {', '.join(data.fields)}")
+        raise ValueError(
+            f"the judge needs a dataset with 'image' and {', '.join(map(repr, attributes))} fields; "
+            f"{dataset.name!r} has {', '.join(data.fields)}"
+        )
     keep = torch.ones(len(data), dtype=torch.bool)  # (N,)
     if spec.get("where"):
         field, value = spec["where"]
@@ -70,10 +72,14 @@ class Judge(nn.Module):
         self.attributes: tuple[str, ...] = tuple(classes)
         down = 2 if image_size > 8 else 1  # 32×32 scenes: halve twice, so the judge trains in seconds
         self.body = nn.Sequential(
-            nn.Conv2d(channels, width // 2, 3, padding=1, stride=down), nn.GELU(),
-            nn.Conv2d(width // 2, width, 3, padding=1), nn.GELU(),
-            nn.Conv2d(width, width, 3, padding=1, stride=down), nn.GELU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(channels, width // 2, 3, padding=1, stride=down),
+            nn.GELU(),
+            nn.Conv2d(width // 2, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1, stride=down),
+            nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.GELU(),
         )
         self.heads = nn.ModuleDict({a: nn.Linear(4 * width, n) for a, n in classes.items()})
         self.test_accuracy: dict[str, float] = {}
@@ -100,8 +106,9 @@ class Judge(nn.Module):
     def predict(self, images: Tensor) -> dict[str, Tensor]:
         """Per attribute, the predicted class (N,) of each image in [0, 1]."""
         with eval_mode(self):
-            return {a: torch.cat([self.logits(chunk)[a].argmax(-1) for chunk in images.split(512)])
-                    for a in self.attributes}
+            return {
+                a: torch.cat([self.logits(chunk)[a].argmax(-1) for chunk in images.split(512)]) for a in self.attributes
+            }
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
@@ -163,11 +170,22 @@ def get_judge(dataset: Any) -> Judge:
         judge.eval()
     else:
         judge = _train(dataset)
-        atomic_write(weights_path, lambda tmp: save_file(
-            {k: v.contiguous() for k, v in judge.state_dict().items()}, str(tmp)))
-        atomic_write(meta_path, json.dumps({"version": VERSION, "channels": judge.channels,
-                                            "image_size": judge.image_size, "classes": judge.classes,
-                                            "test_accuracy": judge.test_accuracy}, indent=2))
+        atomic_write(
+            weights_path, lambda tmp: save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(tmp))
+        )
+        atomic_write(
+            meta_path,
+            json.dumps(
+                {
+                    "version": VERSION,
+                    "channels": judge.channels,
+                    "image_size": judge.image_size,
+                    "classes": judge.classes,
+                    "test_accuracy": judge.test_accuracy,
+                },
+                indent=2,
+            ),
+        )
     _MEMORY[str(folder)] = judge
     return judge
 
@@ -179,8 +197,10 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     eigen-decompositions (no complex square roots).
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
-        raise ValueError(f"frechet_distance needs features (N, F) and (M, F) with N, M >= 2; "
-                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"frechet_distance needs features (N, F) and (M, F) with N, M >= 2; "
+            f"got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)  # (F,)
     cov_a, cov_b = torch.cov(a.t()), torch.cov(b.t())  # (F, F)
@@ -204,7 +224,9 @@ def judge_samples(dataset: Any, images: Tensor, targets: dict[str, Tensor]) -> d
     judge = get_judge(dataset)
     missing = [a for a in judge.attributes if a not in targets]
     if missing:
-        raise ValueError(f"targets must give {', '.join(judge.attributes)} for {dataset.name}; missing {', '.join(missing)}")
+        raise ValueError(
+            f"targets must give {', '.join(judge.attributes)} for {dataset.name}; missing {', '.join(missing)}"
+        )
     pred = judge.predict(images)
     right = torch.ones(len(images), dtype=torch.bool)
     out: dict[str, float] = {}

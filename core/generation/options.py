@@ -50,8 +50,9 @@ class SampleOption:
 TEMPERATURE = SampleOption("temperature", "--temperature", "Softmax temperature (> 0).")
 TOP_K = SampleOption("top_k", "--top-k", "Sample among the k most likely tokens.", type="int")
 TOP_P = SampleOption("top_p", "--top-p", "Nucleus sampling mass in (0, 1].")
-NO_CACHE = SampleOption("use_cache", "--no-cache", "Recompute the whole sequence each step (no KV cache).",
-                        type="switch", value=False)
+NO_CACHE = SampleOption(
+    "use_cache", "--no-cache", "Recompute the whole sequence each step (no KV cache).", type="switch", value=False
+)
 COMPLETE = SampleOption("complete", "--complete", "Complete the bottom half of this image.", type="file")
 
 TOKEN_SAMPLING: tuple[SampleOption, ...] = (TEMPERATURE, TOP_K, TOP_P, NO_CACHE)
@@ -72,5 +73,15 @@ def keywords(options: tuple[SampleOption, ...]) -> tuple[str, ...]:
     return tuple(o.keyword for o in options)
 
 
-__all__ = ["COMPLETE", "NO_CACHE", "TEMPERATURE", "TOKEN_SAMPLING", "TOP_K", "TOP_P", "TYPES", "SampleOption", "keywords",
-           "sample_options"]
+__all__ = [
+    "COMPLETE",
+    "NO_CACHE",
+    "TEMPERATURE",
+    "TOKEN_SAMPLING",
+    "TOP_K",
+    "TOP_P",
+    "TYPES",
+    "SampleOption",
+    "keywords",
+    "sample_options",
+]

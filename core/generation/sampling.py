@@ -11,7 +11,8 @@ readable reference path). Diffusion schedulers live elsewhere.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,9 +32,16 @@ def _check_args(temperature: float, top_k: int | None, top_p: float | None) -> N
         raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
 
 
-def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None,
-                greedy: bool = False, allowed: Tensor | None = None) -> Tensor:
+def sample_next(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    greedy: bool = False,
+    allowed: Tensor | None = None,
+) -> Tensor:
     """Choose one token per row of ``logits`` (B, V); returns ids (B,).
 
     Order: ``allowed`` (bool (V,) or (B, V), True = may be chosen) masks the vocabulary;
@@ -47,8 +55,10 @@ def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None =
         raise ValueError(f"sample_next expects logits of shape (B, V), got {tuple(logits.shape)}")
     if not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits)).sum().item()
-        raise ValueError(f"logits contain {bad} non-finite value(s) (NaN or inf); the model diverged or "
-                         "masked with inf — pass allowed= to restrict the vocabulary")
+        raise ValueError(
+            f"logits contain {bad} non-finite value(s) (NaN or inf); the model diverged or "
+            "masked with inf — pass allowed= to restrict the vocabulary"
+        )
     logits = logits.float()  # (B, V)
     if allowed is not None:
         allowed = allowed.to(device=logits.device, dtype=torch.bool).expand_as(logits)  # (B, V)
@@ -78,21 +88,34 @@ def apply_cfg(cond_logits: Tensor, uncond_logits: Tensor, scale: float) -> Tenso
     larger values push towards the condition.
     """
     if cond_logits.shape != uncond_logits.shape:
-        raise ValueError(f"cond and uncond logits must match; got {tuple(cond_logits.shape)} and "
-                         f"{tuple(uncond_logits.shape)}")
+        raise ValueError(
+            f"cond and uncond logits must match; got {tuple(cond_logits.shape)} and {tuple(uncond_logits.shape)}"
+        )
     if scale == 1:
         return cond_logits
     return uncond_logits + scale * (cond_logits - uncond_logits)  # (..., V)
 
 
 @torch.no_grad()
-def generate(step_fn: StepFn, prompt_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
-             generator: torch.Generator | None = None,
-             allowed: Tensor | Callable[[Tensor], Tensor] | None = None,
-             cfg_scale: float | None = None, uncond_ids: Tensor | None = None,
-             eos_id: int | None = None, pad_id: int | None = None, use_cache: bool = True,
-             sampler: Callable[..., Tensor] | None = None, **sampler_kwargs: Any) -> Tensor:
+def generate(
+    step_fn: StepFn,
+    prompt_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    allowed: Tensor | Callable[[Tensor], Tensor] | None = None,
+    cfg_scale: float | None = None,
+    uncond_ids: Tensor | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    use_cache: bool = True,
+    sampler: Callable[..., Tensor] | None = None,
+    **sampler_kwargs: Any,
+) -> Tensor:
     """Extend ``prompt_ids`` (B, T) by up to ``max_new_tokens``; returns (B, T + n).
 
     ``allowed`` is a bool mask over the vocabulary, or a callable ``(ids (B, t)) -> mask``
@@ -113,8 +136,11 @@ def generate(step_fn: StepFn, prompt_ids: Tensor, max_new_tokens: int, *, temper
     if uncond_ids is not None and uncond_ids.shape[0] != prompt_ids.shape[0]:
         raise ValueError(f"uncond_ids must have batch {prompt_ids.shape[0]}, got {tuple(uncond_ids.shape)}")
     _check_args(temperature, top_k, top_p)
-    passed = {k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
-              if v is not None and not (k == "temperature" and v == 1.0)}
+    passed = {
+        k: v
+        for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+        if v is not None and not (k == "temperature" and v == 1.0)
+    }
     passed.update(sampler_kwargs)
     streams = [prompt_ids] + ([uncond_ids] if cfg_scale is not None else [])
     caches = [KVCache() if use_cache else None for _ in streams]
@@ -136,8 +162,15 @@ def generate(step_fn: StepFn, prompt_ids: Tensor, max_new_tokens: int, *, temper
                 last = last.masked_fill(~mask.to(last.device, torch.bool).expand_as(last), torch.finfo(last.dtype).min)
             nxt = sampler(last, generator=generator, **passed)  # (B,)
         else:
-            nxt = sample_next(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                              greedy=greedy, allowed=mask)  # (B,)
+            nxt = sample_next(
+                last,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+                greedy=greedy,
+                allowed=mask,
+            )  # (B,)
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, fill), nxt)
             done = done | (nxt == eos_id)
@@ -155,22 +188,33 @@ def sample_greedy(logits: Tensor, generator: torch.Generator | None = None, **kw
     return sample_next(logits, greedy=True, allowed=kw.get("allowed"))
 
 
-def sample_temperature(logits: Tensor, generator: torch.Generator | None = None, *,
-                       temperature: float = 1.0, **kw: Any) -> Tensor:
+def sample_temperature(
+    logits: Tensor, generator: torch.Generator | None = None, *, temperature: float = 1.0, **kw: Any
+) -> Tensor:
     """Token sampler ``"temperature"``: draw from ``softmax(logits / temperature)``."""
     return sample_next(logits, temperature=temperature, generator=generator, allowed=kw.get("allowed"))
 
 
-def sample_top_k(logits: Tensor, generator: torch.Generator | None = None, *, top_k: int = 50,
-                 temperature: float = 1.0, **kw: Any) -> Tensor:
+def sample_top_k(
+    logits: Tensor, generator: torch.Generator | None = None, *, top_k: int = 50, temperature: float = 1.0, **kw: Any
+) -> Tensor:
     """Token sampler ``"top-k"``: draw among the ``top_k`` most likely tokens."""
     return sample_next(logits, temperature=temperature, top_k=top_k, generator=generator, allowed=kw.get("allowed"))
 
 
-def sample_top_p(logits: Tensor, generator: torch.Generator | None = None, *, top_p: float = 0.9,
-                 temperature: float = 1.0, **kw: Any) -> Tensor:
+def sample_top_p(
+    logits: Tensor, generator: torch.Generator | None = None, *, top_p: float = 0.9, temperature: float = 1.0, **kw: Any
+) -> Tensor:
     """Token sampler ``"top-p"``: draw from the smallest set of tokens with mass at least ``top_p``."""
     return sample_next(logits, temperature=temperature, top_p=top_p, generator=generator, allowed=kw.get("allowed"))
 
 
-__all__ = ["apply_cfg", "generate", "sample_greedy", "sample_next", "sample_temperature", "sample_top_k", "sample_top_p"]
+__all__ = [
+    "apply_cfg",
+    "generate",
+    "sample_greedy",
+    "sample_next",
+    "sample_temperature",
+    "sample_top_k",
+    "sample_top_p",
+]

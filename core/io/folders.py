@@ -14,10 +14,12 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
 try:
     from safetensors import SafetensorError as _SafetensorsError
 except ImportError:  # older safetensors raise plain exceptions
@@ -127,8 +129,12 @@ def _group(keys: list[str]) -> str:
     return "; ".join(f"{p}: {len(v)} ({', '.join(v[:3])}{', …' if len(v) > 3 else ''})" for p, v in groups.items())
 
 
-def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
-                      expected: dict[str, torch.Tensor] | None = None) -> None:
+def load_state_strict(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    expected: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Copy ``state`` into ``module``; missing, unexpected and mis-shaped keys fail together.
 
     ``expected`` is the part of ``module.state_dict()`` that ``state`` must match exactly (default:
@@ -137,8 +143,11 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], s
     own = module.state_dict() if expected is None else expected
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -158,8 +167,11 @@ def _card(model: Any, family: str, metrics: dict[str, Any] | None, source: str |
     lines += model.card_lines()
     if metrics:
         lines += ["## Metrics", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
-                  if not isinstance(v, (dict, list))]
+        lines += [
+            f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in metrics.items()
+            if not isinstance(v, (dict, list))
+        ]
         lines.append("")
     if card:
         lines += [card, ""]
@@ -167,8 +179,15 @@ def _card(model: Any, family: str, metrics: dict[str, Any] | None, source: str |
     return "\n".join(lines)
 
 
-def write_model(model: Any, directory: Path, *, state: dict[str, torch.Tensor] | None = None,
-                metrics: dict[str, Any] | None = None, card: str | None = None, source: str | None = None) -> None:
+def write_model(
+    model: Any,
+    directory: Path,
+    *,
+    state: dict[str, torch.Tensor] | None = None,
+    metrics: dict[str, Any] | None = None,
+    card: str | None = None,
+    source: str | None = None,
+) -> None:
     """Write ``model``'s files into the new, empty folder ``directory`` (not atomic by itself:
     :func:`save_model` builds the folder aside and swaps it in).
 
@@ -186,19 +205,30 @@ def write_model(model: Any, directory: Path, *, state: dict[str, torch.Tensor] |
     parts = model.part_modules() if hasattr(model, "part_modules") else {}
     for name, part in parts.items():
         (directory / name).mkdir()
-        write_model(part, directory / name, state=model.part_state_dict(name),
-                    source=f"the frozen `{name}` of a {family} model ({model.part_sources.get(name, 'given')})")
+        write_model(
+            part,
+            directory / name,
+            state=model.part_state_dict(name),
+            source=f"the frozen `{name}` of a {family} model ({model.part_sources.get(name, 'given')})",
+        )
     model.save_extras(directory)
     if metrics is not None:
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     (directory / "README.md").write_text(_card(model, family, metrics, source, card))
 
 
-def save_model(model: Any, directory: str | Path, *, metrics: dict[str, Any] | None = None,
-               card: str | None = None, source: str | None = None) -> Path:
+def save_model(
+    model: Any,
+    directory: str | Path,
+    *,
+    metrics: dict[str, Any] | None = None,
+    card: str | None = None,
+    source: str | None = None,
+) -> Path:
     """Write ``model`` as a model folder (see :func:`write_model`), replacing any folder there atomically."""
-    return replace_folder(directory, lambda tmp: write_model(model, tmp, metrics=metrics, card=card, source=source),
-                          keep=("checkpoint",))
+    return replace_folder(
+        directory, lambda tmp: write_model(model, tmp, metrics=metrics, card=card, source=source), keep=("checkpoint",)
+    )
 
 
 def model_class_for(family: str) -> type:
@@ -229,14 +259,16 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> 
     parts = {}
     for name in getattr(cls, "part_attributes", {}):  # each part is a model folder of its own in DIR/<field>/
         if not (directory / name / "config.json").is_file():
-            raise LoadError(f"{directory / name} is not a model folder: a {header['family']} folder keeps its "
-                            f"part `{name}` there")
+            raise LoadError(
+                f"{directory / name} is not a model folder: a {header['family']} folder keeps its part `{name}` there"
+            )
         parts[name] = load_model(directory / name)
     model = cls(cfg, parts=parts) if parts else cls(cfg)
     for name in parts:
         model.part_sources[name] = str(directory / name)
     model.load_extras(directory)
     expected = model.own_state_dict() if parts else None
-    load_state_strict(model, read_state(directory / "model.safetensors"), str(directory / "model.safetensors"),
-                      expected)
+    load_state_strict(
+        model, read_state(directory / "model.safetensors"), str(directory / "model.safetensors"), expected
+    )
     return model.to(device).eval()

@@ -31,8 +31,10 @@ def read_hf_config(src: Path, converter: str, model_type: str, label: str) -> di
     if not isinstance(hf, dict):
         raise LoadError(f"{path} is not a transformers config (expected a JSON object, got {type(hf).__name__})")
     if hf.get("model_type") not in (None, model_type):
-        raise LoadError(f"{converter} reads {label} folders (config.json with model_type {model_type!r}); "
-                        f"{path} has {hf.get('model_type')!r}")
+        raise LoadError(
+            f"{converter} reads {label} folders (config.json with model_type {model_type!r}); "
+            f"{path} has {hf.get('model_type')!r}"
+        )
     return hf
 
 
@@ -42,9 +44,11 @@ def read_hf_weights(src: Path, converter: str) -> State:
     if not path.is_file():
         pickled = [name for name in PICKLED if (src / name).is_file()]
         if pickled:
-            raise LoadError(f"{converter} reads {path}, which is missing; {src} has {pickled[0]}, which it does not "
-                            "unpickle (loading a pickle can run code): save the model again with "
-                            "save_pretrained(..., safe_serialization=True)")
+            raise LoadError(
+                f"{converter} reads {path}, which is missing; {src} has {pickled[0]}, which it does not "
+                "unpickle (loading a pickle can run code): save the model again with "
+                "save_pretrained(..., safe_serialization=True)"
+            )
     return read_state(path)
 
 
@@ -99,13 +103,21 @@ def convert_hf_folder(
             raise LoadError(f"{src}: {exc}") from exc
     model.eval()
     if dst is not None:
-        model.save(dst, source=f"converted from the transformers {label} folder {src.name} with "
-                   f"`polymodal convert --from {converter}`{note}")
+        model.save(
+            dst,
+            source=f"converted from the transformers {label} folder {src.name} with "
+            f"`polymodal convert --from {converter}`{note}",
+        )
     return model
 
 
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "quick_gelu": "quick_gelu", "relu": "relu"}
+ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+    "relu": "relu",
+}
 """transformers ``hidden_act`` names → the core MLP's activation names."""
 
 
@@ -155,9 +167,11 @@ def gpt2_state(src: dict, depth: int, stack: str, *, norm_bias: bool = True) -> 
     def get(key: str):
         return src[prefix + key]
 
-    out = {"token_embed.weight": get("wte.weight"),
-           "pos_embed.weight": get("wpe.weight").unsqueeze(0),  # (1, N, D)
-           f"{stack}norm.weight": get("ln_f.weight")}
+    out = {
+        "token_embed.weight": get("wte.weight"),
+        "pos_embed.weight": get("wpe.weight").unsqueeze(0),  # (1, N, D)
+        f"{stack}norm.weight": get("ln_f.weight"),
+    }
     if norm_bias:
         out[f"{stack}norm.bias"] = get("ln_f.bias")
     for i in range(depth):
@@ -166,8 +180,12 @@ def gpt2_state(src: dict, depth: int, stack: str, *, norm_bias: bool = True) -> 
             out[ours_block + ours + ".weight"] = get(theirs_block + theirs + ".weight")
             if norm_bias:
                 out[ours_block + ours + ".bias"] = get(theirs_block + theirs + ".bias")
-        for ours, theirs in {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc",
-                             "mlp.fc2": "mlp.c_proj"}.items():
+        for ours, theirs in {
+            "attn.qkv": "attn.c_attn",
+            "attn.proj": "attn.c_proj",
+            "mlp.fc1": "mlp.c_fc",
+            "mlp.fc2": "mlp.c_proj",
+        }.items():
             out[ours_block + ours + ".weight"] = get(theirs_block + theirs + ".weight").t().contiguous()  # (out, in)
             out[ours_block + ours + ".bias"] = get(theirs_block + theirs + ".bias")
     return out

@@ -10,10 +10,10 @@ The trainer, the CLI, model folders and the testing kit use only this contract.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +52,9 @@ class PolymodalModel(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}"
+            )
         self.config = config
         self.part_sources: dict[str, str] = {}
         self._part_keys: dict[str, frozenset[str]] = {}
@@ -66,13 +68,16 @@ class PolymodalModel(nn.Module):
 
         fields = part_fields(self.config)
         if set(fields) != set(self.part_attributes):
-            raise TypeError(f"{type(self).__name__}.part_attributes names {sorted(self.part_attributes)}; its config's "
-                            f"PartConfig fields are {sorted(fields)}")
+            raise TypeError(
+                f"{type(self).__name__}.part_attributes names {sorted(self.part_attributes)}; its config's "
+                f"PartConfig fields are {sorted(fields)}"
+            )
         built = load_parts(self.config, parts)
         for name, part in built.items():
             if not isinstance(part, PolymodalModel):
-                raise ValueError(f"{type(self.config).__name__}.{name} must be a polymodal model; "
-                                 f"got {type(part).__name__}")
+                raise ValueError(
+                    f"{type(self.config).__name__}.{name} must be a polymodal model; got {type(part).__name__}"
+                )
             self._part_keys[name] = frozenset(part.own_state_dict())
             self.part_sources[name] = describe_part(fields[name])
         return built
@@ -103,8 +108,9 @@ class PolymodalModel(nn.Module):
         for name in self.frozen:
             part = getattr(self, name, None)
             if part is None:
-                raise AttributeError(f"{type(self).__name__}.frozen names {name!r}, which is not set; "
-                                     f"set it before calling freeze()")
+                raise AttributeError(
+                    f"{type(self).__name__}.frozen names {name!r}, which is not set; set it before calling freeze()"
+                )
             part.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> PolymodalModel:
@@ -160,8 +166,14 @@ class PolymodalModel(nn.Module):
         raise NotImplementedError
 
     # -- model folders -------------------------------------------------------------------------
-    def save(self, directory: str | Path, *, metrics: dict[str, Any] | None = None,
-             card: str | None = None, source: str | None = None) -> Path:
+    def save(
+        self,
+        directory: str | Path,
+        *,
+        metrics: dict[str, Any] | None = None,
+        card: str | None = None,
+        source: str | None = None,
+    ) -> Path:
         """Write a model folder atomically (see :func:`polymodal.io.save_model`)."""
         from polymodal.io import save_model
 
@@ -228,8 +240,9 @@ class ModelSpec:
             return apply_overrides(adapt(self.config, dataset, fixed=fixed), overrides)
         return apply_overrides(adapt(self.config, dataset), overrides)
 
-    def build(self, dataset: Any = None, parts: Mapping[str, PolymodalModel] | None = None,
-              **overrides: Any) -> PolymodalModel:
+    def build(
+        self, dataset: Any = None, parts: Mapping[str, PolymodalModel] | None = None, **overrides: Any
+    ) -> PolymodalModel:
         """A freshly initialised model, adapted to ``dataset`` and with config ``overrides``.
 
         Its pretrained parts are made first: those in ``parts`` as given, the others loaded or

@@ -94,13 +94,14 @@ Sampler = TokenSampler  # the name before diffusion samplers; goes in the next r
 
 # -- contracts of pretrained parts --------------------------------------------------------------
 
+
 @runtime_checkable
 class CausalLM(Protocol):
     """A language model a composite model runs on its own input embeddings (the ``lm`` family)::
 
-        x = lm.token_embeddings(ids)                       # (B, T, D), no positions
-        h = lm.run(x, cache=cache, injected=blocks, inject_kwargs={...})  # (B, T, D), final norm applied
-        logits = lm.logits(h)                              # (B, T, V)
+    x = lm.token_embeddings(ids)                       # (B, T, D), no positions
+    h = lm.run(x, cache=cache, injected=blocks, inject_kwargs={...})  # (B, T, D), final norm applied
+    logits = lm.logits(h)                              # (B, T, V)
     """
 
     tokenizer: Any
@@ -117,9 +118,16 @@ class CausalLM(Protocol):
     def token_embeddings(self, ids: Tensor) -> Tensor:
         """Ids (B, T) → input embeddings (B, T, D) without positions."""
 
-    def run(self, embeds: Tensor, *, cache: KVCache | None = None, key_padding: Tensor | None = None,
-            injected: Any = None, inject_kwargs: dict[str, Any] | None = None,
-            return_hidden: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def run(
+        self,
+        embeds: Tensor,
+        *,
+        cache: KVCache | None = None,
+        key_padding: Tensor | None = None,
+        injected: Any = None,
+        inject_kwargs: dict[str, Any] | None = None,
+        return_hidden: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Input embeddings (B, T, D) → hidden states (B, T, D); ``injected`` {layer: module} runs
         ``module(x, **inject_kwargs)`` before that block for this call only."""
 
@@ -235,10 +243,26 @@ def require(obj: Any, protocols: type | tuple[type, ...], what: str) -> Any:
             expected = DESCRIPTIONS.get(protocol, protocol.__name__)
             family = getattr(obj, "family", None)
             given = type(obj).__name__ + (f" (family {family!r})" if family else "")
-            raise ValueError(f"{what}: expected {expected} implementing {protocol.__name__} "
-                             f"({', '.join(protocol_members(protocol))}); got a {given} lacking {', '.join(missing)}")
+            raise ValueError(
+                f"{what}: expected {expected} implementing {protocol.__name__} "
+                f"({', '.join(protocol_members(protocol))}); got a {given} lacking {', '.join(missing)}"
+            )
     return obj
 
 
-__all__ = ["DESCRIPTIONS", "CausalLM", "Encoder", "Fusion", "ImageEncoder", "ImageTokenizer", "ImageTower", "Objective",
-           "TextEncoder", "TokenSampler", "Tokenizer", "missing_members", "protocol_members", "require"]
+__all__ = [
+    "DESCRIPTIONS",
+    "CausalLM",
+    "Encoder",
+    "Fusion",
+    "ImageEncoder",
+    "ImageTokenizer",
+    "ImageTower",
+    "Objective",
+    "TextEncoder",
+    "TokenSampler",
+    "Tokenizer",
+    "missing_members",
+    "protocol_members",
+    "require",
+]

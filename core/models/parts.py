@@ -19,8 +19,9 @@ and leaves it out of its own ``model.safetensors`` (see :func:`polymodal.io.save
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -38,9 +39,12 @@ class PartConfig:
     string_field: ClassVar[str] = "path"
     """A plain string given for a part field (``--set lm=DIR``) sets this field."""
 
-    path: str = field("auto", "The part's model folder; 'auto' trains (or reuses) `variant` on `data` in the cache "
-                              "($POLYMODAL_CACHE/parts/<variant>-<data>); '' builds `variant` fresh and untrained "
-                              "(tests; a saved composite keeps '' and carries the part in its <field>/ sub-folder).")
+    path: str = field(
+        "auto",
+        "The part's model folder; 'auto' trains (or reuses) `variant` on `data` in the cache "
+        "($POLYMODAL_CACHE/parts/<variant>-<data>); '' builds `variant` fresh and untrained "
+        "(tests; a saved composite keeps '' and carries the part in its <field>/ sub-folder).",
+    )
     variant: str = field("", "Registered model variant that 'auto' trains and '' builds.")
     data: str = field("", "Dataset 'auto' trains the variant on; '' for the variant's default data.")
     tiny: bool = field(False, "With path '', build the variant's tiny form (contract tests).")
@@ -53,8 +57,10 @@ class PartConfig:
 def _check_part(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     """Validator: a :class:`PartConfig`."""
     if not isinstance(value, PartConfig):
-        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be a PartConfig (or a folder path string "
-                         f"through --set / create); got {value!r}")
+        raise ValueError(
+            f"{type(instance).__name__}.{attribute.name} must be a PartConfig (or a folder path string "
+            f"through --set / create); got {value!r}"
+        )
 
 
 def part_field(default: PartConfig, doc: str) -> Any:
@@ -66,8 +72,11 @@ def part_fields(config: Any) -> dict[str, PartConfig]:
     """Every :class:`PartConfig` field of ``config``, by field name (in field order)."""
     if not attrs.has(type(config)):
         return {}
-    return {a.name: getattr(config, a.name) for a in attrs.fields(type(config))
-            if isinstance(getattr(config, a.name), PartConfig)}
+    return {
+        a.name: getattr(config, a.name)
+        for a in attrs.fields(type(config))
+        if isinstance(getattr(config, a.name), PartConfig)
+    }
 
 
 def part_data(part: PartConfig) -> str:
@@ -111,8 +120,10 @@ def load_part(part: PartConfig, *, name: str = "part") -> Any:
         folder = auto_folder(part) if part.path == "auto" else Path(part.path)
         if not (folder / "config.json").is_file():
             if part.path == "auto":
-                raise ValueError(f"{name}: no trained `{part.variant}` at {folder} yet; polymodal.create, polymodal "
-                                 f"train and polymodal.api.prepare_parts train it (or give a folder: --set {name}=DIR)")
+                raise ValueError(
+                    f"{name}: no trained `{part.variant}` at {folder} yet; polymodal.create, polymodal "
+                    f"train and polymodal.api.prepare_parts train it (or give a folder: --set {name}=DIR)"
+                )
             raise ValueError(f"{name} must be a model folder with config.json (or 'auto' / ''); {folder} has none")
         return load_model(folder)
     finally:
@@ -125,10 +136,20 @@ def load_parts(config: Any, given: Mapping[str, Any] | None = None) -> dict[str,
     fields = part_fields(config)
     unknown = sorted(set(given) - set(fields))
     if unknown:
-        raise ValueError(f"{type(config).__name__} has no part field(s) {', '.join(unknown)}; "
-                         f"its parts: {', '.join(fields) or 'none'}")
+        raise ValueError(
+            f"{type(config).__name__} has no part field(s) {', '.join(unknown)}; "
+            f"its parts: {', '.join(fields) or 'none'}"
+        )
     return {k: given[k] if k in given else load_part(p, name=f"{type(config).__name__}.{k}") for k, p in fields.items()}
 
 
-__all__ = ["PartConfig", "auto_folder", "describe_part", "load_part", "load_parts", "part_data", "part_field",
-           "part_fields"]
+__all__ = [
+    "PartConfig",
+    "auto_folder",
+    "describe_part",
+    "load_part",
+    "load_parts",
+    "part_data",
+    "part_field",
+    "part_fields",
+]

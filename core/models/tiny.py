@@ -19,9 +19,21 @@ from typing import Any
 import attrs
 
 SHRINK = {
-    "depth": 1, "layers": 1, "num_layers": 1, "n_layers": 1, "decoder_depth": 1, "encoder_depth": 1,
-    "dim": 16, "width": 16, "embed_dim": 16, "d_model": 16, "hidden_dim": 32, "mlp_dim": 32,
-    "heads": 2, "num_heads": 2, "n_heads": 2,
+    "depth": 1,
+    "layers": 1,
+    "num_layers": 1,
+    "n_layers": 1,
+    "decoder_depth": 1,
+    "encoder_depth": 1,
+    "dim": 16,
+    "width": 16,
+    "embed_dim": 16,
+    "d_model": 16,
+    "hidden_dim": 32,
+    "mlp_dim": 32,
+    "heads": 2,
+    "num_heads": 2,
+    "n_heads": 2,
 }
 """The size fields :func:`shrink_config` lowers, and the value each is lowered to."""
 
@@ -35,8 +47,7 @@ def shrink_config(cfg: Any) -> Any:
             value = getattr(cfg, a.name)
             if attrs.has(type(value)):
                 new = shrink_config(value)
-            elif (a.name in SHRINK and isinstance(value, int) and not isinstance(value, bool)
-                  and value > SHRINK[a.name]):
+            elif a.name in SHRINK and isinstance(value, int) and not isinstance(value, bool) and value > SHRINK[a.name]:
                 new = SHRINK[a.name]
             else:
                 continue
@@ -53,8 +64,10 @@ def tiny_config(model_class: type, config: Any) -> Any:
     hook = getattr(model_class, "tiny_config", None)
     small = hook(config) if hook is not None else shrink_config(config)
     if not isinstance(small, model_class.config_class):
-        raise AssertionError(f"{model_class.__name__}.tiny_config returned {type(small).__name__}, "
-                             f"not a {model_class.config_class.__name__}")
+        raise AssertionError(
+            f"{model_class.__name__}.tiny_config returned {type(small).__name__}, "
+            f"not a {model_class.config_class.__name__}"
+        )
     return small
 
 

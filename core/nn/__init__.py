@@ -8,7 +8,24 @@ from polymodal.nn.norm import RMSNorm, make_norm
 from polymodal.nn.stack import StackConfig, TransformerStack
 
 __all__ = [
-    "ACTIVATIONS", "Attention", "Block", "BlockConfig", "DropPath", "KVCache", "Mlp", "PatchEmbed",
-    "PositionEmbedding", "QuickGELU", "RMSNorm", "StackConfig", "TransformerStack", "eval_mode", "init_weights",
-    "interpolate_grid", "make_activation", "make_norm", "sincos_1d", "sincos_2d",
+    "ACTIVATIONS",
+    "Attention",
+    "Block",
+    "BlockConfig",
+    "DropPath",
+    "KVCache",
+    "Mlp",
+    "PatchEmbed",
+    "PositionEmbedding",
+    "QuickGELU",
+    "RMSNorm",
+    "StackConfig",
+    "TransformerStack",
+    "eval_mode",
+    "init_weights",
+    "interpolate_grid",
+    "make_activation",
+    "make_norm",
+    "sincos_1d",
+    "sincos_2d",
 ]

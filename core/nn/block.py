@@ -8,7 +8,7 @@ Block: ``x = x + drop_path(attn(norm1(x)))``; optionally
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -72,9 +72,18 @@ class KVCache:
 class Attention(nn.Module):
     """Multi-head attention: fused ``qkv`` for self-attention, ``q`` + ``kv`` for cross-attention."""
 
-    def __init__(self, dim: int, heads: int, *, qkv_bias: bool = True, proj_bias: bool = True,
-                 context_dim: int | None = None, attn_dropout: float = 0.0, dropout: float = 0.0,
-                 layer_index: int = 0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        context_dim: int | None = None,
+        attn_dropout: float = 0.0,
+        dropout: float = 0.0,
+        layer_index: int = 0,
+    ) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.cross = context_dim is not None
@@ -98,11 +107,19 @@ class Attention(nn.Module):
         if self.cross:
             raise ValueError("probabilities() is for self-attention; this layer is cross-attention")
         q, k, _ = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, N, Dh)
-        return (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)  # (B, H, N, N)
+        return (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(-1)  # (B, H, N, N)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, *, causal: bool = False,
-                key_padding: Tensor | None = None, seqlens: Sequence[int] | None = None,
-                mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        causal: bool = False,
+        key_padding: Tensor | None = None,
+        seqlens: Sequence[int] | None = None,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
         b, n, d = x.shape  # (B, N, D)
         if self.cross:
             if context is None:
@@ -114,8 +131,16 @@ class Attention(nn.Module):
             q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, N, Dh)
             if cache is not None:
                 k, v = cache.update(self.layer_index, k, v)  # (B, H, N_past+N, Dh)
-        out = attention(q, k, v, causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask,
-                        dropout_p=self.attn_dropout if self.training else 0.0)  # (B, H, N, Dh)
+        out = attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            key_padding=key_padding,
+            seqlens=seqlens,
+            mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )  # (B, H, N, Dh)
         out = out.transpose(1, 2).reshape(b, n, d)  # (B, N, D)
         return self.proj_drop(self.proj(out))
 
@@ -141,25 +166,47 @@ class Block(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, bias=cfg.norm_bias)
-        self.attn = Attention(cfg.dim, cfg.heads, qkv_bias=cfg.qkv_bias, proj_bias=cfg.proj_bias,
-                              attn_dropout=cfg.attn_dropout, dropout=cfg.dropout, layer_index=layer_index)
+        self.attn = Attention(
+            cfg.dim,
+            cfg.heads,
+            qkv_bias=cfg.qkv_bias,
+            proj_bias=cfg.proj_bias,
+            attn_dropout=cfg.attn_dropout,
+            dropout=cfg.dropout,
+            layer_index=layer_index,
+        )
         if cfg.cross_attention:
             self.norm_cross = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, bias=cfg.norm_bias)
-            self.cross_attn = Attention(cfg.dim, cfg.heads, qkv_bias=cfg.qkv_bias, proj_bias=cfg.proj_bias,
-                                        context_dim=cfg.cross_dim or cfg.dim, attn_dropout=cfg.attn_dropout,
-                                        dropout=cfg.dropout)
+            self.cross_attn = Attention(
+                cfg.dim,
+                cfg.heads,
+                qkv_bias=cfg.qkv_bias,
+                proj_bias=cfg.proj_bias,
+                context_dim=cfg.cross_dim or cfg.dim,
+                attn_dropout=cfg.attn_dropout,
+                dropout=cfg.dropout,
+            )
             self.cross_gate = nn.Parameter(torch.zeros(1)) if cfg.cross_gate else None
         self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, bias=cfg.norm_bias)
         self.mlp = Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.act, bias=cfg.mlp_bias, dropout=cfg.dropout)
         self.drop_path = DropPath(cfg.drop_path)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, *, causal: bool = False,
-                key_padding: Tensor | None = None, seqlens: Sequence[int] | None = None,
-                mask: Tensor | None = None, context_padding: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        causal: bool = False,
+        key_padding: Tensor | None = None,
+        seqlens: Sequence[int] | None = None,
+        mask: Tensor | None = None,
+        context_padding: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
         """x: (B, N, D); context: (B, M, C) for cross-attention. Returns (B, N, D)."""
-        x = x + self.drop_path(self.attn(self.norm1(x), causal=causal, key_padding=key_padding,
-                                         seqlens=seqlens, mask=mask, cache=cache))
+        x = x + self.drop_path(
+            self.attn(self.norm1(x), causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask, cache=cache)
+        )
         if self.cfg.cross_attention:
             h = self.cross_attn(self.norm_cross(x), context, key_padding=context_padding)  # (B, N, D)
             if self.cross_gate is not None:

@@ -22,18 +22,14 @@ class PatchEmbed(nn.Module):
         if not isinstance(images, Tensor):
             raise ValueError(f"expected a tensor (B, {self.channels}, H, W); got {type(images).__name__}")
         if images.dim() != 4:
-            raise ValueError(
-                f"expected a 4-D image batch (B, {self.channels}, H, W); got shape {tuple(images.shape)}"
-            )
+            raise ValueError(f"expected a 4-D image batch (B, {self.channels}, H, W); got shape {tuple(images.shape)}")
         if not images.is_floating_point():
             raise ValueError(f"expected a floating-point image tensor; got dtype {images.dtype}")
         if images.shape[1] != self.channels:
             raise ValueError(f"expected {self.channels} channels; got {images.shape[1]} (shape {tuple(images.shape)})")
         h, w = images.shape[-2:]
         if h % self.patch or w % self.patch:
-            raise ValueError(
-                f"image height and width must be divisible by the patch size {self.patch}; got {h}×{w}"
-            )
+            raise ValueError(f"image height and width must be divisible by the patch size {self.patch}; got {h}×{w}")
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, C, H, W) → (B, H/p · W/p, dim), patches in raster order."""
@@ -97,7 +93,7 @@ class PositionEmbedding(nn.Module):
         """(1, prefix + h·w, D) for a grid of ``grid`` patches (the built size when None)."""
         if grid is None or tuple(grid) == self.grid:
             return self.weight
-        head, body = self.weight[:, : self.prefix], self.weight[0, self.prefix:]
+        head, body = self.weight[:, : self.prefix], self.weight[0, self.prefix :]
         body = interpolate_grid(body, self.grid, tuple(grid)).unsqueeze(0)  # (1, h·w, D)
         return torch.cat([head, body], dim=1)
 

@@ -10,10 +10,11 @@ from polymodal.config import config, field, in_range, one_of
 from polymodal.nn import BlockConfig, PatchEmbed, PositionEmbedding, StackConfig, TransformerStack, init_weights
 from polymodal.nn.norm import make_norm
 
-
-BLOCK_DOC = ("The transformer blocks: width (``dim``), heads, MLP ratio and activation (QuickGELU for OpenAI CLIP), "
-             "norm and its epsilon, biases, dropout (also applied after the embedding) and the maximum "
-             "stochastic-depth rate (``drop_path``, growing linearly over the blocks); no cross-attention.")
+BLOCK_DOC = (
+    "The transformer blocks: width (``dim``), heads, MLP ratio and activation (QuickGELU for OpenAI CLIP), "
+    "norm and its epsilon, biases, dropout (also applied after the embedding) and the maximum "
+    "stochastic-depth rate (``drop_path``, growing linearly over the blocks); no cross-attention."
+)
 """The doc of both encoder configs' ``block`` field."""
 
 
@@ -50,28 +51,42 @@ def _check_grid(instance, attribute, value) -> None:
     """Validator: None or two positive integers."""
     if value is None:
         return
-    if (not isinstance(value, tuple) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
-        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be None or (rows, cols) of positive "
-                         f"integers; got {value!r}")
+    if (
+        not isinstance(value, tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    ):
+        raise ValueError(
+            f"{type(instance).__name__}.{attribute.name} must be None or (rows, cols) of positive "
+            f"integers; got {value!r}"
+        )
 
 
 @config
 class ViTEncoderConfig(EncoderBlocks):
     """A patch-embedding transformer encoder over images."""
 
-    image_size: int = field(8, "Side of the square images the position table is built for (unless ``grid`` is set).",
-                            check=in_range(1, 8192, integer=True))
+    image_size: int = field(
+        8,
+        "Side of the square images the position table is built for (unless ``grid`` is set).",
+        check=in_range(1, 8192, integer=True),
+    )
     patch_size: int = field(2, "Side of the square patches.", check=in_range(1, 1024, integer=True))
-    grid: tuple[int, int] | None = field(None, "Patch (rows, cols) the position table is built for, for non-square "
-                                         "inputs such as a 1×N strip of rendered text or a mels × frames "
-                                         "spectrogram; None: image_size / patch_size per side.", check=_check_grid,
-                                         converter=_as_grid)
+    grid: tuple[int, int] | None = field(
+        None,
+        "Patch (rows, cols) the position table is built for, for non-square "
+        "inputs such as a 1×N strip of rendered text or a mels × frames "
+        "spectrogram; None: image_size / patch_size per side.",
+        check=_check_grid,
+        converter=_as_grid,
+    )
     channels: int = field(1, "Input image channels.", check=in_range(1, 64, integer=True))
     block: BlockConfig = field(BlockConfig(), BLOCK_DOC, check=_self_attention_only)
     depth: int = field(4, "Number of transformer blocks.", check=in_range(1, 1024, integer=True))
     cls_token: bool = field(True, "Prepend a learned [CLS] token.")
-    pos_embed: str = field("learned", "Position embedding: 'learned' or fixed 'sincos'.", check=one_of("learned", "sincos"))
+    pos_embed: str = field(
+        "learned", "Position embedding: 'learned' or fixed 'sincos'.", check=one_of("learned", "sincos")
+    )
     ln_pre: bool = field(False, "Normalise the embedded tokens before the blocks (CLIP).")
     patch_bias: bool = field(True, "Bias on the patch-embedding convolution (CLIP's has none).")
     final_norm: bool = field(True, "Normalise the output tokens.")
@@ -127,7 +142,7 @@ class ViTEncoder(nn.Module):
         x = self.patch_embed(images)  # (B, N, D)
         grid = (images.shape[-2] // self.cfg.patch_size, images.shape[-1] // self.cfg.patch_size)
         pos = self.pos_embed(grid)  # (1, prefix + N, D)
-        x = x + pos[:, self.prefix:]
+        x = x + pos[:, self.prefix :]
         if keep is not None:
             x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
         if self.cls_token is not None:
@@ -149,8 +164,12 @@ class ViTEncoder(nn.Module):
 class TextEncoderConfig(EncoderBlocks):
     """A token-embedding transformer encoder over text (CLIP's text tower: causal, learned positions)."""
 
-    vocab_size: int = field(512, "Rows of the token-embedding table (ids must be below it).", check=in_range(1, 1 << 24, integer=True))
-    context_length: int = field(16, "Maximum sequence length (rows of the learned position table).", check=in_range(1, 1 << 16, integer=True))
+    vocab_size: int = field(
+        512, "Rows of the token-embedding table (ids must be below it).", check=in_range(1, 1 << 24, integer=True)
+    )
+    context_length: int = field(
+        16, "Maximum sequence length (rows of the learned position table).", check=in_range(1, 1 << 16, integer=True)
+    )
     block: BlockConfig = field(BlockConfig(norm_eps=1e-5), BLOCK_DOC, check=_self_attention_only)
     depth: int = field(2, "Number of transformer blocks.", check=in_range(1, 1024, integer=True))
     causal: bool = field(True, "Causal self-attention (each token sees only earlier ones), as in CLIP.")
@@ -193,7 +212,9 @@ class TextEncoder(nn.Module):
             raise ValueError(f"expected at most {cfg.context_length} tokens (the context length); got {ids.shape[1]}")
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"expected token ids in [0, {cfg.vocab_size}) (the vocabulary size); got ids from {lo} to {hi}")
+            raise ValueError(
+                f"expected token ids in [0, {cfg.vocab_size}) (the vocabulary size); got ids from {lo} to {hi}"
+            )
 
     def forward(self, ids: Tensor, key_padding: Tensor | None = None, return_hidden: bool = False):
         """(B, L) ids → (B, L, D); with ``return_hidden`` also every block's input."""

@@ -14,7 +14,8 @@ All attention, MLP and normalisation come from :mod:`polymodal.nn`.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import attrs
 import torch
@@ -33,11 +34,13 @@ class ConcatFusionConfig:
     """Concatenation of up to ``num_segments`` streams of width ``dim``."""
 
     dim: int = field(64, "Width of every stream.", check=in_range(1, 65536, integer=True))
-    num_segments: int = field(2, "How many streams may be joined (one learned embedding each).",
-                              check=in_range(1, 1024, integer=True))
+    num_segments: int = field(
+        2, "How many streams may be joined (one learned embedding each).", check=in_range(1, 1024, integer=True)
+    )
     segment_embedding: bool = field(True, "Add a learned per-segment embedding to each stream's tokens.")
-    init_std: float = field(0.02, "Standard deviation of the segment embeddings at initialisation.",
-                            check=in_range(0.0, 10.0))
+    init_std: float = field(
+        0.02, "Standard deviation of the segment embeddings at initialisation.", check=in_range(0.0, 10.0)
+    )
 
 
 class ConcatOutput(NamedTuple):
@@ -64,8 +67,9 @@ class ConcatFusion(nn.Module):
         if self.segments is not None:
             nn.init.normal_(self.segments.weight, std=cfg.init_std)
 
-    def forward(self, x: Tensor, context: Tensor, *more: Tensor,
-                paddings: Sequence[Tensor | None] | None = None) -> ConcatOutput:
+    def forward(
+        self, x: Tensor, context: Tensor, *more: Tensor, paddings: Sequence[Tensor | None] | None = None
+    ) -> ConcatOutput:
         """Concatenate ``x, context, *more`` in order; ``paddings`` holds one (B, N_i) mask or None per stream."""
         streams = (x, context, *more)
         if len(streams) > self.cfg.num_segments:
@@ -106,8 +110,9 @@ class CrossAttentionFusionConfig:
     context_dim: int | None = field(None, "Width of the context tokens; ``dim`` when None.", check=_optional_dim)
     heads: int = field(4, "Attention heads; must divide ``dim``.", check=in_range(1, 1024, integer=True))
     gate: bool = field(True, "Scale each branch by tanh of a learned scalar initialised to 0 (Flamingo).")
-    mlp_ratio: float = field(4.0, "Hidden width of the MLP after attention as a multiple of ``dim``; 0 for none.",
-                             check=in_range(0.0, 64.0))
+    mlp_ratio: float = field(
+        4.0, "Hidden width of the MLP after attention as a multiple of ``dim``; 0 for none.", check=in_range(0.0, 64.0)
+    )
     act: str = field("gelu", "MLP activation.", check=one_of(*ACTIVATIONS))
     norm: str = field("layernorm", "Normalisation kind.", check=one_of("layernorm", "rmsnorm"))
     norm_eps: float = field(1e-6, "Norm epsilon.", check=in_range(0.0, 1.0))
@@ -116,7 +121,9 @@ class CrossAttentionFusionConfig:
 
     def __attrs_post_init__(self) -> None:
         if self.dim % self.heads:
-            raise ValueError(f"CrossAttentionFusionConfig.heads must divide dim; got dim={self.dim}, heads={self.heads}")
+            raise ValueError(
+                f"CrossAttentionFusionConfig.heads must divide dim; got dim={self.dim}, heads={self.heads}"
+            )
 
 
 class CrossAttentionFusion(nn.Module):
@@ -134,8 +141,9 @@ class CrossAttentionFusion(nn.Module):
         self.cfg = cfg
         self.context_dim = cfg.context_dim or cfg.dim
         self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.heads, qkv_bias=cfg.qkv_bias, context_dim=self.context_dim,
-                              dropout=cfg.dropout)
+        self.attn = Attention(
+            cfg.dim, cfg.heads, qkv_bias=cfg.qkv_bias, context_dim=self.context_dim, dropout=cfg.dropout
+        )
         self.attn_gate = nn.Parameter(torch.zeros(1)) if cfg.gate else None
         hidden = int(cfg.dim * cfg.mlp_ratio)
         self.mlp_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if hidden else None
@@ -143,8 +151,14 @@ class CrossAttentionFusion(nn.Module):
         self.mlp_gate = nn.Parameter(torch.zeros(1)) if cfg.gate and hidden else None
         init_weights(self)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, *, context_padding: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        context_padding: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
         """x: (B, N, D); context: (B, M, C).
 
         ``context_padding`` (B, M) is True for real context tokens; ``mask`` (B, N, M) or
@@ -166,8 +180,10 @@ class CrossAttentionFusion(nn.Module):
 
     def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
         """A stream of 4 tokens and a context of 6 tokens."""
-        return (torch.randn(batch_size, 4, self.cfg.dim, generator=generator),
-                torch.randn(batch_size, 6, self.context_dim, generator=generator))
+        return (
+            torch.randn(batch_size, 4, self.cfg.dim, generator=generator),
+            torch.randn(batch_size, 6, self.context_dim, generator=generator),
+        )
 
 
 # --------------------------------------------------------------------------- adapter
@@ -177,8 +193,11 @@ class AdapterFusionConfig:
 
     in_dim: int = field(32, "Width of the incoming embeddings.", check=in_range(1, 65536, integer=True))
     out_dim: int = field(64, "Width of the receiving model's input tokens.", check=in_range(1, 65536, integer=True))
-    tokens: int = field(1, "Output tokens per input vector (FROMAGe uses 1; more for richer prefixes).",
-                        check=in_range(1, 4096, integer=True))
+    tokens: int = field(
+        1,
+        "Output tokens per input vector (FROMAGe uses 1; more for richer prefixes).",
+        check=in_range(1, 4096, integer=True),
+    )
     kind: str = field("linear", "'linear' (FROMAGe) or a two-layer 'mlp'.", check=one_of("linear", "mlp"))
     hidden: int | None = field(None, "MLP hidden width; ``out_dim * tokens`` when None.", check=_optional_dim)
     act: str = field("gelu", "MLP activation.", check=one_of(*ACTIVATIONS))
@@ -225,6 +244,11 @@ class AdapterFusion(nn.Module):
 
 
 __all__ = [
-    "AdapterFusion", "AdapterFusionConfig", "ConcatFusion", "ConcatFusionConfig", "ConcatOutput",
-    "CrossAttentionFusion", "CrossAttentionFusionConfig",
+    "AdapterFusion",
+    "AdapterFusionConfig",
+    "ConcatFusion",
+    "ConcatFusionConfig",
+    "ConcatOutput",
+    "CrossAttentionFusion",
+    "CrossAttentionFusionConfig",
 ]

@@ -44,12 +44,15 @@ def patch_size_for(image_size: int, grid: int, *, key: str = "encoder") -> int:
         if s >= 1:
             near.append(f"--set {key}.image_size={s} (patch {_candidates(s, grid)[0]})")
     lo, hi = max(1, math.ceil(grid / 2)), 2 * grid
-    raise ValueError(f"no patch size divides image size {image_size} into {lo}–{hi} patches per side (the variant "
-                     f"has {grid}); resize the images with {' or '.join(near)}")
+    raise ValueError(
+        f"no patch size divides image size {image_size} into {lo}–{hi} patches per side (the variant "
+        f"has {grid}); resize the images with {' or '.join(near)}"
+    )
 
 
-def fit_encoder(encoder: ViTEncoderConfig, meta: dict[str, Any], *, family: str, key: str = "encoder",
-                fixed: Collection[str] = ()) -> tuple[ViTEncoderConfig, str]:
+def fit_encoder(
+    encoder: ViTEncoderConfig, meta: dict[str, Any], *, family: str, key: str = "encoder", fixed: Collection[str] = ()
+) -> tuple[ViTEncoderConfig, str]:
     """``encoder`` for the dataset's ``meta['image_size']`` square images, and a line saying what was
     chosen ('' when the size already matches or the dataset names none).
 
@@ -66,11 +69,14 @@ def fit_encoder(encoder: ViTEncoderConfig, meta: dict[str, Any], *, family: str,
         return encoder, f"{seen}; resized to {key}.image_size as set"
     if f"{key}.patch_size" in fixed:
         patch = size if size % encoder.patch_size else encoder.patch_size  # valid until the user's value replaces it
-        return attrs.evolve(encoder, image_size=size, patch_size=patch), \
-            f"{seen}; image_size {size}, {key}.patch_size as set"
+        return attrs.evolve(
+            encoder, image_size=size, patch_size=patch
+        ), f"{seen}; image_size {size}, {key}.patch_size as set"
     patch = patch_size_for(size, encoder.image_size // encoder.patch_size, key=key)
-    line = (f"{seen}; image_size {size}, patch {patch} → {size // patch}×{size // patch} patches "
-            f"(set --set {key}.image_size={encoder.image_size} to resize instead)")
+    line = (
+        f"{seen}; image_size {size}, patch {patch} → {size // patch}×{size // patch} patches "
+        f"(set --set {key}.image_size={encoder.image_size} to resize instead)"
+    )
     return attrs.evolve(encoder, image_size=size, patch_size=patch), line
 
 

@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
-from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
 from polymodal.nn import BlockConfig, StackConfig, TransformerStack, init_weights
 from polymodal.nn.embed import PositionEmbedding
+from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
 
 
 @config
@@ -39,28 +39,44 @@ class MAEConfig:
     """A masked autoencoder: a ViT encoder over visible patches and a light decoder over all of them."""
 
     encoder: ViTEncoderConfig = field(ViTEncoderConfig(pos_embed="sincos"), "The encoder (patch size, width, depth …).")
-    grid_rows: int = field(0, "Patch rows the position tables are built for (0: the encoder's patch grid).",
-                           check=in_range(0, 8192, integer=True))
-    grid_cols: int = field(0, "Patch columns the position tables are built for (0: the encoder's patch grid).",
-                           check=in_range(0, 8192, integer=True))
+    grid_rows: int = field(
+        0,
+        "Patch rows the position tables are built for (0: the encoder's patch grid).",
+        check=in_range(0, 8192, integer=True),
+    )
+    grid_cols: int = field(
+        0,
+        "Patch columns the position tables are built for (0: the encoder's patch grid).",
+        check=in_range(0, 8192, integer=True),
+    )
     decoder_dim: int = field(64, "Decoder width.", check=in_range(1, 65536, integer=True))
     decoder_depth: int = field(2, "Decoder blocks.", check=in_range(1, 1024, integer=True))
     decoder_heads: int = field(4, "Decoder attention heads.", check=in_range(1, 1024, integer=True))
-    decoder_mlp_ratio: float = field(4.0, "Decoder MLP width as a multiple of ``decoder_dim``.", check=in_range(0.25, 64))
-    decoder_pos_embed: str = field("sincos", "Decoder positions: fixed 'sincos' or 'learned'.", check=one_of("learned", "sincos"))
+    decoder_mlp_ratio: float = field(
+        4.0, "Decoder MLP width as a multiple of ``decoder_dim``.", check=in_range(0.25, 64)
+    )
+    decoder_pos_embed: str = field(
+        "sincos", "Decoder positions: fixed 'sincos' or 'learned'.", check=one_of("learned", "sincos")
+    )
     mask_ratio: float = field(0.75, "Fraction of patches hidden by random masking.", check=in_range(0.0, 0.99))
     norm_pix_loss: bool = field(True, "Normalise each target patch by its own mean and standard deviation.")
     norm_pix_eps: float = field(1e-6, "Added to the patch variance before the square root.", check=in_range(0.0, 1.0))
 
     def __attrs_post_init__(self) -> None:
         if (self.grid_rows == 0) != (self.grid_cols == 0):
-            raise ValueError(f"MAEConfig.grid_rows and grid_cols must both be 0 or both be set; "
-                             f"got {self.grid_rows} and {self.grid_cols}")
+            raise ValueError(
+                f"MAEConfig.grid_rows and grid_cols must both be 0 or both be set; "
+                f"got {self.grid_rows} and {self.grid_cols}"
+            )
         if self.grid_rows and self.encoder.grid is not None and self.encoder.grid != self.grid:
-            raise ValueError(f"MAEConfig.grid_rows × grid_cols ({self.grid_rows}×{self.grid_cols}) and the encoder's "
-                             f"grid {self.encoder.grid} disagree; set one of them")
+            raise ValueError(
+                f"MAEConfig.grid_rows × grid_cols ({self.grid_rows}×{self.grid_cols}) and the encoder's "
+                f"grid {self.encoder.grid} disagree; set one of them"
+            )
         if self.decoder_dim % self.decoder_heads:
-            raise ValueError(f"MAEConfig.decoder_heads must divide decoder_dim; got {self.decoder_dim}, {self.decoder_heads}")
+            raise ValueError(
+                f"MAEConfig.decoder_heads must divide decoder_dim; got {self.decoder_dim}, {self.decoder_heads}"
+            )
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -77,7 +93,7 @@ class MAEConfig:
     @property
     def patch_dim(self) -> int:
         """Values per flattened patch: ``patch_size² · channels``."""
-        return self.encoder.patch_size ** 2 * self.encoder.channels
+        return self.encoder.patch_size**2 * self.encoder.channels
 
 
 def patchify(images: Tensor, patch: int) -> Tensor:
@@ -95,8 +111,10 @@ def unpatchify(patches: Tensor, patch: int, grid: tuple[int, int], channels: int
     b, n, d = patches.shape
     gh, gw = grid
     if n != gh * gw or d != patch * patch * channels:
-        raise ValueError(f"expected patches (B, {gh * gw}, {patch * patch * channels}) for a {gh}×{gw} grid of "
-                         f"{patch}×{patch}×{channels} patches; got {tuple(patches.shape)}")
+        raise ValueError(
+            f"expected patches (B, {gh * gw}, {patch * patch * channels}) for a {gh}×{gw} grid of "
+            f"{patch}×{patch}×{channels} patches; got {tuple(patches.shape)}"
+        )
     x = patches.reshape(b, gh, gw, patch, patch, channels)  # (B, gh, gw, p, p, C)
     x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, p, gw, p)
     return x.reshape(b, channels, gh * patch, gw * patch)
@@ -191,8 +209,15 @@ class MAE(nn.Module):
         self.decoder_embed = nn.Linear(e.dim, cfg.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
         self.decoder_pos = PositionEmbedding(cfg.decoder_dim, self.grid, prefix=self.prefix, kind=cfg.decoder_pos_embed)
-        block = BlockConfig(dim=cfg.decoder_dim, heads=cfg.decoder_heads, mlp_ratio=cfg.decoder_mlp_ratio, norm=e.block.norm,
-                            norm_eps=e.block.norm_eps, act=e.block.act, qkv_bias=e.block.qkv_bias)
+        block = BlockConfig(
+            dim=cfg.decoder_dim,
+            heads=cfg.decoder_heads,
+            mlp_ratio=cfg.decoder_mlp_ratio,
+            norm=e.block.norm,
+            norm_eps=e.block.norm_eps,
+            act=e.block.act,
+            qkv_bias=e.block.qkv_bias,
+        )
         self.decoder = TransformerStack(StackConfig(depth=cfg.decoder_depth, block=block, final_norm=True))
         self.decoder_pred = nn.Linear(cfg.decoder_dim, cfg.patch_dim)
         for part in (self.decoder_embed, self.decoder, self.decoder_pred):
@@ -209,7 +234,9 @@ class MAE(nn.Module):
         p, (gh, gw), c = self.cfg.encoder.patch_size, self.grid, self.cfg.encoder.channels
         if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (c, gh * p, gw * p):
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"expected images (B, {c}, {gh * p}, {gw * p}) ({gh}×{gw} patches of {p}×{p}); got {shape}")
+            raise ValueError(
+                f"expected images (B, {c}, {gh * p}, {gw * p}) ({gh}×{gw} patches of {p}×{p}); got {shape}"
+            )
 
     def target(self, images: Tensor) -> Tensor:
         """(B, N, P) reconstruction targets: the patches, normalised per patch when ``norm_pix_loss``."""
@@ -223,8 +250,14 @@ class MAE(nn.Module):
         v = valid.bool() if index is None else torch.gather(valid.bool(), 1, index)  # (B, K)
         return torch.cat([v.new_ones(v.shape[0], self.prefix), v], dim=1)  # (B, prefix + K)
 
-    def encode(self, images: Tensor, noise: Tensor | None = None, len_keep: int | None = None,
-               valid: Tensor | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def encode(
+        self,
+        images: Tensor,
+        noise: Tensor | None = None,
+        len_keep: int | None = None,
+        valid: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Encode the visible patches; returns ``(latent (B, prefix+K, D), mask, ids_restore, keep)``.
 
         ``noise`` (B, N) decides the masking (uniform random when None); ``len_keep`` defaults to
@@ -247,14 +280,20 @@ class MAE(nn.Module):
         x = self.decoder_embed(latent)  # (B, prefix + K, Dd)
         b, n = ids_restore.shape
         fill = self.mask_token.expand(b, n + self.prefix - x.shape[1], -1)  # (B, N - K, Dd)
-        tokens = torch.cat([x[:, self.prefix:], fill], dim=1)  # (B, N, Dd), shuffled order
+        tokens = torch.cat([x[:, self.prefix :], fill], dim=1)  # (B, N, Dd), shuffled order
         tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, N, Dd)
-        x = torch.cat([x[:, :self.prefix], tokens], dim=1) + self.decoder_pos()  # (B, prefix + N, Dd)
+        x = torch.cat([x[:, : self.prefix], tokens], dim=1) + self.decoder_pos()  # (B, prefix + N, Dd)
         x = self.decoder(x, key_padding=self._padding(valid, None))  # (B, prefix + N, Dd)
-        return self.decoder_pred(x)[:, self.prefix:]  # (B, N, P)
+        return self.decoder_pred(x)[:, self.prefix :]  # (B, N, P)
 
-    def forward(self, images: Tensor, noise: Tensor | None = None, len_keep: int | None = None,
-                valid: Tensor | None = None, generator: torch.Generator | None = None) -> MAEOutput:
+    def forward(
+        self,
+        images: Tensor,
+        noise: Tensor | None = None,
+        len_keep: int | None = None,
+        valid: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MAEOutput:
         """Mask, encode, decode and score: the loss counts hidden patches that are ``valid``."""
         latent, mask, ids_restore, _ = self.encode(images, noise, len_keep, valid, generator)
         pred = self.decode(latent, ids_restore, valid)  # (B, N, P)
@@ -281,5 +320,14 @@ class MAE(nn.Module):
         return unpatchify(out, self.cfg.encoder.patch_size, self.grid, self.cfg.encoder.channels).clamp(0, 1)
 
 
-__all__ = ["MAE", "MAEConfig", "MAEOutput", "masked_patch_loss", "masking_from_noise", "noise_from_mask",
-           "normalise_patches", "patchify", "unpatchify"]
+__all__ = [
+    "MAE",
+    "MAEConfig",
+    "MAEOutput",
+    "masked_patch_loss",
+    "masking_from_noise",
+    "noise_from_mask",
+    "normalise_patches",
+    "patchify",
+    "unpatchify",
+]

@@ -32,8 +32,15 @@ def make_activation(name: str) -> nn.Module:
 class Mlp(nn.Module):
     """``fc2(dropout(act(fc1(x))))``; with ``act="swiglu"``, ``fc2(silu(gate(x)) * fc1(x))``."""
 
-    def __init__(self, dim: int, hidden: int, act: str = "gelu", bias: bool = True,
-                 dropout: float = 0.0, out_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        act: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        out_dim: int | None = None,
+    ) -> None:
         super().__init__()
         self.swiglu = act == "swiglu"
         self.fc1 = nn.Linear(dim, hidden, bias=bias)

@@ -62,12 +62,21 @@ class TransformerStack(nn.Module):
             out.setdefault(layer, []).append(module)
         return out
 
-    def forward(self, x: Tensor, context: Tensor | None = None, *, causal: bool = False,
-                key_padding: Tensor | None = None, seqlens: Sequence[int] | None = None,
-                mask: Tensor | list[Tensor | None] | None = None, context_padding: Tensor | None = None,
-                cache: KVCache | None = None, return_hidden: bool = False,
-                injected: Mapping[int | str, nn.Module] | None = None,
-                inject_kwargs: dict[str, Any] | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        causal: bool = False,
+        key_padding: Tensor | None = None,
+        seqlens: Sequence[int] | None = None,
+        mask: Tensor | list[Tensor | None] | None = None,
+        context_padding: Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+        injected: Mapping[int | str, nn.Module] | None = None,
+        inject_kwargs: dict[str, Any] | None = None,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """x: (B, N, D) → (B, N, D). ``mask`` may be one mask or a list with one per layer.
 
         ``injected`` ({layer: module}, e.g. an ``nn.ModuleDict`` keyed by the layer) adds modules
@@ -83,8 +92,16 @@ class TransformerStack(nn.Module):
             if return_hidden:
                 hidden.append(x)
             layer_mask = mask[i] if isinstance(mask, (list, tuple)) else mask
-            x = block(x, context, causal=causal, key_padding=key_padding, seqlens=seqlens,
-                      mask=layer_mask, context_padding=context_padding, cache=cache)  # (B, N, D)
+            x = block(
+                x,
+                context,
+                causal=causal,
+                key_padding=key_padding,
+                seqlens=seqlens,
+                mask=layer_mask,
+                context_padding=context_padding,
+                cache=cache,
+            )  # (B, N, D)
         if self.norm is not None:
             x = self.norm(x)
         if return_hidden:

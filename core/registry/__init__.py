@@ -8,7 +8,8 @@ The module functions below read the process-wide registry, loading the plugins o
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from polymodal.registry.hookspecs import hookimpl, hookspec
 from polymodal.registry.loader import PluginError, PluginRecord, get_registry, peek_registry, plugin_records
@@ -50,8 +51,9 @@ def register_variants(register: Callable[..., object], variants: Mapping[str, An
     Each variant's registry doc is its spec's ``doc``.
     """
     if not isinstance(variants, Mapping):
-        raise ValueError(f"register_variants expects a mapping of variant name to ModelSpec; got "
-                         f"{type(variants).__name__}")
+        raise ValueError(
+            f"register_variants expects a mapping of variant name to ModelSpec; got {type(variants).__name__}"
+        )
     for name, spec in variants.items():
         register(name, spec)
 
@@ -61,6 +63,23 @@ def has(kind: str, name: str) -> bool:
     return (kind, name) in get_registry()
 
 
-__all__ = ["KINDS", "Entry", "PluginError", "PluginRecord", "Registry", "RegistryError", "entries", "entry",
-           "find", "get", "get_registry", "has", "hookimpl", "hookspec", "names", "peek_registry",
-           "plugin_records", "register_variants"]
+__all__ = [
+    "KINDS",
+    "Entry",
+    "PluginError",
+    "PluginRecord",
+    "Registry",
+    "RegistryError",
+    "entries",
+    "entry",
+    "find",
+    "get",
+    "get_registry",
+    "has",
+    "hookimpl",
+    "hookspec",
+    "names",
+    "peek_registry",
+    "plugin_records",
+    "register_variants",
+]

@@ -13,7 +13,7 @@ Hooks run once at start-up; nothing here is called on a forward path.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 

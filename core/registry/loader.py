@@ -65,8 +65,10 @@ def _new_manager() -> pluggy.PluginManager:
 def _run_hooks(manager: pluggy.PluginManager, registry: Registry, name: str) -> int:
     """Call every registration hook the plugin ``name`` implements; returns how many it added."""
     count = 0
-    hooks = {**hookspecs.HOOK_KINDS,
-             **{old: hookspecs.HOOK_KINDS[new] for old, new in hookspecs.DEPRECATED_HOOKS.items()}}
+    hooks = {
+        **hookspecs.HOOK_KINDS,
+        **{old: hookspecs.HOOK_KINDS[new] for old, new in hookspecs.DEPRECATED_HOOKS.items()},
+    }
     for hook_name, kind in hooks.items():
         for impl in getattr(manager.hook, hook_name).get_hookimpls():
             if impl.plugin_name != name:
@@ -89,7 +91,8 @@ def _check_hooks(manager: pluggy.PluginManager, plugin: Any, name: str) -> None:
             close = difflib.get_close_matches(caller.name, known, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {', '.join(hookspecs.HOOK_KINDS)}"
             raise pluggy.PluginValidationError(
-                plugin, f"plugin {name!r} implements an unknown hook {caller.name!r}{hint}")
+                plugin, f"plugin {name!r} implements an unknown hook {caller.name!r}{hint}"
+            )
     manager.check_pending()  # the same check across every plugin, pluggy's own
 
 
@@ -108,8 +111,7 @@ def _add(manager: pluggy.PluginManager, registry: Registry, plugin: Any, name: s
         manager.register(plugin, name=name)
         _check_hooks(manager, plugin, name)
         _run_hooks(manager, registry, name)
-        record = PluginRecord(name, source, "loaded",
-                              registered=sum(1 for e in registry.entries() if e.plugin == name))
+        record = PluginRecord(name, source, "loaded", registered=sum(1 for e in registry.entries() if e.plugin == name))
     except Exception as exc:  # a broken plugin must not take the others down
         registry.remove_plugin(name)
         if manager.is_registered(plugin) or manager.get_plugin(name) is not None:

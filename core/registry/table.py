@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from polymodal.registry.hookspecs import KINDS  # one kind per registration hook: the hookspecs are the list
 
@@ -38,17 +39,13 @@ class Entry:
 class Registry:
     """Named components by kind. Names are lowercase; a duplicate name is an error."""
 
-    _entries: dict[str, dict[str, Entry]] = field(
-        default_factory=lambda: {kind: {} for kind in KINDS}
-    )
+    _entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {kind: {} for kind in KINDS})
     version: int = 0
     """Bumped on every change, so callers can cache what they looked up."""
 
     def _check_kind(self, kind: str) -> None:
         if kind not in self._entries:
-            raise RegistryError(
-                f"unknown registry kind {kind!r}; expected one of {', '.join(KINDS)}"
-            )
+            raise RegistryError(f"unknown registry kind {kind!r}; expected one of {', '.join(KINDS)}")
 
     def add(self, kind: str, name: str, obj: Any, *, plugin: str = "<direct>", doc: str = "") -> Entry:
         """Register ``obj`` under ``kind``/``name``; ``plugin`` names who registered it.
@@ -65,8 +62,7 @@ class Registry:
         held = self._entries[kind].get(name)
         if held is not None:
             raise RegistryError(
-                f"duplicate {kind} {name!r}: registered by plugin {held.plugin!r} and again "
-                f"by plugin {plugin!r}"
+                f"duplicate {kind} {name!r}: registered by plugin {held.plugin!r} and again by plugin {plugin!r}"
             )
         if not doc:
             doc = (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]

@@ -36,8 +36,9 @@ import json
 import math
 import tempfile
 import typing
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import attrs
 import torch
@@ -56,6 +57,7 @@ ATOL = 1e-5
 
 # -- specs and tiny variants ------------------------------------------------------------------
 
+
 def resolve(spec: str | ModelSpec) -> ModelSpec:
     """A :class:`ModelSpec` from a registered name (or the spec itself)."""
     if isinstance(spec, ModelSpec):
@@ -68,8 +70,13 @@ def resolve(spec: str | ModelSpec) -> ModelSpec:
 def tiny(spec: str | ModelSpec) -> ModelSpec:
     """The variant at toy size (see the module docs), with a short training recipe."""
     spec = resolve(spec)
-    train = attrs.evolve(spec.train, steps=min(spec.train.steps, 2), batch_size=min(spec.train.batch_size, 8),
-                         warmup_steps=0, checkpoint_every=0)
+    train = attrs.evolve(
+        spec.train,
+        steps=min(spec.train.steps, 2),
+        batch_size=min(spec.train.batch_size, 8),
+        warmup_steps=0,
+        checkpoint_every=0,
+    )
     return dataclasses.replace(spec, config=tiny_config(spec.model_class, spec.config), train=train)
 
 
@@ -90,8 +97,15 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
                 p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-def build(spec: str | ModelSpec, *, use_tiny: bool = True, dataset: Any = None, seed: int = 0,
-          perturb: bool = True, **overrides: Any) -> PolymodalModel:
+def build(
+    spec: str | ModelSpec,
+    *,
+    use_tiny: bool = True,
+    dataset: Any = None,
+    seed: int = 0,
+    perturb: bool = True,
+    **overrides: Any,
+) -> PolymodalModel:
     """A seeded model of ``spec`` (tiny by default), with config ``overrides``; skips huge ones."""
     spec = resolve(spec)
     if use_tiny:
@@ -100,8 +114,10 @@ def build(spec: str | ModelSpec, *, use_tiny: bool = True, dataset: Any = None, 
     model = spec.build(dataset, **overrides)
     n = sum(p.numel() for p in model.parameters())
     if n > MAX_PARAMS:
-        _skip(f"{type(model).__name__} has {n:,} parameters even at tiny size; define a "
-              f"`tiny_config` classmethod on it (see polymodal.testing.contracts)")
+        _skip(
+            f"{type(model).__name__} has {n:,} parameters even at tiny size; define a "
+            f"`tiny_config` classmethod on it (see polymodal.testing.contracts)"
+        )
     if perturb:
         _perturb(model, seed)
     return model
@@ -111,7 +127,9 @@ def example_inputs(model: Any, batch_size: int, seed: int = 0) -> tuple:
     """``model.example_inputs(batch_size, generator)`` (the generator only where it is accepted)."""
     g = torch.Generator().manual_seed(seed)
     params = inspect.signature(model.example_inputs).parameters
-    inputs = model.example_inputs(batch_size, generator=g) if "generator" in params else model.example_inputs(batch_size)
+    inputs = (
+        model.example_inputs(batch_size, generator=g) if "generator" in params else model.example_inputs(batch_size)
+    )
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
@@ -138,7 +156,7 @@ def _run(model: Any, inputs: tuple) -> dict[str, Tensor]:
 
 
 def _slice(inputs: tuple, i: int) -> tuple:
-    return tuple(x[i:i + 1] if isinstance(x, Tensor) and x.dim() > 0 else x for x in inputs)
+    return tuple(x[i : i + 1] if isinstance(x, Tensor) and x.dim() > 0 else x for x in inputs)
 
 
 def _name(spec: ModelSpec) -> str:
@@ -147,6 +165,7 @@ def _name(spec: ModelSpec) -> str:
 
 # -- model checks -------------------------------------------------------------------------------
 
+
 def check_output_shapes(spec: str | ModelSpec, *, use_tiny: bool = True, **overrides: Any) -> None:
     """Every output tensor has the batch as its first dim, and the same trailing shape for B = 1 and 3."""
     spec = resolve(spec)
@@ -154,17 +173,21 @@ def check_output_shapes(spec: str | ModelSpec, *, use_tiny: bool = True, **overr
     if not getattr(model, "batch_independent", True):
         return
     one, three = _run(model, example_inputs(model, 1)), _run(model, example_inputs(model, 3))
-    assert one.keys() == three.keys(), f"{_name(spec)}: outputs differ with the batch size: {sorted(one)} vs {sorted(three)}"
+    assert one.keys() == three.keys(), (
+        f"{_name(spec)}: outputs differ with the batch size: {sorted(one)} vs {sorted(three)}"
+    )
     for key in one:
         a, b = one[key], three[key]
         assert a.dim() >= 1 and a.shape[0] == 1 and b.shape[0] == 3, (
             f"{_name(spec)}: {key} has shape {tuple(a.shape)} for batch 1 and {tuple(b.shape)} for batch 3; "
-            "expected the batch first (set batch_independent = False if outputs couple samples)")
+            "expected the batch first (set batch_independent = False if outputs couple samples)"
+        )
         assert a.shape[1:] == b.shape[1:], f"{_name(spec)}: {key} trailing shape changes with the batch size"
 
 
-def check_batch_independence(spec: str | ModelSpec, *, use_tiny: bool = True, atol: float = ATOL,
-                             **overrides: Any) -> None:
+def check_batch_independence(
+    spec: str | ModelSpec, *, use_tiny: bool = True, atol: float = ATOL, **overrides: Any
+) -> None:
     """In eval mode a sample's output is the same alone and inside a batch (to ``atol``)."""
     spec = resolve(spec)
     model = build(spec, use_tiny=use_tiny, **overrides).eval()
@@ -175,8 +198,13 @@ def check_batch_independence(spec: str | ModelSpec, *, use_tiny: bool = True, at
     for i in range(3):
         alone = _run(model, _slice(inputs, i))
         for key, value in alone.items():
-            torch.testing.assert_close(value, full[key][i:i + 1], atol=atol, rtol=0, msg=lambda m, k=key, i=i: (
-                f"{_name(spec)}: {k} of sample {i} differs alone and in a batch of 3: {m}"))
+            torch.testing.assert_close(
+                value,
+                full[key][i : i + 1],
+                atol=atol,
+                rtol=0,
+                msg=lambda m, k=key, i=i: f"{_name(spec)}: {k} of sample {i} differs alone and in a batch of 3: {m}",
+            )
 
 
 def check_finite_outputs(spec: str | ModelSpec, *, use_tiny: bool = True, **overrides: Any) -> None:
@@ -205,15 +233,18 @@ def check_save_load_equal(spec: str | ModelSpec, *, use_tiny: bool = True, **ove
             assert (folder / name).is_file(), f"{_name(spec)}: the saved folder lacks {name}"
         loaded = load(folder)
     assert type(loaded) is type(model), f"{_name(spec)}: loaded a {type(loaded).__name__}"
-    assert loaded.config == model.config, f"{_name(spec)}: config changed on save/load:\n{loaded.config}\n{model.config}"
+    assert loaded.config == model.config, (
+        f"{_name(spec)}: config changed on save/load:\n{loaded.config}\n{model.config}"
+    )
     mine, theirs = model.state_dict(), loaded.state_dict()
     assert mine.keys() == theirs.keys(), f"{_name(spec)}: state keys differ: {sorted(set(mine) ^ set(theirs))}"
     for key in mine:
         assert torch.equal(mine[key], theirs[key]), f"{_name(spec)}: {key} changed on save/load"
     a, b = _run(model, inputs), _run(loaded.eval(), inputs)
     for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0,
-                                   msg=lambda m, k=key: f"{_name(spec)}: {k} differs after save/load: {m}")
+        torch.testing.assert_close(
+            b[key], a[key], atol=0, rtol=0, msg=lambda m, k=key: f"{_name(spec)}: {k} differs after save/load: {m}"
+        )
 
 
 def check_part_folders(spec: str | ModelSpec, *, use_tiny: bool = True, **overrides: Any) -> None:
@@ -234,29 +265,39 @@ def check_part_folders(spec: str | ModelSpec, *, use_tiny: bool = True, **overri
         return
     assert set(fields) == set(spec.model_class.part_attributes), (
         f"{_name(spec)}.part_attributes names {sorted(spec.model_class.part_attributes)}; the config's part fields "
-        f"are {sorted(fields)}")
+        f"are {sorted(fields)}"
+    )
     model = build(spec, use_tiny=use_tiny, **overrides).eval()
     inputs = example_inputs(model, 2, seed=5)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         model.save(folder)
         parent = read_state(folder / "model.safetensors")
-        assert parent.keys() == model.own_state_dict().keys(), f"{_name(spec)}: model.safetensors is not own_state_dict()"
+        assert parent.keys() == model.own_state_dict().keys(), (
+            f"{_name(spec)}: model.safetensors is not own_state_dict()"
+        )
         for name, part_config in fields.items():
-            assert (folder / name / "config.json").is_file(), f"{_name(spec)}: the saved folder lacks the part folder {name}/"
+            assert (folder / name / "config.json").is_file(), (
+                f"{_name(spec)}: the saved folder lacks the part folder {name}/"
+            )
             part = load(folder / name)
             variant = get_registry().get("model", part_config.variant).model_class
-            assert type(part) is variant, f"{_name(spec)}: {name}/ loads as a {type(part).__name__}, not a {variant.__name__}"
+            assert type(part) is variant, (
+                f"{_name(spec)}: {name}/ loads as a {type(part).__name__}, not a {variant.__name__}"
+            )
             attr, mine = spec.model_class.part_attributes[name], model.part_modules()[name].state_dict()
             leaked = sorted({f"{attr}.{k}" for k in part.state_dict()} & parent.keys())
             assert not leaked, f"{_name(spec)}: model.safetensors repeats weights of the part {name}: {leaked[:3]}"
             for key, value in part.state_dict().items():
-                assert torch.equal(value, mine[key]), f"{_name(spec)}: {name}/ holds another {key} than the model's part"
+                assert torch.equal(value, mine[key]), (
+                    f"{_name(spec)}: {name}/ holds another {key} than the model's part"
+                )
         loaded = load(folder)
     a, b = _run(model, inputs), _run(loaded.eval(), inputs)
     for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0,
-                                   msg=lambda m, k=key: f"{_name(spec)}: {k} differs after save/load: {m}")
+        torch.testing.assert_close(
+            b[key], a[key], atol=0, rtol=0, msg=lambda m, k=key: f"{_name(spec)}: {k} differs after save/load: {m}"
+        )
 
 
 def _config_round_trip(cfg: Any, label: str) -> None:
@@ -272,7 +313,9 @@ def check_config_json_round_trip(spec: str | ModelSpec) -> None:
     for cfg in (spec.config, tiny_config(spec.model_class, spec.config), spec.train):
         _config_round_trip(cfg, _name(spec))
     data = json.loads(json.dumps(to_dict(spec.config)))
-    assert spec.model_class.config_from_dict(data) == spec.config, f"{_name(spec)}: config_from_dict(to_dict(config)) differs"
+    assert spec.model_class.config_from_dict(data) == spec.config, (
+        f"{_name(spec)}: config_from_dict(to_dict(config)) differs"
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -301,9 +344,13 @@ def check_loss_backward(spec: str | ModelSpec, *, use_tiny: bool = True, batch_s
     assert isinstance(loss, Tensor) and loss.dim() == 0, f"{_name(spec)}.loss must return a scalar tensor"
     assert torch.isfinite(loss), f"{_name(spec)}.loss is {loss.item()}"
     assert loss.requires_grad, f"{_name(spec)}.loss does not require grad (is it detached?)"
-    assert isinstance(metrics, dict) and all(isinstance(k, str) for k in metrics), f"{_name(spec)}: metrics must be a dict"
+    assert isinstance(metrics, dict) and all(isinstance(k, str) for k in metrics), (
+        f"{_name(spec)}: metrics must be a dict"
+    )
     for k, v in metrics.items():
-        assert isinstance(v, (int, float)) and math.isfinite(v), f"{_name(spec)}: metric {k!r} = {v!r} is not a finite number"
+        assert isinstance(v, (int, float)) and math.isfinite(v), (
+            f"{_name(spec)}: metric {k!r} = {v!r} is not a finite number"
+        )
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     assert grads, f"{_name(spec)}: the loss gives no parameter a gradient"
@@ -312,8 +359,14 @@ def check_loss_backward(spec: str | ModelSpec, *, use_tiny: bool = True, batch_s
     assert any(bool(g.abs().sum() > 0) for g in grads.values()), f"{_name(spec)}: every gradient is zero"
 
 
-MODEL_CHECKS = (check_output_shapes, check_batch_independence, check_finite_outputs, check_save_load_equal,
-                check_config_json_round_trip, check_loss_backward)
+MODEL_CHECKS = (
+    check_output_shapes,
+    check_batch_independence,
+    check_finite_outputs,
+    check_save_load_equal,
+    check_config_json_round_trip,
+    check_loss_backward,
+)
 """Every per-model check, in the order :func:`check_all_model_contracts` runs them."""
 
 
@@ -324,6 +377,7 @@ def check_all_model_contracts(spec: str | ModelSpec) -> None:
 
 
 # -- other kinds --------------------------------------------------------------------------------
+
 
 def check_encoder(encoder_class: type, batch_size: int = 2) -> None:
     """The encoder builds from ``config_class()`` defaults and maps ``example_inputs`` to (B, N, out_dim)."""
@@ -336,7 +390,9 @@ def check_encoder(encoder_class: type, batch_size: int = 2) -> None:
     with torch.no_grad():
         out = encoder(*inputs)
     assert isinstance(out, Tensor), f"encoder {name} returned {type(out).__name__}, expected a tensor (B, N, out_dim)"
-    assert out.dim() == 3 and out.shape[0] == batch_size, f"encoder {name} returned shape {tuple(out.shape)}, expected (B, N, D)"
+    assert out.dim() == 3 and out.shape[0] == batch_size, (
+        f"encoder {name} returned shape {tuple(out.shape)}, expected (B, N, D)"
+    )
     out_dim = getattr(encoder, "out_dim", None)
     assert out_dim is None or out.shape[-1] == out_dim, f"encoder {name}: last dim {out.shape[-1]} != out_dim {out_dim}"
     assert torch.isfinite(out).all(), f"encoder {name} returned non-finite values"
@@ -349,9 +405,14 @@ def attention_specs() -> list[Any]:
     specs = []
     for device in ("cpu", "cuda"):
         for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            for causal, padding, packed, dense in ((False, False, False, ""), (True, False, False, ""),
-                                                   (False, True, False, ""), (True, False, True, ""),
-                                                   (False, False, False, "bool"), (True, True, False, "additive")):
+            for causal, padding, packed, dense in (
+                (False, False, False, ""),
+                (True, False, False, ""),
+                (False, True, False, ""),
+                (True, False, True, ""),
+                (False, False, False, "bool"),
+                (True, True, False, "additive"),
+            ):
                 for grad, dropout in ((False, False), (True, False), (True, True)):
                     specs.append(AttentionSpec(device, dtype, grad, causal, padding, packed, dense, dropout, 8, 8, 16))
     return specs
@@ -366,7 +427,8 @@ def check_attention_backend(backend: Any, name: str = "") -> None:
     for spec in attention_specs():
         why = backend.supports(spec)
         assert why is None or (isinstance(why, str) and why), (
-            f"attention backend {label}.supports({spec}) returned {why!r}; expected None or a reason")
+            f"attention backend {label}.supports({spec}) returned {why!r}; expected None or a reason"
+        )
 
 
 def check_dataset_entry(obj: Any, name: str = "") -> None:
@@ -377,7 +439,8 @@ def check_dataset_entry(obj: Any, name: str = "") -> None:
 def check_component_doc(entry: Any) -> None:
     """A registry entry has a one-line doc (``polymodal list`` shows it)."""
     assert isinstance(entry.doc, str) and entry.doc.strip(), (
-        f"{entry.kind} {entry.name!r} from plugin {entry.plugin!r} has no doc: give it a docstring or register(..., doc=...)")
+        f"{entry.kind} {entry.name!r} from plugin {entry.plugin!r} has no doc: give it a docstring or register(..., doc=...)"
+    )
 
 
 def _nested_config_types(cls: type) -> Iterator[type]:
@@ -390,7 +453,9 @@ def _nested_config_types(cls: type) -> Iterator[type]:
         for candidate in (tp, *typing.get_args(tp)):
             if isinstance(candidate, type) and attrs.has(candidate):
                 yield candidate
-        default = a.default.factory() if isinstance(a.default, attrs.Factory) and not a.default.takes_self else a.default
+        default = (
+            a.default.factory() if isinstance(a.default, attrs.Factory) and not a.default.takes_self else a.default
+        )
         if attrs.has(type(default)):
             yield type(default)
 
@@ -407,7 +472,9 @@ def check_config_docs(config: Any) -> None:
         seen.add(current)
         assert attrs.has(current), f"{current.__name__} is not an attrs config class"
         missing = [a.name for a in attrs.fields(current) if not str(a.metadata.get("doc", "")).strip()]
-        assert not missing, f"{current.__name__} fields without a docstring: {', '.join(missing)} (use polymodal.config.field)"
+        assert not missing, (
+            f"{current.__name__} fields without a docstring: {', '.join(missing)} (use polymodal.config.field)"
+        )
         todo.extend(_nested_config_types(current))
 
 
@@ -442,7 +509,8 @@ def check_spec(spec: str | ModelSpec) -> None:
     assert isinstance(cls, type) and issubclass(cls, PolymodalModel), f"{cls!r} is not a PolymodalModel subclass"
     assert cls.family, f"{cls.__name__}.family is empty"
     assert isinstance(spec.config, cls.config_class), (
-        f"{cls.__name__}: the spec's config is a {type(spec.config).__name__}, not its config_class {cls.config_class.__name__}")
+        f"{cls.__name__}: the spec's config is a {type(spec.config).__name__}, not its config_class {cls.config_class.__name__}"
+    )
 
 
 def check_implements(spec: str | ModelSpec, *, use_tiny: bool = True) -> None:
@@ -460,10 +528,10 @@ def check_implements(spec: str | ModelSpec, *, use_tiny: bool = True) -> None:
         return
     for protocol in declared:
         assert getattr(protocol, "_is_protocol", False), (
-            f"{_name(spec)}.implements lists {protocol!r}, which is not a typing.Protocol")
+            f"{_name(spec)}.implements lists {protocol!r}, which is not a typing.Protocol"
+        )
     model = build(spec, use_tiny=use_tiny, perturb=False)
     for protocol in declared:
         missing = missing_members(model, protocol)
-        assert not missing, (f"{_name(spec)} declares it implements {protocol.__name__} but lacks "
-                             f"{', '.join(missing)}")
+        assert not missing, f"{_name(spec)} declares it implements {protocol.__name__} but lacks {', '.join(missing)}"
         assert isinstance(model, protocol), f"{_name(spec)} is not an instance of {protocol.__name__}"

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import typing
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -46,8 +47,9 @@ _seeds = st.integers(0, 2**31 - 1)
 
 
 @st.composite
-def image_batches(draw: Callable, channels: IntLike = 1, size: IntLike = 8, max_batch: int = 4,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def image_batches(
+    draw: Callable, channels: IntLike = 1, size: IntLike = 8, max_batch: int = 4, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Image batches (B, C, S, S) in [0, 1), 1 <= B <= ``max_batch``.
 
     ``channels`` and ``size`` are ints or strategies of ints (e.g. ``st.sampled_from([8, 16])``).
@@ -58,8 +60,9 @@ def image_batches(draw: Callable, channels: IntLike = 1, size: IntLike = 8, max_
 
 
 @st.composite
-def token_batches(draw: Callable, vocab: int = 256, max_len: int = 16, max_batch: int = 4,
-                  min_len: int = 1) -> torch.Tensor:
+def token_batches(
+    draw: Callable, vocab: int = 256, max_len: int = 16, max_batch: int = 4, min_len: int = 1
+) -> torch.Tensor:
     """Token-id batches (B, L) int64 in ``[0, vocab)``, ``min_len <= L <= max_len``."""
     b, n = draw(st.integers(1, max_batch)), draw(st.integers(min_len, max_len))
     return torch.randint(0, vocab, (b, n), generator=_generator(draw(_seeds)))  # (B, L)
@@ -69,9 +72,17 @@ MASKS = ("none", "causal", "padding", "block", "bool", "additive")
 
 
 @st.composite
-def attention_inputs(draw: Callable, *, max_batch: int = 3, max_heads: int = 3, max_len: int = 12,
-                     head_dims: Sequence[int] = (4, 8, 16), masks: Sequence[str] = MASKS,
-                     dtype: torch.dtype = torch.float32, cross: bool = True) -> dict[str, Any]:
+def attention_inputs(
+    draw: Callable,
+    *,
+    max_batch: int = 3,
+    max_heads: int = 3,
+    max_len: int = 12,
+    head_dims: Sequence[int] = (4, 8, 16),
+    masks: Sequence[str] = MASKS,
+    dtype: torch.dtype = torch.float32,
+    cross: bool = True,
+) -> dict[str, Any]:
     """Keyword arguments for :func:`polymodal.attention.attention`: ``q, k, v`` and one mask kind.
 
     q (B, H, Nq, D), k and v (B, H, Nk, D). The mask kind is drawn from ``masks``:
@@ -114,6 +125,7 @@ def attention_inputs(draw: Callable, *, max_batch: int = 3, max_heads: int = 3, 
 
 
 # -- configs ------------------------------------------------------------------------------------
+
 
 def _closure(fn: Callable) -> dict[str, Any]:
     cells = getattr(fn, "__closure__", None) or ()
@@ -163,8 +175,13 @@ def field_strategy(cls: type, attribute: attrs.Attribute, default: Any) -> st.Se
 
 
 @st.composite
-def configs(draw: Callable, config_class: type, base: Any = None, vary: Sequence[str] | None = None,
-            fields: dict[str, st.SearchStrategy] | None = None) -> Any:
+def configs(
+    draw: Callable,
+    config_class: type,
+    base: Any = None,
+    vary: Sequence[str] | None = None,
+    fields: dict[str, st.SearchStrategy] | None = None,
+) -> Any:
     """Valid variants of an attrs config: each field is kept or redrawn from its validator.
 
     Ints and floats come from ``in_range`` bounds, strings from ``one_of`` choices, bools

@@ -4,5 +4,14 @@ from polymodal.models.recipe import TrainConfig
 from polymodal.train.ema import cosine_momentum, ema_update_
 from polymodal.train.trainer import CHECKPOINT, TrainingError, batches, lr_at, param_groups, train
 
-__all__ = ["CHECKPOINT", "TrainConfig", "TrainingError", "batches", "cosine_momentum", "ema_update_", "lr_at",
-           "param_groups", "train"]
+__all__ = [
+    "CHECKPOINT",
+    "TrainConfig",
+    "TrainingError",
+    "batches",
+    "cosine_momentum",
+    "ema_update_",
+    "lr_at",
+    "param_groups",
+    "train",
+]

@@ -21,7 +21,6 @@ def cosine_momentum(step: int, total: int, base: float) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
-
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """In place: ``teacher ← m·teacher + (1 − m)·student`` for every parameter (buffers are copied).

@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from polymodal.config import to_dict
-from polymodal.models.base import PolymodalModel
 from polymodal.io.folders import read_json, read_state, replace_folder, save_state
+from polymodal.models.base import PolymodalModel
 from polymodal.models.recipe import TrainConfig
 
 CHECKPOINT = "checkpoint"
@@ -46,7 +47,7 @@ def batches(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator
     while True:
         epoch, offset = divmod(step, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        yield order[offset * batch_size:(offset + 1) * batch_size]
+        yield order[offset * batch_size : (offset + 1) * batch_size]
         step += 1
 
 
@@ -76,15 +77,20 @@ def _save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, st
     def fill(tmp: Path) -> None:
         save_state(tmp / "model.safetensors", _checkpoint_state(model), {"step": str(step)})
         state = opt.state_dict()
-        tensors = {f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()
-                   if isinstance(v, torch.Tensor)}
+        tensors = {
+            f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)
+        }
         tensors["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda.{i}"] = s
         save_state(tmp / "optimizer.safetensors", tensors, {"step": str(step)})
-        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]]
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "train": to_dict(cfg), "param_groups": groups}, indent=2))
+        groups = [
+            {k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]
+        ]
+        (tmp / "trainer.json").write_text(
+            json.dumps({"step": step, "train": to_dict(cfg), "param_groups": groups}, indent=2)
+        )
 
     replace_folder(out / CHECKPOINT, fill)
 
@@ -94,8 +100,12 @@ def _load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
 
     folder = out / CHECKPOINT
     meta = read_json(folder / "trainer.json")
-    load_state_strict(model, read_state(folder / "model.safetensors"), str(folder / "model.safetensors"),
-                      expected=_checkpoint_state(model))
+    load_state_strict(
+        model,
+        read_state(folder / "model.safetensors"),
+        str(folder / "model.safetensors"),
+        expected=_checkpoint_state(model),
+    )
     tensors = read_state(folder / "optimizer.safetensors")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -113,9 +123,18 @@ def _load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
     return int(meta["step"])
 
 
-def train(model: nn.Module, dataset: Any, cfg: TrainConfig, *, out: str | Path | None = None,
-          device: str = "cpu", resume: bool = False, progress: bool = True,
-          stop_after: int | None = None, on_step: Callable[[int, dict[str, float]], None] | None = None) -> nn.Module:
+def train(
+    model: nn.Module,
+    dataset: Any,
+    cfg: TrainConfig,
+    *,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> nn.Module:
     """Train ``model`` on ``dataset.train`` for ``cfg.steps`` steps; returns the model.
 
     With ``out``, checkpoints go to ``out/checkpoint`` every ``cfg.checkpoint_every`` steps and at
@@ -138,8 +157,9 @@ def train(model: nn.Module, dataset: Any, cfg: TrainConfig, *, out: str | Path |
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"train {getattr(model, 'family', '')}", unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.steps, initial=step, desc=f"train {getattr(model, 'family', '')}", unit="step", dynamic_ncols=True
+        )
     started, seen = time.perf_counter(), 0
     index_batches = batches(len(split), min(cfg.batch_size, len(split)), cfg.seed, start_step=step)
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)

@@ -11,11 +11,11 @@ Real checkpoints (OpenAI/LAION ViT-B/32 …) come in through ``polymodal convert
 
 from __future__ import annotations
 
+from polymodal import hookimpl
+from polymodal.models import ModelSpec
 from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import TextEncoderConfig, ViTEncoderConfig
-from polymodal import hookimpl
 from polymodal.registry import register_variants
-from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
 from .model import CLIPConfig, CLIPModel, CLIPTextual, CLIPVisual
@@ -27,9 +27,11 @@ _CLIP_TEXT = BlockConfig(dim=64, heads=4, norm_eps=1e-5, act="quick_gelu", dropo
 
 DIGITS = ModelSpec(
     CLIPModel,
-    CLIPConfig(vision=ViTEncoderConfig(image_size=8, patch_size=2, channels=1, depth=3, **_CLIP_VIT),
-               text=TextEncoderConfig(vocab_size=512, context_length=24, depth=1, block=_CLIP_TEXT),
-               embed_dim=64),
+    CLIPConfig(
+        vision=ViTEncoderConfig(image_size=8, patch_size=2, channels=1, depth=3, **_CLIP_VIT),
+        text=TextEncoderConfig(vocab_size=512, context_length=24, depth=1, block=_CLIP_TEXT),
+        embed_dim=64,
+    ),
     data="digits",
     train=TrainConfig(steps=2000, batch_size=128, lr=2e-3, warmup_steps=50, weight_decay=0.1, checkpoint_every=0),
     doc="Small CLIP for the embedded 8×8 digits (ViT patch 2 width 64 depth 3; text width 64 depth 1).",
@@ -37,16 +39,22 @@ DIGITS = ModelSpec(
 
 SHAPES = ModelSpec(
     CLIPModel,
-    CLIPConfig(vision=ViTEncoderConfig(image_size=32, patch_size=8, channels=3, depth=3, **_CLIP_VIT),
-               text=TextEncoderConfig(vocab_size=512, context_length=48, depth=1, block=_CLIP_TEXT),
-               embed_dim=64, augment_shift=2, multi_positive=True,
-               # Kind alone first: trained together from the start, the easy colour starves the kind
-               # (zero-shot kind stays at chance); after 300 kind-only steps both are learnt.
-               first_views=("kind",), first_view_steps=300, caption_views=("all", "kind", "colour")),
+    CLIPConfig(
+        vision=ViTEncoderConfig(image_size=32, patch_size=8, channels=3, depth=3, **_CLIP_VIT),
+        text=TextEncoderConfig(vocab_size=512, context_length=48, depth=1, block=_CLIP_TEXT),
+        embed_dim=64,
+        augment_shift=2,
+        multi_positive=True,
+        # Kind alone first: trained together from the start, the easy colour starves the kind
+        # (zero-shot kind stays at chance); after 300 kind-only steps both are learnt.
+        first_views=("kind",),
+        first_view_steps=300,
+        caption_views=("all", "kind", "colour"),
+    ),
     data="shapes",
     train=TrainConfig(steps=1000, batch_size=256, lr=3e-3, warmup_steps=50, weight_decay=0.1, checkpoint_every=0),
     doc="Small CLIP for the embedded 32×32 shapes scenes (ViT patch 8 width 64 depth 3; text width 64 depth 1; "
-        "kind-first caption curriculum).",
+    "kind-first caption curriculum).",
 )
 
 

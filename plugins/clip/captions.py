@@ -67,9 +67,11 @@ def shape_clause(template: str, claim: Claim) -> str:
     ``shape_clause("a {colour} {kind} {where}", (None, 1, 4))`` is ``"a circle in the center"``.
     """
     colour, kind, cell = claim
-    text = template.format(colour="" if colour is None else tuple(shapes_data.COLOURS)[colour],
-                           kind="" if kind is None else shapes_data.KINDS[kind],
-                           where="" if cell is None else shapes_data.WHERE[shapes_data.POSITIONS[cell]])
+    text = template.format(
+        colour="" if colour is None else tuple(shapes_data.COLOURS)[colour],
+        kind="" if kind is None else shapes_data.KINDS[kind],
+        where="" if cell is None else shapes_data.WHERE[shapes_data.POSITIONS[cell]],
+    )
     return " ".join(text.split())
 
 
@@ -90,8 +92,9 @@ def claim_holds(claims: list[Claim], objects: list[tuple[int, int, int]]) -> boo
     return all(any(all(a is None or a == b for a, b in zip(claim, obj)) for obj in objects) for claim in claims)
 
 
-def shapes_captions(cfg: Any, batch: dict[str, Any], keep: tuple[bool, bool, bool] | None = None
-                    ) -> tuple[list[str], list[list[Claim]], list[list[tuple[int, int, int]]]]:
+def shapes_captions(
+    cfg: Any, batch: dict[str, Any], keep: tuple[bool, bool, bool] | None = None
+) -> tuple[list[str], list[list[Claim]], list[list[tuple[int, int, int]]]]:
     """Captions of a shapes batch from random training templates, their clauses and the scenes' objects.
 
     ``keep`` (colour, kind, position) states which attributes every caption names; without it,
@@ -133,8 +136,12 @@ def positives(claims: list[list[Claim]], scenes: list[list[tuple[int, int, int]]
     objects = torch.tensor([o for os in scenes for o in os])  # (O, 3)
     owner = torch.tensor([i for i, os in enumerate(scenes) for _ in os])  # (O,)
     present = torch.zeros(len(scenes), len(combos))  # (B, V)
-    present[owner, (objects * torch.tensor([len(shapes_data.KINDS) * len(shapes_data.POSITIONS),
-                                            len(shapes_data.POSITIONS), 1])).sum(-1)] = 1.0
+    present[
+        owner,
+        (
+            objects * torch.tensor([len(shapes_data.KINDS) * len(shapes_data.POSITIONS), len(shapes_data.POSITIONS), 1])
+        ).sum(-1),
+    ] = 1.0
     true = (present @ clause_sets.t()) > 0  # (B, C) clause true of scene
     caption = torch.tensor([j for j, cs in enumerate(claims) for _ in cs])  # (C,)
     false = torch.zeros(len(scenes), len(claims)).index_add_(1, caption, (~true).float())  # (B, B) false clauses
@@ -158,8 +165,10 @@ def parse_view(view: str) -> tuple[bool, bool, bool] | None:
 def check_probabilities(instance: Any, attribute: Any, value: Any) -> None:
     """Check a (colour, kind, position) triple of probabilities."""
     if len(tuple(value)) != 3 or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in value):
-        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be three probabilities in [0, 1] "
-                         f"(colour, kind, position); got {value!r}")
+        raise ValueError(
+            f"{type(instance).__name__}.{attribute.name} must be three probabilities in [0, 1] "
+            f"(colour, kind, position); got {value!r}"
+        )
 
 
 def check_views(instance: Any, attribute: Any, value: Any) -> None:
@@ -190,7 +199,9 @@ def views_at(cfg: Any, step: int | None) -> tuple[str, ...]:
     return tuple(cfg.caption_views)
 
 
-def resample_views(cfg: Any, batch: dict[str, Any], step: int | None = None) -> list[tuple[list[str], torch.Tensor | None]]:
+def resample_views(
+    cfg: Any, batch: dict[str, Any], step: int | None = None
+) -> list[tuple[list[str], torch.Tensor | None]]:
     """Fresh training captions, one list per caption view, each with its positives matrix or None.
 
     ``[]`` keeps the dataset's own captions. The label captioner gives one view (one
@@ -220,9 +231,17 @@ def describe(cfg: Any) -> list[str]:
     """Model-card lines on how the shapes captioner trains (views, curriculum, dropout); none otherwise."""
     if cfg.captioner != "shapes":
         return []
-    first = (f"; the first {cfg.first_view_steps} steps use {', '.join(cfg.first_views)}"
-             if cfg.first_views and cfg.first_view_steps else "")
-    multi = cfg.multi_positive or any(cfg.caption_dropout) or any(v != "all" for v in cfg.caption_views + cfg.first_views)
-    return [f"Caption views per step: {', '.join(cfg.caption_views)}{first}; attribute dropout (colour, kind, "
-            f"position) {tuple(cfg.caption_dropout)}; multi-positive InfoNCE: {multi}; random shift "
-            f"{cfg.augment_shift} px.", ""]
+    first = (
+        f"; the first {cfg.first_view_steps} steps use {', '.join(cfg.first_views)}"
+        if cfg.first_views and cfg.first_view_steps
+        else ""
+    )
+    multi = (
+        cfg.multi_positive or any(cfg.caption_dropout) or any(v != "all" for v in cfg.caption_views + cfg.first_views)
+    )
+    return [
+        f"Caption views per step: {', '.join(cfg.caption_views)}{first}; attribute dropout (colour, kind, "
+        f"position) {tuple(cfg.caption_dropout)}; multi-positive InfoNCE: {multi}; random shift "
+        f"{cfg.augment_shift} px.",
+        "",
+    ]

@@ -25,20 +25,41 @@ def config_from_hf(hf: dict, has_tokenizer: bool, source: str = "hf-clip") -> CL
     v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
     vdim, tdim = v.get("hidden_size", 768), t.get("hidden_size", 512)
     vision = ViTEncoderConfig(
-        image_size=square_side(v, "image_size", 224, source), patch_size=square_side(v, "patch_size", 32, source),
-        channels=v.get("num_channels", 3), depth=v.get("num_hidden_layers", 12), ln_pre=True, patch_bias=False,
-        block=BlockConfig(dim=vdim, heads=v.get("num_attention_heads", 12),
-                          mlp_ratio=mlp_ratio_for(vdim, v.get("intermediate_size", 4 * vdim), source),
-                          act=activation(v, source, default="quick_gelu"), norm_eps=v.get("layer_norm_eps", 1e-5)))
+        image_size=square_side(v, "image_size", 224, source),
+        patch_size=square_side(v, "patch_size", 32, source),
+        channels=v.get("num_channels", 3),
+        depth=v.get("num_hidden_layers", 12),
+        ln_pre=True,
+        patch_bias=False,
+        block=BlockConfig(
+            dim=vdim,
+            heads=v.get("num_attention_heads", 12),
+            mlp_ratio=mlp_ratio_for(vdim, v.get("intermediate_size", 4 * vdim), source),
+            act=activation(v, source, default="quick_gelu"),
+            norm_eps=v.get("layer_norm_eps", 1e-5),
+        ),
+    )
     text = TextEncoderConfig(
-        vocab_size=t.get("vocab_size", 49408), context_length=t.get("max_position_embeddings", 77),
-        depth=t.get("num_hidden_layers", 12), causal=True,
-        block=BlockConfig(dim=tdim, heads=t.get("num_attention_heads", 8),
-                          mlp_ratio=mlp_ratio_for(tdim, t.get("intermediate_size", 4 * tdim), source),
-                          act=activation(t, source, default="quick_gelu"), norm_eps=t.get("layer_norm_eps", 1e-5)))
+        vocab_size=t.get("vocab_size", 49408),
+        context_length=t.get("max_position_embeddings", 77),
+        depth=t.get("num_hidden_layers", 12),
+        causal=True,
+        block=BlockConfig(
+            dim=tdim,
+            heads=t.get("num_attention_heads", 8),
+            mlp_ratio=mlp_ratio_for(tdim, t.get("intermediate_size", 4 * tdim), source),
+            act=activation(t, source, default="quick_gelu"),
+            norm_eps=t.get("layer_norm_eps", 1e-5),
+        ),
+    )
     eos = t.get("eos_token_id", 2)
-    return CLIPConfig(vision=vision, text=text, embed_dim=hf.get("projection_dim", 512),
-                      eos_id=None if eos == 2 else eos, tokenizer="file" if has_tokenizer else "none")
+    return CLIPConfig(
+        vision=vision,
+        text=text,
+        embed_dim=hf.get("projection_dim", 512),
+        eos_id=None if eos == 2 else eos,
+        tokenizer="file" if has_tokenizer else "none",
+    )
 
 
 def _layers(get, hf_prefix: str, pm_prefix: str, depth: int) -> dict[str, torch.Tensor]:
@@ -47,8 +68,13 @@ def _layers(get, hf_prefix: str, pm_prefix: str, depth: int) -> dict[str, torch.
         hf, pm = f"{hf_prefix}.encoder.layers.{i}.", f"{pm_prefix}.blocks.blocks.{i}."
         for part in ("weight", "bias"):
             out[pm + "attn.qkv." + part] = torch.cat([get(hf + f"self_attn.{n}_proj.{part}") for n in ("q", "k", "v")])
-            pairs = {"attn.proj": "self_attn.out_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-                     "norm1": "layer_norm1", "norm2": "layer_norm2"}
+            pairs = {
+                "attn.proj": "self_attn.out_proj",
+                "mlp.fc1": "mlp.fc1",
+                "mlp.fc2": "mlp.fc2",
+                "norm1": "layer_norm1",
+                "norm2": "layer_norm2",
+            }
             for ours, theirs in pairs.items():
                 out[f"{pm}{ours}.{part}"] = get(f"{hf}{theirs}.{part}")
     return out
@@ -91,6 +117,12 @@ def convert_hf_clip(src: str | Path, dst: str | Path | None = None) -> CLIPModel
     """Convert the transformers CLIP folder ``src``; writes a model folder to ``dst`` when given."""
     has_tokenizer = (Path(src) / "tokenizer.json").is_file()
     return convert_hf_folder(
-        src, dst, converter="hf-clip", model_type="clip", label="CLIP",
+        src,
+        dst,
+        converter="hf-clip",
+        model_type="clip",
+        label="CLIP",
         build_model=lambda hf, weights, source: CLIPModel(config_from_hf(hf, has_tokenizer, source)),
-        rename_state=lambda weights, model: state_from_hf(weights, model.config), tokenizer=attach_tokenizer)
+        rename_state=lambda weights, model: state_from_hf(weights, model.config),
+        tokenizer=attach_tokenizer,
+    )

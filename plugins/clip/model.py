@@ -24,10 +24,10 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
+from polymodal.models import PolymodalModel, interfaces
 from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import TextEncoder, TextEncoderConfig, ViTEncoder, ViTEncoderConfig
 from polymodal.nn.grid import fit_encoder
-from polymodal.models import PolymodalModel, interfaces
 from polymodal.objectives import info_nce, retrieval_accuracies, similarity_logits
 
 from . import captions as cap
@@ -38,34 +38,66 @@ from .objective import multi_positive_info_nce
 class CLIPConfig:
     """A CLIP dual encoder."""
 
-    vision: ViTEncoderConfig = field(ViTEncoderConfig(ln_pre=True, patch_bias=False, block=BlockConfig(norm_eps=1e-5)),
-                                     "The image tower's ViT trunk (CLIP: ln_pre, no patch bias).")
+    vision: ViTEncoderConfig = field(
+        ViTEncoderConfig(ln_pre=True, patch_bias=False, block=BlockConfig(norm_eps=1e-5)),
+        "The image tower's ViT trunk (CLIP: ln_pre, no patch bias).",
+    )
     text: TextEncoderConfig = field(TextEncoderConfig(), "The text tower's causal transformer.")
     embed_dim: int = field(64, "Width of the shared embedding space.", check=in_range(1, 65536, integer=True))
     eos_id: int | None = field(1, "End-of-text id the text tower pools at (first occurrence); None: the largest id.")
-    init_temperature: float = field(0.07, "Initial temperature; the log logit scale starts at ln(1/T).", check=in_range(1e-4, 100.0))
-    max_logit_scale: float = field(100.0, "Upper bound of the logit scale exp(s) (CLIP: 100).", check=in_range(1.0, 1e6))
-    tokenizer: str = field("captions", "'captions': BPE trained on the embedded training captions; 'file': a "
-                           "tokenizer.json in the model folder; 'none'.", check=one_of("captions", "file", "none"))
-    augment_shift: int = field(0, "Training augmentation: random translation by up to this many pixels.", check=in_range(0, 64, integer=True))
-    captioner: str = field("none", "How training re-samples captions each step: 'label' fills the templates from the "
-                           "class, 'shapes' from the objects, 'none' uses the dataset's.", check=one_of("none", "label", "shapes"))
+    init_temperature: float = field(
+        0.07, "Initial temperature; the log logit scale starts at ln(1/T).", check=in_range(1e-4, 100.0)
+    )
+    max_logit_scale: float = field(
+        100.0, "Upper bound of the logit scale exp(s) (CLIP: 100).", check=in_range(1.0, 1e6)
+    )
+    tokenizer: str = field(
+        "captions",
+        "'captions': BPE trained on the embedded training captions; 'file': a "
+        "tokenizer.json in the model folder; 'none'.",
+        check=one_of("captions", "file", "none"),
+    )
+    augment_shift: int = field(
+        0, "Training augmentation: random translation by up to this many pixels.", check=in_range(0, 64, integer=True)
+    )
+    captioner: str = field(
+        "none",
+        "How training re-samples captions each step: 'label' fills the templates from the "
+        "class, 'shapes' from the objects, 'none' uses the dataset's.",
+        check=one_of("none", "label", "shapes"),
+    )
     caption_dropout: tuple[float, float, float] = field(
-        (0.0, 0.0, 0.0), "Shapes captioner: probabilities that a caption leaves out the colour, the kind and the "
-        "position (at least one kept), so short captions like 'a circle' are trained too.", check=cap.check_probabilities)
-    multi_positive: bool = field(False, "Shapes captioner: a full caption is a positive of every image in the batch it "
-                                 "is true of (soft-target InfoNCE), not only of its own image (always so for partial "
-                                 "captions).")
-    caption_views: tuple[str, ...] = field(("all",), "Shapes captioner: captions drawn per image and step, each view its "
-                                           "own contrastive term (mean of the terms): 'all' names every attribute "
-                                           "(with caption_dropout), else '+'-joined names of colour, kind, position.",
-                                           check=cap.check_views)
-    first_views: tuple[str, ...] = field((), "Shapes captioner: the caption views of the first first_view_steps "
-                                         "training steps (a curriculum: kind alone first, which the easy colour "
-                                         "would otherwise starve); empty: caption_views throughout.",
-                                         check=cap.check_views_or_none)
-    first_view_steps: int = field(0, "Training steps that use first_views (the trainer's global step, so a "
-                                  "resumed run continues the curriculum where it stopped).", check=in_range(0, 10**9, integer=True))
+        (0.0, 0.0, 0.0),
+        "Shapes captioner: probabilities that a caption leaves out the colour, the kind and the "
+        "position (at least one kept), so short captions like 'a circle' are trained too.",
+        check=cap.check_probabilities,
+    )
+    multi_positive: bool = field(
+        False,
+        "Shapes captioner: a full caption is a positive of every image in the batch it "
+        "is true of (soft-target InfoNCE), not only of its own image (always so for partial "
+        "captions).",
+    )
+    caption_views: tuple[str, ...] = field(
+        ("all",),
+        "Shapes captioner: captions drawn per image and step, each view its "
+        "own contrastive term (mean of the terms): 'all' names every attribute "
+        "(with caption_dropout), else '+'-joined names of colour, kind, position.",
+        check=cap.check_views,
+    )
+    first_views: tuple[str, ...] = field(
+        (),
+        "Shapes captioner: the caption views of the first first_view_steps "
+        "training steps (a curriculum: kind alone first, which the easy colour "
+        "would otherwise starve); empty: caption_views throughout.",
+        check=cap.check_views_or_none,
+    )
+    first_view_steps: int = field(
+        0,
+        "Training steps that use first_views (the trainer's global step, so a "
+        "resumed run continues the curriculum where it stopped).",
+        check=in_range(0, 10**9, integer=True),
+    )
     templates: tuple[str, ...] = field((), "Training caption templates (from the dataset).")
     heldout_templates: tuple[str, ...] = field((), "Held-out caption templates, never trained on (evaluation only).")
     class_names: tuple[str, ...] = field((), "Class names used to fill the templates.")
@@ -86,7 +118,7 @@ class CLIPVisual(nn.Module):
         self.cfg = vision
         self.encoder = ViTEncoder(vision)
         self.proj = nn.Linear(vision.dim, embed_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=vision.dim ** -0.5)
+        nn.init.normal_(self.proj.weight, std=vision.dim**-0.5)
 
     def check(self, pixels: Tensor) -> None:
         """ValueError naming expected vs given for a wrong image batch."""
@@ -95,7 +127,9 @@ class CLIPVisual(nn.Module):
             got = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
             raise ValueError(f"expected images (B, {c}, {s}, {s}); got {got}")
         if pixels.shape[0] == 0:
-            raise ValueError(f"expected a non-empty image batch (B >= 1, {c}, {s}, {s}); got shape {tuple(pixels.shape)}")
+            raise ValueError(
+                f"expected a non-empty image batch (B >= 1, {c}, {s}, {s}); got shape {tuple(pixels.shape)}"
+            )
         if not pixels.is_floating_point():
             raise ValueError(f"expected floating-point images; got dtype {pixels.dtype}")
 
@@ -113,7 +147,7 @@ class CLIPTextual(nn.Module):
         self.eos_id = eos_id
         self.encoder = TextEncoder(text)
         self.proj = nn.Linear(text.dim, embed_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=text.dim ** -0.5)
+        nn.init.normal_(self.proj.weight, std=text.dim**-0.5)
 
     def eos_positions(self, ids: Tensor) -> Tensor:
         """(B,) the first position of ``eos_id`` per row (the largest id when ``eos_id`` is None)."""
@@ -122,7 +156,9 @@ class CLIPTextual(nn.Module):
         hits = ids == self.eos_id  # (B, L)
         missing = (~hits.any(dim=-1)).nonzero().flatten().tolist()
         if missing:
-            raise ValueError(f"expected an end-of-text token (id {self.eos_id}) in every row; rows {missing[:5]} have none")
+            raise ValueError(
+                f"expected an end-of-text token (id {self.eos_id}) in every row; rows {missing[:5]} have none"
+            )
         return hits.int().argmax(dim=-1)
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -146,9 +182,15 @@ class CLIPModel(PolymodalModel):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.max_log_scale = math.log(config.max_logit_scale)
         self.tokenizer = cap.caption_tokenizer(config.text.vocab_size) if config.tokenizer == "captions" else None
-        if self.tokenizer is not None and config.eos_id is not None and self.tokenizer.special_tokens["eos"] != config.eos_id:
-            raise ValueError(f"the caption tokenizer's end-of-text id is {self.tokenizer.special_tokens['eos']}, "
-                             f"but CLIPConfig.eos_id is {config.eos_id}")
+        if (
+            self.tokenizer is not None
+            and config.eos_id is not None
+            and self.tokenizer.special_tokens["eos"] != config.eos_id
+        ):
+            raise ValueError(
+                f"the caption tokenizer's end-of-text id is {self.tokenizer.special_tokens['eos']}, "
+                f"but CLIPConfig.eos_id is {config.eos_id}"
+            )
 
     # -- config adaptation and tiny form ----------------------------------------------------------
     @classmethod
@@ -166,10 +208,15 @@ class CLIPModel(PolymodalModel):
             captioner = "shapes"
         elif meta.get("templates") and meta.get("class_names") and "label" in dataset.train:
             captioner = "label"
-        return attrs.evolve(config, vision=vision, captioner=captioner, data=dataset.name,
-                            templates=tuple(meta.get("templates", ())),
-                            heldout_templates=tuple(meta.get("heldout_templates", ())),
-                            class_names=tuple(meta.get("class_names", ())))
+        return attrs.evolve(
+            config,
+            vision=vision,
+            captioner=captioner,
+            data=dataset.name,
+            templates=tuple(meta.get("templates", ())),
+            heldout_templates=tuple(meta.get("heldout_templates", ())),
+            class_names=tuple(meta.get("class_names", ())),
+        )
 
     @classmethod
     def tiny_config(cls, config: CLIPConfig) -> CLIPConfig:
@@ -252,8 +299,11 @@ class CLIPModel(PolymodalModel):
         losses, embeddings = [], []
         for texts, positives in views:
             text = self.encode_text(self.tokenize(texts, truncate=True))  # (B, E)
-            losses.append(info_nce(image, text, scale) if positives is None
-                          else multi_positive_info_nce(image, text, scale, positives))
+            losses.append(
+                info_nce(image, text, scale)
+                if positives is None
+                else multi_positive_info_nce(image, text, scale, positives)
+            )
             embeddings.append(text)
         text = embeddings[0]  # (B, E) the first view's captions give the logged retrieval accuracies
         loss = torch.stack(losses).mean()
@@ -297,11 +347,14 @@ class CLIPModel(PolymodalModel):
     def card_lines(self) -> list[str]:
         """Architecture, data and templates for the model card."""
         c, v, t = self.config, self.config.vision, self.config.text
-        lines = [f"CLIP: image tower ViT {v.image_size}×{v.image_size}×{v.channels}, patch {v.patch_size}, width {v.dim}, "
-                 f"depth {v.depth}, {v.block.heads} heads, {v.block.act}; text tower width {t.dim}, depth {t.depth}, "
-                 f"{t.block.heads} heads, context {t.context_length}, vocabulary {t.vocab_size}, {t.block.act}; "
-                 f"shared embedding {c.embed_dim}.",
-                 f"Data: {c.data or 'unspecified'}; captions re-sampled per step: {c.captioner}.", ""]
+        lines = [
+            f"CLIP: image tower ViT {v.image_size}×{v.image_size}×{v.channels}, patch {v.patch_size}, width {v.dim}, "
+            f"depth {v.depth}, {v.block.heads} heads, {v.block.act}; text tower width {t.dim}, depth {t.depth}, "
+            f"{t.block.heads} heads, context {t.context_length}, vocabulary {t.vocab_size}, {t.block.act}; "
+            f"shared embedding {c.embed_dim}.",
+            f"Data: {c.data or 'unspecified'}; captions re-sampled per step: {c.captioner}.",
+            "",
+        ]
         lines += cap.describe(c)
         if c.templates:
             lines += ["Training templates: " + "; ".join(f"`{x}`" for x in c.templates), ""]

@@ -23,8 +23,10 @@ def multi_positive_info_nce(a: Tensor, b: Tensor, logit_scale: float | Tensor, p
     """
     logits = similarity_logits(a, b, logit_scale)  # (B, B')
     if positives.shape != logits.shape or positives.dtype != torch.bool:
-        raise ValueError(f"expected a bool positives matrix of shape {tuple(logits.shape)}; "
-                         f"got {positives.dtype} {tuple(positives.shape)}")
+        raise ValueError(
+            f"expected a bool positives matrix of shape {tuple(logits.shape)}; "
+            f"got {positives.dtype} {tuple(positives.shape)}"
+        )
     pos = positives.to(logits.device).float()  # (B, B')
     rows, cols = pos.sum(1, keepdim=True), pos.sum(0, keepdim=True)  # (B, 1), (1, B')
     if bool((rows == 0).any()) or bool((cols == 0).any()):
@@ -32,4 +34,3 @@ def multi_positive_info_nce(a: Tensor, b: Tensor, logit_scale: float | Tensor, p
     a_to_b = F.cross_entropy(logits, pos / rows)
     b_to_a = F.cross_entropy(logits.t(), (pos / cols).t())
     return (a_to_b + b_to_a) / 2
-

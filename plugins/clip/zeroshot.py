@@ -9,7 +9,8 @@ each distinct caption and hits when any image with that caption is in the top k.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import click
 import torch
@@ -24,8 +25,10 @@ from .captions import fill
 @torch.no_grad()
 def embed_texts(model: Any, texts: Sequence[str], batch_size: int = 256) -> Tensor:
     """(N, E) normalised text embeddings (texts truncated to the context, keeping end-of-text)."""
-    out = [F.normalize(model.encode_text(model.tokenize(list(texts[i:i + batch_size]), truncate=True)), dim=-1)
-           for i in range(0, len(texts), batch_size)]
+    out = [
+        F.normalize(model.encode_text(model.tokenize(list(texts[i : i + batch_size]), truncate=True)), dim=-1)
+        for i in range(0, len(texts), batch_size)
+    ]
     return torch.cat(out)
 
 
@@ -33,8 +36,10 @@ def embed_texts(model: Any, texts: Sequence[str], batch_size: int = 256) -> Tens
 def embed_images(model: Any, images: Tensor, batch_size: int = 256) -> Tensor:
     """(N, E) normalised image embeddings; images are resized to the tower's size."""
     device = model.logit_scale.device
-    out = [F.normalize(model.encode_image(model.prepare(images[i:i + batch_size].to(device))), dim=-1)
-           for i in range(0, len(images), batch_size)]
+    out = [
+        F.normalize(model.encode_image(model.prepare(images[i : i + batch_size].to(device))), dim=-1)
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out)
 
 
@@ -59,7 +64,9 @@ def accuracy(image_emb: Tensor, classifier: Tensor, labels: Tensor) -> float:
     return (image_emb @ classifier.t()).argmax(-1).cpu().eq(labels.cpu()).float().mean().item()
 
 
-def retrieval(image_emb: Tensor, text_emb: Tensor, captions: Sequence[str], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def retrieval(
+    image_emb: Tensor, text_emb: Tensor, captions: Sequence[str], ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
     """``image_to_text_r{k}`` and ``text_to_image_r{k}`` (see the module doc for duplicates)."""
     unique = list(dict.fromkeys(captions))
     index = {c: i for i, c in enumerate(unique)}
@@ -83,7 +90,9 @@ def shapes_prompts(templates: Sequence[str], attribute: str) -> list[list[str]]:
     colours = list(s.COLOURS)
     where = [s.WHERE[p] for p in s.POSITIONS]
     if attribute == "colour":
-        return [[t.format(colour=c, kind=k, where=w) for t in templates for k in s.KINDS for w in where] for c in colours]
+        return [
+            [t.format(colour=c, kind=k, where=w) for t in templates for k in s.KINDS for w in where] for c in colours
+        ]
     return [[t.format(colour=c, kind=k, where=w) for t in templates for c in colours for w in where] for k in s.KINDS]
 
 
@@ -164,8 +173,12 @@ def classify(model: Any, images: Tensor, labels: Sequence[str], templates: Seque
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--labels", required=True, help='Comma-separated labels, e.g. "a,b,c".')
-@click.option("--template", "templates", multiple=True,
-              help="Prompt template with {label} (repeatable; default: the model's training templates).")
+@click.option(
+    "--template",
+    "templates",
+    multiple=True,
+    help="Prompt template with {label} (repeatable; default: the model's training templates).",
+)
 def classify_command(directory, images, labels, templates) -> None:
     """Zero-shot classify IMAGES with the CLIP model folder DIRECTORY; prints each label's probability."""
     import polymodal

@@ -13,9 +13,9 @@ Variants:
 from __future__ import annotations
 
 from polymodal import hookimpl
-from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
 from polymodal.models.parts import PartConfig
+from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
 from .model import DALLE, DALLEConfig
@@ -32,8 +32,19 @@ DIGITS = ModelSpec(
 
 SHAPES = ModelSpec(
     DALLE,
-    DALLEConfig(tokenizer=PartConfig(variant="vqvae-shapes", data="shapes"), text_vocab=384, text_length=20, dim=64,
-                depth=4, heads=4, mlp_ratio=2.0, augment_flip=True, cfg_scale=2.0, temperature=0.5, eval_per_class=6),
+    DALLEConfig(
+        tokenizer=PartConfig(variant="vqvae-shapes", data="shapes"),
+        text_vocab=384,
+        text_length=20,
+        dim=64,
+        depth=4,
+        heads=4,
+        mlp_ratio=2.0,
+        augment_flip=True,
+        cfg_scale=2.0,
+        temperature=0.5,
+        eval_per_class=6,
+    ),
     data="shapes",
     train=TrainConfig(steps=2000, batch_size=32, lr=3e-3, warmup_steps=100, weight_decay=0.05, checkpoint_every=0),
     doc="DALL·E on the shapes: 20 text tokens then 8×8 VQ-VAE codes, width 64, depth 4; mirrored scenes; guidance 2.",

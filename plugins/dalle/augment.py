@@ -26,8 +26,12 @@ def augment_scenes(batch: dict[str, Any], flip: bool, shift: int) -> dict[str, A
     images = torch.where(mirror.to(images.device)[:, None, None, None], images.flip(-1), images)
     if shift:
         padded = F.pad(images, (shift, shift, shift, shift))  # (B, C, S + 2s, S + 2s)
-        images = torch.stack([padded[i, :, shift - dy: shift - dy + size, shift - dx: shift - dx + size]
-                              for i, (dx, dy) in enumerate(moves.tolist())])  # (B, C, S, S)
+        images = torch.stack(
+            [
+                padded[i, :, shift - dy : shift - dy + size, shift - dx : shift - dx + size]
+                for i, (dx, dy) in enumerate(moves.tolist())
+            ]
+        )  # (B, C, S, S)
     boxes = []
     for i, objects in enumerate(batch["boxes"]):
         dx, dy = moves[i].tolist()

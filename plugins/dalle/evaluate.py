@@ -20,8 +20,9 @@ from .sample import generate_codes
 
 
 @torch.no_grad()
-def test_loss(model: Any, dataset: Any, split: str = "test", batch_size: int = 128,
-              train_templates: bool = False) -> dict[str, float]:
+def test_loss(
+    model: Any, dataset: Any, split: str = "test", batch_size: int = 128, train_templates: bool = False
+) -> dict[str, float]:
     """Mean weighted, text and image cross-entropy (nats) of ``split``, and bits per image token.
 
     The captions are the split's own (on the embedded data: held-out phrasings), or with
@@ -58,7 +59,7 @@ def judged_samples(model: Any, dataset: Any, per_class: int, seed: int = 0, batc
     g = torch.Generator(device=model.head.weight.device).manual_seed(seed)
     images = []
     for start in range(0, len(prompts), batch_size):
-        codes = generate_codes(model, prompts[start:start + batch_size], generator=g)  # (b, h, w)
+        codes = generate_codes(model, prompts[start : start + batch_size], generator=g)  # (b, h, w)
         images.append(model.decode_codes(codes).cpu())
     metrics = judge_samples(dataset, torch.cat(images), targets)
     metrics["samples"] = len(prompts)

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.attention.masks import image_pattern_mask
-from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
-from polymodal.nn.embed import init_weights
 from polymodal.data.folder import frozen_part_line, is_folder
 from polymodal.models import PolymodalModel
 from polymodal.models.interfaces import ImageTokenizer, require
+from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
+from polymodal.nn.embed import init_weights
 from polymodal.objectives import cross_entropy
 from polymodal.registry import get_registry
 
@@ -54,7 +54,9 @@ class DALLE(PolymodalModel):
     def __init__(self, config: DALLEConfig, parts: dict[str, PolymodalModel] | None = None) -> None:
         super().__init__(config)
         vq = self.attach_parts(parts)["tokenizer"]
-        self.set_text_tokenizer(txt.train_tokenizer(config.data, config.templates, config.class_names, config.text_vocab))
+        self.set_text_tokenizer(
+            txt.train_tokenizer(config.data, config.templates, config.class_names, config.text_vocab)
+        )
         self._build(vq)
 
     def _build(self, vq: nn.Module) -> None:
@@ -84,8 +86,9 @@ class DALLE(PolymodalModel):
     def set_text_tokenizer(self, tokenizer: Any) -> None:
         """Use ``tokenizer`` for text; it must fit in ``text_vocab`` ids."""
         if tokenizer.vocab_size > self.config.text_vocab:
-            raise ValueError(f"the text tokenizer has {tokenizer.vocab_size} ids; DALLEConfig.text_vocab is "
-                             f"{self.config.text_vocab}")
+            raise ValueError(
+                f"the text tokenizer has {tokenizer.vocab_size} ids; DALLEConfig.text_vocab is {self.config.text_vocab}"
+            )
         self.text_tokenizer = tokenizer
 
     # -- config adaptation and tiny form ----------------------------------------------------------
@@ -96,9 +99,12 @@ class DALLE(PolymodalModel):
         if is_folder(dataset):  # the 'auto' tokenizer trains on its default data, not on a folder
             print(frozen_part_line("dalle", dataset, "VQ-VAE tokenizer", "tokenizer", "vqvae"))
             name = ""
-        changes: dict[str, Any] = dict(data=name, templates=tuple(meta.get("templates", ())),
-                                       class_names=tuple(meta.get("class_names", ())),
-                                       image_size=int(meta.get("image_size", 0)))
+        changes: dict[str, Any] = dict(
+            data=name,
+            templates=tuple(meta.get("templates", ())),
+            class_names=tuple(meta.get("class_names", ())),
+            image_size=int(meta.get("image_size", 0)),
+        )
         if ("dataset", name) in get_registry():
             changes["tokenizer"] = attrs.evolve(config.tokenizer, data=name)
         return attrs.evolve(config, **changes)
@@ -106,8 +112,15 @@ class DALLE(PolymodalModel):
     @classmethod
     def tiny_config(cls, config: DALLEConfig) -> DALLEConfig:
         """A fresh tiny tokenizer and a tiny transformer with a sparse schedule."""
-        return attrs.evolve(config, tokenizer=attrs.evolve(config.tokenizer, path="", tiny=True), dim=16, depth=2, heads=2,
-                            attention=("row", "column"), attention_last="conv")
+        return attrs.evolve(
+            config,
+            tokenizer=attrs.evolve(config.tokenizer, path="", tiny=True),
+            dim=16,
+            depth=2,
+            heads=2,
+            attention=("row", "column"),
+            attention_last="conv",
+        )
 
     # -- text and image tokens --------------------------------------------------------------------
     def pad_ids(self) -> Tensor:
@@ -128,7 +141,9 @@ class DALLE(PolymodalModel):
             try:
                 row = self.text_tokenizer.encode(t, self.config.text_length, truncate)
             except ValueError as exc:
-                raise ValueError(f"prompt {t!r}: {exc} (DALL·E's text context is {self.config.text_length} tokens)") from None
+                raise ValueError(
+                    f"prompt {t!r}: {exc} (DALL·E's text context is {self.config.text_length} tokens)"
+                ) from None
             out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         return out.to(self.head.weight.device)
 
@@ -147,8 +162,10 @@ class DALLE(PolymodalModel):
         if codes.is_floating_point() or codes.is_complex():
             raise ValueError(f"expected integer image codes; got dtype {codes.dtype}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"image codes must lie in [0, {self.codebook_size}); got values in "
-                             f"[{int(codes.min())}, {int(codes.max())}]")
+            raise ValueError(
+                f"image codes must lie in [0, {self.codebook_size}); got values in "
+                f"[{int(codes.min())}, {int(codes.max())}]"
+            )
 
     @torch.no_grad()
     def image_codes(self, images: Tensor) -> Tensor:
@@ -187,8 +204,9 @@ class DALLE(PolymodalModel):
         """(T, T) bool mask of ``pattern`` over the whole stream (cached)."""
         key = (pattern, str(device))
         if key not in self._masks:
-            self._masks[key] = image_pattern_mask(pattern, self.grid, prefix=self.config.text_length,
-                                                  kernel=self.config.conv_kernel, device=device)
+            self._masks[key] = image_pattern_mask(
+                pattern, self.grid, prefix=self.config.text_length, kernel=self.config.conv_kernel, device=device
+            )
         return self._masks[key]
 
     def layer_masks(self, start: int, end: int, device: torch.device) -> list[Tensor | None] | None:
@@ -205,8 +223,10 @@ class DALLE(PolymodalModel):
             raise ValueError(f"expected integer token ids (B, n); got {got}")
         n = ids.shape[1]
         if start + n > self.seq_len:
-            raise ValueError(f"the stream holds {self.seq_len} tokens (text {self.config.text_length} + image "
-                             f"{self.num_image}); got {n} tokens from position {start}")
+            raise ValueError(
+                f"the stream holds {self.seq_len} tokens (text {self.config.text_length} + image "
+                f"{self.num_image}); got {n} tokens from position {start}"
+            )
         pos = torch.arange(start, start + n, device=ids.device)  # (n,)
         image = pos >= self.config.text_length
         lo = torch.where(image, self.image_offset, 0)  # (n,)
@@ -215,14 +235,16 @@ class DALLE(PolymodalModel):
         if bad.any():
             b, j = bad.nonzero()[0].tolist()
             kind = "an image code" if image[j] else "a text id"
-            raise ValueError(f"position {start + j} takes {kind} in [{int(lo[j])}, {int(hi[j])}); got id {int(ids[b, j])}")
+            raise ValueError(
+                f"position {start + j} takes {kind} in [{int(lo[j])}, {int(hi[j])}); got id {int(ids[b, j])}"
+            )
 
     def stream_logits(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """Logits (B, n, V) for ``ids`` (B, n) that continue the stream after the ``cache``'s positions."""
         start = cache.length if cache is not None else 0
         self.check_stream(ids, start)
         n = ids.shape[1]
-        x = self.token_embed(ids) + self.positions()[start:start + n]  # (B, n, D)
+        x = self.token_embed(ids) + self.positions()[start : start + n]  # (B, n, D)
         x = self.stack(x, causal=True, mask=self.layer_masks(start, start + n, ids.device), cache=cache)  # (B, n, D)
         return self.head(x)  # (B, n, V)
 
@@ -272,8 +294,9 @@ class DALLE(PolymodalModel):
 
         return evaluate_dalle(self, dataset, split)
 
-    def sample_to_folder(self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0,
-                         **options: Any) -> list[Path]:
+    def sample_to_folder(
+        self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
+    ) -> list[Path]:
         """Write ``n`` samples for ``prompt`` as PNGs at the data's native size plus ``grid.png``; see :mod:`.sample`."""
         from .sample import sample_to_folder
 
@@ -304,9 +327,14 @@ class DALLE(PolymodalModel):
     def card_lines(self) -> list[str]:
         """Architecture, stream layout, attention schedule and the tokenizer's source."""
         c = self.config
-        return [f"DALL·E: width {c.dim}, depth {c.depth}, {c.heads} heads; stream of {c.text_length} text tokens "
-                f"(BPE, {c.text_vocab} ids, unique pad per position) then {self.grid[0]}×{self.grid[1]} image tokens "
-                f"({self.codebook_size} codes); image attention per layer: {', '.join(c.schedule)}; loss weights "
-                f"text {c.text_loss_weight:g} / image {1 - c.text_loss_weight:g}; caption dropout {c.caption_dropout:g}.",
-                "", f"Image tokenizer: {self.part_sources['tokenizer']} (frozen, saved in `tokenizer/`).", "",
-                f"Data: {c.data or 'unspecified'}.", ""]
+        return [
+            f"DALL·E: width {c.dim}, depth {c.depth}, {c.heads} heads; stream of {c.text_length} text tokens "
+            f"(BPE, {c.text_vocab} ids, unique pad per position) then {self.grid[0]}×{self.grid[1]} image tokens "
+            f"({self.codebook_size} codes); image attention per layer: {', '.join(c.schedule)}; loss weights "
+            f"text {c.text_loss_weight:g} / image {1 - c.text_loss_weight:g}; caption dropout {c.caption_dropout:g}.",
+            "",
+            f"Image tokenizer: {self.part_sources['tokenizer']} (frozen, saved in `tokenizer/`).",
+            "",
+            f"Data: {c.data or 'unspecified'}.",
+            "",
+        ]

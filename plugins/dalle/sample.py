@@ -22,17 +22,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polymodal.eval.images import read_image, write_samples
+from polymodal.generation.options import COMPLETE, NO_CACHE, TEMPERATURE, TOP_K, TOP_P, SampleOption, keywords
 from polymodal.generation.sampling import generate
 from polymodal.models.interfaces import ImageEncoder, TextEncoder, require
-from polymodal.generation.options import COMPLETE, NO_CACHE, TEMPERATURE, TOP_K, TOP_P, SampleOption, keywords
 from polymodal.nn import eval_mode
 
 SAMPLE_OPTIONS = (
-    TEMPERATURE, TOP_K, TOP_P,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
     SampleOption("cfg_scale", "--cfg", "Classifier-free guidance scale (1 = none)."),
     SampleOption("rerank", "--rerank", "CLIP model folder that reranks candidates.", type="folder"),
     SampleOption("candidates", "--candidates", "Candidates drawn per kept sample when reranking.", type="int"),
-    NO_CACHE, COMPLETE,
+    NO_CACHE,
+    COMPLETE,
 )
 """What ``polymodal sample`` offers for a DALL·E folder (``DALLE.sample_options``)."""
 
@@ -41,9 +44,18 @@ OPTIONS = keywords(SAMPLE_OPTIONS)
 
 
 @torch.no_grad()
-def generate_codes(model: Any, prompts: list[str | None], *, generator: torch.Generator | None = None,
-                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                   cfg_scale: float | None = None, use_cache: bool = True, prefix: Tensor | None = None) -> Tensor:
+def generate_codes(
+    model: Any,
+    prompts: list[str | None],
+    *,
+    generator: torch.Generator | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cfg_scale: float | None = None,
+    use_cache: bool = True,
+    prefix: Tensor | None = None,
+) -> Tensor:
     """(B, h, w) image codes for ``prompts`` (None: unconditional), one row each.
 
     ``prefix`` (B, k) holds the first ``k`` codes of each image (completion). Unset options
@@ -66,13 +78,23 @@ def generate_codes(model: Any, prompts: list[str | None], *, generator: torch.Ge
     if cfg_scale is not None:
         uncond = model.empty_text(b)
         if prefix is not None:
-            uncond = torch.cat([uncond, ids[:, model.config.text_length:]], dim=1)
+            uncond = torch.cat([uncond, ids[:, model.config.text_length :]], dim=1)
     allowed = torch.arange(model.vocab_size, device=text.device) >= model.image_offset  # (V,) image codes only
     with eval_mode(model):
-        out = generate(model.stream_logits, ids, model.seq_len - ids.shape[1], temperature=temperature, top_k=top_k,
-                       top_p=top_p, generator=generator, allowed=allowed, cfg_scale=cfg_scale, uncond_ids=uncond,
-                       use_cache=use_cache)  # (B, T)
-    return (out[:, model.config.text_length:] - model.image_offset).reshape(b, *model.grid)  # (B, h, w)
+        out = generate(
+            model.stream_logits,
+            ids,
+            model.seq_len - ids.shape[1],
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            allowed=allowed,
+            cfg_scale=cfg_scale,
+            uncond_ids=uncond,
+            use_cache=use_cache,
+        )  # (B, T)
+    return (out[:, model.config.text_length :] - model.image_offset).reshape(b, *model.grid)  # (B, h, w)
 
 
 def load_clip(rerank: Any) -> Any:
@@ -100,8 +122,10 @@ def _completion_prefix(model: Any, path: Any, n: int) -> Tensor:
     channels = model.vq.config.channels
     image = read_image(path, channels)  # (C, H, W)
     if tuple(image.shape[-2:]) != (size, size):
-        raise ValueError(f"--complete expects a {size}×{size} image (the model's data size); got "
-                         f"{image.shape[-1]}×{image.shape[-2]} from {path}")
+        raise ValueError(
+            f"--complete expects a {size}×{size} image (the model's data size); got "
+            f"{image.shape[-1]}×{image.shape[-2]} from {path}"
+        )
     codes = model.image_codes(image[None])  # (1, h, w)
     rows = model.grid[0] // 2
     return codes[:, :rows].reshape(1, -1).expand(n, -1)  # (n, rows·w)
@@ -141,7 +165,8 @@ def sample_images(model: Any, prompt: str | None, n: int, seed: int = 0, **optio
     return images[best.to(images.device)]
 
 
-def sample_to_folder(model: Any, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0,
-                     **options: Any) -> list[Path]:
+def sample_to_folder(
+    model: Any, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
+) -> list[Path]:
     """Write ``n`` samples as ``sample_000.png`` … at the data's native size and a ``grid.png``; returns the paths."""
     return write_samples(sample_images(model, prompt, n, seed, **options).cpu(), out)

@@ -24,15 +24,20 @@ def fill_label(template: str, label: int, class_names: tuple[str, ...]) -> str:
 
 def fill_object(template: str, colour: int, kind: int, cell: int) -> str:
     """A shapes template filled for one object (colour, kind and cell indices)."""
-    return template.format(colour=tuple(shapes_data.COLOURS)[colour], kind=shapes_data.KINDS[kind],
-                           where=shapes_data.WHERE[shapes_data.POSITIONS[cell]])
+    return template.format(
+        colour=tuple(shapes_data.COLOURS)[colour],
+        kind=shapes_data.KINDS[kind],
+        where=shapes_data.WHERE[shapes_data.POSITIONS[cell]],
+    )
 
 
 def corpus(data: str, templates: tuple[str, ...], class_names: tuple[str, ...]) -> list[str]:
     """Every training caption the templates make for ``data`` (the BPE's training text)."""
     if data == "shapes":
         nc, nk, ncell = len(shapes_data.COLOURS), len(shapes_data.KINDS), len(shapes_data.POSITIONS)
-        single = [fill_object(t, c, k, p) for t in templates for c in range(nc) for k in range(nk) for p in range(ncell)]
+        single = [
+            fill_object(t, c, k, p) for t in templates for c in range(nc) for k in range(nk) for p in range(ncell)
+        ]
         pairs = [f"{single[i]} and {single[(7 * i + 3) % len(single)]}" for i in range(0, len(single), 4)]
         return single + pairs
     names = class_names or digits_data.DIGIT_WORDS
@@ -40,7 +45,9 @@ def corpus(data: str, templates: tuple[str, ...], class_names: tuple[str, ...]) 
     return texts or list(names)
 
 
-def train_tokenizer(data: str, templates: tuple[str, ...], class_names: tuple[str, ...], vocab_size: int) -> BPETokenizer:
+def train_tokenizer(
+    data: str, templates: tuple[str, ...], class_names: tuple[str, ...], vocab_size: int
+) -> BPETokenizer:
     """The byte-level BPE (at most ``vocab_size`` ids) learnt from :func:`corpus`."""
     return BPETokenizer.train(corpus(data, templates, class_names), vocab_size=vocab_size)
 
@@ -68,8 +75,10 @@ def resample_captions(cfg: Any, batch: dict[str, Any]) -> list[str]:
     choice = torch.randint(len(templates), (n,)).tolist()
     if cfg.data == "shapes" and "boxes" in batch:
         size = batch["image"].shape[-1]
-        return [" and ".join(fill_object(templates[j], *obj) for obj in _shape_objects(batch, i, size))
-                for i, j in enumerate(choice)]
+        return [
+            " and ".join(fill_object(templates[j], *obj) for obj in _shape_objects(batch, i, size))
+            for i, j in enumerate(choice)
+        ]
     if "label" in batch and cfg.class_names:
         labels = batch["label"].tolist()
         return [fill_label(templates[j], labels[i], cfg.class_names) for i, j in enumerate(choice)]

@@ -12,12 +12,12 @@ The objective, head, EMA and collapse monitor live in :mod:`polymodal.plugins.di
 
 from __future__ import annotations
 
-from polymodal.plugins.dino.distill import DINOHeadConfig, DINOLossConfig
+from polymodal import hookimpl
+from polymodal.models import ModelSpec
 from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import ViTEncoderConfig
-from polymodal import hookimpl
+from polymodal.plugins.dino.distill import DINOHeadConfig, DINOLossConfig
 from polymodal.registry import register_variants
-from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
 from .model import DINOConfig, DINOModel
@@ -35,26 +35,46 @@ _LOSS = DINOLossConfig(student_temp=0.1, teacher_temp=0.05, warmup_teacher_temp=
 
 DIGITS = ModelSpec(
     DINOModel,
-    DINOConfig(encoder=ViTEncoderConfig(image_size=8, patch_size=2, channels=1, depth=4, block=_BLOCK),
-               head=_HEAD, loss=_LOSS,
-               local_size=4, local_crops=4, global_scale=(0.6, 1.0), local_scale=(0.25, 0.5), flip=0.0, jitter=0.2,
-               momentum=0.96),
+    DINOConfig(
+        encoder=ViTEncoderConfig(image_size=8, patch_size=2, channels=1, depth=4, block=_BLOCK),
+        head=_HEAD,
+        loss=_LOSS,
+        local_size=4,
+        local_crops=4,
+        global_scale=(0.6, 1.0),
+        local_scale=(0.25, 0.5),
+        flip=0.0,
+        jitter=0.2,
+        momentum=0.96,
+    ),
     data="digits",
-    train=TrainConfig(steps=DIGITS_STEPS, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.04, checkpoint_every=0),
+    train=TrainConfig(
+        steps=DIGITS_STEPS, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.04, checkpoint_every=0
+    ),
     doc="DINO on the embedded 8×8 digits (ViT patch 2, width 64, depth 4; 2 global + 4 local crops; no labels).",
 )
 
 SHAPES = ModelSpec(
     DINOModel,
-    DINOConfig(encoder=ViTEncoderConfig(image_size=32, patch_size=4, channels=3, depth=3, block=_BLOCK),
-               head=_HEAD, loss=_LOSS,
-               local_size=16, local_crops=4, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), flip=0.5, jitter=0.2,
-               momentum=0.96,
-               # Per-size head statistics: many local crops of a scene are empty background, and mixing them into
-               # the global views' BatchNorm statistics halved the attention-mask IoU (0.52 → 0.19 at seed 0).
-               shared_head_batch=False),
+    DINOConfig(
+        encoder=ViTEncoderConfig(image_size=32, patch_size=4, channels=3, depth=3, block=_BLOCK),
+        head=_HEAD,
+        loss=_LOSS,
+        local_size=16,
+        local_crops=4,
+        global_scale=(0.4, 1.0),
+        local_scale=(0.1, 0.4),
+        flip=0.5,
+        jitter=0.2,
+        momentum=0.96,
+        # Per-size head statistics: many local crops of a scene are empty background, and mixing them into
+        # the global views' BatchNorm statistics halved the attention-mask IoU (0.52 → 0.19 at seed 0).
+        shared_head_batch=False,
+    ),
     data="shapes",
-    train=TrainConfig(steps=SHAPES_STEPS, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.04, checkpoint_every=0),
+    train=TrainConfig(
+        steps=SHAPES_STEPS, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.04, checkpoint_every=0
+    ),
     doc="DINO on the embedded 32×32 shapes scenes (ViT patch 4, width 64, depth 3); [CLS] attention vs object masks.",
 )
 

@@ -95,7 +95,7 @@ def attention_rows(model, images: Tensor, scale: int = 4) -> Tensor:
     rgb = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # (B, 3, S, S)
     rows = []
     for i in range(len(x)):
-        rows += [rgb[i:i + 1], heat(maps[i]), heat(maps[i].mean(0, keepdim=True))]
+        rows += [rgb[i : i + 1], heat(maps[i]), heat(maps[i].mean(0, keepdim=True))]
     tiles = torch.cat(rows)  # (B·(2 + H), 3, S, S)
     return F.interpolate(tiles, scale_factor=scale, mode="nearest")
 
@@ -138,10 +138,12 @@ def _inputs(model, paths: tuple[str, ...], test_images: int) -> tuple[Tensor, li
 @click.command("attention-maps")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), default="attention", show_default=True,
-              help="Folder for the PNGs.")
-@click.option("--test-images", default=0, show_default=True,
-              help="Also map the first N test images of the model's dataset.")
+@click.option(
+    "--out", type=click.Path(file_okay=False), default="attention", show_default=True, help="Folder for the PNGs."
+)
+@click.option(
+    "--test-images", default=0, show_default=True, help="Also map the first N test images of the model's dataset."
+)
 @click.option("--scale", default=8, show_default=True, help="Enlarge the PNGs this many times (nearest).")
 def attention_maps_command(directory, images, out, test_images, scale) -> None:
     """Write the last layer's [CLS] attention per head of the DINO model folder DIRECTORY for IMAGES."""

@@ -24,12 +24,20 @@ def check_images(images: Tensor, local_size: int, channels: int | None = None) -
         raise ValueError(f"expected {channels} image channels; got {images.shape[1]} (shape {tuple(images.shape)})")
     h, w = images.shape[-2:]
     if h < local_size or w < local_size:
-        raise ValueError(f"expected images of at least {local_size}×{local_size} pixels (the local crop size); "
-                         f"got {h}×{w}")
+        raise ValueError(
+            f"expected images of at least {local_size}×{local_size} pixels (the local crop size); got {h}×{w}"
+        )
 
 
-def random_resized_crop(images: Tensor, size: int, scale: tuple[float, float], *, ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                        flip: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+def random_resized_crop(
+    images: Tensor,
+    size: int,
+    scale: tuple[float, float],
+    *,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """(B, C, H, W) → (B, C, size, size): each image cropped to a random box and resized.
 
     The box covers a fraction of the image area drawn uniformly from ``scale`` with an
@@ -63,9 +71,18 @@ def jitter_brightness(images: Tensor, strength: float, generator: torch.Generato
     return (images * factor.to(images.device, images.dtype)).clamp(0, 1)
 
 
-def multi_crop(images: Tensor, *, global_size: int, local_size: int, global_scale: tuple[float, float],
-               local_scale: tuple[float, float], local_crops: int, flip: float = 0.0, jitter: float = 0.0,
-               generator: torch.Generator | None = None) -> tuple[list[Tensor], list[Tensor]]:
+def multi_crop(
+    images: Tensor,
+    *,
+    global_size: int,
+    local_size: int,
+    global_scale: tuple[float, float],
+    local_scale: tuple[float, float],
+    local_crops: int,
+    flip: float = 0.0,
+    jitter: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
     """Two global views (B, C, global_size, global_size) and ``local_crops`` local views (B, C, local_size, local_size).
 
     Raises a ValueError when the images are smaller than a local crop.

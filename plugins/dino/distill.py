@@ -18,7 +18,7 @@ All tensors are float; shapes are in the comments.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,23 +28,47 @@ from polymodal.config import config, field, in_range, one_of
 from polymodal.nn.mlp import make_activation
 from polymodal.train import TrainingError
 
-__all__ = ["DINOHead", "DINOHeadConfig", "DINOLoss", "DINOLossConfig", "CollapseError", "CollapseMonitor",
-           "collapse_stats", "teacher_temperature"]
+__all__ = [
+    "DINOHead",
+    "DINOHeadConfig",
+    "DINOLoss",
+    "DINOLossConfig",
+    "CollapseError",
+    "CollapseMonitor",
+    "collapse_stats",
+    "teacher_temperature",
+]
 
 
 # -- the projection head ---------------------------------------------------------------------------
+
 
 @config
 class DINOHeadConfig:
     """DINO's projection head on top of a backbone's pooled features."""
 
     hidden_dim: int = field(2048, "Width of the MLP's hidden layers.", check=in_range(1, 1 << 20, integer=True))
-    bottleneck_dim: int = field(256, "Width of the bottleneck the MLP ends in (then L2-normalised).", check=in_range(1, 1 << 20, integer=True))
-    out_dim: int = field(65536, "Number of output prototypes K (the distributions live on K classes).", check=in_range(2, 1 << 24, integer=True))
-    layers: int = field(3, "Linear layers of the MLP before the bottleneck normalisation (DINO: 3).", check=in_range(1, 16, integer=True))
-    act: str = field("gelu", "Activation between the MLP's layers.", check=one_of("gelu", "gelu_tanh", "quick_gelu", "relu"))
-    batchnorm: bool = field(False, "BatchNorm after each hidden layer of the MLP (the reference code's use_bn_in_head): "
-                            "it standardises the features across the batch, which keeps a small model from collapsing.")
+    bottleneck_dim: int = field(
+        256, "Width of the bottleneck the MLP ends in (then L2-normalised).", check=in_range(1, 1 << 20, integer=True)
+    )
+    out_dim: int = field(
+        65536,
+        "Number of output prototypes K (the distributions live on K classes).",
+        check=in_range(2, 1 << 24, integer=True),
+    )
+    layers: int = field(
+        3,
+        "Linear layers of the MLP before the bottleneck normalisation (DINO: 3).",
+        check=in_range(1, 16, integer=True),
+    )
+    act: str = field(
+        "gelu", "Activation between the MLP's layers.", check=one_of("gelu", "gelu_tanh", "quick_gelu", "relu")
+    )
+    batchnorm: bool = field(
+        False,
+        "BatchNorm after each hidden layer of the MLP (the reference code's use_bn_in_head): "
+        "it standardises the features across the batch, which keeps a small model from collapsing.",
+    )
 
 
 class WeightNormLinear(nn.Module):
@@ -96,6 +120,7 @@ class DINOHead(nn.Module):
 
 # -- schedules ----------------------------------------------------------------
 
+
 def teacher_temperature(step: int, start: float, end: float, warmup: int) -> float:
     """Teacher temperature: linear from ``start`` to ``end`` over ``warmup`` steps, then ``end``."""
     if warmup <= 0 or step >= warmup:
@@ -105,21 +130,34 @@ def teacher_temperature(step: int, start: float, end: float, warmup: int) -> flo
 
 # -- the loss ---------------------------------------------------------------------------------------
 
+
 @config
 class DINOLossConfig:
     """Temperatures and centring of the DINO loss."""
 
     student_temp: float = field(0.1, "Student softmax temperature.", check=in_range(1e-4, 100.0))
-    teacher_temp: float = field(0.04, "Teacher softmax temperature after warm-up (below the student's: sharpening).", check=in_range(1e-4, 100.0))
-    warmup_teacher_temp: float = field(0.04, "Teacher temperature at step 0 (linear warm-up to teacher_temp).", check=in_range(1e-4, 100.0))
-    warmup_teacher_temp_steps: int = field(0, "Steps of the teacher-temperature warm-up.", check=in_range(0, 10**9, integer=True))
-    center_momentum: float = field(0.9, "EMA momentum of the centre (the running mean of teacher logits).", check=in_range(0.0, 1.0))
+    teacher_temp: float = field(
+        0.04,
+        "Teacher softmax temperature after warm-up (below the student's: sharpening).",
+        check=in_range(1e-4, 100.0),
+    )
+    warmup_teacher_temp: float = field(
+        0.04, "Teacher temperature at step 0 (linear warm-up to teacher_temp).", check=in_range(1e-4, 100.0)
+    )
+    warmup_teacher_temp_steps: int = field(
+        0, "Steps of the teacher-temperature warm-up.", check=in_range(0, 10**9, integer=True)
+    )
+    center_momentum: float = field(
+        0.9, "EMA momentum of the centre (the running mean of teacher logits).", check=in_range(0.0, 1.0)
+    )
 
     def __attrs_post_init__(self) -> None:
         for name in ("teacher_temp", "warmup_teacher_temp"):
             if getattr(self, name) >= self.student_temp:
-                raise ValueError(f"DINOLossConfig.{name} must be below student_temp={self.student_temp} "
-                                 f"(the teacher is sharpened); got {getattr(self, name)}")
+                raise ValueError(
+                    f"DINOLossConfig.{name} must be below student_temp={self.student_temp} "
+                    f"(the teacher is sharpened); got {getattr(self, name)}"
+                )
 
 
 class DINOLoss(nn.Module):
@@ -178,6 +216,7 @@ class DINOLoss(nn.Module):
 
 # -- collapse monitoring ----------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def collapse_stats(probs: Tensor) -> dict[str, float]:
     """Collapse statistics of teacher distributions ``probs`` (B, K) (rows sum to 1).
@@ -192,8 +231,11 @@ def collapse_stats(probs: Tensor) -> dict[str, float]:
     entropy = -(p * p.log()).sum(-1).mean()
     mean = p.mean(0, keepdim=True)  # (1, K)
     kl = (p * (p.log() - mean.log())).sum(-1).mean()
-    return {"teacher_entropy": entropy.item(), "kl_to_centre": max(kl.item(), 0.0),
-            "max_entropy": math.log(p.shape[-1])}
+    return {
+        "teacher_entropy": entropy.item(),
+        "kl_to_centre": max(kl.item(), 0.0),
+        "max_entropy": math.log(p.shape[-1]),
+    }
 
 
 class CollapseError(TrainingError):
@@ -218,10 +260,16 @@ class CollapseMonitor:
             return
         self.low = self.low + 1 if stats["kl_to_centre"] < self.min_kl else 0
         if self.low >= self.patience:
-            kind = ("uniform" if stats["teacher_entropy"] > 0.9 * stats["max_entropy"]
-                    else "one dominant dimension" if stats["teacher_entropy"] < 0.1 * stats["max_entropy"] else "constant")
+            kind = (
+                "uniform"
+                if stats["teacher_entropy"] > 0.9 * stats["max_entropy"]
+                else "one dominant dimension"
+                if stats["teacher_entropy"] < 0.1 * stats["max_entropy"]
+                else "constant"
+            )
             raise CollapseError(
                 f"DINO collapse at step {step}: the teacher gives every image the same output ({kind}); "
                 f"KL to the centre {stats['kl_to_centre']:.2e} < {self.min_kl:g} for {self.low} steps "
                 f"(teacher entropy {stats['teacher_entropy']:.3f} of max {stats['max_entropy']:.3f}). "
-                f"Try a lower teacher temperature, a higher centre momentum or a lower learning rate.")
+                f"Try a lower teacher temperature, a higher centre momentum or a lower learning rate."
+            )

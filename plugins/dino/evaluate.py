@@ -35,8 +35,15 @@ def extract(model, split, batch_size: int = 256) -> tuple[Tensor, Tensor]:
     return torch.cat(feats), torch.cat(labels)
 
 
-def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, k: int = 20,
-                 temperature: float = 0.07, num_classes: int | None = None) -> float:
+def knn_accuracy(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+) -> float:
     """Accuracy of DINO's temperature-weighted k-NN vote on cosine similarity."""
     if len(train_x) == 0 or len(test_x) == 0:
         raise ValueError(f"k-NN needs training and test samples; got {len(train_x)} and {len(test_x)}")
@@ -49,8 +56,17 @@ def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     return (votes.argmax(-1) == test_y).float().mean().item()
 
 
-def linear_probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *, steps: int = 500,
-                          lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0) -> float:
+def linear_probe_accuracy(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    steps: int = 500,
+    lr: float = 0.05,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
+) -> float:
     """Test accuracy of a linear classifier trained full-batch on standardised frozen features."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     xa, xb = (train_x - mean) / std, (test_x - mean) / std  # (N, F), (Nt, F)
@@ -82,9 +98,11 @@ def mask_ious(model, split, batch_size: int = 256) -> dict[str, float]:
         mean_map.append(iou(avg, truth).cpu())  # (b,)
         blob.append(iou(centred_blobs(avg.flatten(1).sum(1).cpu(), avg.shape[-1]), truth.cpu()))  # (b,)
     heads_iou = torch.cat(per_head).mean(0)  # (H,)
-    return {"attention_mask_iou": torch.cat(mean_map).mean().item(),
-            "attention_mask_iou_best_head": heads_iou.max().item(),
-            "centred_blob_iou": torch.cat(blob).mean().item()}
+    return {
+        "attention_mask_iou": torch.cat(mean_map).mean().item(),
+        "attention_mask_iou_best_head": heads_iou.max().item(),
+        "centred_blob_iou": torch.cat(blob).mean().item(),
+    }
 
 
 @torch.no_grad()
@@ -96,8 +114,9 @@ def evaluate_dino(model, dataset: Any, split: str = "test") -> dict[str, Any]:
         test_x, test_y = extract(model, test)
         c = model.config
         metrics: dict[str, Any] = {
-            "knn_accuracy": knn_accuracy(train_x, train_y, test_x, test_y, c.knn_k, c.knn_temperature,
-                                         dataset.meta.get("num_classes")),
+            "knn_accuracy": knn_accuracy(
+                train_x, train_y, test_x, test_y, c.knn_k, c.knn_temperature, dataset.meta.get("num_classes")
+            ),
             "linear_probe_accuracy": linear_probe_accuracy(train_x, train_y, test_x, test_y),
         }
         if "masks" in test:

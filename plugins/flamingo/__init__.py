@@ -11,8 +11,8 @@ Command: ``polymodal flamingo caption DIR IMAGE... [--shots K]`` prints an inter
 from __future__ import annotations
 
 from polymodal import hookimpl
-from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
+from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
 from .model import Flamingo, FlamingoConfig

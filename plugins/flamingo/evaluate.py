@@ -19,7 +19,8 @@ independently for every test image.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,14 +43,17 @@ class EvalMixin:
         for w in words:
             full = self.tokenizer.encode(head + w, add_bos=False, add_eos=False)
             if full[: len(base)] != base or len(full) == len(base):
-                raise ValueError(f"the query {query!r} does not tokenize as a prefix of {head + w!r}; "
-                                 "choose an eval_template whose word starts a new token")
-            out.append(full[len(base):])
+                raise ValueError(
+                    f"the query {query!r} does not tokenize as a prefix of {head + w!r}; "
+                    "choose an eval_template whose word starts a new token"
+                )
+            out.append(full[len(base) :])
         return out
 
     @torch.no_grad()
-    def score_candidates(self, rows: list[list[int]], media: list[Tensor], candidates: list[list[int]]
-                         ) -> tuple[Tensor, Tensor]:
+    def score_candidates(
+        self, rows: list[list[int]], media: list[Tensor], candidates: list[list[int]]
+    ) -> tuple[Tensor, Tensor]:
         """Closed-set and open-ended predictions after each prompt row: (N, K) summed log-probabilities
         of each candidate continuation, and (N, K) bool: the greedy continuation (whole vocabulary but
         ``<image>``, bos and padding) spells that candidate."""
@@ -59,13 +63,15 @@ class EvalMixin:
         greedy = [list(r) for r in rows]
         for step in range(width):  # greedy decoding; the first pass also scores single-token candidates
             logp = self(il.pad_rows(greedy, self.pad_id()).to(device), media).log_softmax(-1)  # (N, T, V + 2)
-            last = logp[torch.arange(n, device=device), torch.tensor([len(g) - 1 for g in greedy], device=device)]  # (N, V + 2)
+            last = logp[
+                torch.arange(n, device=device), torch.tensor([len(g) - 1 for g in greedy], device=device)
+            ]  # (N, V + 2)
             if step == 0:
                 first = last.clone()  # (N, V + 2)
             last[:, banned] = float("-inf")
             for g, t in zip(greedy, last.argmax(-1).tolist()):
                 g.append(t)
-        said = [g[len(r):] for g, r in zip(greedy, rows)]
+        said = [g[len(r) :] for g, r in zip(greedy, rows)]
         spelled = torch.tensor([[s[: len(c)] == c for c in candidates] for s in said])  # (N, K)
         if width == 1:
             return first[:, [c[0] for c in candidates]].cpu(), spelled  # (N, K)
@@ -81,8 +87,9 @@ class EvalMixin:
         return torch.stack(scores, dim=1).cpu(), spelled  # (N, K)
 
     @torch.no_grad()
-    def few_shot_accuracy(self, dataset: Any, shots: int, split: str = "test", batch_size: int = 90
-                          ) -> tuple[float, float]:
+    def few_shot_accuracy(
+        self, dataset: Any, shots: int, split: str = "test", batch_size: int = 90
+    ) -> tuple[float, float]:
         """(open-ended, closed-set) accuracy of k-shot prompts on ``split`` (first ``eval_limit`` images when set)."""
         data, train = dataset.split(split), dataset.train
         n = len(data) if not self.config.eval_limit else min(len(data), self.config.eval_limit)
@@ -95,9 +102,9 @@ class EvalMixin:
             for i in idx:
                 ex = torch.randperm(len(train), generator=g)[:shots]
                 rows.append(self.encode_text(self.few_shot_text(train["label"][ex].tolist())))
-                media.append(torch.cat([train["image"][ex], data["image"][i:i + 1]]))  # (k + 1, C, H, W)
+                media.append(torch.cat([train["image"][ex], data["image"][i : i + 1]]))  # (k + 1, C, H, W)
             scores, spelled = self.score_candidates(rows, media, candidates)  # (N, K), (N, K)
-            labels = data["label"][start:start + len(rows)]  # (N,)
+            labels = data["label"][start : start + len(rows)]  # (N,)
             ranked += int((scores.argmax(-1) == labels).sum())
             said += int(spelled[torch.arange(len(rows)), labels].sum())
         return said / max(n, 1), ranked / max(n, 1)
@@ -109,8 +116,10 @@ class EvalMixin:
         with eval_mode(self):
             scores = {str(k): self.few_shot_accuracy(dataset, k, split) for k in self.config.eval_shots}
         n = len(dataset.split(split))
-        metrics: dict[str, Any] = {"accuracy_by_shots": {k: v[0] for k, v in scores.items()},
-                                   "ranked_accuracy_by_shots": {k: v[1] for k, v in scores.items()}}
+        metrics: dict[str, Any] = {
+            "accuracy_by_shots": {k: v[0] for k, v in scores.items()},
+            "ranked_accuracy_by_shots": {k: v[1] for k, v in scores.items()},
+        }
         metrics.update({f"accuracy_{k}_shot": v[0] for k, v in scores.items()})
         metrics.update({f"ranked_accuracy_{k}_shot": v[1] for k, v in scores.items()})
         metrics["samples"] = n if not self.config.eval_limit else min(n, self.config.eval_limit)

@@ -3,15 +3,16 @@ and the ``polymodal flamingo caption DIR IMAGE... [--shots K]`` command."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
 import torch
 from torch import Tensor
 
-from polymodal.generation.sampling import generate
 from polymodal.generation.options import TOKEN_SAMPLING, keywords
+from polymodal.generation.sampling import generate
 from polymodal.nn import eval_mode
 
 from . import interleave as il
@@ -49,9 +50,18 @@ class GenerateMixin:
         return self.config.eval_template.split("{word}")[0].rstrip()
 
     @torch.no_grad()
-    def continue_text(self, text: str, images: Tensor, *, max_new_tokens: int = 12, seed: int = 0,
-                      temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                      use_cache: bool = True) -> str:
+    def continue_text(
+        self,
+        text: str,
+        images: Tensor,
+        *,
+        max_new_tokens: int = 12,
+        seed: int = 0,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+    ) -> str:
         """Generate the continuation of one interleaved ``text`` over ``images`` (M, C, H, W), up to
         ``<|endofchunk|>``; greedy unless a sampling option is given."""
         with eval_mode(self):
@@ -65,11 +75,20 @@ class GenerateMixin:
             tok = self.tokenizer.special_tokens
             allowed[[self.image_id, tok["bos"], tok["pad"]]] = False
             greedy = temperature is None and top_k is None and top_p is None
-            out = generate(self.step_fn(context), ids.to(context.device), min(max_new_tokens, room),
-                           temperature=temperature or 1.0, top_k=top_k, top_p=top_p, greedy=greedy,
-                           generator=torch.Generator().manual_seed(seed), allowed=allowed.to(context.device),
-                           eos_id=self.eoc_id, use_cache=use_cache)
-            new = out[0, ids.shape[1]:].tolist()
+            out = generate(
+                self.step_fn(context),
+                ids.to(context.device),
+                min(max_new_tokens, room),
+                temperature=temperature or 1.0,
+                top_k=top_k,
+                top_p=top_p,
+                greedy=greedy,
+                generator=torch.Generator().manual_seed(seed),
+                allowed=allowed.to(context.device),
+                eos_id=self.eoc_id,
+                use_cache=use_cache,
+            )
+            new = out[0, ids.shape[1] :].tolist()
             stops = [i for i, t in enumerate(new) if t in (self.eoc_id, tok["eos"])]
             end = stops[0] if stops else len(new)
         return self.tokenizer.decode(new[:end]) + (il.END_OF_CHUNK if stops and new[end] == self.eoc_id else "")
@@ -79,8 +98,14 @@ class GenerateMixin:
         captions = [il.fill(self.config.eval_template, int(y)) for y in labels]
         return il.chunk_text(captions, self.query_text() if query is None else query)
 
-    def caption(self, image: Tensor, examples: tuple[Tensor, Sequence[int]] | None = None, *,
-                prompt: str | None = None, **options: Any) -> tuple[str, str]:
+    def caption(
+        self,
+        image: Tensor,
+        examples: tuple[Tensor, Sequence[int]] | None = None,
+        *,
+        prompt: str | None = None,
+        **options: Any,
+    ) -> tuple[str, str]:
         """Caption one image (C, H, W) after in-context ``examples`` (images (k, C, H, W), labels);
         returns ``(prompt text, generated continuation)``."""
         ex_images, ex_labels = examples if examples is not None else (image.new_zeros((0, *image.shape)), [])
@@ -94,8 +119,9 @@ class GenerateMixin:
         idx = torch.randperm(len(dataset.train), generator=generator)[:k]
         return dataset.train["image"][idx], dataset.train["label"][idx].tolist()
 
-    def sample_to_folder(self, out: str | Path, *, n: int = 8, prompt: str | None = None, seed: int = 0,
-                         **options: Any) -> list[Path]:
+    def sample_to_folder(
+        self, out: str | Path, *, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
+    ) -> list[Path]:
         """Caption ``n`` random test images after ``sample_shots`` in-context examples each; writes the
         query images (``sample_000.png`` …, ``grid.png``), the examples (``examples/``) and
         ``transcript.txt``. Options: temperature, top_k, top_p, use_cache."""
@@ -113,15 +139,24 @@ class GenerateMixin:
         pick = torch.randperm(len(test), generator=g)[:n]
         out = Path(out)
         paths = write_samples(test["image"][pick], out)
-        lines = [f"Flamingo captions ({self.config.sample_shots}-shot, prompt {prompt or self.query_text()!r}); "
-                 "[image: FILE] marks where each image sits in the text; the generated text follows '⟶'.", ""]
+        lines = [
+            f"Flamingo captions ({self.config.sample_shots}-shot, prompt {prompt or self.query_text()!r}); "
+            "[image: FILE] marks where each image sits in the text; the generated text follows '⟶'.",
+            "",
+        ]
         for i, j in enumerate(pick.tolist()):
             ex_images, ex_labels = self.draw_examples(dataset, self.config.sample_shots, g)
-            ex_paths = [save_png(img, out / "examples" / f"sample_{i:03d}_example_{e}.png") for e, img in enumerate(ex_images)]
+            ex_paths = [
+                save_png(img, out / "examples" / f"sample_{i:03d}_example_{e}.png") for e, img in enumerate(ex_images)
+            ]
             paths += ex_paths
             text, gen = self.caption(test["image"][j], (ex_images, ex_labels), prompt=prompt, seed=seed + i, **options)
             names = [str(p.relative_to(out)) for p in ex_paths] + [f"sample_{i:03d}.png"]
-            lines += [f"## sample {i} (test image {j}, digit {int(test['label'][j])})", transcript(text, names, gen), ""]
+            lines += [
+                f"## sample {i} (test image {j}, digit {int(test['label'][j])})",
+                transcript(text, names, gen),
+                "",
+            ]
         path = out / "transcript.txt"
         path.write_text("\n".join(lines), encoding="utf-8")
         return paths + [path]
@@ -140,7 +175,9 @@ def transcript(text: str, image_names: Sequence[str], generated: str) -> str:
 @click.command("caption")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--shots", default=2, show_default=True, help="In-context (image, caption) examples from the digits train split.")
+@click.option(
+    "--shots", default=2, show_default=True, help="In-context (image, caption) examples from the digits train split."
+)
 @click.option("--prompt", help="Text after each image (default: the model's 'This is a').")
 @click.option("--seed", default=0, show_default=True, help="Seed drawing the examples (and sampling).")
 @click.option("--temperature", type=float, help="Sample with this temperature instead of greedy decoding.")

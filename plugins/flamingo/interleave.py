@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -129,9 +129,15 @@ def fill_caption(template: str, digit: int) -> str:
     return caption
 
 
-def training_sequences(labels: Sequence[int], templates: Sequence[str], min_chunks: int, max_chunks: int,
-                       mixed_template_rate: float, rng: random.Random, sentence_rate: float = 0.0
-                       ) -> list[tuple[list[int], list[str]]]:
+def training_sequences(
+    labels: Sequence[int],
+    templates: Sequence[str],
+    min_chunks: int,
+    max_chunks: int,
+    mixed_template_rate: float,
+    rng: random.Random,
+    sentence_rate: float = 0.0,
+) -> list[tuple[list[int], list[str]]]:
     """Group a batch's images into interleaved sequences: ``(image indices, captions)`` each.
 
     Every sequence gets ``min_chunks … max_chunks`` image–caption chunks. Its captions share
@@ -145,7 +151,7 @@ def training_sequences(labels: Sequence[int], templates: Sequence[str], min_chun
     out, i = [], 0
     while i < len(order):
         k = rng.randint(min_chunks, max_chunks)
-        idx = order[i:i + k]
+        idx = order[i : i + k]
         i += k
         mixed = rng.random() < mixed_template_rate
         pool = sentences if sentences and rng.random() < sentence_rate else list(templates)
@@ -155,5 +161,19 @@ def training_sequences(labels: Sequence[int], templates: Sequence[str], min_chun
     return out
 
 
-__all__ = ["CAPTION_TEMPLATES", "END_OF_CHUNK", "EVAL_TEMPLATE", "IMAGE", "SENTENCE_TEMPLATES", "SHORT_TEMPLATES",
-           "chunk_text", "encode", "fill", "image_counts", "media_index", "media_mask", "pad_rows", "training_sequences"]
+__all__ = [
+    "CAPTION_TEMPLATES",
+    "END_OF_CHUNK",
+    "EVAL_TEMPLATE",
+    "IMAGE",
+    "SENTENCE_TEMPLATES",
+    "SHORT_TEMPLATES",
+    "chunk_text",
+    "encode",
+    "fill",
+    "image_counts",
+    "media_index",
+    "media_mask",
+    "pad_rows",
+    "training_sequences",
+]

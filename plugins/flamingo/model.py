@@ -19,17 +19,18 @@ the logits (the first V columns) equal the frozen LM's logits on the same input 
 from __future__ import annotations
 
 import random
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import attrs
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.nn.fusion import CrossAttentionFusion
 from polymodal.data.folder import frozen_part_line, is_folder
 from polymodal.models import PolymodalModel
 from polymodal.models.interfaces import CausalLM, ImageEncoder, require
+from polymodal.nn.fusion import CrossAttentionFusion
 from polymodal.objectives import cross_entropy
 from polymodal.registry import get_registry
 
@@ -38,6 +39,7 @@ from .config import FlamingoConfig
 from .evaluate import EvalMixin
 from .generate import GenerateMixin
 from .resampler import PerceiverResampler
+
 
 class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
     """``forward(ids (B, T), images (B, M, C, H, W) or per-row lists)`` → logits (B, T, V + 2)."""
@@ -61,13 +63,16 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
         vdim = vision.config.vision.dim
         for name, want, got in (("lm", c.lm_dim, lm.dim), ("vision", c.vision_dim, vdim)):
             if want is not None and want != got:
-                raise ValueError(f"frozen {name} width mismatch: the Flamingo model expects {name}_dim={want}, "
-                                 f"the given {name} has width {got}")
+                raise ValueError(
+                    f"frozen {name} width mismatch: the Flamingo model expects {name}_dim={want}, "
+                    f"the given {name} has width {got}"
+                )
         self.config = attrs.evolve(c, lm_dim=lm.dim, vision_dim=vdim)
         self.lm, self.vision = lm, vision
         self.freeze()
-        self.resampler = PerceiverResampler(vdim, c.num_latents, c.resampler_depth, c.resampler_heads,
-                                            final_norm=c.resampler_final_norm)
+        self.resampler = PerceiverResampler(
+            vdim, c.num_latents, c.resampler_depth, c.resampler_heads, final_norm=c.resampler_final_norm
+        )
         self.special = nn.Embedding(2, lm.dim)  # rows: <image>, <|endofchunk|>
         tok = getattr(lm.tokenizer, "special_tokens", None) or {}
         with torch.no_grad():  # start as the LM's sentence boundaries: <image> ~ bos, <|endofchunk|> ~ eos
@@ -76,10 +81,20 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
                     self.special.weight[row] = lm.token_embeddings(torch.tensor([[tok[name]]]))[0, 0]
                 else:
                     nn.init.normal_(self.special.weight[row], std=0.02)
-        self.xattn = nn.ModuleDict({  # keyed by the LM block each one runs before
-            str(i): CrossAttentionFusion(dim=lm.dim, context_dim=vdim, heads=c.xattn_heads, gate=True,
-                                         mlp_ratio=c.xattn_mlp_ratio, norm="layernorm", norm_eps=1e-5)
-            for i in range(0, len(lm.stack.blocks), c.cross_every)})
+        self.xattn = nn.ModuleDict(
+            {  # keyed by the LM block each one runs before
+                str(i): CrossAttentionFusion(
+                    dim=lm.dim,
+                    context_dim=vdim,
+                    heads=c.xattn_heads,
+                    gate=True,
+                    mlp_ratio=c.xattn_mlp_ratio,
+                    norm="layernorm",
+                    norm_eps=1e-5,
+                )
+                for i in range(0, len(lm.stack.blocks), c.cross_every)
+            }
+        )
 
     @property
     def image_id(self) -> int:
@@ -114,9 +129,16 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
     @classmethod
     def tiny_config(cls, config: FlamingoConfig) -> FlamingoConfig:
         """Fresh tiny parts, one small resampler layer."""
-        return attrs.evolve(config, lm=attrs.evolve(config.lm, path="", tiny=True),
-                            vision=attrs.evolve(config.vision, path="", tiny=True), num_latents=2, resampler_depth=1,
-                            resampler_heads=2, xattn_heads=2, eval_limit=20)
+        return attrs.evolve(
+            config,
+            lm=attrs.evolve(config.lm, path="", tiny=True),
+            vision=attrs.evolve(config.vision, path="", tiny=True),
+            num_latents=2,
+            resampler_depth=1,
+            resampler_heads=2,
+            xattn_heads=2,
+            eval_limit=20,
+        )
 
     # -- the network ------------------------------------------------------------------------------
     def embed(self, ids: Tensor) -> Tensor:
@@ -126,8 +148,10 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
             got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
             raise ValueError(f"expected integer token ids (B, T); got {got}")
         if ids.numel() and (ids.min() < 0 or ids.max() > v + 1):
-            raise ValueError(f"token ids must lie in [0, {v + 1}] (text < {v}, <image> {v}, <|endofchunk|> {v + 1}); "
-                             f"got values in [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(
+                f"token ids must lie in [0, {v + 1}] (text < {v}, <image> {v}, <|endofchunk|> {v + 1}); "
+                f"got values in [{int(ids.min())}, {int(ids.max())}]"
+            )
         ids = ids.to(self.special.weight.device).long()
         special = ids >= v  # (B, T)
         text = self.lm.token_embeddings(ids.masked_fill(special, 0))  # (B, T, D)
@@ -148,7 +172,9 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
             if images.dim() == 4:  # one image per row
                 images = images.unsqueeze(1)  # (B, 1, C, H, W)
             if images.dim() != 5:
-                raise ValueError(f"images must be (B, M, C, H, W) or a list of (M_b, C, H, W); got {tuple(images.shape)}")
+                raise ValueError(
+                    f"images must be (B, M, C, H, W) or a list of (M_b, C, H, W); got {tuple(images.shape)}"
+                )
             rows = list(images)
         else:
             rows = list(images)
@@ -162,7 +188,7 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
             tokens = self.encode_images(torch.cat(list(real)))  # (ΣM, L, Dv)
             start = 0
             for b, r in enumerate(rows):
-                context[b, : len(r)] = tokens[start:start + len(r)]
+                context[b, : len(r)] = tokens[start : start + len(r)]
                 start += len(r)
         return context.flatten(1, 2), counts  # (B, M·L, Dv), (B,)
 
@@ -171,18 +197,22 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
         tokens = il.image_counts(ids, self.image_id).cpu()  # (B,)
         for b, (t, n) in enumerate(zip(tokens.tolist(), counts.tolist())):
             if t > n:
-                raise ValueError(f"row {b} has {t} <image> tokens but {n} images were given "
-                                 f"(expected one image per <image> token)")
+                raise ValueError(
+                    f"row {b} has {t} <image> tokens but {n} images were given (expected one image per <image> token)"
+                )
             if n > t:
-                raise ValueError(f"row {b}: {n} images were given but only {t} <image> tokens "
-                                 f"({n - t} image(s) without an <image> token)")
+                raise ValueError(
+                    f"row {b}: {n} images were given but only {t} <image> tokens "
+                    f"({n - t} image(s) without an <image> token)"
+                )
 
     def hidden(self, ids: Tensor, context: Tensor, *, cache: Any = None, offset: Tensor | None = None) -> Tensor:
         """Hidden states (B, T, D): the LM run on ``embed(ids)`` with media-masked cross-attention to ``context``."""
         index = il.media_index(ids.to(context.device), self.image_id, offset)  # (B, T)
         mask = il.media_mask(index, context.shape[1] // self.config.num_latents, self.config.num_latents)  # (B, T, M·L)
-        return self.lm.run(self.embed(ids), cache=cache, injected=self.xattn,
-                           inject_kwargs={"context": context, "mask": mask})
+        return self.lm.run(
+            self.embed(ids), cache=cache, injected=self.xattn, inject_kwargs={"context": context, "mask": mask}
+        )
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(B, T, D) → (B, T, V + 2): the LM's tied head, then the two special rows (tied too)."""
@@ -215,8 +245,9 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
         images, labels = batch["image"], batch["label"]
         c = self.config
         rng = random.Random(int(torch.randint(0, 2**31 - 1, ())))
-        seqs = il.training_sequences(labels.tolist(), c.templates, c.min_chunks, c.max_chunks,
-                                     c.mixed_template_rate, rng, c.sentence_rate)
+        seqs = il.training_sequences(
+            labels.tolist(), c.templates, c.min_chunks, c.max_chunks, c.mixed_template_rate, rng, c.sentence_rate
+        )
         rows, media, device = [], [], self.special.weight.device
         for idx, captions in seqs:
             row = self.encode_text(il.chunk_text(captions))
@@ -228,18 +259,22 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
         ids = il.pad_rows(rows, self.pad_id())  # (S, T + 1)
         targets = ids[:, 1:].clone()  # (S, T)
         for i, r in enumerate(rows):
-            targets[i, len(r) - 1:] = -100
+            targets[i, len(r) - 1 :] = -100
         targets[targets == self.image_id] = -100
         logits = self(ids[:, :-1].to(device), media)  # (S, T, V + 2)
         loss, metrics = cross_entropy(logits, targets.to(device), ignore_index=-100)
-        metrics["gate_attn"] = sum(float(torch.tanh(b.attn_gate.detach()).abs()) for b in self.xattn_blocks()) / len(self.xattn_blocks())
+        metrics["gate_attn"] = sum(float(torch.tanh(b.attn_gate.detach()).abs()) for b in self.xattn_blocks()) / len(
+            self.xattn_blocks()
+        )
         return loss, metrics
 
     def example_batch(self, batch_size: int = 4, generator: torch.Generator | None = None) -> dict[str, Any]:
         """A digits-like batch of random images and labels."""
         v = self.vision.config.vision
-        return {"image": torch.rand(batch_size, v.channels, v.image_size, v.image_size, generator=generator),
-                "label": torch.randint(0, 10, (batch_size,), generator=generator)}
+        return {
+            "image": torch.rand(batch_size, v.channels, v.image_size, v.image_size, generator=generator),
+            "label": torch.randint(0, 10, (batch_size,), generator=generator),
+        }
 
     def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Two chunks per row: ``bos <image> w w <|endofchunk|> <image> w w w`` and two random images per row."""
@@ -258,13 +293,19 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
         trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
         lm, vision = self.part_sources["lm"], self.part_sources["vision"]
-        return [f"Flamingo: frozen LM (width {c.lm_dim}, {len(self.lm.stack.blocks)} blocks; {lm}, saved in `lm/`) and "
-                f"frozen CLIP vision tower (width {c.vision_dim}; {vision}, saved in `vision/`); Perceiver Resampler "
-                f"({c.num_latents} latents, depth {c.resampler_depth}); gated cross-attention before every "
-                f"{c.cross_every} LM block(s).",
-                "", f"Trainable parameters: {trained:,} of {total:,}.", "",
-                "Training captions: " + "; ".join(f"`{t}`" for t in c.templates) + f". Evaluation format: `{c.eval_template}`.",
-                ""]
+        return [
+            f"Flamingo: frozen LM (width {c.lm_dim}, {len(self.lm.stack.blocks)} blocks; {lm}, saved in `lm/`) and "
+            f"frozen CLIP vision tower (width {c.vision_dim}; {vision}, saved in `vision/`); Perceiver Resampler "
+            f"({c.num_latents} latents, depth {c.resampler_depth}); gated cross-attention before every "
+            f"{c.cross_every} LM block(s).",
+            "",
+            f"Trainable parameters: {trained:,} of {total:,}.",
+            "",
+            "Training captions: "
+            + "; ".join(f"`{t}`" for t in c.templates)
+            + f". Evaluation format: `{c.eval_template}`.",
+            "",
+        ]
 
 
 __all__ = ["Flamingo", "FlamingoConfig"]

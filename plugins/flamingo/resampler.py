@@ -36,8 +36,16 @@ class ResamplerLayer(nn.Module):
 class PerceiverResampler(nn.Module):
     """Media features (B, N, D) → ``num_latents`` visual tokens (B, L, D), whatever N is."""
 
-    def __init__(self, dim: int, num_latents: int = 8, depth: int = 2, heads: int = 4,
-                 mlp_ratio: float = 4.0, eps: float = 1e-5, final_norm: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_latents: int = 8,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        eps: float = 1e-5,
+        final_norm: bool = True,
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"the resampler's heads must divide its width; got dim={dim}, heads={heads}")

@@ -12,8 +12,8 @@ Commands: ``polymodal fromage caption DIR IMAGE...`` and ``polymodal fromage ret
 from __future__ import annotations
 
 from polymodal import hookimpl
-from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
+from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
 from .model import Fromage, FromageConfig
@@ -26,8 +26,9 @@ DIGITS = ModelSpec(
     data="digits",
     # No global clipping: the InfoNCE gradient would throttle the adapter's (captions 0.66–0.95 over seeds with
     # grad_clip=1, 0.95 without).
-    train=TrainConfig(steps=1200, batch_size=64, lr=1e-2, warmup_steps=30, weight_decay=0.0, grad_clip=0.0,
-                      checkpoint_every=0),
+    train=TrainConfig(
+        steps=1200, batch_size=64, lr=1e-2, warmup_steps=30, weight_decay=0.0, grad_clip=0.0, checkpoint_every=0
+    ),
     doc="FROMAGe on the digits: frozen LM + frozen CLIP image tower; linear prefix adapter, [RET] and retrieval heads.",
 )
 

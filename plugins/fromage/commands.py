@@ -41,11 +41,19 @@ def caption_command(directory, images, max_tokens) -> None:
 @click.command("retrieve")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.argument("prompt")
-@click.option("--gallery", type=click.Path(exists=True, file_okay=False),
-              help="Folder of images to retrieve from (default: the test split of the model's data).")
+@click.option(
+    "--gallery",
+    type=click.Path(exists=True, file_okay=False),
+    help="Folder of images to retrieve from (default: the test split of the model's data).",
+)
 @click.option("-k", "k", default=5, show_default=True, help="Images to retrieve.")
-@click.option("--image", "inputs", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="An image for each <image> token of PROMPT, in order (repeatable).")
+@click.option(
+    "--image",
+    "inputs",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="An image for each <image> token of PROMPT, in order (repeatable).",
+)
 @click.option("--out", type=click.Path(file_okay=False), help="Also write the images and a transcript here.")
 def retrieve_command(directory, prompt, gallery, k, inputs, out) -> None:
     """Continue PROMPT (may hold <image> tokens) with DIRECTORY's FROMAGe model; print the k nearest gallery images."""

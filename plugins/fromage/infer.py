@@ -1,17 +1,18 @@
 """FROMAGe inference: captioning, text generation that may emit [RET], retrieval, evaluation, sample folders.
 
-    model = polymodal.load("runs/fromage")
-    captions = caption(model, images)                       # ["a seven", …]
-    out = generate(model, "a photo of the number seven", gallery=test_images, k=5)
-    out = generate(model, "<image> is a picture of a", images=one_image)  # interleaved prompt
-    out["text"], out["retrieved"], out["emitted_ret"]        # text, (k,) gallery indices, bool
+model = polymodal.load("runs/fromage")
+captions = caption(model, images)                       # ["a seven", …]
+out = generate(model, "a photo of the number seven", gallery=test_images, k=5)
+out = generate(model, "<image> is a picture of a", images=one_image)  # interleaved prompt
+out["text"], out["retrieved"], out["emitted_ret"]        # text, (k,) gallery indices, bool
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -63,8 +64,16 @@ def _sampling(options: dict[str, Any], seed: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def caption(model: Any, images: Tensor, *, max_new_tokens: int | None = None, batch_size: int = 128,
-            seed: int = 0, use_cache: bool = True, **sampling: Any) -> list[str]:
+def caption(
+    model: Any,
+    images: Tensor,
+    *,
+    max_new_tokens: int | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+    use_cache: bool = True,
+    **sampling: Any,
+) -> list[str]:
     """(B, C, S, S) images → one caption each: bos and the prefix (in training order), then greedy
     (or sampled) tokens until [RET] or end-of-text."""
     model.check_images(images)
@@ -72,12 +81,18 @@ def caption(model: Any, images: Tensor, *, max_new_tokens: int | None = None, ba
     bos = model.tokenizer.special_tokens["bos"]
     out: list[str] = []
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
+        chunk = images[start : start + batch_size]
         prefix = model.prefix(chunk)  # (b, k, D)
         prompt = torch.full((len(chunk), 1), bos, dtype=torch.long, device=prefix.device)  # (b, 1)
         before, after = (None, prefix) if model.config.bos_first else (prefix, None)
-        ids = core_generate(_step_fn(model, before, after, 1), prompt, n, eos_id=model.ret_id, use_cache=use_cache,
-                            **_sampling(sampling, seed + start))  # (b, 1 + n')
+        ids = core_generate(
+            _step_fn(model, before, after, 1),
+            prompt,
+            n,
+            eos_id=model.ret_id,
+            use_cache=use_cache,
+            **_sampling(sampling, seed + start),
+        )  # (b, 1 + n')
         out += [model.tokenizer.decode(_cut(model, row)[0]).strip() for row in ids[:, 1:].tolist()]
     return out
 
@@ -87,14 +102,20 @@ def embed_texts(model: Any, texts: Sequence[str], batch_size: int = 256) -> Tens
     """(N, S) unit query embeddings of texts read alone with [RET] appended."""
     if isinstance(texts, str) or not texts:
         raise ValueError(f"expected a non-empty list of texts; got {texts!r}")
-    return torch.cat([model.text_embeddings(model.encode_captions(list(texts[i:i + batch_size])).to(model.ret_token_embed.device))
-                      for i in range(0, len(texts), batch_size)])
+    return torch.cat(
+        [
+            model.text_embeddings(
+                model.encode_captions(list(texts[i : i + batch_size])).to(model.ret_token_embed.device)
+            )
+            for i in range(0, len(texts), batch_size)
+        ]
+    )
 
 
 @torch.no_grad()
 def embed_images(model: Any, images: Tensor, batch_size: int = 512) -> Tensor:
     """(N, S) unit retrieval embeddings of a gallery of images."""
-    return torch.cat([model.image_embeddings(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    return torch.cat([model.image_embeddings(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
 IMAGE_TOKEN = "<image>"
@@ -114,8 +135,10 @@ def interleave(model: Any, prompt: str, images: Tensor | None = None) -> tuple[T
     pieces = [p.strip() for p in prompt.split(IMAGE_TOKEN)]
     given = 0 if images is None else len(images)
     if len(pieces) - 1 != given:
-        raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} token(s) but {given} image(s) were given; "
-                         f"put one {IMAGE_TOKEN} where each image goes")
+        raise ValueError(
+            f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} token(s) but {given} image(s) were given; "
+            f"put one {IMAGE_TOKEN} where each image goes"
+        )
     tok, device = model.tokenizer, model.ret_token_embed.device
     prefixes = model.prefix(images) if given else None  # (N, k, D)
     bos, first = [tok.special_tokens["bos"]], model.config.bos_first
@@ -123,7 +146,7 @@ def interleave(model: Any, prompt: str, images: Tensor | None = None) -> tuple[T
     head = tok.encode(pieces[0], add_bos=False, add_eos=False)
     segments.append(bos + head if first or head or not given else [])
     for i, text in enumerate(pieces[1:]):
-        segments += [prefixes[i:i + 1], ([] if first else bos) + tok.encode(text, add_bos=False, add_eos=False)]
+        segments += [prefixes[i : i + 1], ([] if first else bos) + tok.encode(text, add_bos=False, add_eos=False)]
     segments = [s for s in segments if len(s)]
     last = max(i for i, s in enumerate(segments) if isinstance(s, list))
 
@@ -131,13 +154,23 @@ def interleave(model: Any, prompt: str, images: Tensor | None = None) -> tuple[T
         x = [s if isinstance(s, Tensor) else model.embed_ids(torch.tensor([s], device=device)) for s in group]
         return torch.cat(x, dim=1) if x else None  # (1, L, D)
 
-    return embed(segments[:last]), torch.tensor([segments[last]], device=device), embed(segments[last + 1:])
+    return embed(segments[:last]), torch.tensor([segments[last]], device=device), embed(segments[last + 1 :])
 
 
 @torch.no_grad()
-def generate(model: Any, prompt: str, *, images: Tensor | None = None, gallery: Tensor | None = None, k: int = 5,
-             max_new_tokens: int | None = None, force_ret: bool = True, seed: int = 0, use_cache: bool = True,
-             **sampling: Any) -> dict[str, Any]:
+def generate(
+    model: Any,
+    prompt: str,
+    *,
+    images: Tensor | None = None,
+    gallery: Tensor | None = None,
+    k: int = 5,
+    max_new_tokens: int | None = None,
+    force_ret: bool = True,
+    seed: int = 0,
+    use_cache: bool = True,
+    **sampling: Any,
+) -> dict[str, Any]:
     """Continue an (interleaved) ``prompt`` until [RET] or end-of-text; retrieve the ``k`` nearest gallery images at [RET].
 
     ``images`` (N, C, S, S) fill the prompt's N ``<image>`` tokens. Returns ``text`` (the
@@ -153,8 +186,14 @@ def generate(model: Any, prompt: str, *, images: Tensor | None = None, gallery: 
     if gallery is not None and not 0 < k <= len(gallery):
         raise ValueError(f"k must be in [1, {len(gallery)}] (the gallery size); got {k}")
     t0 = prompt_ids.shape[1]
-    ids = core_generate(_step_fn(model, before, after, t0), prompt_ids, n, eos_id=model.ret_id, use_cache=use_cache,
-                        **_sampling(sampling, seed))  # (1, T + n')
+    ids = core_generate(
+        _step_fn(model, before, after, t0),
+        prompt_ids,
+        n,
+        eos_id=model.ret_id,
+        use_cache=use_cache,
+        **_sampling(sampling, seed),
+    )  # (1, T + n')
     new, emitted = _cut(model, ids[0, t0:].tolist())
     out: dict[str, Any] = {"prompt": prompt, "text": model.tokenizer.decode(new).strip(), "emitted_ret": emitted}
     if gallery is not None and (emitted or force_ret):
@@ -221,15 +260,22 @@ def load_gallery(model: Any, gallery: Any) -> tuple[Tensor, list[str]]:
     if isinstance(gallery, Tensor):
         return model.check_images(gallery), [f"gallery[{i}]" for i in range(len(gallery))]
     folder = Path(gallery)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")) if folder.is_dir() else []
+    files = (
+        sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+        if folder.is_dir()
+        else []
+    )
     if not files:
-        raise ValueError(f"gallery must be an image tensor (N, {v.channels}, {v.image_size}, {v.image_size}) or a folder "
-                         f"of .png/.jpg images; {str(gallery)!r} has none")
+        raise ValueError(
+            f"gallery must be an image tensor (N, {v.channels}, {v.image_size}, {v.image_size}) or a folder "
+            f"of .png/.jpg images; {str(gallery)!r} has none"
+        )
     return torch.stack([read_image(p, v.channels, v.image_size) for p in files]), [p.name for p in files]
 
 
-def sample_to_folder(model: Any, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0,
-                     **options: Any) -> list[Path]:
+def sample_to_folder(
+    model: Any, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
+) -> list[Path]:
     """With a prompt: its continuation and the ``n`` nearest gallery images; without: ``n`` captioned test images.
 
     The prompt may hold ``<image>`` tokens filled from ``images`` (N, C, S, S); ``gallery`` is an
@@ -241,30 +287,51 @@ def sample_to_folder(model: Any, out: str | Path, n: int = 8, prompt: str | None
 
     bad = sorted(set(options) - set(SAMPLE_OPTIONS))
     if bad:
-        raise ValueError(f"fromage does not support {', '.join(bad)}; it supports {', '.join(SAMPLE_OPTIONS)} "
-                         "(caption your own images with `polymodal fromage caption`)")
+        raise ValueError(
+            f"fromage does not support {', '.join(bad)}; it supports {', '.join(SAMPLE_OPTIONS)} "
+            "(caption your own images with `polymodal fromage caption`)"
+        )
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1; got {n!r}")
     gen = {k: options[k] for k in ("temperature", "top_k", "top_p", "use_cache", "max_new_tokens") if k in options}
     images, names = load_gallery(model, options.get("gallery"))
     out = Path(out)
     if prompt is not None:
-        result = generate(model, prompt, images=options.get("images"), gallery=images, k=min(n, len(images)),
-                          seed=seed, **gen)
+        result = generate(
+            model, prompt, images=options.get("images"), gallery=images, k=min(n, len(images)), seed=seed, **gen
+        )
         picked = result["retrieved"]
-        lines = [f"prompt: {prompt}", f"generated: {result['text']}",
-                 f"[RET]: {'emitted' if result['emitted_ret'] else 'not emitted; appended for retrieval'}", "retrieved:"]
-        lines += [f"  sample_{i:03d}.png  {names[j]}  cosine {s:.3f}"
-                  for i, (j, s) in enumerate(zip(picked.tolist(), result["scores"].tolist()))]
+        lines = [
+            f"prompt: {prompt}",
+            f"generated: {result['text']}",
+            f"[RET]: {'emitted' if result['emitted_ret'] else 'not emitted; appended for retrieval'}",
+            "retrieved:",
+        ]
+        lines += [
+            f"  sample_{i:03d}.png  {names[j]}  cosine {s:.3f}"
+            for i, (j, s) in enumerate(zip(picked.tolist(), result["scores"].tolist()))
+        ]
     else:
         picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
         caps = caption(model, images[picked], seed=seed, **gen)
-        lines = ["captions:"] + [f"  sample_{i:03d}.png  {names[j]}: {c}" for i, (j, c) in enumerate(zip(picked.tolist(), caps))]
+        lines = ["captions:"] + [
+            f"  sample_{i:03d}.png  {names[j]}: {c}" for i, (j, c) in enumerate(zip(picked.tolist(), caps))
+        ]
     paths = write_samples(images[picked], out)
     transcript = out / "transcript.txt"
     transcript.write_text("\n".join(lines) + "\n")
     return [*paths, transcript]
 
 
-__all__ = ["SAMPLE_OPTIONS", "caption", "embed_images", "embed_texts", "evaluate_fromage", "generate", "interleave",
-           "load_gallery", "named_digits", "sample_to_folder"]
+__all__ = [
+    "SAMPLE_OPTIONS",
+    "caption",
+    "embed_images",
+    "embed_texts",
+    "evaluate_fromage",
+    "generate",
+    "interleave",
+    "load_gallery",
+    "named_digits",
+    "sample_to_folder",
+]

@@ -30,16 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.generation.options import TOKEN_SAMPLING
-from polymodal.nn.fusion import AdapterFusion
 from polymodal.data.folder import frozen_part_line, is_folder
+from polymodal.generation.options import TOKEN_SAMPLING
 from polymodal.models import PolymodalModel
 from polymodal.models.interfaces import CausalLM, ImageEncoder, require
+from polymodal.nn.fusion import AdapterFusion
 from polymodal.objectives import ContrastiveLoss
 from polymodal.registry import get_registry
 
 from .config import EVAL_TEMPLATES, TRAIN_TEMPLATES, FromageConfig
 from .objective import FromageTraining
+
 
 class Fromage(FromageTraining, PolymodalModel):
     """``forward(images, ids)`` → captioning logits (B, k+T, V+1) and unit text/image retrieval embeddings (B, S)."""
@@ -83,14 +84,16 @@ class Fromage(FromageTraining, PolymodalModel):
         v = self.vision
         return int(v.config.embed_dim if self.config.visual_feature == "embed" else v.config.vision.dim)
 
-    def swap_parts(self, lm: nn.Module | None = None, vision: nn.Module | None = None) -> "Fromage":
+    def swap_parts(self, lm: nn.Module | None = None, vision: nn.Module | None = None) -> Fromage:
         """Replace a frozen part by another of the same widths, keeping the trained joints."""
         if lm is not None:
             require(lm, CausalLM, what="FromageConfig.lm")
             want = (self.adapter.cfg.out_dim, self.ret_id)
             if (int(lm.dim), int(lm.vocab_size)) != want:
-                raise ValueError(f"FromageConfig.lm: the trained joints expect an LM of width {want[0]} and vocabulary "
-                                 f"{want[1]}; got width {lm.dim} and vocabulary {lm.vocab_size}")
+                raise ValueError(
+                    f"FromageConfig.lm: the trained joints expect an LM of width {want[0]} and vocabulary "
+                    f"{want[1]}; got width {lm.dim} and vocabulary {lm.vocab_size}"
+                )
             self.lm = lm
             self._part_keys["lm"] = frozenset(lm.own_state_dict())
             self.part_sources["lm"] = f"a given {type(lm).__name__}"
@@ -99,8 +102,10 @@ class Fromage(FromageTraining, PolymodalModel):
             old, self.vision = self.vision, vision
             if self.visual_dim != self.adapter.cfg.in_dim:
                 got, self.vision = self.visual_dim, old
-                raise ValueError(f"FromageConfig.vision: the trained joints expect image features of width "
-                                 f"{self.adapter.cfg.in_dim} ({self.config.visual_feature}); got width {got}")
+                raise ValueError(
+                    f"FromageConfig.vision: the trained joints expect image features of width "
+                    f"{self.adapter.cfg.in_dim} ({self.config.visual_feature}); got width {got}"
+                )
             self.vision = vision
             self._part_keys["vision"] = frozenset(vision.own_state_dict())
             self.part_sources["vision"] = f"a given {type(vision).__name__}"
@@ -121,15 +126,22 @@ class Fromage(FromageTraining, PolymodalModel):
     @classmethod
     def tiny_config(cls, config: FromageConfig) -> FromageConfig:
         """Fresh tiny LM and CLIP, a small shared space."""
-        return attrs.evolve(config, lm=attrs.evolve(config.lm, path="", tiny=True),
-                            vision=attrs.evolve(config.vision, path="", tiny=True), shared_dim=16, max_caption_tokens=4,
-                            ret_layer=-1)
+        return attrs.evolve(
+            config,
+            lm=attrs.evolve(config.lm, path="", tiny=True),
+            vision=attrs.evolve(config.vision, path="", tiny=True),
+            shared_dim=16,
+            max_caption_tokens=4,
+            ret_layer=-1,
+        )
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and total parameters (the frozen LM and CLIP included in the total)."""
         params = list(self.parameters())
-        return {"trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
-                "total_parameters": sum(p.numel() for p in params)}
+        return {
+            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+            "total_parameters": sum(p.numel() for p in params),
+        }
 
     # -- embeddings and logits ------------------------------------------------------------------
     @property
@@ -141,12 +153,17 @@ class Fromage(FromageTraining, PolymodalModel):
         """ValueError naming expected vs given unless ``images`` is (B, C, S, S) float for the CLIP tower."""
         v = self.vision.config.vision
         want = f"(B, {v.channels}, {v.image_size}, {v.image_size})"
-        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (v.channels, v.image_size, v.image_size):
+        if (
+            not isinstance(images, Tensor)
+            or images.dim() != 4
+            or tuple(images.shape[1:]) != (v.channels, v.image_size, v.image_size)
+        ):
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"expected images {want} in [0, 1]; got {got}")
         if images.shape[0] == 0 or not images.is_floating_point():
-            raise ValueError(f"expected a non-empty float image batch {want}; got shape {tuple(images.shape)}, "
-                             f"dtype {images.dtype}")
+            raise ValueError(
+                f"expected a non-empty float image batch {want}; got shape {tuple(images.shape)}, dtype {images.dtype}"
+            )
         return images
 
     def image_features(self, images: Tensor) -> Tensor:
@@ -163,8 +180,10 @@ class Fromage(FromageTraining, PolymodalModel):
         if ids.dim() != 2 or ids.dtype != torch.long:
             raise ValueError(f"expected token ids (B, T) long; got shape {tuple(ids.shape)}, dtype {ids.dtype}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > self.ret_id):
-            raise ValueError(f"token ids must lie in [0, {self.ret_id}] ({self.ret_id} = [RET]); "
-                             f"got ids in [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(
+                f"token ids must lie in [0, {self.ret_id}] ({self.ret_id} = [RET]); "
+                f"got ids in [{int(ids.min())}, {int(ids.max())}]"
+            )
         is_ret = (ids == self.ret_id).unsqueeze(-1)  # (B, T, 1)
         base = self.lm.token_embeddings(ids.masked_fill(is_ret.squeeze(-1), 0))  # (B, T, D)
         return torch.where(is_ret, self.ret_token_embed.to(base.dtype), base)  # (B, T, D)
@@ -209,7 +228,9 @@ class Fromage(FromageTraining, PolymodalModel):
             return final, final
         depth = len(self.lm.stack.blocks)
         if self.config.ret_layer > depth:
-            raise ValueError(f"FromageConfig.ret_layer must be -2, -1 or in [0, {depth}] for this LM; got {self.config.ret_layer}")
+            raise ValueError(
+                f"FromageConfig.ret_layer must be -2, -1 or in [0, {depth}] for this LM; got {self.config.ret_layer}"
+            )
         final, hidden = self.lm.run(embeds, return_hidden=True)  # (B, T, D), depth + 1 tensors (B, T, D)
         if self.config.ret_layer == -2:
             return final, torch.cat(hidden[1:], dim=-1)  # (B, T, depth·D) every block's output (the last one normed)
@@ -230,8 +251,11 @@ class Fromage(FromageTraining, PolymodalModel):
 
     def forward(self, images: Tensor, ids: Tensor) -> dict[str, Tensor]:
         """Captioning logits (B, k+T, V+1), unit text (B, S) and image (B, S) retrieval embeddings."""
-        return {"logits": self.caption_logits(images, ids), "text": self.text_embeddings(ids),
-                "image": self.image_embeddings(images)}
+        return {
+            "logits": self.caption_logits(images, ids),
+            "text": self.text_embeddings(ids),
+            "image": self.image_embeddings(images),
+        }
 
     # -- evaluation and sampling (see .infer) ---------------------------------------------------
     @torch.no_grad()
@@ -241,8 +265,9 @@ class Fromage(FromageTraining, PolymodalModel):
 
         return evaluate_fromage(self, dataset, split)
 
-    def sample_to_folder(self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0,
-                         **options: Any) -> list[Path]:
+    def sample_to_folder(
+        self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
+    ) -> list[Path]:
         """Prompt → generated text + the n nearest test images (or, without a prompt, n captioned images)."""
         from .infer import sample_to_folder
 
@@ -253,14 +278,18 @@ class Fromage(FromageTraining, PolymodalModel):
         """Parts, joints and templates for the model card."""
         c, n = self.config, self.parameter_counts()
         lm, vision = self.part_sources["lm"], self.part_sources["vision"]
-        return [f"FROMAGe: frozen LM (width {self.lm.dim}, vocabulary {self.ret_id}; {lm}, saved in `lm/`) and frozen "
-                f"CLIP image tower ({vision}, saved in `vision/`).",
-                f"Trained: a linear adapter from the CLIP {c.visual_feature} ({self.visual_dim}) to {c.prefix_tokens} LM "
-                f"input token(s), the [RET] embedding row (id {self.ret_id}, tied output logit), the [RET]-hidden and "
-                f"image heads into a {c.shared_dim}-d retrieval space and the logit scale: "
-                f"{n['trainable_parameters']:,} of {n['total_parameters']:,} parameters.", "",
-                "Training captions: " + "; ".join(f"`{t} [RET]`" for t in c.templates) + ". Held-out retrieval "
-                "queries: " + "; ".join(f"`{t}`" for t in c.eval_templates) + ".", ""]
+        return [
+            f"FROMAGe: frozen LM (width {self.lm.dim}, vocabulary {self.ret_id}; {lm}, saved in `lm/`) and frozen "
+            f"CLIP image tower ({vision}, saved in `vision/`).",
+            f"Trained: a linear adapter from the CLIP {c.visual_feature} ({self.visual_dim}) to {c.prefix_tokens} LM "
+            f"input token(s), the [RET] embedding row (id {self.ret_id}, tied output logit), the [RET]-hidden and "
+            f"image heads into a {c.shared_dim}-d retrieval space and the logit scale: "
+            f"{n['trainable_parameters']:,} of {n['total_parameters']:,} parameters.",
+            "",
+            "Training captions: " + "; ".join(f"`{t} [RET]`" for t in c.templates) + ". Held-out retrieval "
+            "queries: " + "; ".join(f"`{t}`" for t in c.eval_templates) + ".",
+            "",
+        ]
 
 
 __all__ = ["EVAL_TEMPLATES", "Fromage", "FromageConfig", "TRAIN_TEMPLATES"]

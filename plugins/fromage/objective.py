@@ -33,8 +33,9 @@ class FromageTraining:
             out[i, : len(row)] = torch.tensor(row)
         return out  # (B, T)
 
-    def captions_for(self, batch: dict[str, Any], generator: torch.Generator | None = None,
-                     templates: tuple[str, ...] | None = None) -> list[str]:
+    def captions_for(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None, templates: tuple[str, ...] | None = None
+    ) -> list[str]:
         """A caption per image from ``templates`` (default: the captioning ones); the batch's own without labels."""
         if "label" not in batch:
             return list(batch["caption"])
@@ -54,17 +55,27 @@ class FromageTraining:
         logits = self.caption_logits(images, ids)  # (B, k+T, V+1)
         k = self.config.prefix_tokens
         targets = ids[:, 1:].masked_fill(ids[:, 1:] == self.tokenizer.special_tokens["pad"], -100)  # (B, T-1)
-        ce, m = cross_entropy(logits[:, k:-1], targets)  # position k (last prefix / bos) predicts the first caption token
+        ce, m = cross_entropy(
+            logits[:, k:-1], targets
+        )  # position k (last prefix / bos) predicts the first caption token
         texts = self.captions_for(batch, templates=self.config.retrieval_templates)
-        text, emit = self.text_embeddings(self.encode_captions(texts).to(ids.device), with_emission=True)  # (B, S), (B, V+1)
+        text, emit = self.text_embeddings(
+            self.encode_captions(texts).to(ids.device), with_emission=True
+        )  # (B, S), (B, V+1)
         ret = torch.full((len(texts),), self.ret_id, device=emit.device)  # (B,)
         emission, em = cross_entropy(emit, ret)  # the text alone ends in [RET] too
         image = self.image_embeddings(images)  # (B, S)
         terms = [self.contrastive(image[g], text[g]) for g in self.contrastive_groups(batch, len(texts))]
         nce, cm = torch.stack([t[0] for t in terms]).mean(), terms[0][1]
-        metrics = {"caption_loss": ce.item(), "caption_token_accuracy": m["accuracy"], "retrieval_loss": nce.item(),
-                   "emission_loss": emission.item(), "ret_emission_accuracy": em["accuracy"],
-                   "accuracy_t2i": cm["accuracy_t2i"], "logit_scale": cm["logit_scale"]}
+        metrics = {
+            "caption_loss": ce.item(),
+            "caption_token_accuracy": m["accuracy"],
+            "retrieval_loss": nce.item(),
+            "emission_loss": emission.item(),
+            "ret_emission_accuracy": em["accuracy"],
+            "accuracy_t2i": cm["accuracy_t2i"],
+            "logit_scale": cm["logit_scale"],
+        }
         return ce + self.config.retrieval_weight * nce + self.config.emission_weight * emission, metrics
 
     def contrastive_groups(self, batch: dict[str, Any], n: int) -> list[Tensor]:

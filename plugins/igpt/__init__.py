@@ -13,8 +13,8 @@ Real checkpoints (OpenAI's imagegpt-small …) come in through ``polymodal conve
 from __future__ import annotations
 
 from polymodal import hookimpl
-from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
+from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
 from .model import IGPT, IGPTConfig
@@ -23,8 +23,18 @@ __all__ = ["IGPT", "IGPTConfig", "VARIANTS"]
 
 DIGITS = ModelSpec(
     IGPT,
-    IGPTConfig(image_size=8, channels=1, palette_size=16, dim=128, depth=4, heads=4, augment_shift=1,
-               augment_prob=0.5, data="digits", eval_samples=256),
+    IGPTConfig(
+        image_size=8,
+        channels=1,
+        palette_size=16,
+        dim=128,
+        depth=4,
+        heads=4,
+        augment_shift=1,
+        augment_prob=0.5,
+        data="digits",
+        eval_samples=256,
+    ),
     data="digits",
     train=TrainConfig(steps=800, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.05, checkpoint_every=0),
     doc="iGPT on the embedded 8×8 digits (16-grey palette, 64 tokens, width 128, depth 4).",

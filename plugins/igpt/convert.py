@@ -33,8 +33,10 @@ from .model import IGPT, IGPTConfig
 def config_from_hf(hf: dict, source: str = "hf-imagegpt") -> IGPTConfig:
     """Translate a transformers ``ImageGPTConfig`` dict (refusing what the core cannot run)."""
     refuse = {
-        "scale_attn_weights": (False, "an attention-scale option on polymodal.nn.BlockConfig (scale 1 instead "
-                                      "of 1/sqrt(head_dim))"),
+        "scale_attn_weights": (
+            False,
+            "an attention-scale option on polymodal.nn.BlockConfig (scale 1 instead of 1/sqrt(head_dim))",
+        ),
         "scale_attn_by_inverse_layer_idx": (True, "a per-layer attention scale 1/(layer+1) on BlockConfig"),
         "add_cross_attention": (True, "cross-attention into an encoder's states (not part of iGPT)"),
     }
@@ -50,10 +52,20 @@ def config_from_hf(hf: dict, source: str = "hf-imagegpt") -> IGPTConfig:
         raise LoadError(f"{source}: vocab_size must be an integer >= 3 (colours + start token); got {vocab!r}")
     act = activation({"hidden_act": hf.get("activation_function", "quick_gelu")}, source)
     inner = hf.get("n_inner") or 4 * dim
-    return IGPTConfig(image_size=side, channels=3, palette_size=vocab - 1, dim=dim, depth=hf.get("n_layer", 24),
-                      heads=hf.get("n_head", 8), act=act, mlp_ratio=mlp_ratio_for(dim, inner, source),
-                      norm_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=float(hf.get("resid_pdrop", 0.0)),
-                      attn_dropout=float(hf.get("attn_pdrop", 0.0)), data="")
+    return IGPTConfig(
+        image_size=side,
+        channels=3,
+        palette_size=vocab - 1,
+        dim=dim,
+        depth=hf.get("n_layer", 24),
+        heads=hf.get("n_head", 8),
+        act=act,
+        mlp_ratio=mlp_ratio_for(dim, inner, source),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        dropout=float(hf.get("resid_pdrop", 0.0)),
+        attn_dropout=float(hf.get("attn_pdrop", 0.0)),
+        data="",
+    )
 
 
 def state_from_hf(src: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
@@ -86,7 +98,13 @@ def convert_hf_imagegpt(src: str | Path, dst: str | Path | None = None) -> IGPT:
         state["palette_fitted"] = torch.tensor(palette is not None)
         return "" if palette is not None else " (no preprocessor_config.json clusters: the palette is a placeholder)"
 
-    return convert_hf_folder(src, dst, converter="hf-imagegpt", model_type="imagegpt", label="ImageGPT",
-                             build_model=lambda hf, weights, source: IGPT(config_from_hf(hf, source)),
-                             rename_state=lambda weights, model: state_from_hf(weights, model.config.depth),
-                             extras=extras)
+    return convert_hf_folder(
+        src,
+        dst,
+        converter="hf-imagegpt",
+        model_type="imagegpt",
+        label="ImageGPT",
+        build_model=lambda hf, weights, source: IGPT(config_from_hf(hf, source)),
+        rename_state=lambda weights, model: state_from_hf(weights, model.config.depth),
+        extras=extras,
+    )

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
-from polymodal.nn import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack, eval_mode, init_weights
 from polymodal.models import PolymodalModel
+from polymodal.nn import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack, eval_mode, init_weights
 from polymodal.objectives import cross_entropy
 
 from . import palette as pal
@@ -35,32 +35,51 @@ from .sample import SamplingMixin
 class IGPTConfig:
     """An iGPT image model: palette, decoder shape and evaluation options."""
 
-    image_size: int = field(8, "Side of the square images the model reads and writes (inputs are resized to it).",
-                            check=in_range(1, 1024, integer=True))
-    channels: int = field(1, "Image channels: 1 (grey) or 3 (RGB); the palette's colours have this many values.",
-                          check=in_range(1, 3, integer=True))
-    palette_size: int = field(16, "Palette colours K (tokens 0..K-1; the start token is id K).",
-                              check=in_range(2, 65536, integer=True))
+    image_size: int = field(
+        8,
+        "Side of the square images the model reads and writes (inputs are resized to it).",
+        check=in_range(1, 1024, integer=True),
+    )
+    channels: int = field(
+        1,
+        "Image channels: 1 (grey) or 3 (RGB); the palette's colours have this many values.",
+        check=in_range(1, 3, integer=True),
+    )
+    palette_size: int = field(
+        16, "Palette colours K (tokens 0..K-1; the start token is id K).", check=in_range(2, 65536, integer=True)
+    )
     palette_seed: int = field(0, "Seed of the palette's k-means.", check=in_range(0, 2**31 - 1, integer=True))
     dim: int = field(128, "Width of the token stream.", check=in_range(1, 65536, integer=True))
     depth: int = field(4, "Decoder blocks.", check=in_range(1, 1024, integer=True))
     heads: int = field(4, "Attention heads; must divide dim.", check=in_range(1, 1024, integer=True))
     mlp_ratio: float = field(4.0, "MLP hidden width as a multiple of dim.", check=in_range(0.25, 64))
-    act: str = field("quick_gelu", "MLP activation (iGPT: quick_gelu, x·sigmoid(1.702x)).",
-                     check=one_of("quick_gelu", "gelu", "gelu_tanh", "relu"))
-    norm_eps: float = field(1e-5, "Epsilon of the RMS norms (transformers' ImageGPT: layer_norm_epsilon).",
-                            check=in_range(0.0, 1.0))
+    act: str = field(
+        "quick_gelu",
+        "MLP activation (iGPT: quick_gelu, x·sigmoid(1.702x)).",
+        check=one_of("quick_gelu", "gelu", "gelu_tanh", "relu"),
+    )
+    norm_eps: float = field(
+        1e-5, "Epsilon of the RMS norms (transformers' ImageGPT: layer_norm_epsilon).", check=in_range(0.0, 1.0)
+    )
     dropout: float = field(0.0, "Dropout on the embeddings and the residual branches.", check=in_range(0.0, 1.0))
     attn_dropout: float = field(0.0, "Dropout on the attention weights.", check=in_range(0.0, 1.0))
-    augment_shift: int = field(0, "Training augmentation: random translation by up to this many pixels (zero fill).",
-                               check=in_range(0, 64, integer=True))
-    augment_prob: float = field(1.0, "Share of training images that get the random translation.",
-                                check=in_range(0.0, 1.0))
+    augment_shift: int = field(
+        0,
+        "Training augmentation: random translation by up to this many pixels (zero fill).",
+        check=in_range(0, 64, integer=True),
+    )
+    augment_prob: float = field(
+        1.0, "Share of training images that get the random translation.", check=in_range(0.0, 1.0)
+    )
     data: str = field("digits", "Dataset the model was adapted to (`polymodal eval` uses it by default).")
-    probe_l2: float = field(1e-4, "L2 penalty of the linear probes (softmax regression on standardised features).",
-                            check=in_range(0.0, 10.0))
-    eval_samples: int = field(0, "Unconditional samples drawn by evaluate for fd_judge (0: skip).",
-                              check=in_range(0, 100000, integer=True))
+    probe_l2: float = field(
+        1e-4,
+        "L2 penalty of the linear probes (softmax regression on standardised features).",
+        check=in_range(0.0, 10.0),
+    )
+    eval_samples: int = field(
+        0, "Unconditional samples drawn by evaluate for fd_judge (0: skip).", check=in_range(0, 100000, integer=True)
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.dim % self.heads:
@@ -77,16 +96,23 @@ class IGPT(SamplingMixin, PolymodalModel):
 
     def __init__(self, config: IGPTConfig) -> None:
         super().__init__(config)
-        k, n, c = config.palette_size, config.image_size ** 2, config.channels
+        k, n, c = config.palette_size, config.image_size**2, config.channels
         self.sos = k
         self.register_buffer("palette", torch.linspace(0, 1, k).unsqueeze(1).repeat(1, c))  # (K, C) until fitted
         self.register_buffer("palette_fitted", torch.tensor(False))
         self.token_embed = nn.Embedding(k + 1, config.dim)  # row K: the learned start token
         self.pos_embed = PositionEmbedding(config.dim, (1, n), kind="learned")  # (1, N, D)
         self.drop = nn.Dropout(config.dropout)
-        block = BlockConfig(dim=config.dim, heads=config.heads, mlp_ratio=config.mlp_ratio, norm="rmsnorm",
-                            norm_eps=config.norm_eps, act=config.act, dropout=config.dropout,
-                            attn_dropout=config.attn_dropout)
+        block = BlockConfig(
+            dim=config.dim,
+            heads=config.heads,
+            mlp_ratio=config.mlp_ratio,
+            norm="rmsnorm",
+            norm_eps=config.norm_eps,
+            act=config.act,
+            dropout=config.dropout,
+            attn_dropout=config.attn_dropout,
+        )
         self.blocks = TransformerStack(StackConfig(depth=config.depth, block=block, final_norm=True))
         self.head = nn.Linear(config.dim, k, bias=False)
         init_weights(self.blocks)
@@ -102,8 +128,10 @@ class IGPT(SamplingMixin, PolymodalModel):
         meta, s = dataset.meta, config.image_size
         size = meta.get("image_size")
         if isinstance(size, int) and size != s:  # one token per pixel: the sequence length is the variant's choice
-            print(f"igpt: images are {size}×{size}×{meta.get('channels')}; resized to image_size {s} ({s * s} pixel "
-                  f"tokens; --set image_size={size} trains on all {size * size})")
+            print(
+                f"igpt: images are {size}×{size}×{meta.get('channels')}; resized to image_size {s} ({s * s} pixel "
+                f"tokens; --set image_size={size} trains on all {size * size})"
+            )
         return attrs.evolve(config, channels=meta.get("channels", config.channels), data=dataset.name)
 
     @classmethod
@@ -114,7 +142,7 @@ class IGPT(SamplingMixin, PolymodalModel):
     @property
     def num_tokens(self) -> int:
         """Image tokens per image, ``image_size²``."""
-        return self.config.image_size ** 2
+        return self.config.image_size**2
 
     # -- palette and tokens -----------------------------------------------------------------------
     def prepare(self, images: Tensor) -> Tensor:
@@ -152,12 +180,16 @@ class IGPT(SamplingMixin, PolymodalModel):
             raise ValueError(f"expected integer token ids (B, T); got {got}")
         t = ids.shape[1]
         if past + t > self.num_tokens:
-            raise ValueError(f"at most {self.num_tokens} positions ({self.config.image_size}×{self.config.image_size} "
-                             f"image); got {past} cached + {t} new")
+            raise ValueError(
+                f"at most {self.num_tokens} positions ({self.config.image_size}×{self.config.image_size} "
+                f"image); got {past} cached + {t} new"
+            )
         if ids.numel() and (ids.min() < 0 or ids.max() > self.sos):
-            raise ValueError(f"token ids must lie in [0, {self.sos}] (palette ids, {self.sos} = start); "
-                             f"got values in [{int(ids.min())}, {int(ids.max())}]")
-        x = self.token_embed(ids.to(self.head.weight.device)) + self.pos_embed()[:, past:past + t]  # (B, T, D)
+            raise ValueError(
+                f"token ids must lie in [0, {self.sos}] (palette ids, {self.sos} = start); "
+                f"got values in [{int(ids.min())}, {int(ids.max())}]"
+            )
+        x = self.token_embed(ids.to(self.head.weight.device)) + self.pos_embed()[:, past : past + t]  # (B, T, D)
         return self.drop(x)
 
     def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
@@ -216,13 +248,17 @@ class IGPT(SamplingMixin, PolymodalModel):
             if "label" in train and "label" in test:
                 feats_train = probe.pooled_features(self, self.inputs(train_tokens))
                 feats_test = probe.pooled_features(self, self.inputs(test_tokens))
-                accs = probe.probe_accuracies(feats_train, train["label"], feats_test, test["label"],
-                                              self.config.probe_l2)
+                accs = probe.probe_accuracies(
+                    feats_train, train["label"], feats_test, test["label"], self.config.probe_l2
+                )
                 self._probe = accs
                 best = max(range(len(accs)), key=accs.__getitem__)
                 metrics.update(probe_accuracy_by_layer=accs, best_probe_accuracy=accs[best], best_probe_layer=best)
-                target = Path(plot_path) if plot_path is not None else (
-                    self._folder / "probe_by_layer.png" if self._folder is not None else None)
+                target = (
+                    Path(plot_path)
+                    if plot_path is not None
+                    else (self._folder / "probe_by_layer.png" if self._folder is not None else None)
+                )
                 if target is not None:
                     metrics["probe_plot"] = str(probe.plot_probe(accs, target, self.plot_title(dataset.name)))
             if self.config.eval_samples:
@@ -252,6 +288,9 @@ class IGPT(SamplingMixin, PolymodalModel):
     def card_lines(self) -> list[str]:
         """Architecture summary for the model card."""
         c = self.config
-        return [f"iGPT: {c.image_size}×{c.image_size}×{c.channels} images as {self.num_tokens} raster-order tokens "
-                f"over a {c.palette_size}-colour k-means palette; decoder width {c.dim}, depth {c.depth}, "
-                f"{c.heads} heads, RMS norm, {c.act} MLP, zero-initialised untied head.", ""]
+        return [
+            f"iGPT: {c.image_size}×{c.image_size}×{c.channels} images as {self.num_tokens} raster-order tokens "
+            f"over a {c.palette_size}-colour k-means palette; decoder width {c.dim}, depth {c.depth}, "
+            f"{c.heads} heads, RMS norm, {c.act} MLP, zero-initialised untied head.",
+            "",
+        ]

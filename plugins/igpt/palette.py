@@ -75,8 +75,10 @@ def fit_palette(images: Tensor, size: int, seed: int = 0) -> Tensor:
 def to_tokens(images: Tensor, palette: Tensor) -> Tensor:
     """(B, C, H, W) → (B, H·W) ids of the nearest palette colour, in raster order (row by row)."""
     if images.dim() != 4 or images.shape[1] != palette.shape[1]:
-        raise ValueError(f"expected images (B, {palette.shape[1]}, H, W) for a {palette.shape[1]}-channel palette; "
-                         f"got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"expected images (B, {palette.shape[1]}, H, W) for a {palette.shape[1]}-channel palette; "
+            f"got shape {tuple(images.shape)}"
+        )
     b, c, h, w = images.shape
     pixels = images.float().permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, N, C)
     d2 = (pixels[:, :, None, :] - palette[None, None].float()).pow(2).sum(-1)  # (B, N, K)

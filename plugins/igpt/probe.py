@@ -6,8 +6,8 @@ classification sit in the middle of the stack, not at its output.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -35,8 +35,15 @@ def fit_linear(x: Tensor, y: Tensor, classes: int, l2: float = 1e-4, steps: int 
     plus ``l2/2 · |W|²`` (the bias is not penalised); returns the weight (F, K) and bias (K,)."""
     w = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=steps,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+    )
     x, y = x.double(), y.long()
 
     def closure() -> Tensor:
@@ -50,8 +57,9 @@ def fit_linear(x: Tensor, y: Tensor, classes: int, l2: float = 1e-4, steps: int 
     return w.detach(), b.detach()
 
 
-def probe_accuracies(train: Sequence[Tensor], train_y: Tensor, test: Sequence[Tensor], test_y: Tensor,
-                     l2: float = 1e-4) -> list[float]:
+def probe_accuracies(
+    train: Sequence[Tensor], train_y: Tensor, test: Sequence[Tensor], test_y: Tensor, l2: float = 1e-4
+) -> list[float]:
     """Test accuracy, per layer, of a linear probe fitted on standardised train features (:func:`fit_linear`)."""
     if len(train) != len(test):
         raise ValueError(f"need features of the same layers for train and test; got {len(train)} and {len(test)}")
@@ -65,8 +73,9 @@ def probe_accuracies(train: Sequence[Tensor], train_y: Tensor, test: Sequence[Te
     return accs
 
 
-def plot_probe(accs: Sequence[float], path: str | Path, title: str = "linear probe by layer",
-               size: tuple[int, int] = (560, 360)) -> Path:
+def plot_probe(
+    accs: Sequence[float], path: str | Path, title: str = "linear probe by layer", size: tuple[int, int] = (560, 360)
+) -> Path:
     """Draw probe accuracy against layer (axes, ticks, line, points, labels) as a PNG at ``path``."""
     from PIL import Image, ImageDraw, ImageFont
 

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from polymodal.eval.images import read_image, write_samples
-from polymodal.nn import KVCache, eval_mode
-from polymodal.generation.sampling import generate
 from polymodal.generation.options import COMPLETE, TOKEN_SAMPLING
+from polymodal.generation.sampling import generate
+from polymodal.nn import KVCache, eval_mode
 
 UNSUPPORTED = ("cfg_scale", "rerank", "candidates")
 """``polymodal sample`` options that an unconditional pixel model has no use for."""
@@ -38,9 +38,18 @@ class SamplingMixin:
         return step
 
     @torch.no_grad()
-    def sample_tokens(self, n: int, *, prefix: Tensor | None = None, seed: int = 0, temperature: float = 1.0,
-                      top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-                      batch_size: int = 256) -> Tensor:
+    def sample_tokens(
+        self,
+        n: int,
+        *,
+        prefix: Tensor | None = None,
+        seed: int = 0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        batch_size: int = 256,
+    ) -> Tensor:
         """``n`` token images (n, N); ``prefix`` (n, P) or (P,) fixes their first P tokens."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1; got {n!r}")
@@ -55,9 +64,16 @@ class SamplingMixin:
             g = torch.Generator(device=device).manual_seed(seed)
             out = []
             for chunk in start.split(batch_size):
-                ids = generate(self.step_fn(), chunk.to(device), self.num_tokens - prefix.shape[1],
-                               temperature=temperature, top_k=top_k, top_p=top_p, generator=g,
-                               use_cache=use_cache)  # (b, 1 + N)
+                ids = generate(
+                    self.step_fn(),
+                    chunk.to(device),
+                    self.num_tokens - prefix.shape[1],
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    generator=g,
+                    use_cache=use_cache,
+                )  # (b, 1 + N)
                 out.append(ids[:, 1:])
         return torch.cat(out)  # (n, N)
 
@@ -70,8 +86,10 @@ class SamplingMixin:
         image = read_image(path, self.config.channels)  # (C, H, W)
         s = self.config.image_size
         if tuple(image.shape[-2:]) != (s, s):
-            raise ValueError(f"--complete expects a {s}×{s} image (the model's image_size); "
-                             f"{path} is {image.shape[-1]}×{image.shape[-2]} (width×height)")
+            raise ValueError(
+                f"--complete expects a {s}×{s} image (the model's image_size); "
+                f"{path} is {image.shape[-1]}×{image.shape[-2]} (width×height)"
+            )
         return image
 
     def complete(self, image: Tensor, n: int, **options: Any) -> Tensor:
@@ -81,19 +99,35 @@ class SamplingMixin:
         top = tokens[: (s // 2) * s]  # (P,) the top rows, raster order
         return self.images(self.sample_tokens(n, prefix=top, **options))
 
-    def sample_to_folder(self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0,
-                         complete: str | Path | None = None, temperature: float = 1.0, top_k: int | None = None,
-                         top_p: float | None = None, use_cache: bool = True, **unsupported: Any) -> list[Path]:
+    def sample_to_folder(
+        self,
+        out: str | Path,
+        n: int = 8,
+        prompt: str | None = None,
+        seed: int = 0,
+        complete: str | Path | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        **unsupported: Any,
+    ) -> list[Path]:
         """Write ``n`` samples (or completions of ``complete``'s bottom half) as PNGs and a grid into ``out``."""
         if prompt is not None:
-            raise ValueError(f"iGPT is unconditional and takes no --prompt; got {prompt!r} "
-                             "(use --complete IMAGE to condition on the top half of an image)")
+            raise ValueError(
+                f"iGPT is unconditional and takes no --prompt; got {prompt!r} "
+                "(use --complete IMAGE to condition on the top half of an image)"
+            )
         if unsupported:
-            raise ValueError(f"iGPT does not support {', '.join(sorted(unsupported))} (supported: complete, "
-                             "temperature, top_k, top_p, use_cache)")
+            raise ValueError(
+                f"iGPT does not support {', '.join(sorted(unsupported))} (supported: complete, "
+                "temperature, top_k, top_p, use_cache)"
+            )
         if not bool(self.palette_fitted):
-            raise ValueError("this iGPT model has no palette to turn tokens into colours (never trained, or converted "
-                             "without the image processor's clusters); train it or convert with preprocessor_config.json")
+            raise ValueError(
+                "this iGPT model has no palette to turn tokens into colours (never trained, or converted "
+                "without the image processor's clusters); train it or convert with preprocessor_config.json"
+            )
         options = dict(seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, use_cache=use_cache)
         if complete is not None:
             images = self.complete(self.read_for_completion(complete), n, **options)

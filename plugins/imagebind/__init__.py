@@ -14,8 +14,8 @@ digits with a fixed DTMF clip per sample).
 from __future__ import annotations
 
 from polymodal import hookimpl
-from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
+from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
 from .arithmetic import compose, retrieve

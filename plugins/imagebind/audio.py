@@ -51,9 +51,16 @@ def dtmf_frequencies(digit: int) -> tuple[float, float]:
 _FREQS = torch.tensor([dtmf_frequencies(d) for d in range(10)], dtype=torch.float64)  # (10, 2)
 
 
-def dtmf_clips(labels: Tensor, generator: torch.Generator | None = None, *, sample_rate: int = SAMPLE_RATE,
-               samples: int = CLIP_SAMPLES, min_duration: float = 0.07, max_duration: float = 0.25,
-               noise: tuple[float, float] = (0.01, 0.15)) -> Tensor:
+def dtmf_clips(
+    labels: Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    samples: int = CLIP_SAMPLES,
+    min_duration: float = 0.07,
+    max_duration: float = 0.25,
+    noise: tuple[float, float] = (0.01, 0.15),
+) -> Tensor:
     """One noisy DTMF clip per label: (N,) int digits → (N, samples) float32 waveforms."""
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).cpu()
     if labels.numel() and (labels.min() < 0 or labels.max() > 9):
@@ -72,7 +79,9 @@ def dtmf_clips(labels: Tensor, generator: torch.Generator | None = None, *, samp
     phase = uniform(0.0, 2 * math.pi, 2)  # (N, 2)
     twist = 10 ** (uniform(-3.0, 3.0) / 20)  # (N, 1) column level relative to the row tone
     amp = uniform(0.2, 1.0)  # (N, 1)
-    tones = torch.sin(2 * math.pi * freqs.unsqueeze(-1) * t.unsqueeze(0) / sample_rate + phase.unsqueeze(-1))  # (N, 2, T)
+    tones = torch.sin(
+        2 * math.pi * freqs.unsqueeze(-1) * t.unsqueeze(0) / sample_rate + phase.unsqueeze(-1)
+    )  # (N, 2, T)
     wave = amp * on * (tones[:, 0] + twist * tones[:, 1]) / 2  # (N, T)
     sigma = uniform(*noise)  # (N, 1)
     wave = wave + sigma * torch.randn(n, samples, generator=g, dtype=torch.float64)  # (N, T)
@@ -93,20 +102,31 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, fmin: float = 0.0,
     """(n_fft // 2 + 1, n_mels) triangular filters, equally spaced on the mel scale, peak 1."""
     fmax = sample_rate / 2 if fmax is None else fmax
     if not 0 <= fmin < fmax <= sample_rate / 2:
-        raise ValueError(f"mel filterbank needs 0 <= fmin < fmax <= sample_rate/2 = {sample_rate / 2}; "
-                         f"got fmin={fmin}, fmax={fmax}")
+        raise ValueError(
+            f"mel filterbank needs 0 <= fmin < fmax <= sample_rate/2 = {sample_rate / 2}; got fmin={fmin}, fmax={fmax}"
+        )
     freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)  # (F,)
-    edges = mel_to_hz(torch.linspace(float(hz_to_mel(fmin)), float(hz_to_mel(fmax)), n_mels + 2,
-                                     dtype=torch.float64))  # (M + 2,)
+    edges = mel_to_hz(
+        torch.linspace(float(hz_to_mel(fmin)), float(hz_to_mel(fmax)), n_mels + 2, dtype=torch.float64)
+    )  # (M + 2,)
     lo, mid, hi = edges[:-2], edges[1:-1], edges[2:]  # (M,) each
     up = (freqs.unsqueeze(1) - lo) / (mid - lo)  # (F, M)
     down = (hi - freqs.unsqueeze(1)) / (hi - mid)  # (F, M)
     return up.minimum(down).clamp(min=0).float()
 
 
-def log_mel(wave: Tensor, *, sample_rate: int = SAMPLE_RATE, n_fft: int = 256, hop: int = 64, n_mels: int = 32,
-            fmin: float = 300.0, fmax: float = 2000.0, floor: float = 1e-6,
-            filterbank: Tensor | None = None) -> Tensor:
+def log_mel(
+    wave: Tensor,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    n_fft: int = 256,
+    hop: int = 64,
+    n_mels: int = 32,
+    fmin: float = 300.0,
+    fmax: float = 2000.0,
+    floor: float = 1e-6,
+    filterbank: Tensor | None = None,
+) -> Tensor:
     """Waveforms (B, T) → log-mel spectrograms (B, n_mels, frames), ``frames = 1 + (T − n_fft) // hop``.
 
     A clip shorter than one STFT window raises a ValueError naming both lengths.
@@ -114,12 +134,14 @@ def log_mel(wave: Tensor, *, sample_rate: int = SAMPLE_RATE, n_fft: int = 256, h
     if wave.dim() != 2:
         raise ValueError(f"expected waveforms (B, T); got shape {tuple(wave.shape)}")
     if wave.shape[-1] < n_fft:
-        raise ValueError(f"audio too short for one STFT frame: expected at least n_fft={n_fft} samples, "
-                         f"got {wave.shape[-1]}")
+        raise ValueError(
+            f"audio too short for one STFT frame: expected at least n_fft={n_fft} samples, got {wave.shape[-1]}"
+        )
     fb = mel_filterbank(n_fft, n_mels, sample_rate, fmin, fmax) if filterbank is None else filterbank
     window = torch.hann_window(n_fft, dtype=torch.float32, device=wave.device)
-    spec = torch.stft(wave.float(), n_fft, hop_length=hop, window=window, center=False,
-                      return_complex=True)  # (B, F, frames)
+    spec = torch.stft(
+        wave.float(), n_fft, hop_length=hop, window=window, center=False, return_complex=True
+    )  # (B, F, frames)
     power = spec.abs().pow(2)  # (B, F, frames)
     mel = torch.einsum("bft,fm->bmt", power, fb.to(power.device))  # (B, M, frames)
     return torch.log(mel + floor)
@@ -148,5 +170,18 @@ def load_digits_audio(root: str | None = None, seed: int = 0) -> Dataset:
     return with_audio(load_digits(root, seed=seed), seed=seed)
 
 
-__all__ = ["CLIP_SAMPLES", "DTMF_COLS", "DTMF_ROWS", "KEYPAD", "SAMPLE_RATE", "dtmf_clips", "dtmf_frequencies",
-           "hz_to_mel", "load_digits_audio", "log_mel", "mel_filterbank", "mel_to_hz", "with_audio"]
+__all__ = [
+    "CLIP_SAMPLES",
+    "DTMF_COLS",
+    "DTMF_ROWS",
+    "KEYPAD",
+    "SAMPLE_RATE",
+    "dtmf_clips",
+    "dtmf_frequencies",
+    "hz_to_mel",
+    "load_digits_audio",
+    "log_mel",
+    "mel_filterbank",
+    "mel_to_hz",
+    "with_audio",
+]

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range
-from polymodal.plugins.imagebind.audio import SAMPLE_RATE, dtmf_clips, log_mel, mel_filterbank
-from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
 from polymodal.nn import BlockConfig, make_norm
+from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
+from polymodal.plugins.imagebind.audio import SAMPLE_RATE, dtmf_clips, log_mel, mel_filterbank
 
 
 def check_batch(x: Any, modality: str, shape: str, dims: int) -> Tensor:
@@ -43,42 +43,70 @@ def check_batch(x: Any, modality: str, shape: str, dims: int) -> Tensor:
     return x
 
 
-def _trunk(size: tuple[int, int], patch: int, dim: int, depth: int, heads: int, mlp_ratio: float,
-           drop_path: float) -> ViTEncoder:
+def _trunk(
+    size: tuple[int, int], patch: int, dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float
+) -> ViTEncoder:
     """One channel ViT trunk over (height, width) inputs, without a final norm: the modality head
     normalises (ImageBind's head order)."""
     grid = (size[0] // patch, size[1] // patch) if size[0] != size[1] else None  # None: square
     block = BlockConfig(dim=dim, heads=heads, mlp_ratio=mlp_ratio, drop_path=drop_path)
-    return ViTEncoder(ViTEncoderConfig(image_size=size[0], patch_size=patch, grid=grid, channels=1, block=block,
-                                       depth=depth, ln_pre=True, final_norm=False))
+    return ViTEncoder(
+        ViTEncoderConfig(
+            image_size=size[0],
+            patch_size=patch,
+            grid=grid,
+            channels=1,
+            block=block,
+            depth=depth,
+            ln_pre=True,
+            final_norm=False,
+        )
+    )
 
 
 # -- audio --------------------------------------------------------------------------------------
+
 
 @config
 class AudioEncoderConfig:
     """Waveform → log-mel spectrogram → patch stem → ViT trunk (ImageBind's audio encoder)."""
 
-    sample_rate: int = field(SAMPLE_RATE, "Samples per second of the input waveforms.", check=in_range(1000, 192000, integer=True))
-    n_fft: int = field(256, "STFT window length in samples (shorter clips are an error).", check=in_range(16, 8192, integer=True))
+    sample_rate: int = field(
+        SAMPLE_RATE, "Samples per second of the input waveforms.", check=in_range(1000, 192000, integer=True)
+    )
+    n_fft: int = field(
+        256, "STFT window length in samples (shorter clips are an error).", check=in_range(16, 8192, integer=True)
+    )
     hop: int = field(64, "STFT hop in samples.", check=in_range(1, 8192, integer=True))
     mels: int = field(32, "Mel bins (spectrogram height).", check=in_range(4, 512, integer=True))
-    frames: int = field(32, "Spectrogram frames the trunk sees (longer clips are cropped, shorter ones padded).", check=in_range(1, 4096, integer=True))
+    frames: int = field(
+        32,
+        "Spectrogram frames the trunk sees (longer clips are cropped, shorter ones padded).",
+        check=in_range(1, 4096, integer=True),
+    )
     fmin: float = field(300.0, "Lowest mel filter edge in Hz.", check=in_range(0.0, 96000.0))
     fmax: float = field(2000.0, "Highest mel filter edge in Hz.", check=in_range(1.0, 96000.0))
-    patch: int = field(4, "Side of the square spectrogram patches (ImageBind: 16 with stride 10).", check=in_range(1, 64, integer=True))
+    patch: int = field(
+        4, "Side of the square spectrogram patches (ImageBind: 16 with stride 10).", check=in_range(1, 64, integer=True)
+    )
     dim: int = field(64, "Token width.", check=in_range(1, 4096, integer=True))
     depth: int = field(2, "Transformer blocks.", check=in_range(1, 64, integer=True))
     heads: int = field(4, "Attention heads.", check=in_range(1, 64, integer=True))
     mlp_ratio: float = field(2.0, "MLP width as a multiple of dim.", check=in_range(0.25, 16))
-    drop_path: float = field(0.1, "Stochastic depth (ImageBind trains its audio trunk with 0.1).", check=in_range(0.0, 1.0))
+    drop_path: float = field(
+        0.1, "Stochastic depth (ImageBind trains its audio trunk with 0.1).", check=in_range(0.0, 1.0)
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.mels % self.patch or self.frames % self.patch:
-            raise ValueError(f"AudioEncoderConfig.patch must divide mels and frames; got mels={self.mels}, "
-                             f"frames={self.frames}, patch={self.patch}")
+            raise ValueError(
+                f"AudioEncoderConfig.patch must divide mels and frames; got mels={self.mels}, "
+                f"frames={self.frames}, patch={self.patch}"
+            )
         if self.fmax > self.sample_rate / 2:
-            raise ValueError(f"AudioEncoderConfig.fmax must be at most sample_rate/2 = {self.sample_rate / 2}; got {self.fmax}")
+            raise ValueError(
+                f"AudioEncoderConfig.fmax must be at most sample_rate/2 = {self.sample_rate / 2}; got {self.fmax}"
+            )
 
 
 class AudioEncoder(nn.Module):
@@ -92,17 +120,27 @@ class AudioEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg = attrs.evolve(cfg or AudioEncoderConfig(), **overrides)
         self.out_dim = cfg.dim
-        self.register_buffer("filterbank", mel_filterbank(cfg.n_fft, cfg.mels, cfg.sample_rate, cfg.fmin, cfg.fmax),
-                             persistent=False)
-        self.trunk = _trunk((cfg.mels, cfg.frames), cfg.patch, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio,
-                            cfg.drop_path)  # a mels × frames grid of patches
+        self.register_buffer(
+            "filterbank", mel_filterbank(cfg.n_fft, cfg.mels, cfg.sample_rate, cfg.fmin, cfg.fmax), persistent=False
+        )
+        self.trunk = _trunk(
+            (cfg.mels, cfg.frames), cfg.patch, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.drop_path
+        )  # a mels × frames grid of patches
 
     def preprocess(self, wave: Tensor) -> Tensor:
         """(B, T) waveforms → (B, 1, mels, frames) normalised log-mel spectrograms."""
         check_batch(wave, "audio", "(B, T) waveforms", 2)
         c = self.cfg
-        spec = log_mel(wave, sample_rate=c.sample_rate, n_fft=c.n_fft, hop=c.hop, n_mels=c.mels,
-                       fmin=c.fmin, fmax=c.fmax, filterbank=self.filterbank)  # (B, M, F)
+        spec = log_mel(
+            wave,
+            sample_rate=c.sample_rate,
+            n_fft=c.n_fft,
+            hop=c.hop,
+            n_mels=c.mels,
+            fmin=c.fmin,
+            fmax=c.fmax,
+            filterbank=self.filterbank,
+        )  # (B, M, F)
         spec = spec[..., : c.frames]
         if spec.shape[-1] < c.frames:  # pad with silence (the log floor)
             spec = F.pad(spec, (0, c.frames - spec.shape[-1]), value=math.log(1e-6))
@@ -123,6 +161,7 @@ class AudioEncoder(nn.Module):
 
 
 # -- thermal ------------------------------------------------------------------------------------
+
 
 @config
 class ThermalEncoderConfig:
@@ -147,7 +186,9 @@ def thermal_view(images: Tensor, size: int = 16, generator: torch.Generator | No
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # (B, 1, S, S)
     k = torch.exp(-0.5 * (torch.arange(-3, 4, dtype=torch.float32) / 1.5) ** 2)
     k = (k / k.sum()).to(x.device)
-    x = F.conv2d(F.pad(x, (3, 3, 3, 3), mode="replicate"), (k[:, None] * k[None, :])[None, None])  # (B, 1, S, S) heat diffuses
+    x = F.conv2d(
+        F.pad(x, (3, 3, 3, 3), mode="replicate"), (k[:, None] * k[None, :])[None, None]
+    )  # (B, 1, S, S) heat diffuses
     b = x.shape[0]
     ambient = torch.rand(b, 1, 1, 1, generator=generator) * 0.3  # (B, 1, 1, 1)
     gain = 0.6 + 0.4 * torch.rand(b, 1, 1, 1, generator=generator)
@@ -166,8 +207,9 @@ class ThermalEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg = attrs.evolve(cfg or ThermalEncoderConfig(), **overrides)
         self.out_dim = cfg.dim
-        self.trunk = _trunk((cfg.image_size,) * 2, cfg.patch, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio,
-                            cfg.drop_path)
+        self.trunk = _trunk(
+            (cfg.image_size,) * 2, cfg.patch, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.drop_path
+        )
 
     def preprocess(self, thermal: Tensor) -> Tensor:
         """Check the shape (B, 1, S, S) and centre the values."""
@@ -193,6 +235,7 @@ class ThermalEncoder(nn.Module):
 
 # -- head and postprocessor ---------------------------------------------------------------------
 
+
 class ModalityHead(nn.Module):
     """ImageBind's head: norm → select the [CLS] (index 0) or EOS token → bias-free projection to the shared space."""
 
@@ -200,7 +243,7 @@ class ModalityHead(nn.Module):
         super().__init__()
         self.norm = make_norm(norm, dim, eps)
         self.proj = nn.Linear(dim, embed_dim, bias=False)
-        nn.init.trunc_normal_(self.proj.weight, std=dim ** -0.5)
+        nn.init.trunc_normal_(self.proj.weight, std=dim**-0.5)
 
     def forward(self, tokens: Tensor, index: Tensor | int = 0) -> Tensor:
         """(B, N, dim) → (B, embed_dim); ``index`` is 0 (CLS) or a (B,) tensor of EOS positions."""
@@ -237,5 +280,14 @@ class Postprocessor(nn.Module):
 MODALITY_ENCODERS = {"audio": AudioEncoder, "thermal": ThermalEncoder}
 """The modalities this plugin ships; registered as encoders ``imagebind-audio`` and ``imagebind-thermal``."""
 
-__all__ = ["AudioEncoder", "AudioEncoderConfig", "MODALITY_ENCODERS", "ModalityHead", "Postprocessor",
-           "ThermalEncoder", "ThermalEncoderConfig", "check_batch", "thermal_view"]
+__all__ = [
+    "AudioEncoder",
+    "AudioEncoderConfig",
+    "MODALITY_ENCODERS",
+    "ModalityHead",
+    "Postprocessor",
+    "ThermalEncoder",
+    "ThermalEncoderConfig",
+    "check_batch",
+    "thermal_view",
+]

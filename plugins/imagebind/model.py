@@ -29,10 +29,10 @@ from polymodal.config import config, field, in_range
 from polymodal.data.augment import resize
 from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES
 from polymodal.data.folder import frozen_part_line, is_folder
-from polymodal.models import PolymodalModel
-from polymodal.nn import eval_mode
 from polymodal.io.cache import default_part_folder
+from polymodal.models import PolymodalModel
 from polymodal.models.parts import PartConfig, part_field
+from polymodal.nn import eval_mode
 from polymodal.objectives import info_nce
 from polymodal.registry.loader import get_registry as _registry
 
@@ -43,20 +43,28 @@ from .modalities import ModalityHead, Postprocessor, check_batch
 class ImageBindConfig:
     """ImageBind: frozen CLIP image/text towers plus one trained encoder per extra modality."""
 
-    clip: PartConfig = part_field(PartConfig(variant="clip", data="digits"),
-                                  "The CLIP whose image and text towers are frozen in; its data follows --data.")
-    modalities: tuple[str, ...] = field(("audio", "thermal"), "Extra modalities; each is the registered encoder "
-                                                              "'imagebind-<name>' and the batch field '<name>'.")
+    clip: PartConfig = part_field(
+        PartConfig(variant="clip", data="digits"),
+        "The CLIP whose image and text towers are frozen in; its data follows --data.",
+    )
+    modalities: tuple[str, ...] = field(
+        ("audio", "thermal"),
+        "Extra modalities; each is the registered encoder 'imagebind-<name>' and the batch field '<name>'.",
+    )
     dim: int = field(64, "Token width of every modality trunk.", check=in_range(1, 4096, integer=True))
     depth: int = field(2, "Blocks of every modality trunk.", check=in_range(1, 64, integer=True))
     heads: int = field(4, "Attention heads of every modality trunk.", check=in_range(1, 64, integer=True))
-    data_seed: int = field(0, "Seed of the modality data synthesised for evaluation.", check=in_range(0, 2**31, integer=True))
+    data_seed: int = field(
+        0, "Seed of the modality data synthesised for evaluation.", check=in_range(0, 2**31, integer=True)
+    )
 
     def __attrs_post_init__(self) -> None:
         bad = [m for m in self.modalities if m in ("image", "text") or not re.fullmatch(r"[a-z0-9_]+", m)]
         if bad or not self.modalities or len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"ImageBindConfig.modalities must be distinct lowercase names other than image/text; "
-                             f"got {self.modalities!r}")
+            raise ValueError(
+                f"ImageBindConfig.modalities must be distinct lowercase names other than image/text; "
+                f"got {self.modalities!r}"
+            )
 
 
 def default_clip_folder(variant: str, data: str) -> Path:
@@ -88,8 +96,9 @@ class ImageBind(PolymodalModel):
         self.freeze()
         e = clip.config.embed_dim
         self.encoders, self.heads = nn.ModuleDict(), nn.ModuleDict()
-        self.post = nn.ModuleDict({"image": Postprocessor(1.0),
-                                   "text": Postprocessor(float(clip.logit_scale.exp()), learnable=True)})
+        self.post = nn.ModuleDict(
+            {"image": Postprocessor(1.0), "text": Postprocessor(float(clip.logit_scale.exp()), learnable=True)}
+        )
         self.post["text"].requires_grad_(False)  # learnable in CLIP, frozen with the text tower here
         for m in self.config.modalities:
             cls = _registry().get("encoder", f"imagebind-{m}")
@@ -104,7 +113,11 @@ class ImageBind(PolymodalModel):
         if is_folder(dataset):  # the 'auto' CLIP trains on its default data, not on a folder
             print(frozen_part_line("imagebind", dataset, "CLIP image tower", "clip", "clip"))
             return config
-        return attrs.evolve(config, clip=attrs.evolve(config.clip, data=name)) if ("dataset", name) in _registry() else config
+        return (
+            attrs.evolve(config, clip=attrs.evolve(config.clip, data=name))
+            if ("dataset", name) in _registry()
+            else config
+        )
 
     @classmethod
     def tiny_config(cls, config: ImageBindConfig) -> ImageBindConfig:
@@ -130,8 +143,10 @@ class ImageBind(PolymodalModel):
         elif modality == "text":
             ids = self.clip.tokenize(list(x)) if isinstance(x, (list, tuple)) and len(x) else x
             if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[0] == 0:
-                raise ValueError(f"text: expected a non-empty list of strings or token ids (B, L); "
-                                 f"got {tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}")
+                raise ValueError(
+                    f"text: expected a non-empty list of strings or token ids (B, L); "
+                    f"got {tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}"
+                )
             with torch.no_grad():
                 z = self.clip.encode_text(ids)  # (B, E)
         elif modality in self.encoders:
@@ -205,10 +220,16 @@ class ImageBind(PolymodalModel):
         """
         meta = dataset.meta
         names = list(meta.get("class_names", DIGIT_WORDS))
-        self.templates = (tuple(meta.get("templates", TRAIN_TEMPLATES)), tuple(meta.get("heldout_templates", HELDOUT_TEMPLATES)))
+        self.templates = (
+            tuple(meta.get("templates", TRAIN_TEMPLATES)),
+            tuple(meta.get("heldout_templates", HELDOUT_TEMPLATES)),
+        )
         emb = self.embed_split(dataset, split)
         labels = dataset.split(split)["label"].to(emb["image"].device)
-        prompts = {"": self.text_classifier(self.templates[0], names), "_heldout": self.text_classifier(self.templates[1], names)}
+        prompts = {
+            "": self.text_classifier(self.templates[0], names),
+            "_heldout": self.text_classifier(self.templates[1], names),
+        }
         metrics: dict[str, float] = {}
         for suffix, cls in prompts.items():
             metrics[f"zero_shot_image_accuracy{suffix}"] = _acc((emb["image"] @ cls.t()).argmax(1), labels)
@@ -225,29 +246,42 @@ class ImageBind(PolymodalModel):
         images = torch.rand(batch_size, v.channels, v.image_size, v.image_size, generator=generator)
         words = torch.randint(0, 10, (batch_size,), generator=generator).tolist()
         ids = self.clip.tokenize([f"a handwritten {DIGIT_WORDS[w]}" for w in words])
-        return (images, ids, *(self.encoders[m].example_inputs(batch_size, generator)[0] for m in self.config.modalities))
+        return (
+            images,
+            ids,
+            *(self.encoders[m].example_inputs(batch_size, generator)[0] for m in self.config.modalities),
+        )
 
     def example_batch(self, batch_size: int = 4, generator: torch.Generator | None = None) -> dict[str, Any]:
         """A digits-like training batch (images, labels); the modalities are synthesised from it."""
         v = self.clip.config.vision
         labels = torch.randint(0, 10, (batch_size,), generator=generator)
-        batch = {"image": torch.rand(batch_size, v.channels, v.image_size, v.image_size, generator=generator),
-                 "label": labels, "caption": [f"a {DIGIT_WORDS[i]}" for i in labels.tolist()]}
+        batch = {
+            "image": torch.rand(batch_size, v.channels, v.image_size, v.image_size, generator=generator),
+            "label": labels,
+            "caption": [f"a {DIGIT_WORDS[i]}" for i in labels.tolist()],
+        }
         return {**batch, **{m: self.modality_input(m, batch, generator) for m in self.config.modalities}}
 
     # -- model folders --------------------------------------------------------------------------
     def card_lines(self) -> list[str]:
         """Modalities, scales, data, templates and where the frozen towers come from."""
         scales = ", ".join(f"{m} {float(self.post[m].scale()):.3g}" for m in self.modalities)
-        return ["ImageBind: frozen CLIP image and text towers; trained encoders for "
-                f"{', '.join(self.config.modalities)} (width {self.config.dim}, depth {self.config.depth}), bound to images "
-                "with InfoNCE only (never to text).", "",
-                f"Frozen towers: {self.part_sources['clip']} (saved in `clip/`). Postprocessor scales: {scales}.", "",
-                "Data: the digits split; audio is each digit's telephone DTMF dual tone (random onset, duration, "
-                "phases, amplitude, twist and noise; 8 kHz, 2,240 samples, 32×32 log-mel from torch.stft); thermal is "
-                "a blurred 16×16 heat view of the digit image with random ambient level, gain and noise.", "",
-                "Class prompt templates (ensembled): " + "; ".join(f"`{t}`" for t in self.templates[0]) + ". Held-out "
-                "templates (the `_heldout` metrics): " + "; ".join(f"`{t}`" for t in self.templates[1]) + ".", ""]
+        return [
+            "ImageBind: frozen CLIP image and text towers; trained encoders for "
+            f"{', '.join(self.config.modalities)} (width {self.config.dim}, depth {self.config.depth}), bound to images "
+            "with InfoNCE only (never to text).",
+            "",
+            f"Frozen towers: {self.part_sources['clip']} (saved in `clip/`). Postprocessor scales: {scales}.",
+            "",
+            "Data: the digits split; audio is each digit's telephone DTMF dual tone (random onset, duration, "
+            "phases, amplitude, twist and noise; 8 kHz, 2,240 samples, 32×32 log-mel from torch.stft); thermal is "
+            "a blurred 16×16 heat view of the digit image with random ambient level, gain and noise.",
+            "",
+            "Class prompt templates (ensembled): " + "; ".join(f"`{t}`" for t in self.templates[0]) + ". Held-out "
+            "templates (the `_heldout` metrics): " + "; ".join(f"`{t}`" for t in self.templates[1]) + ".",
+            "",
+        ]
 
 
 def _acc(pred: Tensor, labels: Tensor) -> float:

@@ -11,8 +11,8 @@ Real checkpoints (OpenAI's gpt2 …) come in through ``polymodal convert --from 
 from __future__ import annotations
 
 from polymodal import hookimpl
-from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
+from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
 from .model import LMConfig, LMModel

@@ -32,8 +32,10 @@ EOT = "<|endoftext|>"
 """GPT-2's only special token: start, end and padding at once."""
 
 REFUSED = {
-    "scale_attn_weights": (False, "an attention-scale option on polymodal.nn.BlockConfig (scale 1 instead of "
-                                  "1/sqrt(head_dim))"),
+    "scale_attn_weights": (
+        False,
+        "an attention-scale option on polymodal.nn.BlockConfig (scale 1 instead of 1/sqrt(head_dim))",
+    ),
     "scale_attn_by_inverse_layer_idx": (True, "a per-layer attention scale 1/(layer+1) on BlockConfig"),
     "add_cross_attention": (True, "cross-attention into an encoder's states (inject it instead)"),
     "tie_word_embeddings": (False, "an untied output head (the lm family ties it to the token embedding)"),
@@ -52,11 +54,22 @@ def config_from_hf(hf: dict, source: str = "hf-gpt2") -> LMConfig:
     act = activation({"hidden_act": hf.get("activation_function", "gelu_new")}, source)
     inner = hf.get("n_inner") or 4 * dim
     try:
-        return LMConfig(vocab_size=hf.get("vocab_size", 50257), max_len=hf.get("n_positions", 1024), dim=dim,
-                        depth=hf.get("n_layer", 12), heads=heads, mlp_ratio=mlp_ratio_for(dim, inner, source), act=act,
-                        norm_eps=hf.get("layer_norm_epsilon", 1e-5), embed_dropout=float(hf.get("embd_pdrop", 0.1)),
-                        dropout=float(hf.get("resid_pdrop", 0.1)), attn_dropout=float(hf.get("attn_pdrop", 0.1)),
-                        tokenizer="file", data="text", eval_samples=16)
+        return LMConfig(
+            vocab_size=hf.get("vocab_size", 50257),
+            max_len=hf.get("n_positions", 1024),
+            dim=dim,
+            depth=hf.get("n_layer", 12),
+            heads=heads,
+            mlp_ratio=mlp_ratio_for(dim, inner, source),
+            act=act,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            embed_dropout=float(hf.get("embd_pdrop", 0.1)),
+            dropout=float(hf.get("resid_pdrop", 0.1)),
+            attn_dropout=float(hf.get("attn_pdrop", 0.1)),
+            tokenizer="file",
+            data="text",
+            eval_samples=16,
+        )
     except (ValueError, TypeError) as exc:
         raise LoadError(f"{source}: {exc}") from exc
 
@@ -98,15 +111,23 @@ def convert_hf_gpt2(src: str | Path, dst: str | Path | None = None) -> LMModel:
         """Refuse an ``lm_head`` that is not the token embedding (the lm family ties them)."""
         head = weights.get("lm_head.weight")
         if head is not None and not torch.equal(head, state["token_embed.weight"]):
-            raise LoadError(f"{src}: lm_head.weight differs from transformer.wte.weight (tie_word_embeddings=False); "
-                            "the lm family has a tied head only")
+            raise LoadError(
+                f"{src}: lm_head.weight differs from transformer.wte.weight (tie_word_embeddings=False); "
+                "the lm family has a tied head only"
+            )
         return ""
 
-    return convert_hf_folder(src, dst, converter="hf-gpt2", model_type="gpt2", label="GPT-2",
-                             build_model=lambda hf, weights, source: LMModel(config_from_hf(hf, source)),
-                             rename_state=lambda weights, model: state_from_hf(weights, model.config.depth),
-                             extras=tied_head, tokenizer=attach_tokenizer)
+    return convert_hf_folder(
+        src,
+        dst,
+        converter="hf-gpt2",
+        model_type="gpt2",
+        label="GPT-2",
+        build_model=lambda hf, weights, source: LMModel(config_from_hf(hf, source)),
+        rename_state=lambda weights, model: state_from_hf(weights, model.config.depth),
+        extras=tied_head,
+        tokenizer=attach_tokenizer,
+    )
 
 
-__all__ = ["REFUSED", "attach_tokenizer", "config_from_hf", "convert_hf_gpt2", "state_from_hf",
-           "tokenizer_from_folder"]
+__all__ = ["REFUSED", "attach_tokenizer", "config_from_hf", "convert_hf_gpt2", "state_from_hf", "tokenizer_from_folder"]

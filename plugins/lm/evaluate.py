@@ -38,7 +38,7 @@ class EvalMixin:
         device = self.token_embed.weight.device
         out = []
         for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
+            chunk = rows[i : i + batch_size]
             length = max(len(r) for r in chunk)
             ids = torch.full((len(chunk), length), pad, dtype=torch.long)  # (b, L)
             targets = torch.full((len(chunk), length), -100, dtype=torch.long)  # (b, L)
@@ -46,8 +46,9 @@ class EvalMixin:
                 ids[j, : len(r)] = torch.tensor(r)
                 targets[j, : len(r)] = torch.tensor(r)
             logits = self(ids[:, :-1].to(device)).float()  # (b, L-1, V)
-            nll = F.cross_entropy(logits.transpose(1, 2), targets[:, 1:].to(device), ignore_index=-100,
-                                  reduction="none")  # (b, L-1)
+            nll = F.cross_entropy(
+                logits.transpose(1, 2), targets[:, 1:].to(device), ignore_index=-100, reduction="none"
+            )  # (b, L-1)
             out.append(nll.sum(1).cpu())
         return torch.cat(out)  # (N,)
 

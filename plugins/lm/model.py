@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
-from polymodal.nn import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack
-from polymodal.models import PolymodalModel, interfaces
-from polymodal.objectives import cross_entropy
 from polymodal.data.tokenizers import BPETokenizer, ByteTokenizer
+from polymodal.models import PolymodalModel, interfaces
+from polymodal.nn import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack
+from polymodal.objectives import cross_entropy
 
 from . import corpus
 from .evaluate import EvalMixin
@@ -43,32 +43,55 @@ from .sample import SamplingMixin
 class LMConfig:
     """A GPT-2 style language model: vocabulary, decoder shape, dropout and training options."""
 
-    vocab_size: int = field(512, "Rows of the token embedding (= columns of the logits); the tokenizer may use fewer.",
-                            check=in_range(2, 10**7, integer=True))
-    max_len: int = field(96, "Learned positions: the longest sequence (prompt + generation) the model reads.",
-                         check=in_range(1, 10**6, integer=True))
+    vocab_size: int = field(
+        512,
+        "Rows of the token embedding (= columns of the logits); the tokenizer may use fewer.",
+        check=in_range(2, 10**7, integer=True),
+    )
+    max_len: int = field(
+        96,
+        "Learned positions: the longest sequence (prompt + generation) the model reads.",
+        check=in_range(1, 10**6, integer=True),
+    )
     dim: int = field(128, "Width of the token stream.", check=in_range(1, 65536, integer=True))
     depth: int = field(4, "Decoder blocks.", check=in_range(1, 1024, integer=True))
     heads: int = field(4, "Attention heads; must divide dim.", check=in_range(1, 1024, integer=True))
     mlp_ratio: float = field(4.0, "MLP hidden width as a multiple of dim (GPT-2: 4).", check=in_range(0.25, 64))
-    act: str = field("gelu_tanh", "MLP activation (GPT-2: gelu_tanh, transformers' gelu_new).",
-                     check=one_of("gelu_tanh", "gelu", "quick_gelu", "relu"))
-    norm_eps: float = field(1e-5, "Epsilon of every LayerNorm (transformers: layer_norm_epsilon).",
-                            check=in_range(0.0, 1.0))
-    embed_dropout: float = field(0.1, "Dropout on the summed token and position embeddings (embd_pdrop).",
-                                 check=in_range(0.0, 1.0))
+    act: str = field(
+        "gelu_tanh",
+        "MLP activation (GPT-2: gelu_tanh, transformers' gelu_new).",
+        check=one_of("gelu_tanh", "gelu", "quick_gelu", "relu"),
+    )
+    norm_eps: float = field(
+        1e-5, "Epsilon of every LayerNorm (transformers: layer_norm_epsilon).", check=in_range(0.0, 1.0)
+    )
+    embed_dropout: float = field(
+        0.1, "Dropout on the summed token and position embeddings (embd_pdrop).", check=in_range(0.0, 1.0)
+    )
     dropout: float = field(0.1, "Dropout on the residual branches (resid_pdrop).", check=in_range(0.0, 1.0))
     attn_dropout: float = field(0.1, "Dropout on the attention weights (attn_pdrop).", check=in_range(0.0, 1.0))
-    tokenizer: str = field("text", "'text': byte-level BPE of vocab_size ids learnt from the embedded sentences and "
-                           "digits captions; 'bytes': UTF-8 bytes; 'file': tokenizer.json in the model folder "
-                           "(converted models).", check=one_of("text", "bytes", "file"))
-    pack: int = field(6, "Training packs 1..pack sentences (eos-separated) into one sequence, so every position "
-                      "up to max_len is trained.", check=in_range(1, 1024, integer=True))
-    caption_mix: float = field(0.25, "Share of the training sentences replaced by random digits training captions.",
-                               check=in_range(0.0, 1.0))
+    tokenizer: str = field(
+        "text",
+        "'text': byte-level BPE of vocab_size ids learnt from the embedded sentences and "
+        "digits captions; 'bytes': UTF-8 bytes; 'file': tokenizer.json in the model folder "
+        "(converted models).",
+        check=one_of("text", "bytes", "file"),
+    )
+    pack: int = field(
+        6,
+        "Training packs 1..pack sentences (eos-separated) into one sequence, so every position "
+        "up to max_len is trained.",
+        check=in_range(1, 1024, integer=True),
+    )
+    caption_mix: float = field(
+        0.25, "Share of the training sentences replaced by random digits training captions.", check=in_range(0.0, 1.0)
+    )
     data: str = field("text", "Dataset the model was adapted to (`polymodal eval` uses it by default).")
-    eval_samples: int = field(64, "Unconditional samples drawn by evaluate to score sample_valid_rate (0: skip).",
-                              check=in_range(0, 100000, integer=True))
+    eval_samples: int = field(
+        64,
+        "Unconditional samples drawn by evaluate to score sample_valid_rate (0: skip).",
+        check=in_range(0, 100000, integer=True),
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.dim % self.heads:
@@ -97,8 +120,16 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
         self.token_embed = nn.Embedding(c.vocab_size, c.dim)
         self.pos_embed = PositionEmbedding(c.dim, (1, c.max_len), kind="learned")  # weight (1, max_len, D)
         self.drop = nn.Dropout(c.embed_dropout)
-        block = BlockConfig(dim=c.dim, heads=c.heads, mlp_ratio=c.mlp_ratio, norm="layernorm", norm_eps=c.norm_eps,
-                            act=c.act, dropout=c.dropout, attn_dropout=c.attn_dropout)
+        block = BlockConfig(
+            dim=c.dim,
+            heads=c.heads,
+            mlp_ratio=c.mlp_ratio,
+            norm="layernorm",
+            norm_eps=c.norm_eps,
+            act=c.act,
+            dropout=c.dropout,
+            attn_dropout=c.attn_dropout,
+        )
         self.stack = TransformerStack(StackConfig(depth=c.depth, block=block, final_norm=True))
         self.reset_parameters()
         self.tokenizer = None
@@ -124,8 +155,10 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
     def set_tokenizer(self, tokenizer: BPETokenizer | ByteTokenizer | None) -> None:
         """Use ``tokenizer``; its ids must fit the embedding (``vocab_size`` rows)."""
         if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model embeds only "
-                             f"vocab_size={self.config.vocab_size}")
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but the model embeds only "
+                f"vocab_size={self.config.vocab_size}"
+            )
         self.tokenizer = tokenizer
 
     @classmethod
@@ -160,19 +193,28 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
             got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
             raise ValueError(f"expected integer token ids (B, T); got {got}")
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got values in "
-                             f"[{int(ids.min())}, {int(ids.max())}] (a family's own tokens need its own embedding)")
+            raise ValueError(
+                f"token ids must lie in [0, {self.vocab_size}); got values in "
+                f"[{int(ids.min())}, {int(ids.max())}] (a family's own tokens need its own embedding)"
+            )
         return self.token_embed(ids.to(self.token_embed.weight.device).long())  # (B, T, D)
 
     def positions(self, past: int, t: int) -> Tensor:
         """Position embeddings (1, t, D) of positions ``past … past + t - 1``."""
         if past + t > self.max_len:
             raise ValueError(f"at most max_len={self.max_len} positions; got {past} cached + {t} new")
-        return self.pos_embed()[:, past:past + t]  # (1, t, D)
+        return self.pos_embed()[:, past : past + t]  # (1, t, D)
 
-    def run(self, embeds: Tensor, *, cache: KVCache | None = None, key_padding: Tensor | None = None,
-            injected: Any = None, inject_kwargs: dict[str, Any] | None = None, return_hidden: bool = False
-            ) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def run(
+        self,
+        embeds: Tensor,
+        *,
+        cache: KVCache | None = None,
+        key_padding: Tensor | None = None,
+        injected: Any = None,
+        inject_kwargs: dict[str, Any] | None = None,
+        return_hidden: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Input embeddings (B, T, D) → hidden states (B, T, D) after the final LayerNorm.
 
         Adds the position embeddings of positions ``cache.length … cache.length + T - 1`` and runs
@@ -186,8 +228,15 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
             raise ValueError(f"expected input embeddings (B, T, {self.dim}); got {got}")
         past = cache.length if cache is not None else 0
         x = self.drop(embeds + self.positions(past, embeds.shape[1]))  # (B, T, D)
-        return self.stack(x, causal=True, key_padding=key_padding, cache=cache, injected=injected,
-                          inject_kwargs=inject_kwargs, return_hidden=return_hidden)
+        return self.stack(
+            x,
+            causal=True,
+            key_padding=key_padding,
+            cache=cache,
+            injected=injected,
+            inject_kwargs=inject_kwargs,
+            return_hidden=return_hidden,
+        )
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Hidden states (B, T, D) → logits (B, T, V) through the head tied to the token embedding."""
@@ -201,8 +250,10 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
     def require_tokenizer(self) -> BPETokenizer | ByteTokenizer:
         """The tokenizer, or a ValueError when the model has none (converted without tokenizer files)."""
         if self.tokenizer is None:
-            raise ValueError("this language model has no tokenizer (converted without tokenizer.json or "
-                             "vocab.json + merges.txt); pass token ids instead of text")
+            raise ValueError(
+                "this language model has no tokenizer (converted without tokenizer.json or "
+                "vocab.json + merges.txt); pass token ids instead of text"
+            )
         return self.tokenizer
 
     def encode_texts(self, groups: list[list[str]]) -> tuple[Tensor, Tensor]:
@@ -246,7 +297,7 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
         groups, i = [], 0
         while i < len(texts):
             k = int(torch.randint(1, self.config.pack + 1, ())) if self.training else 1
-            groups.append(texts[i:i + k])
+            groups.append(texts[i : i + k])
             i += k
         ids, targets = self.encode_texts(groups)  # (B, L), (B, L)
         device = self.token_embed.weight.device
@@ -280,8 +331,11 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
         """Architecture summary for the model card."""
         c = self.config
         tok = type(self.tokenizer).__name__ if self.tokenizer is not None else "none"
-        return [f"GPT-2 style decoder: width {c.dim}, depth {c.depth}, {c.heads} heads, {c.max_len} learned "
-                f"positions, vocabulary {c.vocab_size} ({tok}, '{c.tokenizer}'), {c.act} MLP, tied head.", ""]
+        return [
+            f"GPT-2 style decoder: width {c.dim}, depth {c.depth}, {c.heads} heads, {c.max_len} learned "
+            f"positions, vocabulary {c.vocab_size} ({tok}, '{c.tokenizer}'), {c.act} MLP, tied head.",
+            "",
+        ]
 
 
 __all__ = ["LMConfig", "LMModel", "make_tokenizer"]

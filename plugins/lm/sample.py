@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polymodal.generation.options import TOKEN_SAMPLING, keywords
+from polymodal.generation.sampling import generate
 from polymodal.io import atomic_write
 from polymodal.nn import KVCache, eval_mode
-from polymodal.generation.sampling import generate
-from polymodal.generation.options import TOKEN_SAMPLING, keywords
 
 SAMPLING_OPTIONS = keywords(TOKEN_SAMPLING)
 """``polymodal sample`` options a language model understands (besides ``prompt``, ``n`` and ``seed``)."""
@@ -63,9 +63,19 @@ class SamplingMixin:
         return [tok.special_tokens["bos"]] + tok.encode(prompt, add_bos=False, add_eos=False)
 
     @torch.no_grad()
-    def generate_ids(self, prompt_ids: Tensor, max_new_tokens: int, *, seed: int = 0, temperature: float = 1.0,
-                     top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
-                     use_cache: bool = True, stop_at_eos: bool = True) -> Tensor:
+    def generate_ids(
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int,
+        *,
+        seed: int = 0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        greedy: bool = False,
+        use_cache: bool = True,
+        stop_at_eos: bool = True,
+    ) -> Tensor:
         """Extend ``prompt_ids`` (B, T) by up to ``max_new_tokens`` (fewer at ``max_len``); returns (B, T + n).
 
         Rows that emitted end-of-text are filled with it (``stop_at_eos``).
@@ -75,16 +85,29 @@ class SamplingMixin:
             raise ValueError(f"prompt_ids must be (B, T) token ids; got {got}")
         if prompt_ids.shape[1] > self.max_len:
             raise ValueError(f"the prompt has {prompt_ids.shape[1]} tokens, more than max_len={self.max_len}")
-        room = min(max_new_tokens, self.max_len - prompt_ids.shape[1]) if isinstance(max_new_tokens, int) \
-            and not isinstance(max_new_tokens, bool) else max_new_tokens
+        room = (
+            min(max_new_tokens, self.max_len - prompt_ids.shape[1])
+            if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool)
+            else max_new_tokens
+        )
         device = self.token_embed.weight.device
         g = torch.Generator(device=device).manual_seed(seed)
         eos = self.tokenizer.special_tokens["eos"] if stop_at_eos and self.tokenizer is not None else None
         allowed = self.allowed_tokens().to(device) if self.tokenizer is not None else None
         with eval_mode(self):
-            return generate(self.step_fn(), prompt_ids.to(device), room, temperature=temperature, top_k=top_k,
-                            top_p=top_p, greedy=greedy, generator=g, allowed=allowed, eos_id=eos,
-                            use_cache=use_cache)  # (B, T + n)
+            return generate(
+                self.step_fn(),
+                prompt_ids.to(device),
+                room,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                greedy=greedy,
+                generator=g,
+                allowed=allowed,
+                eos_id=eos,
+                use_cache=use_cache,
+            )  # (B, T + n)
 
     def decode_new(self, ids: Tensor, start: int) -> list[str]:
         """Text of every row of ``ids`` (B, L) from position ``start``, cut at the first end-of-text."""
@@ -96,8 +119,15 @@ class SamplingMixin:
             out.append(tok.decode(row))
         return out
 
-    def generate_text(self, prompt: str = "", max_new_tokens: int = 32, *, seed: int = 0,
-                      include_prompt: bool = False, **sampling: Any) -> str:
+    def generate_text(
+        self,
+        prompt: str = "",
+        max_new_tokens: int = 32,
+        *,
+        seed: int = 0,
+        include_prompt: bool = False,
+        **sampling: Any,
+    ) -> str:
         """The continuation of ``prompt`` (after the start token), up to end-of-text or ``max_new_tokens``.
 
         ``sampling``: ``temperature``, ``top_k``, ``top_p``, ``greedy``, ``use_cache``. With
@@ -108,8 +138,9 @@ class SamplingMixin:
         text = self.decode_new(ids, len(start))[0]
         return prompt + text if include_prompt else text
 
-    def sample_texts(self, n: int, prompt: str = "", max_new_tokens: int = 48, *, seed: int = 0,
-                     **sampling: Any) -> list[str]:
+    def sample_texts(
+        self, n: int, prompt: str = "", max_new_tokens: int = 48, *, seed: int = 0, **sampling: Any
+    ) -> list[str]:
         """``n`` continuations of ``prompt``, drawn together in one batch."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1; got {n!r}")
@@ -117,8 +148,9 @@ class SamplingMixin:
         ids = self.generate_ids(torch.tensor([start] * n), max_new_tokens, seed=seed, **sampling)  # (n, T + m)
         return self.decode_new(ids, len(start))
 
-    def sample_to_folder(self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0,
-                         **options: Any) -> list[Path]:
+    def sample_to_folder(
+        self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
+    ) -> list[Path]:
         """Write ``n`` samples (continuations of ``prompt``), one per line, to ``out/samples.txt``
         (non-printable characters escaped, see :func:`printable`).
 
@@ -126,8 +158,10 @@ class SamplingMixin:
         """
         unsupported = sorted(k for k in options if k not in SAMPLING_OPTIONS)
         if unsupported:
-            raise ValueError(f"the language model does not support {', '.join(unsupported)} "
-                             f"(supported: prompt, {', '.join(SAMPLING_OPTIONS)})")
+            raise ValueError(
+                f"the language model does not support {', '.join(unsupported)} "
+                f"(supported: prompt, {', '.join(SAMPLING_OPTIONS)})"
+            )
         prompt = prompt or ""
         texts = self.sample_texts(n, prompt, self.max_len, seed=seed, **options)
         folder = Path(out)

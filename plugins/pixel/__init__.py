@@ -12,8 +12,8 @@ Variants (default data: the embedded ``text``):
 from __future__ import annotations
 
 from polymodal import hookimpl
-from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
+from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
 from .model import PixelConfig, PixelModel

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,7 +17,9 @@ from polymodal.nn.mae import MAE
 from .masking import DIGIT_LOOKALIKES, LETTER_LOOKALIKES, masked_forward, perturb
 
 
-def perturbed_texts(texts: Sequence[str], substitutions: int, seed: int, table: dict[str, str] | None = None) -> list[str]:
+def perturbed_texts(
+    texts: Sequence[str], substitutions: int, seed: int, table: dict[str, str] | None = None
+) -> list[str]:
     """Each text with its digit word perturbed by look-alike substitutions ("s3ven", "eiqht" …) from
     ``table`` (every look-alike by default)."""
     rng = random.Random(seed)
@@ -33,8 +36,8 @@ def split_texts(dataset: Any, split: str) -> tuple[list[str], Tensor]:
 def _accuracy(predict: Callable[[list[str]], Tensor], texts: list[str], labels: Tensor, batch_size: int = 256) -> float:
     hits = 0
     for start in range(0, len(texts), batch_size):
-        logits = predict(texts[start:start + batch_size])  # (b, K)
-        hits += int((logits.argmax(-1).cpu() == labels[start:start + batch_size]).sum())
+        logits = predict(texts[start : start + batch_size])  # (b, K)
+        hits += int((logits.argmax(-1).cpu() == labels[start : start + batch_size]).sum())
     return hits / max(len(texts), 1)
 
 
@@ -42,7 +45,7 @@ def mean_text_patch(mae: MAE, renderer: Any, texts: list[str], batch_size: int =
     """(P,) the mean normalised target over every text patch of ``texts`` (the predict-the-mean baseline)."""
     total, count = None, 0
     for start in range(0, len(texts), batch_size):
-        rendered = renderer.render(texts[start:start + batch_size], truncate=True)
+        rendered = renderer.render(texts[start : start + batch_size], truncate=True)
         target = mae.target(renderer.prepare(rendered.images.to(mae.mask_token.device)))  # (b, N, P)
         picked = target[rendered.text.to(target.device)]  # (T, P)
         total = picked.sum(0) if total is None else total + picked.sum(0)
@@ -50,14 +53,15 @@ def mean_text_patch(mae: MAE, renderer: Any, texts: list[str], batch_size: int =
     return total / max(count, 1)
 
 
-def masked_losses(mae: MAE, renderer: Any, texts: list[str], seed: int, mean_patch: Tensor,
-                  batch_size: int = 256) -> tuple[float, float]:
+def masked_losses(
+    mae: MAE, renderer: Any, texts: list[str], seed: int, mean_patch: Tensor, batch_size: int = 256
+) -> tuple[float, float]:
     """Mean masked-patch loss of the MAE and of predicting ``mean_patch`` for every masked patch
     (normalised targets), over span masks drawn with ``seed``."""
     rng = random.Random(seed)
     sums, count = torch.zeros(2, dtype=torch.float64), 0.0
     for start in range(0, len(texts), batch_size):
-        rendered = renderer.render(texts[start:start + batch_size], truncate=True)
+        rendered = renderer.render(texts[start : start + batch_size], truncate=True)
         out, _ = masked_forward(mae, renderer, rendered, rng)
         weight = out.mask * rendered.valid.to(out.mask.device).float()  # (b, N)
         err = (out.pred - out.target).pow(2).mean(-1)  # (b, N)
@@ -97,15 +101,21 @@ def evaluate(model: Any, dataset: Any, split: str = "test") -> dict[str, float]:
 
         def perturbed(table: dict[str, str] | None) -> tuple[list[str], Tensor]:
             """``draws`` perturbed copies of the split (only the sentences the table changes)."""
-            rows = [(t, y) for d in range(draws) for t, c, y in
-                    zip(perturbed_texts(texts, subs, seed + d, table), texts, labels.tolist()) if t != c]
+            rows = [
+                (t, y)
+                for d in range(draws)
+                for t, c, y in zip(perturbed_texts(texts, subs, seed + d, table), texts, labels.tolist())
+                if t != c
+            ]
             return [t for t, _ in rows], torch.tensor([y for _, y in rows], dtype=torch.long)
 
         noisy, noisy_labels = perturbed(None)
-        out = {"accuracy_clean": _accuracy(pixel, texts, labels),
-               "accuracy_perturbed": _accuracy(pixel, noisy, noisy_labels),
-               "token_accuracy_clean": _accuracy(model.token_logits, texts, labels),
-               "token_accuracy_perturbed": _accuracy(model.token_logits, noisy, noisy_labels)}
+        out = {
+            "accuracy_clean": _accuracy(pixel, texts, labels),
+            "accuracy_perturbed": _accuracy(pixel, noisy, noisy_labels),
+            "token_accuracy_clean": _accuracy(model.token_logits, texts, labels),
+            "token_accuracy_perturbed": _accuracy(model.token_logits, noisy, noisy_labels),
+        }
         out["accuracy_drop"] = out["accuracy_clean"] - out["accuracy_perturbed"]
         out["token_accuracy_drop"] = out["token_accuracy_clean"] - out["token_accuracy_perturbed"]
         for kind, table in (("letters", LETTER_LOOKALIKES), ("digits", DIGIT_LOOKALIKES)):
@@ -132,8 +142,9 @@ def reconstruction_rows(mae: MAE, renderer: Any, texts: Sequence[str], seed: int
     return torch.cat([images, masked, recon], dim=2).cpu()
 
 
-def sample_to_folder(mae: MAE, renderer: Any, out: str | Path, n: int = 8, prompt: str | None = None,
-                     seed: int = 0) -> list[Path]:
+def sample_to_folder(
+    mae: MAE, renderer: Any, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0
+) -> list[Path]:
     """Write :func:`reconstruction_rows` of ``prompt`` (or ``n`` embedded test sentences) as PNGs plus ``grid.png``."""
     from polymodal.data import load_dataset
     from polymodal.eval.images import write_samples
@@ -142,5 +153,13 @@ def sample_to_folder(mae: MAE, renderer: Any, out: str | Path, n: int = 8, promp
     return write_samples(reconstruction_rows(mae, renderer, texts, seed), out, grid_scale=3)
 
 
-__all__ = ["evaluate", "masked_loss_metrics", "masked_losses", "mean_text_patch", "perturbed_texts",
-           "reconstruction_rows", "sample_to_folder", "split_texts"]
+__all__ = [
+    "evaluate",
+    "masked_loss_metrics",
+    "masked_losses",
+    "mean_text_patch",
+    "perturbed_texts",
+    "reconstruction_rows",
+    "sample_to_folder",
+    "split_texts",
+]

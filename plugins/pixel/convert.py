@@ -26,26 +26,40 @@ _LAYER = {
     "mlp.fc1": ("mlp.fc1", "intermediate.dense"),
     "mlp.fc2": ("mlp.fc2", "output.dense"),
 }
-_QKV = (("attention.q_proj", "attention.k_proj", "attention.v_proj"),
-        ("attention.attention.query", "attention.attention.key", "attention.attention.value"))
+_QKV = (
+    ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+    ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+)
 
 
 def mae_config_from_hf(hf: dict, source: str = "hf-vitmae") -> MAEConfig:
     """Translate a transformers ``ViTMAEConfig`` dict (as in ``config.json``)."""
     dim, ddim = hf.get("hidden_size", 768), hf.get("decoder_hidden_size", 512)
     encoder = ViTEncoderConfig(
-        image_size=square_side(hf, "image_size", 224, source), patch_size=square_side(hf, "patch_size", 16, source),
-        channels=hf.get("num_channels", 3), depth=hf.get("num_hidden_layers", 12), pos_embed="learned",
-        block=BlockConfig(dim=dim, heads=hf.get("num_attention_heads", 12),
-                          mlp_ratio=mlp_ratio_for(dim, hf.get("intermediate_size", 4 * dim), source),
-                          act=activation(hf, source), norm_eps=hf.get("layer_norm_eps", 1e-12),
-                          qkv_bias=hf.get("qkv_bias", True)),
+        image_size=square_side(hf, "image_size", 224, source),
+        patch_size=square_side(hf, "patch_size", 16, source),
+        channels=hf.get("num_channels", 3),
+        depth=hf.get("num_hidden_layers", 12),
+        pos_embed="learned",
+        block=BlockConfig(
+            dim=dim,
+            heads=hf.get("num_attention_heads", 12),
+            mlp_ratio=mlp_ratio_for(dim, hf.get("intermediate_size", 4 * dim), source),
+            act=activation(hf, source),
+            norm_eps=hf.get("layer_norm_eps", 1e-12),
+            qkv_bias=hf.get("qkv_bias", True),
+        ),
     )
-    return MAEConfig(encoder=encoder, decoder_dim=ddim, decoder_depth=hf.get("decoder_num_hidden_layers", 8),
-                     decoder_heads=hf.get("decoder_num_attention_heads", 16),
-                     decoder_mlp_ratio=mlp_ratio_for(ddim, hf.get("decoder_intermediate_size", 4 * ddim), source),
-                     decoder_pos_embed="learned", mask_ratio=hf.get("mask_ratio", 0.75),
-                     norm_pix_loss=hf.get("norm_pix_loss", False))
+    return MAEConfig(
+        encoder=encoder,
+        decoder_dim=ddim,
+        decoder_depth=hf.get("decoder_num_hidden_layers", 8),
+        decoder_heads=hf.get("decoder_num_attention_heads", 16),
+        decoder_mlp_ratio=mlp_ratio_for(ddim, hf.get("decoder_intermediate_size", 4 * ddim), source),
+        decoder_pos_embed="learned",
+        mask_ratio=hf.get("mask_ratio", 0.75),
+        norm_pix_loss=hf.get("norm_pix_loss", False),
+    )
 
 
 def _layers(src: dict[str, torch.Tensor], theirs: str, ours: str, depth: int) -> dict[str, torch.Tensor]:
@@ -95,6 +109,10 @@ def mae_state_from_hf(src: dict[str, torch.Tensor], depth: int, decoder_depth: i
 def convert_hf_vitmae(src: str | Path) -> MAE:
     """Load a transformers ``ViTMAEForPreTraining`` folder (``config.json`` + ``model.safetensors``) as a core MAE."""
     return convert_hf_folder(
-        src, converter="hf-vitmae", model_type="vit_mae", label="ViTMAE",
+        src,
+        converter="hf-vitmae",
+        model_type="vit_mae",
+        label="ViTMAE",
         build_model=lambda hf, weights, source: MAE(mae_config_from_hf(hf, source)),
-        rename_state=lambda weights, mae: mae_state_from_hf(weights, mae.cfg.encoder.depth, mae.cfg.decoder_depth))
+        rename_state=lambda weights, mae: mae_state_from_hf(weights, mae.cfg.encoder.depth, mae.cfg.decoder_depth),
+    )

@@ -9,7 +9,8 @@ first one always does, and neither padding nor the end-of-sequence patch is ever
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,8 +21,9 @@ SPAN_WEIGHTS = (0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
 """Cumulative probabilities of span lengths 1…6 (PIXEL's defaults)."""
 
 
-def span_mask(num_text: int, num_patches: int, *, ratio: float = 0.25, max_span: int = 6,
-              rng: random.Random | None = None) -> Tensor:
+def span_mask(
+    num_text: int, num_patches: int, *, ratio: float = 0.25, max_span: int = 6, rng: random.Random | None = None
+) -> Tensor:
     """(num_patches,) bool: about ``ratio · num_text`` patches hidden in spans of at most ``max_span``.
 
     At least one patch is hidden and at least one text patch stays visible (when there are two
@@ -42,10 +44,10 @@ def span_mask(num_text: int, num_patches: int, *, ratio: float = 0.25, max_span:
         length = next(i + 1 for i, w in enumerate(weights) if u <= w or i == len(weights) - 1)
         length = min(length, target - int(mask.sum()), num_text)
         while length:  # spans never touch, so every run of hidden patches is one span (≤ max_span)
-            starts = [s for s in range(num_text - length + 1) if not mask[max(s - 1, 0):s + length + 1].any()]
+            starts = [s for s in range(num_text - length + 1) if not mask[max(s - 1, 0) : s + length + 1].any()]
             if starts:
                 start = rng.choice(starts)
-                mask[start:start + length] = True
+                mask[start : start + length] = True
                 break
             length -= 1
         if not length:
@@ -53,8 +55,14 @@ def span_mask(num_text: int, num_patches: int, *, ratio: float = 0.25, max_span:
     return mask
 
 
-def batch_span_masks(num_text: Tensor | Sequence[int], num_patches: int, *, ratio: float = 0.25,
-                     max_span: int = 6, rng: random.Random | None = None) -> Tensor:
+def batch_span_masks(
+    num_text: Tensor | Sequence[int],
+    num_patches: int,
+    *,
+    ratio: float = 0.25,
+    max_span: int = 6,
+    rng: random.Random | None = None,
+) -> Tensor:
     """(B, num_patches) bool: one :func:`span_mask` per strip."""
     rng = rng or random.Random()
     counts = num_text.tolist() if isinstance(num_text, Tensor) else list(num_text)
@@ -71,8 +79,9 @@ LOOKALIKES = {**LETTER_LOOKALIKES, **DIGIT_LOOKALIKES}
 """Every visually similar ASCII substitution used here; all drawn by the bundled font."""
 
 
-def perturb_word(word: str, *, substitutions: int = 2, rng: random.Random | None = None,
-                 table: dict[str, str] | None = None) -> str:
+def perturb_word(
+    word: str, *, substitutions: int = 2, rng: random.Random | None = None, table: dict[str, str] | None = None
+) -> str:
     """``word`` with up to ``substitutions`` of its letters replaced by a look-alike from ``table``
     (:data:`LOOKALIKES` by default); a word with no replaceable letter comes back unchanged."""
     rng, table = rng or random.Random(), LOOKALIKES if table is None else table
@@ -81,15 +90,21 @@ def perturb_word(word: str, *, substitutions: int = 2, rng: random.Random | None
     return "".join(table[c] if i in chosen else c for i, c in enumerate(word))
 
 
-def perturb(text: str, words: Sequence[str], *, substitutions: int = 2, rng: random.Random | None = None,
-            table: dict[str, str] | None = None) -> str:
+def perturb(
+    text: str,
+    words: Sequence[str],
+    *,
+    substitutions: int = 2,
+    rng: random.Random | None = None,
+    table: dict[str, str] | None = None,
+) -> str:
     """``text`` with every occurrence of each of ``words`` perturbed by :func:`perturb_word`."""
     rng = rng or random.Random()
     out = []
     for token in text.split(" "):
         core = token.rstrip(".,!?")
         if core.lower() in words:
-            token = perturb_word(core, substitutions=substitutions, rng=rng, table=table) + token[len(core):]
+            token = perturb_word(core, substitutions=substitutions, rng=rng, table=table) + token[len(core) :]
         out.append(token)
     return " ".join(out)
 
@@ -101,9 +116,20 @@ def masked_forward(mae: MAE, model: Any, rendered: Any, rng: random.Random) -> t
     dev = mae.mask_token.device
     mask = batch_span_masks(rendered.num_text, model.max_patches, ratio=cfg.mask_ratio, max_span=cfg.max_span, rng=rng)
     noise, len_keep = noise_from_mask(mask, rendered.valid)
-    out = mae(model.prepare(rendered.images.to(dev)), noise=noise.to(dev), len_keep=len_keep, valid=rendered.valid.to(dev))
+    out = mae(
+        model.prepare(rendered.images.to(dev)), noise=noise.to(dev), len_keep=len_keep, valid=rendered.valid.to(dev)
+    )
     return out, mask
 
 
-__all__ = ["DIGIT_LOOKALIKES", "LETTER_LOOKALIKES", "LOOKALIKES", "SPAN_WEIGHTS", "batch_span_masks", "masked_forward",
-           "perturb", "perturb_word", "span_mask"]
+__all__ = [
+    "DIGIT_LOOKALIKES",
+    "LETTER_LOOKALIKES",
+    "LOOKALIKES",
+    "SPAN_WEIGHTS",
+    "batch_span_masks",
+    "masked_forward",
+    "perturb",
+    "perturb_word",
+    "span_mask",
+]

@@ -13,8 +13,9 @@ frozen, as a part of the model folder (``mae/``), so ``evaluate`` reports its ma
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -22,11 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range
-from polymodal.nn import BlockConfig
-from polymodal.nn.encoders import TextEncoder, TextEncoderConfig
+from polymodal.data.tokenizers import ByteTokenizer
 from polymodal.models import PolymodalModel
 from polymodal.models.parts import PartConfig, part_field
-from polymodal.data.tokenizers import ByteTokenizer
+from polymodal.nn import BlockConfig
+from polymodal.nn.encoders import TextEncoder, TextEncoderConfig
 
 from .classify import evaluate, sample_to_folder
 from .pretrain import PixelMAEConfig, PixelMAEModel, Renderer, tiny_pixel_mae
@@ -37,17 +38,26 @@ from .render import valid_from_images
 class PixelConfig:
     """The PIXEL classifier: the pre-trained MAE it starts from, its head, and the byte-level baseline."""
 
-    mae: PartConfig = part_field(PartConfig(variant="pixel-mae", data="text"),
-                                 "The pre-trained pixel-mae whose encoder is fine-tuned (the MAE itself stays frozen).")
+    mae: PartConfig = part_field(
+        PartConfig(variant="pixel-mae", data="text"),
+        "The pre-trained pixel-mae whose encoder is fine-tuned (the MAE itself stays frozen).",
+    )
     pretrain: PixelMAEConfig = field(PixelMAEConfig(), "Rendering and MAE architecture; must match the `mae` folder's.")
     num_classes: int = field(10, "Classes of the fine-tuning heads.", check=in_range(1, 1 << 20, integer=True))
     head_dropout: float = field(0.1, "Dropout on the pooled features before each head.", check=in_range(0.0, 1.0))
-    token_context: int = field(64, "Byte positions of the token baseline (longer sentences are cut).",
-                               check=in_range(2, 1 << 16, integer=True))
-    substitutions: int = field(2, "Look-alike character substitutions per digit word in the perturbed test text.",
-                               check=in_range(1, 16, integer=True))
-    perturb_draws: int = field(3, "Perturbed copies of the test split evaluated (seeds eval_seed, eval_seed+1 …).",
-                               check=in_range(1, 100, integer=True))
+    token_context: int = field(
+        64, "Byte positions of the token baseline (longer sentences are cut).", check=in_range(2, 1 << 16, integer=True)
+    )
+    substitutions: int = field(
+        2,
+        "Look-alike character substitutions per digit word in the perturbed test text.",
+        check=in_range(1, 16, integer=True),
+    )
+    perturb_draws: int = field(
+        3,
+        "Perturbed copies of the test split evaluated (seeds eval_seed, eval_seed+1 …).",
+        check=in_range(1, 100, integer=True),
+    )
 
 
 class PixelModel(Renderer, PolymodalModel):
@@ -63,8 +73,10 @@ class PixelModel(Renderer, PolymodalModel):
         part = self.attach_parts(parts)["mae"]
         if not isinstance(part, PixelMAEModel) or part.config != config.pretrain:
             got = part.config if isinstance(part, PixelMAEModel) else type(part).__name__
-            raise ValueError(f"PixelConfig.mae must be a pixel-mae whose config equals `pretrain`;\n"
-                             f"expected {config.pretrain}\ngot {got} (from {self.part_sources['mae']})")
+            raise ValueError(
+                f"PixelConfig.mae must be a pixel-mae whose config equals `pretrain`;\n"
+                f"expected {config.pretrain}\ngot {got} (from {self.part_sources['mae']})"
+            )
         self.mae_model = part
         self.freeze()
         e = config.pretrain.mae.encoder
@@ -72,9 +84,17 @@ class PixelModel(Renderer, PolymodalModel):
         self.head_drop = nn.Dropout(config.head_dropout)
         self.head = nn.Linear(e.dim, config.num_classes)
         self.tokenizer = ByteTokenizer(add_bos=False, add_eos=True)
-        self.token_encoder = TextEncoder(TextEncoderConfig(
-            vocab_size=self.tokenizer.vocab_size, context_length=config.token_context, depth=e.depth, causal=False,
-            block=BlockConfig(dim=e.dim, heads=e.block.heads, mlp_ratio=e.block.mlp_ratio, norm_eps=e.block.norm_eps)))
+        self.token_encoder = TextEncoder(
+            TextEncoderConfig(
+                vocab_size=self.tokenizer.vocab_size,
+                context_length=config.token_context,
+                depth=e.depth,
+                causal=False,
+                block=BlockConfig(
+                    dim=e.dim, heads=e.block.heads, mlp_ratio=e.block.mlp_ratio, norm_eps=e.block.norm_eps
+                ),
+            )
+        )
         self.token_head = nn.Linear(e.dim, config.num_classes)
         for head in (self.head, self.token_head):
             nn.init.zeros_(head.weight)
@@ -91,8 +111,9 @@ class PixelModel(Renderer, PolymodalModel):
     @classmethod
     def tiny_config(cls, config: PixelConfig) -> PixelConfig:
         """The same architecture at toy size with a fresh MAE (contract tests)."""
-        return attrs.evolve(config, mae=attrs.evolve(config.mae, path="", tiny=True),
-                            pretrain=tiny_pixel_mae(config.pretrain))
+        return attrs.evolve(
+            config, mae=attrs.evolve(config.mae, path="", tiny=True), pretrain=tiny_pixel_mae(config.pretrain)
+        )
 
     def _device(self) -> torch.device:
         return self.head.weight.device
@@ -103,7 +124,7 @@ class PixelModel(Renderer, PolymodalModel):
         valid = valid_from_images(images, self.patch) if valid is None else valid.bool()  # (B, N)
         kp = torch.cat([valid.new_ones(valid.shape[0], self.encoder.prefix), valid], dim=1)  # (B, 1 + N)
         x = self.encoder.embed(self.prepare(images))  # (B, 1 + N, D)
-        tokens = self.encoder.blocks(x, key_padding=kp)[:, self.encoder.prefix:]  # (B, N, D)
+        tokens = self.encoder.blocks(x, key_padding=kp)[:, self.encoder.prefix :]  # (B, N, D)
         w = valid.to(tokens.dtype).unsqueeze(-1)  # (B, N, 1)
         return (tokens * w).sum(1) / w.sum(1).clamp(min=1)  # (B, D)
 
@@ -118,7 +139,7 @@ class PixelModel(Renderer, PolymodalModel):
         ids = [self.tokenizer.encode(t, self.config.token_context, truncate=True) for t in texts]
         batch = torch.full((len(ids), max(len(i) for i in ids)), self.tokenizer.special_tokens["pad"])  # (B, L)
         for row, i in enumerate(ids):
-            batch[row, :len(i)] = torch.tensor(i)
+            batch[row, : len(i)] = torch.tensor(i)
         return batch, batch != self.tokenizer.special_tokens["pad"]
 
     def token_logits(self, texts: Sequence[str]) -> Tensor:
@@ -137,9 +158,11 @@ class PixelModel(Renderer, PolymodalModel):
         token_logits = self.token_logits(texts)  # (B, K)
         pixel_ce, token_ce = F.cross_entropy(logits, labels), F.cross_entropy(token_logits, labels)
         return pixel_ce + token_ce, {
-            "pixel_ce": pixel_ce.item(), "token_ce": token_ce.item(),
+            "pixel_ce": pixel_ce.item(),
+            "token_ce": token_ce.item(),
             "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
-            "token_accuracy": (token_logits.argmax(-1) == labels).float().mean().item()}
+            "token_accuracy": (token_logits.argmax(-1) == labels).float().mean().item(),
+        }
 
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test") -> dict[str, float]:
@@ -147,8 +170,9 @@ class PixelModel(Renderer, PolymodalModel):
         against the mean baseline; see :func:`.classify.evaluate`."""
         return evaluate(self, dataset, split)
 
-    def sample_to_folder(self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0,
-                         **options: Any) -> list[Path]:
+    def sample_to_folder(
+        self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
+    ) -> list[Path]:
         """The frozen MAE's reconstructions (rendering, mask, reconstruction stacked) for ``prompt`` or ``n`` test sentences."""
         if options:
             raise ValueError(f"pixel sampling takes no options; got {', '.join(sorted(options))}")
@@ -157,6 +181,9 @@ class PixelModel(Renderer, PolymodalModel):
     def card_lines(self) -> list[str]:
         """Architecture summary for the model card."""
         e = self.config.pretrain.mae.encoder
-        return [f"PIXEL classifier: encoder width {e.dim}, depth {e.depth}, mean pooling over non-padding patches, "
-                f"fine-tuned from a pixel-mae ({self.part_sources['mae']}, saved in `mae/`); byte-level baseline "
-                "of the same width and depth.", ""]
+        return [
+            f"PIXEL classifier: encoder width {e.dim}, depth {e.depth}, mean pooling over non-padding patches, "
+            f"fine-tuned from a pixel-mae ({self.part_sources['mae']}, saved in `mae/`); byte-level baseline "
+            "of the same width and depth.",
+            "",
+        ]

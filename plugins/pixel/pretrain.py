@@ -8,28 +8,40 @@ masked-patch loss on held-out text next to a predict-the-mean baseline.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import attrs
 import torch
 from torch import Tensor
 
 from polymodal.config import config, field, in_range
-from polymodal.nn import eval_mode
-from polymodal.nn import BlockConfig
+from polymodal.models import PolymodalModel
+from polymodal.nn import BlockConfig, eval_mode
 from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.nn.mae import MAE, MAEConfig
-from polymodal.models import PolymodalModel
 
 from .classify import masked_loss_metrics, sample_to_folder
 from .masking import masked_forward
 from .render import Rendered, render, valid_from_images
 
 DEFAULT_MAE = MAEConfig(
-    encoder=ViTEncoderConfig(image_size=12, patch_size=12, channels=1, depth=4, pos_embed="sincos",
-                             block=BlockConfig(dim=64, heads=4, mlp_ratio=2.0)),
-    grid_rows=1, grid_cols=24, decoder_dim=64, decoder_depth=2, decoder_heads=4, decoder_mlp_ratio=2.0, mask_ratio=0.25,
+    encoder=ViTEncoderConfig(
+        image_size=12,
+        patch_size=12,
+        channels=1,
+        depth=4,
+        pos_embed="sincos",
+        block=BlockConfig(dim=64, heads=4, mlp_ratio=2.0),
+    ),
+    grid_rows=1,
+    grid_cols=24,
+    decoder_dim=64,
+    decoder_depth=2,
+    decoder_heads=4,
+    decoder_mlp_ratio=2.0,
+    mask_ratio=0.25,
 )
 
 
@@ -37,20 +49,27 @@ DEFAULT_MAE = MAEConfig(
 class PixelMAEConfig:
     """Rendering, span masking and the masked autoencoder of PIXEL."""
 
-    mae: MAEConfig = field(DEFAULT_MAE, "The masked autoencoder; its patch size and grid_cols (patches per strip) fix the strip.")
+    mae: MAEConfig = field(
+        DEFAULT_MAE, "The masked autoencoder; its patch size and grid_cols (patches per strip) fix the strip."
+    )
     font_size: int = field(10, "Font size in pixels (Pillow's bundled font).", check=in_range(4, 512, integer=True))
     font: str = field("", "A TrueType file to render with ('' = Pillow's bundled font).")
     mask_ratio: float = field(0.25, "Fraction of text patches hidden by span masking.", check=in_range(0.01, 0.95))
     max_span: int = field(6, "Longest masked span in patches.", check=in_range(1, 64, integer=True))
-    eval_seed: int = field(0, "Seed of the evaluation's masks (and the classifier's perturbations).",
-                           check=in_range(0, 2**31, integer=True))
+    eval_seed: int = field(
+        0,
+        "Seed of the evaluation's masks (and the classifier's perturbations).",
+        check=in_range(0, 2**31, integer=True),
+    )
 
     def __attrs_post_init__(self) -> None:
         e = self.mae.encoder
         if self.mae.grid_rows != 1 or e.image_size != e.patch_size or e.channels != 1:
-            raise ValueError(f"PIXEL's mae must describe a grey 1×N strip (grid_rows=1, image_size=patch_size, "
-                             f"channels=1); got grid_rows={self.mae.grid_rows}, image_size={e.image_size}, "
-                             f"patch_size={e.patch_size}, channels={e.channels}")
+            raise ValueError(
+                f"PIXEL's mae must describe a grey 1×N strip (grid_rows=1, image_size=patch_size, "
+                f"channels=1); got grid_rows={self.mae.grid_rows}, image_size={e.image_size}, "
+                f"patch_size={e.patch_size}, channels={e.channels}"
+            )
 
 
 def tiny_pixel_mae(cfg: PixelMAEConfig) -> PixelMAEConfig:
@@ -82,8 +101,14 @@ class Renderer:
         for t in texts:
             key = (truncate, t)
             if key not in cache:
-                r = render([t], patch=self.patch, max_patches=self.max_patches, font_size=cfg.font_size,
-                           font=cfg.font, truncate=truncate)
+                r = render(
+                    [t],
+                    patch=self.patch,
+                    max_patches=self.max_patches,
+                    font_size=cfg.font_size,
+                    font=cfg.font,
+                    truncate=truncate,
+                )
                 cache[key] = (r.images[0], int(r.num_text[0]))
         rows = [cache[(truncate, t)] for t in texts]
         images = torch.stack([r[0] for r in rows])  # (B, 1, p, N·p)
@@ -144,8 +169,9 @@ class PixelMAEModel(Renderer, PolymodalModel):
         with eval_mode(self):
             return masked_loss_metrics(self.mae, self, dataset, split)
 
-    def sample_to_folder(self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0,
-                         **options: Any) -> list[Path]:
+    def sample_to_folder(
+        self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
+    ) -> list[Path]:
         """Rendered sentence, span mask and reconstruction, stacked, for ``prompt`` or ``n`` test sentences."""
         if options:
             raise ValueError(f"pixel sampling takes no options; got {', '.join(sorted(options))}")
@@ -154,6 +180,9 @@ class PixelMAEModel(Renderer, PolymodalModel):
     def card_lines(self) -> list[str]:
         """Architecture summary for the model card."""
         e, m = self.config.mae.encoder, self.config.mae
-        return [f"PIXEL pre-training: 1×{m.grid_cols} strip of {e.patch_size}×{e.patch_size} grey patches (font size "
-                f"{self.config.font_size}), encoder width {e.dim}, depth {e.depth}; decoder width {m.decoder_dim}, "
-                f"depth {m.decoder_depth}; span masking {self.config.mask_ratio:.0%} (spans ≤ {self.config.max_span}).", ""]
+        return [
+            f"PIXEL pre-training: 1×{m.grid_cols} strip of {e.patch_size}×{e.patch_size} grey patches (font size "
+            f"{self.config.font_size}), encoder width {e.dim}, depth {e.depth}; decoder width {m.decoder_dim}, "
+            f"depth {m.decoder_depth}; span masking {self.config.mask_ratio:.0%} (spans ≤ {self.config.max_span}).",
+            "",
+        ]

@@ -11,9 +11,9 @@ empty box, so :func:`render` refuses them with a ValueError instead of drawing l
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -67,8 +67,9 @@ def missing_glyphs(text: str, size: int, path: str = "") -> list[str]:
     return sorted({c for c in text if not _has_glyph(c, size, path)})
 
 
-def render_one(text: str, *, patch: int, max_patches: int, font_size: int, font: str = "",
-               truncate: bool = False) -> tuple[np.ndarray, int]:
+def render_one(
+    text: str, *, patch: int, max_patches: int, font_size: int, font: str = "", truncate: bool = False
+) -> tuple[np.ndarray, int]:
     """One strip (patch, max_patches · patch) float32 in [0, 1] and its number of text patches."""
     from PIL import Image, ImageDraw
 
@@ -76,28 +77,39 @@ def render_one(text: str, *, patch: int, max_patches: int, font_size: int, font:
         raise ValueError(f"expected a str to render; got {type(text).__name__}")
     missing = missing_glyphs(text, font_size, font)
     if missing:
-        raise ValueError(f"the font cannot draw {''.join(missing)!r} in {text!r}; use characters it renders "
-                         "or pass a font file that covers them")
+        raise ValueError(
+            f"the font cannot draw {''.join(missing)!r} in {text!r}; use characters it renders "
+            "or pass a font file that covers them"
+        )
     face = load_font(font_size, font)
     margin = 1
     width = int(np.ceil(margin + face.getlength(text))) if text else 0
     num_text = max(1, -(-width // patch))
     if num_text + 1 > max_patches:
         if not truncate:
-            raise ValueError(f"text renders to {num_text} patches plus the end-of-sequence patch = {num_text + 1}, "
-                             f"more than max_patches={max_patches}: {text!r}; pass truncate=True to cut it")
+            raise ValueError(
+                f"text renders to {num_text} patches plus the end-of-sequence patch = {num_text + 1}, "
+                f"more than max_patches={max_patches}: {text!r}; pass truncate=True to cut it"
+            )
         num_text = max_patches - 1
     canvas = Image.new("L", (max_patches * patch, patch), 255)
     ascent, descent = face.getmetrics()
     ImageDraw.Draw(canvas).text((margin, (patch - ascent - descent) // 2), text, fill=0, font=face)
     strip = np.asarray(canvas, dtype=np.float32) / 255.0  # (p, N·p)
-    strip[:, num_text * patch:] = 1.0  # truncated ink beyond the text patches is cut
-    strip[:, num_text * patch:(num_text + 1) * patch] = 0.0  # the black end-of-sequence patch
+    strip[:, num_text * patch :] = 1.0  # truncated ink beyond the text patches is cut
+    strip[:, num_text * patch : (num_text + 1) * patch] = 0.0  # the black end-of-sequence patch
     return strip, num_text
 
 
-def render(texts: str | Sequence[str], *, patch: int = 12, max_patches: int = 24, font_size: int = 10,
-           font: str = "", truncate: bool = False) -> Rendered:
+def render(
+    texts: str | Sequence[str],
+    *,
+    patch: int = 12,
+    max_patches: int = 24,
+    font_size: int = 10,
+    font: str = "",
+    truncate: bool = False,
+) -> Rendered:
     """Render each text into a 1×``max_patches`` strip of ``patch``×``patch`` grey patches.
 
     Text wider than ``max_patches - 1`` patches raises a ValueError naming both numbers unless
@@ -107,8 +119,12 @@ def render(texts: str | Sequence[str], *, patch: int = 12, max_patches: int = 24
         texts = [texts]
     if not texts:
         raise ValueError("expected at least one text to render; got an empty list")
-    strips, counts = zip(*(render_one(t, patch=patch, max_patches=max_patches, font_size=font_size,
-                                      font=font, truncate=truncate) for t in texts))
+    strips, counts = zip(
+        *(
+            render_one(t, patch=patch, max_patches=max_patches, font_size=font_size, font=font, truncate=truncate)
+            for t in texts
+        )
+    )
     images = torch.from_numpy(np.stack(strips)).unsqueeze(1)  # (B, 1, p, N·p)
     num_text = torch.tensor(counts, dtype=torch.long)  # (B,)
     index = torch.arange(max_patches).unsqueeze(0)  # (1, N)

@@ -14,8 +14,8 @@ right-text perplexity (``model.zero_shot(images, class_captions)``); ``polymodal
 from __future__ import annotations
 
 from polymodal import hookimpl
-from polymodal.registry import register_variants
 from polymodal.models import ModelSpec
+from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
 from .config import RudolphConfig

@@ -26,16 +26,17 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.attention import image_pattern_mask, pattern_schedule
-from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
-from polymodal.nn.embed import init_weights
 from polymodal.data.folder import frozen_part_line, is_folder
 from polymodal.models import PolymodalModel
+from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
+from polymodal.nn.embed import init_weights
 from polymodal.objectives import cross_entropy
 from polymodal.registry import get_registry
 
 from . import text as tx
 from .config import RudolphConfig
 from .tasks import RudolphTasks
+
 
 @torch.no_grad()
 def decoded_code_embeddings(vq: nn.Module, grid: tuple[int, int], dim: int, std: float = 0.02) -> Tensor:
@@ -61,7 +62,9 @@ class RuDolph(RudolphTasks, PolymodalModel):
     def __init__(self, config: RudolphConfig, parts: dict[str, PolymodalModel] | None = None) -> None:
         super().__init__(config)
         tokenizer = self.attach_parts(parts)["tokenizer"]
-        self.text = tx.make_tokenizer(config.text_tokenizer, config.text_vocab_size, config.templates, config.class_names)
+        self.text = tx.make_tokenizer(
+            config.text_tokenizer, config.text_vocab_size, config.templates, config.class_names
+        )
         self._build(tokenizer)
 
     def _build(self, vq: nn.Module) -> None:
@@ -72,8 +75,10 @@ class RuDolph(RudolphTasks, PolymodalModel):
         self.grid: tuple[int, int] = tuple(int(g) for g in vq.grid)
         self.codebook_size = int(vq.codebook_size)
         if self.text.vocab_size > c.text_vocab_size:
-            raise ValueError(f"the text tokenizer has {self.text.vocab_size} ids, more than RudolphConfig.text_vocab_size "
-                             f"= {c.text_vocab_size}")
+            raise ValueError(
+                f"the text tokenizer has {self.text.vocab_size} ids, more than RudolphConfig.text_vocab_size "
+                f"= {c.text_vocab_size}"
+            )
         h, w = self.grid
         self.image_len = h * w
         self.seq_len = c.left_len + self.image_len + c.right_len
@@ -91,10 +96,12 @@ class RuDolph(RudolphTasks, PolymodalModel):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         if c.image_embed_init == "decoded":
             with torch.no_grad():
-                self.token_embed.weight[c.text_vocab_size:] = decoded_code_embeddings(vq, self.grid, c.dim)
+                self.token_embed.weight[c.text_vocab_size :] = decoded_code_embeddings(vq, self.grid, c.dim)
         self.patterns = pattern_schedule(c.depth, c.cycle, c.last)
-        masks = [image_pattern_mask(p, self.grid, prefix=c.left_len, suffix=c.right_len, kernel=c.kernel)
-                 for p in self.patterns]
+        masks = [
+            image_pattern_mask(p, self.grid, prefix=c.left_len, suffix=c.right_len, kernel=c.kernel)
+            for p in self.patterns
+        ]
         self.register_buffer("layer_masks", torch.stack(masks), persistent=False)  # (depth, N, N)
         segments = torch.tensor([0] * c.left_len + [1] * self.image_len + [2] * c.right_len)
         self.register_buffer("segments", segments, persistent=False)  # (N,)
@@ -102,7 +109,7 @@ class RuDolph(RudolphTasks, PolymodalModel):
         text_ok[: self.text.vocab_size] = True
         text_ok[tx.conditions(self.text)] = False
         image_ok = torch.zeros(self.vocab_size, dtype=torch.bool)
-        image_ok[c.text_vocab_size:] = True
+        image_ok[c.text_vocab_size :] = True
         self.register_buffer("vocab_masks", torch.stack([text_ok, image_ok, text_ok]), persistent=False)  # (3, V)
 
     # -- config adaptation and tiny form ----------------------------------------------------------
@@ -121,17 +128,26 @@ class RuDolph(RudolphTasks, PolymodalModel):
             changes["tokenizer"] = attrs.evolve(config.tokenizer, variant=variant, data=name)
         templates, names = tuple(meta.get("templates", ())), tuple(meta.get("class_names", ()))
         if tx.label_templates(templates, names) and "label" in dataset.train:
-            changes.update(templates=templates, heldout_templates=tuple(meta.get("heldout_templates", ())),
-                           class_names=names)
+            changes.update(
+                templates=templates, heldout_templates=tuple(meta.get("heldout_templates", ())), class_names=names
+            )
         else:  # captions that are not one class's (shapes scenes, a folder): the dataset's own, as bytes
-            changes.update(templates=(), heldout_templates=(), class_names=(), text_tokenizer="bytes",
-                           left_len=max(config.left_len, 96), right_len=max(config.right_len, 96))
+            changes.update(
+                templates=(),
+                heldout_templates=(),
+                class_names=(),
+                text_tokenizer="bytes",
+                left_len=max(config.left_len, 96),
+                right_len=max(config.right_len, 96),
+            )
         return attrs.evolve(config, **changes)
 
     @classmethod
     def tiny_config(cls, config: RudolphConfig) -> RudolphConfig:
         """A fresh tiny tokenizer and a two-layer width-16 decoder (contract tests)."""
-        return attrs.evolve(config, tokenizer=attrs.evolve(config.tokenizer, path="", tiny=True), dim=16, depth=2, heads=2)
+        return attrs.evolve(
+            config, tokenizer=attrs.evolve(config.tokenizer, path="", tiny=True), dim=16, depth=2, heads=2
+        )
 
     # -- the stream -------------------------------------------------------------------------------
     def positions(self) -> Tensor:
@@ -146,27 +162,36 @@ class RuDolph(RudolphTasks, PolymodalModel):
             raise ValueError(f"expected integer token ids (B, n); got {got}")
         n = ids.shape[1]
         if start + n > self.seq_len:
-            raise ValueError(f"the stream holds {self.seq_len} tokens (left {self.config.left_len} + image "
-                             f"{self.image_len} + right {self.config.right_len}); got {n} tokens from position {start}")
+            raise ValueError(
+                f"the stream holds {self.seq_len} tokens (left {self.config.left_len} + image "
+                f"{self.image_len} + right {self.config.right_len}); got {n} tokens from position {start}"
+            )
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}); got ids in [{int(ids.min())}, {int(ids.max())}]")
-        ok = self.vocab_masks[self.segments[start:start + n]]  # (n, V)
-        ok[:, tx.conditions(self.text)] = self.segments[start:start + n, None] != 1  # pad/task tokens only in text
+            raise ValueError(
+                f"token ids must be in [0, {self.vocab_size}); got ids in [{int(ids.min())}, {int(ids.max())}]"
+            )
+        ok = self.vocab_masks[self.segments[start : start + n]]  # (n, V)
+        ok[:, tx.conditions(self.text)] = self.segments[start : start + n, None] != 1  # pad/task tokens only in text
         bad = ~ok.gather(1, ids.t().clamp(0, self.vocab_size - 1)).t()  # (B, n)
         if bad.any():
             b, p = (int(i) for i in bad.nonzero()[0])
             part = ("left text", "image", "right text")[int(self.segments[start + p])]
-            takes = (f"image codes as ids [{self.config.text_vocab_size}, {self.vocab_size})" if part == "image"
-                     else f"text ids [0, {self.text.vocab_size})")
-            raise ValueError(f"position {start + p} is in the {part}, which takes {takes}; row {b} holds id {int(ids[b, p])}")
+            takes = (
+                f"image codes as ids [{self.config.text_vocab_size}, {self.vocab_size})"
+                if part == "image"
+                else f"text ids [0, {self.text.vocab_size})"
+            )
+            raise ValueError(
+                f"position {start + p} is in the {part}, which takes {takes}; row {b} holds id {int(ids[b, p])}"
+            )
 
     def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """Logits (B, n, V) for ``ids`` at positions ``[past, past + n)``, ``past`` = what ``cache`` holds."""
         past = cache.length if cache is not None else 0
         self.check_ids(ids, past)
         n = ids.shape[1]
-        x = self.token_embed(ids) + self.positions()[past:past + n]  # (B, n, D)
-        masks = list(self.layer_masks[:, past:past + n, : past + n])  # depth × (n, past + n)
+        x = self.token_embed(ids) + self.positions()[past : past + n]  # (B, n, D)
+        masks = list(self.layer_masks[:, past : past + n, : past + n])  # depth × (n, past + n)
         h = self.stack(x, mask=masks, cache=cache)  # (B, n, D)
         return self.head(h)  # (B, n, V)
 
@@ -174,8 +199,13 @@ class RuDolph(RudolphTasks, PolymodalModel):
     def check_images(self, images: Tensor) -> None:
         """ValueError naming the expected shape unless ``images`` is (B, C, S, S) float for the tokenizer."""
         c, s = self.vq.config.channels, self.vq.config.image_size
-        if (not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (c, s, s)
-                or not images.is_floating_point() or images.shape[0] == 0):
+        if (
+            not isinstance(images, Tensor)
+            or images.dim() != 4
+            or tuple(images.shape[1:]) != (c, s, s)
+            or not images.is_floating_point()
+            or images.shape[0] == 0
+        ):
             got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"expected float images (B, {c}, {s}, {s}) in [0, 1]; got {got}")
 
@@ -188,12 +218,19 @@ class RuDolph(RudolphTasks, PolymodalModel):
     def check_codes(self, codes: Tensor) -> None:
         """ValueError unless ``codes`` is (B, h, w) integer in ``[0, codebook_size)``."""
         h, w = self.grid
-        if not isinstance(codes, Tensor) or codes.dim() != 3 or tuple(codes.shape[1:]) != (h, w) or codes.is_floating_point():
+        if (
+            not isinstance(codes, Tensor)
+            or codes.dim() != 3
+            or tuple(codes.shape[1:]) != (h, w)
+            or codes.is_floating_point()
+        ):
             got = f"{tuple(codes.shape)} {codes.dtype}" if isinstance(codes, Tensor) else type(codes).__name__
             raise ValueError(f"expected integer codes (B, {h}, {w}); got {got}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"code ids must be in [0, {self.codebook_size}) (the codebook); got ids in "
-                             f"[{int(codes.min())}, {int(codes.max())}]")
+            raise ValueError(
+                f"code ids must be in [0, {self.codebook_size}) (the codebook); got ids in "
+                f"[{int(codes.min())}, {int(codes.max())}]"
+            )
 
     def codes_to_ids(self, codes: Tensor) -> Tensor:
         """Codes (B, h, w) → stream ids (B, h·w)."""
@@ -217,8 +254,9 @@ class RuDolph(RudolphTasks, PolymodalModel):
 
     def right_text(self, texts: list[str], task: str = "rt_i2t", truncate: bool = False) -> Tensor:
         """(B, right_len) right context ``[rt_i2t] caption [eos] pad…`` ('pad' task: all padding)."""
-        return tx.text_context(self.text, texts, self.config.right_len, task, what="caption",
-                               truncate=truncate).to(self.layer_masks.device)
+        return tx.text_context(self.text, texts, self.config.right_len, task, what="caption", truncate=truncate).to(
+            self.layer_masks.device
+        )
 
     def stream(self, captions: list[str], codes: Tensor, t2i: Tensor, truncate: bool = False) -> Tensor:
         """(B, N) training/scoring stream: row i in the text→image layout where ``t2i[i]``, else image→text.
@@ -226,11 +264,16 @@ class RuDolph(RudolphTasks, PolymodalModel):
         ``truncate`` cuts captions longer than a context (training on a dataset's own captions).
         """
         empty = [""] * len(captions)
-        left = torch.where(t2i[:, None], tx.text_context(self.text, captions, self.config.left_len, "lt_t2i", what="prompt",
-                                                         truncate=truncate).to(codes.device),
-                           self.left_text(empty, "lt_i2t"))  # (B, L)
-        right = torch.where(t2i[:, None], self.right_text(empty, "pad"),
-                            self.right_text(captions, "rt_i2t", truncate=truncate))  # (B, R)
+        left = torch.where(
+            t2i[:, None],
+            tx.text_context(self.text, captions, self.config.left_len, "lt_t2i", what="prompt", truncate=truncate).to(
+                codes.device
+            ),
+            self.left_text(empty, "lt_i2t"),
+        )  # (B, L)
+        right = torch.where(
+            t2i[:, None], self.right_text(empty, "pad"), self.right_text(captions, "rt_i2t", truncate=truncate)
+        )  # (B, R)
         return torch.cat([left, self.codes_to_ids(codes), right], dim=1)  # (B, N)
 
     def targets(self, ids: Tensor) -> Tensor:
@@ -249,20 +292,26 @@ class RuDolph(RudolphTasks, PolymodalModel):
         for ids in streams:
             if ids.shape[0] == 0:
                 continue
-            seg = self.segments[1:ids.shape[1]]  # (n-1,) part of each target
+            seg = self.segments[1 : ids.shape[1]]  # (n-1,) part of each target
             out = self(ids[:, :-1])  # (B, n-1, V)
             logits.append(out.masked_fill(~self.vocab_masks[seg], float("-inf")).flatten(0, 1))  # (B·(n-1), V)
             targets.append(self.targets(ids).flatten())  # (B·(n-1),)
             segments.append(seg.repeat(ids.shape[0]))
-        return cross_entropy(torch.cat(logits), torch.cat(targets), segment_ids=torch.cat(segments),
-                             segment_weights=self.config.loss_weights)
+        return cross_entropy(
+            torch.cat(logits),
+            torch.cat(targets),
+            segment_ids=torch.cat(segments),
+            segment_weights=self.config.loss_weights,
+        )
 
     def batch_captions(self, batch: dict[str, Any]) -> list[str]:
         """Training captions: a random template per sample filled with its label, or the dataset's captions."""
         if self.config.templates and "label" in batch:
             pick = torch.randint(len(self.config.templates), (len(batch["label"]),)).tolist()
-            return [tx.fill(self.config.templates[j], int(y), self.config.class_names)
-                    for j, y in zip(pick, batch["label"].tolist())]
+            return [
+                tx.fill(self.config.templates[j], int(y), self.config.class_names)
+                for j, y in zip(pick, batch["label"].tolist())
+            ]
         return list(batch["caption"])
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
@@ -293,8 +342,11 @@ class RuDolph(RudolphTasks, PolymodalModel):
         """A digits-like training batch: random images, labels and captions."""
         s, ch = self.vq.config.image_size, self.vq.config.channels
         labels = torch.randint(0, max(len(self.config.class_names), 1), (batch_size,), generator=generator)
-        return {"image": torch.rand(batch_size, ch, s, s, generator=generator), "label": labels,
-                "caption": [f"a {int(y)}" for y in labels]}
+        return {
+            "image": torch.rand(batch_size, ch, s, s, generator=generator),
+            "label": labels,
+            "caption": [f"a {int(y)}" for y in labels],
+        }
 
     # -- model folders ----------------------------------------------------------------------------
     def save_extras(self, directory: Path) -> None:
@@ -312,11 +364,15 @@ class RuDolph(RudolphTasks, PolymodalModel):
     def card_lines(self) -> list[str]:
         """Layout, schedule, loss weights and where the image tokenizer comes from."""
         c = self.config
-        return [f"RuDolph: [left text {c.left_len}][image {self.grid[0]}×{self.grid[1]} codes of {self.codebook_size}]"
-                f"[right text {c.right_len}], width {c.dim}, depth {c.depth}, {c.heads} heads; image attention per "
-                f"layer: {', '.join(self.patterns)}; loss weights left/image/right {c.loss_weights}.", "",
-                f"Image tokenizer (frozen): {self.part_sources['tokenizer']}, saved in `tokenizer/`. Text: {c.text_tokenizer} "
-                f"({self.text.vocab_size} ids) in `text/`.", ""]
+        return [
+            f"RuDolph: [left text {c.left_len}][image {self.grid[0]}×{self.grid[1]} codes of {self.codebook_size}]"
+            f"[right text {c.right_len}], width {c.dim}, depth {c.depth}, {c.heads} heads; image attention per "
+            f"layer: {', '.join(self.patterns)}; loss weights left/image/right {c.loss_weights}.",
+            "",
+            f"Image tokenizer (frozen): {self.part_sources['tokenizer']}, saved in `tokenizer/`. Text: {c.text_tokenizer} "
+            f"({self.text.vocab_size} ids) in `text/`.",
+            "",
+        ]
 
 
 __all__ = ["RuDolph", "RudolphConfig"]

@@ -16,21 +16,27 @@ image, text ids in the right context); a non-finite logit raises instead of draw
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from polymodal.data.augment import resize
-from polymodal.nn import KVCache, eval_mode
-from polymodal.generation.sampling import generate
 from polymodal.generation.options import TOKEN_SAMPLING, SampleOption, keywords
+from polymodal.generation.sampling import generate
+from polymodal.nn import KVCache, eval_mode
 
 from . import text as tx
 
-CANDIDATES = SampleOption("candidates", "--candidates", "Images drawn per kept sample, self-reranked by the caption's right-text perplexity.", type="int")
+CANDIDATES = SampleOption(
+    "candidates",
+    "--candidates",
+    "Images drawn per kept sample, self-reranked by the caption's right-text perplexity.",
+    type="int",
+)
 
 SAMPLE_OPTIONS = keywords((*TOKEN_SAMPLING, CANDIDATES))
 """Options of ``polymodal sample`` this family supports."""
@@ -51,9 +57,16 @@ class RudolphTasks:
 
     # -- text → image ------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_codes(self, prompts: Sequence[str | None], *, generator: torch.Generator | None = None,
-                       temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                       use_cache: bool = True) -> Tensor:
+    def generate_codes(
+        self,
+        prompts: Sequence[str | None],
+        *,
+        generator: torch.Generator | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
         """Image codes (B, h, w), one per prompt (None or '': unconditional); config defaults fill unset options."""
         c = self.config
         with eval_mode(self):
@@ -61,15 +74,28 @@ class RudolphTasks:
             uncond = self.left_text([""] * len(prompts), "lt_i2t")  # (B, L)
             has = torch.tensor([bool(p) for p in prompts], device=t2i.device)[:, None]  # (B, 1)
             left = torch.where(has, t2i, uncond)  # (B, L)
-            ids = generate(self._step, left, self.image_len,
-                           temperature=c.temperature if temperature is None else temperature,
-                           top_k=c.top_k if top_k is None else top_k, top_p=c.top_p if top_p is None else top_p,
-                           generator=generator, allowed=self.vocab_masks[1], use_cache=use_cache)  # (B, L + h·w)
-        return self.ids_to_codes(ids[:, c.left_len:])
+            ids = generate(
+                self._step,
+                left,
+                self.image_len,
+                temperature=c.temperature if temperature is None else temperature,
+                top_k=c.top_k if top_k is None else top_k,
+                top_p=c.top_p if top_p is None else top_p,
+                generator=generator,
+                allowed=self.vocab_masks[1],
+                use_cache=use_cache,
+            )  # (B, L + h·w)
+        return self.ids_to_codes(ids[:, c.left_len :])
 
     @torch.no_grad()
-    def generate_images(self, prompts: Sequence[str | None], *, candidates: int = 1,
-                        generator: torch.Generator | None = None, **options: Any) -> Tensor:
+    def generate_images(
+        self,
+        prompts: Sequence[str | None],
+        *,
+        candidates: int = 1,
+        generator: torch.Generator | None = None,
+        **options: Any,
+    ) -> Tensor:
         """Images (B, C, S, S) for ``prompts``; with ``candidates`` > 1 each is the self-reranked best of that many."""
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"candidates must be an integer >= 1; got {candidates!r}")
@@ -90,18 +116,40 @@ class RudolphTasks:
 
     # -- image → text ------------------------------------------------------------------------------
     @torch.no_grad()
-    def caption_codes(self, codes: Tensor, *, greedy: bool = True, generator: torch.Generator | None = None,
-                      temperature: float = 1.0, use_cache: bool = True) -> list[str]:
+    def caption_codes(
+        self,
+        codes: Tensor,
+        *,
+        greedy: bool = True,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        use_cache: bool = True,
+    ) -> list[str]:
         """A caption per image given as codes (B, h, w), generated in the right context (greedy by default)."""
         c, sp = self.config, self.text.special_tokens
         with eval_mode(self):
             b = codes.shape[0] if isinstance(codes, Tensor) and codes.dim() else 0
-            prefix = torch.cat([self.left_text([""] * b, "lt_i2t"), self.codes_to_ids(codes),
-                                self.right_text([""] * b, "rt_i2t")[:, :1]], dim=1)  # (B, L + h·w + 1)
-            ids = generate(self._step, prefix, c.right_len - 1, greedy=greedy, temperature=temperature,
-                           generator=generator, allowed=self.vocab_masks[2], eos_id=sp["eos"], pad_id=sp["pad"],
-                           use_cache=use_cache)
-        return [t.strip() for t in self.text.decode_batch(ids[:, prefix.shape[1]:])]
+            prefix = torch.cat(
+                [
+                    self.left_text([""] * b, "lt_i2t"),
+                    self.codes_to_ids(codes),
+                    self.right_text([""] * b, "rt_i2t")[:, :1],
+                ],
+                dim=1,
+            )  # (B, L + h·w + 1)
+            ids = generate(
+                self._step,
+                prefix,
+                c.right_len - 1,
+                greedy=greedy,
+                temperature=temperature,
+                generator=generator,
+                allowed=self.vocab_masks[2],
+                eos_id=sp["eos"],
+                pad_id=sp["pad"],
+                use_cache=use_cache,
+            )
+        return [t.strip() for t in self.text.decode_batch(ids[:, prefix.shape[1] :])]
 
     @torch.no_grad()
     def caption(self, images: Tensor, **options: Any) -> list[str]:
@@ -131,8 +179,9 @@ class RudolphTasks:
                 logits = self(right[:, :-1].repeat(b, 1), cache=cache)  # (b·K, R-1, V)
                 logits = logits.masked_fill(~self.vocab_masks[2], float("-inf"))
                 t = tgt.repeat(b, 1)  # (b·K, R-1)
-                ce = F.cross_entropy(logits.transpose(1, 2).float(), t, ignore_index=tx.IGNORE,
-                                     reduction="none")  # (b·K, R-1)
+                ce = F.cross_entropy(
+                    logits.transpose(1, 2).float(), t, ignore_index=tx.IGNORE, reduction="none"
+                )  # (b·K, R-1)
                 counted = (t != tx.IGNORE).float()
                 out.append(((ce * counted).sum(1) / counted.sum(1).clamp(min=1)).view(b, k))
         return torch.cat(out)  # (B, K)
@@ -143,9 +192,9 @@ class RudolphTasks:
         with eval_mode(self):
             r, out = self.config.right_len - 1, []
             for start in range(0, len(captions), chunk):
-                part = codes[start:start + chunk]
+                part = codes[start : start + chunk]
                 t2i = torch.zeros(part.shape[0], dtype=torch.bool, device=self._device())
-                ids = self.stream(list(captions[start:start + chunk]), part, t2i, truncate=True)  # (b, N)
+                ids = self.stream(list(captions[start : start + chunk]), part, t2i, truncate=True)  # (b, N)
                 logits = self(ids[:, :-1])[:, -r:].masked_fill(~self.vocab_masks[2], float("-inf"))  # (b, R-1, V)
                 tgt = self.targets(ids)[:, -r:]  # (b, R-1)
                 ce = F.cross_entropy(logits.transpose(1, 2).float(), tgt, ignore_index=tx.IGNORE, reduction="none")
@@ -164,14 +213,17 @@ class RudolphTasks:
         return owner[nll.argmin(1)]
 
     # -- the CLI ------------------------------------------------------------------------------------
-    def sample_to_folder(self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0,
-                         **options: Any) -> list[Path]:
+    def sample_to_folder(
+        self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
+    ) -> list[Path]:
         """Write ``n`` samples for ``prompt`` as PNGs and a grid; supports temperature, top_k, top_p, use_cache, candidates."""
         from polymodal.eval.images import write_samples
 
         unknown = sorted(set(options) - set(SAMPLE_OPTIONS))
         if unknown:
-            raise ValueError(f"RuDolph sampling does not support {', '.join(unknown)}; it supports {', '.join(SAMPLE_OPTIONS)}")
+            raise ValueError(
+                f"RuDolph sampling does not support {', '.join(unknown)}; it supports {', '.join(SAMPLE_OPTIONS)}"
+            )
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1; got {n!r}")
         candidates = options.pop("candidates", 1)
@@ -222,8 +274,11 @@ class RudolphTasks:
         metrics.update(judge_samples(dataset, self.generate_images(prompts, generator=g).cpu(), {"label": targets}))
         if c.eval_candidates > 1:
             g = torch.Generator(device=self._device()).manual_seed(c.eval_seed)
-            ranked = judge_samples(dataset, self.generate_images(prompts, candidates=c.eval_candidates, generator=g).cpu(),
-                                   {"label": targets})
+            ranked = judge_samples(
+                dataset,
+                self.generate_images(prompts, candidates=c.eval_candidates, generator=g).cpu(),
+                {"label": targets},
+            )
             metrics.update({f"{k}_reranked": v for k, v in ranked.items() if not k.startswith("sample_label")})
         metrics["caption_examples"] = captions[:5]
         metrics["samples"] = len(labels)

@@ -13,7 +13,7 @@ targets.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -58,13 +58,16 @@ def make_tokenizer(kind: str, vocab_size: int, templates: Sequence[str], class_n
     if kind == "bytes":
         return ByteTokenizer(("bos", "eos", "pad", *TASK_TOKENS), add_bos=False)
     if not templates or not class_names:
-        raise ValueError("the 'bpe' text tokenizer learns from caption templates and class names; got "
-                         f"{len(templates)} templates and {len(class_names)} class names (use text_tokenizer='bytes')")
+        raise ValueError(
+            "the 'bpe' text tokenizer learns from caption templates and class names; got "
+            f"{len(templates)} templates and {len(class_names)} class names (use text_tokenizer='bytes')"
+        )
     return BPETokenizer.train(corpus(templates, class_names), vocab_size, SPECIALS, min_frequency=1, add_bos=False)
 
 
-def text_context(tokenizer, texts: Sequence[str], length: int, task: str, *, what: str,
-                 truncate: bool = False) -> Tensor:
+def text_context(
+    tokenizer, texts: Sequence[str], length: int, task: str, *, what: str, truncate: bool = False
+) -> Tensor:
     """(B, length) ids ``[task] text [eos] pad…`` (``task`` a role of :data:`TASK_TOKENS`, or "pad").
 
     A text that does not fit raises ValueError naming its length and the room there is,
@@ -81,11 +84,13 @@ def text_context(tokenizer, texts: Sequence[str], length: int, task: str, *, wha
             continue
         body = tokenizer.encode(text, add_bos=False, add_eos=True)
         if len(body) > length - 1 and truncate:
-            body = body[:length - 2] + body[-1:]
+            body = body[: length - 2] + body[-1:]
         if len(body) > length - 1:
-            raise ValueError(f"{what} {text!r} encodes to {len(body)} tokens (with end-of-text), longer than the "
-                             f"{length - 1} the {length}-token context has after its task token; shorten it")
-        out[i, 1:1 + len(body)] = torch.tensor(body, dtype=torch.long)
+            raise ValueError(
+                f"{what} {text!r} encodes to {len(body)} tokens (with end-of-text), longer than the "
+                f"{length - 1} the {length}-token context has after its task token; shorten it"
+            )
+        out[i, 1 : 1 + len(body)] = torch.tensor(body, dtype=torch.long)
     return out
 
 
@@ -114,5 +119,16 @@ def caption_label(text: str, class_names: Sequence[str] = _NUMERALS) -> int:
     return found.pop() if len(found) == 1 else -1
 
 
-__all__ = ["IGNORE", "SPECIALS", "TASK_TOKENS", "caption_label", "conditions", "corpus", "fill", "label_templates",
-           "make_tokenizer", "named_classes", "text_context"]
+__all__ = [
+    "IGNORE",
+    "SPECIALS",
+    "TASK_TOKENS",
+    "caption_label",
+    "conditions",
+    "corpus",
+    "fill",
+    "label_templates",
+    "make_tokenizer",
+    "named_classes",
+    "text_context",
+]

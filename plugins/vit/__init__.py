@@ -8,11 +8,11 @@ Variants (timm style, five lines each):
 
 from __future__ import annotations
 
+from polymodal import hookimpl
+from polymodal.models import ModelSpec
 from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import ViTEncoderConfig
-from polymodal import hookimpl
 from polymodal.registry import register_variants
-from polymodal.models import ModelSpec
 from polymodal.train import TrainConfig
 
 from .model import ViTClassifier, ViTConfig
@@ -21,9 +21,17 @@ __all__ = ["ViTClassifier", "ViTConfig", "VARIANTS"]
 
 DIGITS = ModelSpec(
     ViTClassifier,
-    ViTConfig(encoder=ViTEncoderConfig(image_size=8, patch_size=2, channels=1, depth=6,
-                                       block=BlockConfig(dim=128, heads=4, mlp_ratio=2.0, drop_path=0.1)),
-              augment_shift=1, label_smoothing=0.1),
+    ViTConfig(
+        encoder=ViTEncoderConfig(
+            image_size=8,
+            patch_size=2,
+            channels=1,
+            depth=6,
+            block=BlockConfig(dim=128, heads=4, mlp_ratio=2.0, drop_path=0.1),
+        ),
+        augment_shift=1,
+        label_smoothing=0.1,
+    ),
     data="digits",
     train=TrainConfig(steps=2500, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.05),
     doc="Small ViT for the embedded 8×8 digits (patch 2, width 128, depth 6).",
@@ -31,19 +39,27 @@ DIGITS = ModelSpec(
 
 VIT_S16 = ModelSpec(
     ViTClassifier,
-    ViTConfig(encoder=ViTEncoderConfig(image_size=224, patch_size=16, channels=3, depth=12,
-                                       block=BlockConfig(dim=384, heads=6)),
-              num_classes=1000),
-    data="digits", train=TrainConfig(steps=2000, batch_size=32, lr=5e-4),
+    ViTConfig(
+        encoder=ViTEncoderConfig(
+            image_size=224, patch_size=16, channels=3, depth=12, block=BlockConfig(dim=384, heads=6)
+        ),
+        num_classes=1000,
+    ),
+    data="digits",
+    train=TrainConfig(steps=2000, batch_size=32, lr=5e-4),
     doc="ViT-S/16: 224×224, width 384, depth 12, 6 heads.",
 )
 
 VIT_B16 = ModelSpec(
     ViTClassifier,
-    ViTConfig(encoder=ViTEncoderConfig(image_size=224, patch_size=16, channels=3, depth=12,
-                                       block=BlockConfig(dim=768, heads=12)),
-              num_classes=1000),
-    data="digits", train=TrainConfig(steps=2000, batch_size=32, lr=3e-4),
+    ViTConfig(
+        encoder=ViTEncoderConfig(
+            image_size=224, patch_size=16, channels=3, depth=12, block=BlockConfig(dim=768, heads=12)
+        ),
+        num_classes=1000,
+    ),
+    data="digits",
+    train=TrainConfig(steps=2000, batch_size=32, lr=3e-4),
     doc="ViT-B/16: 224×224, width 768, depth 12, 12 heads.",
 )
 

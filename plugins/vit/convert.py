@@ -22,12 +22,18 @@ def config_from_hf(hf: dict, num_classes: int, source: str = "hf-vit") -> ViTCon
     """Translate a transformers ``ViTConfig`` dict; eps and activation come from the source."""
     dim = hf.get("hidden_size", 768)
     encoder = ViTEncoderConfig(
-        image_size=square_side(hf, "image_size", 224, source), patch_size=square_side(hf, "patch_size", 16, source),
-        channels=hf.get("num_channels", 3), depth=hf.get("num_hidden_layers", 12),
-        block=BlockConfig(dim=dim, heads=hf.get("num_attention_heads", 12),
-                          mlp_ratio=mlp_ratio_for(dim, hf.get("intermediate_size", 4 * dim), source),
-                          act=activation(hf, source), norm_eps=hf.get("layer_norm_eps", 1e-12),
-                          qkv_bias=hf.get("qkv_bias", True)),
+        image_size=square_side(hf, "image_size", 224, source),
+        patch_size=square_side(hf, "patch_size", 16, source),
+        channels=hf.get("num_channels", 3),
+        depth=hf.get("num_hidden_layers", 12),
+        block=BlockConfig(
+            dim=dim,
+            heads=hf.get("num_attention_heads", 12),
+            mlp_ratio=mlp_ratio_for(dim, hf.get("intermediate_size", 4 * dim), source),
+            act=activation(hf, source),
+            norm_eps=hf.get("layer_norm_eps", 1e-12),
+            qkv_bias=hf.get("qkv_bias", True),
+        ),
     )
     return ViTConfig(encoder=encoder, num_classes=num_classes)
 
@@ -50,8 +56,13 @@ def state_from_hf(src: dict[str, torch.Tensor], depth: int) -> dict[str, torch.T
         out[pm + "attn.qkv.weight"] = torch.cat([get(att + n + ".weight") for n in ("query", "key", "value")])
         if prefix + att + "query.bias" in src:
             out[pm + "attn.qkv.bias"] = torch.cat([get(att + n + ".bias") for n in ("query", "key", "value")])
-        pairs = {"attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense",
-                 "mlp.fc2": "output.dense", "norm1": "layernorm_before", "norm2": "layernorm_after"}
+        pairs = {
+            "attn.proj": "attention.output.dense",
+            "mlp.fc1": "intermediate.dense",
+            "mlp.fc2": "output.dense",
+            "norm1": "layernorm_before",
+            "norm2": "layernorm_after",
+        }
         for ours, theirs in pairs.items():
             out[pm + ours + ".weight"] = get(hf + theirs + ".weight")
             out[pm + ours + ".bias"] = get(hf + theirs + ".bias")
@@ -68,5 +79,12 @@ def build_model(hf: dict, weights: dict[str, torch.Tensor], source: str) -> ViTC
 
 def convert_hf_vit(src: str | Path, dst: str | Path | None = None) -> ViTClassifier:
     """Convert the transformers ViT folder ``src``; writes a model folder to ``dst`` when given."""
-    return convert_hf_folder(src, dst, converter="hf-vit", model_type="vit", label="ViT", build_model=build_model,
-                             rename_state=lambda weights, model: state_from_hf(weights, model.config.encoder.depth))
+    return convert_hf_folder(
+        src,
+        dst,
+        converter="hf-vit",
+        model_type="vit",
+        label="ViT",
+        build_model=build_model,
+        rename_state=lambda weights, model: state_from_hf(weights, model.config.encoder.depth),
+    )

@@ -12,10 +12,10 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
+from polymodal.models import PolymodalModel
 from polymodal.nn import eval_mode
 from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
 from polymodal.nn.grid import fit_encoder
-from polymodal.models import PolymodalModel
 
 
 @config
@@ -23,11 +23,17 @@ class ViTConfig:
     """A ViT image classifier."""
 
     encoder: ViTEncoderConfig = field(ViTEncoderConfig(), "The transformer trunk (patch size, width, depth …).")
-    num_classes: int = field(10, "Output classes (0: no head, forward returns pooled features).", check=in_range(0, 1 << 20, integer=True))
-    pool: str = field("cls", "Pooling for the head: the [CLS] token or the mean of patch tokens.", check=one_of("cls", "mean"))
+    num_classes: int = field(
+        10, "Output classes (0: no head, forward returns pooled features).", check=in_range(0, 1 << 20, integer=True)
+    )
+    pool: str = field(
+        "cls", "Pooling for the head: the [CLS] token or the mean of patch tokens.", check=one_of("cls", "mean")
+    )
     head_dropout: float = field(0.0, "Dropout before the classification head.", check=in_range(0.0, 1.0))
     label_smoothing: float = field(0.0, "Label smoothing of the training cross-entropy.", check=in_range(0.0, 1.0))
-    augment_shift: int = field(0, "Training augmentation: random translation by up to this many pixels.", check=in_range(0, 64, integer=True))
+    augment_shift: int = field(
+        0, "Training augmentation: random translation by up to this many pixels.", check=in_range(0, 64, integer=True)
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.pool == "cls" and not self.encoder.cls_token:
@@ -72,7 +78,7 @@ class ViTClassifier(PolymodalModel):
         tokens = self.encoder(images)  # (B, 1 + N, D)
         if self.config.pool == "cls":
             return tokens[:, 0]  # (B, D)
-        return tokens[:, self.encoder.prefix:].mean(dim=1)  # (B, D)
+        return tokens[:, self.encoder.prefix :].mean(dim=1)  # (B, D)
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, C, H, W) → (B, num_classes) logits, or pooled features without a head."""
@@ -114,5 +120,8 @@ class ViTClassifier(PolymodalModel):
     def card_lines(self) -> list[str]:
         """Architecture summary for the model card."""
         e = self.config.encoder
-        return [f"ViT: {e.image_size}×{e.image_size} input, patch {e.patch_size}, width {e.dim}, depth {e.depth}, "
-                f"{e.block.heads} heads, {self.config.num_classes} classes.", ""]
+        return [
+            f"ViT: {e.image_size}×{e.image_size} input, patch {e.patch_size}, width {e.dim}, depth {e.depth}, "
+            f"{e.block.heads} heads, {self.config.num_classes} classes.",
+            "",
+        ]

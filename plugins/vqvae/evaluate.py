@@ -27,7 +27,7 @@ def evaluate_vqvae(model: Any, dataset: Any, split: str = "test", batch_size: in
         counts = torch.zeros(model.codebook_size, dtype=torch.float64)
         sq_err = 0.0
         for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size]  # (b, C, H, W)
+            x = images[start : start + batch_size]  # (b, C, H, W)
             codes = model.encode(x)  # (b, h, w)
             recon = model.decode(codes).cpu()  # (b, C, H, W)
             sq_err += (recon.double() - x.double()).pow(2).sum().item()
@@ -36,13 +36,18 @@ def evaluate_vqvae(model: Any, dataset: Any, split: str = "test", batch_size: in
     variance = images.double().var(unbiased=False).item()
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
-    return {"recon_mse": mse, "recon_mse_normalized": mse / max(variance, 1e-12),
-            "codebook_perplexity": math.exp(entropy), "codes_used": int((counts > 0).sum()),
-            "samples": len(images)}
+    return {
+        "recon_mse": mse,
+        "recon_mse_normalized": mse / max(variance, 1e-12),
+        "codebook_perplexity": math.exp(entropy),
+        "codes_used": int((counts > 0).sum()),
+        "samples": len(images),
+    }
 
 
-def write_reconstructions(model: Any, out: str | Path, *, n: int = 8, prompt: str | None = None, seed: int = 0,
-                          **options: Any) -> list[Path]:
+def write_reconstructions(
+    model: Any, out: str | Path, *, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
+) -> list[Path]:
     """Write ``n`` random test images of the model's dataset and their reconstructions to ``out``.
 
     ``sample_000.png`` … are the reconstructions (native size), ``original_000.png`` … the
@@ -53,14 +58,17 @@ def write_reconstructions(model: Any, out: str | Path, *, n: int = 8, prompt: st
     from polymodal.eval.images import make_grid, save_png, write_samples
 
     if options:
-        raise ValueError(f"vqvae sampling writes reconstructions and takes no options; got {', '.join(sorted(options))}")
+        raise ValueError(
+            f"vqvae sampling writes reconstructions and takes no options; got {', '.join(sorted(options))}"
+        )
     if prompt:
         raise ValueError(f"vqvae is an unconditional tokenizer and takes no prompt; got {prompt!r}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int; got {n!r}")
     if not model.default_data:
-        raise ValueError(f"this vqvae was adapted to no built-in dataset (config.data={model.config.data!r}); "
-                         "nothing to reconstruct")
+        raise ValueError(
+            f"this vqvae was adapted to no built-in dataset (config.data={model.config.data!r}); nothing to reconstruct"
+        )
     test = load_dataset(model.default_data).test["image"].float()  # (N, C, H, W)
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n]
     originals: Tensor = test[pick]  # (n, C, H, W)

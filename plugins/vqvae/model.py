@@ -27,28 +27,46 @@ class VQVAEConfig:
 
     image_size: int = field(8, "Side of the square input images, in pixels.", check=in_range(2, 4096, integer=True))
     channels: int = field(1, "Image channels (1 grey, 3 RGB).", check=in_range(1, 4, integer=True))
-    stages: int = field(1, "Stride-2 down-sampling stages: the code grid is image_size / 2^stages per side.",
-                        check=in_range(1, 8, integer=True))
-    hidden: int = field(64, "Channel width of the encoder/decoder trunk (earlier stages are narrower).",
-                        check=in_range(1, 4096, integer=True))
-    res_blocks: int = field(2, "Residual blocks in the encoder and in the decoder.", check=in_range(0, 64, integer=True))
+    stages: int = field(
+        1,
+        "Stride-2 down-sampling stages: the code grid is image_size / 2^stages per side.",
+        check=in_range(1, 8, integer=True),
+    )
+    hidden: int = field(
+        64,
+        "Channel width of the encoder/decoder trunk (earlier stages are narrower).",
+        check=in_range(1, 4096, integer=True),
+    )
+    res_blocks: int = field(
+        2, "Residual blocks in the encoder and in the decoder.", check=in_range(0, 64, integer=True)
+    )
     res_hidden: int = field(32, "Bottleneck width inside a residual block.", check=in_range(1, 4096, integer=True))
     dim: int = field(32, "Width of a code vector (the latent channels).", check=in_range(1, 4096, integer=True))
-    codebook_size: int = field(64, "Number of codes K; code ids are 0 … K − 1.", check=in_range(2, 1 << 20, integer=True))
+    codebook_size: int = field(
+        64, "Number of codes K; code ids are 0 … K − 1.", check=in_range(2, 1 << 20, integer=True)
+    )
     decay: float = field(0.99, "EMA decay of the codebook's counts and sums.", check=in_range(0.0, 1.0))
     commitment: float = field(0.25, "Weight β of the commitment loss mean((z_e − sg[e])²).", check=in_range(0.0, 100.0))
     eps: float = field(1e-5, "Laplace smoothing of the EMA code counts.", check=in_range(0.0, 1.0))
-    dead_code_steps: int = field(20, "Re-seed a code from the batch's encoder outputs after this many training steps "
-                                 "without use (0: never).", check=in_range(0, 10**9, integer=True))
-    kmeans_iters: int = field(10, "k-means iterations that initialise the codebook on the first training batch.",
-                              check=in_range(0, 1000, integer=True))
+    dead_code_steps: int = field(
+        20,
+        "Re-seed a code from the batch's encoder outputs after this many training steps without use (0: never).",
+        check=in_range(0, 10**9, integer=True),
+    )
+    kmeans_iters: int = field(
+        10,
+        "k-means iterations that initialise the codebook on the first training batch.",
+        check=in_range(0, 1000, integer=True),
+    )
     augment_flip: bool = field(False, "Training augmentation: random horizontal flips (for data without handedness).")
     data: str = field("", "Name of the dataset the config was adapted to (``polymodal eval`` default).")
 
     def __attrs_post_init__(self) -> None:
         if self.image_size % (1 << self.stages):
-            raise ValueError(f"VQVAEConfig.image_size must be divisible by 2^stages = {1 << self.stages}; "
-                             f"got image_size={self.image_size}")
+            raise ValueError(
+                f"VQVAEConfig.image_size must be divisible by 2^stages = {1 << self.stages}; "
+                f"got image_size={self.image_size}"
+            )
 
 
 class VQVAE(PolymodalModel):
@@ -62,8 +80,14 @@ class VQVAE(PolymodalModel):
         super().__init__(config)
         c = config
         self.encoder = Encoder(c.channels, c.hidden, c.stages, c.res_blocks, c.res_hidden, c.dim)
-        self.codebook = EMACodebook(c.codebook_size, c.dim, decay=c.decay, eps=c.eps,
-                                    dead_code_steps=c.dead_code_steps, kmeans_iters=c.kmeans_iters)
+        self.codebook = EMACodebook(
+            c.codebook_size,
+            c.dim,
+            decay=c.decay,
+            eps=c.eps,
+            dead_code_steps=c.dead_code_steps,
+            kmeans_iters=c.kmeans_iters,
+        )
         self.decoder = Decoder(c.channels, c.hidden, c.stages, c.res_blocks, c.res_hidden, c.dim)
 
     # -- tokenizer contract ------------------------------------------------------------------------
@@ -106,8 +130,10 @@ class VQVAE(PolymodalModel):
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise ValueError(f"expected integer code ids; got dtype {codes.dtype}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise ValueError(f"code ids must be in [0, {self.codebook_size}) (codebook size {self.codebook_size}); "
-                             f"got ids from {int(codes.min())} to {int(codes.max())}")
+            raise ValueError(
+                f"code ids must be in [0, {self.codebook_size}) (codebook size {self.codebook_size}); "
+                f"got ids from {int(codes.min())} to {int(codes.max())}"
+            )
 
     def _device(self) -> torch.device:
         return self.codebook.embed.device
@@ -149,14 +175,20 @@ class VQVAE(PolymodalModel):
         if size != config.image_size:  # fully convolutional: it trains at the images' own size
             side = size >> config.stages
             print(f"vqvae: images are {size}×{size}×{meta.get('channels')}; image_size {size} → {side}×{side} codes")
-        return attrs.evolve(config, image_size=size,
-                            channels=meta.get("channels", config.channels), data=dataset.name)
+        return attrs.evolve(config, image_size=size, channels=meta.get("channels", config.channels), data=dataset.name)
 
     @classmethod
     def tiny_config(cls, config: VQVAEConfig) -> VQVAEConfig:
         """The same architecture at toy size, for the contract tests."""
-        return attrs.evolve(config, hidden=16, res_blocks=1, res_hidden=8, dim=8,
-                            codebook_size=min(config.codebook_size, 16), kmeans_iters=2)
+        return attrs.evolve(
+            config,
+            hidden=16,
+            res_blocks=1,
+            res_hidden=8,
+            dim=8,
+            codebook_size=min(config.codebook_size, 16),
+            kmeans_iters=2,
+        )
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """Reconstruction MSE + commitment × ‖z_e − sg[e]‖² on ``batch['image']`` (EMA step when training)."""
@@ -197,8 +229,11 @@ class VQVAE(PolymodalModel):
         """Data, architecture and codebook for the model card."""
         c = self.config
         h, w = self.grid
-        return [f"VQ-VAE image tokenizer: {c.image_size}×{c.image_size}×{c.channels} images ⇄ {h}×{w} codes "
-                f"from a {c.codebook_size}-code book of width {c.dim} (EMA decay {c.decay}, commitment {c.commitment}, "
-                f"k-means init, dead codes re-seeded after {c.dead_code_steps} idle steps).",
-                f"Trunk: {c.stages} stride-2 stage(s), width {c.hidden}, {c.res_blocks} residual block(s) each side. "
-                f"Data: {c.data or 'unspecified'}.", ""]
+        return [
+            f"VQ-VAE image tokenizer: {c.image_size}×{c.image_size}×{c.channels} images ⇄ {h}×{w} codes "
+            f"from a {c.codebook_size}-code book of width {c.dim} (EMA decay {c.decay}, commitment {c.commitment}, "
+            f"k-means init, dead codes re-seeded after {c.dead_code_steps} idle steps).",
+            f"Trunk: {c.stages} stride-2 stage(s), width {c.hidden}, {c.res_blocks} residual block(s) each side. "
+            f"Data: {c.data or 'unspecified'}.",
+            "",
+        ]

@@ -36,7 +36,7 @@ class Encoder(nn.Module):
         widths = _widths(hidden, stages)
         layers: list[nn.Module] = []
         prev = channels
-        for i, w in enumerate(widths):
+        for w in widths:
             layers += [nn.Conv2d(prev, w, 4, stride=2, padding=1), nn.ReLU()]
             prev = w
         layers.append(nn.Conv2d(prev, hidden, 3, padding=1))
@@ -59,7 +59,7 @@ class Decoder(nn.Module):
         layers += [ResBlock(hidden, res_hidden) for _ in range(res_blocks)]
         layers.append(nn.ReLU())
         prev = hidden
-        for i, w in enumerate(widths):
+        for i, _w in enumerate(widths):
             last = i == len(widths) - 1
             out = channels if last else widths[i + 1]
             layers.append(nn.ConvTranspose2d(prev, out, 4, stride=2, padding=1))

@@ -57,8 +57,16 @@ class EMACodebook(nn.Module):
     gets no gradient: it moves by EMA in training mode.
     """
 
-    def __init__(self, codebook_size: int, dim: int, *, decay: float = 0.99, eps: float = 1e-5,
-                 dead_code_steps: int = 20, kmeans_iters: int = 10) -> None:
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        *,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        dead_code_steps: int = 20,
+        kmeans_iters: int = 10,
+    ) -> None:
         super().__init__()
         self.codebook_size, self.dim = codebook_size, dim
         self.decay, self.eps = decay, eps

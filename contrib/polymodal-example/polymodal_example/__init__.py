@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from polymodal import hookimpl
 from polymodal.config import config, field, in_range
 from polymodal.data.augment import resize
-from polymodal.nn import BlockConfig
-from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.models import ModelSpec, PolymodalModel
+from polymodal.nn import BlockConfig, eval_mode
+from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
@@ -32,9 +32,10 @@ class MeanPoolConfig:
     """A ViT trunk without a [CLS] token, mean-pooled, normalised, then a linear head."""
 
     trunk: str = field("vit", "Registered encoder to use as the trunk (kind 'encoder').")
-    encoder: ViTEncoderConfig = field(ViTEncoderConfig(depth=2, cls_token=False,
-                                                       block=BlockConfig(dim=64, heads=4, mlp_ratio=2.0)),
-                                      "The trunk's config (patch size, width, depth …).")
+    encoder: ViTEncoderConfig = field(
+        ViTEncoderConfig(depth=2, cls_token=False, block=BlockConfig(dim=64, heads=4, mlp_ratio=2.0)),
+        "The trunk's config (patch size, width, depth …).",
+    )
     num_classes: int = field(10, "Output classes.", check=in_range(1, 1 << 20, integer=True))
 
 
@@ -71,15 +72,15 @@ class MeanPoolClassifier(PolymodalModel):
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """Cross-entropy against ``batch['label']``."""
         logits = self(batch["image"])  # (B, K)
-        return F.cross_entropy(logits, batch["label"]), {"accuracy": (logits.argmax(-1) == batch["label"]).float().mean().item()}
+        accuracy = (logits.argmax(-1) == batch["label"]).float().mean().item()
+        return F.cross_entropy(logits, batch["label"]), {"accuracy": accuracy}
 
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test") -> dict[str, float]:
         """Top-1 ``accuracy`` on a split."""
-        was, data = self.training, dataset.split(split)
-        self.eval()
-        logits = self(data["image"].to(next(self.parameters()).device))  # (N, K)
-        self.train(was)
+        data = dataset.split(split)
+        with eval_mode(self):
+            logits = self(data["image"].to(next(self.parameters()).device))  # (N, K)
         return {"accuracy": (logits.argmax(-1).cpu() == data["label"]).float().mean().item(), "samples": len(data)}
 
     def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor]:
@@ -87,8 +88,8 @@ class MeanPoolClassifier(PolymodalModel):
         return self.encoder.example_inputs(batch_size, generator)
 
 
-VARIANTS = {"example-meanpool": ModelSpec(MeanPoolClassifier, MeanPoolConfig(), data="digits",
-                                         train=TrainConfig(steps=300, batch_size=64, lr=2e-3, warmup_steps=20))}
+RECIPE = TrainConfig(steps=300, batch_size=64, lr=2e-3, warmup_steps=20)
+VARIANTS = {"example-meanpool": ModelSpec(MeanPoolClassifier, MeanPoolConfig(), data="digits", train=RECIPE)}
 
 
 @hookimpl
