@@ -18,12 +18,12 @@ from polymodal.config import config, field, in_range, one_of, to_json
 from polymodal.models import ModelSpec, PolymodalModel
 from polymodal.models.parts import part_fields
 from polymodal.registry import get_registry
-from polymodal.testing import contracts, strategies
+from polymodal.testing import components, contracts, strategies
 
 REGISTRY = get_registry()
 MODELS = REGISTRY.names("model")
 ENTRIES = [(e.kind, e.name) for e in REGISTRY.entries()]
-CONFIGS = contracts.registered_configs(REGISTRY)
+CONFIGS = components.registered_configs(REGISTRY)
 
 
 def _entry(kind: str, name: str):
@@ -44,7 +44,7 @@ def test_model_contract(name, check):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_model_spec_is_coherent(name):
-    contracts.check_spec(_entry("model", name).obj)
+    components.check_spec(_entry("model", name).obj)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -72,27 +72,27 @@ def test_composite_saves_each_part_once_in_its_own_folder(name):
 
 @pytest.mark.parametrize("name", REGISTRY.names("encoder"))
 def test_encoder_builds_from_defaults_and_runs(name):
-    contracts.check_encoder(_entry("encoder", name).obj)
+    components.check_encoder(_entry("encoder", name).obj)
 
 
 @pytest.mark.parametrize("name", REGISTRY.names("attention_backend"))
 def test_attention_backend_supports_answers(name):
-    contracts.check_attention_backend(_entry("attention_backend", name).obj, name)
+    components.check_attention_backend(_entry("attention_backend", name).obj, name)
 
 
 @pytest.mark.parametrize("name", REGISTRY.names("dataset"))
 def test_dataset_entry_is_callable(name):
-    contracts.check_dataset_entry(_entry("dataset", name).obj, name)
+    components.check_dataset_entry(_entry("dataset", name).obj, name)
 
 
 @pytest.mark.parametrize("kind,name", ENTRIES, ids=[f"{k}-{n}" for k, n in ENTRIES])
 def test_component_has_doc(kind, name):
-    contracts.check_component_doc(_entry(kind, name))
+    components.check_component_doc(_entry(kind, name))
 
 
 @pytest.mark.parametrize("label", list(CONFIGS))
 def test_config_fields_have_docs(label):
-    contracts.check_config_docs(CONFIGS[label])
+    components.check_config_docs(CONFIGS[label])
 
 
 @pytest.mark.parametrize("label", list(CONFIGS))
@@ -192,7 +192,7 @@ def test_config_without_docs_is_caught():
         size: int = 3
 
     with pytest.raises(AssertionError, match="size"):
-        contracts.check_config_docs(Undocumented)
+        components.check_config_docs(Undocumented)
 
 
 def test_encoder_with_wrong_output_is_caught():
@@ -212,7 +212,7 @@ def test_encoder_with_wrong_output_is_caught():
             return (torch.randn(batch_size, self.out_dim),)
 
     with pytest.raises(AssertionError, match=r"expected \(B, N, D\)"):
-        contracts.check_encoder(Flat)
+        components.check_encoder(Flat)
 
 
 def test_backend_with_a_bad_answer_is_caught():
@@ -225,7 +225,7 @@ def test_backend_with_a_bad_answer_is_caught():
             return False
 
     with pytest.raises(AssertionError, match="None or a reason"):
-        contracts.check_attention_backend(Shy())
+        components.check_attention_backend(Shy())
 
 
 # -- strategies ---------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def test_configs_vary_fields():
 
 @pytest.mark.parametrize("name", [n for n in MODELS if getattr(REGISTRY.get("model", n).model_class, "implements", ())])
 def test_declared_interfaces_hold(name):
-    contracts.check_implements(_entry("model", name).obj)
+    components.check_implements(_entry("model", name).obj)
 
 
 def test_the_part_families_declare_their_interfaces():
@@ -310,11 +310,11 @@ def test_a_model_missing_a_declared_member_fails():
 
     spec = ModelSpec(HeadlessLM, ToyConfig(), data="digits")
     with pytest.raises(AssertionError, match="declares it implements CausalLM but lacks logits"):
-        contracts.check_implements(spec)
+        components.check_implements(spec)
     with pytest.raises(ValueError, match=r"Part\.lm: expected a language model .* got a HeadlessLM .*lacking logits$"):
         require(spec.build(), CausalLM, what="Part.lm")
     HeadlessLM.logits = lambda self, hidden: hidden
-    contracts.check_implements(spec)
+    components.check_implements(spec)
 
 
 def test_require_names_members_missing_inside_a_nested_part():

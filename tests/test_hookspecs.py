@@ -130,10 +130,10 @@ def test_hookspec_examples_run_and_register_valid_names(name):
 
 
 def test_encoder_example_passes_the_encoder_contract():
-    from polymodal.testing import contracts
+    from polymodal.testing import components
 
     for _, encoder_class in _run_example("register_encoders"):
-        contracts.check_encoder(encoder_class)
+        components.check_encoder(encoder_class)
 
 
 def test_dataset_example_builds_a_dataset():

@@ -20,7 +20,7 @@ the missing members inside them)::
 
 A model class that implements a contract says so with ``implements = (CausalLM,)`` (see
 :attr:`polymodal.models.PolymodalModel.implements`); the contract kit
-(:func:`polymodal.testing.contracts.check_implements`) builds every registered variant of it and
+(:func:`polymodal.testing.components.check_implements`) builds every registered variant of it and
 checks the declaration holds.
 """
 

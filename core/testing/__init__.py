@@ -1,8 +1,8 @@
 """Testing kit: hypothesis strategies and contract tests over every registered component.
 
 ``polymodal.testing.strategies``  hypothesis strategies (image and token batches, attention
-calls, valid config variants). ``polymodal.testing.contracts``  checks every model,
-encoder, backend, dataset and config must pass; ``tests/test_contracts.py`` runs them over
+calls, valid config variants). ``polymodal.testing.contracts``  checks every model must pass,
+``polymodal.testing.components`` those of encoders, backends, datasets, configs and Protocols; ``tests/test_contracts.py`` runs them over
 the whole registry, so a new plugin is tested on arrival.
 
 Both are imported on demand (``from polymodal.testing import contracts``): hypothesis is a
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["contracts", "strategies"]
+__all__ = ["components", "contracts", "strategies"]
 
 
 def __getattr__(name: str) -> Any:
