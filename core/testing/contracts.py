@@ -1,4 +1,4 @@
-"""Contract checks every registered component must pass; ``tests/test_contracts.py`` runs them all.
+"""Contract checks every registered model must pass; ``tests/test_contracts.py`` runs them all.
 
 Each check raises ``AssertionError`` with a message that names the component and what is
 wrong, so plugin authors can call them from their own tests::
