@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from polymodal.registry.loader import get_registry, plugin_records
+from polymodal.registry import get_registry, plugin_records
 from polymodal.registry.table import Entry
 
 if TYPE_CHECKING:

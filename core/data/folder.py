@@ -246,14 +246,3 @@ def is_folder(dataset: Any) -> bool:
     """Whether ``dataset`` is a folder of the user's own images: it is loaded from its path, so
     neither ``load_dataset(dataset.name)`` nor an 'auto' part (trained by dataset name) can load it."""
     return getattr(dataset, "name", "") == "folder" and "root" in getattr(dataset, "meta", {})
-
-
-def frozen_part_line(family: str, dataset: Any, part: str, key: str, variant: str) -> str:
-    """The line a family bound to a frozen part's input size prints for a folder of images: they are
-    resized to the part's own size, and how to give it a part trained on them instead."""
-    size, channels = dataset.meta.get("image_size"), dataset.meta.get("channels")
-    return (
-        f"{family}: images are {size}×{size}×{channels}; the frozen {part} reads them resized to its own image "
-        f"size (--set {key}=DIR takes one trained on these images: polymodal train {variant} --data "
-        f"{dataset.meta.get('root')} --out DIR)"
-    )

@@ -27,9 +27,11 @@ import attrs
 import torch
 
 from polymodal.config import config, field
+from polymodal.data.folder import is_folder
 from polymodal.io.cache import default_part_folder
 from polymodal.io.folders import load_model
 from polymodal.models.tiny import tiny_config
+from polymodal.registry import get_registry
 
 
 @config
@@ -143,10 +145,40 @@ def load_parts(config: Any, given: Mapping[str, Any] | None = None) -> dict[str,
     return {k: given[k] if k in given else load_part(p, name=f"{type(config).__name__}.{k}") for k, p in fields.items()}
 
 
+def _frozen_part_line(family: str, dataset: Any, part: str, key: str, variant: str) -> str:
+    """The line a family bound to a frozen part's input size prints for a folder of images: they are
+    resized to the part's own size, and how to give it a part trained on them instead."""
+    size, channels = dataset.meta.get("image_size"), dataset.meta.get("channels")
+    return (
+        f"{family}: images are {size}×{size}×{channels}; the frozen {part} reads them resized to its own image "
+        f"size (--set {key}=DIR takes one trained on these images: polymodal train {variant} --data "
+        f"{dataset.meta.get('root')} --out DIR)"
+    )
+
+
+def follow_data(config: Any, dataset: Any, name: str, *, family: str, what: str) -> tuple[Any, str]:
+    """A composite's 'auto' part trains on the data the composite is adapted to (``config_for_data``).
+
+    Returns ``config`` with part ``name``'s ``data`` set to ``dataset``'s name when it names a
+    registered dataset, and the dataset name the composite records. A folder of the user's images
+    cannot train an 'auto' part by name: the part keeps its default data, a line says the frozen
+    ``what`` reads the images resized to its own size, and the name returned is ''.
+    """
+    data = getattr(dataset, "name", "")
+    part = getattr(config, name)
+    if is_folder(dataset):
+        print(_frozen_part_line(family, dataset, what, name, part.variant))
+        return config, ""
+    if ("dataset", data) in get_registry():
+        config = attrs.evolve(config, **{name: attrs.evolve(part, data=data)})
+    return config, data
+
+
 __all__ = [
     "PartConfig",
     "auto_folder",
     "describe_part",
+    "follow_data",
     "load_part",
     "load_parts",
     "part_data",

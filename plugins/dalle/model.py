@@ -28,13 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.attention.masks import image_pattern_mask
-from polymodal.data.folder import frozen_part_line, is_folder
 from polymodal.models import PolymodalModel
 from polymodal.models.interfaces import ImageTokenizer, require
+from polymodal.models.parts import follow_data
 from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
 from polymodal.nn.embed import init_weights
 from polymodal.objectives import cross_entropy
-from polymodal.registry import get_registry
 
 from . import text as txt
 from .augment import augment_scenes
@@ -95,18 +94,14 @@ class DALLE(PolymodalModel):
     @classmethod
     def config_for_data(cls, config: DALLEConfig, dataset: Any) -> DALLEConfig:
         """Templates, class names and native size from the dataset; the 'auto' tokenizer trains on it."""
-        meta, name = dataset.meta, getattr(dataset, "name", "")
-        if is_folder(dataset):  # the 'auto' tokenizer trains on its default data, not on a folder
-            print(frozen_part_line("dalle", dataset, "VQ-VAE tokenizer", "tokenizer", "vqvae"))
-            name = ""
+        meta = dataset.meta
+        config, name = follow_data(config, dataset, "tokenizer", family="dalle", what="VQ-VAE tokenizer")
         changes: dict[str, Any] = dict(
             data=name,
             templates=tuple(meta.get("templates", ())),
             class_names=tuple(meta.get("class_names", ())),
             image_size=int(meta.get("image_size", 0)),
         )
-        if ("dataset", name) in get_registry():
-            changes["tokenizer"] = attrs.evolve(config.tokenizer, data=name)
         return attrs.evolve(config, **changes)
 
     @classmethod

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.data.folder import frozen_part_line, is_folder
 from polymodal.models import PolymodalModel
 from polymodal.models.interfaces import CausalLM, ImageEncoder, require
+from polymodal.models.parts import follow_data
 from polymodal.nn.fusion import CrossAttentionFusion
 from polymodal.objectives import cross_entropy
 from polymodal.registry import get_registry
@@ -118,13 +118,8 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
     @classmethod
     def config_for_data(cls, config: FlamingoConfig, dataset: Any) -> FlamingoConfig:
         """The 'auto' CLIP trains on the same (registered) dataset; remember the dataset's name."""
-        name = getattr(dataset, "name", "")
-        if is_folder(dataset):  # the 'auto' CLIP trains on its default data, not on a folder
-            print(frozen_part_line("flamingo", dataset, "CLIP vision tower", "vision", "clip"))
-            return config
-        if ("dataset", name) not in get_registry():
-            return config
-        return attrs.evolve(config, vision=attrs.evolve(config.vision, data=name), data=name)
+        config, name = follow_data(config, dataset, "vision", family="flamingo", what="CLIP vision tower")
+        return attrs.evolve(config, data=name) if ("dataset", name) in get_registry() else config
 
     @classmethod
     def tiny_config(cls, config: FlamingoConfig) -> FlamingoConfig:

@@ -28,13 +28,12 @@ from torch import Tensor, nn
 from polymodal.config import config, field, in_range
 from polymodal.data.augment import resize
 from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES
-from polymodal.data.folder import frozen_part_line, is_folder
 from polymodal.io.cache import default_part_folder
 from polymodal.models import PolymodalModel
-from polymodal.models.parts import PartConfig, part_field
+from polymodal.models.parts import PartConfig, follow_data, part_field
 from polymodal.nn import eval_mode
 from polymodal.objectives import info_nce
-from polymodal.registry.loader import get_registry as _registry
+from polymodal.registry import get_registry as _registry
 
 from .modalities import ModalityHead, Postprocessor, check_batch
 
@@ -109,15 +108,7 @@ class ImageBind(PolymodalModel):
     @classmethod
     def config_for_data(cls, config: ImageBindConfig, dataset: Any) -> ImageBindConfig:
         """The 'auto' CLIP trains on the same (registered) dataset."""
-        name = getattr(dataset, "name", "")
-        if is_folder(dataset):  # the 'auto' CLIP trains on its default data, not on a folder
-            print(frozen_part_line("imagebind", dataset, "CLIP image tower", "clip", "clip"))
-            return config
-        return (
-            attrs.evolve(config, clip=attrs.evolve(config.clip, data=name))
-            if ("dataset", name) in _registry()
-            else config
-        )
+        return follow_data(config, dataset, "clip", family="imagebind", what="CLIP image tower")[0]
 
     @classmethod
     def tiny_config(cls, config: ImageBindConfig) -> ImageBindConfig:

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.attention import image_pattern_mask, pattern_schedule
-from polymodal.data.folder import frozen_part_line, is_folder
 from polymodal.models import PolymodalModel
+from polymodal.models.parts import follow_data
 from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
 from polymodal.nn.embed import init_weights
 from polymodal.objectives import cross_entropy
@@ -116,16 +116,16 @@ class RuDolph(RudolphTasks, PolymodalModel):
     @classmethod
     def config_for_data(cls, config: RudolphConfig, dataset: Any) -> RudolphConfig:
         """Templates and class names from the dataset's meta; the 'auto' tokenizer trains on the same data."""
-        meta, name = dataset.meta, getattr(dataset, "name", "")
-        if is_folder(dataset):  # the 'auto' tokenizer trains on its default data, not on a folder
-            print(frozen_part_line("rudolph", dataset, "VQ-VAE tokenizer", "tokenizer", "vqvae"))
-            name = ""
+        meta = dataset.meta
+        config, name = follow_data(config, dataset, "tokenizer", family="rudolph", what="VQ-VAE tokenizer")
         changes: dict[str, Any] = {"data": name}
-        if ("dataset", name) in get_registry():
-            variant = config.tokenizer.variant
-            if ("model", f"vqvae-{name}") in get_registry() and variant == "vqvae":
-                variant = f"vqvae-{name}"
-            changes["tokenizer"] = attrs.evolve(config.tokenizer, variant=variant, data=name)
+        registry = get_registry()
+        if (
+            config.tokenizer.variant == "vqvae"
+            and ("dataset", name) in registry
+            and ("model", f"vqvae-{name}") in registry
+        ):
+            changes["tokenizer"] = attrs.evolve(config.tokenizer, variant=f"vqvae-{name}")
         templates, names = tuple(meta.get("templates", ())), tuple(meta.get("class_names", ()))
         if tx.label_templates(templates, names) and "label" in dataset.train:
             changes.update(
