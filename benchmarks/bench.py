@@ -252,6 +252,28 @@ def text_table(head: Sequence[str], lines: Sequence[Sequence[Any]]) -> str:
 # -- the command ------------------------------------------------------------------------------
 
 
+def read_report(path: str | Path, what: str = "report") -> dict[str, Any]:
+    """The benchmark report saved at ``path``; a missing or unreadable file, bad JSON or JSON that is
+    not a report (an object with ``machine`` and a ``rows`` list) raises a BenchUsageError naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BenchUsageError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BenchUsageError(f"cannot read {what} {path}: {exc}") from None
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BenchUsageError(f"{what} {path} is not JSON ({exc}); expected a report written by a suite") from None
+    if not isinstance(report, dict) or not isinstance(report.get("rows"), list) or "machine" not in report:
+        got = f"an object with keys {sorted(report)[:6]}" if isinstance(report, dict) else f"a {type(report).__name__}"
+        raise BenchUsageError(
+            f"{what} {path} is not a benchmark report (an object with 'machine' and 'rows'); got {got}"
+        )
+    return report
+
+
 def compare_suite(argv: Sequence[str]) -> int:
     """``polymodal bench compare NEW.json BASELINE.json [--threshold 0.05] [--min-us 30]``."""
     import argparse
@@ -268,7 +290,7 @@ def compare_suite(argv: Sequence[str]) -> int:
     p.add_argument("--min-us", type=float, default=30.0, help="absolute slowdown that counts, µs (default 30)")
     p.add_argument("--fail-on-regression", action="store_true", help="exit status 3 when a row regressed")
     args = p.parse_args(list(argv))
-    new, base = (json.loads(Path(x).read_text()) for x in (args.new, args.baseline))
+    new, base = read_report(args.new, "new report"), read_report(args.baseline, "baseline")
     result = compare(new, base, args.threshold, args.min_us)
     print(compare_text(result))
     return 3 if args.fail_on_regression and result["regressions"] else 0
@@ -287,7 +309,13 @@ def table_suite(argv: Sequence[str]) -> int:
         "--pivot", action="store_true", help="attention: one table per dtype, pass and head dim, backends side by side"
     )
     args = p.parse_args(list(argv))
-    report = json.loads(Path(args.report).read_text())
+    report = read_report(args.report)
+    suite = report.get("suite")
+    if suite not in ("attention", "models") or (args.pivot and suite != "attention"):
+        raise BenchUsageError(
+            f"{args.report} is a {suite!r} report; `bench table` prints attention and models reports "
+            f"(--pivot: attention only)"
+        )
     statuses = ("ok", "skipped", "mismatch", "error") if args.all else ("ok",)
     print(markdown_pivot(report) if args.pivot else markdown(report, statuses))
     return 0

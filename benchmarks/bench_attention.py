@@ -562,6 +562,10 @@ def attention_suite(argv: Sequence[str]) -> int:
     """Run the suite from command-line options; returns the exit status."""
     args = parse(argv)
     device = resolve_device(args.device)
+    if args.compare:  # a bad baseline is reported now, not after the whole run
+        from bench import read_report
+
+        read_report(args.compare, "baseline")
     todo = plan(args, device)
     prior = torch.get_num_threads()
     if args.threads:
@@ -658,9 +662,9 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device, todo: d
     )
     status = 1 if any(r["status"] == "error" for r in rows) else 0
     if args.compare:
-        import json
+        from bench import read_report
 
-        result = compare(report, json.loads(Path(args.compare).read_text()), args.threshold, args.min_us)
+        result = compare(report, read_report(args.compare, "baseline"), args.threshold, args.min_us)
         report["compare"] = dict(baseline=str(args.compare), **result)
         print(compare_text(result))
         if args.fail_on_regression and result["regressions"]:

@@ -567,6 +567,10 @@ def models_suite(argv: Sequence[str]) -> int:
     """Run the suite from command-line options; returns the exit status."""
     args = parse(argv)
     device = resolve_device(args.device)
+    if args.compare:  # a bad baseline is reported now, not after the whole run
+        from bench import read_report
+
+        read_report(args.compare, "baseline")
     families = [f.strip() for f in args.models.split(",") if f.strip()] or list(FAMILIES)
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
@@ -712,9 +716,9 @@ def _run(args, argv, device, dtype, families, batches, train_batch, rounds, roun
     print(models_table(report))
     status = 1 if any(r["status"] in ("error", "mismatch") for r in rows) else 0
     if args.compare:
-        import json
+        from bench import read_report
 
-        result = compare(report, json.loads(Path(args.compare).read_text()), args.threshold, args.min_us)
+        result = compare(report, read_report(args.compare, "baseline"), args.threshold, args.min_us)
         report["compare"] = dict(baseline=str(args.compare), **result)
         print(compare_text(result))
         if args.fail_on_regression and result["regressions"]:

@@ -1,6 +1,6 @@
 """Embedded data: nothing is downloaded. Datasets are registry entries (kind ``dataset``)."""
 
-from polymodal.data.base import Dataset, Split
+from polymodal.data.base import Batch, Dataset, MissingFieldError, Split
 from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, load_digits
 from polymodal.data.folder import load_folder
 from polymodal.data.shapes import load_shapes
@@ -8,8 +8,10 @@ from polymodal.data.text import load_text
 
 __all__ = [
     "DIGIT_WORDS",
+    "Batch",
     "Dataset",
     "HELDOUT_TEMPLATES",
+    "MissingFieldError",
     "Split",
     "TRAIN_TEMPLATES",
     "load_digits",

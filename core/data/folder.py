@@ -6,15 +6,19 @@ Each line of ``captions.jsonl`` is one JSON object::
      "boxes": [[4, 4, 20, 20]], "split": "train"}
 
 ``path`` (relative to the folder, never outside it) and ``caption`` are required.
-``label`` is optional but, when used, every line has one: all ints (class indices) or
-all strings (mapped to indices in sorted order). ``boxes`` are ``[x0, y0, x1, y1, …]``
+``label`` is optional but, when used, every line has one: all ints (class indices below the
+number of lines) or all strings (mapped to indices in sorted order). A ``classes.txt`` beside
+it (one class name per line) is the explicit class list: int labels then index it and string
+labels must be in it, in its order. ``boxes`` are ``[x0, y0, x1, y1, …]``
 in the original image's pixels and are scaled with the image; extra entries after
 the first four are kept. ``split`` (``"train"`` or ``"test"``) pins a line to a split;
-the other lines are split by ``seed`` with ``test_fraction``.
+the other lines are split by ``seed`` with ``test_fraction``. An empty train split is
+refused, and so is an empty test split unless ``test_fraction`` is 0.
 
-Images are read with Pillow (nothing is ever unpickled), converted to RGB, or to L when
-every image is greyscale (``channels`` chooses instead), and kept at their own size, float32 in [0, 1]. All images of a folder
-share one size: when they do not, every image is resized to the most common size and a
+Images are read with Pillow (:func:`polymodal.data.images.open_image`: nothing is ever
+unpickled, and an image over the pixel limit is refused before it is decoded), converted to
+RGB, or to L when every image is greyscale (``channels`` chooses instead), and kept at their
+own size, float32 in [0, 1]. All images of a folder share one size: when they do not, every image is resized to the most common size and a
 note says how many were resized (a non-square size is stretched to the square of its
 larger side, also with a note). ``image_size`` resizes every image to that square size
 instead. ``meta["image_size"]`` is the size the images have, which the families read to
@@ -32,8 +36,10 @@ import numpy as np
 import torch
 
 from polymodal.data.base import Dataset, Split
+from polymodal.data.images import open_image
 
 CAPTIONS = "captions.jsonl"
+CLASSES = "classes.txt"
 
 
 def _read_lines(file: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -76,19 +82,35 @@ GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "F"})
 
 
 def _load_image(path: Path, where: str):
-    """The image at ``path`` in its own Pillow mode, fully read."""
-    from PIL import Image
+    """The image at ``path`` in its own Pillow mode, fully read (refused over the pixel limit)."""
+    return open_image(path, where=where)
 
+
+def _class_list(root: Path) -> list[str] | None:
+    """The class names of ``root/classes.txt`` (one per line, blank lines skipped), or None without one."""
+    file = root / CLASSES
+    if not file.is_file():
+        return None
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{where}: cannot read image {path.name!r}: {e}") from None
+        names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e})") from None
+    if not names:
+        raise ValueError(f"{file}: no class names (one name per line)")
+    twice = [name for name, k in Counter(names).items() if k > 1]
+    if twice:
+        raise ValueError(f"{file}: each class is listed once; {twice[0]!r} twice")
+    return names
 
 
-def _labels(rows: list[tuple[int, dict[str, Any]]], file: Path) -> tuple[list[int], list[str]] | None:
-    """Class indices and class names, or None when no line has a label."""
+def _labels(
+    rows: list[tuple[int, dict[str, Any]]], file: Path, classes: list[str] | None = None
+) -> tuple[list[int], list[str]] | None:
+    """Class indices and class names, or None when no line has a label.
+
+    Int labels are class indices below the number of lines, or below the length of ``classes``
+    (``classes.txt``) when given; string labels are looked up in ``classes``, or sorted when none.
+    """
     has = [("label" in row) for _, row in rows]
     if not any(has):
         return None
@@ -97,13 +119,28 @@ def _labels(rows: list[tuple[int, dict[str, Any]]], file: Path) -> tuple[list[in
             raise ValueError(f"{file}:{lineno}: no 'label', but other lines have one (label every line or none)")
     raw = [row["label"] for _, row in rows]
     if all(isinstance(v, str) for v in raw):
-        names = sorted(set(raw))
+        names = classes if classes is not None else sorted(set(raw))
         index = {name: i for i, name in enumerate(names)}
-        return [index[v] for v in raw], names
+        for (lineno, _), v in zip(rows, raw):
+            if v not in index:
+                raise ValueError(
+                    f"{file}:{lineno}: label {v!r} is not in {file.parent / CLASSES} ({len(names)} classes)"
+                )
+        return [index[v] for v in raw], list(names)
+    bound = len(classes) if classes is not None else len(rows)
     for (lineno, _), v in zip(rows, raw):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{file}:{lineno}: label {v!r} must be a non-negative int, or every label a string")
-    return raw, [str(i) for i in range(max(raw) + 1)]
+        if v >= bound:
+            by = (
+                f"the {bound} classes of {file.parent / CLASSES}"
+                if classes is not None
+                else f"the number of lines, {bound}; list the classes in {CLASSES} (one name per line) for more"
+            )
+            raise ValueError(
+                f"{file}:{lineno}: label {v} is out of range: int labels are class indices 0 … {bound - 1} ({by})"
+            )
+    return raw, list(classes) if classes is not None else [str(i) for i in range(max(raw) + 1)]
 
 
 def _boxes(value: Any, scale: tuple[float, float], where: str) -> list[tuple]:
@@ -146,6 +183,22 @@ def _common_size(root: Path, sizes: list[tuple[str, tuple[int, int]]]) -> int:
     return side
 
 
+def _check_sizes(file: Path, n_train: int, n_test: int, n_free: int, test_fraction: float) -> None:
+    """Refuse an empty train split, and an empty test split unless ``test_fraction`` is 0."""
+    sizes = f"train {n_train}, test {n_test}"
+    if n_train == 0:
+        raise ValueError(
+            f"{file}: the train split is empty ({sizes}): every line is pinned to 'split': 'test'; "
+            f"leave some lines without a split or pin them to 'train'"
+        )
+    if n_test == 0 and test_fraction > 0:
+        raise ValueError(
+            f"{file}: the test split is empty ({sizes}): test_fraction={test_fraction} draws test images from "
+            f"the lines without a 'split' when there are at least 2 of them (here {n_free}); add images, pin a "
+            f"line to 'split': 'test', or pass test_fraction=0 for no test split"
+        )
+
+
 def load_folder(
     root: str | Path | None = None,
     seed: int = 0,
@@ -177,7 +230,7 @@ def load_folder(
     if not file.is_file():
         raise ValueError(f"{root} has no {CAPTIONS} (one JSON object per line with 'path' and 'caption')")
     rows = _read_lines(file)
-    labels = _labels(rows, file)
+    labels = _labels(rows, file, _class_list(root))
 
     loaded = []
     for lineno, row in rows:
@@ -212,6 +265,7 @@ def load_folder(
         n_test = min(max(n_test, 1), len(free) - 1)
     test_set = {free[j] for j in order[:n_test]} | {i for i, s in enumerate(pinned) if s == "test"}
     index = {"train": [i for i in range(len(rows)) if i not in test_set], "test": sorted(test_set)}
+    _check_sizes(file, len(index["train"]), len(index["test"]), len(free), test_fraction)
 
     stacked = torch.from_numpy(np.stack(images))  # (N, C, S, S)
     with_boxes = any("boxes" in row for _, row in rows)

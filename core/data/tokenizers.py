@@ -258,7 +258,14 @@ class BPETokenizer(_TextTokenizer):
         """Load a ``tokenizer.json`` written by the ``tokenizers`` library (or :meth:`save`)."""
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(path)), specials, **kwargs)
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises plain Exceptions for unreadable files
+            raise ValueError(f"cannot read tokenizer file {path}: not valid tokenizer JSON ({exc})") from None
+        return cls(tokenizer, specials, **kwargs)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``tokenizer.json`` and ``polymodal_tokenizer.json`` into ``directory``."""
@@ -285,7 +292,7 @@ def load_tokenizer(directory: str | Path) -> ByteTokenizer | BPETokenizer:
     """Whichever tokenizer was saved in ``directory`` (a bare ``tokenizer.json`` loads as BPE)."""
     path = Path(directory)
     if (path / CONFIG_FILE).exists():
-        kind = json.loads((path / CONFIG_FILE).read_text()).get("type")
+        kind = _read_json(path / CONFIG_FILE).get("type")
         if kind == "bytes":
             return ByteTokenizer.load(path)
         if kind == "bpe":
@@ -301,9 +308,23 @@ def _read_config(directory: str | Path, kind: str) -> dict[str, Any]:
     file = Path(directory) / CONFIG_FILE
     if not file.exists():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
-    data = json.loads(file.read_text())
+    data = _read_json(file)
     if data.get("type") != kind:
         raise ValueError(f"{file} holds a {data.get('type')!r} tokenizer, expected {kind!r}")
+    missing = [key for key in ("specials", "add_bos", "add_eos") if key not in data]
+    if missing:
+        raise ValueError(f"{file} lacks {', '.join(missing)} (written by an older or another program?)")
+    return data
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    """The JSON object in ``file``; unreadable text, bad JSON or another JSON value raises a ValueError naming it."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {file}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object; got a JSON {type(data).__name__}")
     return data
 
 

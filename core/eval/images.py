@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from polymodal.data.images import open_image
 from polymodal.io import atomic_write
 
 
@@ -49,20 +50,18 @@ def read_image(path: str | Path, channels: int, size: int | None = None) -> Tens
     """(channels, H, W) float in [0, 1] from an image file, converted and (with ``size``) resized.
 
     With ``size`` None the image keeps its size; otherwise it is resized to
-    ``size × size`` (bilinear).
+    ``size × size`` (bilinear). The file is opened with :func:`polymodal.data.images.open_image`:
+    an image over the pixel limit (a decompression bomb) or an unreadable file raises a ValueError
+    naming it.
     """
     from PIL import Image
 
     if channels not in (1, 3):
         raise ValueError(f"images are read with 1 or 3 channels; the model expects {channels}")
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            if size is not None and img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
-            array = np.asarray(img, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read image {str(path)!r}: {exc}") from None
+    img = open_image(path).convert("L" if channels == 1 else "RGB")
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    array = np.asarray(img, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array.copy())
     return tensor[None] if channels == 1 else tensor.permute(2, 0, 1)  # (C, H, W)
 

@@ -156,19 +156,28 @@ def judge_folder(dataset: Any) -> Path:
     return cache_root() / "judge" / f"{dataset.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def _read_cached(meta_path: Path, weights_path: Path) -> Judge | None:
+    """The cached judge, or None (with a printed note naming the file) when the cache cannot be read:
+    the judge is derived data, so a truncated or foreign cache entry is trained again, never trusted."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        judge = Judge(meta["channels"], meta["image_size"], meta["classes"])
+        judge.load_state_dict(load_file(weights_path), strict=True)
+        judge.test_accuracy = dict(meta["test_accuracy"])
+    except Exception as exc:  # bad JSON, missing keys, a corrupt or mismatched safetensors file
+        print(f"the cached judge in {meta_path.parent} cannot be read ({type(exc).__name__}: {exc}); training it again")
+        return None
+    return judge.eval()
+
+
 def get_judge(dataset: Any) -> Judge:
     """The judge of ``dataset``: from memory, from the cache folder, or trained now (≈ a minute) and cached."""
     folder = judge_folder(dataset)
     if str(folder) in _MEMORY:
         return _MEMORY[str(folder)]
     meta_path, weights_path = folder / "judge.json", folder / "judge.safetensors"
-    if meta_path.is_file() and weights_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        judge = Judge(meta["channels"], meta["image_size"], meta["classes"])
-        judge.load_state_dict(load_file(weights_path), strict=True)
-        judge.test_accuracy = meta["test_accuracy"]
-        judge.eval()
-    else:
+    judge = _read_cached(meta_path, weights_path) if meta_path.is_file() and weights_path.is_file() else None
+    if judge is None:
         judge = _train(dataset)
         atomic_write(
             weights_path, lambda tmp: save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(tmp))

@@ -17,6 +17,8 @@ for iGPT, nothing for a VQ-VAE), so the model class declares it::
 from __future__ import annotations
 
 import keyword
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +49,7 @@ class SampleOption:
             raise ValueError(f"SampleOption type must be one of {', '.join(TYPES)}; got {self.type!r}")
 
 
-TEMPERATURE = SampleOption("temperature", "--temperature", "Softmax temperature (> 0).")
+TEMPERATURE = SampleOption("temperature", "--temperature", "Softmax temperature (finite, > 0).")
 TOP_K = SampleOption("top_k", "--top-k", "Sample among the k most likely tokens.", type="int")
 TOP_P = SampleOption("top_p", "--top-p", "Nucleus sampling mass in (0, 1].")
 NO_CACHE = SampleOption(
@@ -68,6 +70,34 @@ def sample_options(model_class: type) -> tuple[SampleOption, ...]:
     return declared
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "temperature": (lambda v: _number(v) and math.isfinite(v) and v > 0, "a number > 0"),
+    "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "top_p": (lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
+}
+"""Keyword → (test, what it must be) of the token-sampling values (temperature 0 is not greedy: pass greedy)."""
+
+
+def check_sample_values(values: Mapping[str, Any], options: Iterable[SampleOption] = TOKEN_SAMPLING) -> None:
+    """Raise a ValueError naming the first of ``values`` outside its range (:data:`VALUE_RULES`).
+
+    Unset values (None) and keywords without a rule pass. A keyword declared in ``options`` is
+    named by its flag too (``--temperature (temperature) must be …``), as the command line shows it.
+    """
+    flags = {o.keyword: o.flag for o in options}
+    for key, value in values.items():
+        rule = VALUE_RULES.get(key)
+        if rule is None or value is None or rule[0](value):
+            continue
+        name = f"{flags[key]} ({key})" if key in flags else key
+        finite = " (infinity and NaN are refused)" if _number(value) and not math.isfinite(value) else ""
+        raise ValueError(f"{name} must be {rule[1]}, got {value!r}{finite}")
+
+
 def keywords(options: tuple[SampleOption, ...]) -> tuple[str, ...]:
     """The ``sample_to_folder`` keywords of ``options``, in order."""
     return tuple(o.keyword for o in options)
@@ -81,7 +111,9 @@ __all__ = [
     "TOP_K",
     "TOP_P",
     "TYPES",
+    "VALUE_RULES",
     "SampleOption",
+    "check_sample_values",
     "keywords",
     "sample_options",
 ]

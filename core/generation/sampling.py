@@ -17,19 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polymodal.generation.options import check_sample_values
 from polymodal.nn import KVCache
 
 StepFn = Callable[[Tensor, "KVCache | None"], Tensor]
 
 
 def _check_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise a ValueError naming the expected range and the value given."""
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
+    """Raise a ValueError naming the option, the expected range and the value given
+    (:func:`polymodal.generation.options.check_sample_values`; temperature must be finite and > 0)."""
+    if temperature is None:
+        raise ValueError("temperature must be a number > 0, got None")
+    check_sample_values({"temperature": temperature, "top_k": top_k, "top_p": top_p}, ())
 
 
 def sample_next(
