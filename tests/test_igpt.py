@@ -355,7 +355,10 @@ def test_probe_plot_is_a_png(tmp_path):
     assert len(colours) > 3  # axes, grid, line, points and text, not a blank canvas
 
 
-def test_evaluate_reports_nll_baseline_and_a_probe_per_layer(digits, tmp_path):
+def test_evaluate_reports_nll_baseline_and_a_probe_per_layer(digits, tmp_path, monkeypatch):
+    from polymodal.plugins.igpt.model import probe_plot_path
+
+    monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path / "cache"))
     from polymodal.data import Dataset
 
     model = small(depth=2)
@@ -372,8 +375,9 @@ def test_evaluate_reports_nll_baseline_and_a_probe_per_layer(digits, tmp_path):
     loaded = polymodal.load(tmp_path / "m")
     (tmp_path / "m" / "probe_by_layer.png").unlink()
     again = loaded.evaluate(data)
-    assert again["probe_plot"] == str(tmp_path / "m" / "probe_by_layer.png")
-    assert Path(again["probe_plot"]).is_file()
+    # evaluation only reads the folder: the plot of a loaded model goes under the cache (issue 14)
+    assert again["probe_plot"] == str(probe_plot_path(tmp_path / "m"))
+    assert Path(again["probe_plot"]).is_file() and not (tmp_path / "m" / "probe_by_layer.png").exists()
     assert again["probe_accuracy_by_layer"] == accs
 
 

@@ -131,24 +131,6 @@ def evaluate_clip(model: Any, dataset: Any, split: str = "test") -> dict[str, An
     return metrics
 
 
-def read_image(path: str, channels: int, size: int) -> Tensor:
-    """(channels, size, size) float in [0, 1] from an image file (Pillow; converted and resized)."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read image {path!r}: {exc}") from None
-    array = np.asarray(img, dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array)
-    tensor = tensor[None] if channels == 1 else tensor.permute(2, 0, 1)  # (C, S, S)
-    if channels not in (1, 3):
-        raise ValueError(f"classify reads 1- or 3-channel images; the model expects {channels} channels")
-    return tensor
-
-
 def label_filled(templates: Sequence[str], name: str) -> list[str]:
     """The templates that need only a label (``{label}``/``{word}``/``{numeral}``), filled; else ``[name]``."""
     out = []
@@ -160,9 +142,37 @@ def label_filled(templates: Sequence[str], name: str) -> list[str]:
     return list(dict.fromkeys(out)) or [name]
 
 
+LABEL_FIELDS = ("label", "word", "numeral")
+"""The fields a classify template may hold; each is filled with the label (``{label}`` is the documented one)."""
+
+
+def check_templates(templates: Sequence[str], what: str = "template") -> None:
+    """ValueError naming the template unless each holds ``{label}`` (or ``{word}``/``{numeral}``) and no other field."""
+    import string
+
+    for t in templates:
+        example = "e.g. 'a photo of a {label}.'"
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(t) if name is not None}
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{what} {t!r} is not a valid template ({exc}); put {{label}} where the label goes, {example}"
+            ) from None
+        other = sorted(fields - set(LABEL_FIELDS))
+        if other or not fields:
+            extra = f" and no other field (it holds {', '.join('{' + f + '}' for f in other)})" if other else ""
+            raise ValueError(f"{what} must hold {{label}} where the label goes{extra}, {example}; got {t!r}")
+
+
 @torch.no_grad()
 def classify(model: Any, images: Tensor, labels: Sequence[str], templates: Sequence[str] | None = None) -> Tensor:
-    """(N, K) label probabilities: softmax of ``scale · cos`` against prompt-ensembled labels."""
+    """(N, K) label probabilities: softmax of ``scale · cos`` against prompt-ensembled labels.
+
+    Given ``templates`` must each hold ``{label}`` (:func:`check_templates`); without them the
+    model's training templates are used (those that need only the label).
+    """
+    if templates:
+        check_templates(templates)
     prompts = [label_filled(list(templates or model.config.templates), name) for name in labels]
     clf = zero_shot_classifier(model, prompts)  # (K, E)
     emb = F.normalize(model.encode_image(images), dim=-1)  # (N, E)
@@ -182,16 +192,18 @@ def classify(model: Any, images: Tensor, labels: Sequence[str], templates: Seque
 def classify_command(directory, images, labels, templates) -> None:
     """Zero-shot classify IMAGES with the CLIP model folder DIRECTORY; prints each label's probability."""
     import polymodal
+    from polymodal.eval.images import read_image  # the core's one safe reader (resized to size × size)
 
     names = [x.strip() for x in labels.split(",") if x.strip()]
     if not names:
         raise click.UsageError("--labels needs at least one label")
     try:
+        check_templates(templates, what="--template")
         model = polymodal.load(directory)
         if model.family != "clip":
             raise ValueError(f"{directory} holds a {model.family!r} model, not a CLIP model")
         v = model.config.vision
-        batch = torch.stack([read_image(p, v.channels, v.image_size) for p in images])
+        batch = torch.stack([read_image(p, v.channels, v.image_size) for p in images])  # (N, C, S, S)
         probs = classify(model, batch, names, templates or None)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc

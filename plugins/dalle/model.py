@@ -184,9 +184,27 @@ class DALLE(PolymodalModel):
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
         return images
 
+    def check_text(self, text: Any) -> None:
+        """ValueError naming expected vs given unless ``text`` is an integer (B, L) text stream."""
+        length = self.config.text_length
+        if not isinstance(text, Tensor) or text.dim() != 2 or text.shape[1] != length:
+            got = tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__
+            raise ValueError(f"expected text ids (B, {length}) (see encode_text); got {got}")
+        if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
+            raise ValueError(f"expected integer text ids; got dtype {text.dtype}")
+
     def stream(self, text: Tensor, codes: Tensor) -> Tensor:
-        """(B, L + h·w) ids: the text stream, then the image codes moved to their vocabulary slot."""
+        """(B, L + h·w) ids: the text stream (B, L), then the image codes (B, h, w) moved to their vocabulary slot.
+
+        A ValueError names both batch sizes when the text and the image batch differ.
+        """
+        self.check_text(text)
         self.check_codes(codes)
+        if text.shape[0] != codes.shape[0]:
+            raise ValueError(
+                f"the text and image batches must be the same size; got a batch of {text.shape[0]} text stream(s) "
+                f"and a batch of {codes.shape[0]} image(s)"
+            )
         return torch.cat([text, codes.flatten(1).to(text.device) + self.image_offset], dim=1)
 
     # -- the transformer --------------------------------------------------------------------------
@@ -276,6 +294,10 @@ class DALLE(PolymodalModel):
             batch = augment_scenes(batch, self.config.augment_flip, self.config.augment_shift)
         images = batch["image"]
         captions = txt.resample_captions(self.config, batch) if self.training else list(batch["caption"])
+        if isinstance(images, Tensor) and len(captions) != len(images):
+            raise ValueError(
+                f"the batch must hold one caption per image; got {len(images)} image(s) and {len(captions)} caption(s)"
+            )
         text = self.encode_text(captions, truncate=True)  # (B, L)
         if self.training and self.config.caption_dropout > 0:
             drop = torch.rand(len(captions)) < self.config.caption_dropout  # (B,)

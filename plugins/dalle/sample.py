@@ -14,6 +14,7 @@ one whose CLIP image embedding has the highest cosine with the prompt's text emb
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,29 @@ SAMPLE_OPTIONS = (
 OPTIONS = keywords(SAMPLE_OPTIONS)
 """The ``sample_to_folder`` options DALL·E understands."""
 
+MAX_CANDIDATES = 512
+"""The most candidates drawn per kept sample when reranking (the DALL·E paper reranks 512): every
+candidate is a full image stream drawn in one batch, so a larger number only allocates."""
+
+
+def check_prefix(model: Any, prefix: Any, prompts: int) -> None:
+    """ValueError naming expected vs given unless ``prefix`` is (prompts, k) integer codes with k <= h·w."""
+    if not isinstance(prefix, Tensor) or prefix.dim() != 2 or prefix.is_floating_point():
+        got = tuple(prefix.shape) if isinstance(prefix, Tensor) else type(prefix).__name__
+        raise ValueError(f"expected an integer prefix of image codes (B, k); got {got}")
+    if prefix.shape[0] != prompts:
+        raise ValueError(
+            f"the prefix must hold one row of codes per prompt; got {prefix.shape[0]} prefix row(s) "
+            f"for {prompts} prompt(s)"
+        )
+    if prefix.shape[1] > model.num_image:
+        raise ValueError(f"a prefix holds at most the {model.num_image} image codes; got {prefix.shape[1]}")
+    if prefix.numel() and (int(prefix.min()) < 0 or int(prefix.max()) >= model.codebook_size):
+        raise ValueError(
+            f"prefix codes must lie in [0, {model.codebook_size}); got values in "
+            f"[{int(prefix.min())}, {int(prefix.max())}]"
+        )
+
 
 @torch.no_grad()
 def generate_codes(
@@ -58,9 +82,11 @@ def generate_codes(
 ) -> Tensor:
     """(B, h, w) image codes for ``prompts`` (None: unconditional), one row each.
 
-    ``prefix`` (B, k) holds the first ``k`` codes of each image (completion). Unset options
-    take the model config's defaults.
+    ``prefix`` (B, k) holds the first ``k`` codes of each image (completion), one row per prompt
+    (a ValueError names both sizes otherwise). Unset options take the model config's defaults.
     """
+    if prefix is not None:
+        check_prefix(model, prefix, len(prompts))
     c = model.config
     temperature = c.temperature if temperature is None else temperature
     top_k = c.top_k if top_k is None else top_k
@@ -147,8 +173,13 @@ def sample_images(model: Any, prompt: str | None, n: int, seed: int = 0, **optio
     rerank, candidates = options.pop("rerank", None), options.pop("candidates", None)
     if candidates is not None and rerank is None:
         raise ValueError("candidates needs rerank=CLIP_DIR (the model that picks among them)")
-    if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1):
-        raise ValueError(f"candidates must be an integer >= 1; got {candidates!r}")
+    if candidates is not None and (
+        isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES
+    ):
+        raise ValueError(f"--candidates must be an integer in [1, {MAX_CANDIDATES}]; got {candidates!r}")
+    cfg = options.get("cfg_scale")
+    if cfg is not None and (isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg)):
+        raise ValueError(f"--cfg (cfg_scale) must be a finite number; got {cfg!r}")
     if rerank is not None and prompt is None:
         raise ValueError("rerank scores samples against the prompt; give --prompt")
     clip = load_clip(rerank) if rerank is not None else None

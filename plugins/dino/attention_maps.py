@@ -9,6 +9,7 @@ visualisation does: upsample, then keep the pixels that hold a fraction of the a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -88,8 +89,33 @@ def heat(maps: Tensor) -> Tensor:
     return torch.stack([m.clamp(0, 1), (2 * m - 1).clamp(0, 1), (4 * m - 3).clamp(0, 1)], dim=1)  # (N, 3, S, S)
 
 
+MAX_OUTPUT_PIXELS = 89_478_485
+"""The most pixels one written PNG may have: Pillow's ``Image.MAX_IMAGE_PIXELS``, above which Pillow
+itself warns that an image may be a decompression bomb (so larger maps could not be read back safely)."""
+
+
+def check_scale(scale: int, images: int, heads: int, size: int) -> None:
+    """ValueError unless ``scale`` is an integer >= 1 whose largest PNG, the grid of ``images`` rows of
+    ``2 + heads`` tiles of ``size``×``size``, stays within :data:`MAX_OUTPUT_PIXELS`."""
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"--scale must be an integer >= 1; got {scale!r}")
+    width, height = (2 + heads) * (size + 1) + 1, images * (size + 1) + 1  # the grid at scale 1
+    if width * height * scale * scale > MAX_OUTPUT_PIXELS:
+        largest = math.isqrt(MAX_OUTPUT_PIXELS // (width * height))
+        hint = f"use --scale {largest} or less" if largest >= 1 else "map fewer images at a time"
+        raise ValueError(
+            f"--scale {scale} makes the grid of {images} image(s) {width * scale:,}×{height * scale:,} pixels; "
+            f"a PNG may have at most {MAX_OUTPUT_PIXELS:,} pixels ({hint})"
+        )
+
+
 def attention_rows(model, images: Tensor, scale: int = 4) -> Tensor:
-    """(B·(2 + H), 3, S·scale, S·scale): per image the input, each head's map and the mean map."""
+    """(B·(2 + H), 3, S·scale, S·scale): per image the input, each head's map and the mean map.
+
+    ``scale`` is checked before any work like :func:`write_attention_maps`'s (:func:`check_scale`).
+    """
+    e = model.config.encoder
+    check_scale(scale, len(images), e.block.heads, e.image_size)
     x = model.prepare(images)  # (B, C, S, S)
     maps = upsample(cls_attention(model.teacher.backbone, x), x.shape[-2:])  # (B, H, S, S)
     rgb = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # (B, 3, S, S)
@@ -102,9 +128,15 @@ def attention_rows(model, images: Tensor, scale: int = 4) -> Tensor:
 
 def write_attention_maps(model, images: Tensor, stems: list[str], out: str | Path, scale: int = 8) -> list[Path]:
     """Write ``<stem>_head<h>.png`` per head, ``<stem>_mean.png`` and a ``grid.png`` (one row per image:
-    the input, each head, the mean over heads) for images (B, C, H, W)."""
+    the input, each head, the mean over heads) for images (B, C, H, W).
+
+    ``scale`` enlarges every PNG (nearest); a ValueError is raised before any work when it is not an
+    integer >= 1 or would make the grid larger than :data:`MAX_OUTPUT_PIXELS` (see :func:`check_scale`).
+    """
     from polymodal.eval.images import make_grid, save_png
 
+    e = model.config.encoder
+    check_scale(scale, len(images), e.block.heads, e.image_size)
     x = model.prepare(images)  # (B, C, S, S)
     maps = upsample(cls_attention(model.teacher.backbone, x), x.shape[-2:])  # (B, H, S, S)
     out, written = Path(out), []
@@ -122,6 +154,8 @@ def _inputs(model, paths: tuple[str, ...], test_images: int) -> tuple[Tensor, li
     from polymodal.data import load_dataset
     from polymodal.eval.images import read_image
 
+    if isinstance(test_images, bool) or not isinstance(test_images, int) or test_images < 0:
+        raise ValueError(f"--test-images must be an integer >= 0; got {test_images!r}")
     e = model.config.encoder
     images = [read_image(p, e.channels, e.image_size) for p in paths]  # each (C, S, S)
     stems = [Path(p).stem for p in paths]
@@ -142,9 +176,19 @@ def _inputs(model, paths: tuple[str, ...], test_images: int) -> tuple[Tensor, li
     "--out", type=click.Path(file_okay=False), default="attention", show_default=True, help="Folder for the PNGs."
 )
 @click.option(
-    "--test-images", default=0, show_default=True, help="Also map the first N test images of the model's dataset."
+    "--test-images",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also map the first N test images of the model's dataset.",
 )
-@click.option("--scale", default=8, show_default=True, help="Enlarge the PNGs this many times (nearest).")
+@click.option(
+    "--scale",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help=f"Enlarge the PNGs this many times (nearest); the grid may have at most {MAX_OUTPUT_PIXELS:,} pixels.",
+)
 def attention_maps_command(directory, images, out, test_images, scale) -> None:
     """Write the last layer's [CLS] attention per head of the DINO model folder DIRECTORY for IMAGES."""
     import polymodal

@@ -18,7 +18,11 @@ def _load(directory: str):
 @click.command("caption")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--max-tokens", type=int, help="Tokens generated at most (default: the model's max_caption_tokens).")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    help="Tokens generated at most (default: the model's max_caption_tokens; at most what the LM's context leaves).",
+)
 def caption_command(directory, images, max_tokens) -> None:
     """Caption IMAGES with the FROMAGe model folder DIRECTORY; prints one `path: caption` line each."""
     import torch
@@ -29,6 +33,12 @@ def caption_command(directory, images, max_tokens) -> None:
 
     try:
         model = _load(directory)
+        room = model.lm.max_len - model.config.prefix_tokens  # bos + the image prefix + the caption
+        if max_tokens is not None and max_tokens > room:
+            raise ValueError(
+                f"--max-tokens must be at most {room} for this model (its LM holds {model.lm.max_len} positions: "
+                f"bos, {model.config.prefix_tokens} image prefix token(s) and the caption); got {max_tokens}"
+            )
         v = model.vision.config.vision
         batch = torch.stack([read_image(p, v.channels, v.image_size) for p in images])  # (N, C, S, S)
         texts = caption(model, batch, max_new_tokens=max_tokens)

@@ -63,6 +63,19 @@ def _sampling(options: dict[str, Any], seed: int) -> dict[str, Any]:
     return {**picked, "generator": torch.Generator().manual_seed(seed)}
 
 
+def new_tokens(model: Any, max_new_tokens: Any, room: int) -> int:
+    """``max_new_tokens`` checked to be an integer in [1, ``room``] (what the LM's context leaves);
+    None gives the model's ``max_caption_tokens`` (at most ``room``)."""
+    if max_new_tokens is None:
+        return min(model.config.max_caption_tokens, room)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= room:
+        raise ValueError(
+            f"max_new_tokens must be an integer in [1, {room}] (the LM holds {model.lm.max_len} positions); "
+            f"got {max_new_tokens!r}"
+        )
+    return max_new_tokens
+
+
 @torch.no_grad()
 def caption(
     model: Any,
@@ -77,7 +90,7 @@ def caption(
     """(B, C, S, S) images → one caption each: bos and the prefix (in training order), then greedy
     (or sampled) tokens until [RET] or end-of-text."""
     model.check_images(images)
-    n = max_new_tokens or model.config.max_caption_tokens
+    n = new_tokens(model, max_new_tokens, model.lm.max_len - model.config.prefix_tokens)  # bos + prefix + n − 1
     bos = model.tokenizer.special_tokens["bos"]
     out: list[str] = []
     for start in range(0, len(images), batch_size):
@@ -179,8 +192,13 @@ def generate(
     without [RET] and ``force_ret``, [RET] is appended (as FROMAGe's retrieval evaluation does).
     """
     before, prompt_ids, after = interleave(model, prompt, images)
-    n = max_new_tokens or model.config.max_caption_tokens
     used = prompt_ids.shape[1] + sum(0 if x is None else x.shape[1] for x in (before, after))
+    room = model.lm.max_len - used - 1  # the prompt, n new tokens, [RET]
+    if room < 1:
+        raise ValueError(
+            f"the prompt's {used} positions + [RET] fill the LM's {model.lm.max_len}; no room for a new token"
+        )
+    n = model.config.max_caption_tokens if max_new_tokens is None else new_tokens(model, max_new_tokens, room)
     if used + n + 1 > model.lm.max_len:
         raise ValueError(f"the prompt's {used} positions + {n} new tokens + [RET] exceed the LM's {model.lm.max_len}")
     if gallery is not None and not 0 < k <= len(gallery):
@@ -249,14 +267,16 @@ def evaluate_fromage(model: Any, dataset: Any, split: str = "test") -> dict[str,
 
 
 def load_gallery(model: Any, gallery: Any) -> tuple[Tensor, list[str]]:
-    """Gallery images (N, C, S, S) and a name per image: a tensor, a folder of images, or the model's test split."""
+    """Gallery images (N, C, S, S) at the CLIP tower's size and a name per image: a tensor, a folder of
+    images, or the model's test split (resized like a folder's images)."""
     from polymodal.data import load_dataset
     from polymodal.eval.images import read_image
 
     v = model.vision.config.vision
     if gallery is None:
         split = load_dataset(model.config.data).test
-        return split["image"].float(), [f"test[{i}] (label {y})" for i, y in enumerate(split["label"].tolist())]
+        names = [f"test[{i}] (label {y})" for i, y in enumerate(split["label"].tolist())]
+        return resize(split["image"].float(), v.image_size), names
     if isinstance(gallery, Tensor):
         return model.check_images(gallery), [f"gallery[{i}]" for i in range(len(gallery))]
     folder = Path(gallery)
@@ -280,8 +300,9 @@ def sample_to_folder(
 
     The prompt may hold ``<image>`` tokens filled from ``images`` (N, C, S, S); ``gallery`` is an
     image tensor or folder (default: the test split of the model's data).
-    Writes ``sample_000.png`` … (native size), ``grid.png`` and ``transcript.txt`` (the prompt,
-    the generated text, [RET] and each image's file, source and score, or each caption).
+    Writes ``sample_000.png`` … (the gallery images at the CLIP's input size), ``grid.png`` and
+    ``transcript.txt`` (the prompt, the generated text, [RET] and each image's file, source and
+    score, or each caption).
     """
     from polymodal.eval.images import write_samples
 
@@ -333,5 +354,6 @@ __all__ = [
     "interleave",
     "load_gallery",
     "named_digits",
+    "new_tokens",
     "sample_to_folder",
 ]

@@ -235,8 +235,24 @@ class Fromage(FromageTraining, PolymodalModel):
         """(B, D) LM hidden states at [RET] → (B, S_dim) unit retrieval queries."""
         return F.normalize(self.ret_head(hidden_at_ret), dim=-1)
 
+    def check_batches(self, images: Tensor, ids: Tensor) -> None:
+        """ValueError naming both sizes unless the image batch (B, C, S, S) and the text batch (B, T) agree."""
+        self.check_images(images)
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"expected token ids (B, T); got {got}")
+        if images.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"the image and text batches must be the same size; got a batch of {images.shape[0]} image(s) "
+                f"and a batch of {ids.shape[0]} text(s)"
+            )
+
     def caption_logits(self, images: Tensor, ids: Tensor) -> Tensor:
-        """Logits (B, k + T, V + 1) of ``ids[:, :1] prefix ids[:, 1:]`` (``bos_first``) or ``prefix ids``."""
+        """Logits (B, k + T, V + 1) of ``ids[:, :1] prefix ids[:, 1:]`` (``bos_first``) or ``prefix ids``.
+
+        ``images`` (B, C, S, S) and ``ids`` (B, T) must be batches of the same size (:meth:`check_batches`).
+        """
+        self.check_batches(images, ids)
         x = self.embed_ids(ids.to(self.ret_token_embed.device))  # (B, T, D)
         p = self.prefix(images)  # (B, k, D)
         x = torch.cat([x[:, :1], p, x[:, 1:]] if self.config.bos_first else [p, x], dim=1)  # (B, k+T, D)
@@ -245,7 +261,12 @@ class Fromage(FromageTraining, PolymodalModel):
         return self.logits(self.lm.run(x))  # (B, k+T, V+1)
 
     def forward(self, images: Tensor, ids: Tensor) -> dict[str, Tensor]:
-        """Captioning logits (B, k+T, V+1), unit text (B, S) and image (B, S) retrieval embeddings."""
+        """Captioning logits (B, k+T, V+1), unit text (B, S) and image (B, S) retrieval embeddings.
+
+        ``images`` (B, C, S, S) and ``ids`` (B, T) must be batches of the same size; otherwise a
+        ValueError names both sizes.
+        """
+        self.check_batches(images, ids)
         return {
             "logits": self.caption_logits(images, ids),
             "text": self.text_embeddings(ids),

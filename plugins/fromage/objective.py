@@ -49,6 +49,11 @@ class FromageTraining:
         """Captioning cross-entropy (caption tokens and [RET]) + ``retrieval_weight`` · two-way InfoNCE
         + ``emission_weight`` · cross-entropy of [RET] after the text read alone."""
         images = resize(batch["image"].float(), self.vision.config.vision.image_size)  # (B, C, S, S) for the CLIP
+        what = "label" if "label" in batch else "caption"
+        if len(batch[what]) != len(images):
+            raise ValueError(
+                f"the batch must hold one {what} per image; got {len(images)} image(s) and {len(batch[what])} {what}(s)"
+            )
         ids = self.encode_captions(self.captions_for(batch)).to(self.ret_token_embed.device)  # (B, T)
         if not self.config.caption_ret:  # FROMAGe: no [RET] in captioning; a caption ends as the LM's sentences do
             ids = ids.masked_fill(ids == self.ret_id, self.tokenizer.special_tokens["eos"])  # (B, T)

@@ -11,7 +11,9 @@ fresh model predicts the uniform distribution).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
+from polymodal.io.cache import cache_root
 from polymodal.models import PolymodalModel
 from polymodal.nn import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack, eval_mode, init_weights
 from polymodal.objectives import cross_entropy
@@ -86,6 +89,15 @@ class IGPTConfig:
             raise ValueError(f"IGPTConfig.heads must divide dim; got dim={self.dim}, heads={self.heads}")
         if self.channels not in (1, 3):
             raise ValueError(f"IGPTConfig.channels must be 1 or 3; got {self.channels}")
+
+
+def probe_plot_path(folder: str | Path) -> Path:
+    """Where ``evaluate`` puts the probe plot of the model loaded from ``folder``: under the cache
+    (``$POLYMODAL_CACHE/igpt-probe/<folder name>-<hash of its absolute path>/probe_by_layer.png``)."""
+    folder = Path(folder).resolve()
+    key = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", folder.name) or "model"
+    return cache_root() / "igpt-probe" / f"{name}-{key}" / "probe_by_layer.png"
 
 
 class IGPT(SamplingMixin, PolymodalModel):
@@ -233,8 +245,10 @@ class IGPT(SamplingMixin, PolymodalModel):
     def evaluate(self, dataset: Any, split: str = "test", plot_path: str | Path | None = None) -> dict[str, Any]:
         """Test NLL and the unigram baseline (bits/token), and a linear probe on every layer.
 
-        The probe plot goes to ``plot_path``, else into the model folder this model was loaded
-        from (``probe_by_layer.png``); its path is returned as ``probe_plot`` when written.
+        The probe plot goes to ``plot_path``; else, for a model loaded from a folder, under the cache
+        (:func:`probe_plot_path`), never into the folder itself, which evaluation only reads (it may be
+        read-only). Its path is returned as ``probe_plot`` when written; a save carries the last
+        evaluation's plot into the saved folder.
         """
         with eval_mode(self):
             if not bool(self.palette_fitted):
@@ -257,7 +271,7 @@ class IGPT(SamplingMixin, PolymodalModel):
                 target = (
                     Path(plot_path)
                     if plot_path is not None
-                    else (self._folder / "probe_by_layer.png" if self._folder is not None else None)
+                    else (probe_plot_path(self._folder) if self._folder is not None else None)
                 )
                 if target is not None:
                     metrics["probe_plot"] = str(probe.plot_probe(accs, target, self.plot_title(dataset.name)))
@@ -282,7 +296,7 @@ class IGPT(SamplingMixin, PolymodalModel):
             probe.plot_probe(self._probe, Path(directory) / "probe_by_layer.png", self.plot_title(self.config.data))
 
     def load_extras(self, directory: Path) -> None:
-        """Remember the folder, so ``evaluate`` writes its probe plot there."""
+        """Remember the folder, so ``evaluate`` names its probe plot after it (under the cache)."""
         self._folder = Path(directory)
 
     def card_lines(self) -> list[str]:

@@ -139,7 +139,11 @@ class VQVAE(PolymodalModel):
         return self.codebook.embed.device
 
     def quantize(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(B, C, H, W) → latents z_e (B, D, h, w), straight-through z_q (B, D, h, w), codes (B, h, w), commitment."""
+        """(B, C, S, S) → latents z_e (B, D, h, w), straight-through z_q (B, D, h, w), codes (B, h, w), commitment.
+
+        ``images`` must be a float batch of the configured channels and size (:meth:`check_images`).
+        """
+        self.check_images(images)
         z = self.encoder(images)  # (B, D, h, w)
         zq, codes, commitment = self.codebook(z.permute(0, 2, 3, 1))  # (B, h, w, D), (B, h, w)
         return z, zq.permute(0, 3, 1, 2), codes, commitment
@@ -162,7 +166,11 @@ class VQVAE(PolymodalModel):
         return self.decoder(latents).clamp(0.0, 1.0)  # (B, C, H, W)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Reconstruction (B, C, H, W) in [0, 1] (in training mode the codebook also takes an EMA step)."""
+        """Reconstruction (B, C, S, S) in [0, 1] (in training mode the codebook also takes an EMA step).
+
+        ``images`` must be a float (B, C, S, S) batch of the configured channels and ``image_size``;
+        anything else raises a ValueError naming the expected and the given shape (:meth:`check_images`).
+        """
         _, zq, _, _ = self.quantize(images)
         return self.decoder(zq).clamp(0.0, 1.0)  # (B, C, H, W)
 
