@@ -11,8 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from polymodal.registry.hookspecs import hookimpl, hookspec
-from polymodal.registry.loader import PluginError, PluginRecord, get_registry, peek_registry, plugin_records
+from polymodal.registry.hookspecs import ACCEPTS, Accepts, hookimpl, hookspec
+from polymodal.registry.loader import (
+    PluginError,
+    PluginRecord,
+    PluginWarning,
+    get_registry,
+    peek_registry,
+    plugin_records,
+)
 from polymodal.registry.table import KINDS, Entry, Registry, RegistryError
 
 
@@ -64,10 +71,13 @@ def has(kind: str, name: str) -> bool:
 
 
 __all__ = [
+    "ACCEPTS",
     "KINDS",
+    "Accepts",
     "Entry",
     "PluginError",
     "PluginRecord",
+    "PluginWarning",
     "Registry",
     "RegistryError",
     "entries",

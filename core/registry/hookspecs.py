@@ -1,7 +1,8 @@
 """pluggy hook specifications: registration only.
 
 Every hook takes one argument, ``register``, a callback ``register(name, obj, doc="")``
-that adds ``obj`` to the registry under the hook's kind. A plugin is any module
+that adds ``obj`` to the registry under the hook's kind; an object of the wrong type for the
+kind (see :data:`ACCEPTS`, declared with each hook) fails the plugin. A plugin is any module
 (or object) with functions decorated by :data:`polymodal.hookimpl`, published in the
 ``polymodal`` entry-point group of its distribution::
 
@@ -13,7 +14,9 @@ Hooks run once at start-up; nothing here is called on a forward path.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pluggy
 
@@ -34,13 +37,63 @@ DEPRECATED_HOOKS: dict[str, str] = {}
 """Old hook name → the hook that replaced it; an old name still registers, with a DeprecationWarning."""
 
 
-def registers(kind: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Mark a function as the hookspec that fills registry kind ``kind`` (one kind per hook)."""
+@dataclass(frozen=True)
+class Accepts:
+    """What a kind's ``register`` callback accepts: ``"callable"``, ``"class"`` (any class), or an
+    ``"instance"``/``"subclass"`` of the class at ``type_path``.
+
+    The class is named by its dotted path and looked up in ``sys.modules``, never imported: a
+    class whose module is not imported yet has no instances or subclasses, so the registry,
+    the bottom layer, can name ``polymodal.models.ModelSpec`` without depending on the layers above.
+    """
+
+    form: str
+    type_path: str = ""
+
+    def __str__(self) -> str:
+        return {
+            "callable": "a callable",
+            "class": "a class",
+            "instance": f"a {self.type_path} instance",
+            "subclass": f"a subclass of {self.type_path}",
+        }[self.form]
+
+    def accepts(self, obj: object) -> bool:
+        """Whether ``obj`` is what this kind holds."""
+        if self.form == "callable":
+            return callable(obj)
+        if self.form == "class":
+            return isinstance(obj, type)
+        module, _, name = self.type_path.rpartition(".")
+        cls = getattr(sys.modules.get(module), name, None)
+        if not isinstance(cls, type):  # not imported: nothing can be an instance or a subclass of it
+            return False
+        if self.form == "instance":
+            return isinstance(obj, cls)
+        return isinstance(obj, type) and issubclass(obj, cls)
+
+
+def describe(obj: object) -> str:
+    """A short phrase for what ``obj`` is, for error messages: ``class Foo``, ``a function``, ``a dict``."""
+    if isinstance(obj, type):
+        return f"class {obj.__module__}.{obj.__qualname__}"
+    return f"a {type(obj).__qualname__}"
+
+
+ACCEPTS: dict[str, Accepts] = {}
+"""Each registry kind → what its ``register`` callback accepts (declared by :func:`registers`)."""
+
+
+def registers(kind: str, accepts: Accepts | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Mark a function as the hookspec that fills registry kind ``kind`` (one kind per hook),
+    whose ``register`` callback takes only objects that ``accepts`` (plugins' other objects fail them)."""
 
     def mark(spec: Callable[..., None]) -> Callable[..., None]:
         if kind in HOOK_KINDS.values():
             raise ValueError(f"registry kind {kind!r} already has a hook; {spec.__name__} cannot fill it too")
         HOOK_KINDS[spec.__name__] = kind
+        if accepts is not None:
+            ACCEPTS[kind] = accepts
         return hookspec(spec)
 
     return mark
@@ -59,7 +112,7 @@ def deprecated_alias(old: str, new: str) -> Callable[..., None]:
     return hookspec(warn_on_impl=warning)(spec)
 
 
-@registers("encoder")
+@registers("encoder", Accepts("subclass", "torch.nn.Module"))
 def register_encoders(register: Register) -> None:
     """Register encoder classes (``nn.Module`` subclasses with a ``config_class``).
 
@@ -101,7 +154,7 @@ def register_encoders(register: Register) -> None:
     """
 
 
-@registers("tokenizer")
+@registers("tokenizer", Accepts("class"))
 def register_tokenizers(register: Register) -> None:
     """Register tokenizer classes (text or image; see :class:`polymodal.models.interfaces.Tokenizer`).
 
@@ -121,7 +174,7 @@ def register_tokenizers(register: Register) -> None:
     """
 
 
-@registers("fusion")
+@registers("fusion", Accepts("subclass", "torch.nn.Module"))
 def register_fusions(register: Register) -> None:
     """Register fusion modules that join two streams (concatenation, cross-attention, adapters).
 
@@ -141,7 +194,7 @@ def register_fusions(register: Register) -> None:
     """
 
 
-@registers("objective")
+@registers("objective", Accepts("callable"))
 def register_objectives(register: Register) -> None:
     """Register objectives: callables returning ``(loss, metrics_dict)``.
 
@@ -161,7 +214,7 @@ def register_objectives(register: Register) -> None:
     """
 
 
-@registers("token_sampler")
+@registers("token_sampler", Accepts("callable"))
 def register_token_samplers(register: Register) -> None:
     """Register token samplers: functions that choose the next token of a sequence,
     ``(logits (B, V), generator=None, **kw) -> ids (B,)`` (greedy, temperature, top-k, top-p …).
@@ -186,7 +239,7 @@ def register_token_samplers(register: Register) -> None:
 register_samplers = deprecated_alias("register_samplers", "register_token_samplers")
 
 
-@registers("attention_backend")
+@registers("attention_backend", Accepts("instance", "polymodal.attention.Backend"))
 def register_attention_backends(register: Register) -> None:
     """Register attention backends (:class:`polymodal.attention.Backend` instances).
 
@@ -206,7 +259,7 @@ def register_attention_backends(register: Register) -> None:
     """
 
 
-@registers("dataset")
+@registers("dataset", Accepts("callable"))
 def register_datasets(register: Register) -> None:
     """Register datasets: callables ``(root=None, **options) -> polymodal.data.Dataset``.
 
@@ -231,7 +284,7 @@ def register_datasets(register: Register) -> None:
     """
 
 
-@registers("model")
+@registers("model", Accepts("instance", "polymodal.models.ModelSpec"))
 def register_models(register: Register) -> None:
     """Register model variants (:class:`polymodal.models.ModelSpec`), timm style.
 
@@ -249,7 +302,7 @@ def register_models(register: Register) -> None:
     """
 
 
-@registers("converter")
+@registers("converter", Accepts("callable"))
 def register_converters(register: Register) -> None:
     """Register checkpoint converters: ``convert(src_dir, dst_dir) -> model``.
 
@@ -270,7 +323,7 @@ def register_converters(register: Register) -> None:
     """
 
 
-@registers("metric")
+@registers("metric", Accepts("callable"))
 def register_metrics(register: Register) -> None:
     """Register metrics: callables ``(predictions, targets) -> float``.
 
@@ -288,7 +341,7 @@ def register_metrics(register: Register) -> None:
     """
 
 
-@registers("command")
+@registers("command", Accepts("instance", "click.Command"))
 def register_commands(register: Register) -> None:
     """Register extra ``polymodal`` CLI commands (``click.Command`` objects).
 
