@@ -15,6 +15,7 @@ Variants are made with ``attrs.evolve(cfg, dim=128)``.
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -38,17 +39,26 @@ def field(default: Any, doc: str, *, check: Callable | None = None, converter: C
     return attrs.field(**kwargs)
 
 
-def in_range(lo: float | None = None, hi: float | None = None, *, integer: bool = False) -> Callable:
-    """Validator: a number within ``[lo, hi]`` (either bound may be open-ended)."""
+def in_range(
+    lo: float | None = None, hi: float | None = None, *, integer: bool = False, allow_inf: bool = False
+) -> Callable:
+    """Validator: a finite number within ``[lo, hi]`` (either bound may be open-ended).
+
+    NaN is always refused (every comparison with it is false, so it would slip through any range),
+    and so are ``inf`` and ``-inf`` unless ``allow_inf`` (then the bounds still apply to them).
+    """
 
     def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         kind = "an integer" if integer else "a number"
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+        label = f"{type(instance).__name__}.{attribute.name}"
         if isinstance(value, bool) or not ok_type:
-            raise ValueError(f"{type(instance).__name__}.{attribute.name} must be {kind}, got {value!r}")
+            raise ValueError(f"{label} must be {kind}, got {value!r}")
+        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not allow_inf)):
+            raise ValueError(f"{label} must be a finite number, got {value!r}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-            raise ValueError(f"{type(instance).__name__}.{attribute.name} must be in {bounds}, got {value!r}")
+            raise ValueError(f"{label} must be in {bounds}, got {value!r}")
 
     return check
 
@@ -71,34 +81,81 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return attrs.asdict(cfg, recurse=True)
 
 
-def _coerce(tp: Any, value: Any) -> Any:
-    """Turn a JSON value back into the annotated type (tuples, nested configs)."""
+def _nested_class(tp: Any) -> type | None:
+    """The config class a field of type ``tp`` holds (``X`` or ``X | None``), else None."""
+    if attrs.has(tp):
+        return tp
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        return next((a for a in typing.get_args(tp) if attrs.has(a)), None)
+    return None
+
+
+def _coerce(tp: Any, value: Any, label: str = "value", *, partial: bool = False) -> Any:
+    """Turn a JSON value back into the annotated type (tuples, nested configs); ``label`` names the
+    field in errors, ``partial`` lets nested configs take defaults for fields they do not give."""
     origin = typing.get_origin(tp)
-    if attrs.has(tp) and isinstance(value, dict):
-        return from_dict(tp, value)
+    nested = _nested_class(tp)
+    if nested is not None and not (value is None and nested is not tp):
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"{label} is a nested {nested.__name__}: expected a JSON object of its fields "
+                f"(or dotted keys, {label.rsplit('.', 1)[-1]}.FIELD=VALUE), got {value!r}"
+            )
+        return from_dict(nested, value, partial=partial, label=label)
     if origin is tuple and isinstance(value, list):
         args = typing.get_args(tp)
         inner = args[0] if args else Any
-        return tuple(_coerce(inner, v) for v in value)
+        return tuple(_coerce(inner, v, label, partial=partial) for v in value)
     if origin in (types.UnionType, typing.Union):
         for arg in typing.get_args(tp):
             if arg is not type(None) and value is not None:
-                return _coerce(arg, value)
+                return _coerce(arg, value, label, partial=partial)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build ``cls`` from a dict; unknown keys raise a ValueError that lists the known ones."""
+def _missing(cls: type, data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields of ``cls`` (nested configs included) that ``data`` does not give."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for a in attrs.fields(cls):
+        if not a.init:
+            continue
+        if a.name not in data:
+            out.append(prefix + a.name)
+            continue
+        nested = _nested_class(hints.get(a.name, Any))
+        if nested is not None and isinstance(data[a.name], dict):
+            out += _missing(nested, data[a.name], f"{prefix}{a.name}.")
+    return out
+
+
+def from_dict(cls: type, data: dict[str, Any], *, partial: bool = False, label: str | None = None) -> Any:
+    """Build ``cls`` from a dict (a saved config, as :func:`to_dict` wrote it).
+
+    Every field must be given, in nested configs too: a missing one raises a ValueError naming each
+    missing field (dotted), because a default silently taken could load a different model. Unknown keys
+    raise naming the known ones, and a nested config given anything but a JSON object raises naming it.
+    ``partial=True`` is for *creating* a config from overrides (``--set encoder={"depth": 2}``): the
+    fields not given take the class's defaults. ``label`` names ``cls`` in errors (default: its name).
+    """
+    label = label or cls.__name__
     if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}")
+        raise ValueError(f"{label} expects a JSON object, got {type(data).__name__}")
     fields = attrs.fields_dict(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+        raise ValueError(f"unknown {label} field(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    if not partial:
+        missing = _missing(cls, data)
+        if missing:
+            raise ValueError(
+                f"{label} is missing field(s) {', '.join(missing)}; a saved config names every field "
+                "(only a config created from overrides takes defaults)"
+            )
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(hints.get(k, Any), v) for k, v in data.items()})
+    return cls(**{k: _coerce(hints.get(k, Any), v, f"{label}.{k}", partial=partial) for k, v in data.items()})
 
 
 def to_json(cfg: Any) -> str:
@@ -115,7 +172,10 @@ def parse_overrides(cls: type, pairs: list[str] | tuple[str, ...]) -> dict[str, 
     """Parse ``key=value`` strings (as given to ``--set``) into typed field values.
 
     Values are read as JSON where that parses (``3``, ``0.1``, ``true``, ``[1,2]``),
-    else as plain strings. An unknown key raises naming the known fields.
+    else as plain strings. An unknown key raises naming the known fields. A nested config takes a
+    JSON object (``encoder={"depth": 2}``: a new nested config, the fields not given at the class's
+    defaults) or, where its class names a ``string_field``, a plain string (``lm=DIR``, see
+    :func:`evolve`); anything else (``null``, ``5``, ``[1]``) raises naming the field.
     """
     fields = attrs.fields_dict(cls)
     hints = typing.get_type_hints(cls)
@@ -131,7 +191,12 @@ def parse_overrides(cls: type, pairs: list[str] | tuple[str, ...]) -> dict[str, 
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        out[key] = _coerce(hints.get(key, Any), value)
+        tp, label = hints.get(key, Any), f"{cls.__name__}.{key}"
+        nested = _nested_class(tp)
+        if nested is not None and isinstance(value, str) and isinstance(getattr(nested, "string_field", None), str):
+            out[key] = value  # lm=DIR: evolve sets the nested config's string field
+            continue
+        out[key] = _coerce(tp, value, label, partial=True)
     return out
 
 
@@ -149,7 +214,13 @@ def evolve(cfg: Any, **changes: Any) -> Any:
 
 def apply_overrides(cfg: Any, pairs: list[str] | tuple[str, ...]) -> Any:
     """``cfg`` with ``key=value`` overrides applied; dotted keys reach nested configs (``encoder.dim=128``),
-    and a plain string for a nested config with a ``string_field`` sets that field (``lm=DIR``, see :func:`evolve`)."""
+    and a plain string for a nested config with a ``string_field`` sets that field (``lm=DIR``, see :func:`evolve`).
+
+    A nested config is changed either whole (``encoder={"depth": 2}``, see :func:`parse_overrides`) or by
+    dotted keys, not both: a JSON object for ``encoder`` beside ``encoder.depth=2`` raises a ValueError
+    naming both (the order of the pairs would otherwise decide silently). A plain string for a
+    ``string_field`` (``lm=DIR``) goes with dotted keys (``lm.variant=…``): both apply.
+    """
     nested: dict[str, list[str]] = {}
     flat: list[str] = []
     for pair in pairs:
@@ -159,7 +230,15 @@ def apply_overrides(cfg: Any, pairs: list[str] | tuple[str, ...]) -> Any:
             nested.setdefault(head.strip(), []).append(rest)
         else:
             flat.append(pair)
-    cfg = evolve(cfg, **parse_overrides(type(cfg), flat))  # first, so `lm=DIR lm.variant=…` keeps both
+    parsed = parse_overrides(type(cfg), flat)
+    for head, rest in nested.items():
+        if head in parsed and not isinstance(parsed[head], str):
+            dotted = ", ".join(f"{head}.{r.split('=', 1)[0].strip()}=…" for r in rest)
+            raise ValueError(
+                f"--set {head}=… and {dotted} both set {type(cfg).__name__}.{head}: give the whole object "
+                "or dotted keys, not both"
+            )
+    cfg = evolve(cfg, **parsed)  # first, so `lm=DIR lm.variant=…` keeps both
     fields = attrs.fields_dict(type(cfg))
     changes: dict[str, Any] = {}
     for head, rest in nested.items():

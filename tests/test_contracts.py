@@ -331,3 +331,8 @@ def test_require_names_members_missing_inside_a_nested_part():
         require(Clipish(), ImageEncoder, what="vision")
     Clipish.visual.encoder = nn.Identity()
     assert require(Clipish(), ImageEncoder, what="vision") is not None
+
+
+@pytest.mark.parametrize("name", COMPOSITES)
+def test_composite_with_parts_of_another_size_saves_and_loads_back(name):
+    contracts.check_nondefault_parts(_entry("model", name).obj)

@@ -8,7 +8,8 @@ family's converter keeps only its config mapping and its key renaming.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from polymodal.io.folders import LoadError, load_state_strict, read_json, read_state
+from polymodal.io.output import check_output
 
 M = TypeVar("M", bound=nn.Module)
 State = dict[str, torch.Tensor]
@@ -52,6 +54,48 @@ def read_hf_weights(src: Path, converter: str) -> State:
     return read_state(path)
 
 
+IGNORED = (r"(^|\.)position_ids$",)
+"""Source tensors every converter may leave unused (regular expressions searched in the key): buffers
+transformers derives from the config (``position_ids``), never learnt weights."""
+
+
+CAUSAL_MASK_BUFFERS = r"(^|\.)h\.\d+\.attn\.(masked_)?bias$"
+"""GPT-2-style checkpoints (GPT-2, ImageGPT) saved by older transformers hold each layer's causal mask
+(``h.<i>.attn.bias``) and masking value (``attn.masked_bias``) as tensors: buffers, not weights."""
+
+
+class _Reads(dict):
+    """The source state dict, recording which keys the family's mapping reads (``[]`` and ``get``)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``dict.get``, recording the key as read."""
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def check_all_used(weights: State, used: Iterable[str], source: str, label: str, ignore: Iterable[str] = ()) -> None:
+    """Raise a :class:`LoadError` naming every tensor of ``weights`` that is neither in ``used`` nor
+    matched by a pattern of :data:`IGNORED` or ``ignore`` (a converter never drops a weight silently:
+    a config asking for fewer layers than the file holds, or another architecture's extra head)."""
+    patterns = [re.compile(p) for p in (*IGNORED, *ignore)]
+    used = set(used)
+    unused = sorted(k for k in weights if k not in used and not any(p.search(k) for p in patterns))
+    if unused:
+        shown = ", ".join(unused[:6]) + (f", … ({len(unused)} in all)" if len(unused) > 6 else "")
+        raise LoadError(
+            f"{source}: {len(unused)} unused tensor(s) the {label} conversion would drop: {shown}; "
+            "does config.json ask for fewer layers than the weights hold, or are they another architecture's?"
+        )
+
+
 def convert_hf_folder(
     src: str | Path,
     dst: str | Path | None = None,
@@ -63,6 +107,7 @@ def convert_hf_folder(
     rename_state: Callable[[State, M], State],
     extras: Callable[[M, State, State], str] | None = None,
     tokenizer: Callable[[Path, M], bool] | None = None,
+    ignore: tuple[str, ...] = (),
 ) -> M:
     """Convert the transformers folder ``src`` (``config.json`` + ``model.safetensors``) into a model;
     writes a model folder to ``dst`` (atomically, with ``model.save``) when given.
@@ -78,20 +123,32 @@ def convert_hf_folder(
     * ``extras(model, state, weights)``: optional; adds what is not a renamed weight to ``state`` or
       refuses what the model cannot express, and returns a note for the model card ('' for none);
     * ``tokenizer(src, model)``: optional; attaches the folder's tokenizer to the model and returns
-      whether the folder had one (a ``ValueError`` is reported naming the folder).
+      whether the folder had one (a ``ValueError`` is reported naming the folder);
+    * ``ignore``: regular expressions (searched in the key) of source tensors the family leaves out on
+      purpose (ViT's unused pooler, GPT-2's causal-mask buffers), besides :data:`IGNORED`.
 
-    The state is loaded strictly (missing, unexpected and mis-shaped keys fail together), and the
-    model is returned in eval mode. Nothing is unpickled.
+    Every source tensor must be read by ``rename_state`` or ``extras`` (or be ignorable): an unused one
+    is a :class:`LoadError` naming it (see :func:`check_all_used`). Source tensors of another dtype
+    (float16, bfloat16) are cast to the model's, and the model card says so. The state is loaded strictly
+    (missing, unexpected and mis-shaped keys fail together), and the model is returned in eval mode.
+    Nothing is unpickled.
     """
     src = Path(src)
+    if dst is not None:  # before any work: never write over a folder of other files (a model folder is replaced)
+        check_output(dst, overwrite=True, flag="dst")
     hf = read_hf_config(src, converter, model_type, label)
-    weights = read_hf_weights(src, converter)
+    weights = _Reads(read_hf_weights(src, converter))
     model = build_model(hf, weights, f"{converter} ({src / 'config.json'})")
     try:
         state = rename_state(weights, model)
     except KeyError as exc:
         raise LoadError(f"{src / 'model.safetensors'} lacks the {label} weight {exc.args[0]!r}") from exc
     note = extras(model, state, weights) if extras is not None else ""
+    check_all_used(weights, weights.read, str(src / "model.safetensors"), label, ignore)
+    own = model.state_dict()
+    casts = sorted({f"{v.dtype} to {own[k].dtype}" for k, v in state.items() if k in own and v.dtype != own[k].dtype})
+    if casts:  # a converted model computes in its own dtype; the card says what was cast
+        note += f" (weights cast from {', '.join(c.replace('torch.', '') for c in casts)})"
     load_state_strict(model, state, f"{src} (converted from transformers {label})")
     if tokenizer is not None:
         try:

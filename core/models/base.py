@@ -195,7 +195,12 @@ class PolymodalModel(nn.Module):
 
     @classmethod
     def config_from_dict(cls, data: dict[str, Any]) -> Any:
-        """Rebuild the config from :meth:`config_dict` output."""
+        """Rebuild the config from :meth:`config_dict` output (a saved ``config.json``).
+
+        Every field must be there (:func:`~polymodal.config.from_dict`; a missing one is an error naming
+        it, never a default taken silently). A family whose saved format really changed (a field added
+        since folders of an earlier release were written) overrides this to migrate such a dict, and
+        documents the rule it applies; no family needs one yet."""
         return from_dict(cls.config_class, data)
 
     def card_lines(self) -> list[str]:

@@ -299,6 +299,122 @@ def check_part_folders(spec: str | ModelSpec, *, use_tiny: bool = True, **overri
         )
 
 
+GROW = {"depth": 2, "layers": 2, "num_layers": 2, "dim": 24, "width": 24, "embed_dim": 24, "hidden_dim": 48}
+"""The size fields :func:`grow_config` raises in a part's tiny config, and the value each is raised to."""
+
+
+def grow_config(cfg: Any) -> Any:
+    """``cfg`` with the size fields of :data:`GROW` raised (in nested configs too) wherever it stays valid:
+    a part of another size than the tiny default, for :func:`check_nondefault_parts`."""
+    if not attrs.has(type(cfg)):
+        return cfg
+    for a in attrs.fields(type(cfg)):
+        value = getattr(cfg, a.name)
+        if attrs.has(type(value)):
+            new = grow_config(value)
+        elif a.name in GROW and isinstance(value, int) and not isinstance(value, bool) and value < GROW[a.name]:
+            new = GROW[a.name]
+        else:
+            continue
+        if a.init and new != value:
+            try:
+                cfg = attrs.evolve(cfg, **{a.name: new})
+            except (ValueError, TypeError):
+                pass
+    return cfg
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _seeded_loss(model: Any, batch: Any) -> dict[str, Any]:
+    torch.manual_seed(7)
+    with torch.no_grad():
+        loss, metrics = model.loss(batch)
+    return {"loss": loss.item(), **metrics}
+
+
+def check_nondefault_parts(spec: str | ModelSpec, *, use_tiny: bool = True) -> None:
+    """A composite built with parts of another size than its defaults (each part's tiny variant
+    grown by :func:`grow_config`, saved and given as a folder, as ``--set lm=DIR`` does) saves, loads
+    back with :func:`polymodal.load`, and gives the same config, weights, outputs and seeded loss and
+    metrics on a small batch.
+
+    A config field that repeats a part's config (PIXEL's ``pretrain``) is given the grown config too.
+    Variants without parts pass trivially.
+    """
+    from polymodal.api import load
+    from polymodal.models.parts import part_fields
+    from polymodal.registry import get_registry
+
+    spec = resolve(spec)
+    fields = part_fields(spec.config)
+    if not fields:
+        return
+    small = tiny(spec) if use_tiny else spec
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides: dict[str, Any] = {}
+        grown: dict[str, dict[str, tuple[int, ...]]] = {}
+        for name, part in fields.items():
+            part_spec = get_registry().get("model", part.variant)
+            default_cfg = tiny_config(part_spec.model_class, part_spec.config)
+            torch.manual_seed(11)
+            default, bigger = part_spec.instantiate(default_cfg), part_spec.instantiate(grow_config(default_cfg))
+            _perturb(bigger, 11)
+            if _shapes(bigger) == _shapes(default):
+                continue
+            bigger.save(Path(tmp) / name)
+            # a config field that repeats the part's config (PIXEL's `pretrain`) follows the part
+            mirrors = {
+                a.name: bigger.config
+                for a in attrs.fields(type(small.config))
+                if getattr(small.config, a.name) == default_cfg
+            }
+            trial = {**overrides, **mirrors, name: str(Path(tmp) / name)}
+            overrides, grown[name] = trial, _shapes(bigger)
+        assert grown, f"{_name(spec)}: no part grows past its tiny default ({', '.join(fields)}); see grow_config"
+        try:  # as `--set lm=DIR` gives them
+            model = build(small, use_tiny=False, **overrides).eval()
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise AssertionError(
+                f"{_name(spec)} does not take its parts {', '.join(grown)} at another size: {exc}"
+            ) from exc
+        for name, shapes in grown.items():
+            used = _shapes(model.part_modules()[name])
+            assert all(used.get(k) == v for k, v in shapes.items()), (
+                f"{_name(spec)}: the part {name} given from a folder was not the one built in"
+            )
+        if hasattr(spec.model_class, "example_batch"):
+            batch = model.example_batch(2, torch.Generator().manual_seed(4))
+        else:
+            batch = _dataset(spec.data).train.batch([0, 1])
+        inputs = example_inputs(model, 2, seed=6)
+        folder = Path(tmp) / "model"
+        model.save(folder)
+        loaded = load(folder).eval()
+    assert type(loaded) is type(model), f"{_name(spec)}: loaded a {type(loaded).__name__}"
+    assert loaded.config_dict() == model.config_dict(), (
+        f"{_name(spec)} with parts {', '.join(grown)} of another size: config changed on save/load:\n"
+        f"{loaded.config_dict()}\n{model.config_dict()}"
+    )
+    mine, theirs = model.state_dict(), loaded.state_dict()
+    assert mine.keys() == theirs.keys(), f"{_name(spec)}: state keys differ: {sorted(set(mine) ^ set(theirs))[:5]}"
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), (
+            f"{_name(spec)} with parts {', '.join(grown)}: {key} changed on save/load"
+        )
+    a, b = _run(model, inputs), _run(loaded, inputs)
+    for key in a:
+        torch.testing.assert_close(
+            b[key], a[key], atol=0, rtol=0, msg=lambda m, k=key: f"{_name(spec)}: {k} differs after save/load: {m}"
+        )
+    before, after = _seeded_loss(model, batch), _seeded_loss(loaded, batch)
+    assert before == after, (
+        f"{_name(spec)} with parts {', '.join(grown)}: loss and metrics differ after save/load: {before} vs {after}"
+    )
+
+
 def _config_round_trip(cfg: Any, label: str) -> None:
     text = to_json(cfg)
     json.loads(text)  # plain JSON

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from polymodal.io import LoadError, read_json
-from polymodal.io.hf import activation, convert_hf_folder, gpt2_state, mlp_ratio_for
+from polymodal.io.hf import CAUSAL_MASK_BUFFERS, activation, convert_hf_folder, gpt2_state, mlp_ratio_for
 
 from .model import IGPT, IGPTConfig
 
@@ -107,4 +107,5 @@ def convert_hf_imagegpt(src: str | Path, dst: str | Path | None = None) -> IGPT:
         build_model=lambda hf, weights, source: IGPT(config_from_hf(hf, source)),
         rename_state=lambda weights, model: state_from_hf(weights, model.config.depth),
         extras=extras,
+        ignore=(CAUSAL_MASK_BUFFERS,),
     )

@@ -24,7 +24,7 @@ import torch
 
 from polymodal.data.tokenizers import BPETokenizer
 from polymodal.io import LoadError
-from polymodal.io.hf import activation, convert_hf_folder, gpt2_state, mlp_ratio_for
+from polymodal.io.hf import CAUSAL_MASK_BUFFERS, activation, convert_hf_folder, gpt2_state, mlp_ratio_for
 
 from .model import LMConfig, LMModel
 
@@ -127,6 +127,7 @@ def convert_hf_gpt2(src: str | Path, dst: str | Path | None = None) -> LMModel:
         rename_state=lambda weights, model: state_from_hf(weights, model.config.depth),
         extras=tied_head,
         tokenizer=attach_tokenizer,
+        ignore=(CAUSAL_MASK_BUFFERS,),
     )
 
 

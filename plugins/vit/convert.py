@@ -87,4 +87,5 @@ def convert_hf_vit(src: str | Path, dst: str | Path | None = None) -> ViTClassif
         label="ViT",
         build_model=build_model,
         rename_state=lambda weights, model: state_from_hf(weights, model.config.encoder.depth),
+        ignore=(r"^(vit\.)?pooler\.",),  # ViTModel's pooler: the classification path never uses it
     )
