@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,13 @@ import torch
 from polymodal.config import apply_overrides
 from polymodal.data import load_dataset
 from polymodal.io import load_model
+from polymodal.io.folders import write_metrics
+from polymodal.io.output import output_folder, resolve_device
 from polymodal.models import ModelSpec, PolymodalModel
 from polymodal.models.parts import auto_folder, load_parts, part_data, part_fields
 from polymodal.registry import get_registry
-from polymodal.train import TrainConfig, train
+from polymodal.train import TrainConfig, TrainingError, train
+from polymodal.train.trainer import CHECKPOINT, checkpoint_meta
 
 
 def spec(name: str) -> ModelSpec:
@@ -40,7 +44,7 @@ def prepare_parts(config: Any, *, progress: bool = True) -> dict[str, PolymodalM
             )
             rng = torch.get_rng_state()
             try:
-                train_model(part.variant, data=data, out=folder, progress=progress)
+                train_model(part.variant, data=data, out=folder, progress=progress, overwrite=True)
             finally:
                 torch.set_rng_state(rng)
     return load_parts(config)
@@ -59,6 +63,57 @@ def load(directory: str | Path, device: str = "cpu") -> PolymodalModel:
     return load_model(directory, device=device)
 
 
+class EvaluationError(RuntimeError):
+    """Training finished and the model folder was saved, but evaluating the model failed.
+
+    ``model`` is the trained model, ``metrics`` what ``metrics.json`` records (with
+    ``evaluation_failed``), ``folder`` where the weights are (None without ``out``).
+    """
+
+    def __init__(self, message: str, model: PolymodalModel, metrics: dict[str, Any], folder: Path | None) -> None:
+        super().__init__(message)
+        self.model, self.metrics, self.folder = model, metrics, folder
+
+
+def _check_length(steps: int | None, epochs: float | None) -> None:
+    """``steps`` ≥ 1 and ``epochs`` > 0 (finite), each named when it is not."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a whole number ≥ 1, got {steps!r}")
+    if epochs is not None and not (isinstance(epochs, (int, float)) and 0 < epochs < math.inf):
+        raise ValueError(f"epochs must be a number above 0, got {epochs!r}")
+
+
+def _train_config(
+    model_spec: ModelSpec,
+    dataset: Any,
+    train_set: tuple[str, ...],
+    steps: int | None,
+    epochs: float | None,
+    seed: int | None,
+    resumed: dict[str, Any] | None,
+) -> TrainConfig:
+    """The run's :class:`TrainConfig`: the variant's, ``train_set``, then ``seed``/``epochs``/``steps``.
+
+    ``resumed`` (a checkpoint's ``trainer.json``) supplies what this function would otherwise derive:
+    ``steps`` when neither ``steps`` nor ``epochs`` is given, and ``warmup_steps`` (derived from the
+    run's first step count) unless ``train_set`` sets it, so the trainer compares what the user asked.
+    """
+    cfg: TrainConfig = apply_overrides(model_spec.train, train_set)
+    if seed is not None:
+        cfg = attrs.evolve(cfg, seed=seed)
+    if epochs is not None:
+        cfg = attrs.evolve(cfg, steps=max(1, math.ceil(epochs * len(dataset.train) / cfg.batch_size)))
+    elif steps is not None:
+        cfg = attrs.evolve(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, max(steps // 10, 0)))
+    saved = (resumed or {}).get("train", {})
+    if steps is None and epochs is None and isinstance(saved.get("steps"), int):
+        cfg = attrs.evolve(cfg, steps=saved["steps"])
+    explicit = {item.split("=", 1)[0].strip() for item in train_set}
+    if "warmup_steps" not in explicit and isinstance(saved.get("warmup_steps"), int):
+        cfg = attrs.evolve(cfg, warmup_steps=saved["warmup_steps"])
+    return cfg
+
+
 def train_model(
     name: str,
     *,
@@ -72,33 +127,57 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     train_set: tuple[str, ...] = (),
+    overwrite: bool = False,
 ) -> tuple[PolymodalModel, dict[str, Any]]:
-    """Train variant ``name`` on ``data`` (its default when None), evaluate, and save to ``out``.
+    """Train variant ``name`` on ``data`` (its default when None), save to ``out``, then evaluate.
 
     ``set_`` holds ``key=value`` model-config overrides, ``train_set`` trainer overrides.
-    Returns the trained model and its metrics.
+    Returns the trained model and its metrics. Before any work: the device, ``steps``/``epochs``
+    and ``out`` are checked, and ``out`` is locked against a second writer
+    (:func:`polymodal.io.output.output_folder`: an existing model folder needs ``overwrite`` or
+    ``resume``; a folder of other files is never written). ``resume`` continues ``out/checkpoint``
+    (same settings; ``steps`` defaults to the checkpoint's). The weights are saved before the model
+    is evaluated: if evaluation fails, ``metrics.json`` records ``evaluation_failed`` and an
+    :class:`EvaluationError` says where the weights are.
     """
+    resolve_device(device)
+    _check_length(steps, epochs)
     model_spec = spec(name)
-    dataset = load_dataset(data or model_spec.data)
-    cfg: TrainConfig = apply_overrides(model_spec.train, train_set)
-    if seed is not None:
-        cfg = attrs.evolve(cfg, seed=seed)
-    if epochs is not None:
-        cfg = attrs.evolve(cfg, steps=max(1, math.ceil(epochs * len(dataset.train) / cfg.batch_size)))
-    elif steps is not None:
-        cfg = attrs.evolve(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, max(steps // 10, 0)))
-    model_cfg = model_spec.config_for(dataset, set_)
-    torch.manual_seed(cfg.seed)  # a fresh ('') part draws first, then the model: one seed makes both
-    model = model_spec.instantiate(model_cfg, prepare_parts(model_cfg, progress=progress))
-    model = train(model, dataset, cfg, out=out, device=device, resume=resume, progress=progress)
-    metrics = model.evaluate(dataset)
-    metrics = {"data": dataset.name, "steps": cfg.steps, "seed": cfg.seed, **metrics}
-    if out is not None:
-        model.save(
-            out,
-            metrics=metrics,
-            source=f"trained with `polymodal train {name}` on {dataset.name} ({cfg.steps} steps, seed {cfg.seed})",
-        )
+    family = model_spec.model_class.family
+    guard = (
+        output_folder(out, family=family, overwrite=overwrite, resume=resume)
+        if out is not None
+        else contextlib.nullcontext()
+    )
+    with guard:
+        dataset = load_dataset(data or model_spec.data)
+        resumed = checkpoint_meta(out) if resume and out is not None else None
+        if resume and resumed is None:  # before any part is trained
+            raise TrainingError(f"--resume needs a checkpoint in {out}/{CHECKPOINT}; none found")
+        cfg = _train_config(model_spec, dataset, train_set, steps, epochs, seed, resumed)
+        model_cfg = model_spec.config_for(dataset, set_)
+        torch.manual_seed(cfg.seed)  # a fresh ('') part draws first, then the model: one seed makes both
+        model = model_spec.instantiate(model_cfg, prepare_parts(model_cfg, progress=progress))
+        model = train(model, dataset, cfg, out=out, device=device, resume=resume, progress=progress)
+        metrics: dict[str, Any] = {"data": dataset.name, "steps": cfg.steps, "seed": cfg.seed}
+        source = f"trained with `polymodal train {name}` on {dataset.name} ({cfg.steps} steps, seed {cfg.seed})"
+        if out is not None:
+            model.save(out, metrics=metrics, source=source)  # the weights first: an evaluation error loses nothing
+        try:
+            metrics |= model.evaluate(dataset)
+        except Exception as exc:
+            metrics["evaluation_failed"] = f"{type(exc).__name__}: {exc}"
+            where = f"the weights were saved to {out}" if out is not None else "no folder was asked for (out=None)"
+            if out is not None:
+                write_metrics(model, out, metrics, source=source)
+            raise EvaluationError(
+                f"training finished and {where}, but evaluating the model failed: {metrics['evaluation_failed']}",
+                model,
+                metrics,
+                Path(out) if out is not None else None,
+            ) from exc
+        if out is not None:
+            write_metrics(model, out, metrics, source=source)
     return model, metrics
 
 

@@ -298,6 +298,7 @@ def test_failing_swap_keeps_the_previous_folder_and_its_checkpoint(saved, monkey
             raise OSError("rename refused")
         return real_replace(src, dst)
 
+    monkeypatch.setattr(pio, "_exchange", lambda a, b: False)  # the two-rename swap (no renameat2)
     monkeypatch.setattr(pio.os, "replace", replace)
     with pytest.raises(OSError, match="rename refused"):
         tiny_vit(seed=2).save(runs / "m")

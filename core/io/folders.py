@@ -2,17 +2,23 @@
 and one sub-folder per pretrained part of a composite (``lm/``, ``vision/`` …: complete model
 folders of their own, whose weights the parent's ``model.safetensors`` leaves out).
 
-Writes are atomic: a folder is built next to its destination and renamed into place, and
-single files go through a temporary file and ``os.replace``. Loading is strict and never
-unpickles anything.
+Writes are atomic: a folder is built next to its destination and swapped into place (on Linux by
+one ``renameat2(RENAME_EXCHANGE)``, so the path never lacks a complete folder; elsewhere by two
+renames, whose interruption :func:`recover_folder` undoes on the next open), and single files go
+through a temporary file and ``os.replace``. Everything is created with the user's umask, like any
+other file. Loading is strict and never unpickles anything.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -33,53 +39,144 @@ class LoadError(ValueError):
     """A model folder or file that cannot be loaded; the message names the file and why."""
 
 
+def _fresh_path(parent: Path, name: str) -> Path:
+    """A new, unused temporary name ``.NAME.<random>.tmp`` in ``parent``."""
+    return parent / f".{name}.{secrets.token_hex(6)}.tmp"
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None] | str | bytes) -> Path:
-    """Write ``path`` through a temporary file in the same folder, then rename it into place."""
+    """Write ``path`` through a temporary file in the same folder, then rename it into place.
+
+    The file gets the user's umask (mode ``0o666 & ~umask``), as ``open()`` would give it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    while True:
+        tmp = _fresh_path(path.parent, path.name)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         if callable(write):
-            write(Path(tmp))
+            write(tmp)
         else:
-            Path(tmp).write_bytes(write.encode() if isinstance(write, str) else write)
+            tmp.write_bytes(write.encode() if isinstance(write, str) else write)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _old(directory: Path) -> Path:
+    """Where the two-rename swap parks the previous folder: ``PARENT/.NAME.old``."""
+    return directory.parent / f".{directory.name}.old"
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """libc's ``renameat2`` (Linux, glibc ≥ 2.28), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (``renameat2(..., RENAME_EXCHANGE)``).
+
+    Returns False where the system or file system cannot (no renameat2, ENOSYS, EINVAL, ENOTSUP):
+    the caller then falls back to two renames.
+    """
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+def recover_folder(directory: str | Path) -> Path:
+    """Undo a folder swap that a killed process left half done, before ``directory`` is read.
+
+    The two-rename swap moves the previous folder to ``PARENT/.NAME.old`` and then the new one to
+    ``NAME``: if ``NAME`` is missing and ``.NAME.old`` is there, the previous (complete) folder goes
+    back; a ``.NAME.old`` beside a present ``NAME`` is a finished swap's leftover and is removed.
+    """
+    directory = Path(directory)
+    old = _old(directory)
+    if old.is_dir():
+        if not os.path.lexists(directory):
+            try:
+                os.replace(old, directory)
+            except FileNotFoundError:  # another process recovered it first
+                pass
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` to ``dst`` (kept files are only ever replaced, never changed in place); copy if
+    the file system cannot link."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def replace_folder(directory: str | Path, fill: Callable[[Path], None], keep: tuple[str, ...] = ()) -> Path:
     """Build a folder with ``fill(tmp_dir)`` beside ``directory``, then swap it in.
 
-    An interruption leaves either the old folder or the new one, never half of each.
-    Entries named in ``keep`` (e.g. a training ``checkpoint``) move over from the old folder.
+    At every instant ``directory`` holds the old complete folder or the new one (Linux: one atomic
+    exchange); where only two renames are possible, a process killed between them leaves the old
+    folder in ``.NAME.old``, which :func:`recover_folder` (called by every reader) puts back.
+    Entries named in ``keep`` (e.g. a training ``checkpoint``) are carried over from the old folder
+    (hard links) before the swap, so the new folder is complete when it appears.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    old = directory.parent / f".{directory.name}.old"
-    moved: list[str] = []
+    recover_folder(directory)
+    while True:
+        tmp = _fresh_path(directory.parent, directory.name)
+        try:
+            tmp.mkdir()  # the user's umask, unlike mkdtemp's 0700
+            break
+        except FileExistsError:
+            continue
+    old = _old(directory)
     try:
         fill(tmp)
         for name in keep:
             if (directory / name).exists() and not (tmp / name).exists():
-                os.replace(directory / name, tmp / name)
-                moved.append(name)
-        if directory.exists():
+                if (directory / name).is_dir():
+                    shutil.copytree(directory / name, tmp / name, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(str(directory / name), str(tmp / name))
+        if not directory.exists():
+            os.replace(tmp, directory)
+        elif not _exchange(tmp, directory):  # after an exchange, tmp holds the old folder
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)  # a kill from here to the next line: recover_folder restores `old`
+            os.replace(tmp, directory)
+            tmp = old
+        shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         if old.exists() and not directory.exists():
             os.replace(old, directory)
-        for name in moved:  # a kept entry already moved into tmp goes back, never into rmtree
-            if (tmp / name).exists() and directory.exists() and not (directory / name).exists():
-                os.replace(tmp / name, directory / name)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp != old:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
 
@@ -100,6 +197,20 @@ def save_state(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
             seen.add(ptr)
         flat[k] = v
     save_file(flat, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600; a model file is as readable as any other
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -231,6 +342,22 @@ def save_model(
     )
 
 
+def write_metrics(
+    model: Any,
+    directory: str | Path,
+    metrics: dict[str, Any],
+    *,
+    card: str | None = None,
+    source: str | None = None,
+) -> Path:
+    """Rewrite ``metrics.json`` and the model card of the saved model folder ``directory`` (each file
+    atomically), e.g. once a model saved right after training has been evaluated."""
+    directory = Path(directory)
+    atomic_write(directory / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+    atomic_write(directory / "README.md", _card(model, model.family, metrics, source, card))
+    return directory
+
+
 def model_class_for(family: str) -> type:
     """The registered model class of ``family`` (any variant of it will do)."""
     from polymodal.registry import get_registry
@@ -244,13 +371,25 @@ def model_class_for(family: str) -> type:
 
 
 def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> Any:
-    """Load a model folder written by :func:`save_model` (strictly; nothing is unpickled)."""
-    directory = Path(directory)
+    """Load a model folder written by :func:`save_model` (strictly; nothing is unpickled).
+
+    Loading reads ``directory`` and its own part sub-folders only, and never trains: ``config.json``
+    must say ``format`` :data:`FORMAT` and give every config field, each part's ``path`` must be ``''``
+    (a part named ``'auto'`` or by a path is refused: those are resolved when a model is created), and
+    every tensor must have the model's dtype (nothing is cast). Each is a :class:`LoadError` naming it.
+    """
+    directory = recover_folder(directory)  # a swap a killed writer left half done
     if not directory.is_dir():
         raise LoadError(f"{directory} is not a model folder (no such directory)")
     header = read_json(directory / "config.json")
     if not isinstance(header, dict) or "family" not in header or "config" not in header:
         raise LoadError(f"{directory / 'config.json'} lacks 'family' and 'config'; is this a polymodal model folder?")
+    if header.get("format") != FORMAT:
+        found = f"format {header['format']!r}" if "format" in header else "no 'format'"
+        raise LoadError(
+            f"{directory / 'config.json'} has {found}; this polymodal reads {FORMAT!r} folders "
+            "(a newer or another program wrote it?)"
+        )
     cls = model_class_for(header["family"])
     try:
         cfg = cls.config_from_dict(header["config"])
@@ -258,6 +397,13 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> 
         raise LoadError(f"{directory / 'config.json'}: {exc}") from exc
     parts = {}
     for name in getattr(cls, "part_attributes", {}):  # each part is a model folder of its own in DIR/<field>/
+        path = getattr(getattr(cfg, name, None), "path", "")
+        if path != "":
+            raise LoadError(
+                f"{directory / 'config.json'}: the part `{name}` has path {path!r}; a saved folder keeps each part "
+                f"in its own sub-folder ({directory / name}/, path '') and loading reads nothing else ('auto' and "
+                "folder paths are resolved when a model is created, never when one is loaded)"
+            )
         if not (directory / name / "config.json").is_file():
             raise LoadError(
                 f"{directory / name} is not a model folder: a {header['family']} folder keeps its part `{name}` there"
@@ -267,8 +413,18 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> 
     for name in parts:
         model.part_sources[name] = str(directory / name)
     model.load_extras(directory)
-    expected = model.own_state_dict() if parts else None
-    load_state_strict(
-        model, read_state(directory / "model.safetensors"), str(directory / "model.safetensors"), expected
-    )
+    expected = model.own_state_dict() if parts else model.state_dict()
+    source = directory / "model.safetensors"
+    state = read_state(source)
+    cast = [
+        f"{k} is {state[k].dtype} in the file, {v.dtype} in the model"
+        for k, v in expected.items()
+        if k in state and state[k].dtype != v.dtype
+    ]
+    if cast:
+        more = "; …" if len(cast) > 5 else ""
+        raise LoadError(
+            f"{source}: tensor dtypes differ from the model's (nothing is cast): {'; '.join(cast[:5])}{more}"
+        )
+    load_state_strict(model, state, str(source), expected if parts else None)
     return model.to(device).eval()

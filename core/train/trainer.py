@@ -2,13 +2,17 @@
 
 Resuming is exact: the checkpoint holds the weights, the optimiser state, the step and the
 RNG state, and the data order is a pure function of ``(seed, epoch)``, so a resumed run
-reaches the same weights as an uninterrupted one (on the CPU, bit for bit).
+reaches the same weights as an uninterrupted one (on the CPU, bit for bit). It is also checked:
+a resumed run must ask for the checkpoint's settings (family, model config, every trainer field
+but ``steps``, ``checkpoint_every`` and ``log_every``); more ``steps`` extend the run, fewer steps
+than the checkpoint has done are refused.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -19,7 +23,8 @@ import torch
 from torch import nn
 
 from polymodal.config import to_dict
-from polymodal.io.folders import read_json, read_state, replace_folder, save_state
+from polymodal.io.folders import LoadError, read_json, read_state, recover_folder, replace_folder, save_state
+from polymodal.io.output import resolve_device
 from polymodal.models.base import PolymodalModel
 from polymodal.models.recipe import TrainConfig
 
@@ -63,6 +68,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``batch`` on ``device``; a :class:`~polymodal.data.base.Batch` stays one (its missing field names the dataset)."""
+    if callable(getattr(batch, "to", None)):
+        return batch.to(device, non_blocking=True)
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -73,7 +81,9 @@ def _checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return keep() if keep is not None else model.state_dict()
 
 
-def _save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+def _save_checkpoint(
+    out: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, data: str | None = None
+) -> None:
     def fill(tmp: Path) -> None:
         save_state(tmp / "model.safetensors", _checkpoint_state(model), {"step": str(step)})
         state = opt.state_dict()
@@ -88,18 +98,90 @@ def _save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, st
         groups = [
             {k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]
         ]
-        (tmp / "trainer.json").write_text(
-            json.dumps({"step": step, "train": to_dict(cfg), "param_groups": groups}, indent=2)
-        )
+        meta = {"step": step, "train": to_dict(cfg), "param_groups": groups, "data": data}
+        if isinstance(model, PolymodalModel):
+            meta |= {"family": model.family, "model": _plain(model.config_dict())}
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
 
     replace_folder(out / CHECKPOINT, fill)
 
 
-def _load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+FREE_ON_RESUME = ("steps", "checkpoint_every", "log_every")
+"""Trainer fields a resumed run may change: ``steps`` extends (or shortens) the run; the other two never
+touch the weights. Every other field must match the checkpoint's."""
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON reads it back (tuples become lists), for comparing with a saved config."""
+    return json.loads(json.dumps(value))
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def checkpoint_meta(out: str | Path) -> dict[str, Any] | None:
+    """``out/checkpoint/trainer.json`` (after recovering a swap a killed run left half done), or None."""
+    folder = recover_folder(Path(out) / CHECKPOINT)
+    if not folder.is_dir():
+        return None
+    meta = read_json(folder / "trainer.json")
+    if not isinstance(meta, dict):
+        raise LoadError(f"{folder / 'trainer.json'}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def check_resume(
+    meta: dict[str, Any], cfg: TrainConfig, model: Any, folder: str | Path, data: str | None = None
+) -> int:
+    """The step to resume from, after checking that this run continues the checkpoint's ``meta``.
+
+    A malformed step is a :class:`~polymodal.io.LoadError` (a ValueError) naming the field; another
+    family, dataset (``data``, its name), model config or trainer field (but :data:`FREE_ON_RESUME`),
+    or fewer ``steps`` than the checkpoint has done, a :class:`TrainingError` naming every differing
+    field. A changed ``steps`` is said on stderr.
+    """
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise LoadError(f"{folder}/trainer.json: 'step' must be a whole number ≥ 0, got {step!r}")
+    family = getattr(model, "family", None)
+    if meta.get("family") and family and meta["family"] != family:
+        raise TrainingError(f"--resume: {folder} is a {meta['family']} checkpoint; this run trains a {family} model")
+    saved = {f"train.{k}": v for k, v in _flat(meta.get("train", {})).items() if k not in FREE_ON_RESUME}
+    asked = {f"train.{k}": v for k, v in _flat(_plain(to_dict(cfg))).items() if k not in FREE_ON_RESUME}
+    if meta.get("data") and data:
+        saved["data"], asked["data"] = meta["data"], data
+    if "model" in meta and hasattr(model, "config_dict"):
+        saved |= _flat(meta["model"], "model.")
+        asked |= _flat(_plain(model.config_dict()), "model.")
+    differ = [k for k in sorted(set(saved) | set(asked)) if saved.get(k) != asked.get(k)]
+    if differ:
+        then = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
+        now = ", ".join(f"{k}={asked.get(k)!r}" for k in differ)
+        raise TrainingError(
+            f"--resume: the checkpoint in {folder} was trained with {then}; this run asks for {now}. "
+            "Resume with the checkpoint's settings, or start a new run (another --out, or --overwrite)"
+        )
+    if cfg.steps < step:
+        raise TrainingError(
+            f"--resume: steps={cfg.steps} is fewer than the {step} steps the checkpoint in {folder} has done; "
+            f"give --steps {step} or more"
+        )
+    before = meta.get("train", {}).get("steps")
+    if before is not None and before != cfg.steps:
+        how = "extending" if cfg.steps > before else "shortening"
+        print(
+            f"--resume: {how} the run from {before} to {cfg.steps} steps (continuing at step {step})", file=sys.stderr
+        )
+    return step
+
+
+def _load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
     from polymodal.io.folders import load_state_strict
 
     folder = out / CHECKPOINT
-    meta = read_json(folder / "trainer.json")
     load_state_strict(
         model,
         read_state(folder / "model.safetensors"),
@@ -120,7 +202,6 @@ def _load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    return int(meta["step"])
 
 
 def train(
@@ -140,16 +221,20 @@ def train(
     With ``out``, checkpoints go to ``out/checkpoint`` every ``cfg.checkpoint_every`` steps and at
     the end; ``resume`` continues from there. ``stop_after`` ends early after that many steps
     (for tests of interrupted runs). A non-finite loss raises :class:`TrainingError` naming the step.
+    ``resume`` checks the checkpoint against this run first (:func:`check_resume`); an unavailable
+    ``device`` is a ValueError before any work.
     """
-    dev = torch.device(device)
+    dev = resolve_device(device)
+    out = Path(out) if out is not None else None
+    meta = checkpoint_meta(out) if resume and out is not None else None
+    if resume and meta is None:
+        raise TrainingError(f"--resume needs a checkpoint in {out}/{CHECKPOINT}; none found")
+    data = getattr(dataset, "name", None)
+    step = check_resume(meta, cfg, model, out / CHECKPOINT, data) if meta is not None else 0
     model.to(dev).train()
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    step = 0
-    out = Path(out) if out is not None else None
-    if resume:
-        if out is None or not (out / CHECKPOINT).is_dir():
-            raise TrainingError(f"--resume needs a checkpoint in {out}/{CHECKPOINT}; none found")
-        step = _load_checkpoint(out, model, opt)
+    if meta is not None:
+        _load_checkpoint(out, model, opt, meta)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     split = dataset.train
@@ -190,9 +275,9 @@ def train(
                 rate = seen / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
         if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end:
-            _save_checkpoint(out, model, opt, step, cfg)
+            _save_checkpoint(out, model, opt, step, cfg, data)
     if bar is not None:
         bar.close()
     if out is not None:
-        _save_checkpoint(out, model, opt, step, cfg)
+        _save_checkpoint(out, model, opt, step, cfg, data)
     return model.eval()
