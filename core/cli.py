@@ -24,8 +24,10 @@ class _Group(click.Group):
     still works for one release, hidden, with a one-line deprecation note on stderr."""
 
     def _commands(self) -> list[Entry]:
+        """The registered commands; the loader checks their type, and an object put in the registry
+        directly that is not a click command is skipped, so it cannot break ``polymodal --help``."""
         try:
-            return list(get_registry().entries("command"))
+            return [e for e in get_registry().entries("command") if isinstance(e.obj, click.Command)]
         except Exception:
             return []
 
@@ -141,11 +143,16 @@ def _rows(describe, target, prefix: str = ""):
 @click.option("--epochs", type=float, help="Epochs over the training split (instead of --steps).")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--out", type=click.Path(file_okay=False), help="Model folder to write (default: runs/MODEL).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint (with the same settings).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds a model folder (never other files).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train(model, data, set_, train_set, steps, epochs, seed, out, device, resume, no_progress) -> None:
-    """Train MODEL, print its test metrics and write a model folder."""
+def train(model, data, set_, train_set, steps, epochs, seed, out, device, resume, overwrite, no_progress) -> None:
+    """Train MODEL, print its test metrics and write a model folder.
+
+    OUT must be new, empty, or (with --overwrite or --resume) a model folder; it is checked and
+    locked against a second writer before the first step. The weights are saved before evaluation.
+    """
     from polymodal.api import train_model
 
     if steps is not None and epochs is not None:
@@ -164,8 +171,9 @@ def train(model, data, set_, train_set, steps, epochs, seed, out, device, resume
             device=device,
             resume=resume,
             progress=not no_progress,
+            overwrite=overwrite,
         )
-    except (ValueError, KeyError, RuntimeError) as exc:
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
         _fail(exc)
     for k, v in metrics.items():
         click.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
@@ -175,15 +183,17 @@ def train(model, data, set_, train_set, steps, epochs, seed, out, device, resume
 @main.command("eval")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", help="Dataset name or folder (default: the family's).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_(directory, data, device, as_json) -> None:
     """Evaluate a model folder and print the family's metrics."""
     from polymodal.api import evaluate_folder
+    from polymodal.io.output import resolve_device
 
     try:
+        resolve_device(device)  # before loading anything: no AssertionError from deep inside torch
         metrics = evaluate_folder(directory, data=data, device=device)
-    except (ValueError, KeyError, RuntimeError) as exc:
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
         _fail(exc)
     if as_json:
         click.echo(json.dumps(metrics, sort_keys=True))
@@ -274,23 +284,40 @@ class _SampleCommand(click.Command):
             ) from None
 
 
+MAX_SAMPLES = 1024
+"""The most samples one ``polymodal sample`` draws: families draw them in one batch, so -n sizes memory."""
+
+
 @main.command(cls=_SampleCommand)
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("-n", "num", default=8, show_default=True, help="Number of samples.")
+@click.option(
+    "-n",
+    "num",
+    type=click.IntRange(1, MAX_SAMPLES),
+    default=8,
+    show_default=True,
+    help=f"Number of samples (1 … {MAX_SAMPLES}: each family draws them in one batch).",
+)
 @click.option("--prompt", help="Text prompt, for conditional families.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="samples", show_default=True)
-def sample(directory, num, prompt, seed, out, **family_options) -> None:
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+def sample(directory, num, prompt, seed, out, device, **family_options) -> None:
     """Sample from a generative model folder; writes PNGs (and a grid) to OUT.
 
     The options after the common ones are those DIR's family declares
     (`polymodal sample DIR --help` lists them); options left unset are not passed, so each
-    family uses its own defaults.
+    family uses its own defaults. Bad values, the device and the folder are checked before sampling.
     """
     from polymodal.api import load
-    from polymodal.generation.options import sample_options
+    from polymodal.generation.options import check_sample_values, sample_options
+    from polymodal.io.output import resolve_device
 
-    model = load(directory)
+    try:
+        check_sample_values(family_options, _all_sample_options())
+        model = load(directory, device=str(resolve_device(device)))
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:  # LoadError is a ValueError
+        _fail(exc)
     if not hasattr(model, "sample_to_folder"):
         _fail(ValueError(f"the {model.family!r} family does not generate samples"))
     options = {}
@@ -302,8 +329,8 @@ def sample(directory, num, prompt, seed, out, **family_options) -> None:
             options[option.keyword] = value
     try:
         paths = model.sample_to_folder(out, n=num, prompt=prompt, seed=seed, **options)
-    except (ValueError, TypeError) as exc:
-        _fail(ValueError(str(exc)))
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        _fail(exc)
     for p in paths:
         click.echo(str(p))
 
@@ -312,12 +339,19 @@ def sample(directory, num, prompt, seed, out, **family_options) -> None:
 @click.option("--from", "source", required=True, help="Converter name (see `polymodal list converter`).")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
-def convert(source, src, dst) -> None:
-    """Convert a checkpoint folder SRC (e.g. Hugging Face) into a polymodal model folder DST."""
+@click.option("--overwrite", is_flag=True, help="Replace DST if it already holds a model folder (never other files).")
+def convert(source, src, dst, overwrite) -> None:
+    """Convert a checkpoint folder SRC (e.g. Hugging Face) into a polymodal model folder DST.
+
+    DST must be new, empty, or (with --overwrite) a model folder; it is locked while it is written.
+    """
+    from polymodal.io.output import output_folder
+
     try:
         converter = get_registry().get("converter", source)
-        converter(src, dst)
-    except (ValueError, KeyError, RuntimeError) as exc:
+        with output_folder(dst, overwrite=overwrite, flag="DST"):
+            converter(src, dst)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
         _fail(exc)
     click.echo(f"wrote {dst}")
 

@@ -422,3 +422,11 @@ def test_a_corrupt_cached_judge_is_trained_again_with_a_note(tmp_path, monkeypat
     monkeypatch.setattr(J, "_MEMORY", {})
     monkeypatch.setattr(J, "_train", lambda *a, **k: pytest.fail("the rewritten cache must be read"))
     J.get_judge(data)
+
+
+@pytest.mark.parametrize("n", ["0", "100000"])
+def test_sample_count_is_bounded_before_anything_is_loaded(tmp_path, n):
+    """-n sizes one batch in every family (iGPT and DALL·E allocated for -n 10**9): out of range is a usage error."""
+    result = CliRunner().invoke(main, ["sample", str(tmp_path), "-n", n])
+    assert result.exit_code == 2, result.output
+    assert "Error: Invalid value for '-n'" in result.output and "Traceback" not in result.output
