@@ -38,17 +38,19 @@ SHRINK = {
 """The size fields :func:`shrink_config` lowers, and the value each is lowered to."""
 
 
-def shrink_config(cfg: Any) -> Any:
-    """``cfg`` with size fields (depth, dim, heads …) lowered wherever the config stays valid."""
+def resize_config(cfg: Any, targets: dict[str, int], *, grow: bool = False) -> Any:
+    """``cfg`` with each size field named in ``targets`` moved to its target (in nested configs too),
+    lowered (or, with ``grow``, raised) wherever the config stays valid; a value already past the
+    target is kept. Two passes take changes that needed another field moved first."""
     if not attrs.has(type(cfg)):
         return cfg
-    for _ in range(2):  # a second pass takes changes that needed another field lowered first
+    for _ in range(2):
         for a in attrs.fields(type(cfg)):
             value = getattr(cfg, a.name)
             if attrs.has(type(value)):
-                new = shrink_config(value)
-            elif a.name in SHRINK and isinstance(value, int) and not isinstance(value, bool) and value > SHRINK[a.name]:
-                new = SHRINK[a.name]
+                new = resize_config(value, targets, grow=grow)
+            elif a.name in targets and isinstance(value, int) and not isinstance(value, bool):
+                new = max(value, targets[a.name]) if grow else min(value, targets[a.name])
             else:
                 continue
             if a.init and new != value:
@@ -57,6 +59,11 @@ def shrink_config(cfg: Any) -> Any:
                 except (ValueError, TypeError):
                     pass
     return cfg
+
+
+def shrink_config(cfg: Any) -> Any:
+    """``cfg`` with size fields (depth, dim, heads …) lowered to :data:`SHRINK` wherever the config stays valid."""
+    return resize_config(cfg, SHRINK)
 
 
 def tiny_config(model_class: type, config: Any) -> Any:
@@ -71,4 +78,4 @@ def tiny_config(model_class: type, config: Any) -> Any:
     return small
 
 
-__all__ = ["SHRINK", "shrink_config", "tiny_config"]
+__all__ = ["SHRINK", "resize_config", "shrink_config", "tiny_config"]

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from polymodal.config import from_json, to_dict, to_json
 from polymodal.models import ModelSpec, PolymodalModel
-from polymodal.models.tiny import shrink_config, tiny_config  # noqa: F401  (part of the kit's API)
+from polymodal.models.tiny import resize_config, shrink_config, tiny_config  # noqa: F401  (part of the kit's API)
 
 MAX_PARAMS = 3_000_000
 """Model checks skip variants whose tiny form still has more parameters than this."""
@@ -306,22 +306,7 @@ GROW = {"depth": 2, "layers": 2, "num_layers": 2, "dim": 24, "width": 24, "embed
 def grow_config(cfg: Any) -> Any:
     """``cfg`` with the size fields of :data:`GROW` raised (in nested configs too) wherever it stays valid:
     a part of another size than the tiny default, for :func:`check_nondefault_parts`."""
-    if not attrs.has(type(cfg)):
-        return cfg
-    for a in attrs.fields(type(cfg)):
-        value = getattr(cfg, a.name)
-        if attrs.has(type(value)):
-            new = grow_config(value)
-        elif a.name in GROW and isinstance(value, int) and not isinstance(value, bool) and value < GROW[a.name]:
-            new = GROW[a.name]
-        else:
-            continue
-        if a.init and new != value:
-            try:
-                cfg = attrs.evolve(cfg, **{a.name: new})
-            except (ValueError, TypeError):
-                pass
-    return cfg
+    return resize_config(cfg, GROW, grow=True)
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
