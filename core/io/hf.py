@@ -2,11 +2,14 @@
 
 :func:`convert_hf_folder` is the converters' template: it reads and checks the folder, builds the
 model, loads the renamed weights strictly, attaches the tokenizer and saves the model folder, so a
-family's converter keeps only its config mapping and its key renaming.
+family's converter keeps only its config mapping and its key renaming. :func:`hf_converter` declares
+the ``model_type`` a converter reads, so :mod:`polymodal.io.hub` picks it from a folder or a Hub
+repository alone.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -24,6 +27,69 @@ State = dict[str, torch.Tensor]
 
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5", "flax_model.msgpack")
 """Checkpoint files a transformers folder may hold instead of ``model.safetensors``; none is read."""
+
+HUB_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+"""What a transformers converter fetches from a Hub repository (``allow_patterns``): the config, the
+safetensors weights and the tokenizer and processor files, never a pickle."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def hf_converter(model_type: str, *, files: tuple[str, ...] = HUB_FILES) -> Callable[[F], F]:
+    """Declare which folders a converter reads, so ``polymodal.load("hf:ORG/NAME")``, ``polymodal.load(DIR)``
+    and ``polymodal convert SRC DST`` (without ``--from``) pick it from the folder alone.
+
+    ``model_type`` is what the folder says it holds (:func:`folder_model_type`: ``config.json``'s
+    ``model_type``, or a diffusers folder's ``_class_name``); ``files`` are the Hub files fetched for it
+    (``allow_patterns``; the default :data:`HUB_FILES`, a diffusers converter names its sub-folders' files).
+    The converter is registered as usual (``register_converters``); this only sets ``hf_model_type`` and
+    ``hf_files`` on it::
+
+        @hf_converter("vit")
+        def convert_hf_vit(src, dst=None): ...
+    """
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"hf_converter: model_type must be a non-empty string; got {model_type!r}")
+
+    def declare(fn: F) -> F:
+        fn.hf_model_type = model_type  # type: ignore[attr-defined]
+        fn.hf_files = tuple(files)  # type: ignore[attr-defined]
+        return fn
+
+    return declare
+
+
+def folder_model_type(src: str | Path) -> str | None:
+    """What a transformers or diffusers folder says it holds: ``config.json``'s ``model_type``, else the
+    ``_class_name`` of ``model_index.json`` (a diffusers pipeline) or of ``config.json`` (a diffusers
+    model); None for a folder that says neither (a polymodal model folder, whose config names a ``family``,
+    included)."""
+    src = Path(src)
+    config = _json_object(src / "config.json")
+    if "family" in config:
+        return None
+    found = config.get("model_type") or _json_object(src / "model_index.json").get("_class_name")
+    found = found or config.get("_class_name")
+    return found if isinstance(found, str) and found else None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ``{}`` when the file is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def read_hf_config(src: Path, converter: str, model_type: str, label: str) -> dict[str, Any]:
@@ -162,10 +228,20 @@ def convert_hf_folder(
     if dst is not None:
         model.save(
             dst,
-            source=f"converted from the transformers {label} folder {src.name} with "
+            source=f"converted from the transformers {label} {_described(src)} with "
             f"`polymodal convert --from {converter}`{note}",
         )
     return model
+
+
+def _described(src: Path) -> str:
+    """How a model card names a converted folder: a Hugging Face Hub snapshot
+    (``…/models--ORG--NAME/snapshots/COMMIT``) as its repository and commit, else ``folder NAME``."""
+    storage = src.parent.parent
+    if src.parent.name == "snapshots" and storage.name.startswith("models--"):
+        repo = storage.name[len("models--") :].replace("--", "/")
+        return f"model hf:{repo} (commit {src.name[:12]}, from the Hugging Face Hub)"
+    return f"folder {src.name}"
 
 
 ACTIVATIONS = {

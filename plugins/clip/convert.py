@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from polymodal.data.tokenizers import BPETokenizer
-from polymodal.io.hf import activation, convert_hf_folder, mlp_ratio_for, square_side
+from polymodal.io.hf import activation, convert_hf_folder, hf_converter, mlp_ratio_for, square_side
 from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import TextEncoderConfig, ViTEncoderConfig
 
@@ -113,6 +113,7 @@ def attach_tokenizer(folder: Path, model: CLIPModel) -> bool:
     return True
 
 
+@hf_converter("clip")
 def convert_hf_clip(src: str | Path, dst: str | Path | None = None) -> CLIPModel:
     """Convert the transformers CLIP folder ``src``; writes a model folder to ``dst`` when given."""
     has_tokenizer = (Path(src) / "tokenizer.json").is_file()

@@ -25,7 +25,14 @@ from pathlib import Path
 import torch
 
 from polymodal.io import LoadError, read_json
-from polymodal.io.hf import CAUSAL_MASK_BUFFERS, activation, convert_hf_folder, gpt2_state, mlp_ratio_for
+from polymodal.io.hf import (
+    CAUSAL_MASK_BUFFERS,
+    activation,
+    convert_hf_folder,
+    gpt2_state,
+    hf_converter,
+    mlp_ratio_for,
+)
 
 from .model import IGPT, IGPTConfig
 
@@ -87,6 +94,7 @@ def palette_from_processor(folder: Path, size: int) -> torch.Tensor | None:
     return ((palette + 1) / 2).clamp(0, 1)
 
 
+@hf_converter("imagegpt")
 def convert_hf_imagegpt(src: str | Path, dst: str | Path | None = None) -> IGPT:
     """Convert the transformers ImageGPT folder ``src``; writes a model folder to ``dst`` when given."""
 

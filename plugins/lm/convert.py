@@ -24,7 +24,14 @@ import torch
 
 from polymodal.data.tokenizers import BPETokenizer
 from polymodal.io import LoadError
-from polymodal.io.hf import CAUSAL_MASK_BUFFERS, activation, convert_hf_folder, gpt2_state, mlp_ratio_for
+from polymodal.io.hf import (
+    CAUSAL_MASK_BUFFERS,
+    activation,
+    convert_hf_folder,
+    gpt2_state,
+    hf_converter,
+    mlp_ratio_for,
+)
 
 from .model import LMConfig, LMModel
 
@@ -104,6 +111,7 @@ def attach_tokenizer(folder: Path, model: LMModel) -> bool:
     return tokenizer is not None
 
 
+@hf_converter("gpt2")
 def convert_hf_gpt2(src: str | Path, dst: str | Path | None = None) -> LMModel:
     """Convert the transformers GPT-2 folder ``src``; writes a model folder to ``dst`` when given."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from polymodal.io.hf import activation, convert_hf_folder, mlp_ratio_for, square_side
+from polymodal.io.hf import activation, convert_hf_folder, hf_converter, mlp_ratio_for, square_side
 from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import ViTEncoderConfig
 from polymodal.nn.mae import MAE, MAEConfig
@@ -106,6 +106,7 @@ def mae_state_from_hf(src: dict[str, torch.Tensor], depth: int, decoder_depth: i
     return out
 
 
+@hf_converter("vit_mae")
 def convert_hf_vitmae(src: str | Path) -> MAE:
     """Load a transformers ``ViTMAEForPreTraining`` folder (``config.json`` + ``model.safetensors``) as a core MAE."""
     return convert_hf_folder(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from polymodal.io.hf import activation, convert_hf_folder, mlp_ratio_for, square_side
+from polymodal.io.hf import activation, convert_hf_folder, hf_converter, mlp_ratio_for, square_side
 from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import ViTEncoderConfig
 
@@ -77,6 +77,7 @@ def build_model(hf: dict, weights: dict[str, torch.Tensor], source: str) -> ViTC
     return ViTClassifier(config_from_hf(hf, num_classes, source))
 
 
+@hf_converter("vit")
 def convert_hf_vit(src: str | Path, dst: str | Path | None = None) -> ViTClassifier:
     """Convert the transformers ViT folder ``src``; writes a model folder to ``dst`` when given."""
     return convert_hf_folder(
