@@ -201,6 +201,7 @@ def _good_and_bad() -> dict[str, tuple[object, object]]:
 
     from polymodal.attention import MathBackend
     from polymodal.data.tokenizers import ByteTokenizer
+    from polymodal.io.export import Exporter
     from polymodal.models import ModelSpec
     from polymodal.plugins.vit import ViTClassifier, ViTConfig
 
@@ -226,6 +227,7 @@ def _good_and_bad() -> dict[str, tuple[object, object]]:
         "converter": (fn, None),
         "metric": (fn, 0.5),
         "command": (hello, hello.callback),
+        "exporter": (Exporter("vit", "isolation", fn), fn),  # an Exporter, not the function it wraps
     }
 
 

@@ -323,6 +323,32 @@ def register_converters(register: Register) -> None:
     """
 
 
+@registers("exporter", Accepts("instance", "polymodal.io.export.Exporter"))
+def register_exporters(register: Register) -> None:
+    """Register exporters (:class:`polymodal.io.export.Exporter` instances): each writes one family's
+    model folder in another format.
+
+    ``polymodal export DIR OUT --to FORMAT`` picks the exporter whose ``family`` is DIR's and whose
+    ``to`` is FORMAT (``hf``: a folder transformers' ``from_pretrained`` loads). ``write(model, folder)``
+    fills a new, empty folder, which is then swapped into place; a setting the format cannot express
+    raises :class:`polymodal.io.export.ExportError` naming it.
+
+    Example::
+
+        import json
+        from polymodal import hookimpl
+        from polymodal.io.export import Exporter
+
+        def write_summary(model, folder):
+            '''The model's config as plain JSON.'''
+            (folder / "summary.json").write_text(json.dumps(model.config_dict()))
+
+        @hookimpl
+        def register_exporters(register):
+            register("vit-summary", Exporter("vit", "summary", write_summary, "a JSON summary"))
+    """
+
+
 @registers("metric", Accepts("callable"))
 def register_metrics(register: Register) -> None:
     """Register metrics: callables ``(predictions, targets) -> float``.

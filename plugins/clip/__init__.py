@@ -81,3 +81,11 @@ def register_commands(register):
     from .zeroshot import classify_command
 
     register("classify", classify_command)
+
+
+@hookimpl
+def register_exporters(register):
+    """``hf-clip``: a clip model folder to a transformers CLIPModel folder."""
+    from .export import EXPORTER
+
+    register("hf-clip", EXPORTER, doc="polymodal clip → Hugging Face transformers CLIPModel folder")

@@ -63,3 +63,11 @@ def register_converters(register):
     from .convert import convert_hf_imagegpt
 
     register("hf-imagegpt", convert_hf_imagegpt, doc="Hugging Face transformers ImageGPT folder → polymodal igpt")
+
+
+@hookimpl
+def register_exporters(register):
+    """``hf-imagegpt``: an igpt model folder to a transformers ImageGPTForCausalImageModeling folder."""
+    from .export import EXPORTER
+
+    register("hf-imagegpt", EXPORTER, doc="polymodal igpt → Hugging Face transformers ImageGPT folder")

@@ -42,3 +42,11 @@ def register_converters(register):
     from .convert import convert_hf_gpt2
 
     register("hf-gpt2", convert_hf_gpt2, doc="Hugging Face transformers GPT-2 folder → polymodal lm")
+
+
+@hookimpl
+def register_exporters(register):
+    """``hf-gpt2``: an lm model folder to a transformers GPT2LMHeadModel folder."""
+    from .export import EXPORTER
+
+    register("hf-gpt2", EXPORTER, doc="polymodal lm → Hugging Face transformers GPT2LMHeadModel folder")

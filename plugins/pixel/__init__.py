@@ -44,3 +44,11 @@ VARIANTS = {"pixel-mae": PIXEL_MAE, "pixel": PIXEL}
 def register_models(register):
     """The PIXEL variants."""
     register_variants(register, VARIANTS)
+
+
+@hookimpl
+def register_exporters(register):
+    """``hf-vitmae``: refuses a pixel-mae folder by name (transformers' ViTMAE has square patch grids only)."""
+    from .export import EXPORTER
+
+    register("hf-vitmae", EXPORTER, doc="polymodal pixel-mae → transformers ViTMAE: refused, naming the strip grid")

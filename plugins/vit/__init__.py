@@ -78,3 +78,11 @@ def register_converters(register):
     from .convert import convert_hf_vit
 
     register("hf-vit", convert_hf_vit, doc="Hugging Face transformers ViT folder → polymodal vit")
+
+
+@hookimpl
+def register_exporters(register):
+    """``hf-vit``: a vit model folder to a transformers ViTForImageClassification folder."""
+    from .export import EXPORTER
+
+    register("hf-vit", EXPORTER, doc="polymodal vit → Hugging Face transformers ViTForImageClassification folder")
