@@ -10,15 +10,17 @@ The trainer, the CLI, model folders and the testing kit use only this contract.
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import attrs
 import torch
 from torch import Tensor, nn
 
-from polymodal.config import apply_overrides, evolve, from_dict, to_dict
+from polymodal.config import _coerce, _nested_class, apply_overrides, evolve, from_dict, to_dict
 from polymodal.models.recipe import TrainConfig
 
 
@@ -122,6 +124,50 @@ class PolymodalModel(nn.Module):
                 part.eval()
         return self
 
+    image_fields: ClassVar[str] = ""
+    """Where an image family's input size and channels live, as a dotted attribute path from the
+    model (``"config.encoder"``, ``"vq.config"``): an object with ``image_size`` and ``channels``,
+    both saved in the folder's ``config.json``. Empty for a family that reads no images; drives
+    :meth:`image_spec` and :meth:`preprocess`."""
+
+    def image_spec(self) -> ImageSpec | None:
+        """How the model's images are prepared (size, channels, value range), read from the config at
+        :attr:`image_fields`; None for a family that reads no images. A family whose data pipeline
+        normalises (a mean and std) overrides this and returns them."""
+        if not self.image_fields:
+            return None
+        source: Any = self
+        for name in self.image_fields.split("."):
+            source = getattr(source, name)
+        return ImageSpec(size=int(source.image_size), channels=int(source.channels))
+
+    def preprocess(self, image: Any) -> Tensor:
+        """One image as the model's input batch ``(1, C, S, S)`` float, prepared as in training.
+
+        ``image`` is a Pillow image, a file path (``str`` or ``Path``, opened with the core's
+        pixel-limited reader), a numpy array ``(H, W)`` / ``(H, W, C)`` (uint8 0–255 or float in
+        [0, 1]) or a tensor ``(H, W)`` / ``(C, H, W)`` / ``(1, C, H, W)``. It is converted to the
+        model's channels (grey ↔ RGB as Pillow's ``L``/``RGB`` do; alpha dropped), resized to its
+        size (bilinear, as the folder datasets and the families' commands do) and scaled as the family's
+        data (see :meth:`image_spec`), so ``model(model.preprocess(Image.open(p)))`` works
+        (open_clip's ``preprocess``, transformers' image processors). On the model's device.
+        """
+        spec = self.image_spec()
+        if spec is None:
+            raise TypeError(f"{type(self).__name__} ({self.family}) reads no images; preprocess is for image families")
+        x = spec.prepare(image)[None]  # (1, C, S, S)
+        param = next(self.parameters(), None)
+        return x.to(param.device) if param is not None else x
+
+    def preprocess_images(self, images: Any) -> Tensor:
+        """One image or several (a list or tuple, or an (N, C, H, W) tensor), each as :meth:`preprocess`
+        takes it, as one batch (N, C, S, S)."""
+        if isinstance(images, (list, tuple)) or (isinstance(images, Tensor) and images.dim() == 4 and len(images) > 1):
+            if not len(images):
+                raise ValueError("preprocess_images: expected at least one image; got none")
+            return torch.cat([self.preprocess(image) for image in images])
+        return self.preprocess(images)
+
     @property
     def default_data(self) -> str | None:
         """The registered dataset named by ``config.data`` (what ``polymodal eval`` uses when no
@@ -208,6 +254,171 @@ class PolymodalModel(nn.Module):
         return []
 
 
+GREY_WEIGHTS = (0.299, 0.587, 0.114)
+"""Pillow's ITU-R 601-2 luma weights for RGB → L, used for arrays and tensors too."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a family feeds images: square ``size`` × ``size``, ``channels`` (1 grey, 3 RGB), values in
+    [0, 1] (every built-in family's datasets), then ``(x - mean) / std`` per channel when ``mean`` is
+    given. :meth:`prepare` turns a user's image into that tensor."""
+
+    size: int
+    channels: int
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible form (for model cards and folder headers)."""
+        return {
+            "size": self.size,
+            "channels": self.channels,
+            "range": [0.0, 1.0],
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def prepare(self, image: Any) -> Tensor:
+        """``image`` (see :meth:`PolymodalModel.preprocess`) as a (C, S, S) float32 tensor."""
+        import numpy as np
+        from PIL import Image
+
+        from polymodal.data.augment import resize
+        from polymodal.data.images import open_image
+
+        if isinstance(image, (str, Path)):
+            image = open_image(image)
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
+            if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
+                raise ValueError(
+                    f"preprocess: expected an array (H, W) or (H, W, C) with C = 1, 3 or 4; got {image.shape}"
+                )
+            image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+        if isinstance(image, Image.Image):
+            img = image.convert("L" if self.channels == 1 else "RGB")
+            if img.size != (self.size, self.size):
+                img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
+            x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy() / 255.0)
+            x = x[None] if self.channels == 1 else x.permute(2, 0, 1)  # (C, S, S)
+        else:
+            x = self._from_array(image)  # (C, H, W) in [0, 1]
+            x = resize(x[None], self.size)[0]  # (C, S, S)
+        if self.mean:
+            x = (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+        return x.contiguous()
+
+    def _from_array(self, image: Any) -> Tensor:
+        """A float numpy array or a tensor as (channels, H, W) float in [0, 1] (uint8 tensors scaled by 1/255)."""
+        import numpy as np
+
+        if isinstance(image, np.ndarray):
+            if image.ndim == 3:  # (H, W, C), as Pillow and numpy lay images out
+                image = np.moveaxis(image, -1, 0)
+            image = torch.from_numpy(np.ascontiguousarray(image))
+        if not isinstance(image, Tensor):
+            raise ValueError(
+                "preprocess: expected a PIL image, a path, a numpy array or a tensor; got " + type(image).__name__
+            )
+        x = image.detach().cpu()
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if x.numel() and not (0 <= x.min() and x.max() <= 1):  # NaN fails too
+            raise ValueError(
+                f"preprocess: a float image must hold values in [0, 1]; got {x.min().item():g} to {x.max().item():g} "
+                "(divide 0–255 values by 255, or pass uint8)"
+            )
+        if x.dim() == 4 and x.shape[0] == 1:
+            x = x[0]
+        if x.dim() == 2:
+            x = x[None]
+        if x.dim() != 3 or x.shape[0] not in (1, 3, 4):
+            raise ValueError(
+                f"preprocess: expected an image (H, W), (C, H, W) or (1, C, H, W) with C = 1, 3 or 4; got {tuple(image.shape)}"
+            )
+        x = x[:3]  # alpha dropped
+        if x.shape[0] == self.channels:
+            return x
+        if self.channels == 3:
+            return x.expand(3, -1, -1)
+        return (torch.tensor(GREY_WEIGHTS)[:, None, None] * x).sum(0, keepdim=True)
+
+
+def _dotted_keys(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted leaf key ``overrides`` sets (``{"encoder": {"depth": 2}}`` → ``encoder.depth``)."""
+    keys: list[str] = []
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        keys += _dotted_keys(value, name + ".") if isinstance(value, Mapping) else [name]
+    return keys
+
+
+def _nest(overrides: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``overrides`` with dotted keys unfolded into nested dicts (``{"encoder.depth": 2}`` →
+    ``{"encoder": {"depth": 2}}``), merged with dicts given for the same field; a leaf set twice
+    (``encoder={"depth": 2}`` and ``encoder.depth=3``) raises naming it."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
+            raise ValueError(f"override keys are field names (dotted for nested fields); got {prefix}{key!r}")
+        head, _, rest = key.partition(".")
+        value = {rest: value} if rest else value
+        if isinstance(value, Mapping):
+            value = _nest(value, f"{prefix}{head}.")
+        if head in out:
+            if not (isinstance(out[head], dict) and isinstance(value, dict)):
+                raise ValueError(f"'{prefix}{head}' is set twice (a whole value and its fields); give it once")
+            twice = sorted(set(_dotted_keys(out[head])) & set(_dotted_keys(value)))
+            if twice:
+                raise ValueError(f"'{prefix}{head}.{twice[0]}' is set twice (a dict and a dotted key); give it once")
+            out[head] = _deep_merge(out[head], value)
+        else:
+            out[head] = value
+    return out
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a`` updated by ``b``, nested dicts merged key by key."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def merge_overrides(cfg: Any, overrides: Mapping[str, Any], prefix: str = "") -> Any:
+    """``cfg`` with Python keyword ``overrides`` merged in, the way timm's ``create_model(**kwargs)`` does.
+
+    A dict given for a nested config changes only the fields it names (``encoder={"depth": 2}``
+    keeps the variant's other encoder fields; a nested config that is None is built from its
+    class's defaults); a dotted key reaches one nested field (``**{"encoder.depth": 2}``); a string
+    for a nested config whose class names a ``string_field`` sets that field (``lm="runs/lm"``); a
+    list for a tuple field becomes a tuple; any other value replaces the field. Errors are
+    ValueErrors that name fields by their dotted keys (``prefix`` is ``cfg``'s own, ``"encoder."``):
+    ``unknown field 'encoder.dpth' (known fields of encoder: …)``, ``encoder.block.heads must divide dim …``.
+    """
+    changes = _nest(overrides, prefix)
+    fields = attrs.fields_dict(type(cfg))
+    hints = typing.get_type_hints(type(cfg))
+    out: dict[str, Any] = {}
+    for key, value in changes.items():
+        if key not in fields:
+            where = f"fields of {prefix[:-1]}" if prefix else f"{type(cfg).__name__} fields"
+            raise ValueError(f"unknown field '{prefix}{key}' (known {where}: {', '.join(fields)})")
+        current, nested = getattr(cfg, key), _nested_class(hints.get(key, Any))
+        if isinstance(value, dict) and current is None and nested is not None:
+            try:
+                out[key] = from_dict(nested, value, partial=True, label=f"{prefix}{key}")
+            except (ValueError, TypeError) as exc:
+                raise ValueError(str(exc).replace(f"{nested.__name__}.", f"{prefix}{key}.")) from None
+        elif isinstance(value, dict) and attrs.has(type(current)):
+            out[key] = merge_overrides(current, value, f"{prefix}{key}.")
+        else:
+            out[key] = _coerce(hints.get(key, Any), value, f"{prefix}{key}") if isinstance(value, list) else value
+    try:
+        return evolve(cfg, **out)
+    except (ValueError, TypeError) as exc:  # a validator's message names the class: say the dotted key
+        raise ValueError(str(exc).replace(f"{type(cfg).__name__}.", prefix)) from None
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A named model variant: the family class, its config, default data and training recipe."""
@@ -229,11 +440,18 @@ class ModelSpec:
         return [(name, part.variant) for name, part in part_fields(self.config).items()]
 
     def make_config(self, dataset: Any = None, **overrides: Any) -> Any:
-        """The config adapted to ``dataset``, with ``overrides`` (a string for a part field sets its path)."""
+        """The config adapted to ``dataset``, with ``overrides`` merged in by :func:`merge_overrides`
+        (a dict for a nested config changes only the fields it names, ``"encoder.depth"`` reaches one
+        field, a string for a part field sets its path). ``config_for_data`` is told the dotted keys
+        set, so an explicit ``encoder={"image_size": 16}`` is not adapted away."""
         cfg = self.config
         if dataset is not None:
-            cfg = self.model_class.config_for_data(cfg, dataset)
-        return evolve(cfg, **overrides) if overrides else cfg
+            adapt = self.model_class.config_for_data
+            if "fixed" in inspect.signature(adapt).parameters:
+                cfg = adapt(cfg, dataset, fixed=frozenset(_dotted_keys(overrides)))
+            else:
+                cfg = adapt(cfg, dataset)
+        return merge_overrides(cfg, overrides) if overrides else cfg
 
     def config_for(self, dataset: Any, overrides: tuple[str, ...] = ()) -> Any:
         """The config ``polymodal train`` builds: adapted to ``dataset`` by the family's

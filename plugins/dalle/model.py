@@ -45,6 +45,7 @@ class DALLE(PolymodalModel):
     """``forward(text (B, L), codes (B, h, w))`` → logits (B, L + h·w − 1, V) over the whole vocabulary."""
 
     family = "dalle"
+    image_fields = "vq.config"  # image_size and channels: what preprocess() prepares
     config_class = DALLEConfig
     sample_options = SAMPLE_OPTIONS
     frozen = ("vq",)

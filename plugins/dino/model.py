@@ -148,6 +148,7 @@ class DINOModel(PolymodalModel):
     """Images (B, C, S, S) → frozen teacher features (B, F) (the [CLS] token, optionally ⊕ mean patch)."""
 
     family = "dino"
+    image_fields = "config.encoder"  # image_size and channels: what preprocess() prepares
     config_class = DINOConfig
 
     def __init__(self, config: DINOConfig) -> None:

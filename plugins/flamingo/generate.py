@@ -11,7 +11,7 @@ import click
 import torch
 from torch import Tensor
 
-from polymodal.generation.options import TOKEN_SAMPLING, keywords
+from polymodal.generation.options import TOKEN_SAMPLING, check_sample_values, keywords
 from polymodal.generation.sampling import generate
 from polymodal.nn import eval_mode
 
@@ -113,6 +113,52 @@ class GenerateMixin:
         prep = self.vision.prepare  # examples and query may come at different sizes
         images = torch.cat([prep(ex_images.to(image.device)), prep(image[None])])  # (k + 1, C, S, S)
         return text, self.continue_text(text, images, **options)
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        images: Any = None,
+        *,
+        shots: int = 0,
+        max_new_tokens: int = 12,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        use_cache: bool = True,
+    ) -> str:
+        """The text Flamingo generates for ``images`` (one image or a list; paths, PIL images, arrays
+        or tensors, prepared by :meth:`preprocess`), up to ``<|endofchunk|>``.
+
+        A ``prompt`` with ``<image>`` tokens is continued as it is (one image per token). Otherwise the
+        one image is captioned after ``shots`` in-context examples drawn (with ``seed``) from the
+        training split of ``config.data`` (``polymodal caption --shots``), the ``prompt`` (default: the
+        evaluation query, "This is a") after it. Greedy unless ``temperature``/``top_k``/``top_p``.
+        """
+        values = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        check_sample_values(values, ())
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+            raise ValueError(f"shots must be an integer >= 0, got {shots!r}")
+        if images is None:
+            raise ValueError("Flamingo.generate needs images= (a path, PIL image, array or tensor, or a list of them)")
+        batch = self.preprocess_images(images)  # (N, C, S, S)
+        options = {**values, "max_new_tokens": max_new_tokens, "seed": seed, "use_cache": use_cache}
+        if prompt is not None and il.IMAGE in prompt:
+            if shots:
+                raise ValueError(f"shots= goes with a prompt without {il.IMAGE}; this prompt places its own images")
+            return self.continue_text(prompt, batch, **options)
+        if len(batch) != 1:
+            raise ValueError(
+                f"a prompt without {il.IMAGE} captions one image; got {len(batch)} (put {il.IMAGE} in the prompt)"
+            )
+        examples = None
+        if shots:
+            from polymodal.data import load_dataset
+
+            examples = self.draw_examples(load_dataset(self.config.data), shots, torch.Generator().manual_seed(seed))
+        return self.caption(batch[0], examples, prompt=prompt, **options)[1]
 
     def draw_examples(self, dataset: Any, k: int, generator: torch.Generator) -> tuple[Tensor, list[int]]:
         """``k`` random training images and their labels."""

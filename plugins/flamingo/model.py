@@ -45,6 +45,7 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
     """``forward(ids (B, T), images (B, M, C, H, W) or per-row lists)`` → logits (B, T, V + 2)."""
 
     family = "flamingo"
+    image_fields = "vision.config.vision"  # image_size and channels: what preprocess() prepares
     config_class = FlamingoConfig
     frozen = ("lm", "vision")
     part_attributes: ClassVar[dict[str, str]] = {"lm": "lm", "vision": "vision"}

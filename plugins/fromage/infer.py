@@ -19,6 +19,7 @@ from torch import Tensor
 
 from polymodal.data.augment import resize
 from polymodal.data.digits import DIGIT_WORDS
+from polymodal.generation.options import check_sample_values
 from polymodal.generation.sampling import generate as core_generate
 from polymodal.nn import eval_mode
 
@@ -223,6 +224,35 @@ def generate(
         top = scores.topk(k)
         out.update(retrieved=top.indices.cpu(), scores=top.values.cpu())
     return out
+
+
+def generate_text(
+    model: Any,
+    prompt: str = "",
+    images: Any = None,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> str:
+    """``Fromage.generate``: the text FROMAGe writes after ``prompt`` (up to [RET] or end-of-text).
+
+    ``images`` (one or a list: paths, PIL images, arrays or tensors, prepared by ``model.preprocess``)
+    fill the prompt's ``<image>`` tokens; a prompt without them gets one ``<image>`` per image in
+    front, so an image alone is captioned. Greedy unless ``temperature`` (> 0), ``top_k`` (>= 1) or
+    ``top_p`` (in (0, 1]) is given, then sampled with ``seed``; ``max_new_tokens`` defaults to the
+    config's ``max_caption_tokens``. Bad values raise a ValueError naming them.
+    """
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    check_sample_values(sampling, ())
+    if not isinstance(prompt, str):
+        raise ValueError(f"expected a text prompt (str); got {type(prompt).__name__}")
+    batch = None if images is None else model.preprocess_images(images)  # (N, C, S, S)
+    if batch is not None and IMAGE_TOKEN not in prompt:
+        prompt = IMAGE_TOKEN * len(batch) + prompt
+    return generate(model, prompt, images=batch, max_new_tokens=max_new_tokens, seed=seed, **sampling)["text"]
 
 
 def named_digits(text: str) -> set[int]:

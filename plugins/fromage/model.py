@@ -46,6 +46,7 @@ class Fromage(FromageTraining, PolymodalModel):
     """``forward(images, ids)`` → captioning logits (B, k+T, V+1) and unit text/image retrieval embeddings (B, S)."""
 
     family = "fromage"
+    image_fields = "vision.config.vision"  # image_size and channels: what preprocess() prepares
     config_class = FromageConfig
     sample_options = TOKEN_SAMPLING  # gallery, images and max_new_tokens: from Python only
     frozen = ("lm", "vision")
@@ -274,6 +275,13 @@ class Fromage(FromageTraining, PolymodalModel):
         }
 
     # -- evaluation and sampling (see .infer) ---------------------------------------------------
+    def generate(self, prompt: str = "", images: Any = None, **options: Any) -> str:
+        """The text FROMAGe writes after ``prompt`` over ``images``: :func:`.infer.generate_text` (greedy
+        unless ``temperature``/``top_k``/``top_p``; ``max_new_tokens``, ``seed``)."""
+        from .infer import generate_text
+
+        return generate_text(self, prompt, images, **options)
+
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test") -> dict[str, Any]:
         """caption_accuracy, retrieval_r1 (held-out query templates) and parameter counts; see ``infer``."""

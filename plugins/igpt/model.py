@@ -104,6 +104,7 @@ class IGPT(SamplingMixin, PolymodalModel):
     """Token ids (B, T) with the start token first → next-token logits (B, T, palette_size)."""
 
     family = "igpt"
+    image_fields = "config"  # image_size and channels: what preprocess() prepares
     config_class = IGPTConfig
 
     def __init__(self, config: IGPTConfig) -> None:

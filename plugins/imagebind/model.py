@@ -80,6 +80,7 @@ class ImageBind(PolymodalModel):
     """``forward(image, text_ids, *modalities)`` → a dict of postprocessed embeddings (B, E) per modality."""
 
     family = "imagebind"
+    image_fields = "clip.config.vision"  # image_size and channels: what preprocess() prepares
     config_class = ImageBindConfig
     frozen = ("clip",)
     part_attributes: ClassVar[dict[str, str]] = {"clip": "clip"}

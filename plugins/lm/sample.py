@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polymodal.generation.options import TOKEN_SAMPLING, keywords
+from polymodal.generation.options import TOKEN_SAMPLING, check_sample_values, keywords
 from polymodal.generation.sampling import generate
 from polymodal.io import atomic_write
 from polymodal.nn import KVCache, eval_mode
@@ -137,6 +137,41 @@ class SamplingMixin:
         ids = self.generate_ids(torch.tensor([start]), max_new_tokens, seed=seed, **sampling)  # (1, T + n)
         text = self.decode_new(ids, len(start))[0]
         return prompt + text if include_prompt else text
+
+    def generate(
+        self,
+        prompt: str = "",
+        max_new_tokens: int = 32,
+        *,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        use_cache: bool = True,
+        include_prompt: bool = False,
+    ) -> str:
+        """The text that continues ``prompt`` (transformers' ``generate`` + decode, in one call).
+
+        Greedy when no sampling option is given; with ``temperature`` (> 0), ``top_k`` (>= 1) or
+        ``top_p`` (in (0, 1]) the tokens are sampled, reproducibly for a ``seed``. Stops at
+        end-of-text, after ``max_new_tokens`` or at the model's ``max_len``. ``include_prompt``
+        returns the prompt in front of the continuation. Bad values raise a ValueError naming them.
+        """
+        values = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        check_sample_values(values, ())
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        greedy = all(v is None for v in values.values())
+        sampling = {"temperature": 1.0 if temperature is None else temperature, "top_k": top_k, "top_p": top_p}
+        return self.generate_text(
+            prompt,
+            max_new_tokens,
+            seed=seed,
+            include_prompt=include_prompt,
+            greedy=greedy,
+            use_cache=use_cache,
+            **sampling,
+        )
 
     def sample_texts(
         self, n: int, prompt: str = "", max_new_tokens: int = 48, *, seed: int = 0, **sampling: Any

@@ -55,6 +55,7 @@ class RuDolph(RudolphTasks, PolymodalModel):
     """``forward(ids (B, n), cache=None)`` → logits (B, n, V_t + K) for stream positions ``[past, past + n)``."""
 
     family = "rudolph"
+    image_fields = "vq.config"  # image_size and channels: what preprocess() prepares
     config_class = RudolphConfig
     frozen = ("vq",)
     part_attributes: ClassVar[dict[str, str]] = {"tokenizer": "vq"}

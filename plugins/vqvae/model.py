@@ -73,6 +73,7 @@ class VQVAE(PolymodalModel):
     """Images (B, C, H, W) in [0, 1] ⇄ codes (B, h, w); ``forward`` gives the reconstruction."""
 
     family = "vqvae"
+    image_fields = "config"  # image_size and channels: what preprocess() prepares
     implements = (interfaces.ImageTokenizer, interfaces.Tokenizer)
     config_class = VQVAEConfig
 
