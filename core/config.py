@@ -14,8 +14,10 @@ Variants are made with ``attrs.evolve(cfg, dim=128)``.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -212,7 +214,47 @@ def evolve(cfg: Any, **changes: Any) -> Any:
     return attrs.evolve(cfg, **changes)
 
 
-def apply_overrides(cfg: Any, pairs: list[str] | tuple[str, ...]) -> Any:
+class OverrideError(ValueError):
+    """An override (``--set KEY=VALUE``) refused: the message starts with the override as the user typed
+    it (``--set encoder.block.heads=5: …``) and names fields by their dotted keys, not their classes."""
+
+
+def _nested_configs(cfg: Any, prefix: str) -> list[tuple[str, Any]]:
+    """``(dotted prefix, config)`` for ``cfg`` and every config nested in it, breadth first
+    (``("", vit_config), ("encoder.", encoder_config), ("encoder.block.", block_config)``)."""
+    out, todo = [], [(prefix, cfg)]
+    while todo:
+        path, item = todo.pop(0)
+        out.append((path, item))
+        values = ((f"{path}{a.name}.", getattr(item, a.name)) for a in attrs.fields(type(item)))
+        todo += [(p, v) for p, v in values if attrs.has(type(v))]
+    return out
+
+
+def _reword(exc: Exception, cfg: Any, prefix: str, shown: list[str], flag: str) -> OverrideError:
+    """``exc`` (a validator's or a parser's error) as an :class:`OverrideError`: led by the overrides
+    ``shown`` (with ``prefix``), with ``SomeConfig.field`` said as the dotted key (``encoder.block.field``,
+    the first field of ``cfg`` holding a ``SomeConfig``)."""
+    paths: dict[str, str] = {}
+    for path, item in _nested_configs(cfg, prefix):
+        paths.setdefault(type(item).__name__, path)
+    message = re.sub(r"\b([A-Z][A-Za-z0-9_]*)\.(?=[A-Za-z_])", lambda m: paths.get(m.group(1), m.group(0)), str(exc))
+    typed = " ".join(prefix + pair for pair in shown)
+    return OverrideError(f"{flag} {typed}: {message}" if flag else f"{typed}: {message}")
+
+
+def _unknown_field(cfg: Any, key: str, prefix: str) -> str:
+    """Why ``prefix + key`` names no field of ``cfg``: where a field ``key`` does live, close names, the known ones."""
+    fields = attrs.fields_dict(type(cfg))
+    deeper = [path + key for path, item in _nested_configs(cfg, prefix) if key in attrs.fields_dict(type(item))]
+    close = [prefix + c for c in difflib.get_close_matches(key, list(fields), n=2, cutoff=0.7)]
+    hint = list(dict.fromkeys(deeper + close))
+    where = f"fields of {prefix[:-1]}" if prefix else "fields"
+    meant = f"; did you mean {', '.join(map(repr, hint))}?" if hint else ""
+    return f"unknown field {prefix + key!r}{meant} (known {where}: {', '.join(fields)})"
+
+
+def apply_overrides(cfg: Any, pairs: list[str] | tuple[str, ...], *, flag: str = "--set") -> Any:
     """``cfg`` with ``key=value`` overrides applied; dotted keys reach nested configs (``encoder.dim=128``),
     and a plain string for a nested config with a ``string_field`` sets that field (``lm=DIR``, see :func:`evolve`).
 
@@ -220,33 +262,65 @@ def apply_overrides(cfg: Any, pairs: list[str] | tuple[str, ...]) -> Any:
     dotted keys, not both: a JSON object for ``encoder`` beside ``encoder.depth=2`` raises a ValueError
     naming both (the order of the pairs would otherwise decide silently). A plain string for a
     ``string_field`` (``lm=DIR``) goes with dotted keys (``lm.variant=…``): both apply.
+
+    Every refusal is an :class:`OverrideError` (a ValueError) that starts with the override as typed,
+    after ``flag`` (the option it came from: ``--set``, ``--train-set``; "" for none), and names fields by
+    their dotted keys: ``--set encoder.block.heads=5: encoder.block.heads must divide dim; got dim=64, heads=5``.
     """
+    return _apply(cfg, tuple(pairs), "", flag)
+
+
+def _apply(cfg: Any, pairs: tuple[str, ...], prefix: str, flag: str) -> Any:
+    """:func:`apply_overrides` on the nested config ``cfg`` at dotted ``prefix`` (``encoder.``)."""
     nested: dict[str, list[str]] = {}
     flat: list[str] = []
+    fields = attrs.fields_dict(type(cfg))
     for pair in pairs:
-        key = pair.split("=", 1)[0]
+        if "=" not in pair:
+            raise OverrideError(f"{flag or 'an override'} expects key=value, got {prefix + pair!r}")
+        key = pair.split("=", 1)[0].strip()
         if "." in key:
             head, rest = pair.split(".", 1)
             nested.setdefault(head.strip(), []).append(rest)
+        elif key not in fields:
+            raise _reword(ValueError(_unknown_field(cfg, key, prefix)), cfg, prefix, [pair], flag)
         else:
             flat.append(pair)
-    parsed = parse_overrides(type(cfg), flat)
+    parsed: dict[str, Any] = {}
+    for pair in flat:
+        try:
+            parsed |= parse_overrides(type(cfg), [pair])
+        except ValueError as exc:
+            raise _reword(exc, cfg, prefix, [pair], flag) from None
     for head, rest in nested.items():
         if head in parsed and not isinstance(parsed[head], str):
-            dotted = ", ".join(f"{head}.{r.split('=', 1)[0].strip()}=…" for r in rest)
-            raise ValueError(
-                f"--set {head}=… and {dotted} both set {type(cfg).__name__}.{head}: give the whole object "
-                "or dotted keys, not both"
+            dotted = ", ".join(f"{prefix}{head}.{r.split('=', 1)[0].strip()}=…" for r in rest)
+            raise OverrideError(
+                f"{flag + ' ' if flag else ''}{prefix}{head}=… and {dotted} both set {prefix}{head}: "
+                "give the whole object or dotted keys, not both"
             )
-    cfg = evolve(cfg, **parsed)  # first, so `lm=DIR lm.variant=…` keeps both
-    fields = attrs.fields_dict(type(cfg))
+    try:
+        cfg = evolve(cfg, **parsed)  # first, so `lm=DIR lm.variant=…` keeps both
+    except (ValueError, TypeError) as exc:
+        raise _reword(exc, cfg, prefix, flat, flag) from None
     changes: dict[str, Any] = {}
     for head, rest in nested.items():
         inner = getattr(cfg, head, None) if head in fields else None
         if inner is None or not attrs.has(type(inner)):
-            raise ValueError(f"{type(cfg).__name__} has no nested config {head!r}; known: {', '.join(fields)}")
-        changes[head] = apply_overrides(inner, rest)
-    return attrs.evolve(cfg, **changes)
+            nests = ", ".join(prefix + n for n in fields if attrs.has(type(getattr(cfg, n)))) or "none"
+            why = f"{prefix + head!r} is not a nested config (nested configs: {nests})"
+            raise _reword(
+                ValueError(why if head in fields else _unknown_field(cfg, head, prefix)),
+                cfg,
+                prefix,
+                [f"{head}.{r}" for r in rest],
+                flag,
+            )
+        changes[head] = _apply(inner, tuple(rest), f"{prefix}{head}.", flag)
+    try:
+        return attrs.evolve(cfg, **changes)
+    except (ValueError, TypeError) as exc:
+        raise _reword(exc, cfg, prefix, [f"{h}.{r}" for h, rest in nested.items() for r in rest], flag) from None
 
 
 def describe(cls_or_cfg: Any) -> list[tuple[str, str, Any, str]]:

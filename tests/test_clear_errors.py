@@ -417,7 +417,7 @@ def test_a_corrupt_cached_judge_is_trained_again_with_a_note(tmp_path, monkeypat
     monkeypatch.setattr(J, "_MEMORY", {})
     again = J.get_judge(data)
     assert again.attributes == ("label",)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert f"the cached judge in {folder} cannot be read" in out and "training it again" in out
     monkeypatch.setattr(J, "_MEMORY", {})
     monkeypatch.setattr(J, "_train", lambda *a, **k: pytest.fail("the rewritten cache must be read"))

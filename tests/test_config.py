@@ -62,7 +62,7 @@ def test_overrides_reach_nested_fields_and_parse_json_values():
         3,
         "mean",
     )
-    with pytest.raises(ValueError, match="unknown ViTEncoderConfig field 'width'"):
+    with pytest.raises(ValueError, match=r"--set encoder.width=3: unknown field 'encoder.width'"):
         apply_overrides(ViTConfig(), ["encoder.width=3"])
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides(ViTConfig(), ["oops"])

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from polymodal.data.augment import random_translate
 from polymodal.io import atomic_write
-from polymodal.io.cache import cache_root
+from polymodal.io.cache import announce, cache_root
 from polymodal.nn import eval_mode
 
 VERSION = "judge/1"
@@ -165,19 +165,25 @@ def _read_cached(meta_path: Path, weights_path: Path) -> Judge | None:
         judge.load_state_dict(load_file(weights_path), strict=True)
         judge.test_accuracy = dict(meta["test_accuracy"])
     except Exception as exc:  # bad JSON, missing keys, a corrupt or mismatched safetensors file
-        print(f"the cached judge in {meta_path.parent} cannot be read ({type(exc).__name__}: {exc}); training it again")
+        announce(
+            f"the cached judge in {meta_path.parent} cannot be read ({type(exc).__name__}: {exc}); training it again"
+        )
         return None
     return judge.eval()
 
 
 def get_judge(dataset: Any) -> Judge:
-    """The judge of ``dataset``: from memory, from the cache folder, or trained now (≈ a minute) and cached."""
+    """The judge of ``dataset``: from memory, from the cache folder, or trained now (≈ a minute) and cached;
+    reading or training it says so on stderr, with the folder (:func:`~polymodal.io.cache.announce`)."""
     folder = judge_folder(dataset)
     if str(folder) in _MEMORY:
         return _MEMORY[str(folder)]
     meta_path, weights_path = folder / "judge.json", folder / "judge.safetensors"
     judge = _read_cached(meta_path, weights_path) if meta_path.is_file() and weights_path.is_file() else None
-    if judge is None:
+    if judge is not None:
+        announce(f"using the cached judge of {dataset.name} from {folder}")
+    else:
+        announce(f"training the judge of {dataset.name} (once, about a minute) into {folder}")
         judge = _train(dataset)
         atomic_write(
             weights_path, lambda tmp: save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(tmp))

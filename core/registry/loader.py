@@ -142,6 +142,9 @@ def register_plugin(plugin: Any, name: str, *, source: str = "<direct>") -> Plug
 def _fail(record: PluginRecord, exc: BaseException | None = None) -> PluginRecord:
     """Record a failed plugin; under ``POLYMODAL_STRICT_PLUGINS`` raise :class:`PluginError` instead."""
     _state["records"].append(record)
+    registry, manager = _state["registry"], _state["manager"]
+    if registry is not None and not (manager is not None and manager.get_plugin(record.name) is not None):
+        registry.unavailable[record.name] = record.error  # an unknown name then names this plugin
     if _strict():
         raise PluginError(f"plugin {record.name!r} ({record.source}) failed: {record.error}") from exc
     return record
@@ -166,6 +169,7 @@ def _add(
         return _fail(PluginRecord(name, source, "failed", error=_describe(exc), distribution=dist), exc)
     registered = sum(1 for e in registry.entries() if e.plugin == name)
     record = PluginRecord(name, source, "loaded", registered=registered, distribution=dist)
+    registry.unavailable.pop(name, None)
     _state["records"].append(record)
     return record
 
@@ -178,6 +182,7 @@ def unregister_plugin(name: str) -> None:
         if manager.get_plugin(name) is not None:
             manager.unregister(name=name)
         _state["records"] = [r for r in _state["records"] if r.name != name]
+        registry.unavailable.pop(name, None)
         _state["distributions"].pop(name, None)
 
 
@@ -227,6 +232,7 @@ def _load_entry_points(manager: pluggy.PluginManager, registry: Registry) -> Non
         claimed[ep.name] = dist
         if ep.name in disabled:
             _state["records"].append(PluginRecord(ep.name, source, "disabled", distribution=dist))
+            registry.unavailable[ep.name] = "disabled by POLYMODAL_DISABLE_PLUGINS"
             continue
         try:
             plugin = ep.load()

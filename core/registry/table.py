@@ -24,6 +24,12 @@ class RegistryError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def _short(text: str, limit: int = 120) -> str:
+    """The first line of ``text``, cut to ``limit`` characters."""
+    line = (text.strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered component: its kind, name, the object itself and who registered it."""
@@ -42,6 +48,9 @@ class Registry:
     _entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {kind: {} for kind in KINDS})
     version: int = 0
     """Bumped on every change, so callers can cache what they looked up."""
+    unavailable: dict[str, str] = field(default_factory=dict)
+    """Plugins that failed to load or were disabled (name → why, short): an unknown name lists them,
+    since one of them may have been meant to provide it. The loader keeps this up to date."""
 
     def _check_kind(self, kind: str) -> None:
         if kind not in self._entries:
@@ -94,7 +103,15 @@ class Registry:
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             listing = ", ".join(known) if known else "none registered"
-            raise RegistryError(f"unknown {kind} {name!r}{hint} (known: {listing})") from None
+            raise RegistryError(f"unknown {kind} {name!r}{hint} (known: {listing}){self._unavailable_note()}") from None
+
+    def _unavailable_note(self) -> str:
+        """What an unknown name's error adds when plugins failed or were disabled: each (with why, cut
+        short) and a pointer to ``polymodal plugins``; "" when every plugin loaded."""
+        if not self.unavailable:
+            return ""
+        shown = "; ".join(f"{n!r} ({_short(why)})" for n, why in sorted(self.unavailable.items()))
+        return f". Plugins not loaded (one may provide it): {shown}; see `polymodal plugins`"
 
     def get(self, kind: str, name: str) -> Any:
         """The object registered as ``kind``/``name``."""

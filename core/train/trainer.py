@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -104,6 +107,19 @@ def _save_checkpoint(
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
 
     replace_folder(out / CHECKPOINT, fill)
+
+
+def remove_checkpoint(out: str | Path) -> bool:
+    """Delete ``out/checkpoint`` (the optimiser state a run keeps for ``--resume``, ≈ 3–4× the weights);
+    True if there was one. It is renamed aside first (``.checkpoint.<hex>.tmp``, which the output guard
+    removes if a kill interrupts the deletion), so ``--resume`` never finds half a checkpoint."""
+    folder = recover_folder(Path(out) / CHECKPOINT)
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    aside = folder.parent / f".{CHECKPOINT}.{secrets.token_hex(6)}.tmp"
+    os.replace(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
 
 
 FREE_ON_RESUME = ("steps", "checkpoint_every", "log_every")
@@ -215,6 +231,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    name: str | None = None,
 ) -> nn.Module:
     """Train ``model`` on ``dataset.train`` for ``cfg.steps`` steps; returns the model.
 
@@ -222,7 +239,8 @@ def train(
     the end; ``resume`` continues from there. ``stop_after`` ends early after that many steps
     (for tests of interrupted runs). A non-finite loss raises :class:`TrainingError` naming the step.
     ``resume`` checks the checkpoint against this run first (:func:`check_resume`); an unavailable
-    ``device`` is a ValueError before any work.
+    ``device`` is a ValueError before any work. ``name`` is what the progress bar calls the run
+    (``train dino-shapes``; default: the model's family).
     """
     dev = resolve_device(device)
     out = Path(out) if out is not None else None
@@ -243,7 +261,11 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            total=cfg.steps, initial=step, desc=f"train {getattr(model, 'family', '')}", unit="step", dynamic_ncols=True
+            total=cfg.steps,
+            initial=step,
+            desc=f"train {name or getattr(model, 'family', '')}",
+            unit="step",
+            dynamic_ncols=True,
         )
     started, seen = time.perf_counter(), 0
     index_batches = batches(len(split), min(cfg.batch_size, len(split)), cfg.seed, start_step=step)
