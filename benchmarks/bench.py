@@ -35,6 +35,16 @@ import torch
 SUITES = ("attention", "models", "compare", "table")
 
 
+HELP = """usage: polymodal bench SUITE [options]   (or: python benchmarks/bench.py SUITE [options])
+
+suites (`polymodal bench SUITE --help` shows each one's options):
+  attention  every attention backend over ViT, causal-LM, cross-attention, sparse and packed shapes
+  models     polymodal against transformers on identical converted weights, interleaved
+  compare    NEW.json BASELINE.json: flag rows slower than the baseline (> 5 % and > 30 µs)
+  table      REPORT.json: a saved report as Markdown"""
+"""What ``polymodal bench --help`` and ``bench.py --help`` print: the suites and how to get each one's help."""
+
+
 class BenchUsageError(ValueError):
     """A bad option value (device, backend, case, dtype, model name): exit status 2, no traceback."""
 
@@ -324,8 +334,14 @@ def table_suite(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``main([suite, *options])``; returns the exit status (0 ok, 1 a row errored, 2 usage, 3 regression)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(HELP)
+        return 0
     if not argv or argv[0] not in SUITES:
-        print(f"usage: polymodal bench {{{','.join(SUITES)}}} [options]; got {argv[:1] or 'nothing'}", file=sys.stderr)
+        got = argv[:1] or "nothing"
+        print(
+            f"usage: polymodal bench {{{','.join(SUITES)}}} [options]; got {got} (--help lists them)", file=sys.stderr
+        )
         return 2
     suite, rest = argv[0], argv[1:]
     try:

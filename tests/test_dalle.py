@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from polymodal.api import load
 from polymodal.attention.masks import image_pattern_mask
 from polymodal.data import load_dataset
+from polymodal.io.samples import MANIFEST
 from polymodal.models.parts import PartConfig, load_part
 from polymodal.nn import KVCache
 from polymodal.plugins.dalle import DALLE, VARIANTS
@@ -404,7 +405,12 @@ def test_sample_command_writes_native_size_pngs(model, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "sample_000.png", "sample_001.png", "sample_002.png"]
+    assert sorted(p.name for p in out.iterdir() if p.name != MANIFEST) == [
+        "grid.png",
+        "sample_000.png",
+        "sample_001.png",
+        "sample_002.png",
+    ]
     assert Image.open(out / "sample_000.png").size == (8, 8)
     bad = CliRunner().invoke(main, ["sample", str(tmp_path / "m"), "--prompt", "the digit 3", "--candidates", "2"])
     assert bad.exit_code != 0 and "rerank" in bad.output
