@@ -1,9 +1,13 @@
-"""The Python API the CLI mirrors: ``create``, ``load``, ``train_model``, ``evaluate_folder``."""
+"""The Python API the CLI mirrors: ``create``, ``list_models``, ``load``, ``train`` (= ``train_model``),
+``evaluate_folder``."""
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +17,15 @@ import torch
 from polymodal.config import apply_overrides
 from polymodal.data import load_dataset
 from polymodal.io import load_model
+from polymodal.io.cache import announce
 from polymodal.io.folders import write_metrics
 from polymodal.io.output import output_folder, resolve_device
 from polymodal.models import ModelSpec, PolymodalModel
 from polymodal.models.parts import auto_folder, load_parts, part_data, part_fields
 from polymodal.registry import get_registry
-from polymodal.train import TrainConfig, TrainingError, train
-from polymodal.train.trainer import CHECKPOINT, checkpoint_meta
+from polymodal.train import TrainConfig, TrainingError
+from polymodal.train import train as run_training
+from polymodal.train.trainer import CHECKPOINT, checkpoint_meta, remove_checkpoint
 
 
 def spec(name: str) -> ModelSpec:
@@ -32,34 +38,86 @@ def prepare_parts(config: Any, *, progress: bool = True) -> dict[str, PolymodalM
     missing from the cache is trained there first (:func:`train_model` on its variant and data),
     then each part is loaded or built by :func:`~polymodal.models.parts.load_parts`.
 
+    Each ``"auto"`` part says on stderr whether it is trained into the cache or reused from it, and where.
     Training a part leaves the global torch RNG state as it was, so building a model draws the same
     random numbers whether or not a part had to be trained.
     """
     for name, part in part_fields(config).items():
         folder = auto_folder(part)
-        if part.path == "auto" and not (folder / "config.json").is_file():
-            data = part_data(part)
-            print(
-                f"{type(config).__name__}.{name}: no trained `{part.variant}` at {folder}; training it on {data} first"
-            )
-            rng = torch.get_rng_state()
-            try:
-                train_model(part.variant, data=data, out=folder, progress=progress, overwrite=True)
-            finally:
-                torch.set_rng_state(rng)
+        if part.path != "auto":
+            continue
+        data = part_data(part)
+        if (folder / "config.json").is_file():
+            announce(f"using the cached default part `{name}` ({part.variant} trained on {data}) from {folder}")
+            continue
+        announce(
+            f"training the default part `{name}` ({part.variant} on {data}) once into {folder}; "
+            "later runs reuse it (`polymodal cache list` shows it)"
+        )
+        rng = torch.get_rng_state()
+        try:
+            train_model(part.variant, data=data, out=folder, progress=progress, overwrite=True, keep_checkpoint=False)
+        finally:
+            torch.set_rng_state(rng)
     return load_parts(config)
 
 
 def create(name: str, dataset: Any = None, **overrides: Any) -> PolymodalModel:
-    """A new model of variant ``name``; keyword overrides change its config fields (a string for a
-    part field is its folder). Its 'auto' parts are trained into the cache first when missing."""
+    """A new, untrained model of variant ``name`` (timm's ``create_model``).
+
+    ``dataset`` (a loaded dataset or a registered name such as ``"shapes"``) adapts the config to
+    it first, as ``polymodal train --data`` does. Keyword ``overrides`` change config fields and are
+    merged into the variant's config (:func:`polymodal.models.base.merge_overrides`): a dict for a
+    nested config changes only the fields it names (``encoder={"depth": 2}``), a dotted key reaches
+    one field (``**{"encoder.depth": 2}``), a string for a part field is its folder
+    (``lm="runs/lm"``). An unknown field raises a ValueError naming it. The model's 'auto' parts
+    are trained into the cache first when missing (:func:`prepare_parts`). Example::
+
+        model = polymodal.create("vit", encoder={"depth": 2}, **{"encoder.patch_size": 4})
+    """
     model_spec = spec(name)
+    if isinstance(dataset, str):
+        dataset = load_dataset(dataset)
     cfg = model_spec.make_config(dataset, **overrides)
     return model_spec.instantiate(cfg, prepare_parts(cfg))
 
 
+def list_models(filter: str | Sequence[str] = "", exclude_filters: str | Sequence[str] = ()) -> list[str]:
+    """Sorted names of the registered model variants (timm's ``list_models``).
+
+    ``filter`` is an :mod:`fnmatch` pattern or several (``"vit*"``, ``["clip*", "*-shapes"]``; ''
+    for all): a name is listed when it matches any of them. A name that matches any pattern in
+    ``exclude_filters`` is left out. Matching is case-sensitive, as names are registered lower-case.
+    """
+    include = [filter] if isinstance(filter, str) else list(filter)
+    exclude = [exclude_filters] if isinstance(exclude_filters, str) else list(exclude_filters)
+    for pattern in include + exclude:
+        if not isinstance(pattern, str):
+            raise ValueError(f"list_models filters are fnmatch patterns (str); got {pattern!r}")
+    names = get_registry().names("model")
+    if any(include):
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include if p)]
+    return sorted(n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in exclude if p))
+
+
 def load(directory: str | Path, device: str = "cpu") -> PolymodalModel:
-    """Load a model folder (strict; safetensors only)."""
+    """Load a model folder (strict; safetensors only), or convert a pretrained model (transformers'
+    ``from_pretrained``):
+
+    * ``"hf:ORG/NAME"`` or ``"hf:ORG/NAME@REVISION"``: a Hugging Face Hub repository, fetched through
+      ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` apply), converted by the converter
+      of its ``config.json`` ``model_type`` and cached, so the next call for that commit reuses the model
+      folder (:mod:`polymodal.io.hub`);
+    * a transformers folder (``config.json`` with a ``model_type``, no polymodal ``family``): converted in memory.
+
+    Each conversion or reuse says so in one line on stderr.
+    """
+    from polymodal.io import hub
+
+    if hub.is_hub_name(directory):
+        return hub.load_hub(str(directory), device=device)
+    if hub.is_transformers_folder(directory):
+        return hub.load_transformers_folder(directory, device=device)
     return load_model(directory, device=device)
 
 
@@ -98,7 +156,7 @@ def _train_config(
     ``steps`` when neither ``steps`` nor ``epochs`` is given, and ``warmup_steps`` (derived from the
     run's first step count) unless ``train_set`` sets it, so the trainer compares what the user asked.
     """
-    cfg: TrainConfig = apply_overrides(model_spec.train, train_set)
+    cfg: TrainConfig = apply_overrides(model_spec.train, train_set, flag="--train-set")
     if seed is not None:
         cfg = attrs.evolve(cfg, seed=seed)
     if epochs is not None:
@@ -128,6 +186,7 @@ def train_model(
     progress: bool = True,
     train_set: tuple[str, ...] = (),
     overwrite: bool = False,
+    keep_checkpoint: bool = True,
 ) -> tuple[PolymodalModel, dict[str, Any]]:
     """Train variant ``name`` on ``data`` (its default when None), save to ``out``, then evaluate.
 
@@ -138,7 +197,9 @@ def train_model(
     ``resume``; a folder of other files is never written). ``resume`` continues ``out/checkpoint``
     (same settings; ``steps`` defaults to the checkpoint's). The weights are saved before the model
     is evaluated: if evaluation fails, ``metrics.json`` records ``evaluation_failed`` and an
-    :class:`EvaluationError` says where the weights are.
+    :class:`EvaluationError` says where the weights are. ``keep_checkpoint=False`` removes
+    ``out/checkpoint`` (the optimiser state, ≈ 3–4× the weights) once the weights are saved: the run
+    still checkpoints while it trains, but the final folder cannot be resumed.
     """
     resolve_device(device)
     _check_length(steps, epochs)
@@ -158,11 +219,13 @@ def train_model(
         model_cfg = model_spec.config_for(dataset, set_)
         torch.manual_seed(cfg.seed)  # a fresh ('') part draws first, then the model: one seed makes both
         model = model_spec.instantiate(model_cfg, prepare_parts(model_cfg, progress=progress))
-        model = train(model, dataset, cfg, out=out, device=device, resume=resume, progress=progress)
+        model = run_training(model, dataset, cfg, out=out, device=device, resume=resume, progress=progress, name=name)
         metrics: dict[str, Any] = {"data": dataset.name, "steps": cfg.steps, "seed": cfg.seed}
         source = f"trained with `polymodal train {name}` on {dataset.name} ({cfg.steps} steps, seed {cfg.seed})"
         if out is not None:
             model.save(out, metrics=metrics, source=source)  # the weights first: an evaluation error loses nothing
+            if not keep_checkpoint:
+                remove_checkpoint(out)  # this run's own: its trainer has just written it
         try:
             metrics |= model.evaluate(dataset)
         except Exception as exc:
@@ -176,9 +239,73 @@ def train_model(
                 metrics,
                 Path(out) if out is not None else None,
             ) from exc
-        if out is not None:
-            write_metrics(model, out, metrics, source=source)
+        if out is not None:  # again, whole and atomic, with what evaluation adds (iGPT's probe plot)
+            model.save(out, metrics=metrics, source=source)
     return model, metrics
+
+
+def _set_pairs(overrides: dict[str, Any]) -> tuple[str, ...]:
+    """Python keyword ``overrides`` (nested dicts, dotted keys) as the ``key=value`` strings of ``--set``."""
+    pairs = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            pairs += [f"{key}.{pair}" for pair in _set_pairs(value)]
+            continue
+        try:
+            text = json.dumps(list(value) if isinstance(value, tuple) else value)
+        except TypeError:
+            raise ValueError(
+                f"train: override {key}={value!r} is not a JSON value; give numbers, strings, lists or dicts of them"
+            ) from None
+        pairs.append(f"{key}={text}")
+    return tuple(pairs)
+
+
+def train(
+    name: str,
+    *,
+    data: str | None = None,
+    steps: int | None = None,
+    epochs: float | None = None,
+    out: str | Path | None = None,
+    seed: int | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    train_set: dict[str, Any] | tuple[str, ...] = (),
+    keep_checkpoint: bool = True,
+    **overrides: Any,
+) -> tuple[PolymodalModel, dict[str, Any]]:
+    """Train variant ``name`` and return ``(model, metrics)``: ``polymodal train`` in Python.
+
+    ``data`` is a registered dataset (the variant's default when None); ``steps`` or ``epochs``
+    sets the length (the variant's recipe when neither); ``out`` is the model folder to write
+    (none when None; an existing model folder needs ``overwrite=True`` or ``resume=True``, a
+    folder of other files is refused). Keyword ``overrides`` change the model config as in
+    :func:`create` (``encoder={"depth": 2}``, ``**{"encoder.depth": 2}``); ``train_set`` holds
+    trainer overrides (``--train-set``), a dict (``{"lr": 1e-3}``) or ``"key=value"`` strings. ``metrics``
+    is what ``metrics.json`` records: the data, steps and seed, and the family's evaluation.
+    ``keep_checkpoint=False`` leaves no ``out/checkpoint`` (``--no-checkpoint``). Everything else is
+    :func:`train_model`'s. Example::
+
+        model, metrics = polymodal.train("vit", steps=20, out="runs/vit-tiny", encoder={"depth": 1})
+    """
+    return train_model(
+        name,
+        data=data,
+        set_=_set_pairs(overrides),
+        steps=steps,
+        epochs=epochs,
+        seed=seed,
+        out=out,
+        device=device,
+        resume=resume,
+        progress=progress,
+        train_set=_set_pairs(train_set) if isinstance(train_set, dict) else tuple(train_set),
+        overwrite=overwrite,
+        keep_checkpoint=keep_checkpoint,
+    )
 
 
 def evaluate_folder(directory: str | Path, data: str | None = None, device: str = "cpu") -> dict[str, Any]:

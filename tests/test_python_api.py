@@ -222,7 +222,7 @@ def test_image_family_preprocess_contract(name, tmp_path):
     # the saved folder's config records what preprocess does
     model.save(tmp_path / "m")
     header = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert header["family"] == model.family
+    assert header["family"] == model.family and header["preprocess"] == spec.to_dict()
     loaded = polymodal.load(tmp_path / "m")
     assert loaded.image_spec() == spec and torch.equal(loaded.preprocess(tmp_path / "in.png"), x)
 

@@ -309,6 +309,9 @@ def write_model(
     header = {"format": FORMAT, "family": family, "config": model.config_dict()}
     if source:
         header["source"] = source
+    spec = model.image_spec() if hasattr(model, "image_spec") else None
+    if spec is not None:  # how `model.preprocess` prepares an image, for readers outside polymodal too
+        header["preprocess"] = spec.to_dict()
     if state is None:
         state = model.own_state_dict() if hasattr(model, "own_state_dict") else model.state_dict()
     (directory / "config.json").write_text(json.dumps(header, indent=2, sort_keys=True))

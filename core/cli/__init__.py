@@ -1,27 +1,78 @@
-"""The ``polymodal`` command line. Every command mirrors a Python API call."""
+"""The ``polymodal`` command line. Every command mirrors a Python API call.
+
+This module holds the group, the shared options and the model commands; ``polymodal sample`` lives in
+:mod:`polymodal.cli.sample`, ``polymodal data`` and ``polymodal cache`` in :mod:`polymodal.cli.store`.
+"""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from polymodal.registry import get_registry, plugin_records
 from polymodal.registry.table import Entry
 
-if TYPE_CHECKING:
-    from polymodal.generation.options import SampleOption
+COMPUTING = frozenset({"train", "eval", "sample", "convert", "export"})
+"""The built-in commands that compute (and so take ``--threads``); every plugin command does too."""
 
 
-class _Group(click.Group):
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """``--threads N`` (or ``POLYMODAL_THREADS``): torch's intra-op CPU threads, set before the command runs."""
+    if value is not None:
+        import torch
+
+        torch.set_num_threads(value)
+    return value
+
+
+THREADS = click.Option(
+    ["--threads"],
+    type=click.IntRange(min=1),
+    metavar="N",
+    envvar="POLYMODAL_THREADS",
+    show_envvar=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_threads,
+    help="CPU threads torch may use (default: torch's choice, one per core). On a busy or small machine "
+    "--threads 1 is often several times faster.",
+)
+"""The one ``--threads`` option, added by :class:`_Group` to every command that computes."""
+
+
+def with_threads(command: click.Command) -> click.Command:
+    """``command`` with the ``--threads`` option (:data:`THREADS`) added once; a command that already
+    has a ``--threads`` option of its own keeps it."""
+    if not any(p is THREADS or p.name == "threads" or "--threads" in getattr(p, "opts", ()) for p in command.params):
+        command.params.append(THREADS)
+    return command
+
+
+class _FullHelp(click.Group):
+    """A group whose command list shows each command's whole first paragraph (wrapped), not a cut sentence."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The ``Commands:`` section: a command's ``short_help``, else its help's first paragraph."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                text = command.short_help or (command.help or "").partition("\n\n")[0]
+                rows.append((name, " ".join(text.split())))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class _Group(_FullHelp):
     """The built-in commands, then one group per plugin with the commands it registered (kind ``command``):
     ``polymodal flamingo caption``. A registered command's old top-level name (``polymodal caption``)
-    still works for one release, hidden, with a one-line deprecation note on stderr."""
+    still works for one release, hidden, with a one-line deprecation note on stderr. Every command that
+    computes (:data:`COMPUTING` and the plugins' commands) gets ``--threads`` (:func:`with_threads`)."""
 
     def _commands(self) -> list[Entry]:
         """The registered commands; the loader checks their type, and an object put in the registry
@@ -37,8 +88,10 @@ class _Group(click.Group):
         for e in self._commands():
             commands.setdefault(e.plugin, {})[e.obj.name or e.name] = e.obj
         return {
-            family: click.Group(
-                family, commands=cmds, help=f"The {family} plugin's commands: {', '.join(sorted(cmds))}."
+            family: _FullHelp(
+                family,
+                commands={name: with_threads(cmd) for name, cmd in cmds.items()},
+                help=f"The {family} plugin's commands: {', '.join(sorted(cmds))}.",
             )
             for family, cmds in commands.items()
         }
@@ -47,7 +100,10 @@ class _Group(click.Group):
         return sorted(set(super().list_commands(ctx)) | set(self._families()))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        command = super().get_command(ctx, name) or self._families().get(name)
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return with_threads(command) if name in COMPUTING else command
+        command = self._families().get(name)
         if command is not None:
             return command
         for e in self._commands():  # the deprecated top-level name: the name it was registered under
@@ -58,7 +114,7 @@ class _Group(click.Group):
                         f"`polymodal {e.plugin} {e.obj.name or e.name}`",
                         err=True,
                     )
-                return e.obj
+                return with_threads(e.obj)
         return None
 
 
@@ -78,7 +134,7 @@ def plugins() -> None:
     for r in plugin_records():
         line = f"{r.name:<14} {r.status:<9} {r.source}"
         if r.status == "loaded":
-            line += f"  ({r.registered} components)"
+            line += f"  ({r.registered} component{'' if r.registered == 1 else 's'})"
         click.echo(line)
         if r.error:
             click.echo(f"{'':<14} error: {r.error}")
@@ -144,10 +200,22 @@ def _rows(describe, target, prefix: str = ""):
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--out", type=click.Path(file_okay=False), help="Model folder to write (default: runs/MODEL).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint (with the same settings).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue from OUT/checkpoint (with the same settings); a folder trained with --no-checkpoint has none.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds a model folder (never other files).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train(model, data, set_, train_set, steps, epochs, seed, out, device, resume, overwrite, no_progress) -> None:
+@click.option(
+    "--no-checkpoint",
+    is_flag=True,
+    help="Leave no OUT/checkpoint (the optimiser state, about 3-4x the weights): smaller, but --resume cannot "
+    "continue the run.",
+)
+def train(
+    model, data, set_, train_set, steps, epochs, seed, out, device, resume, overwrite, no_progress, no_checkpoint
+) -> None:
     """Train MODEL, print its test metrics and write a model folder.
 
     OUT must be new, empty, or (with --overwrite or --resume) a model folder; it is checked and
@@ -172,6 +240,7 @@ def train(model, data, set_, train_set, steps, epochs, seed, out, device, resume
             resume=resume,
             progress=not no_progress,
             overwrite=overwrite,
+            keep_checkpoint=not no_checkpoint,
         )
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         _fail(exc)
@@ -202,168 +271,87 @@ def eval_(directory, data, device, as_json) -> None:
             click.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
 
 
-_OPTION_TYPES = {
-    "float": float,
-    "int": int,
-    "text": str,
-    "file": click.Path(exists=True, dir_okay=False),
-    "folder": click.Path(exists=True, file_okay=False),
-}
-
-
-@functools.cache
-def _click_option(option: SampleOption) -> click.Option:
-    """The click option for one declared sampling option (one object per declaration)."""
-    if option.type == "switch":
-        return click.Option([option.flag, option.keyword], is_flag=True, default=False, help=option.help)
-    return click.Option([option.flag, option.keyword], type=_OPTION_TYPES[option.type], help=option.help)
-
-
-def _all_sample_options() -> list[SampleOption]:
-    """Every family's declared sampling options, one per flag (the first declaration of a flag wins)."""
-    from polymodal.generation.options import sample_options
-
-    try:
-        classes = dict.fromkeys(e.obj.model_class for e in get_registry().entries("model"))
-    except Exception:
-        return []
-    seen: dict[str, SampleOption] = {}
-    keywords: set[str] = set()
-    for cls in classes:
-        for option in sample_options(cls):
-            if option.flag not in seen and option.keyword not in keywords:
-                seen[option.flag] = option
-                keywords.add(option.keyword)
-    return sorted(seen.values(), key=lambda o: o.flag)
-
-
-class _SampleCommand(click.Command):
-    """``polymodal sample``: its own options, then those DIR's family declares (``sample_options``).
-
-    DIR is found by a first parse that knows every family's options; the real parse then knows
-    only the family's, so ``--help`` lists them and another family's option is refused by name.
-    """
-
-    _FAMILY = "polymodal.sample.family"
-
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        family = ctx.meta.get(self._FAMILY)
-        extra = _all_sample_options() if family is None else family[1]
-        params = [*self.params, *(_click_option(o) for o in extra)]
-        help_option = self.get_help_option(ctx)
-        return params + [help_option] if help_option is not None else params
-
-    def _family(self, ctx: click.Context, args: list[str]) -> tuple[str, tuple[SampleOption, ...]] | None:
-        """The family of the model folder among ``args`` and its declared options, or None."""
-        from polymodal.generation.options import sample_options
-        from polymodal.io.folders import model_class_for
-
-        try:
-            opts, _, _ = self.make_parser(ctx).parse_args(args=list(args))
-            header = json.loads((Path(opts["directory"]) / "config.json").read_text())
-            cls = model_class_for(header["family"])
-        except Exception:  # not a model folder (yet): the real parse and load report it
-            return None
-        return header["family"], sample_options(cls)
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        family = self._family(ctx, args)
-        ctx.meta[self._FAMILY] = family
-        try:
-            return super().parse_args(ctx, args)
-        except click.NoSuchOption as exc:
-            known = {o.flag: o for o in _all_sample_options()}
-            if family is None or exc.option_name not in known:
-                raise
-            name, declared = family
-            offered = ", ".join(o.flag for o in declared) or "none"
-            raise click.UsageError(
-                f"the {name!r} family does not support {exc.option_name} "
-                f"({known[exc.option_name].keyword}); its sampling options: {offered}",
-                ctx,
-            ) from None
-
-
-MAX_SAMPLES = 1024
-"""The most samples one ``polymodal sample`` draws: families draw them in one batch, so -n sizes memory."""
-
-
-@main.command(cls=_SampleCommand)
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "-n",
-    "num",
-    type=click.IntRange(1, MAX_SAMPLES),
-    default=8,
-    show_default=True,
-    help=f"Number of samples (1 … {MAX_SAMPLES}: each family draws them in one batch).",
-)
-@click.option("--prompt", help="Text prompt, for conditional families.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), default="samples", show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
-def sample(directory, num, prompt, seed, out, device, **family_options) -> None:
-    """Sample from a generative model folder; writes PNGs (and a grid) to OUT.
-
-    The options after the common ones are those DIR's family declares
-    (`polymodal sample DIR --help` lists them); options left unset are not passed, so each
-    family uses its own defaults. Bad values, the device and the folder are checked before sampling.
-    """
-    from polymodal.api import load
-    from polymodal.generation.options import check_sample_values, sample_options
-    from polymodal.io.output import resolve_device
-
-    try:
-        check_sample_values(family_options, _all_sample_options())
-        model = load(directory, device=str(resolve_device(device)))
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:  # LoadError is a ValueError
-        _fail(exc)
-    if not hasattr(model, "sample_to_folder"):
-        _fail(ValueError(f"the {model.family!r} family does not generate samples"))
-    options = {}
-    for option in sample_options(type(model)):
-        value = family_options.get(option.keyword)
-        if option.type == "switch" and value:
-            options[option.keyword] = option.value
-        elif option.type != "switch" and value is not None:
-            options[option.keyword] = value
-    try:
-        paths = model.sample_to_folder(out, n=num, prompt=prompt, seed=seed, **options)
-    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
-        _fail(exc)
-    for p in paths:
-        click.echo(str(p))
-
-
 @main.command()
-@click.option("--from", "source", required=True, help="Converter name (see `polymodal list converter`).")
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--from",
+    "source",
+    default=None,
+    help="Converter name (see `polymodal list converter`); default: the one for SRC's config.json model_type.",
+)
+@click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace DST if it already holds a model folder (never other files).")
 def convert(source, src, dst, overwrite) -> None:
-    """Convert a checkpoint folder SRC (e.g. Hugging Face) into a polymodal model folder DST.
+    """Convert a transformers folder or hf:ORG/NAME to a model folder.
 
-    DST must be new, empty, or (with --overwrite) a model folder; it is locked while it is written.
+    SRC is a folder (a Hugging Face transformers `save_pretrained` folder) or a Hugging Face Hub
+    repository hf:ORG/NAME[@REVISION], fetched through huggingface_hub (its cache, HF_HUB_OFFLINE and
+    HF_TOKEN apply). The converter is picked from SRC's config.json model_type; --from names one
+    (checked against it). DST must be new, empty, or (with --overwrite) a model folder; it is locked
+    while it is written.
     """
+    from polymodal.io.hub import conversion_source
     from polymodal.io.output import output_folder
 
     try:
-        converter = get_registry().get("converter", source)
+        folder, name, converter = conversion_source(src, source)
         with output_folder(dst, overwrite=overwrite, flag="DST"):
-            converter(src, dst)
+            converter(folder, dst)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         _fail(exc)
-    click.echo(f"wrote {dst}")
+    click.echo(f"wrote {dst}" if source else f"wrote {dst} (converted with {name})")
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
-@click.argument("suite", type=click.Choice(["attention", "models", "compare", "table"]))
+@main.command("export")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--to", "to", metavar="FORMAT", help="Target format: hf (a transformers folder; `polymodal list exporter`)."
+)
+@click.option("--weights-only", is_flag=True, help="Copy the model folder without checkpoint/ (the optimiser state).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace OUT if it holds an earlier export (or, with --weights-only, a model folder).",
+)
+def export(directory, out, to, weights_only, overwrite) -> None:
+    """Export the model folder DIRECTORY to OUT: as a transformers folder (--to hf) that
+    `from_pretrained` loads, or as a copy without the training checkpoint (--weights-only).
+
+    OUT must be new or empty, or (with --overwrite) what an earlier export of the same kind wrote;
+    it is locked while it is written and swapped into place when complete.
+    """
+    from polymodal.io.export import export_folder, export_weights_only
+
+    if (to is None) == (not weights_only):
+        raise click.UsageError("give --to FORMAT (e.g. --to hf) or --weights-only, one of them")
+    try:
+        if weights_only:
+            export_weights_only(directory, out, overwrite=overwrite)
+        else:
+            export_folder(directory, out, to=to, overwrite=overwrite)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    click.echo(f"wrote {out}")
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "allow_interspersed_args": False}
+)
+@click.argument("suite", type=click.Choice(["attention", "models", "compare", "table"]), metavar="SUITE")
 @click.pass_context
 def bench(ctx, suite) -> None:
     """Run a benchmark suite (attention, models), compare two reports, or print one as Markdown (table).
 
-    Extra arguments go to the suite (try `bench attention --help`); `--compare BASELINE.json`
-    flags regressions (> 5 % and > 30 µs slower).
+    \b
+    Suites (`polymodal bench SUITE --help` shows each one's options):
+      attention  every attention backend over ViT, causal-LM, cross and sparse shapes
+      models     polymodal against transformers on identical converted weights
+      compare    NEW.json BASELINE.json: flag regressions (> 5 % and > 30 µs slower)
+      table      REPORT.json: a saved report as Markdown
+
+    Everything after SUITE goes to the suite (`--quick`, `--threads N`, `--device cuda`,
+    `--compare BASELINE.json` …). The suites ship with the source tree, in benchmarks/.
     """
     sys.path.insert(0, str(_benchmarks_dir()))
     import bench as bench_module  # benchmarks/bench.py: the suites live outside the package
@@ -374,7 +362,7 @@ def bench(ctx, suite) -> None:
 def _benchmarks_dir() -> Path:
     """The source tree's ``benchmarks/`` folder (or ``$POLYMODAL_BENCHMARKS``), where the suites live."""
     env = os.environ.get("POLYMODAL_BENCHMARKS")
-    candidates = [Path(env)] if env else [Path(__file__).resolve().parent.parent / "benchmarks"]
+    candidates = [Path(env)] if env else [Path(__file__).resolve().parents[2] / "benchmarks"]
     for folder in candidates:
         if (folder / "bench.py").is_file():
             return folder
@@ -384,5 +372,6 @@ def _benchmarks_dir() -> Path:
     )
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+# The commands defined beside this module register themselves on ``main`` when imported.
+from polymodal.cli import sample as _sample  # noqa: E402, F401
+from polymodal.cli import store as _store  # noqa: E402, F401
