@@ -162,23 +162,29 @@ def test_load_by_name_converts_once_matches_transformers_and_reuses_the_cache(hu
 
 def test_the_converter_is_picked_by_model_type_for_every_converter_family():
     picked = {mt: name for mt, (name, _) in hub_module.converters().items()}
-    assert {"vit": "hf-vit", "clip": "hf-clip", "imagegpt": "hf-imagegpt", "gpt2": "hf-gpt2"}.items() <= picked.items()
+    assert {
+        "vit": "hf-vit",
+        "clip": "hf-clip",
+        "imagegpt": "hf-imagegpt",
+        "gpt2": "hf-gpt2",
+        "vit_mae": "hf-vitmae",
+    }.items() <= picked.items()
 
 
-def test_vitmae_is_fetched_by_name_and_converts_into_the_core_mae(hub_cache):
-    """ViTMAE converts into the core MAE, a part with no model folder: no registered converter, so
-    ``load`` says which model types it can convert; the snapshot converts in Python and matches."""
+def test_vitmae_is_fetched_by_name_and_converts_into_an_mae_model(hub_cache):
+    """ViTMAE converts into the mae family (hf-vitmae); PIXEL's convert_hf_vitmae still gives the core MAE."""
     from polymodal.plugins.pixel.convert import convert_hf_vitmae
 
     _, models, commits = hub_cache
-    with pytest.raises(LoadError, match=r"vit-mae \(config\.json\) says model_type 'vit_mae'.*hf-vit \(vit\)"):
-        polymodal.load(f"hf:{ORG}/vit-mae")
+    model = polymodal.load(f"hf:{ORG}/vit-mae")
+    assert model.family == "mae"
     folder = hub_module.snapshot(f"hf:{ORG}/vit-mae@main")
     assert folder.name == commits["vit-mae"] and folder_model_type(folder) == "vit_mae"
     mae = convert_hf_vitmae(folder)
     x, noise = torch.rand(2, 3, 16, 16), torch.rand(2, 16)
     with torch.no_grad():
         want = models["vit-mae"](pixel_values=x, noise=noise).logits
+        torch.testing.assert_close(model.masked(x, noise=noise).pred, want, atol=ATOL, rtol=0)
         torch.testing.assert_close(mae(x, noise=noise).pred, want, atol=ATOL, rtol=0)
 
 

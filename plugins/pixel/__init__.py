@@ -48,7 +48,10 @@ def register_models(register):
 
 @hookimpl
 def register_exporters(register):
-    """``hf-vitmae``: refuses a pixel-mae folder by name (transformers' ViTMAE has square patch grids only)."""
+    """``hf-vitmae-pixel``: refuses a pixel-mae folder by name (transformers' ViTMAE has square patch grids
+    only; ``hf-vitmae`` is the ``mae`` family's, for square images)."""
     from .export import EXPORTER
 
-    register("hf-vitmae", EXPORTER, doc="polymodal pixel-mae → transformers ViTMAE: refused, naming the strip grid")
+    register(
+        "hf-vitmae-pixel", EXPORTER, doc="polymodal pixel-mae → transformers ViTMAE: refused, naming the strip grid"
+    )

@@ -4,7 +4,8 @@ transformers' counterpart of PIXEL's masked autoencoder is ``ViTMAEForPreTrainin
 square (its fixed sin-cos position table is built side × side: a (12, 288) image fails to build), while
 PIXEL renders text into a grey 1 × N strip of patches (``PixelMAEConfig.mae.grid_rows=1``). No
 configuration of transformers' ViTMAE runs it, so the exporter says so instead of writing a folder that
-would not load; the converter the other way (:func:`.convert.convert_hf_vitmae`) reads square ViTMAEs.
+would not load. Square image MAEs are the ``mae`` family's, whose ``hf-vitmae`` exporter and converter
+write and read transformers ViTMAE folders.
 """
 
 from __future__ import annotations

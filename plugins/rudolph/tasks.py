@@ -156,6 +156,13 @@ class RudolphTasks:
         """A caption per image (B, C, S, S) in [0, 1]; options as :meth:`caption_codes`."""
         return self.caption_codes(self.encode_images(images), **options)
 
+    def generate(self, prompt: str | None = None, images: Any = None, **options: Any) -> str | list[str]:
+        """The text RuDolph writes after ``prompt`` about ``images`` (one: a string; several: a list):
+        :func:`.captions.generate_caption` (greedy unless ``temperature``/``top_k``/``top_p``; ``max_new_tokens``, ``seed``)."""
+        from .captions import generate_caption
+
+        return generate_caption(self, prompt, images, **options)
+
     # -- scoring -------------------------------------------------------------------------------------
     @torch.no_grad()
     def caption_nll(self, codes: Tensor, captions: Sequence[str], chunk: int = 32) -> Tensor:
