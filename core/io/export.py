@@ -36,16 +36,6 @@ NEEDS_TRANSFORMERS = "exporting to transformers needs the transformers package (
 """The message of the :class:`ExportError` an exporter raises when transformers is not installed."""
 
 
-def import_transformers() -> Any:
-    """The ``transformers`` module, which only exporting to transformers needs; without it an
-    :class:`ExportError` says what to install."""
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ExportError(NEEDS_TRANSFORMERS) from exc
-    return transformers
-
-
 class ExportError(ValueError):
     """A model that the target format cannot express; the message names the setting."""
 
@@ -341,7 +331,6 @@ __all__ = [
     "invert_state",
     "refuse_differences",
     "NEEDS_TRANSFORMERS",
-    "import_transformers",
     "write_hf_folder",
     "write_hf_image_processor",
     "write_hf_tokenizer",

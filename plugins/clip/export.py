@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from polymodal.io.export import (
+    NEEDS_TRANSFORMERS,
     Exporter,
+    ExportError,
     config_differences,
     hf_activation,
     hf_shapes,
-    import_transformers,
     invert_state,
     refuse_differences,
     write_hf_folder,
@@ -98,7 +99,10 @@ def hf_config_dict(model: CLIPModel) -> dict[str, Any]:
 
 def write_hf_clip(model: CLIPModel, folder: Path) -> None:
     """Write ``model`` into ``folder`` as a transformers ``CLIPModel`` folder (with its tokenizer)."""
-    transformers = import_transformers()
+    try:
+        import transformers
+    except ImportError as exc:  # optional: only exporting to transformers needs it
+        raise ExportError(NEEDS_TRANSFORMERS) from exc
     config = transformers.CLIPConfig(**hf_config_dict(model))
     target = hf_shapes(transformers, "CLIPModel", config)
     state = invert_state(lambda src: state_from_hf(src, model.config), target, model.state_dict(), "CLIP")

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from polymodal.io.export import (
+    NEEDS_TRANSFORMERS,
     Exporter,
+    ExportError,
     config_differences,
     hf_activation,
     hf_shapes,
-    import_transformers,
     invert_state,
     refuse_differences,
     write_hf_folder,
@@ -84,7 +85,10 @@ def processor_config(model: IGPT) -> dict[str, Any]:
 
 def write_hf_imagegpt(model: IGPT, folder: Path) -> None:
     """Write ``model`` into ``folder`` as a transformers ``ImageGPTForCausalImageModeling`` folder."""
-    transformers = import_transformers()
+    try:
+        import transformers
+    except ImportError as exc:  # optional: only exporting to transformers needs it
+        raise ExportError(NEEDS_TRANSFORMERS) from exc
     config = transformers.ImageGPTConfig(**hf_config_dict(model))
     target = hf_shapes(transformers, "ImageGPTForCausalImageModeling", config, ignore=(CAUSAL_MASK_BUFFERS,))
     depth = model.config.depth

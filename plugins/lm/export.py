@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from polymodal.io.export import (
+    NEEDS_TRANSFORMERS,
     Exporter,
+    ExportError,
     config_differences,
     hf_activation,
     hf_shapes,
-    import_transformers,
     invert_state,
     refuse_differences,
     write_hf_folder,
@@ -62,7 +63,10 @@ def hf_config_dict(model: LMModel) -> dict[str, Any]:
 
 def write_hf_gpt2(model: LMModel, folder: Path) -> None:
     """Write ``model`` into ``folder`` as a transformers ``GPT2LMHeadModel`` folder (with its tokenizer)."""
-    transformers = import_transformers()
+    try:
+        import transformers
+    except ImportError as exc:  # optional: only exporting to transformers needs it
+        raise ExportError(NEEDS_TRANSFORMERS) from exc
     config = transformers.GPT2Config(**hf_config_dict(model))
     target = hf_shapes(transformers, "GPT2LMHeadModel", config, ignore=(CAUSAL_MASK_BUFFERS, r"^lm_head\.weight$"))
     state = invert_state(lambda src: state_from_hf(src, model.config.depth), target, model.state_dict(), "GPT-2")

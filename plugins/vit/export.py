@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from polymodal.io.export import (
+    NEEDS_TRANSFORMERS,
     Exporter,
+    ExportError,
     config_differences,
     hf_activation,
     hf_shapes,
-    import_transformers,
     invert_state,
     refuse_differences,
     write_hf_folder,
@@ -66,7 +67,10 @@ def hf_config_dict(model: ViTClassifier) -> dict[str, Any]:
 
 def write_hf_vit(model: ViTClassifier, folder: Path) -> None:
     """Write ``model`` into ``folder`` as a transformers ``ViTForImageClassification`` folder."""
-    transformers = import_transformers()
+    try:
+        import transformers
+    except ImportError as exc:  # optional: only exporting to transformers needs it
+        raise ExportError(NEEDS_TRANSFORMERS) from exc
     hf = hf_config_dict(model)
     config = transformers.ViTConfig(**hf)
     target = hf_shapes(transformers, "ViTForImageClassification", config)
