@@ -94,6 +94,22 @@ def _json(path: Path) -> object:
         return None
 
 
+def check_writable(out: str | Path, *, flag: str = "--out", what: str = "folder") -> Path:
+    """The absolute path of ``out`` once it is known a ``what`` can be made or written there: its nearest
+    existing ancestor is a folder (not a file) this user can write. Returns that existing ancestor."""
+    absolute = Path(os.path.abspath(Path(out).expanduser()))
+    existing = absolute
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{flag} {out}: {existing} is a file, so no {what} can be made there")
+    writable = [existing] if existing != absolute else [absolute.parent, absolute]
+    for folder in writable:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputError(f"{flag} {out}: {folder} is not writable by this user; choose a folder you can write")
+    return existing
+
+
 def check_output(
     out: str | Path,
     *,
@@ -120,15 +136,7 @@ def check_output(
             f"{flag} {out} is the current folder or a folder above it; a model folder is replaced as a whole, "
             "so name a folder of its own (e.g. runs/NAME)"
         )
-    existing = absolute
-    while not os.path.lexists(existing):
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"{flag} {out}: {existing} is a file, so no folder can be made there")
-    writable = [existing] if existing != absolute else [absolute.parent, absolute]
-    for folder in writable:
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise OutputError(f"{flag} {out}: {folder} is not writable by this user; choose a folder you can write")
+    check_writable(out, flag=flag)
     kind, detail = folder_kind(absolute)
     if kind == "other":
         raise OutputError(
@@ -225,4 +233,12 @@ def _remove_leftovers(folder: Path) -> None:
                     shutil.rmtree(entry, ignore_errors=True)
 
 
-__all__ = ["OutputError", "check_output", "folder_kind", "output_folder", "output_lock", "resolve_device"]
+__all__ = [
+    "OutputError",
+    "check_output",
+    "check_writable",
+    "folder_kind",
+    "output_folder",
+    "output_lock",
+    "resolve_device",
+]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from polymodal.io.folders import atomic_write
-from polymodal.io.output import OutputError, output_lock
+from polymodal.io.output import OutputError, check_writable, output_lock
 
 MANIFEST = ".polymodal-samples.json"
 """The file in a samples folder that lists what the last ``polymodal sample`` run wrote there."""
@@ -41,15 +41,7 @@ def previous_samples(out: str | Path, *, flag: str = "--out") -> list[str]:
     manifest that is not one (bad JSON, or a listed path outside the folder).
     """
     absolute = Path(os.path.abspath(Path(out).expanduser()))
-    existing = absolute
-    while not os.path.lexists(existing):
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"{flag} {out}: {existing} is a file, so no samples folder can be made there")
-    writable = [existing] if existing != absolute else [absolute.parent, absolute]
-    for folder in writable:
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise OutputError(f"{flag} {out}: {folder} is not writable by this user; choose a folder you can write")
+    existing = check_writable(out, flag=flag, what="samples folder")
     if existing != absolute:
         return []
     manifest = absolute / MANIFEST
