@@ -627,7 +627,9 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device, todo: d
                         flush=True,
                     )
     over = None
-    if not args.no_overhead:
+    if not args.no_overhead and ctx.deadline is not None and time.perf_counter() > ctx.deadline:
+        over = dict(skipped="the run's time budget (--budget-s) was used up before the overhead measurement")
+    elif not args.no_overhead:
         vit = [c for c in todo["cases"] if c.family == "vit" and c.d == todo["head_dims"][0]] or [
             c for c in grid(todo["grid"], todo["head_dims"][0]) if c.family == "vit"
         ]

@@ -62,7 +62,9 @@ def attention_table(report: dict[str, Any]) -> str:
         body.append([*line, status])
     lines.append(text_table(head, body))
     over = report.get("overhead")
-    if over:
+    if over and "skipped" in over:
+        lines.append(f"dispatcher overhead: skipped ({over['skipped']})")
+    elif over:
         for c in over["cases"]:
             lines.append(
                 f"dispatcher overhead at {c['shape']}: attention {c['attention_ms']:.4f} ms vs sdpa "
