@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("registry",),
     ("attention",),
     ("nn",),
-    ("data", "objectives", "generation"),
+    ("data", "objectives", "generation", "diffusion"),
     ("io",),
     ("models",),
     ("train",),

@@ -1,0 +1,3 @@
+"""SR3 super-resolution variants (filled in by the family recipe)."""
+
+VARIANTS: dict = {}

@@ -1,0 +1,3 @@
+"""DDPM variants on the embedded data (filled in by the family recipe)."""
+
+VARIANTS: dict = {}
