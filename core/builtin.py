@@ -68,13 +68,16 @@ def register_fusions(register):
 
 @hookimpl
 def register_objectives(register):
-    """Cross-entropy with per-segment weights, CLIP's contrastive loss and MAE's masked-patch loss."""
+    """Cross-entropy with per-segment weights, CLIP's contrastive loss, MAE's masked-patch loss and the
+    diffusion loss (MSE on the schedule's target, optional hybrid loss for a learned variance)."""
+    from polymodal.diffusion.objective import diffusion_loss
     from polymodal.nn.mae import masked_patch_loss
     from polymodal.objectives import ContrastiveLoss, cross_entropy
 
     register("cross-entropy", cross_entropy)
     register("contrastive", ContrastiveLoss)
     register("masked-patches", masked_patch_loss)
+    register("diffusion", diffusion_loss)
 
 
 @hookimpl
@@ -86,3 +89,12 @@ def register_token_samplers(register):
     register("temperature", sample_temperature)
     register("top-k", sample_top_k)
     register("top-p", sample_top_p)
+
+
+@hookimpl
+def register_diffusion_samplers(register):
+    """Diffusion samplers ``(schedule, cfg) -> sampler``: DDPM (ancestral) and DDIM (implicit, invertible)."""
+    from polymodal.diffusion.samplers import DDIMSampler, DDPMSampler
+
+    register("ddpm", DDPMSampler)
+    register("ddim", DDIMSampler)

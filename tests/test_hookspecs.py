@@ -90,14 +90,14 @@ def test_the_kinds_are_read_from_the_hookspecs(monkeypatch):
     assert table.KINDS is KINDS == tuple(hookspecs.HOOK_KINDS.values())
     monkeypatch.setattr(hookspecs, "HOOK_KINDS", dict(hookspecs.HOOK_KINDS))
 
-    @hookspecs.registers("diffusion_sampler")
-    def register_diffusion_samplers(register):
-        """Diffusion samplers."""
+    @hookspecs.registers("noise_schedule")
+    def register_noise_schedules(register):
+        """Noise schedules."""
 
-    assert hookspecs.HOOK_KINDS["register_diffusion_samplers"] == "diffusion_sampler"
-    assert hasattr(register_diffusion_samplers, f"{hookspecs.PROJECT}_spec")
-    with pytest.raises(ValueError, match="'diffusion_sampler' already has a hook"):
-        hookspecs.registers("diffusion_sampler")(lambda register: None)
+    assert hookspecs.HOOK_KINDS["register_noise_schedules"] == "noise_schedule"
+    assert hasattr(register_noise_schedules, f"{hookspecs.PROJECT}_spec")
+    with pytest.raises(ValueError, match="'noise_schedule' already has a hook"):
+        hookspecs.registers("noise_schedule")(lambda register: None)
 
 
 def test_the_sampler_kind_is_now_token_sampler():

@@ -221,6 +221,7 @@ def _good_and_bad() -> dict[str, tuple[object, object]]:
         "fusion": (Frames, "concat"),
         "objective": (fn, 3.0),
         "token_sampler": (fn, "greedy"),
+        "diffusion_sampler": (fn, "ddpm"),
         "attention_backend": (MathBackend(), MathBackend),  # an instance, not the class
         "dataset": (fn, {"train": []}),
         "model": (ModelSpec(ViTClassifier, ViTConfig()), ViTClassifier),

@@ -239,6 +239,31 @@ def register_token_samplers(register: Register) -> None:
 register_samplers = deprecated_alias("register_samplers", "register_token_samplers")
 
 
+@registers("diffusion_sampler", Accepts("callable"))
+def register_diffusion_samplers(register: Register) -> None:
+    """Register diffusion samplers: classes (or factories) ``(schedule, cfg) -> sampler`` that step a
+    noisy image ``x_t → x_{t_prev}`` from one model output (DDPM, DDIM …), built by
+    ``polymodal.diffusion.make_sampler(schedule, SamplerConfig(name=...))``.
+
+    A sampler has ``timesteps`` (S,) int64, descending, ``previous(t) -> int`` and
+    ``step(output, t, x_t, generator=None) -> StepOutput(prev, x0)``. Token samplers are another kind.
+
+    Example::
+
+        from polymodal import hookimpl
+
+        def ddim_25(schedule, cfg):
+            '''DDIM over 25 respaced steps, whatever the config asks.'''
+            from polymodal.diffusion import make_sampler
+
+            return make_sampler(schedule, cfg, name="ddim", steps=min(25, schedule.T))
+
+        @hookimpl
+        def register_diffusion_samplers(register):
+            register("ddim-25", ddim_25)
+    """
+
+
 @registers("attention_backend", Accepts("instance", "polymodal.attention.Backend"))
 def register_attention_backends(register: Register) -> None:
     """Register attention backends (:class:`polymodal.attention.Backend` instances).
