@@ -222,6 +222,9 @@ def train_model(
         model = run_training(model, dataset, cfg, out=out, device=device, resume=resume, progress=progress, name=name)
         metrics: dict[str, Any] = {"data": dataset.name, "steps": cfg.steps, "seed": cfg.seed}
         source = f"trained with `polymodal train {name}` on {dataset.name} ({cfg.steps} steps, seed {cfg.seed})"
+        if cfg.ema_decay > 0:  # the trainer has loaded the EMA weights: they are saved and evaluated
+            metrics["ema_decay"] = cfg.ema_decay
+            source += f"; the weights are the EMA (decay {cfg.ema_decay}, warm-up {cfg.ema_warmup!r})"
         if out is not None:
             model.save(out, metrics=metrics, source=source)  # the weights first: an evaluation error loses nothing
             if not keep_checkpoint:

@@ -220,8 +220,8 @@ def test_every_command_line_parses():
     [
         (["train", "vit", "--stepz", "3"], "No such option"),
         (["trian", "vit"], "no such command"),
-        (["eval"], "DIRECTORY is missing"),
-        (["eval", "a", "b"], "unexpected argument"),
+        (["export", "a"], "OUT is missing"),
+        (["convert", "a", "b", "c"], "unexpected argument"),
         (["train", "vit", "--steps"], "requires an argument"),
         (["bench", "attention", "--quik"], "no option"),
     ],

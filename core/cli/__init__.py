@@ -250,18 +250,48 @@ def train(
 
 
 @main.command("eval")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("directory", nargs=-1, type=click.Path(exists=True, file_okay=False))
 @click.option("--data", help="Dataset name or folder (default: the family's).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(directory, data, device, as_json) -> None:
-    """Evaluate a model folder and print the family's metrics."""
+@click.option(
+    "--generative",
+    is_flag=True,
+    help="The generative table over the DIRECTORY model folders (default: every model folder in --from): "
+    "judge sample accuracy, fd_judge against the test split, samples/s, parameters.",
+)
+@click.option(
+    "--from",
+    "source",
+    default="runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="With --generative and no DIRECTORY: the folder whose model folders (itself or one level down) to table.",
+)
+@click.option("--samples", "n", type=click.IntRange(min=2), default=1000, show_default=True, help="Samples per model.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (with --generative).")
+@click.option(
+    "--out", type=click.Path(dir_okay=False), help="With --generative: write the Markdown table here (+ .json)."
+)
+@click.option("--no-reference", is_flag=True, help="With --generative: no train-vs-test reference row per dataset.")
+def eval_(directory, data, device, as_json, generative, source, n, seed, out, no_reference) -> None:
+    """Evaluate a model folder and print the family's metrics; with --generative, table generative models.
+
+    `polymodal eval --generative [DIR...]` lists every model folder whose family declares generative samples
+    (the others are skipped with a message on stderr) and a reference row per dataset: its train split
+    against its test split.
+    """
     from polymodal.api import evaluate_folder
     from polymodal.io.output import resolve_device
 
+    if generative:
+        _generative_table(directory, source, data, device, as_json, n, seed, out, no_reference)
+        return
+    if len(directory) != 1:
+        raise click.UsageError(f"eval takes one DIRECTORY (or --generative for several); got {len(directory)}")
     try:
         resolve_device(device)  # before loading anything: no AssertionError from deep inside torch
-        metrics = evaluate_folder(directory, data=data, device=device)
+        metrics = evaluate_folder(directory[0], data=data, device=device)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         _fail(exc)
     if as_json:
@@ -269,6 +299,32 @@ def eval_(directory, data, device, as_json) -> None:
     else:
         for k, v in metrics.items():
             click.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+def _generative_table(directory, source, data, device, as_json, n, seed, out, no_reference) -> None:
+    """``polymodal eval --generative``: the table of :mod:`polymodal.eval.generative`, printed and written."""
+    from polymodal.eval import generative as gen
+    from polymodal.io.output import resolve_device
+
+    try:
+        resolve_device(device)
+        folders = list(directory) or gen.find_folders(source)
+        if not folders:
+            raise ValueError(f"no model folders in {source}; give DIRECTORY... or --from DIR")
+        table = gen.generative_table(
+            folders,
+            n=n,
+            seed=seed,
+            data=data,
+            device=device,
+            reference=not no_reference,
+            on_skip=lambda folder, reason: click.echo(f"skipped {folder}: {reason}", err=True),
+        )
+        if out:
+            gen.write_table(table, out)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    click.echo(json.dumps(table, sort_keys=True) if as_json else gen.to_markdown(table).rstrip("\n"))
 
 
 @main.command()
@@ -338,15 +394,16 @@ def export(directory, out, to, weights_only, overwrite) -> None:
 @main.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "allow_interspersed_args": False}
 )
-@click.argument("suite", type=click.Choice(["attention", "models", "compare", "table"]), metavar="SUITE")
+@click.argument("suite", type=click.Choice(["attention", "models", "diffusion", "compare", "table"]), metavar="SUITE")
 @click.pass_context
 def bench(ctx, suite) -> None:
-    """Run a benchmark suite (attention, models), compare two reports, or print one as Markdown (table).
+    """Run a benchmark suite (attention, models, diffusion), compare two reports, or print one as Markdown (table).
 
     \b
     Suites (`polymodal bench SUITE --help` shows each one's options):
       attention  every attention backend over ViT, causal-LM, cross and sparse shapes
       models     polymodal against transformers on identical converted weights
+      diffusion  the UNet forward and DDIM-50 sampling against diffusers on identical weights
       compare    NEW.json BASELINE.json: flag regressions (> 5 % and > 30 µs slower)
       table      REPORT.json: a saved report as Markdown
 

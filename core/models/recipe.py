@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from polymodal.config import config, field, in_range, one_of
+
+
+def _ema_decay(instance: Any, attribute: Any, value: Any) -> None:
+    """``ema_decay`` is 0 (off) or a number in (0, 1): a decay of 1 would never move the average."""
+    in_range(0.0, 1.0)(instance, attribute, value)
+    if value == 1.0:
+        raise ValueError(
+            f"{type(instance).__name__}.{attribute.name} must be in [0, 1) (0: no EMA; 1 would never move it), "
+            f"got {value!r}"
+        )
 
 
 @config
@@ -35,4 +47,26 @@ class TrainConfig:
     )
     log_every: int = field(
         10, "Update the progress bar's loss every this many steps.", check=in_range(1, 10**9, integer=True)
+    )
+    ema_decay: float = field(
+        0.0,
+        "Keep an exponential moving average of the trainable weights with this decay (0: off; e.g. 0.999). "
+        "The checkpoint holds it (``--resume`` continues it exactly); the model folder stores and evaluates "
+        "the EMA weights.",
+        check=_ema_decay,
+    )
+    ema_warmup: str = field(
+        "step",
+        "How the EMA decay warms up over its k-th update: 'step' (min(decay, (1 + k)/(10 + k)), diffusers' "
+        "EMAModel default), 'power' (min(decay, 1 - (1 + k)^-ema_power)) or 'none' (the decay from the start).",
+        check=one_of("none", "step", "power"),
+    )
+    ema_power: float = field(
+        2 / 3, "The exponent of the 'power' EMA warm-up (diffusers' default 2/3).", check=in_range(1e-6, 100.0)
+    )
+    ema_start: int = field(
+        0,
+        "Optimiser steps before the EMA starts averaging (until then, and at the step after, it copies the "
+        "weights; diffusers' update_after_step).",
+        check=in_range(0, 10**9, integer=True),
     )

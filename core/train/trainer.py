@@ -6,6 +6,11 @@ reaches the same weights as an uninterrupted one (on the CPU, bit for bit). It i
 a resumed run must ask for the checkpoint's settings (family, model config, every trainer field
 but ``steps``, ``checkpoint_every`` and ``log_every``); more ``steps`` extend the run, fewer steps
 than the checkpoint has done are refused.
+
+With ``ema_decay > 0`` the trainer also keeps an EMA of the trainable weights
+(:class:`~polymodal.train.ema.EMAWeights`), updated after every optimiser step; the checkpoint holds
+it (``checkpoint/ema.safetensors``) so a resumed run continues it exactly, and at the end the EMA
+weights are loaded into the model that :func:`train` returns (and so saved and evaluated).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from polymodal.io.folders import LoadError, read_json, read_state, recover_folde
 from polymodal.io.output import resolve_device
 from polymodal.models.base import PolymodalModel
 from polymodal.models.recipe import TrainConfig
+from polymodal.train.ema import EMAWeights
 
 CHECKPOINT = "checkpoint"
 
@@ -85,10 +91,18 @@ def _checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _save_checkpoint(
-    out: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, data: str | None = None
+    out: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    step: int,
+    cfg: TrainConfig,
+    data: str | None = None,
+    ema: EMAWeights | None = None,
 ) -> None:
     def fill(tmp: Path) -> None:
         save_state(tmp / "model.safetensors", _checkpoint_state(model), {"step": str(step)})
+        if ema is not None:
+            save_state(tmp / "ema.safetensors", ema.state_dict(), {"step": str(step), "updates": str(ema.updates)})
         state = opt.state_dict()
         tensors = {
             f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)
@@ -102,6 +116,8 @@ def _save_checkpoint(
             {k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]
         ]
         meta = {"step": step, "train": to_dict(cfg), "param_groups": groups, "data": data}
+        if ema is not None:
+            meta["ema_updates"] = ema.updates
         if isinstance(model, PolymodalModel):
             meta |= {"family": model.family, "model": _plain(model.config_dict())}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
@@ -167,6 +183,9 @@ def check_resume(
         raise TrainingError(f"--resume: {folder} is a {meta['family']} checkpoint; this run trains a {family} model")
     saved = {f"train.{k}": v for k, v in _flat(meta.get("train", {})).items() if k not in FREE_ON_RESUME}
     asked = {f"train.{k}": v for k, v in _flat(_plain(to_dict(cfg))).items() if k not in FREE_ON_RESUME}
+    for k, v in _flat(_plain(to_dict(TrainConfig()))).items():  # a field newer than the checkpoint (ema_*)
+        if k not in FREE_ON_RESUME and "train" in meta:  # had its default then
+            saved.setdefault(f"train.{k}", v)
     if meta.get("data") and data:
         saved["data"], asked["data"] = meta["data"], data
     if "model" in meta and hasattr(model, "config_dict"):
@@ -194,7 +213,9 @@ def check_resume(
     return step
 
 
-def _load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+def _load_checkpoint(
+    out: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any], ema: EMAWeights | None = None
+) -> None:
     from polymodal.io.folders import load_state_strict
 
     folder = out / CHECKPOINT
@@ -214,6 +235,11 @@ def _load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, me
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (ValueError, KeyError) as exc:
         raise TrainingError(f"{folder} does not fit this model's optimiser: {exc}") from exc
+    if ema is not None:
+        file = folder / "ema.safetensors"
+        if not file.is_file():
+            raise TrainingError(f"--resume: {folder} holds no EMA weights (ema.safetensors) for ema_decay > 0")
+        ema.load_state_dict(read_state(file), meta.get("ema_updates"), str(file))
     torch.set_rng_state(tensors["rng.cpu"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available():
@@ -240,7 +266,8 @@ def train(
     (for tests of interrupted runs). A non-finite loss raises :class:`TrainingError` naming the step.
     ``resume`` checks the checkpoint against this run first (:func:`check_resume`); an unavailable
     ``device`` is a ValueError before any work. ``name`` is what the progress bar calls the run
-    (``train dino-shapes``; default: the model's family).
+    (``train dino-shapes``; default: the model's family). With ``cfg.ema_decay > 0`` the returned
+    model holds the EMA weights (the checkpoint keeps the raw ones and the EMA, to resume from).
     """
     dev = resolve_device(device)
     out = Path(out) if out is not None else None
@@ -251,8 +278,13 @@ def train(
     step = check_resume(meta, cfg, model, out / CHECKPOINT, data) if meta is not None else 0
     model.to(dev).train()
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    ema = (
+        EMAWeights(model, cfg.ema_decay, warmup=cfg.ema_warmup, power=cfg.ema_power, start=cfg.ema_start)
+        if cfg.ema_decay > 0
+        else None
+    )
     if meta is not None:
-        _load_checkpoint(out, model, opt, meta)
+        _load_checkpoint(out, model, opt, meta, ema)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     split = dataset.train
@@ -287,6 +319,8 @@ def train(
         opt.step()
         if isinstance(model, PolymodalModel):
             model.after_step()
+        if ema is not None:
+            ema.update(model)
         step += 1
         seen += len(next(iter(batch.values())))
         if on_step is not None:
@@ -297,9 +331,11 @@ def train(
                 rate = seen / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
         if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end:
-            _save_checkpoint(out, model, opt, step, cfg, data)
+            _save_checkpoint(out, model, opt, step, cfg, data, ema)
     if bar is not None:
         bar.close()
     if out is not None:
-        _save_checkpoint(out, model, opt, step, cfg, data)
+        _save_checkpoint(out, model, opt, step, cfg, data, ema)
+    if ema is not None:  # after the checkpoint (raw weights, to resume from): the model keeps the average
+        ema.copy_to(model)
     return model.eval()

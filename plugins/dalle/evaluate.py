@@ -67,6 +67,24 @@ def judged_samples(model: Any, dataset: Any, per_class: int, seed: int = 0, batc
 
 
 @torch.no_grad()
+def generative_samples(model: Any, dataset: Any, n: int, seed: int = 0, batch_size: int = 256) -> tuple:
+    """``n`` samples cycling through the evaluation prompts, and their targets (the generative table's hook)."""
+    if dataset.name not in ("digits", "shapes"):
+        raise ValueError(f"DALL·E's evaluation prompts are for digits and shapes; got {dataset.name!r}")
+    k = len(txt.eval_prompts(dataset.name, 1)[0])
+    per = math.ceil(n / k)
+    prompts, targets = txt.eval_prompts(dataset.name, per)  # grouped by prompt: per each
+    order = torch.arange(k * per).view(k, per).t().flatten()[:n]  # (n,) prompt 0, 1, …, k-1, 0, 1, …
+    g = torch.Generator(device=model.head.weight.device).manual_seed(seed)
+    chosen = [prompts[i] for i in order.tolist()]
+    images = [
+        model.decode_codes(generate_codes(model, chosen[s : s + batch_size], generator=g)).cpu()  # (b, C, S, S)
+        for s in range(0, n, batch_size)
+    ]
+    return torch.cat(images), {a: v[order] for a, v in targets.items()}
+
+
+@torch.no_grad()
 def evaluate_dalle(model: Any, dataset: Any, split: str = "test") -> dict[str, float]:
     """Test loss metrics, then judged sample metrics (datasets the judge knows: digits, shapes)."""
     metrics = test_loss(model, dataset, split)

@@ -312,6 +312,12 @@ class DALLE(PolymodalModel):
 
         return evaluate_dalle(self, dataset, split)
 
+    def generative_samples(self, dataset: Any, n: int, seed: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        """``polymodal eval --generative``: ``n`` samples for the evaluation prompts (cycled) and their targets."""
+        from .evaluate import generative_samples
+
+        return generative_samples(self, dataset, n, seed)
+
     def sample_to_folder(
         self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
     ) -> list[Path]:

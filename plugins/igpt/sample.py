@@ -81,6 +81,10 @@ class SamplingMixin:
         """``n`` unconditional images (n, C, S, S) in [0, 1]; options as :meth:`sample_tokens`."""
         return self.images(self.sample_tokens(n, **options))
 
+    def generative_samples(self, dataset: Any, n: int, seed: int = 0) -> tuple[Tensor, None]:
+        """``polymodal eval --generative``: ``n`` unconditional samples (no prompts, so no targets)."""
+        return self.sample(n, seed=seed).cpu(), None
+
     def read_for_completion(self, path: str | Path) -> Tensor:
         """The image at ``path`` as (C, S, S); a size other than the model's raises a ValueError."""
         image = read_image(path, self.config.channels)  # (C, H, W)

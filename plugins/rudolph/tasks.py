@@ -239,6 +239,18 @@ class RudolphTasks:
         return write_samples(images.cpu(), out)
 
     # -- evaluation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generative_samples(self, dataset: Any, n: int, seed: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        """``polymodal eval --generative``: ``n`` samples for ``eval_prompt`` cycling through the classes."""
+        names = list(self.config.class_names)
+        if not names or "label" not in dataset.test:
+            raise ValueError(f"RuDolph's evaluation prompts need class names and labelled data; got {dataset.name!r}")
+        labels = torch.arange(n) % len(names)  # (n,)
+        prompts = [tx.fill(self.config.eval_prompt, k, names) for k in labels.tolist()]
+        g = torch.Generator(device=self._device()).manual_seed(seed)
+        images = [self.generate_images(prompts[s : s + 256], generator=g).cpu() for s in range(0, n, 256)]
+        return torch.cat(images), {"label": labels}
+
     def dataset_images(self, images: Tensor) -> Tensor:
         """A dataset's float images (B, C, H, W) resized to the frozen tokenizer's size (a folder keeps its
         images at their own size; :meth:`encode_images` itself takes only the tokenizer's)."""
