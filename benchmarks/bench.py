@@ -10,6 +10,8 @@ import transformers. ``polymodal bench`` finds this folder beside the installed 
   dispatcher's own overhead; a JSON report, a PNG plot and ``--compare BASELINE.json``.
 * ``models`` (:mod:`bench_models`): polymodal against transformers on identical
   converted weights, interleaved, same threads, ratio reported.
+* ``diffusion`` (:mod:`bench_diffusion`): polymodal's UNet and DDIM loop against diffusers on
+  identical converted weights, interleaved, with the share of time per op category.
 * ``compare NEW.json BASELINE.json``: the regression check alone, on two saved reports;
   ``table REPORT.json``: a saved report as Markdown (the READMEs' tables).
 
@@ -32,7 +34,7 @@ from typing import Any
 
 import torch
 
-SUITES = ("attention", "models", "compare", "table")
+SUITES = ("attention", "models", "diffusion", "compare", "table")
 
 
 HELP = """usage: polymodal bench SUITE [options]   (or: python benchmarks/bench.py SUITE [options])
@@ -40,6 +42,7 @@ HELP = """usage: polymodal bench SUITE [options]   (or: python benchmarks/bench.
 suites (`polymodal bench SUITE --help` shows each one's options):
   attention  every attention backend over ViT, causal-LM, cross-attention, sparse and packed shapes
   models     polymodal against transformers on identical converted weights, interleaved
+  diffusion  polymodal's UNet forward and DDIM-50 sampling against diffusers on identical weights
   compare    NEW.json BASELINE.json: flag rows slower than the baseline (> 5 % and > 30 µs)
   table      REPORT.json: a saved report as Markdown"""
 """What ``polymodal bench --help`` and ``bench.py --help`` print: the suites and how to get each one's help."""
@@ -353,6 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bench_models import models_suite
 
             return models_suite(rest)
+        if suite == "diffusion":
+            from bench_diffusion import diffusion_suite
+
+            return diffusion_suite(rest)
         if suite == "table":
             return table_suite(rest)
         return compare_suite(rest)

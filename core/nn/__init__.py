@@ -6,6 +6,7 @@ from polymodal.nn.mlp import ACTIVATIONS, Mlp, QuickGELU, make_activation
 from polymodal.nn.modes import eval_mode
 from polymodal.nn.norm import RMSNorm, make_norm
 from polymodal.nn.stack import StackConfig, TransformerStack
+from polymodal.nn.unet import UNet, UNetConfig  # after Attention: unet uses the fusions
 
 __all__ = [
     "ACTIVATIONS",
@@ -21,6 +22,8 @@ __all__ = [
     "RMSNorm",
     "StackConfig",
     "TransformerStack",
+    "UNet",
+    "UNetConfig",
     "eval_mode",
     "init_weights",
     "interpolate_grid",
