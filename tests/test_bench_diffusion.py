@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
-import bench_diffusion as bd
 import pytest
 import torch
 from click.testing import CliRunner
 
+import bench_diffusion as bd
 from polymodal.cli import main
 
 pytest.importorskip("diffusers")

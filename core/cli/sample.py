@@ -30,6 +30,9 @@ def _click_option(option: SampleOption) -> click.Option:
     """The click option for one declared sampling option (one object per declaration)."""
     if option.type == "switch":
         return click.Option([option.flag, option.keyword], is_flag=True, default=False, help=option.help)
+    if option.type == "files":  # the flag repeated: --upscale a.png --upscale b.png
+        path = click.Path(exists=True, dir_okay=False)
+        return click.Option([option.flag, option.keyword], type=path, multiple=True, help=option.help)
     return click.Option([option.flag, option.keyword], type=_OPTION_TYPES[option.type], help=option.help)
 
 
@@ -149,7 +152,7 @@ def sample(directory, num, prompt, seed, out, device, **family_options) -> None:
         value = family_options.get(option.keyword)
         if option.type == "switch" and value:
             options[option.keyword] = option.value
-        elif option.type != "switch" and value is not None:
+        elif option.type != "switch" and value is not None and value != ():  # () is an unset "files" option
             options[option.keyword] = value
     try:
         paths = write_samples_folder(

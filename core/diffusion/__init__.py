@@ -4,7 +4,13 @@ Families compose these (the `diffusion` plugin, and later unCLIP and Kandinsky);
 :mod:`polymodal.nn.unet`.
 """
 
-from polymodal.diffusion.guidance import cfg_model, classifier_free, classifier_guided, combine_guidance
+from polymodal.diffusion.guidance import (
+    cfg_model,
+    classifier_free,
+    classifier_guided,
+    combine_guidance,
+    reconstruction_guided,
+)
 from polymodal.diffusion.loop import SampleResult, invert, outpaint_canvas, reconstruct, repaint_schedule, sample
 from polymodal.diffusion.objective import diffusion_loss
 from polymodal.diffusion.samplers import DDIMSampler, DDPMSampler, SamplerConfig, StepOutput, make_sampler
@@ -21,6 +27,7 @@ __all__ = [
     "cfg_model",
     "classifier_free",
     "classifier_guided",
+    "reconstruction_guided",
     "combine_guidance",
     "diffusion_loss",
     "invert",

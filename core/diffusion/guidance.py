@@ -24,7 +24,14 @@ from torch import Tensor
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 CondModelFn = Callable[[Tensor, Tensor, dict], Tensor]
 
-__all__ = ["classifier_free", "classifier_guided", "cfg_model", "combine_guidance", "double_condition"]
+__all__ = [
+    "classifier_free",
+    "classifier_guided",
+    "cfg_model",
+    "combine_guidance",
+    "double_condition",
+    "reconstruction_guided",
+]
 
 
 def _check_scale(scale: float, what: str) -> float:
@@ -234,5 +241,49 @@ def classifier_guided(
         eps = eps - sigma * scale * grad_log_prob(x, t)  # (B, C, H, W)
         guided = schedule.from_eps(eps, x, t)  # (B, C, H, W)
         return guided if var is None else torch.cat([guided, var], dim=1)  # (B, 2C, H, W)
+
+    return fn
+
+
+def reconstruction_guided(
+    model_fn: ModelFn,
+    schedule,
+    known: Tensor,
+    mask: Tensor,
+    scale: float,
+    *,
+    learned_variance: bool | None = None,
+) -> ModelFn:
+    """Reconstruction guidance for inpainting: the noise estimate follows the known pixels.
+
+    Ho et al. (Video Diffusion Models, 2022) and Chung et al. (Improving Diffusion Models for Inverse
+    Problems, 2022): with the loss ``L = Σ mask · (x̂0(x_t) − known)²`` the noise estimate becomes
+    ``ε̂ = ε + scale · ᾱ_t / sqrt(1 − ᾱ_t) · ∇ₓ L`` (the gradient runs through the model), so the
+    predicted x0 moves by about ``−scale · ∂L/∂x̂0``, the same size at every noise level. It complements
+    RePaint's replacement of the known region (:func:`polymodal.diffusion.loop.sample` with ``known`` and
+    ``mask``): replacement fixes the known pixels, the gradient makes the generated ones agree with them.
+    ``known`` (B or 1, C, H, W) in [-1, 1], ``mask`` (B or 1, 1 or C, H, W), True or 1 = known.
+    ``scale == 0`` returns the model unchanged.
+    """
+    scale = _check_scale(scale, "reconstruction guidance scale")
+    if scale == 0:
+        return model_fn
+    alphas_cumprod = schedule.alphas_cumprod
+    weight = mask.to(known.dtype)  # (B or 1, 1 or C, H, W)
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        t = t.expand(x.shape[0]) if t.dim() == 1 and t.shape[0] == 1 else t  # (B,)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)  # (B, C, H, W)
+            out = model_fn(xg, t)  # (B, C', H, W)
+            mean, var = _split_mean(out, xg, learned_variance)
+            x0 = schedule.to_x0(mean, xg, t)  # (B, C, H, W)
+            loss = ((x0 - known.to(x0)) ** 2 * weight.to(x0)).sum()
+            (grad,) = torch.autograd.grad(loss, xg)  # (B, C, H, W)
+        ab = alphas_cumprod.to(device=x.device, dtype=torch.float64)[t.long()]  # (B,)
+        step = (ab / (1.0 - ab).sqrt()).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1, 1)
+        eps = schedule.to_eps(mean.detach(), x, t) + scale * step * grad  # (B, C, H, W)
+        guided = schedule.from_eps(eps, x, t)  # (B, C, H, W)
+        return guided if var is None else torch.cat([guided, var.detach()], dim=1)  # (B, 2C, H, W)
 
     return fn

@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-TYPES = ("float", "int", "text", "file", "folder", "switch")
-"""Value types an option may declare: numbers, free text, an existing file or folder, or a switch."""
+TYPES = ("float", "int", "text", "file", "files", "folder", "switch")
+"""Value types an option may declare: numbers, free text, an existing file, one or more existing files
+(``"files"``: the flag repeated, passed as a tuple of paths), an existing folder, or a switch."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """The diffusion family plugin: DDPM / DDIM on the embedded data, guidance, SR3, inpainting.
 
-Variants are declared in :mod:`.variants` (DDPM, classifier-free and classifier guidance) and
+Variants are declared in :mod:`.variants` (``ddpm``, ``ddpm-cfg`` for classifier-free guidance,
+``ddpm-classifier``, the noisy classifier of classifier guidance; models in :mod:`.model`,
+:mod:`.classifier`) and
 :mod:`.sr3` (super-resolution); the diffusers ``UNet2DModel`` converter is in :mod:`.convert`.
 """
 
@@ -21,3 +23,11 @@ __all__ = ["VARIANTS"]
 def register_models(register):
     """The diffusion variants."""
     register_variants(register, VARIANTS)
+
+
+@hookimpl
+def register_converters(register):
+    """``diffusers-unet``: a diffusers UNet2DModel folder to a diffusion model folder."""
+    from .convert import convert_diffusers_unet
+
+    register("diffusers-unet", convert_diffusers_unet, doc="diffusers UNet2DModel folder → polymodal diffusion")
