@@ -130,8 +130,9 @@ CAUSAL_MASK_BUFFERS = r"(^|\.)h\.\d+\.attn\.(masked_)?bias$"
 (``h.<i>.attn.bias``) and masking value (``attn.masked_bias``) as tensors: buffers, not weights."""
 
 
-class _Reads(dict):
-    """The source state dict, recording which keys the family's mapping reads (``[]`` and ``get``)."""
+class TrackedState(dict):
+    """A source state dict that records which keys a converter's mapping reads (``[]`` and ``get``) in
+    ``.read``, so the converter can refuse a checkpoint whose tensors it did not all use."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -203,7 +204,7 @@ def convert_hf_folder(
     if dst is not None:  # before any work: never write over a folder of other files (a model folder is replaced)
         check_output(dst, overwrite=True, flag="dst")
     hf = read_hf_config(src, converter, model_type, label)
-    weights = _Reads(read_hf_weights(src, converter))
+    weights = TrackedState(read_hf_weights(src, converter))
     model = build_model(hf, weights, f"{converter} ({src / 'config.json'})")
     try:
         state = rename_state(weights, model)

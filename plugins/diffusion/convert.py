@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from polymodal.io.folders import LoadError, load_state_strict, read_json, read_state
-from polymodal.io.hf import check_all_used, hf_converter
+from polymodal.io.hf import TrackedState, check_all_used, hf_converter
 from polymodal.io.output import check_output
 from polymodal.nn import UNet, UNetConfig
 
@@ -152,18 +152,6 @@ def unet_state_from_diffusers(src: dict[str, torch.Tensor], model: UNet) -> dict
     return out
 
 
-class _Reads(dict):
-    """The source tensors, remembering which ones the mapping read."""
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.read: set[str] = set()
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        self.read.add(key)
-        return super().__getitem__(key)
-
-
 def _unet_folder(src: Path) -> Path:
     """The folder holding the UNet: ``src`` itself, or ``src/unet`` of a pipeline folder."""
     if not (src / "config.json").is_file() and (src / "unet" / "config.json").is_file():
@@ -185,7 +173,7 @@ def load_diffusers_unet(src: str | Path) -> tuple[UNet, dict[str, Any]]:
                 f"diffusers-unet reads {path}, which is missing; {folder} has {pickled[0]}, which it does not "
                 "unpickle (loading a pickle can run code): save it with save_pretrained(..., safe_serialization=True)"
             )
-    weights = _Reads(read_state(path))
+    weights = TrackedState(read_state(path))
     unet = UNet(unet_config_from_diffusers(cfg, f"diffusers-unet ({folder / 'config.json'})"))
     try:
         state = unet_state_from_diffusers(weights, unet)
