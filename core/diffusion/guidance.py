@@ -45,6 +45,12 @@ def _check_scale(scale: float, what: str) -> float:
     return value
 
 
+def _alpha_bar(alphas_cumprod: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    """ᾱ_t for each sample of ``x`` as float64, shaped to broadcast over it: (B, 1, 1, 1)."""
+    ab = alphas_cumprod.to(device=x.device, dtype=torch.float64)[t.long()]  # (B,)
+    return ab.view(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1, 1)
+
+
 def _split_mean(out: Tensor, x: Tensor, learned_variance: bool | None) -> tuple[Tensor, Tensor | None]:
     """Split a model output into the guided part and the learned-variance part (or None).
 
@@ -236,8 +242,7 @@ def classifier_guided(
         out = model_fn(x, t)  # (B, C', H, W)
         mean, var = _split_mean(out, x, learned_variance)
         eps = schedule.to_eps(mean, x, t)  # (B, C, H, W)
-        ab = alphas_cumprod.to(device=x.device, dtype=torch.float64)[t.long()]  # (B,)
-        sigma = (1.0 - ab).sqrt().to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1, 1)
+        sigma = (1.0 - _alpha_bar(alphas_cumprod, t, x)).sqrt().to(x.dtype)  # (B, 1, 1, 1)
         eps = eps - sigma * scale * grad_log_prob(x, t)  # (B, C, H, W)
         guided = schedule.from_eps(eps, x, t)  # (B, C, H, W)
         return guided if var is None else torch.cat([guided, var], dim=1)  # (B, 2C, H, W)
@@ -280,8 +285,8 @@ def reconstruction_guided(
             x0 = schedule.to_x0(mean, xg, t)  # (B, C, H, W)
             loss = ((x0 - known.to(x0)) ** 2 * weight.to(x0)).sum()
             (grad,) = torch.autograd.grad(loss, xg)  # (B, C, H, W)
-        ab = alphas_cumprod.to(device=x.device, dtype=torch.float64)[t.long()]  # (B,)
-        step = (ab / (1.0 - ab).sqrt()).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1, 1)
+        ab = _alpha_bar(alphas_cumprod, t, x)  # (B, 1, 1, 1)
+        step = (ab / (1.0 - ab).sqrt()).to(x.dtype)  # (B, 1, 1, 1)
         eps = schedule.to_eps(mean.detach(), x, t) + scale * step * grad  # (B, C, H, W)
         guided = schedule.from_eps(eps, x, t)  # (B, C, H, W)
         return guided if var is None else torch.cat([guided, var.detach()], dim=1)  # (B, 2C, H, W)
