@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.config import _coerce, _nested_class, apply_overrides, evolve, from_dict, to_dict
+from polymodal.data.base import Batch
 from polymodal.models.recipe import TrainConfig
 
 
@@ -186,6 +187,16 @@ class PolymodalModel(nn.Module):
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """Training loss on one batch from the dataset's train split, plus metrics to log."""
         raise NotImplementedError
+
+    def collator(self) -> Callable[[Batch, int], Batch] | None:
+        """The family's data-pipeline step, or None (the default: the batch goes to :meth:`loss` as read).
+
+        A picklable callable ``collate(batch, step) -> batch`` that does the CPU work a batch needs before
+        :meth:`loss` (tokenising captions, re-sampling caption views for global step ``step``), so it runs
+        in DataLoader workers for streamed data and out of the training step's critical path. It must not
+        hold the model's weights (it is sent to the workers) and must draw randomness only from torch's
+        global generator (seeded per worker by the DataLoader)."""
+        return None
 
     train_step: int = 0
     """The trainer's global step for the loss being computed (counted across ``--resume``)."""

@@ -70,3 +70,35 @@ class TrainConfig:
         "weights; diffusers' update_after_step).",
         check=in_range(0, 10**9, integer=True),
     )
+    accumulate: int = field(
+        1,
+        "Micro-batches per rank per optimiser step (gradient accumulation): each of the W ranks takes "
+        "``batch_size / W`` samples of every global batch and splits them into this many micro-batches, so "
+        "``batch_size`` is the global batch at any world size. A batch that does not divide is an error.",
+        check=in_range(1, 1 << 20, integer=True),
+    )
+    strategy: str = field(
+        "auto",
+        "How many processes share the model: 'auto' (DDP when the world size is > 1), 'ddp' "
+        "(DistributedDataParallel) or 'fsdp' (FSDP2 ``fully_shard`` per block, then the whole model).",
+        check=one_of("auto", "ddp", "fsdp"),
+    )
+    cpu_offload: bool = field(False, "With ``strategy='fsdp'``: keep the sharded parameters on the CPU (FSDP2 offload).")
+    compile: bool = field(
+        False, "Compile the loss computation with ``torch.compile`` (once; the same shapes never recompile)."
+    )
+    workers: int = field(
+        0,
+        "DataLoader worker processes that read and decode a streamed or lazy dataset (a folder, tar shards) and "
+        "run the family's collate (0: in the training process).",
+        check=in_range(0, 256, integer=True),
+    )
+    eval_every: int = field(
+        0,
+        "Evaluate on the test split every this many steps on rank 0, logged to ``train_log.jsonl`` (0: only at "
+        "the end).",
+        check=in_range(0, 10**9, integer=True),
+    )
+    tensorboard: bool = field(
+        False, "Also write the logged metrics as TensorBoard events under ``OUT/tensorboard`` (needs tensorboard)."
+    )
