@@ -25,8 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
+from polymodal.nn.collectives import all_reduce_mean
 from polymodal.nn.mlp import make_activation
 from polymodal.train import TrainingError
+
+from .sync import SyncBatchNorm1d
 
 __all__ = [
     "DINOHead",
@@ -104,7 +107,7 @@ class DINOHead(nn.Module):
             layers.append(nn.Linear(a, b))
             if i < cfg.layers - 1:
                 if cfg.batchnorm:
-                    layers.append(nn.BatchNorm1d(b))
+                    layers.append(SyncBatchNorm1d(b))  # nn.BatchNorm1d over the global batch
                 layers.append(make_activation(cfg.act))
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:
@@ -209,28 +212,44 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher: Sequence[Tensor]) -> None:
         """``centre ← m·centre + (1 − m)·mean of the teacher logits`` over every global view and sample."""
-        batch_mean = torch.cat([t.detach().float() for t in teacher]).mean(0, keepdim=True)  # (1, K)
+        self.update_center_from_mean(batch_mean(teacher))
+
+    @torch.no_grad()
+    def update_center_from_mean(self, mean: Tensor) -> None:
+        """The centre's EMA step from this rank's batch mean (1, K) of the teacher logits, averaged over
+        ranks first (each rank holds as many rows of the global batch)."""
         m = self.cfg.center_momentum
-        self.center.mul_(m).add_(batch_mean, alpha=1.0 - m)
+        self.center.mul_(m).add_(all_reduce_mean(mean), alpha=1.0 - m)
+
+
+@torch.no_grad()
+def batch_mean(teacher: Sequence[Tensor]) -> Tensor:
+    """(1, K) the mean teacher logits over every view (each (B, K)) and sample."""
+    return torch.cat([t.detach().float() for t in teacher]).mean(0, keepdim=True)  # (1, K)
 
 
 # -- collapse monitoring ----------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def collapse_stats(probs: Tensor) -> dict[str, float]:
+def collapse_stats(probs: Tensor, *, across_ranks: bool = False) -> dict[str, float]:
     """Collapse statistics of teacher distributions ``probs`` (B, K) (rows sum to 1).
 
     ``teacher_entropy``: mean entropy of the rows, in nats (0: one-hot; ``log K``: uniform).
     ``kl_to_centre``: mean ``KL(p_i ‖ p̄)`` to the batch's mean distribution ``p̄`` (the mutual
     information between image and output). It is 0 exactly when every image gets the same
     distribution: both ways of collapsing (uniform or one dominant dimension).
-    ``max_entropy``: ``log K`` for reference.
+    ``max_entropy``: ``log K`` for reference. ``across_ranks``: the statistics of every rank's rows
+    together (the same on every rank; every rank must call it, with as many rows).
     """
     p = probs.float().clamp_min(1e-12)  # (B, K)
     entropy = -(p * p.log()).sum(-1).mean()
     mean = p.mean(0, keepdim=True)  # (1, K)
+    if across_ranks:
+        mean = all_reduce_mean(mean)  # (1, K) the global batch's mean distribution
     kl = (p * (p.log() - mean.log())).sum(-1).mean()
+    if across_ranks:
+        entropy, kl = all_reduce_mean(torch.stack([entropy, kl])).unbind()
     return {
         "teacher_entropy": entropy.item(),
         "kl_to_centre": max(kl.item(), 0.0),

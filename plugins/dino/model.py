@@ -26,10 +26,11 @@ from polymodal.data.augment import resize
 from polymodal.models import PolymodalModel
 from polymodal.nn.encoders import ViTEncoder, ViTEncoderConfig
 from polymodal.nn.grid import fit_encoder
-from polymodal.train import cosine_momentum, ema_update_
+from polymodal.train import cosine_momentum
 
 from .crops import check_images, multi_crop
-from .distill import CollapseMonitor, DINOHead, DINOHeadConfig, DINOLoss, DINOLossConfig, collapse_stats
+from .distill import CollapseMonitor, DINOHead, DINOHeadConfig, DINOLoss, DINOLossConfig, batch_mean, collapse_stats
+from .sync import teacher_ema_
 
 
 def _check_scale(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -159,7 +160,7 @@ class DINOModel(PolymodalModel):
         self.dino_loss = DINOLoss(config.head.out_dim, config.loss)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.monitor = CollapseMonitor(config.collapse_min_kl, config.collapse_patience, config.collapse_start)
-        self._pending: list[Tensor] | None = None  # teacher logits of the last training batch (for the centre)
+        self._pending: list[tuple[Tensor, int]] = []  # teacher batch means and rows since the last step
         self._last_stats: dict[str, float] = {}
         self.teacher.eval()
 
@@ -247,9 +248,11 @@ class DINOModel(PolymodalModel):
         with torch.no_grad():
             teacher = self.teacher.views(globals_, shared)  # 2 × (B, K)
         loss = self.dino_loss(student, teacher, step)
-        stats = collapse_stats(torch.cat([self.dino_loss.teacher_probs(t, step) for t in teacher]))
-        if self.training:
-            self._pending, self._last_stats = teacher, stats
+        probs = torch.cat([self.dino_loss.teacher_probs(t, step) for t in teacher])  # (2B, K)
+        stats = collapse_stats(probs, across_ranks=self.training)  # over every rank's batch while training
+        if self.training:  # every micro-batch of an accumulated step counts towards the centre
+            self._pending.append((batch_mean(teacher), sum(map(len, teacher))))  # (1, K), rows: every micro-batch
+            self._last_stats = stats
         metrics = {
             "teacher_entropy": stats["teacher_entropy"],
             "kl_to_centre": stats["kl_to_centre"],
@@ -262,10 +265,12 @@ class DINOModel(PolymodalModel):
     def after_step(self) -> None:
         """After each optimiser step: EMA teacher update, centre update, collapse check, step count."""
         step = int(self.steps_done)
-        ema_update_(self.teacher, self.student, self.momentum_at(step))
-        if self._pending is not None:
-            self.dino_loss.update_center(self._pending)
-            self._pending = None
+        teacher_ema_(self.teacher, self.student, self.momentum_at(step))  # ema_update_, FSDP-sharded students too
+        if self._pending:  # one micro-batch: its mean as it is; several: their mean weighted by rows
+            means, rows = zip(*self._pending)
+            mean = means[0] if len(means) == 1 else sum(m * n for m, n in self._pending) / sum(rows)  # (1, K)
+            self.dino_loss.update_center_from_mean(mean)
+            self._pending = []
         self.steps_done += 1
         if self._last_stats:
             self.monitor.update(step, self._last_stats)
