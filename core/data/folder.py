@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from polymodal.data.base import Dataset, Split
-from polymodal.data.images import open_image
+from polymodal.data.images import open_image, pixel_limit
+from polymodal.data.lazy import FolderReader, LazyFolderSplit, prepare_image
 
 CAPTIONS = "captions.jsonl"
 CLASSES = "classes.txt"
@@ -205,6 +206,7 @@ def load_folder(
     test_fraction: float = 0.2,
     image_size: int | None = None,
     channels: int | None = None,
+    lazy: bool | None = None,
 ) -> Dataset:
     """The images in ``root`` described by ``root/captions.jsonl``.
 
@@ -214,6 +216,11 @@ def load_folder(
     ``S`` is ``image_size`` when given, else the images' own (most common) size; ``C`` is
     ``channels`` when given, else 1 when every image is greyscale and 3 otherwise.
     Raises ValueError naming the file and line for any bad input.
+
+    ``lazy=True`` decodes no pixels here (:func:`load_lazy_folder`, :mod:`polymodal.data.lazy`: a header-only
+    pass reads sizes and modes; the train split decodes its images on demand, in DataLoader workers
+    when training, and gives the same batches bit for bit); ``lazy=None`` (the default) is lazy when
+    the folder has more than ``POLYMODAL_LAZY_ABOVE`` (default 2,000) images.
     """
     if root is None:
         raise ValueError("the folder dataset needs root: a folder of images with a captions.jsonl")
@@ -231,41 +238,25 @@ def load_folder(
         raise ValueError(f"{root} has no {CAPTIONS} (one JSON object per line with 'path' and 'caption')")
     rows = _read_lines(file)
     labels = _labels(rows, file, _class_list(root))
+    if lazy or (lazy is None and len(rows) > lazy_above()):
+        return load_lazy_folder(root, rows, labels, seed, test_fraction, image_size, channels)
 
     loaded = []
     for lineno, row in rows:
         where = f"{file}:{lineno}"
         loaded.append(_load_image(_image_path(root, row["path"], where), where))
-        split = row.get("split")
-        if split not in (None, "train", "test"):
-            raise ValueError(f"{where}: split must be 'train' or 'test'; got {split!r}")
+        check_split_value(row, where)
     if channels is None:
         channels = 1 if all(img.mode in GREY_MODES for img in loaded) else 3
     mode = "L" if channels == 1 else "RGB"
     if image_size is None:
         image_size = _common_size(root, [(row["path"], img.size) for (_, row), img in zip(rows, loaded)])
 
-    from PIL import Image
-
-    images, boxes, pinned = [], [], []
+    images, boxes = [], []
     for (lineno, row), img in zip(rows, loaded):
-        img = img.convert(mode)
-        scale = (image_size / img.size[0], image_size / img.size[1])
-        boxes.append(_boxes(row["boxes"], scale, f"{file}:{lineno}") if "boxes" in row else [])
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32) / 255.0  # (S, S) or (S, S, 3)
-        images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))  # (C, S, S)
-        pinned.append(row.get("split"))
-
-    free = [i for i, s in enumerate(pinned) if s is None]
-    order = np.random.default_rng(seed).permutation(len(free))
-    n_test = round(len(free) * test_fraction)
-    if test_fraction > 0 and len(free) >= 2:
-        n_test = min(max(n_test, 1), len(free) - 1)
-    test_set = {free[j] for j in order[:n_test]} | {i for i, s in enumerate(pinned) if s == "test"}
-    index = {"train": [i for i in range(len(rows)) if i not in test_set], "test": sorted(test_set)}
-    _check_sizes(file, len(index["train"]), len(index["test"]), len(free), test_fraction)
+        boxes.append(row_boxes(row, img.size, image_size, f"{file}:{lineno}"))
+        images.append(prepare_image(img, mode, image_size))  # (C, S, S)
+    index = split_index(file, [row.get("split") for _, row in rows], seed, test_fraction)
 
     stacked = torch.from_numpy(np.stack(images))  # (N, C, S, S)
     with_boxes = any("boxes" in row for _, row in rows)
@@ -282,8 +273,64 @@ def load_folder(
             fields["boxes"] = [boxes[i] for i in idx]
         return Split(fields)
 
+    meta = folder_meta(root, labels, image_size, channels, index)
+    return Dataset("folder", split_of(index["train"]), split_of(index["test"]), meta)
+
+
+LAZY_ABOVE = 2000
+"""Folders with more images than this load lazily (``POLYMODAL_LAZY_ABOVE`` overrides it)."""
+
+
+def lazy_above() -> int:
+    """The image count above which :func:`load_folder` is lazy: ``$POLYMODAL_LAZY_ABOVE``, else :data:`LAZY_ABOVE`."""
+    import os
+
+    value = os.environ.get("POLYMODAL_LAZY_ABOVE", "").strip()
+    if not value:
+        return LAZY_ABOVE
+    try:
+        above = int(value)
+    except ValueError:
+        above = -1
+    if above < 0:
+        raise ValueError(f"POLYMODAL_LAZY_ABOVE must be a whole number ≥ 0 (images); got {value!r}")
+    return above
+
+
+def check_split_value(row: dict[str, Any], where: str) -> None:
+    """Refuse a ``split`` other than ``"train"``, ``"test"`` or none."""
+    split = row.get("split")
+    if split not in (None, "train", "test"):
+        raise ValueError(f"{where}: split must be 'train' or 'test'; got {split!r}")
+
+
+def row_boxes(row: dict[str, Any], size: tuple[int, int], image_size: int, where: str) -> list[tuple]:
+    """The line's boxes scaled from the image's own ``size`` (width, height) to ``image_size``; [] without."""
+    if "boxes" not in row:
+        return []
+    return _boxes(row["boxes"], (image_size / size[0], image_size / size[1]), where)
+
+
+def split_index(file: Path, pinned: list[str | None], seed: int, test_fraction: float) -> dict[str, list[int]]:
+    """Line indices of the train and test splits: lines pinned by ``split``, the others drawn by ``seed``
+    with ``test_fraction`` (refused when a split would be empty: :func:`_check_sizes`)."""
+    free = [i for i, s in enumerate(pinned) if s is None]
+    order = np.random.default_rng(seed).permutation(len(free))
+    n_test = round(len(free) * test_fraction)
+    if test_fraction > 0 and len(free) >= 2:
+        n_test = min(max(n_test, 1), len(free) - 1)
+    test_set = {free[j] for j in order[:n_test]} | {i for i, s in enumerate(pinned) if s == "test"}
+    index = {"train": [i for i in range(len(pinned)) if i not in test_set], "test": sorted(test_set)}
+    _check_sizes(file, len(index["train"]), len(index["test"]), len(free), test_fraction)
+    return index
+
+
+def folder_meta(
+    root: Path, labels: tuple[list[int], list[str]] | None, image_size: int, channels: int, index: dict
+) -> dict[str, Any]:
+    """``Dataset.meta`` of a folder: classes, image size and channels, its root and split indices."""
     class_names = labels[1] if labels is not None else []
-    meta = {
+    return {
         "num_classes": len(class_names),
         "class_names": class_names,
         "image_size": image_size,
@@ -293,10 +340,78 @@ def load_folder(
         "root": str(root),
         "indices": index,
     }
-    return Dataset("folder", split_of(index["train"]), split_of(index["test"]), meta)
 
 
 def is_folder(dataset: Any) -> bool:
     """Whether ``dataset`` is a folder of the user's own images: it is loaded from its path, so
-    neither ``load_dataset(dataset.name)`` nor an 'auto' part (trained by dataset name) can load it."""
-    return getattr(dataset, "name", "") == "folder" and "root" in getattr(dataset, "meta", {})
+    neither ``load_dataset(dataset.name)`` nor an 'auto' part (trained by dataset name) can load it.
+    Tar shards (:mod:`polymodal.data.shards`, name ``"shards"``) count as one: they too load from their path."""
+    return getattr(dataset, "name", "") in ("folder", "shards") and "root" in getattr(dataset, "meta", {})
+
+
+def _header(path: Path, where: str) -> tuple[str, tuple[int, int]]:
+    """The image's Pillow mode and (width, height) from its header: no pixel is decoded. The pixel limit
+    and unreadable files are refused as :func:`~polymodal.data.images.open_image` refuses them."""
+    import warnings
+
+    from PIL import Image
+
+    limit = pixel_limit()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                mode, size = img.mode, img.size
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{where}: image {path.name!r} is over the pixel limit ({exc}); use a smaller image") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"{where}: cannot read image {path.name!r} ({path}): {exc}") from None
+    if limit is not None and size[0] * size[1] > limit:
+        open_image(path, where=where)  # raises the same ValueError as the eager folder, from the header
+    return mode, size
+
+
+def load_lazy_folder(
+    root: Path,
+    rows: list[tuple[int, dict[str, Any]]],
+    labels: tuple[list[int], list[str]] | None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    image_size: int | None = None,
+    channels: int | None = None,
+) -> Dataset:
+    """The folder ``root`` (its parsed ``captions.jsonl`` ``rows`` and ``labels``) as a lazy :class:`Dataset`.
+
+    The same splits, ``meta``, notes and errors as :func:`~polymodal.data.folder.load_folder` (every
+    image's header is read, so a missing or oversized image is refused here, naming its line); the
+    train split decodes on demand, the test split keeps its images once evaluation reads them whole.
+    """
+    file = root / CAPTIONS
+    headers = []
+    for lineno, row in rows:
+        where = f"{file}:{lineno}"
+        headers.append(_header(_image_path(root, row["path"], where), where))
+        check_split_value(row, where)
+    if channels is None:
+        channels = 1 if all(mode in GREY_MODES for mode, _ in headers) else 3
+    if image_size is None:
+        image_size = _common_size(root, [(row["path"], size) for (_, row), (_, size) in zip(rows, headers)])
+    boxes = [row_boxes(row, size, image_size, f"{file}:{lineno}") for (lineno, row), (_, size) in zip(rows, headers)]
+    with_boxes = any("boxes" in row for _, row in rows)
+    index = split_index(file, [row.get("split") for _, row in rows], seed, test_fraction)
+    mode = "L" if channels == 1 else "RGB"
+
+    def split_of(idx: list[int], keep_images: bool) -> LazyFolderSplit:
+        reader = FolderReader(
+            root,
+            [rows[i][1]["path"] for i in idx],
+            [rows[i][1]["caption"] for i in idx],
+            [labels[0][i] for i in idx] if labels is not None else None,
+            [boxes[i] for i in idx] if with_boxes else None,
+            mode,
+            image_size,
+        )
+        return LazyFolderSplit(reader, keep_images=keep_images)
+
+    meta = folder_meta(root, labels, image_size, channels, index)
+    return Dataset("folder", split_of(index["train"], False), split_of(index["test"], True), meta)
