@@ -29,11 +29,25 @@ config = attrs.frozen(kw_only=True)
 """Decorator for config classes: frozen, keyword-only attrs classes."""
 
 
-def field(default: Any, doc: str, *, check: Callable | None = None, converter: Callable | None = None) -> Any:
-    """A config field with a default, its documentation and an optional validator."""
+def field(
+    default: Any,
+    doc: str,
+    *,
+    check: Callable | None = None,
+    converter: Callable | None = None,
+    runtime: bool = False,
+) -> Any:
+    """A config field with a default, its documentation and an optional validator.
+
+    ``runtime=True`` marks a field that does not change the function the model computes (how it runs:
+    gradient checkpointing, …): a saved config written before the field existed loads with its default
+    (:func:`from_dict` does not ask for it), and :func:`runtime_fields` lists such fields so comparisons
+    of saved configs (``--resume``, exports) can leave them out.
+    """
     if not doc:
         raise ValueError("every config field needs a docstring")
-    kwargs: dict[str, Any] = {"metadata": {"doc": doc}, "validator": check, "converter": converter}
+    metadata: dict[str, Any] = {"doc": doc, "runtime": True} if runtime else {"doc": doc}
+    kwargs: dict[str, Any] = {"metadata": metadata, "validator": check, "converter": converter}
     if isinstance(default, (list, dict)):
         kwargs["factory"] = lambda d=default: type(d)(d)
     else:
@@ -125,7 +139,8 @@ def _missing(cls: type, data: dict[str, Any], prefix: str = "") -> list[str]:
         if not a.init:
             continue
         if a.name not in data:
-            out.append(prefix + a.name)
+            if not a.metadata.get("runtime"):  # a runtime field takes its default (see `field`)
+                out.append(prefix + a.name)
             continue
         nested = _nested_class(hints.get(a.name, Any))
         if nested is not None and isinstance(data[a.name], dict):
@@ -133,12 +148,28 @@ def _missing(cls: type, data: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
+def runtime_fields(cls: type, prefix: str = "") -> list[str]:
+    """Dotted names of the fields of ``cls`` (nested configs included) marked ``runtime=True`` in
+    :func:`field`: settings that do not change the function (``["encoder.checkpointing"]`` for ViT)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for a in attrs.fields(cls):
+        if a.metadata.get("runtime"):
+            out.append(prefix + a.name)
+        nested = _nested_class(hints.get(a.name, Any))
+        if nested is not None:
+            out += runtime_fields(nested, f"{prefix}{a.name}.")
+    return out
+
+
 def from_dict(cls: type, data: dict[str, Any], *, partial: bool = False, label: str | None = None) -> Any:
     """Build ``cls`` from a dict (a saved config, as :func:`to_dict` wrote it).
 
     Every field must be given, in nested configs too: a missing one raises a ValueError naming each
-    missing field (dotted), because a default silently taken could load a different model. Unknown keys
-    raise naming the known ones, and a nested config given anything but a JSON object raises naming it.
+    missing field (dotted), because a default silently taken could load a different model; only a field
+    marked ``runtime=True`` (see :func:`field`), which does not change the function, takes its default.
+    Unknown keys raise naming the known ones, and a nested config given anything but a JSON object raises
+    naming it.
     ``partial=True`` is for *creating* a config from overrides (``--set encoder={"depth": 2}``): the
     fields not given take the class's defaults. ``label`` names ``cls`` in errors (default: its name).
     """

@@ -36,7 +36,10 @@ class AttentionError(ValueError):
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Within the block, attention calls use backend ``name`` (``None`` or ``"auto"``: choose)."""
+    """Within the block, attention calls use backend ``name`` (``None`` or ``"auto"``: choose).
+
+    Code compiled with ``torch.compile`` does not see the block (reading it would break the graph at
+    every attention call): give compiled code ``backend=`` or ``POLYMODAL_ATTENTION`` instead."""
     token = _override.set(name)
     try:
         yield
@@ -182,7 +185,10 @@ def attention(
             f"packed attention expects B == 1 and Nq == Nk == sum(seqlens) = {sum(seqlens)}; "
             f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
-    name = backend or _override.get() or os.environ.get(_ENV) or None
+    # torch.compile breaks the graph at a ContextVar read: compiled code sees ``backend=`` and the
+    # environment variable, not a ``use_backend`` block (a compiled model is traced once anyway).
+    override = None if torch.compiler.is_compiling() else _override.get()
+    name = backend or override or os.environ.get(_ENV) or None
     if name is None or name == "auto":
         # Hot path: ``auto`` keyed on the call without building an AttentionSpec
         # (the key holds exactly the fields of ``_auto_key``).

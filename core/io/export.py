@@ -153,12 +153,13 @@ def export_weights_only(src: str | Path, out: str | Path, *, overwrite: bool = F
 def config_differences(ours: Any, back: Any, ignore: Iterable[str] = (), prefix: str = "") -> list[str]:
     """``"path: ours vs back"`` for every config field (nested ones by dotted path) where ``ours`` and the
     config a converter makes of the export (``back``) differ: what the target format cannot express.
-    Fields in ``ignore`` (dotted paths, or names that match at any depth) are training-only or re-derived."""
+    Fields in ``ignore`` (dotted paths, or names that match at any depth) are training-only or re-derived;
+    fields marked ``runtime`` (gradient checkpointing) do not change the function and are never compared."""
     ignore = set(ignore)
     found = []
     for f in attrs.fields(type(ours)):
         path = prefix + f.name
-        if path in ignore or f.name in ignore:
+        if path in ignore or f.name in ignore or f.metadata.get("runtime"):  # runtime: how it runs, not what
             continue
         a, b = getattr(ours, f.name), getattr(back, f.name)
         if attrs.has(type(a)) and type(a) is type(b):

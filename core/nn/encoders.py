@@ -17,6 +17,14 @@ BLOCK_DOC = (
 )
 """The doc of both encoder configs' ``block`` field."""
 
+CHECKPOINTING_DOC = (
+    "Gradient checkpointing of the blocks (``--set encoder.checkpointing=true``; CLIP: ``vision.`` and "
+    "``text.checkpointing``): in training, recompute each block's activations in the backward pass instead "
+    "of storing them (less memory, about one more forward; the same gradients). Does not change the "
+    "function, so a saved config without it loads."
+)
+"""The doc of both encoder configs' ``checkpointing`` field."""
+
 
 def _self_attention_only(instance, attribute, value: BlockConfig) -> None:
     """Validator: an encoder's blocks have no cross-attention (an encoder runs without a context)."""
@@ -26,7 +34,8 @@ def _self_attention_only(instance, attribute, value: BlockConfig) -> None:
 
 
 class EncoderBlocks:
-    """What both encoder configs share: ``block`` (a :class:`BlockConfig`), ``depth`` and ``final_norm``."""
+    """What both encoder configs share: ``block`` (a :class:`BlockConfig`), ``depth``, ``final_norm`` and
+    ``checkpointing``."""
 
     @property
     def dim(self) -> int:
@@ -39,7 +48,9 @@ class EncoderBlocks:
 
     def stack(self) -> StackConfig:
         """The :class:`StackConfig` of the encoder's blocks."""
-        return StackConfig(depth=self.depth, block=self.block, final_norm=self.final_norm)
+        return StackConfig(
+            depth=self.depth, block=self.block, final_norm=self.final_norm, checkpointing=self.checkpointing
+        )
 
 
 def _as_grid(value):
@@ -90,6 +101,7 @@ class ViTEncoderConfig(EncoderBlocks):
     ln_pre: bool = field(False, "Normalise the embedded tokens before the blocks (CLIP).")
     patch_bias: bool = field(True, "Bias on the patch-embedding convolution (CLIP's has none).")
     final_norm: bool = field(True, "Normalise the output tokens.")
+    checkpointing: bool = field(False, CHECKPOINTING_DOC, runtime=True)
 
     def __attrs_post_init__(self) -> None:
         if self.grid is None and self.image_size % self.patch_size:
@@ -174,6 +186,7 @@ class TextEncoderConfig(EncoderBlocks):
     depth: int = field(2, "Number of transformer blocks.", check=in_range(1, 1024, integer=True))
     causal: bool = field(True, "Causal self-attention (each token sees only earlier ones), as in CLIP.")
     final_norm: bool = field(True, "Normalise the output tokens.")
+    checkpointing: bool = field(False, CHECKPOINTING_DOC, runtime=True)
 
 
 class TextEncoder(nn.Module):

@@ -5,15 +5,24 @@ Injection points let a recipe add a module before any layer without replacing cl
 module for good with ``stack.inject(i, module)``; a model that runs a stack it does not own (Flamingo's
 gated cross-attention in a frozen LM) passes ``injected={i: module}`` per call instead, so the
 frozen stack is never changed.
+
+Gradient checkpointing (``StackConfig.checkpointing``, or :func:`set_checkpointing` on any module)
+recomputes each block's activations in the backward pass instead of keeping them: less memory for one
+more forward per block, the same gradients. It applies with gradients enabled to a stack in training mode
+and to frozen blocks that gradients flow through (the frozen LM of Flamingo and FROMAGe); evaluation,
+``torch.no_grad`` and KV-cached decoding run the blocks as usual.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from polymodal.config import config, field, in_range
 from polymodal.nn.block import Block, BlockConfig, KVCache
@@ -27,6 +36,13 @@ class StackConfig:
     depth: int = field(4, "Number of blocks.", check=in_range(1, 1024, integer=True))
     block: BlockConfig = field(BlockConfig(), "Configuration shared by every block.")
     final_norm: bool = field(True, "Normalise the stack's output.")
+    checkpointing: bool = field(
+        False,
+        "Gradient checkpointing: in training, recompute each block's activations in the backward pass "
+        "instead of storing them (less memory, about one more forward; the same gradients). Does not change "
+        "the function, so a saved config without it loads.",
+        runtime=True,
+    )
 
 
 class TransformerStack(nn.Module):
@@ -42,6 +58,7 @@ class TransformerStack(nn.Module):
         b = cfg.block
         self.norm = make_norm(b.norm, b.dim, b.norm_eps, bias=b.norm_bias) if cfg.final_norm else None
         self.injected = nn.ModuleDict()
+        self.checkpointing = cfg.checkpointing  # per block in training; set_checkpointing switches it
 
     def inject(self, layer: int, module: nn.Module) -> None:
         """Run ``module(x, **inject_kwargs)`` just before block ``layer`` on every call (the module
@@ -61,6 +78,11 @@ class TransformerStack(nn.Module):
             self._check_layer(layer)
             out.setdefault(layer, []).append(module)
         return out
+
+    def _recorded(self, block: nn.Module, x: Tensor) -> bool:
+        """Whether checkpointing applies to ``block``: the stack trains, or the block is frozen (eval mode,
+        no trainable weights) and gradients flow through it to ``x`` (Flamingo's LM)."""
+        return self.training or (x.requires_grad and not any(p.requires_grad for p in block.parameters()))
 
     def forward(
         self,
@@ -92,7 +114,10 @@ class TransformerStack(nn.Module):
             if return_hidden:
                 hidden.append(x)
             layer_mask = mask[i] if isinstance(mask, (list, tuple)) else mask
-            x = block(
+            run = block
+            if self.checkpointing and cache is None and torch.is_grad_enabled() and self._recorded(block, x):
+                run = functools.partial(checkpoint, block, use_reentrant=False)  # recomputed in backward
+            x = run(
                 x,
                 context,
                 causal=causal,
@@ -110,4 +135,14 @@ class TransformerStack(nn.Module):
         return x
 
 
-__all__ = ["KVCache", "StackConfig", "TransformerStack"]
+def set_checkpointing(module: nn.Module, enabled: bool = True) -> int:
+    """Switch gradient checkpointing on (or off) in every :class:`TransformerStack` inside ``module``
+    (itself included), whatever its config says; returns how many stacks were switched. For families whose
+    configs have no ``checkpointing`` key (decoders that build their stack from flat fields)."""
+    stacks = [m for m in module.modules() if isinstance(m, TransformerStack)]
+    for stack in stacks:
+        stack.checkpointing = bool(enabled)
+    return len(stacks)
+
+
+__all__ = ["KVCache", "StackConfig", "TransformerStack", "set_checkpointing"]
