@@ -32,6 +32,11 @@ except ImportError:  # older safetensors raise plain exceptions
     _SafetensorsError = RuntimeError
 from safetensors.torch import load_file, save_file
 
+RUN_FILES = ("train_log.jsonl", "loss.png", "tensorboard")
+"""What a training run writes into its model folder besides the model and ``checkpoint/`` (the trainer's
+log, its loss plot and TensorBoard events): a folder swap keeps them, and a folder holding only these and a
+checkpoint is a run's."""
+
 FORMAT = "polymodal/1"
 
 
@@ -240,6 +245,27 @@ def _group(keys: list[str]) -> str:
     return "; ".join(f"{p}: {len(v)} ({', '.join(v[:3])}{', …' if len(v) > 3 else ''})" for p, v in groups.items())
 
 
+def check_state_keys(saved: dict[str, tuple[int, ...]], own: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one :class:`LoadError` naming ``source`` and every key of ``own`` (a state dict) that ``saved``
+    (key → shape) misses, every key it has beyond them and every shape that differs; nothing when they match."""
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [
+        f"{k} {tuple(saved[k])} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in saved and tuple(saved[k]) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys — {_group(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys — {_group(unexpected)}")
+        if shapes:
+            parts.append("shape mismatches — " + "; ".join(shapes))
+        raise LoadError(f"{source} does not match the model:\n  " + "\n  ".join(parts))
+
+
 def load_state_strict(
     module: torch.nn.Module,
     state: dict[str, torch.Tensor],
@@ -252,22 +278,7 @@ def load_state_strict(
     all of it; a composite's :meth:`own_state_dict`, whose parts were loaded from their sub-folders).
     """
     own = module.state_dict() if expected is None else expected
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys — {_group(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys — {_group(unexpected)}")
-        if shapes:
-            parts.append("shape mismatches — " + "; ".join(shapes))
-        raise LoadError(f"{source} does not match the model:\n  " + "\n  ".join(parts))
+    check_state_keys({k: tuple(v.shape) for k, v in state.items()}, own, source)
     module.load_state_dict(state, strict=expected is None)
 
 
@@ -339,9 +350,12 @@ def save_model(
     card: str | None = None,
     source: str | None = None,
 ) -> Path:
-    """Write ``model`` as a model folder (see :func:`write_model`), replacing any folder there atomically."""
+    """Write ``model`` as a model folder (see :func:`write_model`), replacing any folder there atomically;
+    the run's own files already there (``checkpoint/`` and :data:`RUN_FILES`) are kept."""
     return replace_folder(
-        directory, lambda tmp: write_model(model, tmp, metrics=metrics, card=card, source=source), keep=("checkpoint",)
+        directory,
+        lambda tmp: write_model(model, tmp, metrics=metrics, card=card, source=source),
+        keep=("checkpoint", *RUN_FILES),
     )
 
 

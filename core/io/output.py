@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from polymodal.io.folders import recover_folder
+from polymodal.io.folders import RUN_FILES, recover_folder
 
 try:
     import fcntl
@@ -65,7 +65,7 @@ def folder_kind(path: str | Path) -> tuple[str, str | None]:
     """What ``path`` holds: ``("missing" | "empty" | "model" | "run" | "other", family or listing)``.
 
     ``model``: a model folder (``config.json`` with ``family`` and ``config``); ``run``: only a training
-    checkpoint (a run stopped before its first save); ``other``: anything else (the second item lists it).
+    checkpoint and the run's log files (:data:`~polymodal.io.folders.RUN_FILES`: a run stopped before its first save); ``other``: anything else (the second item lists it).
     A swap a killed writer left half done is recovered first.
     """
     path = recover_folder(Path(path))
@@ -74,14 +74,15 @@ def folder_kind(path: str | Path) -> tuple[str, str | None]:
     if not path.is_dir():
         return "other", "a file"
     recover_folder(path / CHECKPOINT)
-    names = sorted(p.name for p in path.iterdir() if not p.name.startswith(f".{CHECKPOINT}."))  # swap leftovers
+    leftovers = tuple(f".{name}." for name in (CHECKPOINT, *RUN_FILES))  # swap and atomic-write leftovers
+    names = sorted(p.name for p in path.iterdir() if not p.name.startswith(leftovers))
     if not names:
         return "empty", None
     header = _json(path / "config.json")
     if isinstance(header, dict) and "family" in header and "config" in header:
         return "model", str(header["family"])
     meta = _json(path / CHECKPOINT / "trainer.json")
-    if names == [CHECKPOINT] and isinstance(meta, dict) and "step" in meta:
+    if CHECKPOINT in names and set(names) <= {CHECKPOINT, *RUN_FILES} and isinstance(meta, dict) and "step" in meta:
         return "run", meta.get("family")
     shown = ", ".join(names[:5]) + (f", … ({len(names)} entries)" if len(names) > 5 else "")
     return "other", shown
