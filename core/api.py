@@ -25,6 +25,7 @@ from polymodal.models.parts import auto_folder, load_parts, part_data, part_fiel
 from polymodal.registry import get_registry
 from polymodal.train import TrainConfig, TrainingError
 from polymodal.train import train as run_training
+from polymodal.train.distributed import DistributedContext, barrier, init_from_env, shutdown
 from polymodal.train.trainer import CHECKPOINT, checkpoint_meta, remove_checkpoint
 
 
@@ -33,14 +34,16 @@ def spec(name: str) -> ModelSpec:
     return get_registry().get("model", name)
 
 
-def prepare_parts(config: Any, *, progress: bool = True) -> dict[str, PolymodalModel]:
+def prepare_parts(config: Any, *, progress: bool = True, isolated: bool = False) -> dict[str, PolymodalModel]:
     """Every pretrained part ``config`` names, made before the model is built: an ``"auto"`` part
     missing from the cache is trained there first (:func:`train_model` on its variant and data),
     then each part is loaded or built by :func:`~polymodal.models.parts.load_parts`.
 
     Each ``"auto"`` part says on stderr whether it is trained into the cache or reused from it, and where.
     Training a part leaves the global torch RNG state as it was, so building a model draws the same
-    random numbers whether or not a part had to be trained.
+    random numbers whether or not a part had to be trained. ``isolated`` trains a missing part in a fresh
+    process of its own (``polymodal train VARIANT``; what rank 0 of a distributed run does, so the part's
+    training is a world of one beside the run's process group).
     """
     for name, part in part_fields(config).items():
         folder = auto_folder(part)
@@ -54,12 +57,46 @@ def prepare_parts(config: Any, *, progress: bool = True) -> dict[str, PolymodalM
             f"training the default part `{name}` ({part.variant} on {data}) once into {folder}; "
             "later runs reuse it (`polymodal cache list` shows it)"
         )
+        if isolated:
+            _train_part_alone(part.variant, data, folder, progress)
+            continue
         rng = torch.get_rng_state()
         try:
             train_model(part.variant, data=data, out=folder, progress=progress, overwrite=True, keep_checkpoint=False)
         finally:
             torch.set_rng_state(rng)
     return load_parts(config)
+
+
+def _train_part_alone(variant: str, data: str, folder: Path, progress: bool) -> None:
+    """``polymodal train VARIANT --data DATA --out FOLDER`` in a fresh process without torchrun's environment
+    (so it is a world of one, beside the run's process group); a failure is a TrainingError."""
+    import os
+    import subprocess
+    import sys
+
+    from polymodal.train.distributed import TORCHRUN_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and not k.startswith("TORCHELASTIC_")}
+    command = [sys.executable, "-m", "polymodal.cli", "train", variant, "--data", data, "--out", str(folder)]
+    command += ["--overwrite", "--no-checkpoint", "--threads", str(torch.get_num_threads())]
+    command += [] if progress else ["--no-progress"]
+    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL)  # its progress and errors: on stderr
+    if done.returncode != 0:
+        raise TrainingError(
+            f"training the default part {variant} (on {data}) into {folder} failed with exit code "
+            f"{done.returncode} (its error is printed above)"
+        )
+
+
+def _parts_for(config: Any, ctx: DistributedContext, progress: bool) -> dict[str, PolymodalModel]:
+    """:func:`prepare_parts` for a distributed run: rank 0 prepares (trains any missing 'auto' part into the
+    cache, in a process of its own), the other ranks wait, then load the parts from the cache."""
+    if not ctx.distributed:
+        return prepare_parts(config, progress=progress)
+    parts = prepare_parts(config, progress=progress, isolated=True) if ctx.is_main else None
+    barrier(ctx)
+    return parts if parts is not None else load_parts(config)
 
 
 def create(name: str, dataset: Any = None, **overrides: Any) -> PolymodalModel:
@@ -187,6 +224,7 @@ def train_model(
     train_set: tuple[str, ...] = (),
     overwrite: bool = False,
     keep_checkpoint: bool = True,
+    ctx: DistributedContext | None = None,
 ) -> tuple[PolymodalModel, dict[str, Any]]:
     """Train variant ``name`` on ``data`` (its default when None), save to ``out``, then evaluate.
 
@@ -200,14 +238,46 @@ def train_model(
     :class:`EvaluationError` says where the weights are. ``keep_checkpoint=False`` removes
     ``out/checkpoint`` (the optimiser state, ≈ 3–4× the weights) once the weights are saved: the run
     still checkpoints while it trains, but the final folder cannot be resumed.
+
+    Under torchrun (``ctx``, default :func:`~polymodal.train.distributed.init_from_env`) every rank
+    calls it with the same arguments: rank 0 alone takes the output folder's lock, prepares the 'auto'
+    parts (the other ranks then load them from the cache), writes, evaluates and returns the metrics;
+    the others train their shard and return ``(model, {})`` (the same trained weights). An error on any
+    rank ends the run (torchrun stops the others).
     """
     resolve_device(device)
     _check_length(steps, epochs)
+    own = ctx is None
+    ctx = init_from_env(device) if ctx is None else ctx
+    try:
+        return _train_model(
+            name, data, set_, steps, epochs, seed, out, ctx, resume, progress, train_set, overwrite, keep_checkpoint
+        )
+    finally:
+        if own:
+            shutdown(ctx)
+
+
+def _train_model(
+    name: str,
+    data: str | None,
+    set_: tuple[str, ...],
+    steps: int | None,
+    epochs: float | None,
+    seed: int | None,
+    out: str | Path | None,
+    ctx: DistributedContext,
+    resume: bool,
+    progress: bool,
+    train_set: tuple[str, ...],
+    overwrite: bool,
+    keep_checkpoint: bool,
+) -> tuple[PolymodalModel, dict[str, Any]]:
     model_spec = spec(name)
     family = model_spec.model_class.family
     guard = (
         output_folder(out, family=family, overwrite=overwrite, resume=resume)
-        if out is not None
+        if out is not None and ctx.is_main
         else contextlib.nullcontext()
     )
     with guard:
@@ -218,8 +288,11 @@ def train_model(
         cfg = _train_config(model_spec, dataset, train_set, steps, epochs, seed, resumed)
         model_cfg = model_spec.config_for(dataset, set_)
         torch.manual_seed(cfg.seed)  # a fresh ('') part draws first, then the model: one seed makes both
-        model = model_spec.instantiate(model_cfg, prepare_parts(model_cfg, progress=progress))
-        model = run_training(model, dataset, cfg, out=out, device=device, resume=resume, progress=progress, name=name)
+        model = model_spec.instantiate(model_cfg, _parts_for(model_cfg, ctx, progress))
+        model = run_training(model, dataset, cfg, out=out, resume=resume, progress=progress, name=name, ctx=ctx)
+        if not ctx.is_main:  # rank 0 writes and evaluates; the others wait for it and return the model
+            barrier(ctx)
+            return model, {}
         metrics: dict[str, Any] = {"data": dataset.name, "steps": cfg.steps, "seed": cfg.seed}
         source = f"trained with `polymodal train {name}` on {dataset.name} ({cfg.steps} steps, seed {cfg.seed})"
         if cfg.ema_decay > 0:  # the trainer has loaded the EMA weights: they are saved and evaluated
@@ -244,6 +317,7 @@ def train_model(
             ) from exc
         if out is not None:  # again, whole and atomic, with what evaluation adds (iGPT's probe plot)
             model.save(out, metrics=metrics, source=source)
+    barrier(ctx)
     return model, metrics
 
 

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("train",),
     ("eval",),
     ("api",),
-    ("builtin", "cli", "testing", "__init__"),
+    ("builtin", "cli", "testing", "__init__", "__main__"),
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

@@ -213,19 +213,73 @@ def _rows(describe, target, prefix: str = ""):
     help="Leave no OUT/checkpoint (the optimiser state, about 3-4x the weights): smaller, but --resume cannot "
     "continue the run.",
 )
+@click.option(
+    "--strategy",
+    type=click.Choice(["ddp", "fsdp"]),
+    help="With several processes: DDP (the default) or FSDP2 (parameters sharded per block). "
+    "Same as --train-set strategy=...",
+)
+@click.option("--compile", "compile_", is_flag=True, help="Compile the loss with torch.compile.")
+@click.option(
+    "--eval-every", type=click.IntRange(min=1), metavar="N", help="Evaluate every N steps on rank 0 (train_log.jsonl)."
+)
+@click.option("--cpu-offload", is_flag=True, help="With --strategy fsdp: keep the sharded parameters on the CPU.")
+@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard events to OUT/tensorboard.")
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Train on N processes of this machine: runs this same command under torchrun "
+    "(--standalone --nproc-per-node N). On several machines, start torchrun yourself: "
+    "torchrun --nnodes M --nproc-per-node N --rdzv-endpoint HOST:PORT -m polymodal train ...",
+)
+@click.pass_context
 def train(
-    model, data, set_, train_set, steps, epochs, seed, out, device, resume, overwrite, no_progress, no_checkpoint
+    click_ctx,
+    model,
+    data,
+    set_,
+    train_set,
+    steps,
+    epochs,
+    seed,
+    out,
+    device,
+    resume,
+    overwrite,
+    no_progress,
+    no_checkpoint,
+    strategy,
+    compile_,
+    eval_every,
+    cpu_offload,
+    tensorboard,
+    nproc,
 ) -> None:
     """Train MODEL, print its test metrics and write a model folder.
 
     OUT must be new, empty, or (with --overwrite or --resume) a model folder; it is checked and
     locked against a second writer before the first step. The weights are saved before evaluation.
+
+    Under torchrun (or with --nproc N) every process trains its share of each batch (the recipe's
+    batch_size is the global batch); rank 0 alone writes OUT, logs and prints.
     """
     from polymodal.api import train_model
 
     if steps is not None and epochs is not None:
         raise click.UsageError("give --steps or --epochs, not both")
     out = out or str(Path("runs") / model)
+    if nproc is not None:
+        from polymodal.train.distributed import launch
+
+        try:
+            launch(["-m", "polymodal.cli", *_argv(click_ctx)], nproc)
+        except RuntimeError as exc:
+            _fail(exc)
+        return
+    flags = {"strategy": strategy, "compile": compile_ or None, "eval_every": eval_every}
+    flags |= {"cpu_offload": cpu_offload or None, "tensorboard": tensorboard or None}
+    train_set = (*train_set, *(f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None))
     try:
         _, metrics = train_model(
             model,
@@ -243,10 +297,37 @@ def train(
             keep_checkpoint=not no_checkpoint,
         )
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        if os.environ.get("WORLD_SIZE", "1") != "1":  # a torchrun worker: its launcher says "Error:" once
+            click.echo(f"Error on rank {os.environ.get('RANK', '?')}: {exc}", err=True)
+            sys.exit(1)
         _fail(exc)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+        return
     for k, v in metrics.items():
         click.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     click.echo(f"saved model folder: {out}")
+
+
+def _argv(click_ctx: click.Context) -> list[str]:
+    """The command line of this ``train`` call as given (minus ``--nproc``), for each torchrun worker."""
+    from click.core import ParameterSource
+
+    args = ["train", click_ctx.params["model"]]
+    for p in click_ctx.command.params:
+        if not isinstance(p, click.Option) or p.name == "nproc":
+            continue
+        if click_ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE:
+            continue
+        value = click_ctx.params.get(p.name)
+        if p.name == "threads":
+            import torch
+
+            value = torch.get_num_threads()
+        if p.is_flag:
+            args.append(p.opts[0])
+        else:
+            args += [x for v in (value if p.multiple else [value]) for x in (p.opts[0], str(v))]
+    return args
 
 
 @main.command("eval")
@@ -431,4 +512,5 @@ def _benchmarks_dir() -> Path:
 
 # The commands defined beside this module register themselves on ``main`` when imported.
 from polymodal.cli import sample as _sample  # noqa: E402, F401
+from polymodal.cli import shards as _shards  # noqa: E402, F401
 from polymodal.cli import store as _store  # noqa: E402, F401

@@ -83,7 +83,9 @@ class TrainConfig:
         "(DistributedDataParallel) or 'fsdp' (FSDP2 ``fully_shard`` per block, then the whole model).",
         check=one_of("auto", "ddp", "fsdp"),
     )
-    cpu_offload: bool = field(False, "With ``strategy='fsdp'``: keep the sharded parameters on the CPU (FSDP2 offload).")
+    cpu_offload: bool = field(
+        False, "With ``strategy='fsdp'``: keep the sharded parameters on the CPU (FSDP2 offload)."
+    )
     compile: bool = field(
         False, "Compile the loss computation with ``torch.compile`` (once; the same shapes never recompile)."
     )

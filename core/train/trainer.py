@@ -11,16 +11,18 @@ With ``ema_decay > 0`` the trainer also keeps an EMA of the trainable weights
 (:class:`~polymodal.train.ema.EMAWeights`), updated after every optimiser step; the checkpoint holds
 it (``checkpoint/ema.safetensors``) so a resumed run continues it exactly, and at the end the EMA
 weights are loaded into the model that :func:`train` returns (and so saved and evaluated).
+
+The same loop runs on W processes under torchrun (:mod:`polymodal.train.distributed`): ``batch_size`` is
+the global batch, each rank takes its ``batch_size / W`` samples of it (in ``accumulate`` micro-batches,
+each loss scaled by ``1/accumulate``) and DDP or FSDP2 average the gradients, so W processes reach the
+weights one process reaches. The loss and metrics stay on the device and are reduced over the steps and
+ranks only every ``log_every`` steps (the progress bar and ``train_log.jsonl``, on rank 0).
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import math
-import os
-import secrets
-import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -30,18 +32,50 @@ from typing import Any
 import torch
 from torch import nn
 
-from polymodal.config import to_dict
-from polymodal.io.folders import LoadError, read_json, read_state, recover_folder, replace_folder, save_state
-from polymodal.io.output import resolve_device
+from polymodal.data.sampling import global_batches as batches
+from polymodal.data.sampling import local_indices
 from polymodal.models.base import PolymodalModel
 from polymodal.models.recipe import TrainConfig
+from polymodal.train.checkpoint import (
+    CHECKPOINT,
+    FREE_ON_RESUME,
+    TrainingError,
+    check_resume,
+    checkpoint_meta,
+    load_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+)
+from polymodal.train.compile import compile_loss
+from polymodal.train.distributed import (
+    DistributedContext,
+    barrier,
+    full_state,
+    init_from_env,
+    reduce_replicated,
+    shutdown,
+    strategy,
+    sync_gradients,
+    wrap,
+)
 from polymodal.train.ema import EMAWeights
+from polymodal.train.log import TrainLog, progress_metrics, progress_postfix
 
-CHECKPOINT = "checkpoint"
+_save_checkpoint = save_checkpoint  # the names the trainer calls them by (tests wrap them)
+_load_checkpoint = load_checkpoint
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a checkpoint that does not fit …)."""
+__all__ = [
+    "CHECKPOINT",
+    "FREE_ON_RESUME",
+    "TrainingError",
+    "batches",
+    "check_resume",
+    "checkpoint_meta",
+    "lr_at",
+    "param_groups",
+    "remove_checkpoint",
+    "train",
+]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -52,17 +86,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def batches(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-    """Index batches forever: each epoch a fresh permutation from ``(seed, epoch)``, last partial batch dropped."""
-    per_epoch = max(n // batch_size, 1)
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        yield order[offset * batch_size : (offset + 1) * batch_size]
-        step += 1
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -83,167 +106,84 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint holds: a composite's frozen parts are left out (see
-    :meth:`PolymodalModel.checkpoint_state_dict`)."""
-    keep = getattr(model, "checkpoint_state_dict", None)
-    return keep() if keep is not None else model.state_dict()
+def _micro(batch: dict[str, Any], k: int) -> list[dict[str, Any]]:
+    """A streamed rank batch, read without the family's collate, split into ``k`` micro-batches (tensors
+    chunked, lists sliced alike); each is collated on its own, as the in-memory path does (a collated batch
+    need not have one row per sample: a language model packs its text)."""
+    if k == 1:
+        return [batch]
+    n = len(next(iter(batch.values())))
+    size = n // k
+    parts = []
+    for i in range(k):
+        fields = {key: v[i * size : (i + 1) * size] for key, v in batch.items()}
+        parts.append(type(batch)(fields, batch.source) if hasattr(batch, "source") else fields)
+    return parts
 
 
-def _save_checkpoint(
-    out: Path,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    step: int,
-    cfg: TrainConfig,
-    data: str | None = None,
-    ema: EMAWeights | None = None,
-) -> None:
-    def fill(tmp: Path) -> None:
-        save_state(tmp / "model.safetensors", _checkpoint_state(model), {"step": str(step)})
-        if ema is not None:
-            save_state(tmp / "ema.safetensors", ema.state_dict(), {"step": str(step), "updates": str(ema.updates)})
-        state = opt.state_dict()
-        tensors = {
-            f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)
-        }
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
-        save_state(tmp / "optimizer.safetensors", tensors, {"step": str(step)})
-        groups = [
-            {k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]
-        ]
-        meta = {"step": step, "train": to_dict(cfg), "param_groups": groups, "data": data}
-        if ema is not None:
-            meta["ema_updates"] = ema.updates
-        if isinstance(model, PolymodalModel):
-            meta |= {"family": model.family, "model": _plain(model.config_dict())}
-        (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
-
-    replace_folder(out / CHECKPOINT, fill)
-
-
-def remove_checkpoint(out: str | Path) -> bool:
-    """Delete ``out/checkpoint`` (the optimiser state a run keeps for ``--resume``, ≈ 3–4× the weights);
-    True if there was one. It is renamed aside first (``.checkpoint.<hex>.tmp``, which the output guard
-    removes if a kill interrupts the deletion), so ``--resume`` never finds half a checkpoint."""
-    folder = recover_folder(Path(out) / CHECKPOINT)
-    if not folder.is_dir() or folder.is_symlink():
-        return False
-    aside = folder.parent / f".{CHECKPOINT}.{secrets.token_hex(6)}.tmp"
-    os.replace(folder, aside)
-    shutil.rmtree(aside, ignore_errors=True)
-    return True
-
-
-FREE_ON_RESUME = ("steps", "checkpoint_every", "log_every")
-"""Trainer fields a resumed run may change: ``steps`` extends (or shortens) the run; the other two never
-touch the weights. Every other field must match the checkpoint's."""
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON reads it back (tuples become lists), for comparing with a saved config."""
-    return json.loads(json.dumps(value))
-
-
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: value}
-
-
-def checkpoint_meta(out: str | Path) -> dict[str, Any] | None:
-    """``out/checkpoint/trainer.json`` (after recovering a swap a killed run left half done), or None."""
-    folder = recover_folder(Path(out) / CHECKPOINT)
-    if not folder.is_dir():
-        return None
-    meta = read_json(folder / "trainer.json")
-    if not isinstance(meta, dict):
-        raise LoadError(f"{folder / 'trainer.json'}: expected a JSON object, got {type(meta).__name__}")
-    return meta
-
-
-def check_resume(
-    meta: dict[str, Any], cfg: TrainConfig, model: Any, folder: str | Path, data: str | None = None
-) -> int:
-    """The step to resume from, after checking that this run continues the checkpoint's ``meta``.
-
-    A malformed step is a :class:`~polymodal.io.LoadError` (a ValueError) naming the field; another
-    family, dataset (``data``, its name), model config or trainer field (but :data:`FREE_ON_RESUME`),
-    or fewer ``steps`` than the checkpoint has done, a :class:`TrainingError` naming every differing
-    field. A changed ``steps`` is said on stderr.
-    """
-    step = meta.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise LoadError(f"{folder}/trainer.json: 'step' must be a whole number ≥ 0, got {step!r}")
-    family = getattr(model, "family", None)
-    if meta.get("family") and family and meta["family"] != family:
-        raise TrainingError(f"--resume: {folder} is a {meta['family']} checkpoint; this run trains a {family} model")
-    saved = {f"train.{k}": v for k, v in _flat(meta.get("train", {})).items() if k not in FREE_ON_RESUME}
-    asked = {f"train.{k}": v for k, v in _flat(_plain(to_dict(cfg))).items() if k not in FREE_ON_RESUME}
-    for k, v in _flat(_plain(to_dict(TrainConfig()))).items():  # a field newer than the checkpoint (ema_*)
-        if k not in FREE_ON_RESUME and "train" in meta:  # had its default then
-            saved.setdefault(f"train.{k}", v)
-    if meta.get("data") and data:
-        saved["data"], asked["data"] = meta["data"], data
-    if "model" in meta and hasattr(model, "config_dict"):
-        saved |= _flat(meta["model"], "model.")
-        asked |= _flat(_plain(model.config_dict()), "model.")
-    differ = [k for k in sorted(set(saved) | set(asked)) if saved.get(k) != asked.get(k)]
-    if differ:
-        then = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
-        now = ", ".join(f"{k}={asked.get(k)!r}" for k in differ)
-        raise TrainingError(
-            f"--resume: the checkpoint in {folder} was trained with {then}; this run asks for {now}. "
-            "Resume with the checkpoint's settings, or start a new run (another --out, or --overwrite)"
+def _global_batch(cfg: TrainConfig, split: Any, ctx: DistributedContext) -> int:
+    """The global batch (an in-memory split smaller than ``batch_size`` gives all of it), checked to divide
+    into ``world_size`` ranks × ``accumulate`` micro-batches."""
+    size = cfg.batch_size if hasattr(split, "loader") else min(cfg.batch_size, len(split))
+    if size % (ctx.world_size * cfg.accumulate):
+        clamp = f" (the {len(split)} training samples)" if size != cfg.batch_size else ""
+        raise ValueError(
+            f"batch_size={size}{clamp} must divide into world size {ctx.world_size} × accumulate={cfg.accumulate} "
+            f"equal micro-batches; choose a batch_size that is a multiple of {ctx.world_size * cfg.accumulate}"
         )
-    if cfg.steps < step:
-        raise TrainingError(
-            f"--resume: steps={cfg.steps} is fewer than the {step} steps the checkpoint in {folder} has done; "
-            f"give --steps {step} or more"
-        )
-    before = meta.get("train", {}).get("steps")
-    if before is not None and before != cfg.steps:
-        how = "extending" if cfg.steps > before else "shortening"
-        print(
-            f"--resume: {how} the run from {before} to {cfg.steps} steps (continuing at step {step})", file=sys.stderr
-        )
-    return step
+    return size
 
 
-def _load_checkpoint(
-    out: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any], ema: EMAWeights | None = None
-) -> None:
-    from polymodal.io.folders import load_state_strict
+class _Meter:
+    """Loss and metrics summed on the device over the steps since the last log; reduced over the ranks
+    (one all-reduce) and read to the host only when :meth:`read` is called."""
 
-    folder = out / CHECKPOINT
-    load_state_strict(
-        model,
-        read_state(folder / "model.safetensors"),
-        str(folder / "model.safetensors"),
-        expected=_checkpoint_state(model),
-    )
-    tensors = read_state(folder / "optimizer.safetensors")
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    try:
-        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (ValueError, KeyError) as exc:
-        raise TrainingError(f"{folder} does not fit this model's optimiser: {exc}") from exc
-    if ema is not None:
-        file = folder / "ema.safetensors"
-        if not file.is_file():
-            raise TrainingError(f"--resume: {folder} holds no EMA weights (ema.safetensors) for ema_decay > 0")
-        ema.load_state_dict(read_state(file), meta.get("ema_updates"), str(file))
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.steps = 0
+
+    def add(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.steps += 1
+
+    def read(self, ctx: DistributedContext) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        packed = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32).to(ctx.device) for k in keys])
+        packed = packed / self.steps
+        if ctx.distributed:
+            torch.distributed.all_reduce(packed)
+            packed = packed / ctx.world_size
+        self.sums, self.steps = {}, 0
+        return dict(zip(keys, packed.tolist(), strict=True))
+
+
+def _evaluate(model: nn.Module, original: nn.Module, dataset: Any, how: str, ctx: DistributedContext) -> dict:
+    """Rank 0's metrics on ``dataset`` mid-run (the RNG state is kept, so training draws as without it);
+    the other ranks wait at a barrier. Under FSDP the weights are gathered into ``original`` first."""
+    metrics: dict[str, Any] = {}
+    target = model
+    if how == "fsdp":
+        state = full_state(model, ctx, main_only=True)
+        if ctx.is_main:
+            original.load_state_dict(state)
+        target = original
+    if ctx.is_main:
+        rng = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        target.eval()
+        try:
+            metrics = target.evaluate(dataset)
+        finally:
+            target.train()
+            torch.set_rng_state(rng)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+    barrier(ctx)
+    return {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
 
 
 def train(
@@ -258,6 +198,7 @@ def train(
     stop_after: int | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     name: str | None = None,
+    ctx: DistributedContext | None = None,
 ) -> nn.Module:
     """Train ``model`` on ``dataset.train`` for ``cfg.steps`` steps; returns the model.
 
@@ -268,15 +209,49 @@ def train(
     ``device`` is a ValueError before any work. ``name`` is what the progress bar calls the run
     (``train dino-shapes``; default: the model's family). With ``cfg.ema_decay > 0`` the returned
     model holds the EMA weights (the checkpoint keeps the raw ones and the EMA, to resume from).
+
+    ``ctx`` is the process's place in a distributed run (default: :func:`init_from_env`, which joins
+    torchrun's process group, and leaves it at the end). Each of the W ranks trains on its slice of every
+    global batch of ``cfg.batch_size`` samples, in ``cfg.accumulate`` micro-batches, the model wrapped as
+    ``cfg.strategy`` says (:func:`~polymodal.train.distributed.wrap`); every rank gets the same trained,
+    plain model back. Only rank 0 shows progress, logs and evaluates (``cfg.eval_every``). A batch that
+    does not divide into W × accumulate is a ValueError.
     """
-    dev = resolve_device(device)
+    own = ctx is None
+    ctx = init_from_env(device) if ctx is None else ctx
+    try:
+        return _train(model, dataset, cfg, out, ctx, resume, progress, stop_after, on_step, name)
+    finally:
+        if own:
+            shutdown(ctx)
+
+
+def _train(
+    model: nn.Module,
+    dataset: Any,
+    cfg: TrainConfig,
+    out: str | Path | None,
+    ctx: DistributedContext,
+    resume: bool,
+    progress: bool,
+    stop_after: int | None,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+    name: str | None,
+) -> nn.Module:
+    dev = ctx.device
     out = Path(out) if out is not None else None
     meta = checkpoint_meta(out) if resume and out is not None else None
     if resume and meta is None:
         raise TrainingError(f"--resume needs a checkpoint in {out}/{CHECKPOINT}; none found")
     data = getattr(dataset, "name", None)
     step = check_resume(meta, cfg, model, out / CHECKPOINT, data) if meta is not None else 0
-    model.to(dev).train()
+    split = dataset.train
+    size, k = _global_batch(cfg, split, ctx), cfg.accumulate
+    how = strategy(cfg, ctx)
+    original = model.to(dev).train()
+    if how == "fsdp":  # fully_shard swaps classes in place: shard a copy, load the result back at the end
+        model = copy.deepcopy(original)
+    wrapped = wrap(model, cfg, ctx)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     ema = (
         EMAWeights(model, cfg.ema_decay, warmup=cfg.ema_warmup, power=cfg.ema_power, start=cfg.ema_start)
@@ -284,12 +259,19 @@ def train(
         else None
     )
     if meta is not None:
-        _load_checkpoint(out, model, opt, meta, ema)
+        _load_checkpoint(out, model, opt, meta, ema, ctx=ctx)
+    call = compile_loss(wrapped, device=dev) if cfg.compile else wrapped
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    split = dataset.train
+    log = TrainLog(
+        out,
+        enabled=ctx.is_main and out is not None,
+        tensorboard=cfg.tensorboard,
+        every=cfg.log_every,
+        resume_from=step if meta is not None else None,
+    )
     bar = None
-    if progress:
+    if progress and ctx.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -299,43 +281,109 @@ def train(
             unit="step",
             dynamic_ncols=True,
         )
-    started, seen = time.perf_counter(), 0
-    index_batches = batches(len(split), min(cfg.batch_size, len(split)), cfg.seed, start_step=step)
+    collate = model.collator() if isinstance(model, PolymodalModel) else None
+    names = progress_metrics(original)
+    streamed = hasattr(split, "loader")
+    if streamed:
+        stream = split.loader(
+            batch_size=size,
+            seed=cfg.seed,
+            rank=ctx.rank,
+            world=ctx.world_size,
+            start_step=step,
+            workers=cfg.workers,
+            collate=collate if k == 1 else None,  # a collated batch need not split by rows (packed text)
+            pin_memory=dev.type == "cuda",
+        )
+        micro_batches: Iterator[list[Any]] = (_micro(b, k) for b in stream)
+    else:
+        micro_batches = (
+            local_indices(index, ctx.rank, ctx.world_size).chunk(k)
+            for index in batches(len(split), size, cfg.seed, step)
+        )
+    check_each = dev.type == "cpu"  # a per-step finiteness check costs nothing without a device to wait for
+    meter, last_log, started, seen = _Meter(), step, time.perf_counter(), 0
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    while step < end:
-        batch = _to(split.batch(next(index_batches)), dev)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        if isinstance(model, PolymodalModel):
-            model.begin_step(step, cfg.steps)
-        with autocast:
-            loss, metrics = model.loss(batch)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {loss.item()} at step {step}; stopping (lower lr, or check the data)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if isinstance(model, PolymodalModel):
-            model.after_step()
-        if ema is not None:
-            ema.update(model)
-        step += 1
-        seen += len(next(iter(batch.values())))
-        if on_step is not None:
-            on_step(step, {"loss": loss.item(), **metrics})
-        if bar is not None:
-            bar.update(1)
+    try:
+        while step < end:
+            parts = next(micro_batches)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            if isinstance(model, PolymodalModel):
+                model.begin_step(step, cfg.steps)
+            opt.zero_grad(set_to_none=True)
+            step_loss: Any = 0.0
+            step_metrics: dict[str, Any] = {}
+            for i, part in enumerate(parts):
+                if not streamed:
+                    part = split.batch(part)
+                if collate is not None and not (streamed and k == 1):  # else the loader's workers collated it
+                    part = collate(part, step)
+                batch = _to(part, dev)
+                with sync_gradients(wrapped, i == k - 1):
+                    with autocast:
+                        loss, metrics = call(batch)
+                    if check_each and not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"loss became {loss.item()} at step {step}; stopping (lower lr, or check the data)"
+                        )
+                    (loss / k if k > 1 else loss).backward()
+                step_loss = loss.detach() if k == 1 else step_loss + loss.detach() / k
+                for key, v in metrics.items():
+                    v = v.detach() if isinstance(v, torch.Tensor) else v
+                    step_metrics[key] = v if k == 1 else step_metrics.get(key, 0.0) + v / k
+            reduce_replicated(wrapped, ctx)
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # DTensor gradients too
+            opt.step()
+            if isinstance(model, PolymodalModel):
+                model.after_step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            seen += size
+            meter.add({"loss": step_loss, **step_metrics})
+            if on_step is not None:
+                on_step(step, {"loss": float(step_loss), **{k_: float(v) for k_, v in step_metrics.items()}})
+            if bar is not None:
+                bar.update(1)
             if step % cfg.log_every == 0 or step == end:
                 rate = seen / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
-        if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end:
-            _save_checkpoint(out, model, opt, step, cfg, data, ema)
-    if bar is not None:
-        bar.close()
-    if out is not None:
-        _save_checkpoint(out, model, opt, step, cfg, data, ema)
+                _log(meter, ctx, bar, log, names, step=step, since=last_log, lr=lr_at(step - 1, cfg), samples_s=rate)
+                last_log = step
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < end:
+                record = _evaluate(model, original, dataset, how, ctx)
+                if record:
+                    log.log(step, record)
+            if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end:
+                _save_checkpoint(out, model, opt, step, cfg, data, ema, ctx=ctx)
+        if out is not None:
+            _save_checkpoint(out, model, opt, step, cfg, data, ema, ctx=ctx)
+    finally:  # a failed run still closes its progress bar, its loader's workers and its log
+        if bar is not None:
+            bar.close()
+        if streamed and callable(getattr(stream, "close", None)):
+            stream.close()
+        log.close()
     if ema is not None:  # after the checkpoint (raw weights, to resume from): the model keeps the average
         ema.copy_to(model)
-    return model.eval()
+    if how == "fsdp":  # every rank gets the whole trained weights back in the plain model it was given
+        original.load_state_dict(full_state(model, ctx))
+    return original.eval()
+
+
+def _log(meter: _Meter, ctx: DistributedContext, bar: Any, log: TrainLog, names: tuple[str, ...], **row: Any) -> None:
+    """Reduce the loss and metrics since the last log over the ranks (the only host sync of the loop), stop
+    on a non-finite loss, and show them (rank 0's progress bar, the family's ``names`` too) and log them
+    (rank 0's ``train_log.jsonl``). ``row`` holds ``step``, ``since``, ``lr`` and ``samples_s``."""
+    step, since = row.pop("step"), row.pop("since")
+    values = meter.read(ctx)
+    loss = values.get("loss", 0.0)
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"loss became {loss} between steps {since} and {step - 1}; stopping (lower lr, or check the data)"
+        )
+    record = {"loss": loss, **row, **{k: v for k, v in values.items() if k != "loss"}}
+    if bar is not None:
+        bar.set_postfix(progress_postfix(record, names))
+    log.log(step, record)
