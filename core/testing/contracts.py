@@ -426,7 +426,7 @@ def _dataset(name: str) -> Any:
 
 
 def check_loss_backward(spec: str | ModelSpec, *, use_tiny: bool = True, batch_size: int = 4, **overrides: Any) -> None:
-    """``loss`` on a small batch is a finite scalar with float metrics, and backward gives finite gradients.
+    """``loss`` on a small batch is a finite scalar with finite metrics (numbers or detached 0-dim tensors), and backward gives finite gradients.
 
     The batch is ``model.example_batch(batch_size, generator)`` when the model defines it,
     else the first samples of the variant's dataset (with the config adapted to it).
@@ -448,6 +448,9 @@ def check_loss_backward(spec: str | ModelSpec, *, use_tiny: bool = True, batch_s
         f"{_name(spec)}: metrics must be a dict"
     )
     for k, v in metrics.items():
+        if isinstance(v, Tensor):  # a metric kept on the device (no host sync per step): a detached scalar
+            assert v.dim() == 0 and not v.requires_grad, f"{_name(spec)}: metric {k!r} must be a detached 0-dim tensor"
+            v = float(v)
         assert isinstance(v, (int, float)) and math.isfinite(v), (
             f"{_name(spec)}: metric {k!r} = {v!r} is not a finite number"
         )

@@ -23,6 +23,8 @@ from polymodal.data import digits as digits_data
 from polymodal.data import shapes as shapes_data
 from polymodal.data.tokenizers import BPETokenizer
 
+from .objective import positive_keys
+
 
 def corpus() -> list[str]:
     """Every training caption of the embedded datasets (no held-out template)."""
@@ -200,8 +202,8 @@ def views_at(cfg: Any, step: int | None) -> tuple[str, ...]:
 
 
 def resample_views(
-    cfg: Any, batch: dict[str, Any], step: int | None = None
-) -> list[tuple[list[str], torch.Tensor | None]]:
+    cfg: Any, batch: dict[str, Any], step: int | None = None, *, keys: bool = False
+) -> list[tuple[list[str], Any]]:
     """Fresh training captions, one list per caption view, each with its positives matrix or None.
 
     ``[]`` keeps the dataset's own captions. The label captioner gives one view (one
@@ -209,7 +211,9 @@ def resample_views(
     :func:`views_at` (``step`` is the training step, for the curriculum);
     a view's (B, B) bool matrix (``[i, j]``: caption ``j`` is true of scene ``i``, see
     :func:`positives`) is given for every partial view, and for ``"all"`` when
-    ``cfg.multi_positive`` or any ``cfg.caption_dropout`` (else None: plain InfoNCE).
+    ``cfg.multi_positive`` or any ``cfg.caption_dropout`` (else None: plain InfoNCE). With ``keys``
+    a view gives its :class:`~.objective.PositiveKeys` instead of the matrix (per-sample rows, which
+    can be gathered across ranks and split into micro-batches; ``keys.matrix()`` is the same matrix).
     """
     templates = cfg.templates
     if cfg.captioner == "none" or not templates:
@@ -223,7 +227,8 @@ def resample_views(
         keep = parse_view(view)
         texts, claims, scenes = shapes_captions(cfg, batch, keep)
         multi = keep is not None or cfg.multi_positive or any(cfg.caption_dropout)
-        out.append((texts, positives(claims, scenes) if multi else None))
+        pos = (positive_keys(claims, scenes) if keys else positives(claims, scenes)) if multi else None
+        out.append((texts, pos))
     return out
 
 

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
-from polymodal.data.augment import random_translate, resize
 from polymodal.models import PolymodalModel, interfaces
 from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import TextEncoder, TextEncoderConfig, ViTEncoder, ViTEncoderConfig
@@ -31,6 +30,7 @@ from polymodal.nn.grid import fit_encoder
 from polymodal.objectives import info_nce, retrieval_accuracies, similarity_logits
 
 from . import captions as cap
+from .collate import CLIPCollate, prepare_images, tokenize_texts
 from .objective import multi_positive_info_nce
 
 
@@ -249,16 +249,7 @@ class CLIPModel(PolymodalModel):
         A text longer than the context raises ValueError (length and limit) unless ``truncate``;
         truncation always keeps the end-of-text token.
         """
-        if self.tokenizer is None:
-            raise ValueError("this CLIP model has no tokenizer (converted without a tokenizer.json); pass token ids")
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise ValueError("expected at least one text to tokenize; got an empty list")
-        rows = [self.tokenizer.encode(t, self.config.text.context_length, truncate) for t in texts]
-        out = torch.full((len(rows), max(map(len, rows))), self.tokenizer.special_tokens["pad"], dtype=torch.long)
-        for i, row in enumerate(rows):
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return out  # (B, L)
+        return tokenize_texts(self.tokenizer, self.config.text.context_length, texts, truncate)  # (B, L)
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         """(B, C, S, S) → (B, E) unnormalised (like transformers' ``get_image_features``)."""
@@ -278,39 +269,44 @@ class CLIPModel(PolymodalModel):
     # -- training and evaluation ------------------------------------------------------------------
     def prepare(self, images: Tensor) -> Tensor:
         """Resize to the tower's size and cast to float; grey images feed an RGB tower as three equal channels."""
-        images = images.float()
-        if images.dim() == 4 and images.shape[1] == 1 and self.config.vision.channels == 3:
-            images = images.expand(-1, 3, -1, -1)  # (B, 3, H, W)
-        return resize(images, self.config.vision.image_size)
+        return prepare_images(images, self.config.vision.image_size, self.config.vision.channels)
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    def collator(self) -> CLIPCollate | None:
+        """Pixels, re-sampled caption views and their token ids for a training batch (None without a tokenizer)."""
+        return CLIPCollate(self.config, self.tokenizer) if self.tokenizer is not None else None
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Symmetric InfoNCE of ``batch['image']`` against captions (re-sampled per step when training).
 
         With several caption views (shapes) the loss is the mean of one term per view; a view
-        with a positives matrix uses the multi-positive InfoNCE of :mod:`.objective`.
+        with positives uses the multi-positive InfoNCE of :mod:`.objective`. A batch from
+        :meth:`collator` brings its pixels and views (``pixels``, ``text_ids``, ``positives``). In
+        training the negatives are every rank's batch (features gathered with gradients; identical in
+        one process); the logged accuracies are this rank's; metrics are 0-dim tensors.
         """
         self.clamp_logit_scale_()
-        images = self.prepare(batch["image"])  # (B, C, S, S)
-        if self.training and self.config.augment_shift:
-            images = random_translate(images, self.config.augment_shift)
-        views = cap.resample_views(self.config, batch, self.train_step) if self.training else []
-        views = views or [(list(batch["caption"]), None)]
-        image = self.encode_image(images)  # (B, E)
+        if "text_ids" not in batch:  # a raw batch: do the collator's work here, drawing in its order
+            if self.training:
+                batch = CLIPCollate(self.config, self.tokenizer)(batch, self.train_step)
+            else:
+                batch = {**batch, "pixels": self.prepare(batch["image"])}
+                batch |= {"text_ids": [self.tokenize(list(batch["caption"]), truncate=True)], "positives": [None]}
+        image = self.encode_image(batch["pixels"].to(self.logit_scale.device))  # (B, E)
         scale = self.scale()
         losses, embeddings = [], []
-        for texts, positives in views:
-            text = self.encode_text(self.tokenize(texts, truncate=True))  # (B, E)
-            losses.append(
-                info_nce(image, text, scale)
+        for ids, positives in zip(batch["text_ids"], batch["positives"]):
+            text = self.encode_text(ids)  # (B, E)
+            losses.append(  # negatives from every rank's batch when training on several (identical in one)
+                info_nce(image, text, scale, gather=self.training)
                 if positives is None
-                else multi_positive_info_nce(image, text, scale, positives)
+                else multi_positive_info_nce(image, text, scale, positives, gather=self.training)
             )
             embeddings.append(text)
         text = embeddings[0]  # (B, E) the first view's captions give the logged retrieval accuracies
         loss = torch.stack(losses).mean()
         with torch.no_grad():
             logits = similarity_logits(image, text, scale)  # (B, B)
-        return loss, {**retrieval_accuracies(logits), "logit_scale": scale.item()}
+        return loss, {**retrieval_accuracies(logits), "logit_scale": scale.detach()}
 
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test") -> dict[str, Any]:

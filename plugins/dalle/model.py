@@ -36,7 +36,6 @@ from polymodal.nn.embed import init_weights
 from polymodal.objectives import cross_entropy
 
 from . import text as txt
-from .augment import augment_scenes
 from .config import DALLEConfig
 from .sample import SAMPLE_OPTIONS
 
@@ -121,7 +120,7 @@ class DALLE(PolymodalModel):
     # -- text and image tokens --------------------------------------------------------------------
     def pad_ids(self) -> Tensor:
         """(L,) the unique pad id of each text position: ``text_vocab + i``."""
-        return self.config.text_vocab + torch.arange(self.config.text_length)
+        return txt.pad_ids(self.config.text_vocab, self.config.text_length)
 
     def encode_text(self, texts: list[str] | str, truncate: bool = False) -> Tensor:
         """(B, L) text stream: ``bos``, caption, ``eos``, then the positions' unique pads.
@@ -129,25 +128,15 @@ class DALLE(PolymodalModel):
         A text longer than L tokens raises a ValueError naming its length and the limit,
         unless ``truncate`` (which keeps ``eos``).
         """
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise ValueError("expected at least one text; got an empty list")
-        out = self.pad_ids().repeat(len(texts), 1)  # (B, L)
-        for i, t in enumerate(texts):
-            try:
-                row = self.text_tokenizer.encode(t, self.config.text_length, truncate)
-            except ValueError as exc:
-                raise ValueError(
-                    f"prompt {t!r}: {exc} (DALL·E's text context is {self.config.text_length} tokens)"
-                ) from None
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return out.to(self.head.weight.device)
+        return txt.encode_texts(self.text_tokenizer, self.config, texts, truncate).to(self.head.weight.device)
 
     def empty_text(self, batch: int) -> Tensor:
         """(B, L) the unconditional text: ``bos`` then pads only."""
-        row = self.pad_ids()
-        row[0] = self.text_tokenizer.special_tokens["bos"]
-        return row.repeat(batch, 1).to(self.head.weight.device)  # (B, L)
+        return txt.empty_texts(self.text_tokenizer, self.config, batch).to(self.head.weight.device)  # (B, L)
+
+    def collator(self) -> txt.DALLECollate:
+        """Augmentation, caption re-sampling, tokenising and caption dropout of a training batch."""
+        return txt.DALLECollate(self.config, self.text_tokenizer)
 
     def check_codes(self, codes: Tensor) -> None:
         """ValueError naming expected vs given unless ``codes`` is (B, h, w) integer in [0, codebook_size)."""
@@ -290,19 +279,17 @@ class DALLE(PolymodalModel):
         return loss, metrics
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        """Weighted cross-entropy of captions (re-sampled per step, some dropped) and image codes."""
-        if self.training:
-            batch = augment_scenes(batch, self.config.augment_flip, self.config.augment_shift)
-        images = batch["image"]
-        captions = txt.resample_captions(self.config, batch) if self.training else list(batch["caption"])
-        if isinstance(images, Tensor) and len(captions) != len(images):
-            raise ValueError(
-                f"the batch must hold one caption per image; got {len(images)} image(s) and {len(captions)} caption(s)"
-            )
-        text = self.encode_text(captions, truncate=True)  # (B, L)
-        if self.training and self.config.caption_dropout > 0:
-            drop = torch.rand(len(captions)) < self.config.caption_dropout  # (B,)
-            text[drop.to(text.device)] = self.empty_text(int(drop.sum()))
+        """Weighted cross-entropy of captions (re-sampled per step, some dropped) and image codes.
+
+        A batch from :meth:`collator` brings its augmented images and ``text_ids`` (B, L)."""
+        if "text_ids" not in batch:  # a raw batch: do the collator's work here, drawing in its order
+            if self.training:
+                batch = self.collator()(batch, self.train_step)
+            else:
+                captions = list(batch["caption"])
+                txt.check_captions(batch["image"], captions)
+                batch = {**batch, "text_ids": self.encode_text(captions, truncate=True)}
+        images, text = batch["image"], batch["text_ids"].to(self.head.weight.device)  # (B, …), (B, L)
         return self.stream_loss(self.stream(text, self.image_codes(images)))
 
     @torch.no_grad()

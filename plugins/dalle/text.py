@@ -7,6 +7,7 @@ colour, kind and position, plus two-object joins). Held-out templates are never 
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -14,6 +15,8 @@ import torch
 from polymodal.data import digits as digits_data
 from polymodal.data import shapes as shapes_data
 from polymodal.data.tokenizers import BPETokenizer
+
+from .augment import augment_scenes
 
 
 def fill_label(template: str, label: int, class_names: tuple[str, ...]) -> str:
@@ -107,3 +110,69 @@ def eval_prompts(data: str, per_class: int) -> tuple[list[str], dict[str, torch.
         return prompts, {"colour": torch.tensor(colours), "kind": torch.tensor(kinds)}
     labels = [d for d in range(10) for _ in range(per_class)]
     return [f"the digit {d}" for d in labels], {"label": torch.tensor(labels)}
+
+
+def pad_ids(text_vocab: int, text_length: int) -> torch.Tensor:
+    """(L,) the unique pad id of each text position: ``text_vocab + i``."""
+    return text_vocab + torch.arange(text_length)
+
+
+def encode_texts(tokenizer: Any, cfg: Any, texts: list[str] | str, truncate: bool = False) -> torch.Tensor:
+    """(B, L) text streams: ``bos``, caption, ``eos``, then the positions' unique pads (``cfg`` a DALLEConfig).
+
+    A text longer than L tokens raises a ValueError naming its length and the limit,
+    unless ``truncate`` (which keeps ``eos``).
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError("expected at least one text; got an empty list")
+    out = pad_ids(cfg.text_vocab, cfg.text_length).repeat(len(texts), 1)  # (B, L)
+    for i, t in enumerate(texts):
+        try:
+            row = tokenizer.encode(t, cfg.text_length, truncate)
+        except ValueError as exc:
+            raise ValueError(f"prompt {t!r}: {exc} (DALL·E's text context is {cfg.text_length} tokens)") from None
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out  # (B, L)
+
+
+def empty_texts(tokenizer: Any, cfg: Any, batch: int) -> torch.Tensor:
+    """(B, L) the unconditional text: ``bos`` then pads only."""
+    row = pad_ids(cfg.text_vocab, cfg.text_length)  # (L,)
+    row[0] = tokenizer.special_tokens["bos"]
+    return row.repeat(batch, 1)  # (B, L)
+
+
+def check_captions(images: Any, captions: list[str]) -> None:
+    """ValueError unless there is one caption per image."""
+    if isinstance(images, torch.Tensor) and len(captions) != len(images):
+        raise ValueError(
+            f"the batch must hold one caption per image; got {len(images)} image(s) and {len(captions)} caption(s)"
+        )
+
+
+class DALLECollate:
+    """``collate(batch, step) -> batch`` for DALL·E training: scenes augmented (flip, shift, boxes moved),
+    captions re-sampled, tokenised and some dropped to the unconditional text, as ``text_ids`` (B, L).
+
+    Draws from torch's global generator in :meth:`DALLE.loss`'s order (augmentation, templates,
+    caption dropout), so ``loss(collate(batch, step))`` equals ``loss(batch)`` under one seed.
+    Holds the config and the text tokenizer only (it pickles for DataLoader workers).
+    """
+
+    def __init__(self, config: Any, tokenizer: Any) -> None:
+        self.config, self.tokenizer = config, tokenizer
+
+    def __call__(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        """The training batch of global step ``step`` (unused: DALL·E has no curriculum) with ``text_ids``."""
+        c = self.config
+        batch = augment_scenes(batch, c.augment_flip, c.augment_shift)
+        captions = resample_captions(c, batch)
+        check_captions(batch["image"], captions)
+        text = encode_texts(self.tokenizer, c, captions, truncate=True)  # (B, L)
+        if c.caption_dropout > 0:
+            drop = torch.rand(len(captions)) < c.caption_dropout  # (B,)
+            text[drop] = empty_texts(self.tokenizer, c, int(drop.sum()))
+        out = copy.copy(batch)  # a Batch stays a Batch (its missing-field errors name the dataset)
+        out.update(text_ids=text)
+        return out

@@ -94,14 +94,14 @@ class NoisyClassifier(PolymodalModel):
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # (B, C, S, S)
         return self.schedule.add_noise(x0, noise, t.to(x0.device))
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Cross-entropy of the labels from x_t at uniform timesteps t ∈ [0, T)."""
         images = batch["image"].to(self.head.weight.device)
         labels = batch["label"].to(images.device).long()  # (B,)
         t = torch.randint(0, self.schedule.T, (len(images),), device=images.device)  # (B,)
         logits = self(self.noisy(images, t), t)  # (B, K)
         loss = F.cross_entropy(logits, labels)
-        return loss, {"accuracy": (logits.argmax(-1) == labels).float().mean().item()}
+        return loss, {"accuracy": (logits.argmax(-1) == labels).float().mean()}  # 0-dim: no host sync
 
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test") -> dict[str, float]:

@@ -165,7 +165,7 @@ class SR3Model(PolymodalModel):
         x = torch.cat([x_t, low_up.to(x_t.dtype) * 2 - 1], dim=1)  # (B, 2C, S, S)
         return self.unet(x, noise_level.to(x_t.dtype) * self.config.noise_scale)  # (B, C, S, S)
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
         """MSE on the schedule's target at a noise level γ drawn between two neighbouring grid points."""
         images = batch["image"].to(self.unet.conv_in.weight.device).float()  # (B, C, S, S) in [0, 1]
         low_up = self.upsample(self.degrade(images))  # (B, C, S, S)
@@ -183,7 +183,7 @@ class SR3Model(PolymodalModel):
         pred = self.schedule.prediction
         target = noise if pred == "epsilon" else x0 if pred == "sample" else a * noise - s * x0
         loss = F.mse_loss(self(x_t, low_up, gamma.sqrt().float()), target)
-        return loss, {"noise_level": float(gamma.sqrt().mean())}
+        return loss, {"noise_level": gamma.sqrt().mean().detach()}  # 0-dim: no host sync
 
     def denoise_fn(self, low_up: Tensor):
         """``model_fn(x_t, t)`` for the core samplers: the UNet at the noise level ``sqrt(ᾱ_t)``."""

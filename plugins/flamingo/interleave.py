@@ -15,9 +15,11 @@ cross-attention output is exactly zero).
 
 from __future__ import annotations
 
+import copy
 import random
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -177,3 +179,59 @@ __all__ = [
     "pad_rows",
     "training_sequences",
 ]
+
+
+def training_rows(
+    labels: list[int], config: Any, tokenizer: Any, image_id: int, eoc_id: int, max_len: int
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Interleaved training sequences of a batch's ``labels``: ids (S, T + 1), targets (S, T) and, per
+    sequence, the batch indices of its images (LongTensor).
+
+    One draw from torch's global generator seeds the sequences' ``random.Random``; chunks that do
+    not fit ``max_len + 1`` tokens are dropped from the end. Caption tokens and ``<|endofchunk|>``
+    are targets; ``<image>`` and padding (-100) are not.
+    """
+    c = config
+    rng = random.Random(int(torch.randint(0, 2**31 - 1, ())))
+    seqs = training_sequences(
+        labels, c.templates, c.min_chunks, c.max_chunks, c.mixed_template_rate, rng, c.sentence_rate
+    )
+    rows, index = [], []
+    for idx, captions in seqs:
+        row = encode(chunk_text(captions), tokenizer, image_id, eoc_id)
+        while len(row) > max_len + 1 and len(captions) > 1:  # drop chunks that do not fit
+            idx, captions = idx[:-1], captions[:-1]
+            row = encode(chunk_text(captions), tokenizer, image_id, eoc_id)
+        rows.append(row[: max_len + 1])
+        index.append(torch.as_tensor(idx, dtype=torch.long))
+    ids = pad_rows(rows, tokenizer.special_tokens["pad"])  # (S, T + 1)
+    targets = ids[:, 1:].clone()  # (S, T)
+    for i, r in enumerate(rows):
+        targets[i, len(r) - 1 :] = -100
+    targets[targets == image_id] = -100
+    return ids, targets, index
+
+
+class FlamingoCollate:
+    """``collate(batch, step) -> batch`` for Flamingo training: ``ids`` (S, T + 1) and ``targets`` (S, T) of
+    the interleaved sequences built from the batch's labels, and ``image_index``, per sequence the
+    indices of its images in ``batch['image']`` (see :func:`training_rows`). Holds the config and the
+    LM's tokenizer only (it pickles for DataLoader workers)."""
+
+    def __init__(self, config: Any, tokenizer: Any, image_id: int, eoc_id: int, max_len: int) -> None:
+        self.config, self.tokenizer, self.image_id, self.eoc_id, self.max_len = (
+            config,
+            tokenizer,
+            image_id,
+            eoc_id,
+            max_len,
+        )
+
+    def __call__(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        """The batch of global step ``step`` (unused: no curriculum) with its sequences."""
+        ids, targets, index = training_rows(
+            batch["label"].tolist(), self.config, self.tokenizer, self.image_id, self.eoc_id, self.max_len
+        )
+        out = copy.copy(batch)  # a Batch stays a Batch (its missing-field errors name the dataset)
+        out.update(ids=ids, targets=targets, image_index=index)
+        return out

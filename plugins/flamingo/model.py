@@ -18,7 +18,6 @@ the logits (the first V columns) equal the frozen LM's logits on the same input 
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -233,35 +232,25 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
         return self.tokenizer.special_tokens["pad"]
 
     # -- training ---------------------------------------------------------------------------------
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    def collator(self) -> il.FlamingoCollate:
+        """The interleaved sequences of a training batch, tokenised (see :func:`.interleave.training_rows`)."""
+        return il.FlamingoCollate(self.config, self.tokenizer, self.image_id, self.eoc_id, self.lm.max_len)
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Next-token cross-entropy over interleaved sequences built from the batch's images and labels.
 
-        Caption tokens and ``<|endofchunk|>`` are targets; ``<image>`` and padding are not.
+        Caption tokens and ``<|endofchunk|>`` are targets; ``<image>`` and padding are not. A batch from
+        :meth:`collator` brings ``ids``, ``targets`` and ``image_index``.
         """
-        images, labels = batch["image"], batch["label"]
-        c = self.config
-        rng = random.Random(int(torch.randint(0, 2**31 - 1, ())))
-        seqs = il.training_sequences(
-            labels.tolist(), c.templates, c.min_chunks, c.max_chunks, c.mixed_template_rate, rng, c.sentence_rate
-        )
-        rows, media, device = [], [], self.special.weight.device
-        for idx, captions in seqs:
-            row = self.encode_text(il.chunk_text(captions))
-            while len(row) > self.lm.max_len + 1 and len(captions) > 1:  # drop chunks that do not fit
-                idx, captions = idx[:-1], captions[:-1]
-                row = self.encode_text(il.chunk_text(captions))
-            rows.append(row[: self.lm.max_len + 1])
-            media.append(images[idx].to(device))
-        ids = il.pad_rows(rows, self.pad_id())  # (S, T + 1)
-        targets = ids[:, 1:].clone()  # (S, T)
-        for i, r in enumerate(rows):
-            targets[i, len(r) - 1 :] = -100
-        targets[targets == self.image_id] = -100
+        if "image_index" not in batch:  # a raw batch: the collator's work, in its order
+            batch = self.collator()(batch, self.train_step)
+        device = self.special.weight.device
+        ids, targets = batch["ids"], batch["targets"]  # (S, T + 1), (S, T)
+        media = [batch["image"][idx].to(device) for idx in batch["image_index"]]
         logits = self(ids[:, :-1].to(device), media)  # (S, T, V + 2)
         loss, metrics = cross_entropy(logits, targets.to(device), ignore_index=-100)
-        metrics["gate_attn"] = sum(float(torch.tanh(b.attn_gate.detach()).abs()) for b in self.xattn_blocks()) / len(
-            self.xattn_blocks()
-        )
+        gates = [torch.tanh(b.attn_gate.detach()).abs().reshape(()) for b in self.xattn_blocks()]
+        metrics["gate_attn"] = torch.stack(gates).double().sum() / len(gates)
         return loss, metrics
 
     def example_batch(self, batch_size: int = 4, generator: torch.Generator | None = None) -> dict[str, Any]:

@@ -216,7 +216,7 @@ class IGPT(SamplingMixin, PolymodalModel):
         return hidden
 
     # -- training and evaluation ------------------------------------------------------------------
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Next-token cross-entropy over the raster-order tokens of ``batch['image']``.
 
         The palette is fitted on the first batch it sees when it has not been fitted yet.
@@ -230,7 +230,7 @@ class IGPT(SamplingMixin, PolymodalModel):
             images = torch.where(pick[:, None, None, None], moved, images)
         tokens = self.tokens(images)  # (B, N)
         loss, metrics = cross_entropy(self(self.inputs(tokens)), tokens)
-        metrics["bits_per_token"] = loss.item() / math.log(2)
+        metrics["bits_per_token"] = loss.detach().double() / math.log(2)
         return loss, metrics
 
     @torch.no_grad()

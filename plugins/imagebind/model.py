@@ -71,9 +71,10 @@ def default_clip_folder(variant: str, data: str) -> Path:
     return default_part_folder(variant, data)
 
 
-def bind_loss(anchor: Tensor, other: Tensor) -> Tensor:
-    """InfoNCE of unit image embeddings (B, E) against a modality's postprocessed (scaled) ones (B, E)."""
-    return info_nce(anchor, other, 1.0, normalize=False)
+def bind_loss(anchor: Tensor, other: Tensor, *, gather: bool = False) -> Tensor:
+    """InfoNCE of unit image embeddings (B, E) against a modality's postprocessed (scaled) ones (B, E);
+    ``gather``: the negatives are every rank's batch (identical in one process)."""
+    return info_nce(anchor, other, 1.0, normalize=False, gather=gather)
 
 
 class ImageBind(PolymodalModel):
@@ -163,18 +164,19 @@ class ImageBind(PolymodalModel):
         return self.encoders[modality].derive({k: batch[k] for k in ("label", "image") if k in batch}, generator)
 
     # -- training and evaluation ----------------------------------------------------------------
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        """Mean over the extra modalities of InfoNCE against the frozen image embeddings."""
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """Mean over the extra modalities of InfoNCE against the frozen image embeddings (in training, the
+        negatives are every rank's batch); metrics are 0-dim tensors."""
         device = next(self.heads.parameters()).device
         anchor = self.embed("image", self.prepare_images(batch["image"].to(device)))  # (B, E) unit
         losses, metrics = [], {}
         for m in self.config.modalities:
             z = self.embed(m, self.modality_input(m, batch).to(device))  # (B, E) scaled
-            losses.append(bind_loss(anchor, z))
-            metrics[f"loss_{m}"] = losses[-1].item()
+            losses.append(bind_loss(anchor, z, gather=self.training))  # global negatives on several ranks
+            metrics[f"loss_{m}"] = losses[-1].detach()
             if "label" in batch:  # image→clip retrieval lands on the same digit
                 labels = batch["label"].to(device)
-                metrics[f"class_match_{m}"] = _acc(labels[(anchor @ z.detach().t()).argmax(1)], labels)
+                metrics[f"class_match_{m}"] = (labels[(anchor @ z.detach().t()).argmax(1)] == labels).float().mean()
         return torch.stack(losses).mean(), metrics
 
     @torch.no_grad()

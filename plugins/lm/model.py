@@ -35,6 +35,7 @@ from polymodal.nn import BlockConfig, KVCache, PositionEmbedding, StackConfig, T
 from polymodal.objectives import cross_entropy
 
 from . import corpus
+from .collate import LMCollate, batch_texts, encode_texts, pack
 from .evaluate import EvalMixin
 from .sample import SamplingMixin
 
@@ -262,47 +263,28 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
         Inputs are the stream without its last token, targets the stream shifted by one with
         padding set to -100; streams are cut to ``max_len + 1`` tokens.
         """
-        tok = self.require_tokenizer()
-        bos, eos, pad = (tok.special_tokens[k] for k in ("bos", "eos", "pad"))
-        rows = []
-        for group in groups:
-            row = [bos]
-            for text in group:
-                row += tok.encode(text, add_bos=False, add_eos=False) + [eos]
-            rows.append(row[: self.max_len + 1])
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), pad, dtype=torch.long)  # (B, L + 1)
-        targets = torch.full((len(rows), length), -100, dtype=torch.long)  # (B, L + 1)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            targets[i, : len(row)] = torch.tensor(row)
-        return ids[:, :-1], targets[:, 1:]
+        return encode_texts(self.require_tokenizer(), self.max_len, groups)
 
     def batch_texts(self, batch: dict[str, Any]) -> list[str]:
         """The batch's sentences (``text``, else ``caption``), a ``caption_mix`` share swapped for captions in training."""
-        texts = batch.get("text", batch.get("caption"))
-        if texts is None:
-            raise ValueError(f"a language-model batch needs a 'text' or 'caption' field; got {sorted(batch)}")
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if self.training and self.config.caption_mix > 0:
-            pool = corpus.caption_texts()
-            swap = (torch.rand(len(texts)) < self.config.caption_mix).tolist()
-            picks = torch.randint(len(pool), (len(texts),)).tolist()
-            texts = [pool[p] if s else t for t, s, p in zip(texts, swap, picks)]
-        return texts
+        return batch_texts(self.config, batch, self.training)
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        """Next-token cross-entropy (padding ignored) over packed sentences of ``batch``."""
-        texts = self.batch_texts(batch)
-        groups, i = [], 0
-        while i < len(texts):
-            k = int(torch.randint(1, self.config.pack + 1, ())) if self.training else 1
-            groups.append(texts[i : i + k])
-            i += k
-        ids, targets = self.encode_texts(groups)  # (B, L), (B, L)
+    def collator(self, training: bool = True) -> LMCollate | None:
+        """Caption mixing, packing and tokenising of a training batch (None without a tokenizer)."""
+        return LMCollate(self.config, self.tokenizer, training) if self.tokenizer is not None else None
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """Next-token cross-entropy (padding ignored) over packed sentences of ``batch``.
+
+        A batch from :meth:`collator` brings its ``ids`` and ``targets``."""
+        if "ids" in batch and "targets" in batch:
+            ids, targets = batch["ids"], batch["targets"]  # (B, L), (B, L)
+        else:  # a raw batch: the collator's work, in its order
+            groups = pack(self.batch_texts(batch), self.config.pack, self.training)
+            ids, targets = self.encode_texts(groups)  # (B, L), (B, L)
         device = self.token_embed.weight.device
         loss, metrics = cross_entropy(self(ids.to(device)), targets.to(device), ignore_index=-100)
-        metrics["bits_per_token"] = loss.item() / math.log(2)
+        metrics["bits_per_token"] = loss.detach().double() / math.log(2)
         return loss, metrics
 
     def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor]:

@@ -109,10 +109,10 @@ class MAEModel(PolymodalModel):
         decode, score: transformers' ``ViTMAEForPreTraining(pixel_values, noise=noise)``."""
         return self.mae(images, noise=noise, generator=generator)
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
         """The masked-patch loss with random masking (``mask_ratio`` of the patches hidden)."""
         out = self.mae(self._prepare(batch["image"]))
-        return out.loss, {"masked_fraction": float(out.mask.mean())}
+        return out.loss, {"masked_fraction": out.mask.detach().mean()}  # 0-dim: no host sync
 
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test", batch_size: int = 256) -> dict[str, float]:

@@ -149,7 +149,7 @@ class PixelModel(Renderer, PolymodalModel):
         w = real.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
         return self.token_head(self.head_drop((tokens * w).sum(1) / w.sum(1).clamp(min=1)))  # (B, K)
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Both classifiers' cross-entropies on the same batch, summed (their parameters are disjoint)."""
         texts, dev = list(batch["text"]), self._device()
         rendered = self.render(texts)
@@ -158,10 +158,10 @@ class PixelModel(Renderer, PolymodalModel):
         token_logits = self.token_logits(texts)  # (B, K)
         pixel_ce, token_ce = F.cross_entropy(logits, labels), F.cross_entropy(token_logits, labels)
         return pixel_ce + token_ce, {
-            "pixel_ce": pixel_ce.item(),
-            "token_ce": token_ce.item(),
-            "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
-            "token_accuracy": (token_logits.argmax(-1) == labels).float().mean().item(),
+            "pixel_ce": pixel_ce.detach(),
+            "token_ce": token_ce.detach(),
+            "accuracy": (logits.argmax(-1) == labels).float().mean(),
+            "token_accuracy": (token_logits.argmax(-1) == labels).float().mean(),
         }
 
     @torch.no_grad()

@@ -34,6 +34,7 @@ from polymodal.objectives import cross_entropy
 from polymodal.registry import get_registry
 
 from . import text as tx
+from .collate import RudolphCollate, batch_captions, check_images, text_parts
 from .config import RudolphConfig
 from .tasks import RudolphTasks
 
@@ -199,16 +200,7 @@ class RuDolph(RudolphTasks, PolymodalModel):
     # -- images and codes -------------------------------------------------------------------------
     def check_images(self, images: Tensor) -> None:
         """ValueError naming the expected shape unless ``images`` is (B, C, S, S) float for the tokenizer."""
-        c, s = self.vq.config.channels, self.vq.config.image_size
-        if (
-            not isinstance(images, Tensor)
-            or images.dim() != 4
-            or tuple(images.shape[1:]) != (c, s, s)
-            or not images.is_floating_point()
-            or images.shape[0] == 0
-        ):
-            got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"expected float images (B, {c}, {s}, {s}) in [0, 1]; got {got}")
+        check_images(images, self.vq.config.channels, self.vq.config.image_size)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
@@ -264,18 +256,9 @@ class RuDolph(RudolphTasks, PolymodalModel):
 
         ``truncate`` cuts captions longer than a context (training on a dataset's own captions).
         """
-        empty = [""] * len(captions)
-        left = torch.where(
-            t2i[:, None],
-            tx.text_context(self.text, captions, self.config.left_len, "lt_t2i", what="prompt", truncate=truncate).to(
-                codes.device
-            ),
-            self.left_text(empty, "lt_i2t"),
-        )  # (B, L)
-        right = torch.where(
-            t2i[:, None], self.right_text(empty, "pad"), self.right_text(captions, "rt_i2t", truncate=truncate)
-        )  # (B, R)
-        return torch.cat([left, self.codes_to_ids(codes), right], dim=1)  # (B, N)
+        left, right = text_parts(self.text, self.config, captions, t2i, truncate)  # (B, L), (B, R)
+        dev = self.layer_masks.device
+        return torch.cat([left.to(dev), self.codes_to_ids(codes), right.to(dev)], dim=1)  # (B, N)
 
     def targets(self, ids: Tensor) -> Tensor:
         """Next-token targets (B, N - 1): pad, bos and task tokens are conditions, so ignored."""
@@ -307,25 +290,26 @@ class RuDolph(RudolphTasks, PolymodalModel):
 
     def batch_captions(self, batch: dict[str, Any]) -> list[str]:
         """Training captions: a random template per sample filled with its label, or the dataset's captions."""
-        if self.config.templates and "label" in batch:
-            pick = torch.randint(len(self.config.templates), (len(batch["label"]),)).tolist()
-            return [
-                tx.fill(self.config.templates[j], int(y), self.config.class_names)
-                for j, y in zip(pick, batch["label"].tolist())
-            ]
-        return list(batch["caption"])
+        return batch_captions(self.config, batch)
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        """RuDolph's loss on a batch: each sample in the text→image or image→text layout at random."""
-        images = self.dataset_images(batch["image"])  # (B, C, S, S)
-        self.check_images(images)
-        t2i = torch.rand(images.shape[0]) < self.config.t2i_fraction  # (B,)
-        if self.training and self.config.augment_noise:
-            noise = torch.randn(images.shape) * self.config.augment_noise * (~t2i).float()[:, None, None, None]
-            images = (images.float() + noise.to(images.device)).clamp(0, 1)  # (B, C, S, S)
-        codes = self.encode_images(images)  # (B, h, w)
-        t2i = t2i.to(codes.device)
-        ids = self.stream(self.batch_captions(batch), codes, t2i, truncate=not self.config.templates)  # (B, N)
+    def collator(self, augment: bool = True, tokenize: bool = True) -> RudolphCollate:
+        """Images at the tokenizer's size (noised with ``augment``), layouts, sampled captions and (with
+        ``tokenize``) their text contexts."""
+        vq = self.vq.config
+        return RudolphCollate(self.config, self.text, vq.image_size, vq.channels, augment=augment, tokenize=tokenize)
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """RuDolph's loss on a batch: each sample in the text→image or image→text layout at random.
+
+        A batch from :meth:`collator` brings its images, layouts ``t2i`` and ``left_ids``/``right_ids``."""
+        if "t2i" not in batch:  # a raw batch: the collator's draws here, in its order; the stream below
+            batch = self.collator(augment=self.training, tokenize=False)(batch, self.train_step)
+        codes = self.encode_images(batch["image"])  # (B, h, w)
+        t2i, dev = batch["t2i"].to(codes.device), self.layer_masks.device  # (B,)
+        if "left_ids" in batch:
+            ids = torch.cat([batch["left_ids"].to(dev), self.codes_to_ids(codes), batch["right_ids"].to(dev)], dim=1)
+        else:
+            ids = self.stream(batch["captions"], codes, t2i, truncate=not self.config.templates)  # (B, N)
         # text→image rows end with the image: their right context is padding, so it is not run
         loss, metrics = self.stream_loss(ids[t2i, : self.config.left_len + self.image_len], ids[~t2i])
         names = {"ce_segment_0": "ce_left", "ce_segment_1": "ce_image", "ce_segment_2": "ce_right"}

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polymodal.data.augment import resize
 from polymodal.generation.options import TOKEN_SAMPLING, SampleOption, keywords
 from polymodal.generation.sampling import generate
 from polymodal.nn import KVCache, eval_mode
 
 from . import text as tx
+from .collate import dataset_images
 
 CANDIDATES = SampleOption(
     "candidates",
@@ -254,8 +254,7 @@ class RudolphTasks:
     def dataset_images(self, images: Tensor) -> Tensor:
         """A dataset's float images (B, C, H, W) resized to the frozen tokenizer's size (a folder keeps its
         images at their own size; :meth:`encode_images` itself takes only the tokenizer's)."""
-        ok = isinstance(images, Tensor) and images.dim() == 4 and images.is_floating_point()
-        return resize(images, self.vq.config.image_size) if ok else images  # (B, C, S, S)
+        return dataset_images(images, self.vq.config.image_size)  # (B, C, S, S)
 
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test") -> dict[str, Any]:

@@ -89,14 +89,14 @@ class ViTClassifier(PolymodalModel):
     def _prepare(self, images: Tensor) -> Tensor:
         return resize(images, self.config.encoder.image_size)
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Cross-entropy of the logits against ``batch['label']`` (with shift augmentation)."""
         images = self._prepare(batch["image"])  # (B, C, S, S)
         if self.training and self.config.augment_shift:
             images = random_translate(images, self.config.augment_shift)
         logits = self(images)  # (B, K)
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.config.label_smoothing)
-        return loss, {"accuracy": (logits.argmax(-1) == batch["label"]).float().mean().item()}
+        return loss, {"accuracy": (logits.argmax(-1) == batch["label"]).float().mean()}  # 0-dim: no host sync
 
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test", batch_size: int = 256) -> dict[str, float]:

@@ -199,7 +199,7 @@ class VQVAE(PolymodalModel):
             kmeans_iters=2,
         )
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Reconstruction MSE + commitment × ‖z_e − sg[e]‖² on ``batch['image']`` (EMA step when training)."""
         images = batch["image"].float()  # (B, C, H, W)
         self.check_images(images)
@@ -211,7 +211,8 @@ class VQVAE(PolymodalModel):
         mse = F.mse_loss(recon, images)
         loss = mse + self.config.commitment * commitment
         used = torch.bincount(codes.flatten(), minlength=self.codebook_size)
-        return loss, {"recon_mse": mse.item(), "commitment": commitment.item(), "codes_in_batch": int((used > 0).sum())}
+        metrics = {"recon_mse": mse.detach(), "commitment": commitment.detach(), "codes_in_batch": (used > 0).sum()}
+        return loss, metrics  # 0-dim tensors: no host sync
 
     def after_step(self) -> None:
         """Nothing: the codebook's EMA step and dead-code reset run inside the training forward."""
