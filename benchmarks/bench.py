@@ -12,6 +12,8 @@ import transformers. ``polymodal bench`` finds this folder beside the installed 
   converted weights, interleaved, same threads, ratio reported.
 * ``diffusion`` (:mod:`bench_diffusion`): polymodal's UNet and DDIM loop against diffusers on
   identical converted weights, interleaved, with the share of time per op category.
+* ``scaling`` (:mod:`bench_scaling`): ``polymodal train`` throughput at 1, 2, … processes under torchrun
+  (DDP or FSDP), speedup and scaling efficiency, runs interleaved.
 * ``compare NEW.json BASELINE.json``: the regression check alone, on two saved reports;
   ``table REPORT.json``: a saved report as Markdown (the READMEs' tables).
 
@@ -34,7 +36,7 @@ from typing import Any
 
 import torch
 
-SUITES = ("attention", "models", "diffusion", "compare", "table")
+SUITES = ("attention", "models", "diffusion", "scaling", "compare", "table")
 
 
 HELP = """usage: polymodal bench SUITE [options]   (or: python benchmarks/bench.py SUITE [options])
@@ -43,6 +45,7 @@ suites (`polymodal bench SUITE --help` shows each one's options):
   attention  every attention backend over ViT, causal-LM, cross-attention, sparse and packed shapes
   models     polymodal against transformers on identical converted weights, interleaved
   diffusion  polymodal's UNet forward and DDIM-50 sampling against diffusers on identical weights
+  scaling    `polymodal train` throughput at 1, 2, … data-parallel processes, speedup and efficiency
   compare    NEW.json BASELINE.json: flag rows slower than the baseline (> 5 % and > 30 µs)
   table      REPORT.json: a saved report as Markdown"""
 """What ``polymodal bench --help`` and ``bench.py --help`` print: the suites and how to get each one's help."""
@@ -360,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bench_diffusion import diffusion_suite
 
             return diffusion_suite(rest)
+        if suite == "scaling":
+            from bench_scaling import scaling_suite
+
+            return scaling_suite(rest)
         if suite == "table":
             return table_suite(rest)
         return compare_suite(rest)

@@ -5,7 +5,8 @@
 #
 # Writes everything under OUT: attention.json/.png/.txt (kernel grid: bf16 and fp32, head dims 64 and
 # 128, forward and forward+backward), models.json/.txt (polymodal vs transformers), generate.json/.txt
-# (KV-cache sampling, when benchmarks/generate.py exists), nvidia-smi.txt, pip-freeze.txt, log.txt.
+# (KV-cache sampling, when benchmarks/generate.py exists), scaling.json/.txt (data-parallel training at 1, 2, 4 …
+# processes, one per GPU visible: speedup and efficiency), nvidia-smi.txt, pip-freeze.txt, log.txt.
 #
 # Environment:
 #   PYTHON=python3            the interpreter (default: python)
@@ -16,6 +17,7 @@
 #                             of this script on a machine without one)
 #   ATTENTION_ARGS=... MODELS_ARGS=...                   extra options for the two suites
 #   ATTENTION_BUDGET_S=210 MODELS_BUDGET_S=90            time caps; rows left over are "skipped" with the reason
+#   SCALING=0 / SCALING_ARGS=... / SCALING_BUDGET_S=120  skip, or pass options to, the training-scaling step
 #
 # Each step has its own time cap (a timed-out step is logged and the next one still runs):
 # setup ≤ 45 s, attention ≤ ATTENTION_BUDGET_S + 60 s, models ≤ MODELS_BUDGET_S + 45 s, generate ≤ 45 s:
@@ -78,4 +80,15 @@ if [ -f benchmarks/generate.py ]; then
   timeout 45 $PY benchmarks/generate.py --device "$DEVICE" --out "$OUT/generate.json" > "$OUT/generate.txt" 2>&1
   log "generate exit status $?"
 fi
+# -- 4. data-parallel training scaling: 1, 2, 4 … processes, one GPU each (all the GPUs visible) ---------
+if [ "$DEVICE" != cpu ] && [ "${SCALING:-1}" != 0 ]; then
+  ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")
+  procs=$($PY -c "n=$ngpu; print(','.join(str(w) for w in (1, 2, 4, 8, 16) if w <= n))")
+  log "scaling: polymodal bench scaling --device cuda --procs $procs ${SCALING_ARGS:-} ($ngpu GPU(s) visible)"
+  # shellcheck disable=SC2086
+  timeout "${SCALING_BUDGET_S:-120}" $PY -m polymodal.cli bench scaling --device cuda --procs "$procs" \
+    --out "$OUT/scaling.json" ${SCALING_ARGS:-} > "$OUT/scaling.txt" 2> "$OUT/scaling.log"
+  log "scaling exit status $?"
+fi
+
 log "done in $(($(date +%s) - START)) s; results under $OUT"

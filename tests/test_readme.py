@@ -64,13 +64,19 @@ def python_blocks() -> list[tuple[int, str]]:
 
 
 def command_lines() -> list[tuple[int, list[str]]]:
-    """``(line, words)`` of every command in ```bash / ``` blocks, comments removed and synopsis
-    continuation lines (``   [--x]``) joined to the command above."""
+    """``(line, words)`` of every command in ```bash / ``` blocks, comments removed, shell continuations
+    (a line ending in ``\\``) and synopsis continuation lines (``   [--x]``) joined to the command above."""
     out: list[tuple[int, list[str]]] = []
     for lang, start, body in blocks(README.read_text(encoding="utf-8")):
         if lang not in ("bash", "sh", "shell", "console", ""):
             continue
+        lines: list[tuple[int, str]] = []
         for offset, line in enumerate(body.splitlines()):
+            if lines and lines[-1][1].rstrip().endswith("\\"):
+                lines[-1] = (lines[-1][0], lines[-1][1].rstrip()[:-1] + " " + line.strip())
+            else:
+                lines.append((offset, line))
+        for offset, line in lines:
             text = line.strip()
             for group in PLACEHOLDER_GROUPS:
                 text = text.replace(group, "")
@@ -105,15 +111,19 @@ def _words(segment: list[str]) -> list[str]:
 
 def commands() -> list[tuple[int, list[str]]]:
     """``(line, argv after 'polymodal')`` of every polymodal command line in the README (``a && b``,
-    ``a ; b`` and, outside synopsis brackets, ``a | b`` are two commands)."""
+    ``a ; b`` and, outside synopsis brackets, ``a | b`` are two commands); a launcher's ``-m polymodal
+    ARGS`` (``torchrun … -m polymodal train …``) counts as ``polymodal ARGS``."""
     out = []
     for line, words in command_lines():
         segment: list[str] = []
         for word in [*words, "&&"]:
             depth = sum(w.count("[") - w.count("]") for w in segment)
             if word in ("&&", "||", ";") or (word == "|" and depth == 0):
+                launched = [i for i in range(len(segment) - 1) if segment[i : i + 2] == ["-m", "polymodal"]]
                 if segment[:1] == ["polymodal"]:
                     out.append((line, _words(segment[1:])))
+                elif launched:
+                    out.append((line, _words(segment[launched[0] + 2 :])))
                 segment = []
             else:
                 segment.append(word)
