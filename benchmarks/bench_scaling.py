@@ -48,7 +48,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per process)")
     p.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE", help="model config override")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (a few steps, one round)")
-    p.add_argument("--out", help="report path (default benchmarks/results/scaling-<device>.json)")
+    p.add_argument("--out", help="report path (default benchmarks/results/scaling-<device>-<model>-<strategy>.json)")
     return p.parse_args(list(argv))
 
 
@@ -130,7 +130,9 @@ def scaling_suite(argv: Sequence[str]) -> int:
     path = (
         Path(args.out)
         if args.out
-        else report_path("scaling", device, base["device_name"], "-quick" if args.quick else "")
+        else report_path(
+            "scaling", device, base["device_name"], f"-{args.model}-{args.strategy}" + ("-quick" if args.quick else "")
+        )
     )
     write_json(path, report)
     head = ("model", "strategy", "processes", "samples/s", "speedup", "efficiency", "status")

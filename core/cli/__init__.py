@@ -475,16 +475,19 @@ def export(directory, out, to, weights_only, overwrite) -> None:
 @main.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "allow_interspersed_args": False}
 )
-@click.argument("suite", type=click.Choice(["attention", "models", "diffusion", "compare", "table"]), metavar="SUITE")
+@click.argument(
+    "suite", type=click.Choice(["attention", "models", "diffusion", "scaling", "compare", "table"]), metavar="SUITE"
+)
 @click.pass_context
 def bench(ctx, suite) -> None:
-    """Run a benchmark suite (attention, models, diffusion), compare two reports, or print one as Markdown (table).
+    """Run a benchmark suite (attention, models, diffusion, scaling), compare two reports, or print one as Markdown (table).
 
     \b
     Suites (`polymodal bench SUITE --help` shows each one's options):
       attention  every attention backend over ViT, causal-LM, cross and sparse shapes
       models     polymodal against transformers on identical converted weights
       diffusion  the UNet forward and DDIM-50 sampling against diffusers on identical weights
+      scaling    polymodal train's samples/s at 1, 2, … processes (torchrun), speedup and efficiency
       compare    NEW.json BASELINE.json: flag regressions (> 5 % and > 30 µs slower)
       table      REPORT.json: a saved report as Markdown
 
