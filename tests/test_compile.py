@@ -96,7 +96,9 @@ def _compiles_once(digits, backend: str, steps: int = 5, checkpointing: bool = F
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 def test_compiled_loss_never_recompiles_across_steps(digits, checkpointing):
-    _compiles_once(digits, "aot_eager", checkpointing=checkpointing)
+    graphs = _compiles_once(digits, "aot_eager", checkpointing=checkpointing)
+    if not checkpointing:  # no graph break anywhere (the attention dispatcher's ContextVar once made 11)
+        assert graphs == 1, graphs
 
 
 @pytest.mark.slow
