@@ -10,20 +10,12 @@ on the global batch.
 
 from __future__ import annotations
 
-import datetime
 import functools
-import os
 import pickle
-import socket
-import tempfile
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from polymodal.data import load_dataset
@@ -31,6 +23,7 @@ from polymodal.objectives import ContrastiveLoss
 from polymodal.plugins.fromage.objective import FromageTraining
 from polymodal.registry import get_registry
 from polymodal.testing import contracts
+from polymodal.testing.ranks import run_ranks
 
 FAMILIES = ("clip", "dalle", "rudolph", "lm", "flamingo", "fromage")
 VARIANTS = [n for n in get_registry().names("model") if get_registry().get("model", n).model_class.family in FAMILIES]
@@ -183,43 +176,12 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(WORLD * LOCAL, 5, generator=g), torch.randn(WORLD * LOCAL, 7, generator=g)
 
 
-def _entry(rank: int, fn, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
-    try:
-        torch.save(fn(rank), Path(out) / f"rank{rank}.pt")
-        dist.barrier()  # no rank tears its group down while another still talks to it
-    finally:
-        dist.destroy_process_group()
+def _ranks(fn) -> list[dict]:
+    """``fn(rank, world) -> dict`` on WORLD gloo processes (killed after TIMEOUT_S); the results in rank order."""
+    return run_ranks(fn, world=WORLD, timeout=TIMEOUT_S)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(fn) -> list[dict]:
-    """``fn(rank) -> dict`` on WORLD gloo processes (killed after TIMEOUT_S); the results in rank order."""
-    with tempfile.TemporaryDirectory() as out:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        ctx = mp.start_processes(_entry, args=(fn, _free_port(), out), nprocs=WORLD, join=False, start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError(f"{WORLD} ranks did not finish within {TIMEOUT_S} s")
-        return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-def _fromage_rank(rank: int) -> dict:
+def _fromage_rank(rank: int, world: int) -> dict:
     model = nn.parallel.DistributedDataParallel(RetrievalTowers().train())
     x, y = _global_batch()
     mine = slice(rank * LOCAL, (rank + 1) * LOCAL)
@@ -228,14 +190,14 @@ def _fromage_rank(rank: int) -> dict:
     return {"loss": loss.detach(), "grads": {n: p.grad for n, p in model.module.named_parameters()}}
 
 
-def _both_rank(rank: int) -> dict:
-    return {"fromage": _fromage_rank(rank), "clip": _clip_rank(rank)}
+def _both_rank(rank: int, world: int) -> dict:
+    return {"fromage": _fromage_rank(rank, world), "clip": _clip_rank(rank, world)}
 
 
 @pytest.fixture(scope="module")
 def two_ranks() -> list[dict]:
     """FROMAGe's and CLIP-shapes' rank results from one spawn of WORLD gloo processes."""
-    return run_ranks(_both_rank)
+    return _ranks(_both_rank)
 
 
 def test_fromage_retrieval_loss_gathered_over_two_ranks_equals_one_process(two_ranks):
@@ -279,7 +241,7 @@ def _rows(batch: dict, rows: slice) -> dict:
     return out
 
 
-def _clip_rank(rank: int) -> dict:
+def _clip_rank(rank: int, world: int) -> dict:
     model, batch = _clip_global()
     ddp = nn.parallel.DistributedDataParallel(_LossModule(model))
     loss = ddp(_rows(batch, slice(rank * LOCAL, (rank + 1) * LOCAL)))

@@ -7,16 +7,8 @@ tests compare with the one-process values computed here.
 
 from __future__ import annotations
 
-import datetime
-import socket
-import tempfile
-import time
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from polymodal.nn import collectives as C
@@ -30,53 +22,13 @@ from polymodal.objectives import (
 )
 from polymodal.plugins.clip import captions as cap
 from polymodal.plugins.clip.objective import PositiveKeys, multi_positive_info_nce, positive_keys
+from polymodal.testing.ranks import run_ranks
 
 WORLD, LOCAL, TIMEOUT_S = 2, 4, 60
 N = WORLD * LOCAL  # the global batch
 
 
 # -- running ranks ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, fn, world: int, port: int, out: str, args: tuple) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
-    try:
-        torch.save(fn(rank, world, *args), Path(out) / f"rank{rank}.pt")
-        dist.barrier()  # no rank tears its group down while another still talks to it
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(fn, *args, world: int = WORLD, timeout: float = TIMEOUT_S) -> list[dict]:
-    """Run ``fn(rank, world, *args) -> dict`` on ``world`` gloo processes; the ranks' results in rank order.
-
-    A rank that raises fails the call with its traceback; past ``timeout`` seconds every rank is killed.
-    """
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.start_processes(
-            _entry, args=(fn, world, free_port(), out, args), nprocs=world, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError(f"{world} ranks did not finish within {timeout} s")
-        return [torch.load(Path(out) / f"rank{r}.pt") for r in range(world)]
 
 
 # -- the problems both sides solve ------------------------------------------------------------------

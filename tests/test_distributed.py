@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import polymodal
 from polymodal.cli import main
 from polymodal.config import apply_overrides
 from polymodal.data import load_digits
+from polymodal.testing.ranks import free_port
 from polymodal.train import TrainConfig, train
 from polymodal.train.checkpoint import checkpoint_meta
 from polymodal.train.distributed import DistributedContext, init_from_env, wrap
@@ -100,12 +100,6 @@ def assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= atol, f"largest difference {worst:.3g} > {atol}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the global batch ---------------------------------------------------------------------------------

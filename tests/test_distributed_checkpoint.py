@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -33,6 +32,7 @@ from polymodal.data import load_digits
 from polymodal.io import LoadError
 from polymodal.io.folders import save_state
 from polymodal.models.recipe import TrainConfig
+from polymodal.testing.ranks import free_port
 from polymodal.train import checkpoint as ck
 from polymodal.train import train
 from polymodal.train.ema import EMAWeights
@@ -145,10 +145,9 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
 def _spawn(jobs: list[dict], world: int = 2, deadline: float = 120.0) -> None:
     """Run ``jobs`` in turn on ``world`` gloo processes (one group: the start-up is paid once); raises if a
     process fails, or if they have not all ended by ``deadline`` s."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(_worker, args=(world, port, jobs), nprocs=world, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _worker, args=(world, free_port(), jobs), nprocs=world, join=False, start_method="spawn"
+    )
     end = time.monotonic() + deadline
     try:
         while not context.join(timeout=1.0):

@@ -6,19 +6,12 @@ and saved configs written before the field still load (``polymodal.config``'s ``
 
 from __future__ import annotations
 
-import datetime
 import json
-import socket
-import tempfile
-import time
 import weakref
-from pathlib import Path
 
 import attrs
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import polymodal
@@ -28,6 +21,7 @@ from polymodal.nn import BlockConfig, KVCache, StackConfig, TransformerStack
 from polymodal.nn.encoders import TextEncoder, TextEncoderConfig, ViTEncoder, ViTEncoderConfig
 from polymodal.nn.stack import set_checkpointing
 from polymodal.testing import contracts
+from polymodal.testing.ranks import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,47 +173,22 @@ def _small(checkpointing: bool) -> ViTEncoder:
     return ViTEncoder(cfg.with_block(dim=32, heads=2)).train()
 
 
-def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
+def _fsdp_rank(rank: int, world: int) -> dict:
     """One rank: every block and then the whole checkpointed encoder under ``fully_shard``; its half of
-    the batch forward and backward; rank 0 saves the full gradients."""
+    the batch forward and backward; the full gradients."""
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        model = _small(True)
-        for block in model.blocks.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))  # (B, C, H, W)
-        model(images[rank * 2 : (rank + 1) * 2]).square().mean().backward()
-        grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
-        if rank == 0:
-            torch.save(grads, Path(out) / "grads.pt")
-        dist.barrier()  # no rank tears its group down while another still talks to it
-    finally:
-        dist.destroy_process_group()
+    model = _small(True)
+    for block in model.blocks.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))  # (B, C, H, W)
+    model(images[rank * 2 : (rank + 1) * 2]).square().mean().backward()
+    return {k: p.grad.full_tensor() for k, p in model.named_parameters()}
 
 
 def test_checkpointing_under_fsdp2_gives_the_single_process_gradients():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.start_processes(_fsdp_rank, args=(2, port, out), nprocs=2, join=False, start_method="spawn")
-        deadline = time.monotonic() + 90
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError("2 FSDP ranks did not finish within 90 s")
-        sharded = torch.load(Path(out) / "grads.pt")
+    sharded = run_ranks(_fsdp_rank, world=2, timeout=90)[0]
     plain = _small(False)
     plain(torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))).square().mean().backward()
     for key, param in plain.named_parameters():  # FSDP averages the ranks' gradients: the global mean's
