@@ -125,6 +125,10 @@ class PolymodalModel(nn.Module):
                 part.eval()
         return self
 
+    progress_metrics: ClassVar[tuple[str, ...]] = ()
+    """Names of :meth:`loss` metrics the training progress bar shows beside the loss (DINO's
+    ``("teacher_entropy",)``); every metric goes to ``train_log.jsonl`` whatever this says."""
+
     image_fields: ClassVar[str] = ""
     """Where an image family's input size and channels live, as a dotted attribute path from the
     model (``"config.encoder"``, ``"vq.config"``): an object with ``image_size`` and ``channels``,

@@ -447,6 +447,8 @@ def check_loss_backward(spec: str | ModelSpec, *, use_tiny: bool = True, batch_s
     assert isinstance(metrics, dict) and all(isinstance(k, str) for k in metrics), (
         f"{_name(spec)}: metrics must be a dict"
     )
+    shown = set(getattr(model, "progress_metrics", ())) - set(metrics)
+    assert not shown, f"{_name(spec)}.progress_metrics names {sorted(shown)}, which loss does not return"
     for k, v in metrics.items():
         if isinstance(v, Tensor):  # a metric kept on the device (no host sync per step): a detached scalar
             assert v.dim() == 0 and not v.requires_grad, f"{_name(spec)}: metric {k!r} must be a detached 0-dim tensor"

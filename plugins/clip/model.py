@@ -172,6 +172,7 @@ class CLIPModel(PolymodalModel):
     """Images (B, C, S, S) and ids (B, L) → (normalised image emb, normalised text emb, scale (B,))."""
 
     family = "clip"
+    progress_metrics = ("accuracy_i2t", "logit_scale")
     image_fields = "config.vision"  # image_size and channels: what preprocess() prepares
     implements = (interfaces.ImageEncoder, interfaces.TextEncoder)
     config_class = CLIPConfig

@@ -149,6 +149,7 @@ class DINOModel(PolymodalModel):
     """Images (B, C, S, S) → frozen teacher features (B, F) (the [CLS] token, optionally ⊕ mean patch)."""
 
     family = "dino"
+    progress_metrics = ("teacher_entropy", "kl_to_centre")
     image_fields = "config.encoder"  # image_size and channels: what preprocess() prepares
     config_class = DINOConfig
 

@@ -112,6 +112,7 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
     """Token ids (B, T) → next-token logits (B, T, V): a GPT-2 style decoder."""
 
     family = "lm"
+    progress_metrics = ("bits_per_token",)
     implements = (interfaces.CausalLM,)
     config_class = LMConfig
 

@@ -44,6 +44,7 @@ class ViTClassifier(PolymodalModel):
     """Images (B, C, H, W) float → logits (B, num_classes)."""
 
     family = "vit"
+    progress_metrics = ("accuracy",)
     image_fields = "config.encoder"  # image_size and channels: what preprocess() prepares
     config_class = ViTConfig
 
