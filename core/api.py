@@ -18,7 +18,7 @@ from polymodal.config import apply_overrides
 from polymodal.data import load_dataset
 from polymodal.io import load_model
 from polymodal.io.cache import announce
-from polymodal.io.folders import write_metrics
+from polymodal.io.folders import plain_metrics, write_metrics
 from polymodal.io.output import output_folder, resolve_device
 from polymodal.models import ModelSpec, PolymodalModel
 from polymodal.models.parts import auto_folder, load_parts, part_data, part_fields
@@ -303,7 +303,7 @@ def _train_model(
             if not keep_checkpoint:
                 remove_checkpoint(out)  # this run's own: its trainer has just written it
         try:
-            metrics |= model.evaluate(dataset)
+            metrics |= plain_metrics(model.evaluate(dataset))
         except Exception as exc:
             metrics["evaluation_failed"] = f"{type(exc).__name__}: {exc}"
             where = f"the weights were saved to {out}" if out is not None else "no folder was asked for (out=None)"
@@ -391,4 +391,4 @@ def evaluate_folder(directory: str | Path, data: str | None = None, device: str 
     name = data or getattr(model, "default_data", None)  # a model may name the data it was adapted to
     if not name:
         name = next(e.obj.data for e in get_registry().entries("model") if e.obj.model_class is type(model))
-    return model.evaluate(load_dataset(name))
+    return plain_metrics(model.evaluate(load_dataset(name)))

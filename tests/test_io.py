@@ -432,3 +432,21 @@ def test_tied_weights_and_extras_round_trip(tmp_path, toy_family):
     ids = torch.arange(11)
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+def test_metrics_are_written_as_plain_numbers(tmp_path):
+    """Losses hand back device scalars; metrics.json and the card get numbers (nested ones too), and a
+    tensor that is not one number is an error naming its shape."""
+    import json
+
+    import torch
+
+    from polymodal.io.folders import plain_metrics
+
+    metrics = {"accuracy": torch.tensor(0.75), "codes": torch.tensor(12), "nested": {"loss": torch.tensor([2.5])}}
+    plain = plain_metrics(metrics)
+    assert plain == {"accuracy": 0.75, "codes": 12, "nested": {"loss": 2.5}}
+    assert isinstance(plain["codes"], int) and isinstance(plain["accuracy"], float)
+    json.dumps(plain)  # what write_model and write_metrics do with it
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        plain_metrics({"bad": torch.zeros(2)})

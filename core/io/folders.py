@@ -301,6 +301,23 @@ def _card(model: Any, family: str, metrics: dict[str, Any] | None, source: str |
     return "\n".join(lines)
 
 
+def plain_metrics(value: Any) -> Any:
+    """``value`` (a metrics dict, or anything in one) with every one-element tensor turned into its Python
+    number, in nested dicts, lists and tuples too: losses hand back device scalars (no host sync per step),
+    and metrics go to JSON and to people. A larger tensor is a ValueError (a metric is a number)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"a metric must be a number or a one-element tensor; got a tensor of shape {tuple(value.shape)}"
+            )
+        return value.item()
+    if isinstance(value, dict):
+        return {k: plain_metrics(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_metrics(v) for v in value)
+    return value
+
+
 def write_model(
     model: Any,
     directory: Path,
@@ -338,6 +355,7 @@ def write_model(
         )
     model.save_extras(directory)
     if metrics is not None:
+        metrics = plain_metrics(metrics)
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     (directory / "README.md").write_text(_card(model, family, metrics, source, card))
 
@@ -370,6 +388,7 @@ def write_metrics(
     """Rewrite ``metrics.json`` and the model card of the saved model folder ``directory`` (each file
     atomically), e.g. once a model saved right after training has been evaluated."""
     directory = Path(directory)
+    metrics = plain_metrics(metrics)
     atomic_write(directory / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     atomic_write(directory / "README.md", _card(model, model.family, metrics, source, card))
     return directory

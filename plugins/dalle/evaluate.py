@@ -40,8 +40,8 @@ def test_loss(
             loss, metrics = model.stream_loss(model.stream(text, model.image_codes(batch["image"])))
             n = len(captions)
             totals["loss"] += loss.item() * n
-            totals["loss_text"] += metrics["loss_text"] * n
-            totals["loss_image"] += metrics["loss_image"] * n
+            totals["loss_text"] += float(metrics["loss_text"]) * n  # the loss's metrics are device scalars
+            totals["loss_image"] += float(metrics["loss_image"]) * n
     suffix = "_train_templates" if train_templates else ""
     out = {f"test_{k}{suffix}": v / len(data) for k, v in totals.items()}
     out[f"test_bits_per_image_token{suffix}"] = out[f"test_loss_image{suffix}"] / math.log(2)
