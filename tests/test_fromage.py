@@ -104,7 +104,11 @@ def test_loss_trains_caption_tokens_and_their_end_after_the_prefix(caption_ret):
     ce = torch.nn.functional.cross_entropy(logits[:, k:-1][targets != pad], targets[targets != pad])
     assert metrics["caption_loss"] == pytest.approx(ce.item(), rel=1e-5)
     c = model.config
-    want = ce.item() + c.retrieval_weight * metrics["retrieval_loss"] + c.emission_weight * metrics["emission_loss"]
+    want = (
+        ce.item()
+        + c.retrieval_weight * float(metrics["retrieval_loss"])
+        + c.emission_weight * float(metrics["emission_loss"])
+    )
     assert loss.item() == pytest.approx(want, rel=1e-5)
 
 

@@ -221,7 +221,7 @@ def test_loss_has_metrics_and_first_batch_initialises(digits):
     loss, metrics = model.loss(digits.train.batch(list(range(16))))
     assert bool(model.codebook.initted) and torch.isfinite(loss)
     assert set(metrics) == {"recon_mse", "commitment", "codes_in_batch"}
-    assert loss.item() == pytest.approx(metrics["recon_mse"] + 0.25 * metrics["commitment"], rel=1e-5)
+    assert loss.item() == pytest.approx(float(metrics["recon_mse"] + 0.25 * metrics["commitment"]), rel=1e-5)
 
 
 def test_save_load_gives_identical_codes(digits, tmp_path):
