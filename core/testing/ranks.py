@@ -55,7 +55,8 @@ def run_ranks(fn: Callable[..., Any], *args: Any, world: int = 2, timeout: float
     ``fn`` and ``args`` must be picklable (a module-level function: the ranks are spawned). A rank that
     raises fails the call with its traceback; past ``timeout`` seconds every rank is killed and a
     TimeoutError says so, so a test never hangs. The results travel through files this call writes in
-    its own temporary folder (and reads back whatever they hold: tensors, dicts, the caller's objects).
+    its own temporary folder, read back with ``weights_only=True`` (nothing is unpickled): return tensors,
+    numbers, strings and dicts, lists or tuples of them.
     """
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"run_ranks: world must be a whole number >= 1, got {world!r}")
@@ -70,8 +71,7 @@ def run_ranks(fn: Callable[..., Any], *args: Any, world: int = 2, timeout: float
                 for p in ctx.processes:
                     p.kill()
                 raise TimeoutError(f"{world} ranks did not finish within {timeout} s")
-        # files this call just wrote, not a user's: read back as written
-        return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+        return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 __all__ = ["free_port", "run_ranks"]
