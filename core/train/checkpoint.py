@@ -53,6 +53,7 @@ from polymodal.io.folders import (
 )
 from polymodal.models.base import PolymodalModel
 from polymodal.models.recipe import TrainConfig
+from polymodal.nn.collectives import rank, world_size
 from polymodal.train.ema import EMAWeights
 
 CHECKPOINT = "checkpoint"
@@ -73,13 +74,6 @@ def _checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return keep() if keep is not None else model.state_dict()
 
 
-def _world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _is_dtensor(x: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -98,7 +92,7 @@ def _strategy(model: nn.Module, world: int) -> str:
 
 def _uses_dcp(model: nn.Module) -> bool:
     """Whether this run saves with DCP: several processes, or sharded parameters."""
-    return _world()[1] > 1 or _sharded(model)
+    return world_size() > 1 or _sharded(model)
 
 
 def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -144,7 +138,7 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 def _meta(model: nn.Module, param_groups: list, step: int, cfg: TrainConfig, data, ema) -> dict[str, Any]:
     """``trainer.json``: the step, the settings, the optimiser's hyper-parameters, who saved."""
-    world = _world()[1]
+    world = world_size()
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in param_groups]
     meta = {"step": step, "train": to_dict(cfg), "param_groups": groups, "data": data}
     meta |= {"world_size": world, "strategy": _strategy(model, world)}
@@ -225,7 +219,7 @@ def _save_sharded(out: Path, model, opt, step: int, cfg: TrainConfig, data, ema,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    rank, _ = _world()
+    me = rank()
     grouped = dist.is_available() and dist.is_initialized()
     tensors = {f"model.{k}": v for k, v in _model_state(model).items()}
     names, state = _param_names(model, opt), opt.state_dict()
@@ -241,7 +235,7 @@ def _save_sharded(out: Path, model, opt, step: int, cfg: TrainConfig, data, ema,
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(tensors, storage_writer=writer, no_dist=not grouped)
 
-    if rank == 0:
+    if me == 0:
 
         def fill(tmp: Path) -> None:
             if grouped:
@@ -342,7 +336,7 @@ def check_resume(
             f"give --steps {step} or more"
         )
     before = meta.get("train", {}).get("steps")
-    if before is not None and before != cfg.steps and _world()[0] == 0:
+    if before is not None and before != cfg.steps and rank() == 0:
         how = "extending" if cfg.steps > before else "shortening"
         print(
             f"--resume: {how} the run from {before} to {cfg.steps} steps (continuing at step {step})", file=sys.stderr
@@ -394,12 +388,12 @@ def load_checkpoint(
     """
     out = Path(out)
     folder = out / CHECKPOINT
-    rank, world = _world()
+    me, world = rank(), world_size()
     load = _load_sharded if meta.get("format") == SHARDED else _load_files
     _set_rng(load(folder, model, opt, meta, ema))
     then, now = meta.get("world_size", 1), world
     before, strategy = meta.get("strategy", "single"), _strategy(model, world)
-    if (then, before) != (now, strategy) and rank == 0:
+    if (then, before) != (now, strategy) and me == 0:
         print(
             f"--resume: the checkpoint was saved by {then} process(es) ({before}); resuming on {now} ({strategy})",
             file=sys.stderr,
