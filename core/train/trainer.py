@@ -34,6 +34,7 @@ from torch import nn
 
 from polymodal.data.sampling import global_batches as batches
 from polymodal.data.sampling import local_indices
+from polymodal.io.folders import plain_metrics
 from polymodal.models.base import PolymodalModel
 from polymodal.models.recipe import TrainConfig
 from polymodal.train.checkpoint import (
@@ -183,7 +184,7 @@ def _evaluate(model: nn.Module, original: nn.Module, dataset: Any, how: str, ctx
             if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
     barrier(ctx)
-    return {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
+    return {f"eval/{k}": float(v) for k, v in plain_metrics(metrics).items() if isinstance(v, (int, float))}
 
 
 def train(
