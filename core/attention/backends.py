@@ -114,8 +114,9 @@ class SDPABackend(Backend):
             full = full.to(q.dtype)
         keep = rows_with_keys(full)  # (B?, H?, Nq)
         # On the CPU, checking is free and saves work; on a GPU ``bool(...)`` would stall the
-        # stream on every call, so there the guarded path always runs (same result).
-        if q.device.type == "cpu" and bool(keep.all()):
+        # stream on every call, and compiled code would break its graph here, so there the guarded
+        # path always runs (same result).
+        if q.device.type == "cpu" and not torch.compiler.is_compiling() and bool(keep.all()):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=full, dropout_p=dropout_p, scale=scale)
         # Rows with no visible key: let them attend anywhere, then zero their output.
         if full.dtype == torch.bool:

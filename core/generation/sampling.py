@@ -4,7 +4,7 @@
                    generator=torch.Generator().manual_seed(0))
 
 ``step_fn(ids_new (B, n), cache) -> logits (B, n, V)`` runs the model on the new tokens
-only, appending their keys and values to ``cache`` (a :class:`polymodal.nn.KVCache`);
+only, writing their keys and values in place into ``cache`` (a :class:`polymodal.nn.KVCache`);
 with ``use_cache=False`` it gets the whole sequence and ``cache=None`` each step (the
 readable reference path). Diffusion schedulers live elsewhere.
 """
@@ -112,6 +112,7 @@ def generate(
     eos_id: int | None = None,
     pad_id: int | None = None,
     use_cache: bool = True,
+    new_cache: Callable[[int], KVCache] | None = None,
     sampler: Callable[..., Tensor] | None = None,
     **sampler_kwargs: Any,
 ) -> Tensor:
@@ -124,7 +125,9 @@ def generate(
     :func:`apply_cfg`. With ``eos_id``, a row that emitted it is filled with ``pad_id``
     (``eos_id`` when None) and the loop stops once every row has finished. ``sampler``
     replaces :func:`sample_next` (e.g. a registered token sampler); it gets ``generator``, the
-    ``temperature``/``top_k``/``top_p`` given here and ``sampler_kwargs``.
+    ``temperature``/``top_k``/``top_p`` given here and ``sampler_kwargs``. ``new_cache(positions)`` makes each
+    stream's cache given the positions its tokens fill (default: ``KVCache()``, which grows by doubling; a
+    :class:`~polymodal.generation.decoder.CausalDecoder` preallocates exactly).
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
         raise ValueError(f"prompt_ids must be (B, T) with T >= 1, got {tuple(prompt_ids.shape)}")
@@ -142,7 +145,9 @@ def generate(
     }
     passed.update(sampler_kwargs)
     streams = [prompt_ids] + ([uncond_ids] if cfg_scale is not None else [])
-    caches = [KVCache() if use_cache else None for _ in streams]
+    # a stream of T tokens feeds T + max_new_tokens - 1 positions (a step may add more, e.g. image embeddings)
+    make = new_cache or (lambda positions: KVCache())
+    caches = [make(s.shape[1] + max(max_new_tokens, 1)) if use_cache else None for s in streams]
     pending = list(streams)  # what each stream still has to feed the model
     ids = prompt_ids
     done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)  # (B,)

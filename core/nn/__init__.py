@@ -1,6 +1,7 @@
 """Shared building blocks every family composes (timm's ``layers/``)."""
 
-from polymodal.nn.block import Attention, Block, BlockConfig, DropPath, KVCache
+from polymodal.nn.block import Attention, Block, BlockConfig, DropPath
+from polymodal.nn.cache import KVCache
 from polymodal.nn.embed import PatchEmbed, PositionEmbedding, init_weights, interpolate_grid, sincos_1d, sincos_2d
 from polymodal.nn.mlp import ACTIVATIONS, Mlp, QuickGELU, make_activation
 from polymodal.nn.modes import eval_mode

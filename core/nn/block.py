@@ -1,4 +1,6 @@
-"""The pre-norm transformer block and its attention module, with an optional KV cache.
+"""The pre-norm transformer block and its attention module, with an optional KV cache
+(:class:`polymodal.nn.cache.KVCache`: self-attention keys and values written in place, cross-attention keys and
+values of a constant context computed once).
 
 Block: ``x = x + drop_path(attn(norm1(x)))``; optionally
 ``x = x + gate * drop_path(cross_attn(norm_cross(x), context))``; then
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 
 from polymodal.attention import attention
 from polymodal.config import config, field, in_range, one_of
+from polymodal.nn.cache import KVCache
 from polymodal.nn.mlp import ACTIVATIONS, Mlp
 from polymodal.nn.norm import make_norm
 
@@ -43,30 +46,6 @@ class BlockConfig:
     def __attrs_post_init__(self) -> None:
         if self.dim % self.heads:
             raise ValueError(f"BlockConfig.heads must divide dim; got dim={self.dim}, heads={self.heads}")
-
-
-class KVCache:
-    """Keys and values of past positions, one ``(k, v)`` pair per layer, grown by appending."""
-
-    def __init__(self) -> None:
-        self.layers: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``k, v`` (B, H, n, D) for ``layer``; returns all keys and values so far."""
-        if layer in self.layers:
-            pk, pv = self.layers[layer]
-            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, H, N+n, D)
-        self.layers[layer] = (k, v)
-        return k, v
-
-    @property
-    def length(self) -> int:
-        """How many positions the cache holds."""
-        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
-
-    def select(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (e.g. after beam or candidate selection)."""
-        self.layers = {i: (k[index], v[index]) for i, (k, v) in self.layers.items()}
 
 
 class Attention(nn.Module):
@@ -101,6 +80,11 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
 
+    def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values (B, H, M, Dh) each of a context (B, M, C)."""
+        k, v = self.kv(context).chunk(2, dim=-1)  # (B, M, D) each
+        return self._heads(k), self._heads(v)  # (B, H, M, Dh)
+
     def probabilities(self, x: Tensor) -> Tensor:
         """Self-attention probabilities (B, H, N, N) of ``x`` (B, N, D), unmasked, for inspection
         (attention maps); the forward pass goes through the fused dispatcher instead."""
@@ -125,8 +109,7 @@ class Attention(nn.Module):
             if context is None:
                 raise ValueError("cross-attention needs a context tensor (B, M, C); got None")
             q = self._heads(self.q(x))  # (B, H, N, Dh)
-            k, v = self.kv(context).chunk(2, dim=-1)  # (B, M, D) each
-            k, v = self._heads(k), self._heads(v)  # (B, H, M, Dh)
+            k, v = self.context_kv(context) if cache is None else cache.cross_kv(self, context, self.context_kv)
         else:
             q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, N, Dh)
             if cache is not None:
@@ -208,7 +191,7 @@ class Block(nn.Module):
             self.attn(self.norm1(x), causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask, cache=cache)
         )
         if self.cfg.cross_attention:
-            h = self.cross_attn(self.norm_cross(x), context, key_padding=context_padding)  # (B, N, D)
+            h = self.cross_attn(self.norm_cross(x), context, key_padding=context_padding, cache=cache)  # (B, N, D)
             if self.cross_gate is not None:
                 h = torch.tanh(self.cross_gate) * h
             x = x + self.drop_path(h)
