@@ -258,6 +258,65 @@ def test_sampling_with_and_without_cache_agree(digits):
     assert torch.equal(a, b)
 
 
+def test_the_trunk_is_the_core_decoder_over_the_models_own_modules(digits):
+    """``stream_logits`` runs the core CausalDecoder over DALL·E's own embeddings, stack and head with the
+    schedule's mask rows; the decoder holds no weights, so the state dict is the model's alone."""
+    model = make(digits, depth=3, attention=("row", "column"), attention_last="conv")
+    keys = list(model.state_dict())
+    dec = model.decoder
+    assert dec is model.decoder and dec.stack is model.stack and dec.head is model.head
+    assert dec.tokens is model.token_embed and dec.max_len == model.seq_len
+    assert list(model.state_dict()) == keys
+    ids = random_stream(model, 2, seed=1)[:, :-1]  # (2, T-1)
+    pos = torch.arange(3, ids.shape[1])  # rows of a continuation after 3 cached positions
+    for layer, (got, pattern) in enumerate(zip(model.decoder_masks(pos, ids.shape[1]), model.config.schedule)):
+        t = ids.shape[1]
+        want = image_pattern_mask(pattern, model.grid, prefix=model.config.text_length)[3:t, :t]
+        assert torch.equal(got, want), f"layer {layer}"
+    with torch.no_grad():
+        cache = dec.new_cache()
+        steps = [model.stream_logits(ids[:, :3], cache), model.stream_logits(ids[:, 3:], cache)]
+        torch.testing.assert_close(torch.cat(steps, 1), dec(ids), atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.stream_logits(ids), dec(ids))
+
+
+@pytest.mark.parametrize("cfg_scale", [None, 3.0])
+@pytest.mark.parametrize("prefix", [0, 5])
+def test_guided_and_completed_sampling_with_and_without_cache_agree(digits, cfg_scale, prefix):
+    """Sampling through the decoder's preallocated caches (both streams under guidance, a prompt that ends
+    inside the image) draws exactly what the whole-stream reference path draws with the same seed."""
+    model = make(digits, seed=3, depth=2, attention=("column",), attention_last="conv")
+    given_codes = torch.randint(0, model.codebook_size, (3, prefix), generator=torch.Generator().manual_seed(2))
+    kw = dict(top_p=0.9, temperature=1.1, cfg_scale=cfg_scale, prefix=given_codes if prefix else None)
+
+    def draw(**more):
+        return generate_codes(
+            model, ["the digit 4", None, "a 2"], generator=torch.Generator().manual_seed(6), **kw, **more
+        )
+
+    cached = draw()
+    assert torch.equal(cached, draw(use_cache=False))
+    assert torch.equal(cached.flatten(1)[:, :prefix], given_codes)
+
+
+@pytest.mark.slow
+def test_compiled_sampling_draws_what_eager_sampling_draws(digits):
+    """``prepare_inference(model, compile=True)``: the prompt runs eagerly, every later token through the
+    compiled static step over the preallocated caches (both streams under guidance); same draws as eager."""
+    from torch._dynamo.utils import counters
+
+    from polymodal.models.inference import prepare_inference
+
+    model = make(digits, seed=4, depth=2, attention=("row",), attention_last="conv")
+    kw = dict(top_k=6, cfg_scale=2.0)
+    eager = generate_codes(model, ["the digit 8", "a 1"], generator=torch.Generator().manual_seed(9), **kw)
+    prepare_inference(model, compile=True)
+    before = counters["stats"]["unique_graphs"]
+    compiled = generate_codes(model, ["the digit 8", "a 1"], generator=torch.Generator().manual_seed(9), **kw)
+    assert counters["stats"]["unique_graphs"] > before  # the static step really was compiled
+    assert torch.equal(compiled, eager)
+
+
 # -- guidance, reranking, completion ----------------------------------------------------------------
 
 

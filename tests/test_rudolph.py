@@ -250,6 +250,62 @@ def test_sampling_with_and_without_cache_agree(model):
     assert model.caption_codes(codes(model, 2)) == model.caption_codes(codes(model, 2), use_cache=False)
 
 
+def test_forward_runs_through_the_core_decoder_rebuilt_with_the_layers():
+    """The trunk is the core CausalDecoder over RuDolph's own modules and per-layer masks (no weights of its
+    own); rebuilding the layers (as loading a folder's tokenizer does) rebuilds it over the new ones."""
+    m = build()
+    keys = list(m.state_dict())
+    dec = m.decoder
+    assert dec.stack is m.stack and dec.head is m.head and dec.tokens is m.token_embed and dec.max_len == m.seq_len
+    assert list(m.state_dict()) == keys
+    ids = random_stream(m, 2, seed=4)  # (2, N)
+    pos = torch.arange(5, m.seq_len)
+    for layer, got in enumerate(m.decoder_masks(pos, m.seq_len)):
+        assert torch.equal(got, m.layer_masks[layer, 5:]), f"layer {layer}"
+    assert torch.equal(m(ids), dec(ids))
+    m._build(m.vq)
+    assert m.decoder is not dec and m.decoder.stack is m.stack and m.decoder.head is m.head
+
+
+def test_sampled_captions_and_filtered_images_agree_with_and_without_cache(model):
+    """Sampled (not greedy) captioning and top-k/top-p image sampling through the decoder's preallocated
+    caches draw exactly what the whole-stream reference draws with the same seed."""
+    grid = codes(model, 3, seed=8)
+
+    def caption(**kw):
+        return model.caption_codes(
+            grid, greedy=False, temperature=1.5, generator=torch.Generator().manual_seed(3), **kw
+        )
+
+    assert caption() == caption(use_cache=False)
+    assert caption() != model.caption_codes(grid)  # drawn, not the greedy captions
+
+    def images(**kw):
+        prompts = ["a 3", None, "the digit 7"]
+        return model.generate_codes(prompts, generator=torch.Generator().manual_seed(4), top_k=4, top_p=0.8, **kw)
+
+    assert torch.equal(images(), images(use_cache=False))
+
+
+@pytest.mark.slow
+def test_compiled_captioning_and_sampling_equal_eager(model):
+    """``prepare_inference(model, compile=True)``: the static decoding step compiled over the preallocated cache
+    (keys bucketed, so no recompilation per token) writes the same captions and draws the same codes."""
+    from torch._dynamo.utils import counters
+
+    from polymodal.models.inference import prepare_inference
+
+    m = build(depth=2)
+    grid = codes(m, 2, seed=9)
+    want_captions = m.caption_codes(grid)
+    want_codes = m.generate_codes(["a 5", None], generator=torch.Generator().manual_seed(2))
+    prepare_inference(m, compile=True)
+    before = counters["stats"]["unique_graphs"]
+    assert m.caption_codes(grid) == want_captions
+    assert counters["stats"]["unique_graphs"] > before  # the static step really was compiled
+    assert torch.equal(m.generate_codes(["a 5", None], generator=torch.Generator().manual_seed(2)), want_codes)
+
+
 # -- vocabulary restriction and sampling errors -----------------------------------------------------------
 
 

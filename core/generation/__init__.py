@@ -1,5 +1,7 @@
-"""Generation: token choosers and the autoregressive decoding loop (diffusion samplers join here)."""
+"""Generation: token choosers, the autoregressive decoding loop and the causal decoder trunk (diffusion samplers
+join here)."""
 
+from polymodal.generation.decoder import CausalDecoder
 from polymodal.generation.sampling import (
     apply_cfg,
     generate,
@@ -11,6 +13,7 @@ from polymodal.generation.sampling import (
 )
 
 __all__ = [
+    "CausalDecoder",
     "apply_cfg",
     "generate",
     "sample_greedy",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
 MIN_GROWTH = 64
@@ -65,8 +64,9 @@ class KVCache:
             size = max(MIN_GROWTH, 2 * self.buffers[layer][0].shape[2] if layer in self.buffers else needed)
             while size < needed:
                 size *= 2
-        new_k = k.new_empty(b, h, size, d)  # (B, H, size, Dh)
-        new_v = k.new_empty(b, h, size, d)
+        # zeros, not garbage: a static step masks the unwritten keys, but a NaN there would still poison 0·v
+        new_k = k.new_zeros(b, h, size, d)  # (B, H, size, Dh)
+        new_v = k.new_zeros(b, h, size, d)
         old = self.buffers.get(layer)
         filled = self.filled.get(layer, 0)
         if old is not None and filled:
@@ -133,12 +133,14 @@ class KVCache:
         self, owner: nn.Module, context: Tensor, project: Callable[[Tensor], tuple[Tensor, Tensor]]
     ) -> tuple[Tensor, Tensor]:
         """``project(context)`` computed once per ``owner`` (an attention module) and reused while the same
-        context tensor, unchanged, is passed again; a different tensor or an in-place change recomputes."""
+        context tensor, unchanged, is passed again; a different tensor or an in-place change recomputes (an
+        inference-mode tensor has no version counter, so for it only the identity is checked)."""
+        version = -1 if context.is_inference() else context._version  # inference tensors keep no version: identity only
         entry = self._cross.get(id(owner))
-        if entry is not None and entry[0] is context and entry[1] == context._version:
+        if entry is not None and entry[0] is context and entry[1] == version:
             return entry[2]
         kv = project(context)
-        self._cross[id(owner)] = (context, context._version, kv)
+        self._cross[id(owner)] = (context, version, kv)
         return kv
 
     @property

@@ -1,4 +1,5 @@
-"""DALL·E sampling through the core sampler: KV cache, temperature, top-k/top-p, guidance, CLIP reranking.
+"""DALL·E sampling through the core decoder (:attr:`DALLE.decoder`): preallocated KV cache, compiled steps
+(``compile_inference``), temperature, top-k/top-p, guidance, CLIP reranking.
 
     model = polymodal.load("runs/dalle")
     codes = generate_codes(model, ["the digit 3"] * 8, generator=torch.Generator().manual_seed(0), cfg_scale=3.0)
@@ -24,7 +25,6 @@ from torch import Tensor
 
 from polymodal.eval.images import read_image, write_samples
 from polymodal.generation.options import COMPLETE, NO_CACHE, TEMPERATURE, TOP_K, TOP_P, SampleOption, keywords
-from polymodal.generation.sampling import generate
 from polymodal.models.interfaces import ImageEncoder, TextEncoder, require
 from polymodal.nn import eval_mode
 
@@ -107,8 +107,7 @@ def generate_codes(
             uncond = torch.cat([uncond, ids[:, model.config.text_length :]], dim=1)
     allowed = torch.arange(model.vocab_size, device=text.device) >= model.image_offset  # (V,) image codes only
     with eval_mode(model):
-        out = generate(
-            model.stream_logits,
+        out = model.decoder.generate(
             ids,
             model.seq_len - ids.shape[1],
             temperature=temperature,

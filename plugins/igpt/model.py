@@ -6,7 +6,9 @@ targets are ``t_0 … t_{N-1}`` (next-token cross-entropy), exactly as transform
 id ``palette_size``). iGPT's details, all from the core parts: pre-norm blocks with
 bias-free RMS normalisation (a learned gain, no centring, no bias), QuickGELU MLPs, learned
 position embeddings, and an untied output layer without bias, initialised to zero (so a
-fresh model predicts the uniform distribution).
+fresh model predicts the uniform distribution). The trunk (positions, dropout, causal stack, KV cache, head,
+generation) is the core :class:`~polymodal.generation.decoder.CausalDecoder` over these modules
+(``model.decoder``; it owns no weights, so the state-dict keys are unchanged).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.augment import random_translate, resize
+from polymodal.generation.decoder import CausalDecoder
 from polymodal.io.cache import cache_root
 from polymodal.models import PolymodalModel
 from polymodal.nn import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack, eval_mode, init_weights
@@ -187,32 +190,57 @@ class IGPT(SamplingMixin, PolymodalModel):
         return torch.cat([sos, tokens[:, :-1]], dim=1)  # (B, N)
 
     # -- the network ------------------------------------------------------------------------------
-    def _embed(self, ids: Tensor, past: int) -> Tensor:
+    def token_embeddings(self, ids: Tensor) -> Tensor:
+        """Token ids (B, T) → token embeddings (B, T, D), without positions (ids checked, ValueError)."""
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
             got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
             raise ValueError(f"expected integer token ids (B, T); got {got}")
-        t = ids.shape[1]
+        checked = not torch.compiler.is_compiling()  # a compiled decoding step gets the sampler's ids
+        if checked and ids.numel() and (ids.min() < 0 or ids.max() > self.sos):
+            raise ValueError(
+                f"token ids must lie in [0, {self.sos}] (palette ids, {self.sos} = start); "
+                f"got values in [{int(ids.min())}, {int(ids.max())}]"
+            )
+        return self.token_embed(ids.to(self.head.weight.device))  # (B, T, D)
+
+    def position_rows(self, pos: Tensor) -> Tensor:
+        """Position embeddings (n, D) of the positions ``pos`` (n,) (the decoder's ``positions``)."""
+        return self.pos_embed()[0, pos]  # (n, D)
+
+    @property
+    def decoder(self) -> CausalDecoder:
+        """The core causal decoder over this model's modules (built once, kept outside the state dict)."""
+        dec = self.__dict__.get("_decoder")
+        if dec is None:
+            dec = CausalDecoder(
+                self.blocks,
+                tokens=self.token_embeddings,
+                positions=self.position_rows,
+                head=self.head,
+                max_len=self.num_tokens,
+                dropout=self.drop,
+                owner=self,
+            )
+            self.__dict__["_decoder"] = dec
+        return dec
+
+    def _check_length(self, ids: Tensor, past: int) -> None:
+        t = ids.shape[1] if isinstance(ids, Tensor) and ids.dim() == 2 else 0
         if past + t > self.num_tokens:
             raise ValueError(
                 f"at most {self.num_tokens} positions ({self.config.image_size}×{self.config.image_size} "
                 f"image); got {past} cached + {t} new"
             )
-        if ids.numel() and (ids.min() < 0 or ids.max() > self.sos):
-            raise ValueError(
-                f"token ids must lie in [0, {self.sos}] (palette ids, {self.sos} = start); "
-                f"got values in [{int(ids.min())}, {int(ids.max())}]"
-            )
-        x = self.token_embed(ids.to(self.head.weight.device)) + self.pos_embed()[:, past : past + t]  # (B, T, D)
-        return self.drop(x)
 
     def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """Ids (B, T) → logits (B, T, K); with ``cache`` the ids continue the cached positions."""
-        x = self._embed(ids, cache.length if cache is not None else 0)  # (B, T, D)
-        return self.head(self.blocks(x, causal=True, cache=cache))  # (B, T, K)
+        self._check_length(ids, cache.length if cache is not None else 0)
+        return self.decoder(ids, cache)  # (B, T, K)
 
     def hidden_states(self, ids: Tensor) -> list[Tensor]:
         """The input of every block and the final (normed) output: ``depth + 1`` tensors (B, T, D)."""
-        _, hidden = self.blocks(self._embed(ids, 0), causal=True, return_hidden=True)
+        self._check_length(ids, 0)
+        _, hidden = self.decoder.run(self.token_embeddings(ids), return_hidden=True)
         return hidden
 
     # -- training and evaluation ------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """iGPT sampling through the core sampler: unconditional images and completions of a top half.
 
-Every token is drawn by :func:`polymodal.generation.sampling.generate` (temperature, top-k, top-p),
-by default with a KV cache (``use_cache=False`` recomputes the whole stream each step).
+Every token is drawn by :func:`polymodal.generation.sampling.generate` (temperature, top-k, top-p) through the
+core :class:`~polymodal.generation.decoder.CausalDecoder`, by default over a preallocated KV cache
+(``use_cache=False`` recomputes the whole stream each step).
 A non-finite logit raises in the core sampler (``sample_next``), so a diverged model
 gives an error, never a garbage image.
 """
@@ -16,8 +17,7 @@ from torch import Tensor
 
 from polymodal.eval.images import read_image, write_samples
 from polymodal.generation.options import COMPLETE, TOKEN_SAMPLING
-from polymodal.generation.sampling import generate
-from polymodal.nn import KVCache, eval_mode
+from polymodal.nn import eval_mode
 
 UNSUPPORTED = ("cfg_scale", "rerank", "candidates")
 """``polymodal sample`` options that an unconditional pixel model has no use for."""
@@ -29,13 +29,11 @@ class SamplingMixin:
     sample_options = (COMPLETE, *TOKEN_SAMPLING)
     """The options of ``polymodal sample``: an image to complete, and the token-sampling options."""
 
-    def step_fn(self):
-        """``(ids_new (B, n), cache) -> logits (B, n, K)`` for :func:`polymodal.generation.sampling.generate`."""
-
-        def step(ids: Tensor, cache: KVCache | None) -> Tensor:
-            return self(ids, cache=cache)  # (B, n, K)
-
-        return step
+    def step_fn(self, *, compile: bool | None = None, last_only: bool = False):
+        """``(ids_new (B, n), cache) -> logits (B, n, K)`` for :func:`polymodal.generation.sampling.generate`
+        (the core decoder's :meth:`~polymodal.generation.decoder.CausalDecoder.step_fn`: compiled static steps
+        with ``compile`` or the model's ``compile_inference``; ``last_only``: the last position's logits only)."""
+        return self.decoder.step_fn(compile=compile, last_only=last_only)
 
     @torch.no_grad()
     def sample_tokens(
@@ -49,8 +47,10 @@ class SamplingMixin:
         top_p: float | None = None,
         use_cache: bool = True,
         batch_size: int = 256,
+        compile: bool | None = None,
     ) -> Tensor:
-        """``n`` token images (n, N); ``prefix`` (n, P) or (P,) fixes their first P tokens."""
+        """``n`` token images (n, N); ``prefix`` (n, P) or (P,) fixes their first P tokens. The KV cache is
+        preallocated; ``compile`` (None: the model's ``compile_inference``) compiles the decoding steps."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1; got {n!r}")
         with eval_mode(self):
@@ -64,10 +64,10 @@ class SamplingMixin:
             g = torch.Generator(device=device).manual_seed(seed)
             out = []
             for chunk in start.split(batch_size):
-                ids = generate(
-                    self.step_fn(),
+                ids = self.decoder.generate(
                     chunk.to(device),
                     self.num_tokens - prefix.shape[1],
+                    compile=compile,
                     temperature=temperature,
                     top_k=top_k,
                     top_p=top_p,

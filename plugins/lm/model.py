@@ -15,6 +15,9 @@ The interface other families build on (Flamingo, FROMAGe; :class:`polymodal.mode
 
 ``lm.stack`` is the core :class:`~polymodal.nn.TransformerStack`; ``injected={i: module}`` runs
 ``x = module(x, **inject_kwargs)`` before block ``i`` for that call, leaving the LM unchanged.
+The trunk (positions, embedding dropout, causal stack, KV cache, head, generation) is the core
+:class:`~polymodal.generation.decoder.CausalDecoder` over these modules (``lm.decoder``; it owns no weights,
+so the state-dict keys are GPT-2's as before).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.tokenizers import BPETokenizer, ByteTokenizer
+from polymodal.generation.decoder import CausalDecoder
 from polymodal.models import PolymodalModel, interfaces
 from polymodal.nn import BlockConfig, KVCache, PositionEmbedding, StackConfig, TransformerStack
 from polymodal.objectives import cross_entropy
@@ -194,7 +198,8 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
             got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
             raise ValueError(f"expected integer token ids (B, T); got {got}")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
+        checked = not torch.compiler.is_compiling()  # a compiled decoding step gets the sampler's ids
+        if checked and ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(
                 f"token ids must lie in [0, {self.vocab_size}); got values in "
                 f"[{int(ids.min())}, {int(ids.max())}] (a family's own tokens need its own embedding)"
@@ -206,6 +211,32 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
         if past + t > self.max_len:
             raise ValueError(f"at most max_len={self.max_len} positions; got {past} cached + {t} new")
         return self.pos_embed()[:, past : past + t]  # (1, t, D)
+
+    def position_rows(self, pos: Tensor) -> Tensor:
+        """Position embeddings (n, D) of the positions ``pos`` (n,) (the decoder's ``positions``)."""
+        return self.pos_embed()[0, pos]  # (n, D)
+
+    def head_weight(self) -> Tensor:
+        """The output head's weight (V, D): the token embedding (tied)."""
+        return self.token_embed.weight
+
+    @property
+    def decoder(self) -> CausalDecoder:
+        """The core causal decoder over this model's modules (built once, kept outside the state dict)."""
+        dec = self.__dict__.get("_decoder")
+        if dec is None:
+            dec = CausalDecoder(
+                self.stack,
+                tokens=self.token_embeddings,
+                positions=self.position_rows,
+                head=self.logits,
+                max_len=self.max_len,
+                dropout=self.drop,
+                owner=self,
+                head_weight=self.head_weight,
+            )
+            self.__dict__["_decoder"] = dec
+        return dec
 
     def run(
         self,
@@ -228,17 +259,14 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
         if not isinstance(embeds, Tensor) or embeds.dim() != 3 or embeds.shape[-1] != self.dim:
             got = tuple(embeds.shape) if isinstance(embeds, Tensor) else type(embeds).__name__
             raise ValueError(f"expected input embeddings (B, T, {self.dim}); got {got}")
-        past = cache.length if cache is not None else 0
-        x = self.drop(embeds + self.positions(past, embeds.shape[1]))  # (B, T, D)
-        return self.stack(
-            x,
-            causal=True,
+        return self.decoder.run(
+            embeds,
+            cache,
             key_padding=key_padding,
-            cache=cache,
             injected=injected,
             inject_kwargs=inject_kwargs,
             return_hidden=return_hidden,
-        )
+        )  # (B, T, D)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Hidden states (B, T, D) → logits (B, T, V) through the head tied to the token embedding."""
@@ -246,7 +274,7 @@ class LMModel(SamplingMixin, EvalMixin, PolymodalModel):
 
     def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """Ids (B, T) → logits (B, T, V); with ``cache`` the ids continue the cached positions."""
-        return self.logits(self.run(self.token_embeddings(ids), cache=cache))
+        return self.decoder(ids, cache)  # (B, T, V)
 
     # -- training ---------------------------------------------------------------------------------
     def require_tokenizer(self) -> BPETokenizer | ByteTokenizer:

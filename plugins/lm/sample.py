@@ -1,8 +1,9 @@
 """Text generation through the core sampler (:func:`polymodal.generation.sampling.generate`), with a KV cache.
 
-Every token is drawn by the core sampler (greedy, temperature, top-k, top-p); by default the
-model runs on the new token only with a :class:`~polymodal.nn.KVCache` (``use_cache=False``
-recomputes the whole stream each step, the reference path). Generation stops at the
+Every token is drawn by the core sampler (greedy, temperature, top-k, top-p) through the core
+:class:`~polymodal.generation.decoder.CausalDecoder`; by default the model runs on the new token only
+over a preallocated :class:`~polymodal.nn.KVCache` (``use_cache=False`` recomputes the whole stream
+each step, the reference path). Generation stops at the
 end-of-text token or at ``max_len`` positions. Ids the tokenizer does not use (spare embedding
 rows), the padding token and (when distinct from eos) the start token are never drawn.
 """
@@ -16,9 +17,8 @@ import torch
 from torch import Tensor
 
 from polymodal.generation.options import TOKEN_SAMPLING, check_sample_values, keywords
-from polymodal.generation.sampling import generate
 from polymodal.io import atomic_write
-from polymodal.nn import KVCache, eval_mode
+from polymodal.nn import eval_mode
 
 SAMPLING_OPTIONS = keywords(TOKEN_SAMPLING)
 """``polymodal sample`` options a language model understands (besides ``prompt``, ``n`` and ``seed``)."""
@@ -36,13 +36,12 @@ class SamplingMixin:
     sample_options = TOKEN_SAMPLING
     """The options of ``polymodal sample`` (temperature, top-k, top-p, no cache)."""
 
-    def step_fn(self):
-        """``(ids_new (B, n), cache) -> logits (B, n, V)`` for :func:`polymodal.generation.sampling.generate`."""
-
-        def step(ids: Tensor, cache: KVCache | None) -> Tensor:
-            return self(ids, cache=cache)  # (B, n, V)
-
-        return step
+    def step_fn(self, *, compile: bool | None = None, last_only: bool = False):
+        """``(ids_new (B, n), cache) -> logits (B, n, V)`` for :func:`polymodal.generation.sampling.generate`
+        (the core decoder's :meth:`~polymodal.generation.decoder.CausalDecoder.step_fn`: compiled static steps
+        with ``compile`` or the model's ``compile_inference``; ``last_only`` returns the last position's
+        logits (B, 1, V) only, all the sampler reads)."""
+        return self.decoder.step_fn(compile=compile, last_only=last_only)
 
     def allowed_tokens(self) -> Tensor:
         """Bool (V,): the ids the sampler may draw (tokenizer ids except pad and a separate bos)."""
@@ -75,10 +74,13 @@ class SamplingMixin:
         greedy: bool = False,
         use_cache: bool = True,
         stop_at_eos: bool = True,
+        compile: bool | None = None,
     ) -> Tensor:
         """Extend ``prompt_ids`` (B, T) by up to ``max_new_tokens`` (fewer at ``max_len``); returns (B, T + n).
 
-        Rows that emitted end-of-text are filled with it (``stop_at_eos``).
+        Rows that emitted end-of-text are filled with it (``stop_at_eos``). The KV cache is preallocated for
+        the whole generation; ``compile`` (None: the model's ``compile_inference``) runs the decoding steps
+        through one compiled static step.
         """
         if not isinstance(prompt_ids, Tensor) or prompt_ids.dim() != 2:
             got = tuple(prompt_ids.shape) if isinstance(prompt_ids, Tensor) else type(prompt_ids).__name__
@@ -95,10 +97,10 @@ class SamplingMixin:
         eos = self.tokenizer.special_tokens["eos"] if stop_at_eos and self.tokenizer is not None else None
         allowed = self.allowed_tokens().to(device) if self.tokenizer is not None else None
         with eval_mode(self):
-            return generate(
-                self.step_fn(),
+            return self.decoder.generate(
                 prompt_ids.to(device),
                 room,
+                compile=compile,
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,

@@ -1,17 +1,17 @@
 """RuDolph's tasks on a trained model: text→image, captioning, zero-shot classification, self-reranking.
 
-All sampling goes through the core :func:`polymodal.generation.sampling.generate` with a KV cache and
-``allowed=`` restricting each position to its own part of the vocabulary (image codes in the
-image, text ids in the right context); a non-finite logit raises instead of drawing garbage.
+All sampling goes through the core decoder (:attr:`RuDolph.decoder`: the core sampler over a preallocated KV
+cache, with compiled steps under the model's ``compile_inference``) and ``allowed=`` restricting each position
+to its own part of the vocabulary (image codes in the image, text ids in the right context); a non-finite
+logit raises instead of drawing garbage.
 
-* **text→image**: left ``[lt_t2i] prompt [eos] pad…`` → 16 image codes (no prompt: the
-  image→text layout's ``[lt_i2t] pad…`` left context, i.e. unconditional images);
+* **text→image**: left ``[lt_t2i] prompt [eos] pad…`` → 16 image codes (no prompt: the image→text layout's
+  ``[lt_i2t] pad…`` left context, i.e. unconditional images);
 * **captioning**: ``[lt_i2t] pad…`` + the image codes + ``[rt_i2t]`` → right text, greedy by default;
-* **zero-shot classification**: the class whose caption has the lowest right-text perplexity
-  given the image (:meth:`RudolphTasks.caption_nll`; the image prefix is run once and its KV
-  cache copied for every caption);
-* **self-reranking**: of ``candidates`` images drawn per sample, keep the one under which the
-  prompt, read as a right-text caption, has the lowest perplexity.
+* **zero-shot classification**: the class whose caption has the lowest right-text perplexity given the image
+  (:meth:`RudolphTasks.caption_nll`; the image prefix is run once and its KV cache copied for every caption);
+* **self-reranking**: of ``candidates`` images drawn per sample, keep the one under which the prompt, read as a
+  right-text caption, has the lowest perplexity.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polymodal.generation.options import TOKEN_SAMPLING, SampleOption, keywords
-from polymodal.generation.sampling import generate
 from polymodal.nn import KVCache, eval_mode
 
 from . import text as tx
@@ -49,8 +48,9 @@ class RudolphTasks:
     """The options of ``polymodal sample``: the token-sampling options and self-reranking ``--candidates``."""
 
     def _step(self, ids: Tensor, cache: KVCache | None) -> Tensor:
-        """The sampler's step function: logits (B, n, V) for the new ids (the whole stream without cache)."""
-        return self(ids, cache=cache)
+        """The sampler's step function: logits (B, n, V) for the new ids (the whole stream without cache), through
+        the core decoder (its compiled static step when the model's ``compile_inference`` is on)."""
+        return self.decoder.step_fn()(ids, cache)
 
     def _device(self) -> torch.device:
         return self.layer_masks.device
@@ -74,8 +74,7 @@ class RudolphTasks:
             uncond = self.left_text([""] * len(prompts), "lt_i2t")  # (B, L)
             has = torch.tensor([bool(p) for p in prompts], device=t2i.device)[:, None]  # (B, 1)
             left = torch.where(has, t2i, uncond)  # (B, L)
-            ids = generate(
-                self._step,
+            ids = self.decoder.generate(
                 left,
                 self.image_len,
                 temperature=c.temperature if temperature is None else temperature,
@@ -137,8 +136,7 @@ class RudolphTasks:
                 ],
                 dim=1,
             )  # (B, L + h·w + 1)
-            ids = generate(
-                self._step,
+            ids = self.decoder.generate(
                 prefix,
                 c.right_len - 1,
                 greedy=greedy,
@@ -168,9 +166,9 @@ class RudolphTasks:
     def caption_nll(self, codes: Tensor, captions: Sequence[str], chunk: int = 32) -> Tensor:
         """(B, K): mean negative log-likelihood per token (log perplexity) of each caption as right text of each image.
 
-        The prefix ``[lt_i2t] pad… image`` runs once per image; its KV cache is copied for
-        the K captions, which then run together. Tokens are scored within the text vocabulary
-        (caption tokens and end-of-text; the task token and padding are not scored).
+        The prefix ``[lt_i2t] pad… image`` runs once per image into a preallocated cache, copied (``select``) for
+        the K captions, which then run together. Tokens are scored within the text vocabulary (caption tokens and
+        end-of-text; the task token and padding are not scored).
         """
         with eval_mode(self):
             right = self.right_text(list(captions), "rt_i2t")  # (K, R)
@@ -180,7 +178,7 @@ class RudolphTasks:
             for codes_part in codes.split(chunk):
                 b = codes_part.shape[0]
                 prefix = torch.cat([self.left_text([""] * b, "lt_i2t"), self.codes_to_ids(codes_part)], dim=1)  # (b, P)
-                cache = KVCache()
+                cache = self.decoder.new_cache()  # preallocated for the whole stream
                 self(prefix, cache=cache)
                 cache.select(torch.arange(b, device=prefix.device).repeat_interleave(k))  # b·K rows
                 logits = self(right[:, :-1].repeat(b, 1), cache=cache)  # (b·K, R-1, V)
