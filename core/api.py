@@ -137,7 +137,9 @@ def list_models(filter: str | Sequence[str] = "", exclude_filters: str | Sequenc
     return sorted(n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in exclude if p))
 
 
-def load(directory: str | Path, device: str = "cpu") -> PolymodalModel:
+def load(
+    directory: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, compile: bool = False
+) -> PolymodalModel:
     """Load a model folder (strict; safetensors only), or convert a pretrained model (transformers'
     ``from_pretrained``):
 
@@ -148,14 +150,27 @@ def load(directory: str | Path, device: str = "cpu") -> PolymodalModel:
     * a transformers folder (``config.json`` with a ``model_type``, no polymodal ``family``): converted in memory.
 
     Each conversion or reuse says so in one line on stderr.
+
+    ``dtype`` (``"fp32"``, ``"bf16"``, ``"fp16"``, a torch dtype; None keeps the saved one) and ``compile``
+    prepare the loaded model for inference (:func:`polymodal.models.inference.prepare_inference`: weights cast,
+    inputs cast by hooks, uncached compute compiled with ``torch.compile(dynamic=False)``, eval mode). A bad
+    ``dtype`` is a ValueError naming the choices, raised before anything is loaded. Example::
+
+        model = polymodal.load("runs/vit", dtype="bf16", compile=True)
     """
     from polymodal.io import hub
+    from polymodal.models.inference import parse_dtype, prepare_inference
 
+    parse_dtype(dtype)  # a bad value fails before the (maybe slow) load
     if hub.is_hub_name(directory):
-        return hub.load_hub(str(directory), device=device)
-    if hub.is_transformers_folder(directory):
-        return hub.load_transformers_folder(directory, device=device)
-    return load_model(directory, device=device)
+        model = hub.load_hub(str(directory), device=device)
+    elif hub.is_transformers_folder(directory):
+        model = hub.load_transformers_folder(directory, device=device)
+    else:
+        model = load_model(directory, device=device)
+    if dtype is None and not compile:
+        return model
+    return prepare_inference(model, dtype=dtype, compile=compile)
 
 
 class EvaluationError(RuntimeError):
@@ -385,9 +400,16 @@ def train(
     )
 
 
-def evaluate_folder(directory: str | Path, data: str | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Load a model folder and compute its family's metrics on ``data`` (the family default when None)."""
-    model = load(directory, device=device)
+def evaluate_folder(
+    directory: str | Path,
+    data: str | None = None,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    compile: bool = False,
+) -> dict[str, Any]:
+    """Load a model folder and compute its family's metrics on ``data`` (the family default when None);
+    ``dtype`` and ``compile`` as in :func:`load` (e.g. ``dtype="bf16"``: the metrics of bf16 inference)."""
+    model = load(directory, device=device, dtype=dtype, compile=compile)
     name = data or getattr(model, "default_data", None)  # a model may name the data it was adapted to
     if not name:
         name = next(e.obj.data for e in get_registry().entries("model") if e.obj.model_class is type(model))

@@ -218,6 +218,8 @@ def test_every_documented_sample_command_uses_options_its_family_declares():
     assert len(lines) >= 8
     for variant, rest in lines:
         cls = polymodal.registry.get("model", variant).model_class
-        allowed = {"-n", "--prompt", "--seed", "--out"} | {o.flag for o in sample_options(cls)}
+        allowed = {"-n", "--prompt", "--seed", "--out", "--dtype", "--compile", "--device"} | {
+            o.flag for o in sample_options(cls)
+        }
         used = set(re.findall(r"(?<![\w-])(-n|--[a-z][\w-]*)", rest.split("#")[0]))
         assert used <= allowed, f"README: `polymodal sample runs/{variant}` uses {sorted(used - allowed)}"

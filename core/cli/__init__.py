@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from polymodal.models.inference import inference_options
 from polymodal.registry import get_registry, plugin_records
 from polymodal.registry.table import Entry
 
@@ -355,7 +356,8 @@ def _argv(click_ctx: click.Context) -> list[str]:
     "--out", type=click.Path(dir_okay=False), help="With --generative: write the Markdown table here (+ .json)."
 )
 @click.option("--no-reference", is_flag=True, help="With --generative: no train-vs-test reference row per dataset.")
-def eval_(directory, data, device, as_json, generative, source, n, seed, out, no_reference) -> None:
+@inference_options
+def eval_(directory, data, device, as_json, generative, source, n, seed, out, no_reference, dtype, compile_) -> None:
     """Evaluate a model folder and print the family's metrics; with --generative, table generative models.
 
     `polymodal eval --generative [DIR...]` lists every model folder whose family declares generative samples
@@ -366,13 +368,15 @@ def eval_(directory, data, device, as_json, generative, source, n, seed, out, no
     from polymodal.io.output import resolve_device
 
     if generative:
+        if dtype is not None or compile_:
+            raise click.UsageError("--dtype and --compile apply to one model folder, not to --generative")
         _generative_table(directory, source, data, device, as_json, n, seed, out, no_reference)
         return
     if len(directory) != 1:
         raise click.UsageError(f"eval takes one DIRECTORY (or --generative for several); got {len(directory)}")
     try:
         resolve_device(device)  # before loading anything: no AssertionError from deep inside torch
-        metrics = evaluate_folder(directory[0], data=data, device=device)
+        metrics = evaluate_folder(directory[0], data=data, device=device, dtype=dtype, compile=compile_)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         _fail(exc)
     if as_json:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from polymodal.cli import _fail, main
+from polymodal.cli import _fail, inference_options, main
 from polymodal.registry import get_registry
 
 if TYPE_CHECKING:
@@ -125,7 +125,8 @@ MAX_SAMPLES = 1024
     "other files and no such list is refused.",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
-def sample(directory, num, prompt, seed, out, device, **family_options) -> None:
+@inference_options
+def sample(directory, num, prompt, seed, out, device, dtype, compile_, **family_options) -> None:
     """Sample from a generative model folder; writes PNGs (and a grid) to OUT.
 
     OUT (default samples/NAME) holds this run's samples only: the files a previous run wrote there
@@ -142,7 +143,7 @@ def sample(directory, num, prompt, seed, out, device, **family_options) -> None:
     try:
         check_sample_values(family_options, _all_sample_options())
         previous_samples(out)
-        model = load(directory, device=str(resolve_device(device)))
+        model = load(directory, device=str(resolve_device(device)), dtype=dtype, compile=compile_)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:  # LoadError is a ValueError
         _fail(exc)
     if not hasattr(model, "sample_to_folder"):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from polymodal.models.inference import inference_options
 from polymodal.nn import eval_mode
 
 from .captions import fill
@@ -189,7 +190,8 @@ def classify(model: Any, images: Tensor, labels: Sequence[str], templates: Seque
     multiple=True,
     help="Prompt template with {label} (repeatable; default: the model's training templates).",
 )
-def classify_command(directory, images, labels, templates) -> None:
+@inference_options
+def classify_command(directory, images, labels, templates, dtype, compile_) -> None:
     """Zero-shot classify IMAGES with the CLIP model folder DIRECTORY; prints each label's probability."""
     import polymodal
     from polymodal.eval.images import read_image  # the core's one safe reader (resized to size × size)
@@ -199,7 +201,7 @@ def classify_command(directory, images, labels, templates) -> None:
         raise click.UsageError("--labels needs at least one label")
     try:
         check_templates(templates, what="--template")
-        model = polymodal.load(directory)
+        model = polymodal.load(directory, dtype=dtype, compile=compile_)
         if model.family != "clip":
             raise ValueError(f"{directory} holds a {model.family!r} model, not a CLIP model")
         v = model.config.vision

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from polymodal.models.inference import inference_options
 from polymodal.nn.encoders import ViTEncoder
 
 
@@ -189,14 +190,15 @@ def _inputs(model, paths: tuple[str, ...], test_images: int) -> tuple[Tensor, li
     show_default=True,
     help=f"Enlarge the PNGs this many times (nearest); the grid may have at most {MAX_OUTPUT_PIXELS:,} pixels.",
 )
-def attention_maps_command(directory, images, out, test_images, scale) -> None:
+@inference_options
+def attention_maps_command(directory, images, out, test_images, scale, dtype, compile_) -> None:
     """Write the last layer's [CLS] attention per head of the DINO model folder DIRECTORY for IMAGES."""
     import polymodal
 
     if not images and not test_images:
         raise click.UsageError("give IMAGE files and/or --test-images N")
     try:
-        model = polymodal.load(directory)
+        model = polymodal.load(directory, dtype=dtype, compile=compile_)
         if model.family != "dino":
             raise ValueError(f"{directory} holds a {model.family!r} model, not a DINO model")
         batch, stems = _inputs(model, images, test_images)

@@ -157,7 +157,7 @@ class VQVAE(PolymodalModel):
         flat = z.permute(0, 2, 3, 1).reshape(-1, self.config.dim)  # (B·h·w, D)
         from .quantize import nearest
 
-        return nearest(flat, self.codebook.embed).view(z.shape[0], z.shape[2], z.shape[3])  # (B, h, w)
+        return nearest(flat.float(), self.codebook.embed).view(z.shape[0], z.shape[2], z.shape[3])  # (B, h, w)
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
