@@ -15,7 +15,7 @@ All attention, MLP and normalisation come from :mod:`polymodal.nn`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import attrs
 import torch
@@ -158,12 +158,16 @@ class CrossAttentionFusion(nn.Module):
         *,
         context_padding: Tensor | None = None,
         mask: Tensor | None = None,
+        cache: Any = None,
     ) -> Tensor:
         """x: (B, N, D); context: (B, M, C).
 
         ``context_padding`` (B, M) is True for real context tokens; ``mask`` (B, N, M) or
         broadcastable says which context tokens each position may see (Flamingo's "only the
-        latest image"). A position that may see no context token gets no update.
+        latest image"). A position that may see no context token gets no update. ``cache`` (a
+        generation's :class:`polymodal.nn.KVCache`) keeps the context's keys and values: they are
+        projected once per context tensor and reused while the same tensor is passed again
+        (decoding steps); None recomputes them every call.
         """
         if context is None:
             raise ValueError("CrossAttentionFusion needs a context tensor (B, M, C); got None")
@@ -171,7 +175,7 @@ class CrossAttentionFusion(nn.Module):
             raise ValueError(f"context must be (B, M, C={self.context_dim}); got {tuple(context.shape)}")
         if mask is not None and mask.dim() == 3:
             mask = mask.unsqueeze(1)  # (B, 1, N, M)
-        h = self.attn(self.norm(x), context, key_padding=context_padding, mask=mask)  # (B, N, D)
+        h = self.attn(self.norm(x), context, key_padding=context_padding, mask=mask, cache=cache)  # (B, N, D)
         x = x + (torch.tanh(self.attn_gate) * h if self.attn_gate is not None else h)
         if self.mlp is not None:
             h = self.mlp(self.mlp_norm(x))  # (B, N, D)

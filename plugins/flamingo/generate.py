@@ -13,7 +13,8 @@ from torch import Tensor
 
 from polymodal.generation.options import TOKEN_SAMPLING, check_sample_values, keywords
 from polymodal.generation.sampling import generate
-from polymodal.nn import eval_mode
+from polymodal.models.inference import inference_options
+from polymodal.nn import KVCache, eval_mode
 
 from . import interleave as il
 
@@ -26,11 +27,13 @@ class GenerateMixin:
     sample_options = TOKEN_SAMPLING
     """The options of ``polymodal sample`` (temperature, top-k, top-p, no cache)."""
 
-    def step_fn(self, context: Tensor):
+    def step_fn(self, context: Tensor, *, cross_cache: bool = True):
         """``step(ids, cache) -> logits`` for :func:`polymodal.generation.sampling.generate` over visual tokens ``context``.
 
         With a cache it gets only the new ids and counts the ``<image>`` tokens already fed, so
-        every new token still sees the latest image before it.
+        every new token still sees the latest image before it; the cross-attention blocks keep the
+        keys and values of ``context`` in that cache (computed once per generation) unless
+        ``cross_cache`` is False (then they are projected again every step: the reference path).
         """
         state: dict[str, Tensor | None] = {"seen": None}
 
@@ -38,7 +41,7 @@ class GenerateMixin:
             if cache is None:
                 return self.logits(self.hidden(ids, context))
             seen = state["seen"]
-            h = self.hidden(ids, context, cache=cache, offset=seen)  # (B, n, D)
+            h = self.hidden(ids, context, cache=cache, offset=seen, cross_cache=cross_cache)  # (B, n, D)
             new = il.image_counts(ids, self.image_id).to(context.device)  # (B,)
             state["seen"] = new if seen is None else seen + new
             return self.logits(h)
@@ -61,9 +64,14 @@ class GenerateMixin:
         top_k: int | None = None,
         top_p: float | None = None,
         use_cache: bool = True,
+        cross_cache: bool = True,
     ) -> str:
         """Generate the continuation of one interleaved ``text`` over ``images`` (M, C, H, W), up to
-        ``<|endofchunk|>``; greedy unless a sampling option is given."""
+        ``<|endofchunk|>``; greedy unless a sampling option is given.
+
+        ``use_cache`` keeps past keys and values (False: every step reruns the whole sequence);
+        ``cross_cache`` also keeps the visual context's cross-attention keys and values (computed
+        once per generation; False: projected again every step, for comparison)."""
         with eval_mode(self):
             ids = torch.tensor([self.encode_text(text)], dtype=torch.long)  # (1, T)
             context, counts = self.media([images], 1)
@@ -76,7 +84,7 @@ class GenerateMixin:
             allowed[[self.image_id, tok["bos"], tok["pad"]]] = False
             greedy = temperature is None and top_k is None and top_p is None
             out = generate(
-                self.step_fn(context),
+                self.step_fn(context, cross_cache=cross_cache),
                 ids.to(context.device),
                 min(max_new_tokens, room),
                 temperature=temperature or 1.0,
@@ -87,6 +95,7 @@ class GenerateMixin:
                 allowed=allowed.to(context.device),
                 eos_id=self.eoc_id,
                 use_cache=use_cache,
+                new_cache=lambda positions: KVCache(capacity=positions),  # preallocated for prompt + new tokens
             )
             new = out[0, ids.shape[1] :].tolist()
             stops = [i for i, t in enumerate(new) if t in (self.eoc_id, tok["eos"])]
@@ -228,14 +237,15 @@ def transcript(text: str, image_names: Sequence[str], generated: str) -> str:
 @click.option("--seed", default=0, show_default=True, help="Seed drawing the examples (and sampling).")
 @click.option("--temperature", type=float, help="Sample with this temperature instead of greedy decoding.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), help="Also write the transcript to this text file.")
-def caption_command(directory, images, shots, prompt, seed, temperature, out) -> None:
+@inference_options
+def caption_command(directory, images, shots, prompt, seed, temperature, out, dtype, compile_) -> None:
     """Caption IMAGES with the Flamingo model folder DIRECTORY after SHOTS in-context examples; prints a transcript."""
     import polymodal
     from polymodal.data import load_dataset
     from polymodal.eval.images import read_image
 
     try:
-        model = polymodal.load(directory)
+        model = polymodal.load(directory, dtype=dtype, compile=compile_)
         if model.family != "flamingo":
             raise ValueError(f"{directory} holds a {model.family!r} model, not a Flamingo model")
         if shots < 0:

@@ -177,10 +177,10 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
             raise ValueError(f"images: expected one entry per row of ids ({batch}); got {len(rows)}")
         counts = torch.tensor([len(r) for r in rows], dtype=torch.long)  # (B,)
         m, lat, dv = int(counts.max()) if batch else 0, self.config.num_latents, self.config.vision_dim
-        context = torch.zeros(batch, max(m, 1), lat, dv, device=self.special.weight.device)  # (B, M, L, Dv)
         real = [r for r in rows if len(r)]
+        tokens = self.encode_images(torch.cat(list(real))) if real else self.special.weight  # (ΣM, L, Dv)
+        context = tokens.new_zeros(batch, max(m, 1), lat, dv)  # (B, M, L, Dv) in the resampler's dtype
         if real:
-            tokens = self.encode_images(torch.cat(list(real)))  # (ΣM, L, Dv)
             start = 0
             for b, r in enumerate(rows):
                 context[b, : len(r)] = tokens[start : start + len(r)]
@@ -201,13 +201,16 @@ class Flamingo(GenerateMixin, EvalMixin, PolymodalModel):
                     f"({n - t} image(s) without an <image> token)"
                 )
 
-    def hidden(self, ids: Tensor, context: Tensor, *, cache: Any = None, offset: Tensor | None = None) -> Tensor:
-        """Hidden states (B, T, D): the LM run on ``embed(ids)`` with media-masked cross-attention to ``context``."""
+    def hidden(
+        self, ids: Tensor, context: Tensor, *, cache: Any = None, offset: Tensor | None = None, cross_cache: bool = True
+    ) -> Tensor:
+        """Hidden states (B, T, D): the LM run on ``embed(ids)`` with media-masked cross-attention to ``context``;
+        with ``cache`` (ids continue its positions) and ``cross_cache`` the blocks keep ``context``'s keys/values
+        there (projected once per generation; False: again every call)."""
         index = il.media_index(ids.to(context.device), self.image_id, offset)  # (B, T)
         mask = il.media_mask(index, context.shape[1] // self.config.num_latents, self.config.num_latents)  # (B, T, M·L)
-        return self.lm.run(
-            self.embed(ids), cache=cache, injected=self.xattn, inject_kwargs={"context": context, "mask": mask}
-        )
+        kwargs = {"context": context, "mask": mask, "cache": cache if cross_cache else None}
+        return self.lm.run(self.embed(ids), cache=cache, injected=self.xattn, inject_kwargs=kwargs)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(B, T, D) → (B, T, V + 2): the LM's tied head, then the two special rows (tied too)."""

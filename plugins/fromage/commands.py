@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import click
 
+from polymodal.models.inference import inference_options
 
-def _load(directory: str):
-    """The FROMAGe model in ``directory`` (ValueError for another family)."""
+
+def _load(directory: str, dtype: str | None = None, compile_: bool = False):
+    """The FROMAGe model in ``directory`` (ValueError for another family), in ``dtype``, compiled with
+    ``compile_`` (:func:`polymodal.load`)."""
     import polymodal
 
-    model = polymodal.load(directory)
+    model = polymodal.load(directory, dtype=dtype, compile=compile_)
     if model.family != "fromage":
         raise ValueError(f"{directory} holds a {model.family!r} model, not a FROMAGe model")
     return model
@@ -23,7 +26,8 @@ def _load(directory: str):
     type=click.IntRange(min=1),
     help="Tokens generated at most (default: the model's max_caption_tokens; at most what the LM's context leaves).",
 )
-def caption_command(directory, images, max_tokens) -> None:
+@inference_options
+def caption_command(directory, images, max_tokens, dtype, compile_) -> None:
     """Caption IMAGES with the FROMAGe model folder DIRECTORY; prints one `path: caption` line each."""
     import torch
 
@@ -32,7 +36,7 @@ def caption_command(directory, images, max_tokens) -> None:
     from .infer import caption
 
     try:
-        model = _load(directory)
+        model = _load(directory, dtype, compile_)
         room = model.lm.max_len - model.config.prefix_tokens  # bos + the image prefix + the caption
         if max_tokens is not None and max_tokens > room:
             raise ValueError(
@@ -65,7 +69,8 @@ def caption_command(directory, images, max_tokens) -> None:
     help="An image for each <image> token of PROMPT, in order (repeatable).",
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Also write the images and a transcript here.")
-def retrieve_command(directory, prompt, gallery, k, inputs, out) -> None:
+@inference_options
+def retrieve_command(directory, prompt, gallery, k, inputs, out, dtype, compile_) -> None:
     """Continue PROMPT (may hold <image> tokens) with DIRECTORY's FROMAGe model; print the k nearest gallery images."""
     import torch
 
@@ -74,7 +79,7 @@ def retrieve_command(directory, prompt, gallery, k, inputs, out) -> None:
     from .infer import generate, load_gallery, sample_to_folder
 
     try:
-        model = _load(directory)
+        model = _load(directory, dtype, compile_)
         images, names = load_gallery(model, gallery)
         v = model.vision.config.vision
         given = torch.stack([read_image(p, v.channels, v.image_size) for p in inputs]) if inputs else None

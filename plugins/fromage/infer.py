@@ -21,7 +21,7 @@ from polymodal.data.augment import resize
 from polymodal.data.digits import DIGIT_WORDS
 from polymodal.generation.options import check_sample_values
 from polymodal.generation.sampling import generate as core_generate
-from polymodal.nn import eval_mode
+from polymodal.nn import KVCache, eval_mode
 
 from .config import DIGITS_TRAIN_TEMPLATES, fill_template
 
@@ -29,14 +29,17 @@ SAMPLE_OPTIONS = ("temperature", "top_k", "top_p", "use_cache", "gallery", "imag
 """The ``sample_to_folder`` options FROMAGe understands (``gallery``, ``images``, ``max_new_tokens`` from Python only)."""
 
 
-def _step_fn(model: Any, before: Tensor | None, after: Tensor | None, t0: int):
+def _step_fn(model: Any, before: Tensor | None, after: Tensor | None, t0: int, keep: dict | None = None):
     """A :func:`polymodal.generation.sampling.generate` step over the extended vocabulary.
 
     The first call (or every call without a cache) reads ``before``, the first ``t0`` ids,
-    ``after`` and the ids after them; later calls read only the new ids.
+    ``after`` and the ids after them; later calls read only the new ids. ``keep["cache"]``
+    receives the generation's cache (the [RET] query reads on from it).
     """
 
     def step(ids: Tensor, cache: Any) -> Tensor:
+        if keep is not None:
+            keep["cache"] = cache
         if cache is not None and cache.length > 0:
             x = model.embed_ids(ids)  # (B, n, D)
         else:
@@ -105,6 +108,7 @@ def caption(
             n,
             eos_id=model.ret_id,
             use_cache=use_cache,
+            new_cache=lambda positions, k=prefix.shape[1]: KVCache(capacity=positions + k),  # + the k prefix rows
             **_sampling(sampling, seed + start),
         )  # (b, 1 + n')
         out += [model.tokenizer.decode(_cut(model, row)[0]).strip() for row in ids[:, 1:].tolist()]
@@ -204,26 +208,47 @@ def generate(
         raise ValueError(f"the prompt's {used} positions + {n} new tokens + [RET] exceed the LM's {model.lm.max_len}")
     if gallery is not None and not 0 < k <= len(gallery):
         raise ValueError(f"k must be in [1, {len(gallery)}] (the gallery size); got {k}")
-    t0 = prompt_ids.shape[1]
+    t0, keep = prompt_ids.shape[1], {}
     ids = core_generate(
-        _step_fn(model, before, after, t0),
+        _step_fn(model, before, after, t0, keep),
         prompt_ids,
         n,
         eos_id=model.ret_id,
         use_cache=use_cache,
+        new_cache=lambda positions: KVCache(capacity=used + n + 1),  # the prompt, n new tokens, [RET]: preallocated
         **_sampling(sampling, seed),
     )  # (1, T + n')
     new, emitted = _cut(model, ids[0, t0:].tolist())
     out: dict[str, Any] = {"prompt": prompt, "text": model.tokenizer.decode(new).strip(), "emitted_ret": emitted}
     if gallery is not None and (emitted or force_ret):
-        tail = torch.tensor([new + [model.ret_id]], device=prompt_ids.device)  # (1, n'' + 1)
-        parts = [before, model.embed_ids(prompt_ids), after, model.embed_ids(tail)]
-        x = torch.cat([p for p in parts if p is not None], dim=1)  # (1, L, D)
-        q = model.query_embeddings(model.retrieval_hidden(x)[1][:, -1])  # (1, S)
+        q = _ret_query(model, keep.get("cache"), (before, prompt_ids, after), new, used)  # (1, S)
         scores = embed_images(model, gallery) @ q[0]  # (M,)
         top = scores.topk(k)
         out.update(retrieved=top.indices.cpu(), scores=top.values.cpu())
     return out
+
+
+def _ret_query(model: Any, cache: Any, prompt: tuple, new: list[int], used: int) -> Tensor:
+    """(1, S) the retrieval query at ``[RET]`` after the prompt (``used`` positions) and the kept ``new`` ids.
+
+    When the generation's ``cache`` holds the prompt and a prefix of ``new`` (the ids up to the first
+    end-of-text or [RET]), only the rest and [RET] run through the LM; otherwise (no cache, or ids
+    past an end-of-text were fed) the whole sequence runs again.
+    """
+    before, prompt_ids, after = prompt
+    tail = new + [model.ret_id]
+    fed = cache.length - used if cache is not None else -1  # generated ids the cache holds
+    if 0 <= fed <= len(new):
+        x = model.embed_ids(torch.tensor([tail[fed:]], device=prompt_ids.device))  # (1, n'' + 1 − fed, D)
+        return model.query_embeddings(model.retrieval_hidden(x, cache)[1][:, -1])  # (1, S)
+    parts = [
+        before,
+        model.embed_ids(prompt_ids),
+        after,
+        model.embed_ids(torch.tensor([tail], device=prompt_ids.device)),
+    ]
+    x = torch.cat([p for p in parts if p is not None], dim=1)  # (1, L, D)
+    return model.query_embeddings(model.retrieval_hidden(x)[1][:, -1])  # (1, S)
 
 
 def generate_text(

@@ -217,17 +217,18 @@ class Fromage(FromageTraining, PolymodalModel):
         queries = self.query_embeddings(read[rows, last])  # (B, S_dim)
         return (queries, self.logits(final[rows, last - 1])) if with_emission else queries
 
-    def retrieval_hidden(self, embeds: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, T, D) input embeddings → the LM output (B, T, D) and the states the [RET] query reads (``ret_layer``)."""
+    def retrieval_hidden(self, embeds: Tensor, cache: Any = None) -> tuple[Tensor, Tensor]:
+        """(B, T, D) input embeddings (continuing ``cache``'s positions when given) → the LM output (B, T, D)
+        and the states the [RET] query reads (``ret_layer``)."""
         if self.config.ret_layer == -1:
-            final = self.lm.run(embeds)  # (B, T, D) after the final norm
+            final = self.lm.run(embeds, cache=cache)  # (B, T, D) after the final norm
             return final, final
         depth = len(self.lm.stack.blocks)
         if self.config.ret_layer > depth:
             raise ValueError(
                 f"FromageConfig.ret_layer must be -2, -1 or in [0, {depth}] for this LM; got {self.config.ret_layer}"
             )
-        final, hidden = self.lm.run(embeds, return_hidden=True)  # (B, T, D), depth + 1 tensors (B, T, D)
+        final, hidden = self.lm.run(embeds, cache=cache, return_hidden=True)  # (B, T, D), depth + 1 × (B, T, D)
         if self.config.ret_layer == -2:
             return final, torch.cat(hidden[1:], dim=-1)  # (B, T, depth·D) every block's output (the last one normed)
         return final, hidden[self.config.ret_layer]  # (B, T, D) the input of that block
