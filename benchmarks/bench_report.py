@@ -6,6 +6,7 @@ The plot is drawn with Pillow (a core dependency), so no plotting library is nee
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,16 @@ def attention_table(report: dict[str, Any]) -> str:
         f"load {m.get('load_before')}); grid {report.get('grid')}; measured matmul peak: {peaks}; "
         f"copy bandwidth {fmt((report.get('copy_bandwidth') or {}).get('gbps'))} GB/s"
     ]
+    if cuda:
+        sheet = ", ".join(f"{k} {v:g}" for k, v in (m.get("datasheet_peak_tflops") or {}).items() if v)
+        lines.append(f"datasheet dense peak of the {m['device_name']} (TFLOP/s, float32 without TF32): {sheet or '-'}")
+        ref = m.get("flash_attention_reference")
+        if ref:
+            lines.append(
+                f"FlashAttention-class reference ({ref['setup']}, {ref['gpu']}): FlashAttention-2 ≈ "
+                f"{ref['flash_attention_2_tflops']:g} TFLOP/s, FlashAttention-3 ≈ {ref['flash_attention_3_tflops']:g} "
+                f"TFLOP/s; source: {ref['source']}"
+            )
     head = ["backend", "case", "D", "dtype", "mode", "median ms", "IQR ms", "TFLOP/s", "% peak"]
     head += ["% sheet", "GB/s", "peak MB"] if cuda else ["GB/s"]
     head.append("status")
@@ -243,18 +254,22 @@ def markdown(report: dict[str, Any], statuses: tuple[str, ...] = ("ok",)) -> str
     ]
     rows = [r for r in report["rows"] if r["status"] in statuses]
     if report.get("suite") == "models":
+        peaks = _peaks(report)
+        if peaks:
+            lines[0] += f"; measured matmul peak {peaks}"
         lines += [
-            "| model | task | batch | dtype | polymodal ms | transformers ms | ratio | polymodal /s | "
-            "transformers /s | status |",
-            "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+            "| model | task | batch | dtype | mode | reference | polymodal ms | transformers ms | ratio | GFLOP | "
+            "polymodal GFLOP/s (% peak) | transformers GFLOP/s (% peak) | rel diff | polymodal /s | status |",
+            "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in rows:
             status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
             lines.append(
-                f"| {r['model']} | {r['task']} | {fmt(r['batch'])} | {r['dtype']} | {fmt(r['polymodal_ms'], '.1f')} "
-                f"| {fmt(r['transformers_ms'], '.1f')} | {fmt(r['ratio'], '.3f')} | "
-                f"{fmt(r.get('polymodal_per_s'), '.1f')} {r.get('unit', '')} | "
-                f"{fmt(r.get('transformers_per_s'), '.1f')} | {status} |"
+                f"| {r['model']} | {r['task']} | {fmt(r['batch'])} | {r['dtype']} | {r.get('mode', 'eager')} | "
+                f"{r.get('transformers_options') or r.get('reference') or '-'} | {fmt(r['polymodal_ms'], '.1f')} "
+                f"| {fmt(r['transformers_ms'], '.1f')} | {fmt(r['ratio'], '.3f')} | {fmt(r.get('gflop'), '.4g')} | "
+                f"{_rate(r, 'polymodal')} | {_rate(r, 'transformers')} | {fmt(r.get('rel_diff'), '.1e')} | "
+                f"{fmt(r.get('polymodal_per_s'), '.1f')} {r.get('unit', '')} | {status} |"
             )
         return "\n".join(lines)
     lines += [
@@ -299,3 +314,130 @@ def markdown_pivot(report: dict[str, Any]) -> str:
             )
         out.append("")
     return "\n".join(out)
+
+
+# -- the README's performance table ---------------------------------------------------------------------
+
+README_BEGIN = "<!-- bench-table: "
+"""Opens a generated block in a README: ``<!-- bench-table: models-cpu-amd-epyc.json [more.json ...] -->``."""
+README_END = "<!-- /bench-table -->"
+"""Closes a generated block."""
+
+
+def _peaks(report: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k} {v['tflops'] * 1e3:.0f} GFLOP/s" for k, v in (report.get("matmul_peak") or {}).items() if v.get("tflops")
+    )
+
+
+def _pct(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
+def _rate(r: dict[str, Any], side: str) -> str:
+    gflops, pct = r.get(f"{side}_gflops"), r.get(f"{side}_pct_peak")
+    if gflops is None:
+        return "-"
+    return f"{gflops:.1f}" + ("" if pct is None else f" ({_pct(pct)} %)")
+
+
+TASK_WORDS = {
+    "forward": "forward",
+    "image-tower": "image tower",
+    "text-tower": "text tower",
+    "train-step": "train step",
+    "generate": "greedy generation",
+}
+
+
+def _task(r: dict[str, Any]) -> str:
+    words = TASK_WORDS.get(r["task"], r["task"])
+    ref, baseline = r.get("reference"), r.get("baseline")
+    if baseline:  # fusion rows: the same model without its cache is the reference
+        return f"{words} (vs {baseline})"
+    return words + (f" (vs {ref} cache)" if ref else "")
+
+
+def readme_models(reports: Sequence[dict[str, Any]]) -> str:
+    """The README's models table from saved models reports: per machine a line naming it (threads, load, the
+    measured matmul peaks, the command), then one row per model, task, batch and dtype with eager and compiled
+    side by side: polymodal's time, ``ratio`` (transformers time / polymodal time) and each side's GFLOP/s
+    as % of the matmul peak of that dtype (polymodal / transformers), plus polymodal's speed-up over its own
+    float32 in the same mode. Rows with no timing show why in the last column."""
+    out = []
+    for report in reports:
+        m = report["machine"]
+        out.append(
+            f"- {m['device_name']} ({m['device']}), torch {m['torch']}, transformers {m.get('transformers')}, "
+            f"{m['threads']} threads, load average {m.get('load_before')} before, {m.get('load_after')} after; "
+            f"matmul peak {_peaks(report) or 'not measured'}; `{report.get('command', '').strip()}`"
+        )
+    out += [
+        "",
+        "| model | task | batch | dtype | eager: polymodal ms | ratio | % peak (polymodal / transformers) | "
+        "compiled: polymodal ms | ratio | % peak (polymodal / transformers) | vs own float32 (eager / compiled) | "
+        "note |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    groups: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for report in reports:
+        for r in report["rows"]:
+            if r.get("batch") is None:
+                continue
+            key = (r["model"], _task(r), r["batch"], r["dtype"])
+            groups.setdefault(key, {})[r.get("mode", "eager")] = r
+    for (model, task, batch, dtype), modes in groups.items():
+        cells, notes, speed = [], [], []
+        for mode in ("eager", "compiled"):
+            r = modes.get(mode)
+            if r is None or r["status"] != "ok":
+                cells += ["-", "-", "-"]
+                speed.append("-")
+                if r is not None:
+                    notes.append(f"{mode}: {r['status']}: {r.get('reason')}")
+                continue
+            pct = [r.get("polymodal_pct_peak"), r.get("transformers_pct_peak")]
+            cells += [
+                fmt(r["polymodal_ms"], ".1f"),
+                fmt(r["ratio"], ".2f"),
+                "-" if None in pct else f"{_pct(pct[0])} / {_pct(pct[1])}",
+            ]
+            fp32 = groups.get((model, task, batch, "float32"), {}).get(mode)
+            if dtype != "float32" and fp32 and fp32.get("polymodal_ms") and r.get("polymodal_ms"):
+                speed.append(f"{fp32['polymodal_ms'] / r['polymodal_ms']:.2f}×")
+            else:
+                speed.append("-")
+        out.append(
+            f"| {model} | {task} | {batch} | {dtype} | " + " | ".join(cells) + f" | {' / '.join(speed)} | "
+            f"{'; '.join(notes)} |"
+        )
+    return "\n".join(out)
+
+
+def readme_blocks(text: str) -> list[tuple[int, int, list[str]]]:
+    """The generated blocks of a README: (start, end, report file names) with ``text[start:end]`` the body
+    between the opening marker's line and the closing marker (ValueError on an unclosed block)."""
+    blocks, at = [], 0
+    while (i := text.find(README_BEGIN, at)) >= 0:
+        close = text.index("-->", i)
+        names = text[i + len(README_BEGIN) : close].split()
+        start = text.index("\n", close) + 1
+        end = text.find(README_END, start)
+        if end < 0:
+            raise ValueError(f"a {README_BEGIN.strip()} block at offset {i} has no {README_END}")
+        blocks.append((start, end, names))
+        at = end
+    return blocks
+
+
+def readme_render(text: str, results: Path) -> str:
+    """``text`` with every generated block replaced by :func:`readme_models` of the reports it names
+    (files under ``results``)."""
+    from bench import read_report
+
+    out, last = [], 0
+    for start, end, names in readme_blocks(text):
+        reports = [read_report(results / name) for name in names]
+        out += [text[last:start], readme_models(reports), "\n"]
+        last = end
+    return "".join(out) + text[last:]

@@ -131,6 +131,23 @@ def test_datasheet_peaks_by_gpu_name():
     assert bench.datasheet_tflops("Some Future GPU", torch.bfloat16) is None
 
 
+def test_cuda_attention_report_names_the_datasheet_peak_and_flash_attention_figures():
+    from bench_report import attention_table
+
+    machine = dict(
+        device="cuda",
+        device_name="NVIDIA H200",
+        torch="t",
+        threads=1,
+        datasheet_peak_tflops={"bfloat16": 989.0, "float32": 67.0},
+        flash_attention_reference=bench.FLASH_ATTENTION_REFERENCE,
+    )
+    text = attention_table(dict(machine=machine, rows=[], matmul_peak={}))
+    assert "datasheet dense peak of the NVIDIA H200" in text and "bfloat16 989" in text
+    assert "FlashAttention-2 ≈ 350 TFLOP/s, FlashAttention-3 ≈ 740 TFLOP/s" in text and "arXiv:2407.08608" in text
+    assert "flash_attention_reference" not in bench.machine(torch.device("cpu"))
+
+
 def test_measure_warms_up_and_times_slow_calls_one_by_one():
     import time
 
@@ -377,21 +394,103 @@ def test_attention_rejects_unknown_names():
 
 transformers = pytest.importorskip("transformers")
 
+MODEL_ROW_KEYS = {
+    "suite",
+    "key",
+    "model",
+    "task",
+    "batch",
+    "dtype",
+    "mode",
+    "reference",
+    "status",
+    "reason",
+    "parity_rel_diff",
+    "rel_diff",
+    "polymodal_ms",
+    "transformers_ms",
+    "ratio",
+    "gflop",
+    "polymodal_gflops",
+    "transformers_gflops",
+    "polymodal_pct_peak",
+    "transformers_pct_peak",
+    "polymodal_options",
+    "transformers_options",
+    "threads",
+}
+EAGER_FP32 = ["--dtypes", "float32", "--modes", "eager"]
+
+
+# -- FLOPs and the share of the peak ------------------------------------------------------------
+
+
+def test_flop_count_of_known_modules():
+    linear = torch.nn.Linear(8, 16)
+    with torch.no_grad():
+        assert bm.count_flops(linear, torch.randn(4, 8)) == 2 * 4 * 8 * 16
+        q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))  # (B, H, N, D)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        assert bm.count_flops(lambda x: sdpa(*x), (q, k, v)) == 4 * 2 * 3 * 5 * 5 * 4  # the CPU flash kernel too
+        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            x = torch.randn(3, 8)
+            fused = lambda x: torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [], "")  # noqa: E731
+            assert torch.allclose(fused(x), linear(x), atol=1e-5)
+            assert bm.count_flops(fused, x) == bm.count_flops(linear, x) == 2 * 3 * 8 * 16
+
+
+def test_flops_are_counted_at_batch_one_and_scale_with_the_batch(tmp_path):
+    _, hf, pm, tasks = bm.build("vit-b16", tmp_path / "hf", True, [1, 3], 2)
+    one, three = tasks
+    direct = bm.count_flops(lambda x: pm(x), one.inputs(3, torch.device("cpu"), torch.float32, 0))
+    assert bm.flops_per_call(three, pm) == direct == 3 * bm.flops_per_call(one, pm) > 0
+
+
+def test_share_of_the_peak_arithmetic():
+    gflops, pct = bm.achieved(2.0, 100.0, 0.04)  # 2 GFLOP in 100 ms = 20 GFLOP/s of a 40 GFLOP/s peak
+    assert gflops == pytest.approx(20.0) and pct == pytest.approx(50.0)
+    assert bm.achieved(None, 100.0, 0.04) == (None, None)
+    assert bm.achieved(2.0, 100.0, None) == (20.0, None)
+
+
+# -- smoke runs ---------------------------------------------------------------------------------
+
+
+def models(tmp_path, *args):
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(main, ["bench", "models", "--quick", "--threads", "1", *args, "--out", str(out)])
+    return result, (json.loads(out.read_text()) if out.is_file() else None)
+
 
 def test_models_smoke_run_checks_outputs_then_times_both(tmp_path):
-    out = tmp_path / "m.json"
-    result = CliRunner().invoke(
-        main,
-        ["bench", "models", "--quick", "--threads", "1", "--models", "vit-b16", "--batches", "2", "--out", str(out)],
+    result, rep = models(
+        tmp_path, "--models", "vit-b16", "--batches", "2", "--dtypes", "float32,bfloat16", "--modes", "eager"
     )
     assert result.exit_code == 0, result.output
-    rep = json.loads(out.read_text())
-    (row,) = rep["rows"]
-    assert row["status"] == "ok" and row["batch"] == 2 and row["parity_rel_diff"] <= bm.PARITY_RTOL["float32"]
-    assert row["polymodal_ms"] > 0 and row["transformers_ms"] > 0
-    assert row["ratio"] == pytest.approx(row["transformers_ms"] / row["polymodal_ms"], rel=1e-2)
-    assert row["polymodal_per_s"] == pytest.approx(2 / (row["polymodal_ms"] / 1e3), rel=1e-2)
-    assert rep["machine"]["threads"] == 1 and "ratio" in result.output
+    assert set(rep["matmul_peak"]) == {"float32", "bfloat16"} and rep["modes"] == ["eager"]
+    fp32, bf16 = rep["rows"]
+    for row in (fp32, bf16):
+        assert MODEL_ROW_KEYS <= set(row) and row["status"] == "ok" and row["batch"] == 2 and row["mode"] == "eager"
+        assert row["polymodal_ms"] > 0 and row["transformers_ms"] > 0
+        assert row["ratio"] == pytest.approx(row["transformers_ms"] / row["polymodal_ms"], rel=1e-2)
+        assert row["polymodal_per_s"] == pytest.approx(2 / (row["polymodal_ms"] / 1e3), rel=1e-2)
+        peak = rep["matmul_peak"][row["dtype"]]["tflops"] * 1e3  # GFLOP/s
+        for side in ("polymodal", "transformers"):
+            gflops = row["gflop"] / (row[f"{side}_ms"] / 1e3)
+            assert row[f"{side}_gflops"] == pytest.approx(gflops, rel=1e-2)
+            assert row[f"{side}_pct_peak"] == pytest.approx(100 * gflops / peak, rel=1e-2, abs=0.01)
+        assert row["parity_rel_diff"] <= bm.PARITY_RTOL["float32"] and row["rel_diff"] is not None
+        assert row["transformers_options"].startswith(f"dtype={row['dtype']}, attn_implementation=sdpa")
+        assert row["polymodal_options"] == f"prepare_inference(dtype={row['dtype']}, compile=False)"
+    assert fp32["gflop"] == bf16["gflop"] > 0 and fp32["rel_diff"] <= bm.PARITY_RTOL["float32"]
+    assert fp32["key"] == "ViT-B/16 (quick: tiny)|forward|b2|float32"  # eager keys match older reports
+    assert rep["machine"]["threads"] == 1 and "ratio" in result.output and "GFLOP/s" in result.output
+
+
+def test_models_rejects_unknown_modes_and_dtypes(tmp_path):
+    assert models(tmp_path, "--modes", "jit")[0].exit_code == 2
+    assert models(tmp_path, "--dtypes", "float33")[0].exit_code == 2
+    assert models(tmp_path, "--dtypes", "int8")[0].exit_code == 2
 
 
 def test_models_mismatched_outputs_are_not_timed(tmp_path, monkeypatch):
@@ -404,63 +503,177 @@ def test_models_mismatched_outputs_are_not_timed(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(bm, "_convert", broken)
-    out = tmp_path / "m.json"
-    result = CliRunner().invoke(
-        main,
-        ["bench", "models", "--quick", "--threads", "1", "--models", "vit-b16", "--batches", "1", "--out", str(out)],
-    )
+    result, rep = models(tmp_path, "--models", "vit-b16", "--batches", "1", *EAGER_FP32)
     assert result.exit_code == 1
-    (row,) = json.loads(out.read_text())["rows"]
+    (row,) = rep["rows"]
     assert row["status"] == "mismatch" and "outputs differ" in row["reason"] and row["polymodal_ms"] is None
 
 
 def test_models_train_step_and_towers_run(tmp_path):
-    out = tmp_path / "m.json"
-    result = CliRunner().invoke(
-        main,
-        [
-            "bench",
-            "models",
-            "--quick",
-            "--threads",
-            "1",
-            "--models",
-            "vit-s16-train,clip-b16",
-            "--batches",
-            "1",
-            "--out",
-            str(out),
-        ],
-    )
+    result, rep = models(tmp_path, "--models", "vit-s16-train,clip-b16", "--batches", "1", "--rounds", "1", *EAGER_FP32)
     assert result.exit_code == 0, result.output
-    rows = {x["task"]: x for x in json.loads(out.read_text())["rows"]}
+    rows = {x["task"]: x for x in rep["rows"]}
     assert set(rows) == {"train-step", "image-tower", "text-tower"}
-    assert all(x["status"] == "ok" and x["ratio"] > 0 for x in rows.values())
+    assert all(x["status"] == "ok" and x["ratio"] > 0 and x["gflop"] > 0 for x in rows.values())
+    result, rep = models(tmp_path, "--models", "vit-s16-train", "--modes", "compiled", "--dtypes", "float32")
+    assert result.exit_code == 0 and rep["rows"] == []  # train steps are timed eager only
 
 
-def test_models_gpt2_forward_and_greedy_generation_match_before_timing(tmp_path):
-    out = tmp_path / "m.json"
-    result = CliRunner().invoke(
-        main,
-        [
-            "bench",
-            "models",
-            "--quick",
-            "--threads",
-            "1",
-            "--models",
-            "gpt2",
-            "--batches",
-            "2",
-            "--rounds",
-            "1",
-            "--out",
-            str(out),
-        ],
+def test_models_generation_rows_match_greedy_tokens_before_timing(tmp_path):
+    result, rep = models(
+        tmp_path,
+        "--models",
+        "gpt2,imagegpt-s",
+        "--batches",
+        "2",
+        "--gen-batches",
+        "2",
+        "--rounds",
+        "1",
+        "--tasks",
+        "generate",
+        *EAGER_FP32,
     )
     assert result.exit_code == 0, result.output
-    rows = {x["task"]: x for x in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"forward", "generate"}
-    gen = rows["generate"]
-    assert gen["status"] == "ok" and gen["parity_rel_diff"] == 0  # the same greedy tokens
-    assert gen["polymodal_per_s"] == pytest.approx(2 * bm.GPT2_NEW / (gen["polymodal_ms"] / 1e3), rel=1e-2)
+    rows = {(x["model"].split()[0], x["reference"]): x for x in rep["rows"]}
+    assert set(rows) == {(m, ref) for m in ("GPT-2", "ImageGPT-S") for ref in ("dynamic", "static")}
+    for (model, ref), gen in rows.items():
+        assert MODEL_ROW_KEYS <= set(gen) and gen["task"] == "generate"
+        if gen["status"] == "skipped":  # transformers' ImageGPT: its static cache disagrees with its own default
+            assert (model, ref) == ("ImageGPT-S", "static") and "own default cache" in gen["reason"]
+            continue
+        assert gen["status"] == "ok" and gen["parity_rel_diff"] == 0 == gen["rel_diff"]  # the same greedy tokens
+        new = bm.GPT2_NEW if model == "GPT-2" else 8
+        assert gen["polymodal_per_s"] == pytest.approx(2 * new / (gen["polymodal_ms"] / 1e3), rel=1e-2)
+        assert gen["gflop"] > 0 and ("static" in gen["transformers_options"]) == (ref == "static")
+    assert rows["GPT-2", "static"]["polymodal_ms"] == rows["GPT-2", "dynamic"]["polymodal_ms"]  # one interleaved run
+    assert rows["GPT-2", "static"]["key"].endswith("|static")
+
+
+@pytest.mark.slow
+def test_models_compiled_smoke_run(tmp_path):
+    """Compiled rows: polymodal prepared with compile=True (stacks and the decoder step) against
+    torch.compile'd transformers and generate's compiled static cache; tiny models, about a minute."""
+    result, rep = models(
+        tmp_path,
+        "--models",
+        "gpt2",
+        "--batches",
+        "1",
+        "--gen-batches",
+        "1",
+        "--rounds",
+        "1",
+        "--dtypes",
+        "float32",
+        "--modes",
+        "compiled",
+    )
+    assert result.exit_code == 0, result.output
+    rows = {(x["task"], x["reference"]): x for x in rep["rows"]}
+    assert set(rows) == {("forward", None), ("generate", "dynamic"), ("generate", "static")}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["mode"] == "compiled" and row["key"].split("|")[4] == "compiled"
+        assert row["rel_diff"] <= bm.PARITY_RTOL["float32"] and row["polymodal_options"].endswith("compile=True)")
+    assert rows["forward", None]["transformers_options"].endswith("torch.compile")
+    assert "torch.compile" in rows["generate", "static"]["transformers_options"]
+
+
+# -- the README's table -------------------------------------------------------------------------
+
+
+def test_readme_table_pivots_modes_and_reports_the_bf16_speedup():
+    from bench_report import readme_models
+
+    def row(dtype, mode, ms, ratio, status="ok"):
+        return dict(
+            model="ViT-B/16",
+            task="forward",
+            batch=8,
+            dtype=dtype,
+            mode=mode,
+            status=status,
+            reason=None if status == "ok" else "why",
+            polymodal_ms=ms,
+            ratio=ratio,
+            polymodal_pct_peak=50.0,
+            transformers_pct_peak=5.25,
+        )
+
+    rep = dict(
+        command="polymodal bench models",
+        machine=dict(
+            device_name="X", device="cpu", torch="t", transformers="tf", threads=2, load_before=[0.1], load_after=[0.2]
+        ),
+        matmul_peak={"float32": {"tflops": 0.2}, "bfloat16": {"tflops": 0.8}},
+        rows=[
+            row("float32", "eager", 1000.0, 1.01),
+            row("float32", "compiled", 800.0, 1.1),
+            row("bfloat16", "eager", 250.0, 1.2),
+            row("bfloat16", "compiled", None, None, "error"),
+        ],
+    )
+    text = readme_models([rep])
+    assert "matmul peak float32 200 GFLOP/s, bfloat16 800 GFLOP/s" in text
+    assert (
+        "| ViT-B/16 | forward | 8 | float32 | 1000.0 | 1.01 | 50 / 5.2 | 800.0 | 1.10 | 50 / 5.2 | - / - |  |" in text
+    )
+    assert (
+        "| ViT-B/16 | forward | 8 | bfloat16 | 250.0 | 1.20 | 50 / 5.2 | - | - | - | 4.00× / - | compiled: error: why |"
+        in text
+    )
+
+
+def test_readme_performance_tables_are_generated_from_the_committed_results():
+    from pathlib import Path
+
+    from bench_report import readme_blocks, readme_render
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text(encoding="utf-8")
+    assert readme_blocks(text), "README.md has no <!-- bench-table: ... --> block"
+    assert readme_render(text, root / "benchmarks" / "results") == text, (
+        "README.md's benchmark tables are stale: run `polymodal bench table --readme README.md --write`"
+    )
+
+
+def test_table_readme_command_checks_and_rewrites_the_blocks(tmp_path):
+    rep = dict(
+        suite="models",
+        command="polymodal bench models",
+        machine=dict(device_name="X", device="cpu", torch="t", threads=1),
+        rows=[
+            dict(
+                model="M",
+                task="forward",
+                batch=1,
+                dtype="float32",
+                mode="eager",
+                status="ok",
+                polymodal_ms=2.0,
+                ratio=1.5,
+            )
+        ],
+    )
+    (tmp_path / "m.json").write_text(json.dumps(rep))
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n\n<!-- bench-table: m.json -->\nold table\n<!-- /bench-table -->\n\nafter\n")
+    args = ["bench", "table", "--readme", str(readme), "--results", str(tmp_path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "differ" in result.output
+    assert CliRunner().invoke(main, [*args, "--write"]).exit_code == 0
+    text = readme.read_text()
+    assert "old table" not in text and "| M | forward | 1 | float32 | 2.0 | 1.50 |" in text and text.endswith("after\n")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and "up to date" in result.output
+    readme.write_text("<!-- bench-table: m.json -->\nno end\n")
+    assert CliRunner().invoke(main, args).exit_code == 2
+
+
+def test_models_suite_includes_the_fusion_rows(tmp_path):
+    pytest.importorskip("bench_fusion")
+    result, rep = models(tmp_path, "--models", "fusion", "--rounds", "1", *EAGER_FP32)
+    assert result.exit_code == 0, result.output
+    names = {x["model"].split()[0] for x in rep["rows"]}
+    assert {"Flamingo", "FROMAGe"} <= names and all(x["status"] == "ok" and x["ratio"] > 0 for x in rep["rows"])
+    assert models(tmp_path, "--models", "fusion", "--modes", "compiled")[1]["rows"] == []  # eager only
