@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from polymodal.nn import TransformerStack
+
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -135,10 +137,19 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> None:
             if buf is not None and buf.is_floating_point() and full not in buffers:
                 module._buffers[name] = buf.to(dtype)
     handles = []
-    for module in model.modules():
-        own = next((p.dtype for p in module.parameters(recurse=False) if p.is_floating_point()), None)
-        if own is not None and dtype != torch.float32:
-            handles.append(module.register_forward_pre_hook(_input_caster(own), with_kwargs=True))
+    if dtype != torch.float32:
+        # a stack's blocks only ever see what the stack passes them: one hook on the stack casts its inputs
+        # (x, context, …) and its blocks run unhooked (a hook per layer costs ~10 µs of Python per call)
+        stacks = [m for m in model.modules() if isinstance(m, TransformerStack)]
+        inner = {id(m) for stack in stacks for m in stack.blocks.modules()}
+        for module in model.modules():
+            if id(module) in inner:
+                continue
+            own = next((p.dtype for p in module.parameters(recurse=False) if p.is_floating_point()), None)
+            if own is None and isinstance(module, TransformerStack):
+                own = next((p.dtype for p in module.blocks.parameters() if p.is_floating_point()), None)
+            if own is not None:
+                handles.append(module.register_forward_pre_hook(_input_caster(own), with_kwargs=True))
     model.__dict__[_HOOKS] = handles
 
 
