@@ -255,7 +255,7 @@ class CausalDecoder:
         capacity = cache.capacity or self.max_len
         if start + n > min(capacity, self.max_len):
             raise ValueError(f"at most {min(capacity, self.max_len)} positions; got {start} cached + {n} new")
-        cache.static, cache.positions, cache.keys = True, torch.arange(start, start + n, device=ids.device), 0
+        cache.static, cache.positions = True, torch.arange(start, start + n, device=ids.device)  # (n,)
         cache.keys = bucket(start + n, min(capacity, self.max_len))
         shape = (tuple(ids.shape), cache.keys, next(iter(cache.buffers.values()))[0].shape)
         if fn is not self.static_step and shape not in self._seen:

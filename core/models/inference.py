@@ -27,6 +27,7 @@ Training paths are unaffected: a model is changed only when this is called, and 
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -34,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from polymodal.nn import TransformerStack
+from polymodal.nn import TransformerStack, UNet
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -164,8 +165,6 @@ class CompiledForward:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CompiledForward:
         """A deep-copied module gets a compiled forward of its own (the eager method rebound to the copy)."""
-        import copy
-
         return CompiledForward(copy.deepcopy(self.eager, memo))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -176,9 +175,6 @@ class CompiledForward:
 
 def _compile_targets(model: nn.Module) -> list[nn.Module]:
     """The outermost TransformerStacks and UNets in ``model`` (the model itself when it has none)."""
-    from polymodal.nn.stack import TransformerStack
-    from polymodal.nn.unet import UNet
-
     kinds = (TransformerStack, UNet)
     targets: list[nn.Module] = []
 
