@@ -1,7 +1,7 @@
 """The speed paths of the core causal decoder as GPT-2 (``lm``) and iGPT use them.
 
-Decoding runs the float32 linear layers through oneDNN (:func:`polymodal.generation.decoder.fast_linear`),
-skips the head for every prompt position but the last, writes keys and values in place into a preallocated
+Decoding runs the float32 linear layers through the kernel (BLAS or oneDNN) its tuner times faster on the
+machine (:mod:`polymodal.generation.linear`; every test runs with the tuner and with oneDNN fixed), skips the head for every prompt position but the last, writes keys and values in place into a preallocated
 cache and (slow test) compiles its static step. None of that may change what a model computes: cached
 generation equals the uncached reference (the plain eager forward over the whole sequence each step), the
 training forward is bit-identical to the hand-written trunk, and nothing serves stale weights after a
@@ -12,6 +12,7 @@ inputs, not constants).
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -19,12 +20,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polymodal.generation.decoder import clear_packed_weights, fast_linear, fast_linear_applies
+from polymodal.generation.linear import KERNEL_ENV, KERNELS, KernelTuner, linear_kernel
 from polymodal.generation.sampling import generate
 from polymodal.plugins.igpt import IGPT, IGPTConfig
 from polymodal.plugins.lm import LMConfig, LMModel
 from polymodal.testing import contracts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True, params=["auto", "onednn"])
+def kernel(request, monkeypatch):
+    """Each test with the tuned choice (``auto``) and with oneDNN's packed path fixed."""
+    monkeypatch.setenv(KERNEL_ENV, request.param)
+    return request.param
 
 ATOL = 1e-5
 
@@ -82,6 +91,45 @@ def test_packed_weights_follow_every_change_of_the_weight():
         layer.weight.data.add_(1.0)  # .data bypasses the version counter: clearing the copies is the user's part
         clear_packed_weights()
         torch.testing.assert_close(fast_linear(x, layer.weight, layer.bias), layer(x), atol=ATOL, rtol=1e-5)
+
+
+def test_the_tuner_times_whole_steps_and_keeps_the_faster_kernel(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    for slow in KERNELS:
+        tuner, seen = KernelTuner(trials=2), []
+        for _ in range(10):
+            with tuner.step((1,)):
+                seen.append(linear_kernel())
+                if seen[-1] == slow:
+                    time.sleep(0.004)
+        fast = next(k for k in KERNELS if k != slow)
+        assert seen[:6] == ["blas", "onednn"] * 3  # alternating: a warm-up, then two timed steps each
+        assert seen[6:] == [fast] * 4 and tuner.choice == {(1, torch.get_num_threads()): fast}
+    assert linear_kernel() == "blas"  # outside a tuned step: BLAS (F.linear)
+
+
+def test_the_kernel_variable_fixes_the_choice_and_names_bad_values(monkeypatch):
+    tuner = KernelTuner()
+    for fixed in KERNELS:
+        monkeypatch.setenv(KERNEL_ENV, fixed)
+        with tuner.step((1,)):
+            assert linear_kernel() == fixed
+    assert not tuner.times and not tuner.choice
+    monkeypatch.setenv(KERNEL_ENV, "mkl")
+    with pytest.raises(ValueError, match="POLYMODAL_LINEAR_KERNEL must be one of auto, blas, onednn; got 'mkl'"):
+        linear_kernel()
+
+
+def test_generation_tunes_the_kernel_per_batch_size(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    model = tiny_lm(seed=2)
+    for b in (1, 2):
+        ids = prompt(256, b, 4, seed=b)
+        cached, uncached = greedy_pair(model, ids, n=12)
+        assert torch.equal(cached, uncached)
+    threads = torch.get_num_threads()
+    assert set(model.decoder.tuner.choice) == {(1, threads), (2, threads)}
+    assert set(model.decoder.tuner.choice.values()) <= set(KERNELS)
 
 
 def test_fast_linear_is_plain_f_linear_with_gradients_or_other_dtypes():

@@ -25,122 +25,25 @@ beyond the current position), so a compiled step is reused for every token of a 
 from __future__ import annotations
 
 import copy
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from polymodal.generation.linear import (  # noqa: F401 (fast_linear_applies, clear_packed_weights: re-exported)
+    KernelTuner,
+    clear_packed_weights,
+    fast_linear,
+    fast_linear_applies,
+    fast_linears,
+)
 from polymodal.generation.sampling import generate
 from polymodal.nn.cache import KVCache, bucket
 from polymodal.nn.stack import TransformerStack
 
 Masks = Callable[[Tensor, int], "Tensor | list[Tensor | None] | None"]
-
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def fast_linear_applies(weight: Tensor, x: Tensor | None = None) -> bool:
-    """Whether :func:`fast_linear` serves this call: oneDNN is built in, float32 weights on the CPU, and no
-    gradient is recorded (inference only: training keeps ``F.linear``, so its numbers never change)."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and (x is None or x.dtype == torch.float32)
-        and _ONEDNN
-    )
-
-
-def fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` for decoding: oneDNN's matmul on the plain weight (O, I) when
-    :func:`fast_linear_applies` (at one to a few rows per call it streams the weight about 1.5-2× faster
-    than the BLAS call behind ``F.linear`` on this CPU), ``F.linear`` otherwise. Up to :data:`PACK_ROWS` rows use
-    a copy of the weight in oneDNN's blocked layout (one more copy of the weights in memory), rebuilt whenever the
-    weight changes (see :func:`_packed`); more rows read the live weight. The results agree with ``F.linear`` to
-    float32 rounding (another order of the sums)."""
-    if not fast_linear_applies(weight, x):
-        return nn.functional.linear(x, weight, bias)
-    if torch.compiler.is_compiling():  # an opaque call in compiled code (inductor lowers the oneDNN op only
-        return _compiled_linear(x, weight, bias)  # for frozen weights)
-    return _onednn_linear(x, weight, bias)  # (..., O)
-
-
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    rows = x.numel() // max(x.shape[-1], 1)
-    packed = _packed(weight) if rows <= PACK_ROWS else None
-    if packed is not None:  # decoding steps: oneDNN's blocked layout streams the weight ~1.6× faster than plain
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
-        return out.view(*x.shape[:-1], weight.shape[0])  # (..., O)
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # (..., O)
-
-
-PACK_ROWS = 16
-"""Calls of at most this many rows (decoding steps) use a copy of the weight in oneDNN's blocked layout (packed for
-this many rows: on this CPU that layout streams at ~35 GB/s against ~22 GB/s for the plain weight, at 1 to 16 rows)."""
-
-_PACKED: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}  # id(weight) -> (weight, its key, packed copy)
-
-
-def _packed(weight: Tensor) -> Tensor | None:
-    """``weight`` in oneDNN's layout for :data:`PACK_ROWS` rows, kept while the weight lives and rebuilt when its
-    storage, version counter (any in-place change: an optimiser step, ``load_state_dict``) or shape changes.
-    None for inference tensors (no version counter to check). Writes through ``weight.data`` bypass the version
-    counter: call :func:`clear_packed_weights` after those."""
-    try:
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), PACK_ROWS)
-    except RuntimeError:  # an inference tensor
-        return None
-    entry = _PACKED.get(id(weight))
-    if entry is not None and entry[0]() is weight and entry[1] == key:
-        return entry[2]
-    if entry is None or entry[0]() is not weight:  # a new weight: forget its copy when it is freed
-        weakref.finalize(weight, _PACKED.pop, id(weight), None)
-    _PACKED[id(weight)] = (weakref.ref(weight), key, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS))
-    return _PACKED[id(weight)][2]
-
-
-def clear_packed_weights() -> None:
-    """Drop every packed weight copy of :func:`fast_linear` (they are rebuilt on the next call)."""
-    _PACKED.clear()
-
-
-_LIBRARY = torch.library.Library("polymodal", "FRAGMENT")
-_LIBRARY.define("fast_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_LIBRARY.impl("fast_linear", lambda x, weight, bias: _onednn_linear(x, weight, bias), "CPU")  # (..., O)
-
-
-@torch.library.register_fake("polymodal::fast_linear")
-def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])  # (..., O)
-
-
-def _compiled_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """:func:`fast_linear` as an operator (``polymodal::fast_linear``), so compiled decoding steps call oneDNN too
-    (a plain dispatcher op: cheaper per call than a ``torch.library.custom_op``)."""
-    return torch.ops.polymodal.fast_linear(x, weight, bias)  # (..., O)
-
-
-def _linear_forward(module: nn.Linear, x: Tensor) -> Tensor:
-    return fast_linear(x, module.weight, module.bias)  # (..., O)
-
-
-@contextmanager
-def fast_linears(modules: list[nn.Module]) -> Iterator[None]:
-    """Within the block, the plain ``nn.Linear`` layers among ``modules`` compute through :func:`fast_linear`
-    (an instance ``forward`` set for the block and removed after it; hooks still run, subclasses and
-    parametrised layers are left alone)."""
-    patched = [m for m in modules if type(m) is nn.Linear and "forward" not in m.__dict__]
-    for m in patched:
-        m.forward = _linear_forward.__get__(m)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for m in patched:
-            m.__dict__.pop("forward", None)
 
 
 class CausalDecoder:
@@ -171,6 +74,7 @@ class CausalDecoder:
         self.head_weight = head_weight
         self._compiled: Callable[..., Tensor] | None = None
         self._seen: set[tuple] = set()  # static-step shapes run once eagerly before the compiled step
+        self.tuner = KernelTuner()  # the faster linear kernel of this machine for the cached steps
 
     def __deepcopy__(self, memo: dict) -> CausalDecoder:
         """A copy over the copied modules (a deep-copied family gets its own decoder); compiled code is not copied."""
@@ -178,7 +82,7 @@ class CausalDecoder:
         memo[id(self)] = new
         for name in ("stack", "tokens", "positions", "head", "masks", "dropout", "owner", "head_weight"):
             setattr(new, name, copy.deepcopy(getattr(self, name), memo))
-        new._compiled, new._seen = None, set()
+        new._compiled, new._seen, new.tuner = None, set(), KernelTuner()
         return new
 
     # -- eager ------------------------------------------------------------------------------------
@@ -298,7 +202,7 @@ class CausalDecoder:
         first call (the prompt) runs eagerly, filling the preallocated buffers (an empty cache without a
         capacity is given ``max_len``); later calls run :meth:`static_step` compiled when ``compile`` (see
         :meth:`use_compile`), eagerly otherwise. Cached steps without gradients compute their float32 CPU
-        linear layers through :func:`fast_linear`. ``last_only`` returns the logits of the last position
+        linear layers through :func:`fast_linear`, by the kernel :attr:`tuner` found faster on this machine. ``last_only`` returns the logits of the last position
         only (B, 1, V), which is all the sampler reads (the prompt's other positions skip the head).
         """
         compiled = self.use_compile(compile)
@@ -308,7 +212,7 @@ class CausalDecoder:
             if cache is None:
                 logits = self(ids, None)  # (B, n, V)
                 return logits[:, -1:] if last_only else logits
-            with fast_linears(linears):
+            with fast_linears(linears), self.tuner.step((ids.shape[0],)) if cache.length else nullcontext():
                 if compiled and cache.length:
                     return self._step_static(ids, cache, self.compiled_step())  # (B, n, V)
                 if compiled and cache.capacity is None and not cache.buffers:

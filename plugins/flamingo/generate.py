@@ -4,6 +4,7 @@ and the ``polymodal flamingo caption DIR IMAGE... [--shots K]`` command."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import click
 import torch
 from torch import Tensor
 
+from polymodal.generation.linear import fast_linear, fast_linears
 from polymodal.generation.options import TOKEN_SAMPLING, check_sample_values, keywords
 from polymodal.generation.sampling import generate
 from polymodal.models.inference import inference_options
@@ -27,26 +29,39 @@ class GenerateMixin:
     sample_options = TOKEN_SAMPLING
     """The options of ``polymodal sample`` (temperature, top-k, top-p, no cache)."""
 
-    def step_fn(self, context: Tensor, *, cross_cache: bool = True):
+    def step_fn(self, context: Tensor, *, cross_cache: bool = True, last_only: bool = False):
         """``step(ids, cache) -> logits`` for :func:`polymodal.generation.sampling.generate` over visual tokens ``context``.
 
         With a cache it gets only the new ids and counts the ``<image>`` tokens already fed, so
         every new token still sees the latest image before it; the cross-attention blocks keep the
         keys and values of ``context`` in that cache (computed once per generation) unless
         ``cross_cache`` is False (then they are projected again every step: the reference path).
+        ``last_only`` returns the last position's logits (B, 1, V + 2), all the sampler reads. Cached steps compute
+        their linear layers through :func:`~polymodal.generation.linear.fast_linear` by the kernel the LM
+        decoder's tuner finds faster on this machine (both settings of ``cross_cache`` alike).
         """
         state: dict[str, Tensor | None] = {"seen": None}
+        linears = [*self.lm.decoder.inference_linears(), *self.xattn.modules()]
 
         def step(ids: Tensor, cache: Any) -> Tensor:
             if cache is None:
                 return self.logits(self.hidden(ids, context))
             seen = state["seen"]
-            h = self.hidden(ids, context, cache=cache, offset=seen, cross_cache=cross_cache)  # (B, n, D)
+            tuned = (
+                self.lm.decoder.tuner.step(("flamingo", ids.shape[0], cross_cache)) if cache.length else nullcontext()
+            )
+            with fast_linears(linears), tuned:
+                h = self.hidden(ids, context, cache=cache, offset=seen, cross_cache=cross_cache)  # (B, n, D)
             new = il.image_counts(ids, self.image_id).to(context.device)  # (B,)
             state["seen"] = new if seen is None else seen + new
-            return self.logits(h)
+            return self.decode_logits(h[:, -1:] if last_only else h)  # (B, n or 1, V + 2)
 
         return step
+
+    def decode_logits(self, hidden: Tensor) -> Tensor:
+        """:meth:`logits` for decoding: the same tied rows through :func:`~polymodal.generation.linear.fast_linear`."""
+        weight = self.lm.token_embed.weight  # (V, D)
+        return torch.cat([fast_linear(hidden, weight), fast_linear(hidden, self.special.weight)], dim=-1)
 
     def query_text(self) -> str:
         """The evaluation template's text before the word (``"This is a"``)."""
@@ -84,7 +99,7 @@ class GenerateMixin:
             allowed[[self.image_id, tok["bos"], tok["pad"]]] = False
             greedy = temperature is None and top_k is None and top_p is None
             out = generate(
-                self.step_fn(context, cross_cache=cross_cache),
+                self.step_fn(context, cross_cache=cross_cache, last_only=True),
                 ids.to(context.device),
                 min(max_new_tokens, room),
                 temperature=temperature or 1.0,
