@@ -117,10 +117,12 @@ def test_dino_two_ranks_reach_the_one_process_weights_and_centre(one, two):
             torch.testing.assert_close(out["state"][name], ref, atol=1e-5, rtol=0, msg=f"rank {r}: {name}")
     for step in range(STEPS):  # the loss of the global batch is the mean of the ranks' losses
         mean = (two[0]["losses"][step] + two[1]["losses"][step]) / 2
-        torch.testing.assert_close(mean, one["losses"][step], atol=1e-5, rtol=0)
+        torch.testing.assert_close(mean, one["losses"][step], atol=1e-5, rtol=1e-5)  # losses ~4: rounding ~1e-5
         for key in ("teacher_entropy", "kl_to_centre"):  # the collapse statistics are global on every rank
+            # float32 trajectories summed in other orders; the KL is a difference of two sums the size of the loss
+            # (~4, rounding ~1e-5 each): 1.3e-5 apart seen on an Intel Xeon
             for out in two:
-                assert out["metrics"][step][key] == pytest.approx(one["metrics"][step][key], abs=1e-5)
+                assert out["metrics"][step][key] == pytest.approx(one["metrics"][step][key], abs=5e-5)
     # the weights moved: equal weights are not the initial ones
     start = build().state_dict()
     assert (one["state"]["student.head.mlp.0.weight"] - start["student.head.mlp.0.weight"]).abs().max() > 1e-3
