@@ -35,6 +35,7 @@ def kernel(request, monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, request.param)
     return request.param
 
+
 ATOL = 1e-5
 
 
