@@ -2,7 +2,8 @@
 
 The structure (Ho et al.'s DDPM UNet, with ADM's options)::
 
-    t ──sinusoid──► Linear ─ SiLU ─ Linear ──► emb  (+ class embedding, + projected vector embedding)
+    t ──sinusoid──► Linear ─ SiLU ─ Linear ──► emb  (+ class embedding, + projected vector embedding,
+                                                      + a per-call additive embedding, added as is)
     x ─ conv_in ─┬─ down[0]: ResBlock (+ attention) × layers_per_block, Downsample ─┐ (skips pushed)
                  │   …                                                             │
                  │   down[L-1]: … (no Downsample)                                  │
@@ -17,7 +18,10 @@ Residual blocks: GroupNorm, SiLU, 3×3 conv, the time embedding projected and ad
 at the levels ``attention_levels`` marks and always in the middle. With ``context_dim > 0`` each
 attention site is followed by cross-attention to a context sequence (text tokens), a
 :class:`polymodal.nn.fusion.CrossAttentionFusion` with ``gate=False`` and no MLP (pre-LayerNorm,
-residual), as in GLIDE / Imagen text-conditioned UNets.
+residual), as in GLIDE / Imagen text-conditioned UNets; ``context_mask`` marks the real context tokens
+(a key padding mask). ``additive_embedding`` (per call, no config field and no weights) is a vector at the
+time embedding's width added to it as is, diffusers' ``class_embed_type="identity"``: the unCLIP decoder
+adds its own projection of the CLIP embeddings this way.
 """
 
 from __future__ import annotations
@@ -306,7 +310,7 @@ class UNet(nn.Module):
             raise ValueError(f"UNet expects t of shape () or (B,) = ({b},); got {tuple(t.shape)}")
         return t.to(device).expand(b)  # (B,)
 
-    def _check(self, x: Tensor, class_labels, embedding, context, context_mask) -> None:
+    def _check(self, x: Tensor, class_labels, embedding, context, context_mask, additive=None) -> None:
         cfg = self.cfg
         factor = 2 ** (len(cfg.channels) - 1)
         if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[2] % factor or x.shape[3] % factor:
@@ -334,6 +338,11 @@ class UNet(nn.Module):
         if context_mask is not None and (context is None or tuple(context_mask.shape) != tuple(context.shape[:2])):
             want = tuple(context.shape[:2]) if context is not None else "(B, M) with a context"
             raise ValueError(f"context_mask must be {want}; got {tuple(context_mask.shape)}")
+        if additive is not None and tuple(additive.shape) != (b, cfg.time_dim):
+            raise ValueError(
+                f"additive_embedding must be (B, time_dim) = ({b}, {cfg.time_dim}) (4 × channels[0]); "
+                f"got {tuple(additive.shape)}"
+            )
 
     def forward(
         self,
@@ -344,13 +353,16 @@ class UNet(nn.Module):
         embedding: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        additive_embedding: Tensor | None = None,
     ) -> Tensor:
         """x (B, in_channels, H, W), t (B,) or a number → (B, out_channels, H, W).
 
         ``class_labels`` (B,) int, ``embedding`` (B, embedding_dim), ``context`` (B, M, context_dim)
         with ``context_mask`` (B, M) True for real tokens: each required exactly when configured.
+        ``additive_embedding`` (B, time_dim), optional with any config: added to the time embedding as is
+        (diffusers' ``class_embed_type="identity"``); None leaves the output exactly as without it.
         """
-        self._check(x, class_labels, embedding, context, context_mask)
+        self._check(x, class_labels, embedding, context, context_mask, additive_embedding)
         cfg = self.cfg
         t = self._timesteps(t, x.shape[0], x.device)  # (B,)
         temb = timestep_embedding(t, cfg.channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
@@ -359,6 +371,8 @@ class UNet(nn.Module):
             emb = emb + self.class_embedding(class_labels)  # (B, T)
         if self.embedding_proj is not None:
             emb = emb + self.embedding_proj(embedding.to(x.dtype))  # (B, T)
+        if additive_embedding is not None:
+            emb = emb + additive_embedding.to(x.dtype)  # (B, T)
         emb_act = F.silu(emb)  # every residual block's projection reads SiLU(emb)
         if context_mask is not None:
             context_mask = context_mask.bool()
