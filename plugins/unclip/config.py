@@ -1,0 +1,127 @@
+"""The unCLIP composite's config: its parts (CLIP, prior, decoder, upsampler), image sizes, evaluation sizes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from polymodal.config import config, field, in_range
+from polymodal.models.parts import PartConfig, part_field
+
+
+def _optional_part(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator: None (no upsampler) or a :class:`PartConfig`."""
+    if value is not None and not isinstance(value, PartConfig):
+        raise ValueError(
+            f"{type(instance).__name__}.{attribute.name} must be None or a PartConfig (a folder path string "
+            f"through --set); got {value!r}"
+        )
+
+
+def _optional_scale(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator: None (the part's default) or a guidance scale in [0, 100]."""
+    if value is not None:
+        in_range(0.0, 100.0)(instance, attribute, value)
+
+
+@config
+class UnCLIPConfig:
+    """unCLIP (DALL·E 2): a frozen CLIP, a diffusion prior and a diffusion decoder trained together, and an
+    optional frozen super-resolution stage (the shapes cascade)."""
+
+    clip: PartConfig = part_field(
+        PartConfig(variant="clip", data="digits"),
+        "The frozen CLIP whose embeddings the prior predicts and the decoder inverts; its data follows --data.",
+    )
+    prior: PartConfig = part_field(
+        PartConfig(variant="unclip-prior", path=""),
+        "The diffusion prior (text → CLIP image embedding), built fresh for the CLIP's widths and trained by "
+        "this composite; saved in the prior/ sub-folder.",
+    )
+    decoder: PartConfig = part_field(
+        PartConfig(variant="unclip-decoder", path=""),
+        "The diffusion decoder (CLIP image embedding → image), built fresh at decoder_size and trained by this "
+        "composite; saved in the decoder/ sub-folder.",
+    )
+    upsampler: PartConfig | None = field(
+        None,
+        "The frozen super-resolution stage (the diffusion family's sr3: decoder_size → image_size), or None "
+        "when the decoder writes the data's size itself.",
+        check=_optional_part,
+    )
+    prior_width: int = field(
+        0,
+        "Width of a fresh prior's transformer (0: the unclip-prior variant's).",
+        check=in_range(0, 65536, integer=True),
+    )
+    prior_depth: int = field(
+        0, "Blocks of a fresh prior's transformer (0: the variant's).", check=in_range(0, 1024, integer=True)
+    )
+    decoder_channels: tuple[int, ...] = field(
+        (), "Level widths of a fresh decoder's UNet (empty: the unclip-decoder variant's)."
+    )
+    guidance_scale: float | None = field(
+        None,
+        "Default decoder classifier-free guidance scale of this composite's sampling and evaluation "
+        "(None: the decoder part's own default).",
+        check=_optional_scale,
+    )
+    prior_guidance_scale: float | None = field(
+        None,
+        "Default prior classifier-free guidance scale (None: the prior part's own default).",
+        check=_optional_scale,
+    )
+    image_size: int = field(
+        8,
+        "Native image side of the data: samples are written at it and --variations / --interpolate images "
+        "must have it.",
+        check=in_range(1, 4096, integer=True),
+    )
+    channels: int = field(1, "Image channels of the data (1 grey, 3 RGB).", check=in_range(1, 4, integer=True))
+    decoder_size: int = field(
+        0,
+        "Side the decoder generates at (0: image_size); below image_size the upsampler brings it up.",
+        check=in_range(0, 4096, integer=True),
+    )
+    resample_captions: bool = field(
+        True,
+        "Training: draw a fresh caption per image and step from the training templates (as DALL·E does), "
+        "so the prior sees every phrasing of every class; False uses the dataset's captions.",
+    )
+    ablation_norm: bool = field(
+        True,
+        "Ablation (decoder fed the CLIP text embedding): rescale the text embedding to the mean norm of the "
+        "training image embeddings (the paper's embeddings are unit vectors on both sides).",
+    )
+    eval_per_class: int = field(
+        10,
+        "Samples per prompt class in evaluate (digits: per digit; shapes: per colour × kind).",
+        check=in_range(1, 10000, integer=True),
+    )
+    eval_variations: int = field(
+        100,
+        "Test images evaluate makes one variation of each (0: none).",
+        check=in_range(0, 100000, integer=True),
+    )
+    eval_seed: int = field(0, "Seed of evaluate's sampling.", check=in_range(0, 2**31, integer=True))
+    data: str = field("", "Name of the dataset the config was adapted to ('' for a folder of images).")
+    templates: tuple[str, ...] = field((), "Training caption templates (from the dataset).")
+    class_names: tuple[str, ...] = field((), "Class names that fill the templates.")
+
+    def __attrs_post_init__(self) -> None:
+        size = self.decoder_size or self.image_size
+        if size > self.image_size:
+            raise ValueError(
+                f"UnCLIPConfig.decoder_size must be at most image_size={self.image_size}; got {self.decoder_size}"
+            )
+        if size < self.image_size and self.upsampler is None:
+            raise ValueError(
+                f"UnCLIPConfig.decoder_size={size} is below image_size={self.image_size}, which needs an upsampler "
+                "part (upsampler=PartConfig(variant='sr3')); got none"
+            )
+
+    @property
+    def generated_size(self) -> int:
+        """The side the decoder generates at."""
+        return self.decoder_size or self.image_size
