@@ -68,6 +68,8 @@ HEADLINES: dict[str, tuple[tuple[str, str], ...]] = {
     "flamingo": (("accuracy_by_shots.4", "higher"),),
     "fromage": (("caption_accuracy", "higher"), ("retrieval_r1", "higher")),
     "sr3": (("psnr", "higher"), ("sr_kind_accuracy", "higher")),
+    "unclip": (("sample_accuracy", "higher"), ("fd_judge", "lower"), ("variation_accuracy", "higher")),
+    "unclip-shapes": (("sample_colour_accuracy", "higher"), ("sample_kind_accuracy", "higher")),  # issue 19's bars
 }
 """Per variant: the metrics its quality test asserts (dotted keys reach nested dicts) and which way is better."""
 
@@ -84,11 +86,14 @@ about a minute, or read from it) before the evaluation is timed."""
 
 
 def default_models() -> list[str]:
-    """One variant per registered family: the one named after the family, else the family's first by name."""
+    """One variant per registered family: the one named after the family, else the family's first by name (parts
+    another variant trains, ``trained_by``, are left out)."""
     from polymodal.registry import get_registry
 
     families: dict[str, list[str]] = {}
     for entry in get_registry().entries("model"):
+        if getattr(entry.obj.model_class, "trained_by", ""):
+            continue
         families.setdefault(entry.obj.model_class.family, []).append(entry.name)
     return sorted(family if family in names else sorted(names)[0] for family, names in families.items())
 
@@ -117,7 +122,10 @@ def resolve_folders(
         if folder is None:
             folder = cache / name
             if not (folder / "config.json").is_file():
-                parts = tuple(f"{field}={get(variant)}" for field, variant in spec(name).parts())
+                config = spec(name).config
+                parts = tuple(  # the parts a composite builds fresh and trains itself (path '') are its own
+                    f"{field}={get(variant)}" for field, variant in spec(name).parts() if getattr(config, field).path
+                )
                 shutil.rmtree(folder, ignore_errors=True)  # a run cut short left no model here: start again
                 log(f"training {name} into {folder} (`polymodal train {name}`; reused next time)")
                 train_model(name, out=folder, set_=parts, progress=False, keep_checkpoint=False)

@@ -135,6 +135,7 @@ class UnCLIPDecoder(PolymodalModel):
     """``forward(x_t (B, C, S, S), t (B,), image_embed (B, E), text_embed, text_tokens, text_mask)`` → ε (B, C, S, S)."""
 
     family = "unclip-decoder"
+    trained_by = "unclip"
     config_class = DecoderConfig
 
     def __init__(self, config: DecoderConfig) -> None:

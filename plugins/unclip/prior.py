@@ -101,6 +101,7 @@ class DiffusionPrior(PolymodalModel):
     predicted clean image embedding x0 (B, E), in normalised space (diffusers' PriorTransformer output)."""
 
     family = "unclip-prior"
+    trained_by = "unclip"
     config_class = PriorConfig
     inference_keep_fp32 = ("clip_mean", "clip_std")
 
