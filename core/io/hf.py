@@ -148,6 +148,30 @@ class TrackedState(dict):
         return super().get(key, default)
 
 
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+"""The weights file of a diffusers model folder (``save_pretrained`` with safe serialisation)."""
+
+DIFFUSERS_PICKLED = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.ckpt")
+"""diffusers' pickled weight files: named in the error, never loaded."""
+
+
+def read_diffusers_folder(folder: Path, converter: str) -> tuple[dict[str, Any], Path]:
+    """A diffusers model folder's ``config.json`` (a JSON object) and the path of its safetensors weights; a
+    :class:`LoadError` names a pickled weights file found instead (loading a pickle can run code)."""
+    cfg = read_json(folder / "config.json")
+    if not isinstance(cfg, dict):
+        raise LoadError(f"{folder / 'config.json'} is not a diffusers config (expected a JSON object)")
+    path = folder / DIFFUSERS_WEIGHTS
+    if not path.is_file():
+        pickled = [n for n in DIFFUSERS_PICKLED if (folder / n).is_file()]
+        if pickled:
+            raise LoadError(
+                f"{converter} reads {path}, which is missing; {folder} has {pickled[0]}, which it does not "
+                "unpickle (loading a pickle can run code): save it with save_pretrained(..., safe_serialization=True)"
+            )
+    return cfg, path
+
+
 def check_all_used(weights: State, used: Iterable[str], source: str, label: str, ignore: Iterable[str] = ()) -> None:
     """Raise a :class:`LoadError` naming every tensor of ``weights`` that is neither in ``used`` nor
     matched by a pattern of :data:`IGNORED` or ``ignore`` (a converter never drops a weight silently:

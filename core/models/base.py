@@ -40,9 +40,7 @@ class PolymodalModel(nn.Module):
     """Attribute names of pretrained parts that never train (a VQ-VAE tokenizer, a frozen CLIP or
     LM): :meth:`freeze` turns their gradients off and :meth:`train` keeps them in eval mode."""
     trained_by: ClassVar[str] = ""
-    """The variant that trains this model as one of its parts when it cannot train alone on images (unCLIP's
-    prior and decoder: ``"unclip"``); "" for a model that trains alone. Registry-wide tools (the bf16 accuracy
-    report) skip such parts."""
+    """The variant that trains this part when it cannot train alone (unCLIP's prior: ``"unclip"``); "" if it can."""
     implements: ClassVar[tuple[type, ...]] = ()
     """Contracts of :mod:`polymodal.models.interfaces` the model meets (``(CausalLM,)``), so other
     families can take it as a part; the contract kit checks every registered variant against them."""

@@ -21,12 +21,10 @@ from typing import Any
 import torch
 
 from polymodal.io.folders import LoadError, load_state_strict, read_json, read_state
-from polymodal.io.hf import TrackedState, check_all_used, hf_converter
+from polymodal.io.hf import DIFFUSERS_WEIGHTS, TrackedState, check_all_used, hf_converter, read_diffusers_folder
 from polymodal.io.output import check_output
 from polymodal.nn import UNet, UNetConfig
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-PICKLED = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.ckpt")
 DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
 UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
 # option → the only value(s) the core UNet expresses (diffusers' default first)
@@ -162,17 +160,7 @@ def _unet_folder(src: Path) -> Path:
 def load_diffusers_unet(src: str | Path) -> tuple[UNet, dict[str, Any]]:
     """The core UNet holding the weights of the diffusers ``UNet2DModel`` folder ``src``, and its config dict."""
     folder = _unet_folder(Path(src))
-    cfg = read_json(folder / "config.json")
-    if not isinstance(cfg, dict):
-        raise LoadError(f"{folder / 'config.json'} is not a diffusers config (expected a JSON object)")
-    path = folder / WEIGHTS
-    if not path.is_file():
-        pickled = [n for n in PICKLED if (folder / n).is_file()]
-        if pickled:
-            raise LoadError(
-                f"diffusers-unet reads {path}, which is missing; {folder} has {pickled[0]}, which it does not "
-                "unpickle (loading a pickle can run code): save it with save_pretrained(..., safe_serialization=True)"
-            )
+    cfg, path = read_diffusers_folder(folder, "diffusers-unet")
     weights = TrackedState(read_state(path))
     unet = UNet(unet_config_from_diffusers(cfg, f"diffusers-unet ({folder / 'config.json'})"))
     try:
@@ -214,7 +202,7 @@ def _scheduler_config(src: Path, folder: Path) -> dict | None:
     return None
 
 
-@hf_converter("UNet2DModel", files=("config.json", WEIGHTS, "scheduler/scheduler_config.json"))
+@hf_converter("UNet2DModel", files=("config.json", DIFFUSERS_WEIGHTS, "scheduler/scheduler_config.json"))
 def convert_diffusers_unet(src: str | Path, dst: str | Path | None = None):
     """Convert the diffusers ``UNet2DModel`` folder ``src`` into a ``diffusion`` model (an unconditional
     DDPM whose UNet holds the weights; a ``scheduler/`` config next to it sets the noise schedule);

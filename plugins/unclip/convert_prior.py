@@ -22,13 +22,11 @@ import attrs
 import torch
 
 from polymodal.io.folders import LoadError, load_state_strict, read_json, read_state
-from polymodal.io.hf import TrackedState, check_all_used, hf_converter
+from polymodal.io.hf import DIFFUSERS_WEIGHTS, TrackedState, check_all_used, hf_converter, read_diffusers_folder
 from polymodal.io.output import check_output
 
 from .prior import DiffusionPrior, PriorConfig
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-PICKLED = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.ckpt")
 FIXED = {  # option → the values the prior expresses (diffusers' default first)
     "additional_embeddings": (4,),
     "time_embed_act_fn": ("silu",),
@@ -160,17 +158,7 @@ def load_diffusers_prior(src: str | Path) -> DiffusionPrior:
     """The :class:`DiffusionPrior` holding the weights of the diffusers ``PriorTransformer`` folder ``src``."""
     src = Path(src)
     folder = _prior_folder(src)
-    cfg = read_json(folder / "config.json")
-    if not isinstance(cfg, dict):
-        raise LoadError(f"{folder / 'config.json'} is not a diffusers config (expected a JSON object)")
-    path = folder / WEIGHTS
-    if not path.is_file():
-        pickled = [n for n in PICKLED if (folder / n).is_file()]
-        if pickled:
-            raise LoadError(
-                f"diffusers-prior reads {path}, which is missing; {folder} has {pickled[0]}, which it does not "
-                "unpickle (loading a pickle can run code): save it with save_pretrained(..., safe_serialization=True)"
-            )
+    cfg, path = read_diffusers_folder(folder, "diffusers-prior")
     base = PriorConfig()
     fields = prior_config_from_diffusers(cfg, f"diffusers-prior ({folder / 'config.json'})")
     config = attrs.evolve(base, **fields, **_schedule_changes(src, folder, base))
@@ -192,7 +180,7 @@ def load_diffusers_prior(src: str | Path) -> DiffusionPrior:
     return model.eval()
 
 
-@hf_converter("PriorTransformer", files=("config.json", WEIGHTS, "prior_scheduler/scheduler_config.json"))
+@hf_converter("PriorTransformer", files=("config.json", DIFFUSERS_WEIGHTS, "prior_scheduler/scheduler_config.json"))
 def convert_diffusers_prior(src: str | Path, dst: str | Path | None = None) -> DiffusionPrior:
     """Convert the diffusers ``PriorTransformer`` folder ``src`` into an ``unclip-prior`` model; writes a model
     folder to ``dst`` when given."""
