@@ -265,12 +265,16 @@ def train_model(
     own = ctx is None
     ctx = init_from_env(device) if ctx is None else ctx
     try:
-        return _train_model(
+        done = _train_model(
             name, data, set_, steps, epochs, seed, out, ctx, resume, progress, train_set, overwrite, keep_checkpoint
         )
-    finally:
+    except BaseException:
         if own:
-            shutdown(ctx)
+            shutdown(ctx, wait=False)  # no barrier a failed rank's peers could match by mistake
+        raise
+    if own:
+        shutdown(ctx)
+    return done
 
 
 def _train_model(

@@ -13,6 +13,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+SUITE_THREADS = 1
+"""Torch threads of the whole run, set before any test: the models the suite trains (and so its quality bars)
+come out the same whichever tests run, alone or in the full run, on any number of cores (a thread count
+changes float sums, and the digits recipes sit near their bars); one thread is also the faster choice for
+these tiny tensors on a 2-core machine. A test may change it; it is restored after each test."""
+torch.set_num_threads(SUITE_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    yield
+    if torch.get_num_threads() != SUITE_THREADS:  # a CLI call with --threads, or a test's own setting
+        torch.set_num_threads(SUITE_THREADS)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -21,8 +21,6 @@ from polymodal.diffusion.loop import outpaint_canvas, reconstruct, repaint_sched
 from polymodal.diffusion.samplers import SamplerConfig, make_sampler
 from polymodal.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
-torch.set_num_threads(1)
-
 
 def schedule(T: int = 1000, kind: str = "linear", prediction: str = "epsilon") -> NoiseSchedule:
     """A noise schedule (DDPM's linear one by default)."""

@@ -135,6 +135,31 @@ def test_one_process_is_a_world_of_one_and_wraps_only_the_loss(digits, monkeypat
 # -- two processes == one process -------------------------------------------------------------------
 
 
+def test_leaving_the_group_meets_the_other_ranks_first_unless_the_run_failed(digits, monkeypatch):
+    import polymodal.train.distributed as d
+
+    calls: list[str] = []
+    monkeypatch.setattr(d.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(d.dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(d.dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    owned = DistributedContext(rank=0, world_size=2, backend="gloo", owns_group=True)
+    d.shutdown(owned)
+    assert calls == ["barrier", "destroy"]  # a peer still in its last collective keeps its group
+    calls.clear()
+    d.shutdown(owned, wait=False)
+    assert calls == ["destroy"]
+    calls.clear()
+    d.shutdown(DistributedContext(rank=0, world_size=2, backend="gloo"))  # the caller's own group
+    assert calls == []
+    import polymodal.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "init_from_env", lambda device: owned)
+    monkeypatch.setattr(trainer, "_train", lambda *a: (_ for _ in ()).throw(RuntimeError("rank failed")))
+    with pytest.raises(RuntimeError, match="rank failed"):
+        train(tiny_vit(digits), digits, TrainConfig(**RUN), progress=False)
+    assert calls == ["destroy"]  # a failed rank does not wait at a barrier its peers may never reach
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_reach_the_weights_of_one(digits, tmp_path, strategy):
     done = torchrun(tmp_path, *worker(tmp_path, {"strategy": strategy}))

@@ -134,9 +134,15 @@ def init_from_env(device: str = "cpu") -> DistributedContext:
     return DistributedContext(rank, local_rank, world, dev, backend, owns_group=True)
 
 
-def shutdown(ctx: DistributedContext) -> None:
-    """Destroy the process group if :func:`init_from_env` made it (a caller's own group is left alone)."""
+def shutdown(ctx: DistributedContext, *, wait: bool = True) -> None:
+    """Destroy the process group if :func:`init_from_env` made it (a caller's own group is left alone).
+
+    With ``wait`` every rank first meets at a barrier, which also waits for this rank's pending work: a
+    gloo group torn down while a peer still talks to it can abort the process ("terminate called without
+    an active exception"). A rank that failed passes ``wait=False`` and leaves at once."""
     if ctx.owns_group and dist.is_available() and dist.is_initialized():
+        if wait:
+            barrier(ctx)
         dist.destroy_process_group()
 
 

@@ -221,10 +221,14 @@ def train(
     own = ctx is None
     ctx = init_from_env(device) if ctx is None else ctx
     try:
-        return _train(model, dataset, cfg, out, ctx, resume, progress, stop_after, on_step, name)
-    finally:
+        trained = _train(model, dataset, cfg, out, ctx, resume, progress, stop_after, on_step, name)
+    except BaseException:
         if own:
-            shutdown(ctx)
+            shutdown(ctx, wait=False)  # the other ranks time out on their next collective, not on a barrier here
+        raise
+    if own:
+        shutdown(ctx)
+    return trained
 
 
 def _train(
