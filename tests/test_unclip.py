@@ -220,7 +220,7 @@ def test_sample_command_prompt_variations_interpolation(model, digits, tmp_path)
     runs = {
         "prompt": ["--prompt", "the digit 3", "-n", "3", "--cfg", "2", "--prior-cfg", "3", "--sampler", "ddpm"],
         "variations": ["--variations", str(a), "-n", "2"],
-        "interpolate": ["--interpolate", str(a), "--interpolate", str(b), "--steps", "4"],
+        "interpolate": ["--interpolate", str(a), str(b), "--steps", "4"],
         "diff": ["--variations", str(a), "--prompt", "the digit 0", "--diff-to", "the digit 9", "-n", "2"],
     }
     for name, args in runs.items():
@@ -236,6 +236,10 @@ def test_sample_command_prompt_variations_interpolation(model, digits, tmp_path)
             )
         else:
             assert "grid.png" in files and Image.open(out / "sample_000.png").size == (8, 8)
+    one = CliRunner().invoke(
+        main, ["sample", str(tmp_path / "m"), "--out", str(tmp_path / "one"), "--interpolate", str(a)]
+    )
+    assert one.exit_code == 2 and "--interpolate" in one.output and "2 arguments" in one.output, one.output
 
 
 # -- bad input (issue 19) -------------------------------------------------------------------------------------

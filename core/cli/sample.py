@@ -33,6 +33,9 @@ def _click_option(option: SampleOption) -> click.Option:
     if option.type == "files":  # the flag repeated: --upscale a.png --upscale b.png
         path = click.Path(exists=True, dir_okay=False)
         return click.Option([option.flag, option.keyword], type=path, multiple=True, help=option.help)
+    if option.type == "pair":  # two values after one flag: --interpolate a.png b.png
+        path = click.Path(exists=True, dir_okay=False)
+        return click.Option([option.flag, option.keyword], type=path, nargs=2, default=None, help=option.help)
     return click.Option([option.flag, option.keyword], type=_OPTION_TYPES[option.type], help=option.help)
 
 

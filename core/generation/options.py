@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-TYPES = ("float", "int", "text", "file", "files", "folder", "switch")
+TYPES = ("float", "int", "text", "file", "files", "pair", "folder", "switch")
 """Value types an option may declare: numbers, free text, an existing file, one or more existing files
-(``"files"``: the flag repeated, passed as a tuple of paths), an existing folder, or a switch."""
+(``"files"``: the flag repeated, passed as a tuple of paths), two existing files after one flag (``"pair"``:
+``--interpolate A.png B.png``, a tuple of two paths), an existing folder, or a switch."""
 
 
 @dataclass(frozen=True)

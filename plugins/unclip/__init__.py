@@ -11,7 +11,7 @@ Variants:
     polymodal train unclip --out runs/unclip                      # --set clip=DIR reuses a trained CLIP
     polymodal sample runs/unclip --prompt "the digit 3" -n 16 --out s
     polymodal sample runs/unclip --variations digit.png -n 8
-    polymodal sample runs/unclip --interpolate a.png --interpolate b.png --steps 8
+    polymodal sample runs/unclip --interpolate a.png b.png --steps 8
     polymodal train unclip-shapes --out runs/unclip-shapes
     polymodal sample runs/unclip-shapes --prompt "a red circle" -n 16 --cfg 3 --prior-cfg 4 --sampler ddim
     polymodal eval runs/unclip

@@ -8,7 +8,7 @@
 
     polymodal sample runs/unclip --prompt "the digit 3" -n 16 --out s
     polymodal sample runs/unclip --variations digit.png -n 8
-    polymodal sample runs/unclip --interpolate a.png --interpolate b.png --steps 8
+    polymodal sample runs/unclip --interpolate a.png b.png --steps 8
     polymodal sample runs/unclip --variations digit.png --prompt "the digit 1" --diff-to "the digit 7" -n 8
 
 Text → image: the prompt's CLIP text embedding and token features → the prior (``candidates`` draws, the
@@ -44,7 +44,7 @@ SAMPLE_OPTIONS = (
     SampleOption("candidates", "--candidates", "Prior samples per image; the closest to the text is kept.", type="int"),
     SampleOption("variations", "--variations", "Variations of this image (its CLIP image embedding).", type="file"),
     SampleOption(
-        "interpolate", "--interpolate", "Interpolate two images (give the flag twice): a strip PNG.", type="files"
+        "interpolate", "--interpolate", "Interpolate two images: --interpolate A.png B.png (a strip PNG).", type="pair"
     ),
     SampleOption(
         "diff_to", "--diff-to", "Text diff: move --variations IMAGE (described by --prompt) toward this.", type="text"
@@ -234,7 +234,7 @@ def sample_to_folder(
         pair = [pair] if isinstance(pair, (str, Path)) else list(pair)
         if len(pair) != 2 or source is not None or prompt is not None:
             raise ValueError(
-                f"--interpolate takes exactly two images (--interpolate A --interpolate B) and no --prompt or "
+                f"--interpolate takes exactly two images (--interpolate A.png B.png) and no --prompt or "
                 f"--variations; got {len(pair)} image(s)" + (", --prompt" if prompt is not None else "")
             )
         frames = dec.pop("steps") or n
@@ -251,6 +251,6 @@ def sample_to_folder(
             raise ValueError("--variations takes no --prompt (add --diff-to TEXT for a text diff)")
         return write_samples(variations(model, source, n, seed=seed, **dec).cpu(), out)
     if prompt is None:
-        raise ValueError("unclip sampling needs --prompt TEXT, --variations IMAGE or --interpolate A --interpolate B")
+        raise ValueError("unclip sampling needs --prompt TEXT, --variations IMAGE or --interpolate A.png B.png")
     images = generate(model, [prompt] * n, generator=_generator(model, seed), **options)
     return write_samples(images.cpu(), out)
