@@ -108,6 +108,20 @@ def test_hf_clip_text_features_match_and_pool_at_the_first_eos(converted):
     assert model.config.eos_id == EOS and model.config.vision.channels == 3 and model.config.embed_dim == 24
 
 
+def test_hf_clip_text_tokens_match_last_hidden_state_and_mask_ends_at_the_first_eos(converted):
+    hf, model = converted
+    ids = torch.randint(8, 99, (3, 10), generator=torch.Generator().manual_seed(4))
+    ids[0, 4] = ids[1, 9] = ids[2, 1] = ids[2, 6] = EOS
+    with torch.no_grad():
+        ref = hf.text_model(input_ids=ids).last_hidden_state  # (3, 10, D)
+        tokens, mask = model.encode_text_tokens(ids)
+        pooled = model.textual.proj(tokens[torch.arange(3), mask.sum(1) - 1])  # (3, E)
+        features = model.encode_text(ids)
+    torch.testing.assert_close(tokens, ref, atol=ATOL, rtol=0)
+    assert mask.sum(1).tolist() == [5, 10, 2] and not mask[0, 5:].any()  # up to and including the first eos
+    torch.testing.assert_close(pooled, features, atol=0, rtol=0)
+
+
 def test_converted_text_without_eos_is_a_clear_error(converted):
     _, model = converted
     with pytest.raises(ValueError, match="end-of-text"):

@@ -161,10 +161,17 @@ class CLIPTextual(nn.Module):
             )
         return hits.int().argmax(dim=-1)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def tokens(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L) ids → the final-normed per-token features (B, L, D) and a mask (B, L), True up to and
+        including each row's end-of-text (transformers' ``last_hidden_state`` and the tokens it pools from)."""
         self.encoder.check(ids)
         tokens = self.encoder(ids)  # (B, L, D), causal, final norm applied
-        pooled = tokens[torch.arange(ids.shape[0], device=ids.device), self.eos_positions(ids)]  # (B, D)
+        ends = self.eos_positions(ids)  # (B,)
+        return tokens, torch.arange(ids.shape[1], device=ids.device)[None] <= ends[:, None]
+
+    def forward(self, ids: Tensor) -> Tensor:
+        tokens, mask = self.tokens(ids)  # (B, L, D), (B, L)
+        pooled = tokens[torch.arange(ids.shape[0], device=ids.device), mask.sum(1) - 1]  # (B, D) at end-of-text
         return self.proj(pooled)  # (B, E)
 
 
@@ -259,6 +266,11 @@ class CLIPModel(PolymodalModel):
     def encode_text(self, token_ids: Tensor) -> Tensor:
         """(B, L) → (B, E) unnormalised (like transformers' ``get_text_features``)."""
         return self.textual(token_ids.to(self.logit_scale.device))
+
+    def encode_text_tokens(self, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L) → per-token text features (B, L, D), final-normed, and their mask (B, L), True up to and
+        including end-of-text: what unCLIP's prior and decoder cross-attend to (transformers' ``last_hidden_state``)."""
+        return self.textual.tokens(token_ids.to(self.logit_scale.device))
 
     def forward(self, pixels: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised image (B, E) and text (B', E) embeddings and the scale repeated per image (B,)."""
