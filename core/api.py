@@ -25,7 +25,7 @@ from polymodal.models.parts import auto_folder, load_parts, part_data, part_fiel
 from polymodal.registry import get_registry
 from polymodal.train import TrainConfig, TrainingError
 from polymodal.train import train as run_training
-from polymodal.train.distributed import DistributedContext, barrier, init_from_env, shutdown
+from polymodal.train.distributed import DistributedContext, barrier, joined
 from polymodal.train.trainer import CHECKPOINT, checkpoint_meta, remove_checkpoint
 
 
@@ -262,19 +262,10 @@ def train_model(
     """
     resolve_device(device)
     _check_length(steps, epochs)
-    own = ctx is None
-    ctx = init_from_env(device) if ctx is None else ctx
-    try:
-        done = _train_model(
+    with joined(ctx, device) as ctx:
+        return _train_model(
             name, data, set_, steps, epochs, seed, out, ctx, resume, progress, train_set, overwrite, keep_checkpoint
         )
-    except BaseException:
-        if own:
-            shutdown(ctx, wait=False)  # no barrier a failed rank's peers could match by mistake
-        raise
-    if own:
-        shutdown(ctx)
-    return done
 
 
 def _train_model(

@@ -153,7 +153,7 @@ def test_leaving_the_group_meets_the_other_ranks_first_unless_the_run_failed(dig
     assert calls == []
     import polymodal.train.trainer as trainer
 
-    monkeypatch.setattr(trainer, "init_from_env", lambda device: owned)
+    monkeypatch.setattr(d, "init_from_env", lambda device: owned)
     monkeypatch.setattr(trainer, "_train", lambda *a: (_ for _ in ()).throw(RuntimeError("rank failed")))
     with pytest.raises(RuntimeError, match="rank failed"):
         train(tiny_vit(digits), digits, TrainConfig(**RUN), progress=False)

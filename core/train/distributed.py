@@ -20,6 +20,8 @@ model is wrapped for gradient synchronisation:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -144,6 +146,23 @@ def shutdown(ctx: DistributedContext, *, wait: bool = True) -> None:
         if wait:
             barrier(ctx)
         dist.destroy_process_group()
+
+
+@contextmanager
+def joined(ctx: DistributedContext | None, device: str = "cpu") -> Iterator[DistributedContext]:
+    """``ctx``, or this process's :func:`init_from_env` context, left at the end when made here: after a
+    barrier when the body finished (:func:`shutdown`), at once when it raised (``wait=False``: no barrier a
+    failed rank's peers could match by mistake; they time out on their next collective instead)."""
+    own = ctx is None
+    ctx = init_from_env(device) if own else ctx
+    try:
+        yield ctx
+    except BaseException:
+        if own:
+            shutdown(ctx, wait=False)
+        raise
+    if own:
+        shutdown(ctx)
 
 
 def barrier(ctx: DistributedContext) -> None:
@@ -318,6 +337,7 @@ __all__ = [
     "barrier",
     "full_state",
     "init_from_env",
+    "joined",
     "launch",
     "reduce_replicated",
     "shutdown",

@@ -52,9 +52,8 @@ from polymodal.train.distributed import (
     DistributedContext,
     barrier,
     full_state,
-    init_from_env,
+    joined,
     reduce_replicated,
-    shutdown,
     strategy,
     sync_gradients,
     wrap,
@@ -218,17 +217,8 @@ def train(
     plain model back. Only rank 0 shows progress, logs and evaluates (``cfg.eval_every``). A batch that
     does not divide into W × accumulate is a ValueError.
     """
-    own = ctx is None
-    ctx = init_from_env(device) if ctx is None else ctx
-    try:
-        trained = _train(model, dataset, cfg, out, ctx, resume, progress, stop_after, on_step, name)
-    except BaseException:
-        if own:
-            shutdown(ctx, wait=False)  # the other ranks time out on their next collective, not on a barrier here
-        raise
-    if own:
-        shutdown(ctx)
-    return trained
+    with joined(ctx, device) as ctx:
+        return _train(model, dataset, cfg, out, ctx, resume, progress, stop_after, on_step, name)
 
 
 def _train(
