@@ -194,11 +194,22 @@ class TextEncoder(Protocol):
         """Token ids (B, L) → unnormalised embeddings (B, E)."""
 
 
+@runtime_checkable
+class TextTokenEncoder(Protocol):
+    """Texts to a pooled embedding and the per-token features it was pooled from, in one pass (what a
+    diffusion prior or decoder cross-attends to beside the embedding: unCLIP, Kandinsky)."""
+
+    def encode_text_and_tokens(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Token ids (B, L) → unnormalised embeddings (B, E), final-normed token features (B, L, D) and a mask
+        (B, L), True up to and including end-of-text."""
+
+
 DESCRIPTIONS: dict[type, str] = {
     CausalLM: "a language model (family 'lm')",
     ImageTokenizer: "an image tokenizer (family 'vqvae')",
     ImageEncoder: "a CLIP model's image side (family 'clip')",
     TextEncoder: "a CLIP model's text side (family 'clip')",
+    TextTokenEncoder: "a CLIP model's text side with its token features (family 'clip')",
 }
 """How :func:`require` names what it expected; a protocol not listed is named by its class name."""
 
@@ -260,6 +271,7 @@ __all__ = [
     "ImageTower",
     "Objective",
     "TextEncoder",
+    "TextTokenEncoder",
     "TokenSampler",
     "Tokenizer",
     "missing_members",

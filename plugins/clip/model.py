@@ -169,10 +169,13 @@ class CLIPTextual(nn.Module):
         ends = self.eos_positions(ids)  # (B,)
         return tokens, torch.arange(ids.shape[1], device=ids.device)[None] <= ends[:, None]
 
-    def forward(self, ids: Tensor) -> Tensor:
-        tokens, mask = self.tokens(ids)  # (B, L, D), (B, L)
-        pooled = tokens[torch.arange(ids.shape[0], device=ids.device), mask.sum(1) - 1]  # (B, D) at end-of-text
+    def pool(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """:meth:`tokens`' output → (B, E) the projected features at end-of-text."""
+        pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), mask.sum(1) - 1]  # (B, D)
         return self.proj(pooled)  # (B, E)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.pool(*self.tokens(ids))  # (B, E)
 
 
 class CLIPModel(PolymodalModel):
@@ -181,7 +184,7 @@ class CLIPModel(PolymodalModel):
     family = "clip"
     progress_metrics = ("accuracy_i2t", "logit_scale")
     image_fields = "config.vision"  # image_size and channels: what preprocess() prepares
-    implements = (interfaces.ImageEncoder, interfaces.TextEncoder)
+    implements = (interfaces.ImageEncoder, interfaces.TextEncoder, interfaces.TextTokenEncoder)
     config_class = CLIPConfig
 
     def __init__(self, config: CLIPConfig) -> None:
@@ -271,6 +274,11 @@ class CLIPModel(PolymodalModel):
         """(B, L) → per-token text features (B, L, D), final-normed, and their mask (B, L), True up to and
         including end-of-text: what unCLIP's prior and decoder cross-attend to (transformers' ``last_hidden_state``)."""
         return self.textual.tokens(token_ids.to(self.logit_scale.device))
+
+    def encode_text_and_tokens(self, token_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L) → :meth:`encode_text`'s (B, E) and :meth:`encode_text_tokens`' (B, L, D), (B, L) from one pass."""
+        tokens, mask = self.encode_text_tokens(token_ids)  # (B, L, D), (B, L)
+        return self.textual.pool(tokens, mask), tokens, mask
 
     def forward(self, pixels: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised image (B, E) and text (B', E) embeddings and the scale repeated per image (B,)."""

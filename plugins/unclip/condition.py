@@ -3,7 +3,7 @@
 The prior and the decoder are conditioned on CLIP's *unnormalised* embeddings and on the text tower's
 per-token features (the final-normed hidden states, as diffusers' unCLIP pipelines pass
 ``text_encoder(...).last_hidden_state``) with a mask that is True up to and including the end-of-text
-token: :func:`token_features` reads them with the CLIP's ``encode_text_tokens(ids)``.
+token, read with the embedding in one pass (the CLIP's ``encode_text_and_tokens``).
 """
 
 from __future__ import annotations
@@ -16,16 +16,6 @@ from torch import Tensor
 
 from polymodal.data import shapes as shapes_data
 from polymodal.data.digits import DIGIT_WORDS
-
-
-def token_features(clip: Any, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token text features (B, L, Dt) and their mask (B, L), True for real tokens (up to end-of-text)."""
-    if not callable(getattr(clip, "encode_text_tokens", None)):
-        raise ValueError(
-            f"unCLIP reads per-token text features with encode_text_tokens(ids); {type(clip).__name__} has none "
-            "(give a clip model folder)"
-        )
-    return clip.encode_text_tokens(ids)  # (B, L, Dt), (B, L)
 
 
 def fit_length(tokens: Tensor, mask: Tensor, length: int | None, what: str) -> tuple[Tensor, Tensor]:

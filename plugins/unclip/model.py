@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from polymodal.models import PolymodalModel
-from polymodal.models.interfaces import ImageEncoder, TextEncoder, require
+from polymodal.models.interfaces import ImageEncoder, TextEncoder, TextTokenEncoder, require
 from polymodal.models.parts import PartConfig, follow_data, load_part
 from polymodal.models.tiny import tiny_config
 from polymodal.registry import get_registry
@@ -64,7 +64,7 @@ class UnCLIP(PolymodalModel):
         parts = dict(parts or {})
         if "clip" not in parts:
             parts["clip"] = load_part(config.clip, name="UnCLIPConfig.clip")
-        clip = require(parts["clip"], (ImageEncoder, TextEncoder), what="UnCLIPConfig.clip")
+        clip = require(parts["clip"], (ImageEncoder, TextEncoder, TextTokenEncoder), what="UnCLIPConfig.clip")
         e, dt, length = int(clip.config.embed_dim), int(clip.config.text.dim), int(clip.config.text.context_length)
         sizes = {"width": config.prior_width, "depth": config.prior_depth}
         wants = {
@@ -168,8 +168,8 @@ class UnCLIP(PolymodalModel):
     def text_condition(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """CLIP ids (B, L) → text embedding (B, E), token features (B, L', Dt) and mask (B, L'), L' ≤ the prior's."""
         ids = ids.to(self.device)
-        embed = self.clip.encode_text(ids).float()  # (B, E)
-        tokens, mask = cond.token_features(self.clip, ids)  # (B, L, Dt), (B, L)
+        embed, tokens, mask = self.clip.encode_text_and_tokens(ids)  # (B, E), (B, L, Dt), (B, L): one text pass
+        embed = embed.float()
         tokens, mask = cond.fit_length(tokens.float(), mask, self.prior.config.text_len, "prior")
         return embed, tokens, mask
 
