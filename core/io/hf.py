@@ -106,18 +106,24 @@ def read_hf_config(src: Path, converter: str, model_type: str, label: str) -> di
     return hf
 
 
-def read_hf_weights(src: Path, converter: str) -> State:
-    """``src/model.safetensors``; a folder with only a pickled checkpoint is refused, naming the file."""
-    path = src / "model.safetensors"
+def safetensors_path(folder: Path, name: str, pickled: Iterable[str], converter: str) -> Path:
+    """``folder/name``, the safetensors weights a converter reads; when it is missing and the folder holds one
+    of the ``pickled`` files instead, a :class:`LoadError` names it (loading a pickle can run code)."""
+    path = folder / name
     if not path.is_file():
-        pickled = [name for name in PICKLED if (src / name).is_file()]
-        if pickled:
+        found = [p for p in pickled if (folder / p).is_file()]
+        if found:
             raise LoadError(
-                f"{converter} reads {path}, which is missing; {src} has {pickled[0]}, which it does not "
+                f"{converter} reads {path}, which is missing; {folder} has {found[0]}, which it does not "
                 "unpickle (loading a pickle can run code): save the model again with "
                 "save_pretrained(..., safe_serialization=True)"
             )
-    return read_state(path)
+    return path
+
+
+def read_hf_weights(src: Path, converter: str) -> State:
+    """``src/model.safetensors``; a folder with only a pickled checkpoint is refused, naming the file."""
+    return read_state(safetensors_path(src, "model.safetensors", PICKLED, converter))
 
 
 IGNORED = (r"(^|\.)position_ids$",)
@@ -161,15 +167,7 @@ def read_diffusers_folder(folder: Path, converter: str) -> tuple[dict[str, Any],
     cfg = read_json(folder / "config.json")
     if not isinstance(cfg, dict):
         raise LoadError(f"{folder / 'config.json'} is not a diffusers config (expected a JSON object)")
-    path = folder / DIFFUSERS_WEIGHTS
-    if not path.is_file():
-        pickled = [n for n in DIFFUSERS_PICKLED if (folder / n).is_file()]
-        if pickled:
-            raise LoadError(
-                f"{converter} reads {path}, which is missing; {folder} has {pickled[0]}, which it does not "
-                "unpickle (loading a pickle can run code): save it with save_pretrained(..., safe_serialization=True)"
-            )
-    return cfg, path
+    return cfg, safetensors_path(folder, DIFFUSERS_WEIGHTS, DIFFUSERS_PICKLED, converter)
 
 
 def check_all_used(weights: State, used: Iterable[str], source: str, label: str, ignore: Iterable[str] = ()) -> None:
