@@ -86,6 +86,8 @@ def test_fresh_parts_are_built_for_the_clip_and_the_data(model, cascade):
     assert cascade.decoder.image_shape == (3, 16, 16)  # the SR3 brings it to 32×32
     assert (cascade.config.image_size, cascade.upsampler.config.low_size) == (32, 16)
     assert cascade.prior.config.text_len == 48  # the shapes CLIP's context
+    # the shapes recipe's decoder weighting reaches its fresh decoder; the digits keep the variant's
+    assert (cascade.decoder.config.loss_weighting, model.decoder.config.loss_weighting) == ("min_snr", "none")
 
 
 def test_loss_trains_prior_and_decoder_but_not_clip(digits):

@@ -167,6 +167,26 @@ def test_loss_backward_and_the_dropouts_come_at_their_rates_independently():
     assert "image_dropped" not in metrics
 
 
+@pytest.mark.parametrize("t", [3, 50, 97])
+def test_min_snr_weighting_scales_each_sample_by_min_snr_gamma_over_snr(t):
+    """loss_weighting='min_snr': the same draws (t, noise) give the plain ε MSE times min(SNR, 5)/SNR."""
+    plain = tiny()
+    weighted = UnCLIPDecoder(attrs.evolve(plain.config, loss_weighting="min_snr")).eval()
+    weighted.load_state_dict(plain.state_dict())
+    batch = plain.example_batch(1, torch.Generator().manual_seed(2))
+    losses = []
+    for model in (plain, weighted):
+        torch.manual_seed(0)
+        with pytest.MonkeyPatch.context() as mp:  # fix the drawn timestep, keep the drawn noise
+            mp.setattr(torch, "randint", lambda low, high, size, **kw: torch.full(size, t))
+            losses.append(model.loss(batch)[0])
+    snr = plain.schedule.snr(torch.tensor([t]))
+    assert float(losses[1]) == pytest.approx(float(losses[0] * snr.clamp(max=5.0) / snr), rel=1e-5)
+    assert (float(snr) > 5) == (float(losses[1]) < float(losses[0]))  # only high-SNR (small t) steps are damped
+    with pytest.raises(ValueError, match="loss_weighting"):
+        DecoderConfig(loss_weighting="snr")
+
+
 def test_guidance_scale_one_is_the_conditional_prediction_and_w_combines_the_two():
     model = tiny()
     x, t, image, text, tokens, mask = model.example_inputs(2, torch.Generator().manual_seed(3))

@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from polymodal.config import config, field, in_range
+from polymodal.config import config, field, in_range, one_of
 from polymodal.models.parts import PartConfig, part_field
 
 
@@ -60,6 +60,11 @@ class UnCLIPConfig:
     )
     decoder_channels: tuple[int, ...] = field(
         (), "Level widths of a fresh decoder's UNet (empty: the unclip-decoder variant's)."
+    )
+    decoder_loss_weighting: str = field(
+        "",
+        "Loss weighting over timesteps of a fresh decoder: 'none' or 'min_snr' (Min-SNR-γ; '': the variant's).",
+        check=one_of("", "none", "min_snr"),
     )
     guidance_scale: float | None = field(
         None,

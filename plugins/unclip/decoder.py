@@ -9,7 +9,8 @@ The CLIP embeddings enter the core :class:`~polymodal.nn.UNet` twice, as diffuse
   (projected to the context width and layer-normed) for the UNet's cross-attention; the text padding mask is
   extended with True for the extra tokens.
 
-Training (:meth:`UnCLIPDecoder.loss`): ε-prediction on a linear T = 1000 schedule; per sample and independently,
+Training (:meth:`UnCLIPDecoder.loss`): ε-prediction on a linear T = 1000 schedule (the MSE optionally Min-SNR-γ
+weighted, ``loss_weighting``, which the shapes recipe uses to learn in fewer steps); per sample and independently,
 the image embedding is replaced by the learned null embedding with probability ``image_dropout`` (10 %) and the
 text dropped with probability ``text_dropout`` (50 %). A dropped text is the empty condition: every text token
 masked out of the cross-attention and a zero text embedding; ``text=None`` at sampling is that same condition
@@ -70,6 +71,11 @@ class DecoderConfig:
     )
     text_dropout: float = field(0.5, "Training: share of samples whose text is dropped.", check=in_range(0.0, 1.0))
     schedule: ScheduleConfig = field(ScheduleConfig(), "The noise schedule (linear, T = 1000, ε-prediction).")
+    loss_weighting: str = field(
+        "none",
+        "Loss weighting over timesteps: 'none' (L_simple, GLIDE's) or 'min_snr' (Hang et al., γ = 5).",
+        check=one_of("none", "min_snr"),
+    )
     sampler: str = field("ddim", "Default sampler: 'ddpm' or 'ddim'.", check=one_of("ddpm", "ddim"))
     steps: int = field(50, "Default sampling steps (1 … T).", check=in_range(1, 100_000, integer=True))
     eta: float = field(0.0, "Default DDIM η (0: deterministic).", check=in_range(0.0, 1.0))
@@ -256,7 +262,11 @@ class UnCLIPDecoder(PolymodalModel):
             mask = mask & ~drop_text[:, None]  # (B, L)
             metrics = {"image_dropped": drop_image.float().mean(), "text_dropped": drop_text.float().mean()}
         x0 = image * 2 - 1  # (B, C, S, S) in [-1, 1]
-        loss, more = diffusion_loss(self.schedule, lambda x, t: self(x, t, image_embed, text_embed, tokens, mask), x0)
+
+        def eps(x_t: Tensor, t: Tensor) -> Tensor:
+            return self(x_t, t, image_embed, text_embed, tokens, mask)  # (B, C, S, S)
+
+        loss, more = diffusion_loss(self.schedule, eps, x0, weighting=self.config.loss_weighting)
         return loss, {**more, **metrics}
 
     # -- sampling ---------------------------------------------------------------------------------------

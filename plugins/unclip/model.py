@@ -90,6 +90,8 @@ class UnCLIP(PolymodalModel):
                 attention = (u.attention_levels + (u.attention_levels[-1],) * levels)[:levels]
                 unet = attrs.evolve(unet, channels=c.decoder_channels, attention_levels=attention)
             fresh_want = {**want, "unet": unet}
+            if c.decoder_loss_weighting:
+                fresh_want["loss_weighting"] = c.decoder_loss_weighting
             strict = {k: want[k] for k in ("embed_dim", "text_dim")}  # forward takes any text length
         else:
             fresh_want = want
