@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("POLYMODAL_STRICT_PLUGINS", "1")
@@ -21,11 +22,29 @@ these tiny tensors on a 2-core machine. A test may change it; it is restored aft
 torch.set_num_threads(SUITE_THREADS)
 
 
-TRAIN_THREADS = {"ddpm": 2, "ddpm-cfg": 2}
-"""Recipes ``trained`` trains on both cores instead of SUITE_THREADS: the diffusion UNets' convolutions run 1.6–1.8×
-faster on two threads of the 2-core CI machine (``polymodal train ddpm``, training and its 1,000-sample
-evaluation: 199 s against 320 s), where the suite's tiny transformers do not gain. The count is fixed per
-recipe, so the model and its bars are the same in the full run and in a file run alone."""
+TRAIN_THREADS = {"ddpm": 2, "ddpm-cfg": 2, "unclip": 2, "unclip-shapes": 2}
+"""Recipes the suite trains on both cores instead of SUITE_THREADS: their UNets' convolutions run 1.6–1.8× faster
+on two threads of the 2-core CI machine (``polymodal train ddpm``, training and its 1,000-sample evaluation: 199 s
+against 320 s; unclip 107 s against 181 s; the unclip-shapes decoder's step at batch 32, 74 against 130 ms),
+where the suite's tiny transformers do not gain. The count is fixed per recipe, so the model and its bars are the
+same in the full run and in a file run alone."""
+
+
+@contextmanager
+def recipe_threads(name: str):
+    """Run the block on the torch threads recipe ``name`` trains with (TRAIN_THREADS, else SUITE_THREADS)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS.get(name, SUITE_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def train_threads():
+    """:func:`recipe_threads`, for fixtures that train a recipe themselves (``with train_threads(name): …``)."""
+    return recipe_threads
 
 
 @pytest.fixture(autouse=True)
@@ -59,12 +78,8 @@ def trained(tmp_path_factory):
         if name not in cache:
             parts = tuple(f"{field}={get(variant)[0]}" for field, variant in spec(name).parts())
             out = tmp_path_factory.mktemp(f"trained-{name}")
-            threads = torch.get_num_threads()
-            torch.set_num_threads(TRAIN_THREADS.get(name, SUITE_THREADS))
-            try:
+            with recipe_threads(name):
                 _, metrics = train_model(name, out=out, set_=parts, progress=False)
-            finally:
-                torch.set_num_threads(threads)
             cache[name] = (out, metrics)
         return cache[name]
 

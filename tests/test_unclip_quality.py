@@ -12,19 +12,12 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 
-THREADS = 2
-"""Torch threads the family's recipes train with here (as ``polymodal train NAME --threads 2``), where the rest of
-the suite runs on one: their UNets' convolutions use both cores of the CI machine (measured: the digits recipe
-107 s against 181 s on one thread; the shapes decoder's step at batch 32, 74 against 130 ms), which keeps the
-family within its 6-minute budget. A fixed count keeps the run reproducible (a file alone trains the same)."""
-
 
 @pytest.fixture(scope="module")
-def unclip(trained, tmp_path_factory):
+def unclip(trained, train_threads, tmp_path_factory):
     """``unclip(name)`` → (folder, metrics, seconds of training and evaluation), trained once per module."""
     from polymodal.api import spec, train_model
 
@@ -39,12 +32,9 @@ def unclip(trained, tmp_path_factory):
                 if getattr(config, field).path == "auto"  # the prior and decoder ('') are the composite's to train
             )
             out = tmp_path_factory.mktemp(f"trained-{name}")
-            started, threads = time.perf_counter(), torch.get_num_threads()
-            torch.set_num_threads(THREADS)
-            try:
+            started = time.perf_counter()
+            with train_threads(name):  # two threads (tests/conftest.py TRAIN_THREADS)
                 _, metrics = train_model(name, out=out, set_=parts, progress=False)
-            finally:
-                torch.set_num_threads(threads)
             cache[name] = (out, metrics, time.perf_counter() - started)
         return cache[name]
 

@@ -7,6 +7,7 @@ from typing import Any
 import attrs
 
 from polymodal.config import config, field, in_range, one_of
+from polymodal.diffusion.schedule import WEIGHTINGS
 from polymodal.models.parts import PartConfig, part_field
 
 
@@ -64,7 +65,7 @@ class UnCLIPConfig:
     decoder_loss_weighting: str = field(
         "",
         "Loss weighting over timesteps of a fresh decoder: 'none' or 'min_snr' (Min-SNR-γ; '': the variant's).",
-        check=one_of("", "none", "min_snr"),
+        check=one_of("", *WEIGHTINGS),
     )
     guidance_scale: float | None = field(
         None,

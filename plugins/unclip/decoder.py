@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.diffusion import NoiseSchedule, ScheduleConfig, cfg_model, diffusion_loss, make_sampler, sample
+from polymodal.diffusion.schedule import WEIGHTINGS
 from polymodal.models import ModelSpec, PolymodalModel
 from polymodal.models.base import ImageSpec
 from polymodal.nn import UNet, UNetConfig, eval_mode
@@ -74,7 +75,7 @@ class DecoderConfig:
     loss_weighting: str = field(
         "none",
         "Loss weighting over timesteps: 'none' (L_simple, GLIDE's) or 'min_snr' (Hang et al., γ = 5).",
-        check=one_of("none", "min_snr"),
+        check=one_of(*WEIGHTINGS),
     )
     sampler: str = field("ddim", "Default sampler: 'ddpm' or 'ddim'.", check=one_of("ddpm", "ddim"))
     steps: int = field(50, "Default sampling steps (1 … T).", check=in_range(1, 100_000, integer=True))
