@@ -9,7 +9,8 @@ import torch
 
 from polymodal.data import load_digits
 from polymodal.nn import UNet
-from polymodal.plugins.unclip.decoder import VARIANTS, DecoderConfig, TextImageProjection, UnCLIPDecoder
+from polymodal.plugins.unclip.decoder import VARIANTS, DecoderConfig, UnCLIPDecoder
+from polymodal.plugins.unclip.projection import TextImageProjection
 from polymodal.registry import get_registry
 from polymodal.testing import contracts
 
