@@ -36,6 +36,7 @@ def field(
     check: Callable | None = None,
     converter: Callable | None = None,
     runtime: bool = False,
+    backfill: bool = False,
 ) -> Any:
     """A config field with a default, its documentation and an optional validator.
 
@@ -43,10 +44,16 @@ def field(
     gradient checkpointing, …): a saved config written before the field existed loads with its default
     (:func:`from_dict` does not ask for it), and :func:`runtime_fields` lists such fields so comparisons
     of saved configs (``--resume``, exports) can leave them out.
+
+    ``backfill=True`` marks an option added after configs were saved whose default computes what those
+    configs computed (an option that is off by default): a saved config without it loads with the default.
+    Unlike a runtime field it changes the function when set, so comparisons keep it.
     """
     if not doc:
         raise ValueError("every config field needs a docstring")
     metadata: dict[str, Any] = {"doc": doc, "runtime": True} if runtime else {"doc": doc}
+    if backfill:
+        metadata["backfill"] = True
     kwargs: dict[str, Any] = {"metadata": metadata, "validator": check, "converter": converter}
     if isinstance(default, (list, dict)):
         kwargs["factory"] = lambda d=default: type(d)(d)
@@ -139,7 +146,7 @@ def _missing(cls: type, data: dict[str, Any], prefix: str = "") -> list[str]:
         if not a.init:
             continue
         if a.name not in data:
-            if not a.metadata.get("runtime"):  # a runtime field takes its default (see `field`)
+            if not (a.metadata.get("runtime") or a.metadata.get("backfill")):  # takes its default (see `field`)
                 out.append(prefix + a.name)
             continue
         nested = _nested_class(hints.get(a.name, Any))
@@ -167,7 +174,8 @@ def from_dict(cls: type, data: dict[str, Any], *, partial: bool = False, label: 
 
     Every field must be given, in nested configs too: a missing one raises a ValueError naming each
     missing field (dotted), because a default silently taken could load a different model; only a field
-    marked ``runtime=True`` (see :func:`field`), which does not change the function, takes its default.
+    marked ``runtime=True`` (see :func:`field`), which does not change the function, or ``backfill=True``, an
+    option added later whose default computes what configs saved before it computed, takes its default.
     Unknown keys raise naming the known ones, and a nested config given anything but a JSON object raises
     naming it.
     ``partial=True`` is for *creating* a config from overrides (``--set encoder={"depth": 2}``): the

@@ -190,6 +190,27 @@ def test_an_older_checkpoint_without_ema_fields_still_resumes(digits, tmp_path):
     train(tiny_vit(digits), digits, cfg, out=tmp_path, progress=False, resume=True)
 
 
+def test_an_older_checkpoint_without_backfilled_model_fields_still_resumes(digits, tmp_path):
+    """BlockConfig options added later (``field(backfill=True)``: attn_scale, position_bias …) are absent from a
+    checkpoint written before them; it resumes, and a run that sets one of them is still refused."""
+    cfg = TrainConfig(steps=4, batch_size=8, warmup_steps=0)
+    train(tiny_vit(digits), digits, cfg, out=tmp_path, progress=False, stop_after=2)
+    meta_file = tmp_path / "checkpoint" / "trainer.json"
+    meta = json.loads(meta_file.read_text())
+    block = meta["model"]["encoder"]["block"]
+    dropped = [k for k in ("attn_scale", "position_bias", "relative_buckets") if block.pop(k, "absent") != "absent"]
+    assert dropped == ["attn_scale", "position_bias", "relative_buckets"]
+    meta_file.write_text(json.dumps(meta))
+    changed = tiny_vit(digits)
+    changed.config = attrs.evolve(
+        changed.config,
+        encoder=attrs.evolve(changed.config.encoder, block=attrs.evolve(changed.config.encoder.block, attn_scale=1.0)),
+    )
+    with pytest.raises(TrainingError, match="attn_scale"):
+        train(changed, digits, cfg, out=tmp_path, progress=False, resume=True)
+    train(tiny_vit(digits), digits, cfg, out=tmp_path, progress=False, resume=True)
+
+
 def test_frozen_parts_are_not_averaged(digits):
     from polymodal.testing.contracts import tiny
 

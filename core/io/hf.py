@@ -345,3 +345,55 @@ def gpt2_state(src: dict, depth: int, stack: str, *, norm_bias: bool = True) -> 
             out[ours_block + ours + ".weight"] = get(theirs_block + theirs + ".weight").t().contiguous()  # (out, in)
             out[ours_block + ours + ".bias"] = get(theirs_block + theirs + ".bias")
     return out
+
+
+def t5_stack_state(src: dict, depth: int, stack: str, *, prefix: str = "encoder.", source: str = "T5") -> dict:
+    """A transformers T5 (T5, T5 v1.1, mT5) stack renamed into core names: the encoder, or the decoder
+    (``prefix="decoder."``, whose blocks also cross-attend: ``cross_attention=True``, causal buckets).
+
+    ``src`` is the transformers state dict; ``prefix`` the T5 stack's; ``stack`` the model's attribute
+    holding the :class:`~polymodal.nn.TransformerStack` (``"stack."``), built with ``norm="rmsnorm"``, no
+    biases, ``attn_scale=1.0``, ``position_bias="t5"`` and ``act`` ``"relu"`` (``wi``) or a gated one
+    (``wi_0`` is the gate, ``wi_1`` the linear branch: mT5's ``gated-gelu`` is ``"geglu_tanh"``). The token
+    table (``shared.weight``) is the caller's. Separate q, k, v become the fused ``qkv`` (and k, v the
+    cross-attention's ``kv``); a model whose ``num_heads * d_kv`` differs from ``d_model`` (mT5-small:
+    6 × 64 vs 512) is refused: the core's head width is ``dim // heads``.
+    """
+
+    def get(key: str):
+        return src[prefix + key]
+
+    def attention(ours: str, theirs: str, fused: str) -> None:
+        q, k, v = (get(f"{theirs}.{n}.weight") for n in "qkv")  # (inner, D) each
+        if q.shape[0] != q.shape[1]:
+            raise LoadError(
+                f"{source}: num_heads * d_kv must equal d_model (the core's head width is dim // heads); "
+                f"got q of shape {tuple(q.shape)}"
+            )
+        if fused == "qkv":
+            out[ours + "qkv.weight"] = torch.cat([q, k, v])  # (3 D, D)
+        else:
+            out[ours + "q.weight"], out[ours + "kv.weight"] = q, torch.cat([k, v])  # (D, D), (2 D, C)
+        out[ours + "proj.weight"] = get(f"{theirs}.o.weight")
+
+    out = {
+        f"{stack}norm.weight": get("final_layer_norm.weight"),
+        f"{stack}relative_bias.embedding.weight": get("block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+    }
+    for i in range(depth):
+        theirs, ours = f"block.{i}.layer.", f"{stack}blocks.{i}."
+        attention(ours + "attn.", f"{theirs}0.SelfAttention", "qkv")
+        out[ours + "norm1.weight"] = get(f"{theirs}0.layer_norm.weight")
+        cross = prefix + f"{theirs}1.EncDecAttention.q.weight" in src
+        if cross:
+            attention(ours + "cross_attn.", f"{theirs}1.EncDecAttention", "kv")
+            out[ours + "norm_cross.weight"] = get(f"{theirs}1.layer_norm.weight")
+        out[ours + "norm2.weight"] = get(f"{theirs}{1 + cross}.layer_norm.weight")
+        ff = f"{theirs}{1 + cross}.DenseReluDense."
+        if prefix + ff + "wi_0.weight" in src:  # gated: act(wi_0 x) * wi_1 x
+            out[ours + "mlp.gate.weight"] = get(ff + "wi_0.weight")
+            out[ours + "mlp.fc1.weight"] = get(ff + "wi_1.weight")
+        else:
+            out[ours + "mlp.fc1.weight"] = get(ff + "wi.weight")
+        out[ours + "mlp.fc2.weight"] = get(ff + "wo.weight")
+    return out

@@ -5,7 +5,8 @@ values of a constant context computed once).
 Block: ``x = x + drop_path(attn(norm1(x)))``; optionally
 ``x = x + gate * drop_path(cross_attn(norm_cross(x), context))``; then
 ``x = x + drop_path(mlp(norm2(x)))``. Every attention goes through
-:func:`polymodal.attention.attention`.
+:func:`polymodal.attention.attention`. A relative position bias (``position_bias="t5"``,
+:mod:`polymodal.nn.relative`) is added to the self-attention logits; the stack computes it once per call.
 """
 
 from __future__ import annotations
@@ -20,6 +21,18 @@ from polymodal.config import config, field, in_range, one_of
 from polymodal.nn.cache import KVCache
 from polymodal.nn.mlp import ACTIVATIONS, Mlp
 from polymodal.nn.norm import make_norm
+from polymodal.nn.relative import add_bias, bucket_layout
+
+POSITION_BIASES = ("none", "t5")
+"""Relative position biases a block's self-attention can add to its logits."""
+
+
+def _optional_scale(instance, attribute, value) -> None:
+    """Validator: None or a positive finite number."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be None or a positive number; got {value!r}")
 
 
 @config
@@ -42,10 +55,48 @@ class BlockConfig:
     cross_attention: bool = field(False, "Add a cross-attention sub-layer over a context sequence.")
     cross_dim: int | None = field(None, "Width of the context; ``dim`` when None.")
     cross_gate: bool = field(False, "Scale the cross-attention branch by tanh of a learned scalar initialised to 0.")
+    attn_scale: float | None = field(
+        None,
+        "Scale of the attention logits q·k; None: 1/sqrt(head width). T5 uses 1.0 (its initialisation "
+        "absorbs the scaling).",
+        check=_optional_scale,
+        backfill=True,
+    )
+    position_bias: str = field(
+        "none",
+        "Relative position bias added to the self-attention logits: 'none', or 't5' (T5's bucketed bias: one "
+        "learned (relative_buckets, heads) table per TransformerStack, computed once per call and shared by "
+        "every block). Cross-attention gets none.",
+        check=one_of(*POSITION_BIASES),
+        backfill=True,
+    )
+    relative_buckets: int = field(
+        32,
+        "Buckets of the 't5' bias (T5: 32): per direction, half for exact offsets, half log-spaced up to "
+        "relative_max_distance.",
+        check=in_range(2, 4096, integer=True),
+        backfill=True,
+    )
+    relative_max_distance: int = field(
+        128,
+        "Offsets at or beyond this distance share the last bucket of their direction (T5: 128).",
+        check=in_range(1, 1 << 20, integer=True),
+        backfill=True,
+    )
+    relative_bidirectional: bool = field(
+        True,
+        "Bucket earlier and later keys apart (T5's encoder); False buckets past offsets only and gives every "
+        "later key bucket 0 (T5's causal decoder).",
+        backfill=True,
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.dim % self.heads:
             raise ValueError(f"BlockConfig.heads must divide dim; got dim={self.dim}, heads={self.heads}")
+        if self.position_bias == "t5":
+            why = bucket_layout(self.relative_buckets, self.relative_max_distance, self.relative_bidirectional)
+            if why is not None:
+                raise ValueError(f"BlockConfig: {why}")
 
 
 class Attention(nn.Module):
@@ -62,9 +113,11 @@ class Attention(nn.Module):
         attn_dropout: float = 0.0,
         dropout: float = 0.0,
         layer_index: int = 0,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
+        self.scale = scale  # logit scale; None: 1/sqrt(head_dim)
         self.cross = context_dim is not None
         if self.cross:
             self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -91,7 +144,8 @@ class Attention(nn.Module):
         if self.cross:
             raise ValueError("probabilities() is for self-attention; this layer is cross-attention")
         q, k, _ = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, N, Dh)
-        return (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(-1)  # (B, H, N, N)
+        scale = self.head_dim**-0.5 if self.scale is None else self.scale
+        return (q @ k.transpose(-2, -1) * scale).softmax(-1)  # (B, H, N, N)
 
     def forward(
         self,
@@ -123,6 +177,7 @@ class Attention(nn.Module):
             seqlens=seqlens,
             mask=mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
+            scale=self.scale,
         )  # (B, H, N, Dh)
         out = out.transpose(1, 2).reshape(b, n, d)  # (B, N, D)
         return self.proj_drop(self.proj(out))
@@ -157,6 +212,7 @@ class Block(nn.Module):
             attn_dropout=cfg.attn_dropout,
             dropout=cfg.dropout,
             layer_index=layer_index,
+            scale=cfg.attn_scale,
         )
         if cfg.cross_attention:
             self.norm_cross = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, bias=cfg.norm_bias)
@@ -168,6 +224,7 @@ class Block(nn.Module):
                 context_dim=cfg.cross_dim or cfg.dim,
                 attn_dropout=cfg.attn_dropout,
                 dropout=cfg.dropout,
+                scale=cfg.attn_scale,
             )
             self.cross_gate = nn.Parameter(torch.zeros(1)) if cfg.cross_gate else None
         self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, bias=cfg.norm_bias)
@@ -185,8 +242,19 @@ class Block(nn.Module):
         mask: Tensor | None = None,
         context_padding: Tensor | None = None,
         cache: KVCache | None = None,
+        position_bias: Tensor | None = None,
     ) -> Tensor:
-        """x: (B, N, D); context: (B, M, C) for cross-attention. Returns (B, N, D)."""
+        """x: (B, N, D); context: (B, M, C) for cross-attention. Returns (B, N, D).
+
+        ``position_bias`` (1, H, N, N_keys) is added to the self-attention logits (with ``mask`` folded in);
+        a block configured with ``position_bias="t5"`` needs it (a TransformerStack passes its shared one).
+        """
+        if position_bias is None and self.cfg.position_bias != "none":
+            raise ValueError(
+                f"this block has BlockConfig.position_bias={self.cfg.position_bias!r}: pass the shared bias "
+                "position_bias= (1, heads, N, N_keys), as TransformerStack does (RelativePositionBias.for_tokens)"
+            )
+        mask = add_bias(mask, position_bias)  # additive (B?, H, N, N_keys) when a bias is given
         x = x + self.drop_path(
             self.attn(self.norm1(x), causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask, cache=cache)
         )

@@ -1,12 +1,16 @@
-"""The feed-forward part of a transformer block: GELU, QuickGELU, ReLU or SwiGLU."""
+"""The feed-forward part of a transformer block: GELU, QuickGELU, ReLU, or a gated unit (SwiGLU, GEGLU)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu", "geglu", "geglu_tanh")
 """Activation names the core MLP understands."""
+
+GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+"""Gated activations → the activation of their gate: ``act(gate(x)) * fc1(x)``. ``geglu_tanh`` is T5 v1.1's and
+mT5's ``gated-gelu`` (tanh-approximated GELU)."""
 
 
 class QuickGELU(nn.Module):
@@ -17,7 +21,9 @@ class QuickGELU(nn.Module):
 
 
 def make_activation(name: str) -> nn.Module:
-    """An activation module by name (see :data:`ACTIVATIONS`; SwiGLU is handled by :class:`Mlp`)."""
+    """An activation module by name (see :data:`ACTIVATIONS`; the gated ones are handled by :class:`Mlp`)."""
+    if name == "silu":
+        return nn.SiLU()
     if name == "gelu":
         return nn.GELU()
     if name == "gelu_tanh":
@@ -30,7 +36,8 @@ def make_activation(name: str) -> nn.Module:
 
 
 class Mlp(nn.Module):
-    """``fc2(dropout(act(fc1(x))))``; with ``act="swiglu"``, ``fc2(silu(gate(x)) * fc1(x))``."""
+    """``fc2(dropout(act(fc1(x))))``; with a gated ``act`` (:data:`GATED`), ``fc2(dropout(g(gate(x)) * fc1(x)))``:
+    ``swiglu`` gates with SiLU, ``geglu`` with GELU, ``geglu_tanh`` with tanh-approximated GELU."""
 
     def __init__(
         self,
@@ -43,9 +50,10 @@ class Mlp(nn.Module):
     ) -> None:
         super().__init__()
         self.swiglu = act == "swiglu"
+        gated = act in GATED
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.gate = nn.Linear(dim, hidden, bias=bias) if self.swiglu else None
-        self.act = nn.SiLU() if self.swiglu else make_activation(act)
+        self.gate = nn.Linear(dim, hidden, bias=bias) if gated else None
+        self.act = make_activation(GATED[act] if gated else act)
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, out_dim or dim, bias=bias)
 

@@ -6,6 +6,12 @@ module for good with ``stack.inject(i, module)``; a model that runs a stack it d
 gated cross-attention in a frozen LM) passes ``injected={i: module}`` per call instead, so the
 frozen stack is never changed.
 
+Relative position bias (``BlockConfig.position_bias="t5"``): the stack owns the one learned table
+(``relative_bias``, a :class:`~polymodal.nn.relative.RelativePositionBias`), computes the bias once per call
+for the new tokens and the cache's past, and gives it to every block, as T5's layers share the first layer's.
+The stack, not its first block, owns the table, so the bias is computed outside every block's forward (where
+FSDP2, which shards per block, keeps the block's weights whole only during its own forward).
+
 Gradient checkpointing (``StackConfig.checkpointing``, or :func:`set_checkpointing` on any module)
 recomputes each block's activations in the backward pass instead of keeping them: less memory for one
 more forward per block, the same gradients. It applies with gradients enabled to a stack in training mode
@@ -27,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from polymodal.config import config, field, in_range
 from polymodal.nn.block import Block, BlockConfig, KVCache
 from polymodal.nn.norm import make_norm
+from polymodal.nn.relative import RelativePositionBias
 
 
 @config
@@ -57,6 +64,17 @@ class TransformerStack(nn.Module):
         )
         b = cfg.block
         self.norm = make_norm(b.norm, b.dim, b.norm_eps, bias=b.norm_bias) if cfg.final_norm else None
+        self.relative_bias = (
+            RelativePositionBias(
+                b.heads,
+                num_buckets=b.relative_buckets,
+                max_distance=b.relative_max_distance,
+                bidirectional=b.relative_bidirectional,
+                init_std=b.dim**-0.5,  # T5's initialisation
+            )
+            if b.position_bias == "t5"
+            else None
+        )
         self.injected = nn.ModuleDict()
         self.checkpointing = cfg.checkpointing  # per block in training; set_checkpointing switches it
 
@@ -108,6 +126,7 @@ class TransformerStack(nn.Module):
         """
         hidden = []
         injections = self._injections(injected)
+        bias = None if self.relative_bias is None else self.relative_bias.for_tokens(x.shape[1], cache, x.device)
         for i, block in enumerate(self.blocks):
             for module in injections.get(i, ()):
                 x = module(x, **(inject_kwargs or {}))  # (B, N, D)
@@ -126,6 +145,7 @@ class TransformerStack(nn.Module):
                 mask=layer_mask,
                 context_padding=context_padding,
                 cache=cache,
+                position_bias=bias,  # (1, H, N, N_keys) or None
             )  # (B, N, D)
         if self.norm is not None:
             x = self.norm(x)

@@ -1,0 +1,133 @@
+"""T5's bucketed relative position bias, an additive bias on the self-attention logits.
+
+The offset ``key - query`` between two positions is mapped to one of ``num_buckets`` buckets (exact for
+small offsets, log-spaced up to ``max_distance``, the rest in the last bucket); one learned table
+(num_buckets, heads) turns buckets into a per-head bias. Bidirectional bucketing (T5's encoder) spends
+half the buckets on each side; causal bucketing (T5's decoder) spends all of them on past offsets.
+
+A :class:`~polymodal.nn.stack.TransformerStack` whose blocks ask for it (``BlockConfig.position_bias="t5"``)
+owns one table, computes the bias once per call and gives it to every block (as T5's layers share the
+first layer's); the bias reaches :func:`polymodal.attention.attention` as its additive ``mask``, which
+every backend that declares ``"additive"`` masks runs, combined with causal and padding masks there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from polymodal.nn.cache import KVCache
+
+
+def bucket_layout(num_buckets: int, max_distance: int, bidirectional: bool) -> str | None:
+    """``None`` when the bucket settings are usable, else what is wrong (expected vs given).
+
+    Each direction needs at least one exact bucket (``max_exact = half // 2 >= 1``, ``half`` being the
+    buckets per direction) and a log range beyond it (``max_distance > max_exact``)."""
+    half = num_buckets // 2 if bidirectional else num_buckets
+    need = 4 if bidirectional else 2
+    if num_buckets < need:
+        kind = "bidirectional" if bidirectional else "causal"
+        return f"{kind} buckets need relative_buckets >= {need}; got {num_buckets}"
+    if max_distance <= half // 2:
+        return (
+            f"relative_max_distance must exceed the {half // 2} exact buckets of {num_buckets} "
+            f"{'bidirectional' if bidirectional else 'causal'} buckets; got {max_distance}"
+        )
+    return None
+
+
+def relative_position_bucket(
+    relative: Tensor, *, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
+) -> Tensor:
+    """Bucket ids (long, same shape) of offsets ``relative = key - query`` (integer tensor), as T5 computes them.
+
+    Bidirectional: buckets ``[0, n/2)`` hold offsets <= 0 and ``[n/2, n)`` positive ones. Causal: positive
+    offsets (the future) share bucket 0 with offset 0. Within a direction, distances below ``max_exact``
+    (half of its buckets) have a bucket each; larger ones are log-spaced up to ``max_distance``.
+    """
+    buckets: Tensor | int = 0
+    if bidirectional:
+        num_buckets //= 2
+        buckets = (relative > 0).to(torch.long) * num_buckets
+        distance = relative.abs()
+    else:
+        distance = -torch.clamp(relative, max=0)  # past offsets as distances >= 0; the future is 0
+    max_exact = num_buckets // 2
+    small = distance < max_exact
+    # Same float operations, in the same order, as T5 (so the same buckets); clamped below at max_exact,
+    # where log is finite (smaller distances take the exact bucket instead).
+    scaled = torch.log(distance.clamp(min=max_exact).float() / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (scaled * (num_buckets - max_exact)).to(torch.long)
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(small, distance, large)
+
+
+def token_positions(n: int, cache: KVCache | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Query positions (n,) and key positions (Nk,) of ``n`` new tokens after what ``cache`` holds.
+
+    Without a cache: ``0 … n-1`` for both. With one: the queries continue at ``cache.length`` and the keys
+    are every position so far; in a static step, the cache's tensor ``positions`` and its ``keys`` bucket.
+    """
+    if cache is not None and cache.static:
+        return cache.positions, torch.arange(cache.keys, device=device)
+    start = cache.length if cache is not None else 0
+    return torch.arange(start, start + n, device=device), torch.arange(start + n, device=device)
+
+
+def add_bias(mask: Tensor | None, bias: Tensor | None) -> Tensor | None:
+    """An attention ``mask`` (bool: True = attend, or additive) with an additive ``bias`` folded in:
+    additive, ``-inf`` where a bool mask forbids. Either may be None."""
+    if bias is None:
+        return mask
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, float("-inf"))  # broadcast (B?, H?, Nq, Nk)
+    return mask + bias
+
+
+class RelativePositionBias(nn.Module):
+    """T5's relative position bias: positions → (1, heads, Nq, Nk) additive logits bias.
+
+    ``embedding`` (num_buckets, heads) is initialised N(0, ``init_std``) (T5: ``d_model ** -0.5``).
+    """
+
+    def __init__(
+        self,
+        heads: int,
+        *,
+        num_buckets: int = 32,
+        max_distance: int = 128,
+        bidirectional: bool = True,
+        init_std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        why = bucket_layout(num_buckets, max_distance, bidirectional)
+        if why is not None:
+            raise ValueError(f"RelativePositionBias: {why}")
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.embedding = nn.Embedding(num_buckets, heads)
+        nn.init.normal_(self.embedding.weight, std=init_std)
+
+    def forward(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+        """Query positions (Nq,) and key positions (Nk,) → bias (1, H, Nq, Nk)."""
+        relative = key_positions[None, :] - query_positions[:, None]  # (Nq, Nk): key minus query, as T5
+        buckets = relative_position_bucket(
+            relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets, max_distance=self.max_distance
+        )  # (Nq, Nk)
+        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, Nq, Nk)
+
+    def for_tokens(self, n: int, cache: KVCache | None = None, device: torch.device | None = None) -> Tensor:
+        """The bias (1, H, n, Nk) of ``n`` new tokens attending over themselves and ``cache``'s past."""
+        return self(*token_positions(n, cache, device or self.embedding.weight.device))
+
+    def extra_repr(self) -> str:
+        return f"buckets={self.num_buckets}, max_distance={self.max_distance}, bidirectional={self.bidirectional}"
+
+
+__all__ = ["RelativePositionBias", "add_bias", "bucket_layout", "relative_position_bucket", "token_positions"]
