@@ -32,9 +32,12 @@ def register_encoders(register):
 def register_datasets(register):
     """Embedded data: digits, procedural shapes, generated sentences, and a folder of the user's own images."""
     from polymodal.data import load_digits, load_folder, load_shapes, load_text
+    from polymodal.data.multilingual import load_digits_multilingual, load_shapes_multilingual
 
     register("digits", load_digits)
     register("shapes", load_shapes)
+    register("digits-multilingual", load_digits_multilingual)
+    register("shapes-multilingual", load_shapes_multilingual)
     register("text", load_text)
     register("folder", load_folder)
 
