@@ -308,3 +308,28 @@ def test_the_composite_guidance_defaults_reach_the_parts(model):
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"guidance_scale must be in \[0.0, 100.0\], got -1"):
         attrs.evolve(model.config, guidance_scale=-1.0)
+
+
+@pytest.mark.parametrize("ablation", [True, False])
+def test_eval_ablation_decides_whether_the_text_embedding_samples_are_drawn(monkeypatch, ablation):
+    """``eval_ablation=False`` (the shapes recipe) skips the paper's ablation: no second round of samples and
+    no ``text_embed_*`` metrics; True draws both and reports them."""
+    from types import SimpleNamespace
+
+    import polymodal.plugins.unclip.evaluate as ev
+    from polymodal.eval import judge
+
+    drawn = []
+
+    def samples(model, prompts, seed, embedding="prior", batch_size=256):
+        drawn.append(embedding)
+        return torch.zeros(len(prompts), 1, 8, 8)  # (N, C, S, S)
+
+    monkeypatch.setattr(judge, "get_judge", lambda dataset: None)
+    monkeypatch.setattr(judge, "judge_samples", lambda dataset, images, targets: {"sample_accuracy": 0.5})
+    monkeypatch.setattr(ev, "prompted_samples", samples)
+    monkeypatch.setattr(ev, "split_losses", lambda *args, **kwargs: {})
+    config = SimpleNamespace(eval_per_class=1, eval_seed=0, eval_ablation=ablation, eval_variations=0)
+    metrics = ev.evaluate_unclip(SimpleNamespace(config=config), SimpleNamespace(name="digits"))
+    assert drawn == (["prior", "text"] if ablation else ["prior"])
+    assert ("text_embed_sample_accuracy" in metrics) is ablation

@@ -57,6 +57,7 @@ SHAPES = ModelSpec(
         decoder_loss_weighting="min_snr",
         eval_per_class=4,
         eval_variations=0,
+        eval_ablation=False,  # the paper's ablation is the digits' bar; here it would double the sampling
     ),
     data="shapes",
     # Optimizer steps, not samples, carry the 16×16 decoder's shapes (1,500 × 64 judged kind 0.63, 3,000 × 32

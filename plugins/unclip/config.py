@@ -110,6 +110,12 @@ class UnCLIPConfig:
         "Test images evaluate makes one variation of each (0: none).",
         check=in_range(0, 100000, integer=True),
     )
+    eval_ablation: bool = field(
+        True,
+        "Evaluate the paper's ablation too (the decoder fed the CLIP text embedding: text_embed_* metrics); "
+        "it samples the evaluation prompts a second time.",
+        backfill=True,
+    )
     eval_seed: int = field(0, "Seed of evaluate's sampling.", check=in_range(0, 2**31, integer=True))
     data: str = field("", "Name of the dataset the config was adapted to ('' for a folder of images).")
     templates: tuple[str, ...] = field((), "Training caption templates (from the dataset).")

@@ -5,8 +5,8 @@
   prompts for every colour × kind, judged after the upsampler at 32×32): ``sample_accuracy`` (every judged
   attribute as prompted), ``sample_<attribute>_accuracy`` and ``fd_judge`` (Fréchet distance of the judge's
   features against the test split, the same n as DALL·E's evaluation for the digits).
-* The ablation of the paper's §5.1: the same decoder fed the CLIP *text* embedding in place of the prior's
-  image embedding (``text_embed_sample_accuracy`` …).
+* The ablation of the paper's §5.1 (``eval_ablation``): the same decoder fed the CLIP *text* embedding in place
+  of the prior's image embedding (``text_embed_sample_accuracy`` …).
 * Variations (``eval_variations`` test images, one variation each, judged scenes only): ``variation_accuracy``
   (the judge reads the source's class) and ``variation_mse`` (mean pixel MSE to the source, in [0, 1]).
 
@@ -103,8 +103,9 @@ def evaluate_unclip(model: Any, dataset: Any, split: str = "test") -> dict[str, 
     prompts, targets = cond.eval_prompts(dataset.name, c.eval_per_class)
     metrics |= judge_samples(dataset, prompted_samples(model, prompts, c.eval_seed), targets)
     metrics["samples"] = len(prompts)
-    text = judge_samples(dataset, prompted_samples(model, prompts, c.eval_seed, embedding="text"), targets)
-    metrics |= {f"text_embed_{k}": v for k, v in text.items()}
+    if c.eval_ablation:
+        text = judge_samples(dataset, prompted_samples(model, prompts, c.eval_seed, embedding="text"), targets)
+        metrics |= {f"text_embed_{k}": v for k, v in text.items()}
     if c.eval_variations:
         metrics |= judged_variations(model, dataset, split, c.eval_variations)
     return metrics
