@@ -70,6 +70,8 @@ HEADLINES: dict[str, tuple[tuple[str, str], ...]] = {
     "sr3": (("psnr", "higher"), ("sr_kind_accuracy", "higher")),
     "unclip": (("sample_accuracy", "higher"), ("fd_judge", "lower"), ("variation_accuracy", "higher")),
     "unclip-shapes": (("sample_colour_accuracy", "higher"), ("sample_kind_accuracy", "higher")),  # issue 19's bars
+    "kl-vae": (("normalised_recon_mse", "lower"),),
+    "kl-vae-shapes": (("normalised_recon_mse", "lower"),),  # issue 20's bar (tests/test_klvae_quality.py)
 }
 """Per variant: the metrics its quality test asserts (dotted keys reach nested dicts) and which way is better."""
 

@@ -145,28 +145,38 @@ class TimeEmbedding(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, time conditioning, GroupNorm-SiLU-dropout-conv, plus a (1×1) shortcut."""
+    """GroupNorm-SiLU-conv, time conditioning, GroupNorm-SiLU-dropout-conv, plus a (1×1) shortcut.
 
-    def __init__(self, cin: int, cout: int, cfg: UNetConfig) -> None:
+    ``time_conditioned=False`` builds it without the time projection (diffusers' ``temb_channels=None``, as in
+    an autoencoder's blocks): it then takes no embedding.
+    """
+
+    def __init__(self, cin: int, cout: int, cfg: UNetConfig, *, time_conditioned: bool = True) -> None:
         super().__init__()
         self.scale_shift = cfg.scale_shift
         self.norm1 = nn.GroupNorm(cfg.norm_groups, cin, eps=cfg.norm_eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time_emb_proj = nn.Linear(cfg.time_dim, 2 * cout if cfg.scale_shift else cout)
+        self.time_emb_proj = (
+            nn.Linear(cfg.time_dim, 2 * cout if cfg.scale_shift else cout) if time_conditioned else None
+        )
         self.norm2 = nn.GroupNorm(cfg.norm_groups, cout, eps=cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x: Tensor, emb_act: Tensor) -> Tensor:
-        """x (B, Cin, H, W), emb_act = SiLU(time embedding) (B, T) → (B, Cout, H, W)."""
+    def forward(self, x: Tensor, emb_act: Tensor | None = None) -> Tensor:
+        """x (B, Cin, H, W), emb_act = SiLU(time embedding) (B, T), None without time conditioning → (B, Cout, H, W)."""
+        if (emb_act is None) != (self.time_emb_proj is None):
+            need = "no time embedding (time_conditioned=False)" if self.time_emb_proj is None else "a time embedding"
+            raise ValueError(f"this ResBlock takes {need}; got {'None' if emb_act is None else tuple(emb_act.shape)}")
         h = self.conv1(F.silu(self.norm1(x)))  # (B, Cout, H, W)
-        e = self.time_emb_proj(emb_act)[:, :, None, None]  # (B, Cout or 2·Cout, 1, 1)
-        if self.scale_shift:
-            scale, shift = e.chunk(2, dim=1)  # (B, Cout, 1, 1) each
+        if self.time_emb_proj is None:
+            h = self.norm2(h)
+        elif self.scale_shift:
+            scale, shift = self.time_emb_proj(emb_act)[:, :, None, None].chunk(2, dim=1)  # (B, Cout, 1, 1) each
             h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # (B, Cout, H, W)
         else:
-            h = self.norm2(h + e)
+            h = self.norm2(h + self.time_emb_proj(emb_act)[:, :, None, None])  # (B, Cout, H, W)
         h = self.conv2(self.dropout(F.silu(h)))  # (B, Cout, H, W)
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 

@@ -1,0 +1,266 @@
+"""KL-regularised autoencoder (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models").
+
+Images (B, C, S, S) in [0, 1] are mapped to [-1, 1] (as diffusers' VAEs expect), encoded to a diagonal Gaussian
+posterior over latents (B, L, S/f, S/f) with f = 2^(levels − 1), and decoded back. The architecture is diffusers'
+``AutoencoderKL`` (see :mod:`.nets`), so ``polymodal convert --from diffusers-vae`` maps its weights 1:1.
+
+Training loss: the reconstruction error of a posterior sample's decoding (per-pixel mean of the squared error,
+or of the absolute error with ``recon_loss='l1'``) plus ``kl_weight`` × KL(q(z|x) ‖ N(0, I)) divided by the
+image's C·S·S values, so ``kl_weight`` has the LDM paper's meaning (the weight of the per-image KL sum against the
+per-image sum of the reconstruction error; LDM uses 1e-6). A latent diffusion model works on
+``scaling_factor`` × z (:meth:`KLVAE.encode_latents` / :meth:`KLVAE.decode_latents`); the factor is
+1 / std of the training latents, computed once training ends (see :mod:`.evaluate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.config import config, field, in_range, one_of
+from polymodal.models import PolymodalModel
+
+from .nets import Decoder, DiagonalGaussian, Encoder
+
+_pos = in_range(1, 65536, integer=True)
+
+
+def _cpu_channels_last(x: Tensor) -> Tensor:
+    """``x`` in channels-last memory on the CPU, where its convolutions run faster (as the core UNet does)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@config
+class KLVAEConfig:
+    """A KL autoencoder: image shape, the diffusers-style trunk, the latent and the loss."""
+
+    image_size: int = field(8, "Side of the square input images, in pixels.", check=in_range(1, 4096, integer=True))
+    channels: int = field(
+        1, "Image channels (1 grey, 3 RGB): the encoder's input and the decoder's output.", check=_pos
+    )
+    block_channels: tuple[int, ...] = field(
+        (32, 64),
+        "Width of each resolution level (diffusers' block_out_channels); every level but the last halves the "
+        "resolution, so the latent grid is image_size / 2^(levels − 1) per side.",
+        converter=_as_tuple,
+    )
+    layers_per_block: int = field(
+        1, "Residual blocks per encoder level (each decoder level has one more).", check=in_range(1, 64, integer=True)
+    )
+    latent_channels: int = field(4, "Channels L of the latent z (B, L, h, w).", check=_pos)
+    norm_groups: int = field(8, "GroupNorm groups of every norm; must divide every level width.", check=_pos)
+    mid_attention: bool = field(
+        True, "Self-attention between the two middle residual blocks (diffusers' mid_block_add_attention)."
+    )
+    recon_loss: str = field(
+        "mse",
+        "Reconstruction term of the loss: 'mse' (squared error) or 'l1' (absolute error).",
+        check=one_of("mse", "l1"),
+    )
+    kl_weight: float = field(
+        1e-6,
+        "Weight of KL(q(z|x) ‖ N(0, I)) summed over an image's latent against the reconstruction error summed over "
+        "its pixels (LDM's weighting; both are divided by the pixel count in the loss).",
+        check=in_range(0.0, 1e3),
+    )
+    scaling_factor: float = field(
+        0.0,
+        "Latent scale of a latent diffusion model (it works on scaling_factor × z): 1 / std of the training "
+        "latents; 0 until computed (at the end of training, by evaluate) or read from a converted VAE.",
+        check=in_range(0.0, 1e6),
+    )
+    data: str = field("", "Name of the dataset the config was adapted to (``polymodal eval`` default).")
+
+    def __attrs_post_init__(self) -> None:
+        widths = self.block_channels
+        if not widths or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
+            raise ValueError(f"KLVAEConfig.block_channels must be positive integers, one per level; got {widths!r}")
+        bad = [w for w in widths if w % self.norm_groups]
+        if bad:
+            raise ValueError(
+                f"KLVAEConfig.block_channels must be multiples of norm_groups={self.norm_groups}; got {bad} in {widths}"
+            )
+        factor = 1 << (len(widths) - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"KLVAEConfig.image_size must be divisible by 2^(levels − 1) = {factor} ({len(widths)} levels in "
+                f"block_channels={widths}); got image_size={self.image_size}"
+            )
+
+    @property
+    def downsampling(self) -> int:
+        """f: the image side over the latent side (2^(levels − 1))."""
+        return 1 << (len(self.block_channels) - 1)
+
+
+class KLVAE(PolymodalModel):
+    """Images (B, C, S, S) in [0, 1] ⇄ latents (B, L, h, w); ``forward`` gives the reconstruction of the mode."""
+
+    family = "klvae"
+    image_fields = "config"  # image_size and channels: what preprocess() prepares
+    config_class = KLVAEConfig
+
+    def __init__(self, config: KLVAEConfig) -> None:
+        super().__init__(config)
+        c = config
+        args = (c.channels, c.block_channels, c.layers_per_block, c.latent_channels, c.norm_groups, c.mid_attention)
+        self.encoder = Encoder(*args)
+        self.decoder = Decoder(*args)
+        self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1)
+
+    # -- shapes and checks --------------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(L, h, w) of the latent of one configured image."""
+        side = self.config.image_size // self.config.downsampling
+        return self.config.latent_channels, side, side
+
+    def check_images(self, images: Any) -> None:
+        """ValueError naming expected vs given unless ``images`` is a float (B, C, S, S) batch of the configured shape."""
+        c, s = self.config.channels, self.config.image_size
+        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (c, s, s):
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"expected images (B, {c}, {s}, {s}) in [0, 1]; got {got}")
+        if not images.is_floating_point():
+            raise ValueError(f"expected floating-point images in [0, 1]; got dtype {images.dtype}")
+
+    def check_latents(self, latents: Any) -> None:
+        """ValueError naming expected vs given unless ``latents`` is a float (B, L, h, w) batch of the configured shape."""
+        shape = self.latent_shape
+        if not isinstance(latents, Tensor) or latents.dim() != 4 or tuple(latents.shape[1:]) != shape:
+            got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+            raise ValueError(f"expected latents (B, {', '.join(map(str, shape))}) = (B, L, h, w); got {got}")
+        if not latents.is_floating_point():
+            raise ValueError(f"expected floating-point latents; got dtype {latents.dtype}")
+
+    def _param(self) -> Tensor:
+        return self.quant_conv.weight
+
+    # -- the autoencoder ----------------------------------------------------------------------------
+    def encode(self, images: Tensor) -> DiagonalGaussian:
+        """Images (B, C, S, S) in [0, 1] → the posterior q(z | x) over latents (B, L, h, w) (``.mean``, ``.logvar``)."""
+        self.check_images(images)
+        p = self._param()
+        x = _cpu_channels_last(images.to(p.device, p.dtype) * 2.0 - 1.0)  # (B, C, S, S) in [-1, 1]
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)).contiguous())  # moments (B, 2L, h, w)
+
+    def decode(self, latents: Tensor, clamp: bool = True) -> Tensor:
+        """Latents (B, L, h, w) (unscaled z) → images (B, C, S, S) in [0, 1] (``clamp=False``: not clamped)."""
+        self.check_latents(latents)
+        p = self._param()
+        z = _cpu_channels_last(latents.to(p.device, p.dtype))  # (B, L, h, w)
+        out = (self.decoder(self.post_quant_conv(z)).contiguous() + 1.0) * 0.5  # (B, C, S, S), about [0, 1]
+        return out.clamp(0.0, 1.0) if clamp else out
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Reconstruction (B, C, S, S) in [0, 1] of ``images`` (B, C, S, S) through the posterior's mode."""
+        return self.decode(self.encode(images).mode())
+
+    def _require_scale(self) -> float:
+        scale = self.config.scaling_factor
+        if scale <= 0:
+            raise ValueError(
+                "this KL-VAE has no scaling_factor yet (0: not computed); it is set when training ends "
+                "(`polymodal train`, by evaluate) or by compute_scaling_factor(images)"
+            )
+        return scale
+
+    def encode_latents(
+        self, images: Tensor, *, sample: bool = True, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Images (B, C, S, S) in [0, 1] → a latent diffusion model's latents, scaling_factor × z (B, L, h, w), z a
+        posterior sample (``sample=False``: the mean). ValueError while ``scaling_factor`` is 0."""
+        scale = self._require_scale()
+        posterior = self.encode(images)
+        return scale * (posterior.sample(generator) if sample else posterior.mode())  # (B, L, h, w)
+
+    def decode_latents(self, latents: Tensor, clamp: bool = True) -> Tensor:
+        """A latent diffusion model's latents (B, L, h, w) → images: ``decode(latents / scaling_factor)``."""
+        return self.decode(latents / self._require_scale(), clamp=clamp)
+
+    @torch.no_grad()
+    def compute_scaling_factor(self, images: Tensor, batch_size: int = 256) -> float:
+        """Set ``config.scaling_factor`` to 1 / std of the posterior samples of ``images`` (N, C, S, S) (LDM's rule;
+        a fixed generator, so the same weights and images give the same factor) and return it."""
+        from .evaluate import latent_std
+
+        std = latent_std(self, images, batch_size)
+        if not std > 0:
+            raise ValueError(f"cannot compute a scaling factor: the latents' std is {std}")
+        self.config = attrs.evolve(self.config, scaling_factor=1.0 / std)
+        return self.config.scaling_factor
+
+    # -- training ---------------------------------------------------------------------------------
+    @classmethod
+    def config_for_data(cls, config: KLVAEConfig, dataset: Any, fixed: Collection[str] = ()) -> KLVAEConfig:
+        """Image size and channels from the dataset's meta (unless set explicitly); remembers the dataset's name."""
+        meta = dataset.meta
+        changes: dict[str, Any] = {"data": dataset.name}
+        for key in ("image_size", "channels"):
+            if key not in fixed and key in meta:
+                changes[key] = meta[key]
+        return attrs.evolve(config, **changes)
+
+    @classmethod
+    def tiny_config(cls, config: KLVAEConfig) -> KLVAEConfig:
+        """The same architecture at toy size (widths 8 and 16, one block per level), for the contract tests."""
+        levels = len(config.block_channels)
+        widths = tuple(8 * 2 ** min(i, 1) for i in range(levels))
+        return attrs.evolve(config, block_channels=widths, layers_per_block=1, norm_groups=4)
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Reconstruction error of a posterior sample's decoding + ``kl_weight`` × KL / (C·S·S) on ``batch['image']``."""
+        images = batch["image"]
+        self.check_images(images)
+        images = images.float()  # (B, C, S, S)
+        posterior = self.encode(images)
+        recon = self.decode(posterior.sample(), clamp=False)  # (B, C, S, S)
+        images = images.to(recon.device)
+        mse = F.mse_loss(recon, images)
+        rec = mse if self.config.recon_loss == "mse" else F.l1_loss(recon, images)
+        kl = posterior.kl().mean()  # per-image KL sum, averaged over the batch
+        loss = rec + self.config.kl_weight * kl / images[0].numel()
+        return loss, {"recon_mse": mse.detach(), "kl": kl.detach()}  # 0-dim tensors: no host sync
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Any, split: str = "test", batch_size: int = 256) -> dict[str, float]:
+        """Reconstruction error and latent statistics on a split; first sets ``scaling_factor`` when it is 0 and
+        training has ended (see :func:`.evaluate.evaluate_klvae`)."""
+        from .evaluate import evaluate_klvae
+
+        return evaluate_klvae(self, dataset, split, batch_size)
+
+    def sample_to_folder(self, out: Any, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any) -> list:
+        """Originals and reconstructions of ``n`` test images (see :func:`.evaluate.write_reconstructions`)."""
+        from .evaluate import write_reconstructions
+
+        return write_reconstructions(self, out, n=n, prompt=prompt, seed=seed, **options)
+
+    def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor]:
+        """A random image batch (B, C, S, S) in [0, 1]."""
+        c, s = self.config.channels, self.config.image_size
+        return (torch.rand(batch_size, c, s, s, generator=generator),)
+
+    def card_lines(self) -> list[str]:
+        """Data, architecture, loss and latent scale for the model card."""
+        c = self.config
+        lat, h, w = self.latent_shape
+        scale = f"{c.scaling_factor:.5g}" if c.scaling_factor else "not computed yet"
+        return [
+            f"KL autoencoder (diffusers AutoencoderKL layout): {c.image_size}×{c.image_size}×{c.channels} images ⇄ "
+            f"{h}×{w}×{lat} latents; levels {list(c.block_channels)}, {c.layers_per_block} residual block(s) per "
+            f"encoder level, {c.norm_groups} norm groups, middle attention {'on' if c.mid_attention else 'off'}.",
+            f"Loss: {c.recon_loss} reconstruction + {c.kl_weight:g} × KL (LDM weighting). Latent scaling factor: "
+            f"{scale}. Data: {c.data or 'unspecified'}.",
+            "",
+        ]
