@@ -397,3 +397,23 @@ def t5_stack_state(src: dict, depth: int, stack: str, *, prefix: str = "encoder.
             out[ours + "mlp.fc1.weight"] = get(ff + "wi.weight")
         out[ours + "mlp.fc2.weight"] = get(ff + "wo.weight")
     return out
+
+
+def unsupported(model: str, option: str, value: Any, allowed: Any, source: str) -> ValueError:
+    """The error for a reference config option that ``model`` cannot express: names the option, the value given
+    and what is supported (``source``: the folder or config it came from)."""
+    return ValueError(f"{source}: the {model} cannot express {option}={value!r} (supported: {allowed})")
+
+
+def check_diffusers_class(
+    cfg: dict, class_name: str, fixed: dict[str, tuple], *, converter: str, model: str, source: str
+) -> None:
+    """Refuse a diffusers ``config.json`` of another ``_class_name`` (naming ``converter``), or one whose option in
+    ``fixed`` (option → the values ``model`` expresses, diffusers' default first) holds anything else."""
+    name = cfg.get("_class_name", class_name)
+    if name != class_name:
+        raise ValueError(f"{source}: {converter} reads {class_name} folders; config.json has _class_name {name!r}")
+    for option, allowed in fixed.items():
+        value = cfg.get(option, allowed[0])
+        if value not in allowed:
+            raise unsupported(model, option, value, ", ".join(map(repr, allowed)), source)

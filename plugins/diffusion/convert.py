@@ -21,7 +21,15 @@ from typing import Any
 import torch
 
 from polymodal.io.folders import LoadError, load_state_strict, read_json, read_state
-from polymodal.io.hf import DIFFUSERS_WEIGHTS, TrackedState, check_all_used, hf_converter, read_diffusers_folder
+from polymodal.io.hf import (
+    DIFFUSERS_WEIGHTS,
+    TrackedState,
+    check_all_used,
+    check_diffusers_class,
+    hf_converter,
+    read_diffusers_folder,
+    unsupported,
+)
 from polymodal.io.output import check_output
 from polymodal.nn import UNet, UNetConfig
 
@@ -44,18 +52,12 @@ FIXED = {
 
 
 def _refuse(option: str, value: Any, allowed: Any, source: str) -> ValueError:
-    return ValueError(f"{source}: the core UNet cannot express {option}={value!r} (supported: {allowed})")
+    return unsupported("core UNet", option, value, allowed, source)
 
 
 def unet_config_from_diffusers(cfg: dict, source: str = "diffusers-unet") -> UNetConfig:
     """Translate a diffusers ``UNet2DModel`` config dict (``config.json``); unsupported options are refused by name."""
-    name = cfg.get("_class_name", "UNet2DModel")
-    if name != "UNet2DModel":
-        raise ValueError(f"{source}: diffusers-unet reads UNet2DModel folders; config.json has _class_name {name!r}")
-    for option, allowed in FIXED.items():
-        value = cfg.get(option, allowed[0])
-        if value not in allowed:
-            raise _refuse(option, value, ", ".join(map(repr, allowed)), source)
+    check_diffusers_class(cfg, "UNet2DModel", FIXED, converter="diffusers-unet", model="core UNet", source=source)
     down = list(cfg.get("down_block_types", ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")))
     up = list(cfg.get("up_block_types", ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")))
     for option, types, known in (("down_block_types", down, DOWN), ("up_block_types", up, UP)):

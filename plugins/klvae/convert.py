@@ -20,7 +20,15 @@ from typing import Any
 import torch
 
 from polymodal.io.folders import LoadError, load_state_strict, read_state
-from polymodal.io.hf import DIFFUSERS_WEIGHTS, TrackedState, check_all_used, hf_converter, read_diffusers_folder
+from polymodal.io.hf import (
+    DIFFUSERS_WEIGHTS,
+    TrackedState,
+    check_all_used,
+    check_diffusers_class,
+    hf_converter,
+    read_diffusers_folder,
+    unsupported,
+)
 from polymodal.io.output import check_output
 
 from .model import KLVAE, KLVAEConfig
@@ -36,18 +44,12 @@ FIXED = {  # option → the values the model expresses (diffusers' default first
 
 
 def _refuse(option: str, value: Any, allowed: Any, source: str) -> ValueError:
-    return ValueError(f"{source}: the KL-VAE cannot express {option}={value!r} (supported: {allowed})")
+    return unsupported("KL-VAE", option, value, allowed, source)
 
 
 def vae_config_from_diffusers(cfg: dict, source: str = "diffusers-vae") -> KLVAEConfig:
     """Translate a diffusers ``AutoencoderKL`` config dict (``config.json``); unsupported options are refused by name."""
-    name = cfg.get("_class_name", "AutoencoderKL")
-    if name != "AutoencoderKL":
-        raise ValueError(f"{source}: diffusers-vae reads AutoencoderKL folders; config.json has _class_name {name!r}")
-    for option, allowed in FIXED.items():
-        value = cfg.get(option, allowed[0])
-        if value not in allowed:
-            raise _refuse(option, value, ", ".join(map(repr, allowed)), source)
+    check_diffusers_class(cfg, "AutoencoderKL", FIXED, converter="diffusers-vae", model="KL-VAE", source=source)
     widths = tuple(cfg.get("block_out_channels", (64,)))
     for option, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         types = list(cfg.get(option, (kind,)))

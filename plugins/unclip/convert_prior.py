@@ -22,7 +22,15 @@ import attrs
 import torch
 
 from polymodal.io.folders import LoadError, load_state_strict, read_json, read_state
-from polymodal.io.hf import DIFFUSERS_WEIGHTS, TrackedState, check_all_used, hf_converter, read_diffusers_folder
+from polymodal.io.hf import (
+    DIFFUSERS_WEIGHTS,
+    TrackedState,
+    check_all_used,
+    check_diffusers_class,
+    hf_converter,
+    read_diffusers_folder,
+    unsupported,
+)
 from polymodal.io.output import check_output
 
 from .prior import DiffusionPrior, PriorConfig
@@ -55,18 +63,12 @@ _BLOCK = {  # ours → theirs inside block i (the fused attn.qkv apart)
 
 
 def _refuse(option: str, value: Any, allowed: Any, source: str) -> ValueError:
-    return ValueError(f"{source}: the prior cannot express {option}={value!r} (supported: {allowed})")
+    return unsupported("prior", option, value, allowed, source)
 
 
 def prior_config_from_diffusers(cfg: dict, source: str = "diffusers-prior") -> dict[str, Any]:
     """:class:`PriorConfig` fields from a ``PriorTransformer`` ``config.json``; unsupported options refused by name."""
-    name = cfg.get("_class_name", "PriorTransformer")
-    if name != "PriorTransformer":
-        raise ValueError(f"{source}: diffusers-prior reads PriorTransformer folders; config.json has {name!r}")
-    for option, allowed in FIXED.items():
-        value = cfg.get(option, allowed[0])
-        if value not in allowed:
-            raise _refuse(option, value, ", ".join(map(repr, allowed)), source)
+    check_diffusers_class(cfg, "PriorTransformer", FIXED, converter="diffusers-prior", model="prior", source=source)
     heads, head_dim = int(cfg.get("num_attention_heads", 32)), int(cfg.get("attention_head_dim", 64))
     width, embed = heads * head_dim, int(cfg.get("embedding_dim", 768))
     for option, same in (("time_embed_dim", width), ("embedding_proj_dim", embed), ("clip_embed_dim", embed)):
