@@ -155,6 +155,15 @@ def _missing(cls: type, data: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
+def backfilled(cls: type, saved: Any) -> dict[str, Any]:
+    """``saved`` (a config dict written earlier) with the defaults of the ``backfill`` options added since, as
+    :func:`to_dict` writes it; {} when it does not load as ``cls``."""
+    try:
+        return to_dict(from_dict(cls, saved))
+    except (ValueError, TypeError):
+        return {}
+
+
 def runtime_fields(cls: type, prefix: str = "") -> list[str]:
     """Dotted names of the fields of ``cls`` (nested configs included) marked ``runtime=True`` in
     :func:`field`: settings that do not change the function (``["encoder.checkpointing"]`` for ViT)."""

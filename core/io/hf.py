@@ -417,3 +417,17 @@ def check_diffusers_class(
         value = cfg.get(option, allowed[0])
         if value not in allowed:
             raise unsupported(model, option, value, ", ".join(map(repr, allowed)), source)
+
+
+def mapped_state(
+    weights: TrackedState, module: nn.Module, mapper: Callable[..., dict], path: Path | str, class_name: str
+) -> dict[str, torch.Tensor]:
+    """``mapper(weights, module)``: a reference's weights under ``module``'s names, cast to its dtypes. A weight the
+    mapper asks for that ``path`` lacks, or one of ``path``'s it leaves unread, is a LoadError naming it."""
+    try:
+        state = mapper(weights, module)
+    except KeyError as exc:
+        raise LoadError(f"{path} lacks the {class_name} weight {exc.args[0]!r}") from exc
+    check_all_used(weights, weights.read, str(path), class_name)
+    own = module.state_dict()
+    return {k: v.to(own[k].dtype) for k, v in state.items()}

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from polymodal.config import from_dict, runtime_fields, to_dict
+from polymodal.config import backfilled, runtime_fields, to_dict
 from polymodal.io.folders import (
     LoadError,
     check_state_keys,
@@ -293,14 +293,6 @@ def checkpoint_meta(out: str | Path) -> dict[str, Any] | None:
     return meta
 
 
-def _backfilled(cls: type, saved: Any) -> dict[str, Any]:
-    """``saved`` (a checkpoint's model config) with the defaults of options added since; {} if it does not load."""
-    try:
-        return _plain(to_dict(from_dict(cls, saved)))
-    except (ValueError, TypeError):
-        return {}
-
-
 def check_resume(
     meta: dict[str, Any], cfg: TrainConfig, model: Any, folder: str | Path, data: str | None = None
 ) -> int:
@@ -326,7 +318,7 @@ def check_resume(
         saved["data"], asked["data"] = meta["data"], data
     if "model" in meta and hasattr(model, "config_dict"):
         saved |= _flat(meta["model"], "model.")
-        for k, v in _flat(_backfilled(type(model.config), meta["model"]), "model.").items():
+        for k, v in _flat(_plain(backfilled(type(model.config), meta["model"])), "model.").items():
             saved.setdefault(k, v)  # an option added since (``field(backfill=True)``) had its default then
         asked |= _flat(_plain(model.config_dict()), "model.")
         for name in runtime_fields(type(model.config)):  # how the model runs (checkpointing): free to change

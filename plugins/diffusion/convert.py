@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from polymodal.io.folders import LoadError, load_state_strict, read_json, read_state
+from polymodal.io.folders import load_state_strict, read_json, read_state
 from polymodal.io.hf import (
     DIFFUSERS_WEIGHTS,
     TrackedState,
-    check_all_used,
     check_diffusers_class,
     hf_converter,
+    mapped_state,
     read_diffusers_folder,
     unsupported,
 )
@@ -165,13 +165,7 @@ def load_diffusers_unet(src: str | Path) -> tuple[UNet, dict[str, Any]]:
     cfg, path = read_diffusers_folder(folder, "diffusers-unet")
     weights = TrackedState(read_state(path))
     unet = UNet(unet_config_from_diffusers(cfg, f"diffusers-unet ({folder / 'config.json'})"))
-    try:
-        state = unet_state_from_diffusers(weights, unet)
-    except KeyError as exc:
-        raise LoadError(f"{path} lacks the UNet2DModel weight {exc.args[0]!r}") from exc
-    check_all_used(weights, weights.read, str(path), "UNet2DModel")
-    own = unet.state_dict()
-    state = {k: v.to(own[k].dtype) for k, v in state.items()}
+    state = mapped_state(weights, unet, unet_state_from_diffusers, path, "UNet2DModel")
     load_state_strict(unet, state, f"{folder} (converted from the diffusers UNet2DModel)")
     return unet.eval(), cfg
 

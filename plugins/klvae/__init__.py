@@ -15,6 +15,8 @@ autoencoders, and small batches: on one CPU thread more, smaller steps reach a l
 
 from __future__ import annotations
 
+import attrs
+
 from polymodal import hookimpl
 from polymodal.models import ModelSpec
 from polymodal.registry import register_variants
@@ -24,20 +26,14 @@ from .model import KLVAE, KLVAEConfig
 
 __all__ = ["KLVAE", "KLVAEConfig", "VARIANTS"]
 
+TRAIN = TrainConfig(lr=2e-3, beta1=0.5, beta2=0.9, warmup_steps=30, weight_decay=0.0, checkpoint_every=0)
+"""Both recipes' optimiser: Adam betas (0.5, 0.9) as LDM's autoencoders, no weight decay."""
+
 DIGITS = ModelSpec(
     KLVAE,
     KLVAEConfig(image_size=8, channels=1, block_channels=(32, 64), layers_per_block=1, norm_groups=8, data="digits"),
     data="digits",
-    train=TrainConfig(
-        steps=500,
-        batch_size=16,
-        lr=2e-3,
-        beta1=0.5,
-        beta2=0.9,
-        warmup_steps=30,
-        weight_decay=0.0,
-        checkpoint_every=0,
-    ),
+    train=attrs.evolve(TRAIN, steps=500, batch_size=16),
     doc="KL-VAE for the 8×8 digits: 4×4×4 latents (MSE + 1e-6 × KL).",
 )
 
@@ -47,16 +43,7 @@ SHAPES = ModelSpec(
         image_size=32, channels=3, block_channels=(16, 32, 32), layers_per_block=1, norm_groups=8, data="shapes"
     ),
     data="shapes",
-    train=TrainConfig(
-        steps=1500,
-        batch_size=8,
-        lr=2e-3,
-        beta1=0.5,
-        beta2=0.9,
-        warmup_steps=30,
-        weight_decay=0.0,
-        checkpoint_every=0,
-    ),
+    train=attrs.evolve(TRAIN, steps=1500, batch_size=8),
     doc="KL-VAE for the 32×32 shapes scenes: 8×8×4 latents (MSE + 1e-6 × KL).",
 )
 

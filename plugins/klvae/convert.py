@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from polymodal.io.folders import LoadError, load_state_strict, read_state
+from polymodal.io.folders import load_state_strict, read_state
 from polymodal.io.hf import (
     DIFFUSERS_WEIGHTS,
     TrackedState,
-    check_all_used,
     check_diffusers_class,
     hf_converter,
+    mapped_state,
     read_diffusers_folder,
     unsupported,
 )
@@ -141,13 +141,7 @@ def load_diffusers_vae(src: str | Path) -> KLVAE:
     cfg, path = read_diffusers_folder(folder, "diffusers-vae")
     weights = TrackedState(read_state(path))
     model = KLVAE(vae_config_from_diffusers(cfg, f"diffusers-vae ({folder / 'config.json'})"))
-    try:
-        state = vae_state_from_diffusers(weights, model)
-    except KeyError as exc:
-        raise LoadError(f"{path} lacks the AutoencoderKL weight {exc.args[0]!r}") from exc
-    check_all_used(weights, weights.read, str(path), "AutoencoderKL")
-    own = model.state_dict()
-    state = {k: v.to(own[k].dtype) for k, v in state.items()}
+    state = mapped_state(weights, model, vae_state_from_diffusers, path, "AutoencoderKL")
     load_state_strict(model, state, f"{folder} (converted from the diffusers AutoencoderKL)")
     return model.eval()
 

@@ -25,9 +25,9 @@ from polymodal.io.folders import LoadError, load_state_strict, read_json, read_s
 from polymodal.io.hf import (
     DIFFUSERS_WEIGHTS,
     TrackedState,
-    check_all_used,
     check_diffusers_class,
     hf_converter,
+    mapped_state,
     read_diffusers_folder,
     unsupported,
 )
@@ -166,18 +166,12 @@ def load_diffusers_prior(src: str | Path) -> DiffusionPrior:
     config = attrs.evolve(base, **fields, **_schedule_changes(src, folder, base))
     weights = TrackedState(read_state(path))
     model = DiffusionPrior(config)
-    try:
-        state = prior_state_from_diffusers(weights, model)
-    except KeyError as exc:
-        raise LoadError(f"{path} lacks the PriorTransformer weight {exc.args[0]!r}") from exc
-    check_all_used(weights, weights.read, str(path), "PriorTransformer")
+    state = mapped_state(weights, model, prior_state_from_diffusers, path, "PriorTransformer")
     if not bool((state["clip_std"] != 0).all()):
         raise LoadError(
             f"{path}: clip_std has zeros (diffusers' untrained placeholder); expected the training set's std of "
             "the CLIP image embeddings (set them, e.g. prior.clip_std.data.fill_(1), before save_pretrained)"
         )
-    own = model.state_dict()
-    state = {k: v.to(own[k].dtype) for k, v in state.items()}
     load_state_strict(model, state, f"{folder} (converted from the diffusers PriorTransformer)")
     return model.eval()
 
