@@ -9,8 +9,8 @@ import torch
 
 import polymodal
 from polymodal.data import load_digits
+from polymodal.nn.quantize import EMACodebook, kmeans, nearest
 from polymodal.plugins.vqvae import VARIANTS, VQVAE, VQVAEConfig
-from polymodal.plugins.vqvae.quantize import EMACodebook, kmeans, nearest
 from polymodal.registry import get_registry
 from polymodal.train import TrainConfig, train
 

@@ -2,7 +2,7 @@
 
 The model is also the library's image tokenizer: ``encode(images) -> codes (B, h, w)`` and
 ``decode(codes) -> images (B, C, H, W)`` in [0, 1]. The loss is the reconstruction MSE plus
-``commitment`` × ``mean((z_e − sg[e])²)``; the codebook learns by EMA (see :mod:`.quantize`).
+``commitment`` × ``mean((z_e − sg[e])²)``; the codebook learns by EMA (see :mod:`polymodal.nn.quantize`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from torch import Tensor
 
 from polymodal.config import config, field, in_range
 from polymodal.models import PolymodalModel, interfaces
+from polymodal.nn.quantize import EMACodebook, nearest
 
 from .nets import Decoder, Encoder
-from .quantize import EMACodebook
 
 
 @config
@@ -155,8 +155,6 @@ class VQVAE(PolymodalModel):
         self.check_images(images)
         z = self.encoder(images.to(self._device(), torch.float32))  # (B, D, h, w)
         flat = z.permute(0, 2, 3, 1).reshape(-1, self.config.dim)  # (B·h·w, D)
-        from .quantize import nearest
-
         return nearest(flat.float(), self.codebook.embed).view(z.shape[0], z.shape[2], z.shape[3])  # (B, h, w)
 
     @torch.no_grad()

@@ -1,4 +1,6 @@
-"""The codebook: nearest-code quantisation with EMA updates, k-means initialisation and dead-code reset.
+"""Vector quantisation: a codebook with nearest-code lookup, EMA updates, k-means initialisation and dead-code reset.
+
+The quantiser of the VQ autoencoders (the VQ-VAE image tokenizer, the MoVQ decoder's latents).
 
 Everything the codebook learns lives in buffers (``embed``, ``cluster_size``, ``embed_sum``,
 ``idle``, ``initted``), so a model folder or a trainer checkpoint carries it and a resumed
