@@ -1,8 +1,8 @@
 """The KL-VAE family plugin: a KL-regularised autoencoder laid out like diffusers' ``AutoencoderKL``.
 
 The first stage of a latent diffusion model (LDM, Kandinsky 2): images ⇄ a diagonal-Gaussian latent with 4
-channels, and the latent ``scaling_factor`` the diffusion model multiplies it by. Model in :mod:`.model` (nets in
-:mod:`.nets`, metrics in :mod:`.evaluate`); the diffusers ``AutoencoderKL`` converter in :mod:`.convert`.
+channels, and the latent ``scaling_factor`` the diffusion model multiplies it by. Model in :mod:`.model` (encoder and
+decoder from the core's :mod:`polymodal.nn.autoencoder`, the posterior in :mod:`.nets`, metrics in :mod:`.evaluate`); the diffusers ``AutoencoderKL`` converter in :mod:`.convert`.
 
 Variants:
     ``kl-vae``         8×8 digits → 4×4×4 latents.

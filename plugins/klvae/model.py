@@ -2,7 +2,7 @@
 
 Images (B, C, S, S) in [0, 1] are mapped to [-1, 1] (as diffusers' VAEs expect), encoded to a diagonal Gaussian
 posterior over latents (B, L, S/f, S/f) with f = 2^(levels − 1), and decoded back. The architecture is diffusers'
-``AutoencoderKL`` (see :mod:`.nets`), so ``polymodal convert --from diffusers-vae`` maps its weights 1:1.
+``AutoencoderKL`` (the core's :mod:`polymodal.nn.autoencoder`), so ``polymodal convert --from diffusers-vae`` maps its weights 1:1.
 
 Training loss: the reconstruction error of a posterior sample's decoding (per-pixel mean of the squared error,
 or of the absolute error with ``recon_loss='l1'``) plus ``kl_weight`` × KL(q(z|x) ‖ N(0, I)) divided by the
@@ -24,8 +24,9 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.models import PolymodalModel
+from polymodal.nn.autoencoder import Decoder, Encoder
 
-from .nets import Decoder, DiagonalGaussian, Encoder
+from .nets import DiagonalGaussian
 
 _pos = in_range(1, 65536, integer=True)
 
@@ -112,9 +113,9 @@ class KLVAE(PolymodalModel):
     def __init__(self, config: KLVAEConfig) -> None:
         super().__init__(config)
         c = config
-        args = (c.channels, c.block_channels, c.layers_per_block, c.latent_channels, c.norm_groups, c.mid_attention)
-        self.encoder = Encoder(*args)
-        self.decoder = Decoder(*args)
+        trunk = (c.channels, c.block_channels, c.layers_per_block)
+        self.encoder = Encoder(*trunk, 2 * c.latent_channels, c.norm_groups, c.mid_attention)  # mean and log-variance
+        self.decoder = Decoder(*trunk, c.latent_channels, c.norm_groups, c.mid_attention)
         self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1)
 
