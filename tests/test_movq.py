@@ -180,6 +180,8 @@ def test_bad_input_names_expected_and_given():
         model.decode_codes(torch.tensor([[[0] * 4] * 3 + [[16] * 4]]))
     with pytest.raises(ValueError, match=r"block_channels must be multiples of decoder_norm_groups=32; got \[8, 16\]"):
         MoVQConfig(block_channels=(8, 16), norm_groups=4, decoder_norm_groups=32)
+    with pytest.raises(ValueError, match=r"level_attention must be empty or one bool per level \(2\); got \(True,\)"):
+        MoVQConfig(block_channels=(8, 16), norm_groups=4, decoder_norm_groups=4, level_attention=(True,))
     with pytest.raises(ValueError, match=r"image_size must be divisible by 2\^\(levels − 1\) = 4 .* got image_size=6"):
         MoVQConfig(image_size=6, block_channels=(8, 8, 8), norm_groups=4, decoder_norm_groups=4)
 
@@ -209,6 +211,17 @@ diffusers_configs = [  # diffusers' SpatialNorm has 32 groups: decoder widths ar
         out_channels=1,
         mid_block_add_attention=False,
     ),
+    dict(  # Kandinsky 2.1's layout in miniature: attention at the lowest resolution, in the encoder and the decoder
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=2,
+        norm_num_groups=32,
+        latent_channels=4,
+        vq_embed_dim=4,
+        num_vq_embeddings=24,
+        sample_size=16,
+    ),
 ]
 
 
@@ -216,12 +229,8 @@ def _diffusers_folder(tmp_path, cfg: dict, seed: int = 0):
     diffusers = pytest.importorskip("diffusers")
     n = len(cfg["block_out_channels"])
     torch.manual_seed(seed)
-    ref = diffusers.VQModel(
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        norm_type="spatial",
-        **cfg,
-    ).eval()
+    blocks = {"down_block_types": ("DownEncoderBlock2D",) * n, "up_block_types": ("UpDecoderBlock2D",) * n}
+    ref = diffusers.VQModel(**{**blocks, "norm_type": "spatial", **cfg}).eval()
     with torch.no_grad():  # randomise every tensor, so no branch (a norm's affine, a bias) is trivial
         for p in ref.parameters():
             p.normal_(0.0, 0.2)
@@ -242,6 +251,13 @@ def test_a_converted_diffusers_movq_encodes_quantises_and_decodes_the_same(tmp_p
     assert result.exit_code == 0, result.output
     model = polymodal.load(tmp_path / "out").eval()
     assert isinstance(model, MoVQ) and model.config.decoder_norm_groups == 32
+    attention = "down_block_types" in cfg
+    assert model.config.level_attention == ((False, True) if attention else ())
+    layers = cfg["layers_per_block"]  # the encoder's levels have that many blocks, the decoder's one more
+    assert (len(model.encoder.down[-1].attentions), len(model.decoder.up[0].attentions)) == (
+        layers * attention,
+        (layers + 1) * attention,
+    )
     c, s = cfg.get("in_channels", 3), cfg["sample_size"]
     g = torch.Generator().manual_seed(index)
     x = torch.rand(3, c, s, s, generator=g)  # (B, C, S, S) in [0, 1]
@@ -282,8 +298,11 @@ def test_convert_without_from_picks_the_converter_and_a_pipeline_movq_folder(tmp
     [
         ({"_class_name": "AutoencoderKL"}, r"reads VQModel folders; .*'AutoencoderKL'"),
         ({"norm_type": "group"}, r"the MoVQ cannot express norm_type='group' \(supported: 'spatial'\)"),
-        ({"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]}, r"down_block_types entry='AttnDown"),
-        ({"up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D"]}, r"up_block_types entry='AttnUp"),
+        ({"down_block_types": ["DownEncoderBlock2D", "KDownBlock2D"]}, r"down_block_types entry='KDownBlock2D'"),
+        (
+            {"up_block_types": ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]},
+            r"up_block_types=\[.*\] \(supported: the down",
+        ),
         ({"up_block_types": ["UpDecoderBlock2D"]}, r"up_block_types \['UpDecoderBlock2D'\] needs one entry per"),
         ({"act_fn": "gelu"}, r"act_fn='gelu' \(supported: 'silu', 'swish'\)"),
         ({"vq_embed_dim": 8}, r"vq_embed_dim=8 \(supported: None or latent_channels=4\)"),

@@ -13,7 +13,9 @@ dispatcher, residual), with one head as wide as the level, as diffusers' VAE. Ev
     Decoder: conv_in ─ mid ─ up[0..L-1] (widest level first; ResBlock × (layers_per_block + 1), then, but for
              the last level, nearest ×2 and a 3×3 conv) ─ norm ─ SiLU ─ conv_out ──► (B, C, H, W)
 
-The decoder's norm is an option: plain GroupNorm (``condition_channels=0``, the KL-VAE), or, with
+Either trunk may add self-attention after each ResBlock of chosen levels (``level_attention``: diffusers'
+``AttnDownEncoderBlock2D`` / ``AttnUpDecoderBlock2D``, as the published Kandinsky 2.1 MoVQ has at its lowest
+resolution). The decoder's norm is an option: plain GroupNorm (``condition_channels=0``, the KL-VAE), or, with
 ``condition_channels > 0``, MoVQ's spatially conditioned norm (Zheng et al. 2022, "MoVQ") everywhere in the
 decoder — in every residual block, the middle attention and before ``conv_out``:
 ``SpatialNorm(f, z_q) = GroupNorm(f) · conv_y(z_q↑) + conv_b(z_q↑)``, z_q (the latent the decoder decodes,
@@ -24,6 +26,8 @@ that hands z_q to them (the core blocks' norms take one input).
 
 from __future__ import annotations
 
+import attrs
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -31,6 +35,11 @@ from polymodal.nn.unet import ResBlock, SelfAttention2d, UNetConfig
 
 NORM_EPS = 1e-6
 """GroupNorm ε of every norm in diffusers' VAE encoder and decoder (SpatialNorm's too)."""
+
+
+def cpu_channels_last(x: Tensor) -> Tensor:
+    """``x`` in channels-last memory on the CPU, where the trunks' convolutions run faster (as the core UNet's)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
 def block_config(widths: tuple[int, ...], groups: int) -> UNetConfig:
@@ -98,6 +107,14 @@ def _resblock(cin: int, cout: int, cfg: UNetConfig, condition_channels: int) -> 
     return ResBlock(cin, cout, cfg, time_conditioned=False)
 
 
+def _attention(width: int, cfg: UNetConfig, condition_channels: int) -> nn.Module:
+    """Self-attention with one head as wide as ``width`` (diffusers' VAE levels), spatially normed if conditioned."""
+    level = attrs.evolve(cfg, channels=(width,), attention_levels=(False,), attention_head_dim=width)
+    if condition_channels:
+        return SpatialSelfAttention2d(width, level, condition_channels)
+    return SelfAttention2d(width, level)
+
+
 def _run(block: nn.Module, h: Tensor, zq: Tensor | None) -> Tensor:
     """``block(h)``, or ``block(h, z_q)`` for a spatially conditioned block."""
     return block(h) if zq is None else block(h, zq)
@@ -109,12 +126,7 @@ class MidBlock(nn.Module):
     def __init__(self, width: int, cfg: UNetConfig, attention: bool = True, condition_channels: int = 0) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(_resblock(width, width, cfg, condition_channels) for _ in range(2))
-        if not attention:
-            self.attentions = nn.ModuleList()
-        elif condition_channels:
-            self.attentions = nn.ModuleList([SpatialSelfAttention2d(width, cfg, condition_channels)])
-        else:
-            self.attentions = nn.ModuleList([SelfAttention2d(width, cfg)])
+        self.attentions = nn.ModuleList([_attention(width, cfg, condition_channels)] if attention else [])
 
     def forward(self, h: Tensor, zq: Tensor | None = None) -> Tensor:
         """(B, C, h, w) → (B, C, h, w); z_q (B, Cz, h', w') only for a conditioned block."""
@@ -125,41 +137,67 @@ class MidBlock(nn.Module):
 
 
 class DownLevel(nn.Module):
-    """diffusers' ``DownEncoderBlock2D``: ResBlocks, then (``downsample``) pad right/bottom by one and a stride-2 conv."""
+    """diffusers' ``DownEncoderBlock2D`` (``attention``: ``AttnDownEncoderBlock2D``, self-attention after each
+    ResBlock): ResBlocks, then (``downsample``) pad right/bottom by one and a stride-2 conv."""
 
-    def __init__(self, cin: int, cout: int, layers: int, cfg: UNetConfig, downsample: bool) -> None:
+    def __init__(
+        self, cin: int, cout: int, layers: int, cfg: UNetConfig, downsample: bool, attention: bool = False
+    ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(_resblock(c, cout, cfg, 0) for c in [cin] + [cout] * (layers - 1))
+        self.attentions = nn.ModuleList(_attention(cout, cfg, 0) for _ in range(layers if attention else 0))
         self.downsample = nn.Conv2d(cout, cout, 3, stride=2, padding=0) if downsample else None
 
     def forward(self, h: Tensor) -> Tensor:
         """(B, Cin, H, W) → (B, Cout, H/2, W/2), or (B, Cout, H, W) without downsampling."""
-        for resnet in self.resnets:
+        for i, resnet in enumerate(self.resnets):
             h = resnet(h)  # (B, Cout, H, W)
+            if self.attentions:
+                h = self.attentions[i](h)  # (B, Cout, H, W)
         if self.downsample is not None:
             h = self.downsample(F.pad(h, (0, 1, 0, 1)))  # (B, Cout, H/2, W/2)
         return h
 
 
 class UpLevel(nn.Module):
-    """diffusers' ``UpDecoderBlock2D``: ResBlocks (spatially conditioned with ``condition_channels``), then
-    (``upsample``) nearest ×2 and a 3×3 conv."""
+    """diffusers' ``UpDecoderBlock2D`` (``attention``: ``AttnUpDecoderBlock2D``, self-attention after each ResBlock):
+    ResBlocks (spatially conditioned with ``condition_channels``), then (``upsample``) nearest ×2 and a 3×3 conv."""
 
     def __init__(
-        self, cin: int, cout: int, layers: int, cfg: UNetConfig, upsample: bool, condition_channels: int = 0
+        self,
+        cin: int,
+        cout: int,
+        layers: int,
+        cfg: UNetConfig,
+        upsample: bool,
+        condition_channels: int = 0,
+        attention: bool = False,
     ) -> None:
         super().__init__()
         cins = [cin] + [cout] * (layers - 1)
         self.resnets = nn.ModuleList(_resblock(c, cout, cfg, condition_channels) for c in cins)
+        n_attn = layers if attention else 0
+        self.attentions = nn.ModuleList(_attention(cout, cfg, condition_channels) for _ in range(n_attn))
         self.upsample = nn.Conv2d(cout, cout, 3, padding=1) if upsample else None
 
     def forward(self, h: Tensor, zq: Tensor | None = None) -> Tensor:
         """(B, Cin, H, W) → (B, Cout, 2H, 2W), or (B, Cout, H, W) without upsampling."""
-        for resnet in self.resnets:
+        for i, resnet in enumerate(self.resnets):
             h = _run(resnet, h, zq)  # (B, Cout, H, W)
+            if self.attentions:
+                h = _run(self.attentions[i], h, zq)  # (B, Cout, H, W)
         if self.upsample is not None:
             h = self.upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, Cout, 2H, 2W)
         return h
+
+
+def _level_flags(flags: tuple[bool, ...], widths: tuple[int, ...]) -> tuple[bool, ...]:
+    """``flags`` (one per level, or empty for none) as one bool per level; ValueError naming both counts."""
+    if not flags:
+        return (False,) * len(widths)
+    if len(flags) != len(widths):
+        raise ValueError(f"level_attention needs one flag per level ({len(widths)} for {widths}); got {flags!r}")
+    return tuple(bool(f) for f in flags)
 
 
 class Encoder(nn.Module):
@@ -167,7 +205,7 @@ class Encoder(nn.Module):
 
     ``widths``: each level's width; ``layers``: ResBlocks per level; ``out_channels``: the output's channels (a
     KL-VAE's 2·latent moments, a MoVQ's latent); ``groups``: GroupNorm groups; ``mid_attention``: self-attention
-    in the middle block.
+    in the middle block; ``level_attention``: per level, self-attention after each of its ResBlocks (empty: none).
     """
 
     def __init__(
@@ -178,13 +216,15 @@ class Encoder(nn.Module):
         out_channels: int,
         groups: int,
         mid_attention: bool,
+        level_attention: tuple[bool, ...] = (),
     ) -> None:
         super().__init__()
         cfg = block_config(widths, groups)
         self.conv_in = nn.Conv2d(channels, widths[0], 3, padding=1)
         cins = [widths[0], *widths[:-1]]
         last = len(widths) - 1
-        self.down = nn.ModuleList(DownLevel(cins[i], w, layers, cfg, i < last) for i, w in enumerate(widths))
+        attn = _level_flags(level_attention, widths)
+        self.down = nn.ModuleList(DownLevel(cins[i], w, layers, cfg, i < last, attn[i]) for i, w in enumerate(widths))
         self.mid = MidBlock(widths[-1], cfg, mid_attention)
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=NORM_EPS)
         self.conv_out = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
@@ -203,7 +243,8 @@ class Decoder(nn.Module):
 
     Arguments as :class:`Encoder`'s (``latent``: the input's channels; each level has ``layers + 1`` ResBlocks);
     ``condition_channels > 0``: every norm is a :class:`SpatialNorm` on a z_q of that many channels, which
-    ``forward`` then requires.
+    ``forward`` then requires; ``level_attention``: the encoder's per-level flags (in the encoder's level order:
+    the decoder's levels run the other way).
     """
 
     def __init__(
@@ -215,17 +256,19 @@ class Decoder(nn.Module):
         groups: int,
         mid_attention: bool,
         condition_channels: int = 0,
+        level_attention: tuple[bool, ...] = (),
     ) -> None:
         super().__init__()
         cfg = block_config(widths, groups)
         self.condition_channels = condition_channels
+        attn = tuple(reversed(_level_flags(level_attention, widths)))
         rev = tuple(reversed(widths))  # widest (lowest resolution) first
         self.conv_in = nn.Conv2d(latent, rev[0], 3, padding=1)
         self.mid = MidBlock(rev[0], cfg, mid_attention, condition_channels)
         cins = [rev[0], *rev[:-1]]
         last = len(rev) - 1
         self.up = nn.ModuleList(
-            UpLevel(cins[i], w, layers + 1, cfg, i < last, condition_channels) for i, w in enumerate(rev)
+            UpLevel(cins[i], w, layers + 1, cfg, i < last, condition_channels, attn[i]) for i, w in enumerate(rev)
         )
         if condition_channels:
             self.conv_norm_out: nn.Module = SpatialNorm(widths[0], condition_channels, groups)
@@ -259,4 +302,5 @@ __all__ = [
     "SpatialSelfAttention2d",
     "UpLevel",
     "block_config",
+    "cpu_channels_last",
 ]

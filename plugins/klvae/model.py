@@ -24,16 +24,11 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
 from polymodal.models import PolymodalModel
-from polymodal.nn.autoencoder import Decoder, Encoder
+from polymodal.nn.autoencoder import Decoder, Encoder, cpu_channels_last
 
 from .nets import DiagonalGaussian
 
 _pos = in_range(1, 65536, integer=True)
-
-
-def _cpu_channels_last(x: Tensor) -> Tensor:
-    """``x`` in channels-last memory on the CPU, where its convolutions run faster (as the core UNet does)."""
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
 def _as_tuple(value: Any) -> Any:
@@ -152,14 +147,14 @@ class KLVAE(PolymodalModel):
         """Images (B, C, S, S) in [0, 1] → the posterior q(z | x) over latents (B, L, h, w) (``.mean``, ``.logvar``)."""
         self.check_images(images)
         p = self._param()
-        x = _cpu_channels_last(images.to(p.device, p.dtype) * 2.0 - 1.0)  # (B, C, S, S) in [-1, 1]
+        x = cpu_channels_last(images.to(p.device, p.dtype) * 2.0 - 1.0)  # (B, C, S, S) in [-1, 1]
         return DiagonalGaussian(self.quant_conv(self.encoder(x)).contiguous())  # moments (B, 2L, h, w)
 
     def decode(self, latents: Tensor, clamp: bool = True) -> Tensor:
         """Latents (B, L, h, w) (unscaled z) → images (B, C, S, S) in [0, 1] (``clamp=False``: not clamped)."""
         self.check_latents(latents)
         p = self._param()
-        z = _cpu_channels_last(latents.to(p.device, p.dtype))  # (B, L, h, w)
+        z = cpu_channels_last(latents.to(p.device, p.dtype))  # (B, L, h, w)
         out = (self.decoder(self.post_quant_conv(z)).contiguous() + 1.0) * 0.5  # (B, C, S, S), about [0, 1]
         return out.clamp(0.0, 1.0) if clamp else out
 

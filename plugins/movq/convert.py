@@ -3,9 +3,10 @@
 ``polymodal convert --from diffusers-movq SRC DST`` reads a folder as ``save_pretrained`` writes it
 (``config.json`` + ``diffusion_pytorch_model.safetensors``; never a pickle): the model's own folder, or a pipeline
 folder holding it in ``movq/`` (as Kandinsky 2.1's). Supported: ``norm_type="spatial"``, ``DownEncoderBlock2D`` /
-``UpDecoderBlock2D`` levels, SiLU, a codebook as wide as the latent (``vq_embed_dim`` unset or equal to
-``latent_channels``: the spatial norms are conditioned on it), with or without the middle attention, a square
-``sample_size`` and equal input and output channels; anything else (``norm_type="group"``, attention levels,
+``UpDecoderBlock2D`` levels or their ``Attn`` forms (the decoder's mirroring the encoder's, as Kandinsky 2.1's),
+SiLU, a codebook as wide as the latent (``vq_embed_dim`` unset or equal to ``latent_channels``: the spatial norms
+are conditioned on it), with or without the middle attention, a square ``sample_size`` and equal input and output
+channels; anything else (``norm_type="group"``, other block types, unmirrored attention levels,
 ``lookup_from_codebook``) is refused by name. The decoder's spatial norms have diffusers' fixed 32 groups
 (``decoder_norm_groups=32``). ``scaling_factor`` is not carried: Kandinsky 2.1's pipelines decode the latents as
 they are. The codebook ``quantize.embedding.weight`` becomes the EMA codebook's codes (counts of one each, as
@@ -55,13 +56,19 @@ def movq_config_from_diffusers(cfg: dict, source: str = "diffusers-movq") -> MoV
     if norm != "spatial":
         raise _refuse("norm_type", norm, "'spatial'", source)
     widths = tuple(cfg.get("block_out_channels", (64,)))
+    flags = {}
     for option, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         types = list(cfg.get(option, (kind,)))
         for found in types:
-            if found != kind:
-                raise _refuse(f"{option} entry", found, kind, source)
+            if found not in (kind, f"Attn{kind}"):
+                raise _refuse(f"{option} entry", found, f"{kind!r}, 'Attn{kind}'", source)
         if len(types) != len(widths):
             raise ValueError(f"{source}: {option} {types} needs one entry per block_out_channels {widths}")
+        flags[option] = tuple(t.startswith("Attn") for t in types)
+    attention = flags["down_block_types"]
+    if flags["up_block_types"] != attention[::-1]:  # the decoder mirrors the encoder's attention levels
+        mirrored = [("Attn" if a else "") + "UpDecoderBlock2D" for a in attention[::-1]]
+        raise _refuse("up_block_types", list(cfg["up_block_types"]), f"the down blocks mirrored, {mirrored}", source)
     latent = int(cfg.get("latent_channels", 3))
     dim = cfg.get("vq_embed_dim")
     if dim is not None and dim != latent:
@@ -83,6 +90,7 @@ def movq_config_from_diffusers(cfg: dict, source: str = "diffusers-movq") -> MoV
         norm_groups=int(cfg.get("norm_num_groups", 32)),
         decoder_norm_groups=SPATIAL_NORM_GROUPS,
         mid_attention=bool(cfg.get("mid_block_add_attention", True)),
+        level_attention=attention if any(attention) else (),
         codebook_size=int(cfg.get("num_vq_embeddings", 256)),
     )
 

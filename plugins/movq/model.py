@@ -26,15 +26,10 @@ from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range
 from polymodal.models import PolymodalModel
-from polymodal.nn.autoencoder import Decoder, Encoder
+from polymodal.nn.autoencoder import Decoder, Encoder, cpu_channels_last
 from polymodal.nn.quantize import EMACodebook, nearest
 
 _pos = in_range(1, 65536, integer=True)
-
-
-def _cpu_channels_last(x: Tensor) -> Tensor:
-    """``x`` in channels-last memory on the CPU, where its convolutions run faster (as the core UNet does)."""
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
 def _as_tuple(value: Any) -> Any:
@@ -69,6 +64,12 @@ class MoVQConfig:
     mid_attention: bool = field(
         True, "Self-attention between the two middle residual blocks (diffusers' mid_block_add_attention)."
     )
+    level_attention: tuple[bool, ...] = field(
+        (),
+        "Self-attention after each residual block of the levels flagged (one flag per level, in the encoder's "
+        "order; the decoder mirrors them): diffusers' AttnDownEncoderBlock2D / AttnUpDecoderBlock2D; empty: none.",
+        converter=_as_tuple,
+    )
     codebook_size: int = field(
         256, "Number of codes K (diffusers' num_vq_embeddings).", check=in_range(2, 1 << 20, integer=True)
     )
@@ -97,6 +98,11 @@ class MoVQConfig:
                 raise ValueError(
                     f"MoVQConfig.block_channels must be multiples of {name}={groups}; got {bad} in {widths}"
                 )
+        flags = self.level_attention
+        if flags and (len(flags) != len(widths) or any(not isinstance(f, bool) for f in flags)):
+            raise ValueError(
+                f"MoVQConfig.level_attention must be empty or one bool per level ({len(widths)}); got {flags!r}"
+            )
         factor = 1 << (len(widths) - 1)
         if self.image_size % factor:
             raise ValueError(
@@ -123,7 +129,7 @@ class MoVQ(PolymodalModel):
         c = config
         lat = c.latent_channels
         trunk = (c.channels, c.block_channels, c.layers_per_block)
-        self.encoder = Encoder(*trunk, lat, c.norm_groups, c.mid_attention)
+        self.encoder = Encoder(*trunk, lat, c.norm_groups, c.mid_attention, c.level_attention)
         self.quant_conv = nn.Conv2d(lat, lat, 1)
         self.codebook = EMACodebook(
             c.codebook_size,
@@ -133,7 +139,7 @@ class MoVQ(PolymodalModel):
             kmeans_iters=c.kmeans_iters,
         )
         self.post_quant_conv = nn.Conv2d(lat, lat, 1)
-        self.decoder = Decoder(*trunk, lat, c.decoder_norm_groups, c.mid_attention, condition_channels=lat)
+        self.decoder = Decoder(*trunk, lat, c.decoder_norm_groups, c.mid_attention, lat, c.level_attention)
 
     # -- shapes and checks --------------------------------------------------------------------------
     @property
@@ -141,11 +147,6 @@ class MoVQ(PolymodalModel):
         """(L, h, w) of the latent of one configured image."""
         side = self.config.image_size // self.config.downsampling
         return self.config.latent_channels, side, side
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(h, w) of the code grid of one configured image."""
-        return self.latent_shape[1:]
 
     @property
     def codebook_size(self) -> int:
@@ -172,7 +173,7 @@ class MoVQ(PolymodalModel):
 
     def check_codes(self, codes: Any) -> None:
         """ValueError naming expected vs given unless ``codes`` is an integer (B, h, w) grid of valid ids."""
-        h, w = self.grid
+        _, h, w = self.latent_shape
         if not isinstance(codes, Tensor) or codes.dim() != 3 or tuple(codes.shape[1:]) != (h, w):
             got = tuple(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__
             raise ValueError(f"expected codes (B, {h}, {w}); got {got}")
@@ -192,7 +193,7 @@ class MoVQ(PolymodalModel):
         ``VQModel.encode(...).latents``): what a latent diffusion model (Kandinsky 2.1) works on."""
         self.check_images(images)
         p = self._param()
-        x = _cpu_channels_last(images.to(p.device, p.dtype) * 2.0 - 1.0)  # (B, C, S, S) in [-1, 1]
+        x = cpu_channels_last(images.to(p.device, p.dtype) * 2.0 - 1.0)  # (B, C, S, S) in [-1, 1]
         return self.quant_conv(self.encoder(x)).contiguous()  # (B, L, h, w)
 
     def quantize(self, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -212,7 +213,7 @@ class MoVQ(PolymodalModel):
 
     def _decode(self, z: Tensor, clamp: bool) -> Tensor:
         """z (B, L, h, w) (quantised or not) → images: the decoder on post_quant_conv(z), its norms conditioned on z."""
-        z = _cpu_channels_last(z)
+        z = cpu_channels_last(z)
         out = (self.decoder(self.post_quant_conv(z), z).contiguous() + 1.0) * 0.5  # (B, C, S, S), about [0, 1]
         return out.clamp(0.0, 1.0) if clamp else out
 
