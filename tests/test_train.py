@@ -55,6 +55,33 @@ def test_resume_reaches_the_same_weights(digits, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_the_foreach_optimiser_and_ema_give_the_bits_of_the_per_tensor_loop(digits, monkeypatch):
+    """The trainer runs AdamW, gradient clipping and the EMA with foreach kernels (a quarter of the per-tensor
+    loop's cost on the CPU); they must reach exactly the weights of the per-tensor loop torch picks there."""
+    from polymodal.train import ema as ema_module
+
+    cfg = TrainConfig(steps=6, batch_size=16, warmup_steps=2, grad_clip=0.05, ema_decay=0.9, log_every=1)
+    fast = train(tiny_vit(digits), digits, cfg, progress=False).state_dict()
+
+    adamw, clip = torch.optim.AdamW, torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: adamw(*a, **{**k, "foreach": False}))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clip(*a, **{**k, "foreach": False}))
+
+    def per_tensor_update(self, model):
+        self.updates += 1
+        d = self.decay_at(self.updates)
+        params = dict(model.named_parameters())
+        for name, s in self.shadow.items():
+            s.sub_((1 - d) * (s - params[name].detach()))
+        return d
+
+    monkeypatch.setattr(ema_module.EMAWeights, "update", per_tensor_update)
+    slow = train(tiny_vit(digits), digits, cfg, progress=False).state_dict()
+    assert fast.keys() == slow.keys()
+    changed = [k for k in fast if not torch.equal(fast[k], slow[k])]
+    assert not changed, changed
+
+
 def test_training_changes_weights_and_uses_augmentation_rng(digits):
     model = tiny_vit(digits)
     before = {k: v.clone() for k, v in model.state_dict().items()}

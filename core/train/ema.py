@@ -110,8 +110,15 @@ class EMAWeights:
         self.updates += 1
         d = self.decay_at(self.updates)
         params = self._params(model)
-        for name, s in self.shadow.items():
-            s.sub_((1 - d) * (s - params[name].detach().to(s.dtype)))
+        shadow = list(self.shadow.values())
+        current = [params[name].detach().to(s.dtype) for name, s in self.shadow.items()]
+        if all(type(t) is Tensor for t in shadow + current):  # plain tensors: the same ops, one launch each
+            diff = torch._foreach_sub(shadow, current)  # s − p
+            torch._foreach_mul_(diff, 1 - d)  # (1 − d)(s − p)
+            torch._foreach_sub_(shadow, diff)
+        else:  # DTensors (FSDP2) and other subclasses: tensor by tensor
+            for s, p in zip(shadow, current):
+                s.sub_((1 - d) * (s - p))
         return d
 
     @torch.no_grad()

@@ -247,7 +247,12 @@ def _train(
     if how == "fsdp":  # fully_shard swaps classes in place: shard a copy, load the result back at the end
         model = copy.deepcopy(original)
     wrapped = wrap(model, cfg, ctx)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # foreach: one kernel launch per group instead of per tensor; on the CPU it gives the same bits as the
+    # per-tensor loop torch picks there by default (tests/test_train.py), at a quarter of the cost
+    foreach = True if how != "fsdp" else None  # FSDP's DTensors: torch's own choice
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=foreach
+    )
     ema = (
         EMAWeights(model, cfg.ema_decay, warmup=cfg.ema_warmup, power=cfg.ema_power, start=cfg.ema_start)
         if cfg.ema_decay > 0
@@ -329,7 +334,7 @@ def _train(
                     step_metrics[key] = v if k == 1 else step_metrics.get(key, 0.0) + v / k
             reduce_replicated(wrapped, ctx)
             if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # DTensor gradients too
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=foreach)  # DTensors too
             opt.step()
             if isinstance(model, PolymodalModel):
                 model.after_step()
