@@ -44,6 +44,16 @@ def test_digits_split_sizes_and_indices():
     assert set(train_idx).isdisjoint(test_idx)
 
 
+def test_a_batch_names_the_split_rows_it_holds_and_keeps_them_on_a_device_move():
+    d = digits()
+    batch = d.train.batch([7, 2, 7])
+    assert batch.index.tolist() == [7, 2, 7]
+    assert torch.equal(batch["image"], d.train["image"][[7, 2, 7]])
+    moved = batch.to("cpu")
+    assert moved.index.tolist() == [7, 2, 7] and moved.source == batch.source
+    assert d.train.subset([1, 2]).batch([1]).index.tolist() == [1]  # the rows of the split it is taken from
+
+
 def test_digits_pixels_and_meta():
     d = digits()
     for split in (d.train, d.test):

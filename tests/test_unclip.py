@@ -112,6 +112,44 @@ def test_begin_step_fits_the_prior_statistics_on_the_training_split(digits):
     torch.testing.assert_close(m.prior.clip_std, embeds.std(0))
 
 
+def test_the_training_features_are_the_clips_and_are_only_used_for_their_own_rows(digits):
+    """begin_step computes the frozen CLIP's features once; a step uses them only for a batch that names its split
+    rows and holds those rows' images, and for captions of the template × class set (else None: computed)."""
+    m = contracts.build("unclip", dataset=digits)
+    m.begin_step(0, 10)
+    features = m.training_features
+    rows = torch.tensor([5, 0, 17, 3])
+    batch = digits.train.batch(rows)
+    images = batch["image"].float()
+    torch.testing.assert_close(features.image_embeddings(batch, images), m.image_embeddings(images), atol=1e-5, rtol=0)
+    assert features.image_embeddings(dict(batch), images) is None  # no split rows
+    other = digits.train.batch(rows + 1)
+    assert features.image_embeddings(other, images) is None  # rows of other images
+    labels = batch["label"].tolist()
+    captions = [cond.fill_label(m.config.templates[i % 3], k, m.config.class_names) for i, k in enumerate(labels)]
+    stored = features.text_condition(captions)
+    embed, tokens, mask = m.text_condition(m.clip.tokenize(captions, truncate=True))
+    n = mask.shape[1]
+    assert not stored[2][:, n:].any()  # the set's longer padding is masked out
+    torch.testing.assert_close(stored[0], embed, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stored[2][:, :n], mask)
+    torch.testing.assert_close(stored[1][:, :n][mask], tokens[mask], atol=1e-5, rtol=0)
+    assert features.text_condition([*captions, "a caption outside the set"]) is None
+
+
+def test_a_training_step_with_the_stored_features_equals_one_without(digits):
+    m = contracts.build("unclip", dataset=digits).train()
+    m.begin_step(0, 10)
+    batch = digits.train.batch(list(range(12)))
+    torch.manual_seed(3)
+    stored, _ = m.loss(batch)
+    features, m.training_features = m.training_features, None
+    torch.manual_seed(3)
+    computed, _ = m.loss(batch)
+    m.training_features = features
+    torch.testing.assert_close(stored, computed, atol=1e-5, rtol=1e-5)
+
+
 def test_captions_are_redrawn_from_the_templates(model, shapes, digits):
     torch.manual_seed(0)
     batch = digits.train.batch(list(range(8)))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import attrs
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import polymodal
 from polymodal.diffusion import make_sampler
@@ -164,6 +166,30 @@ def test_dropped_text_is_the_learned_null():
         torch.manual_seed(5)
         kept_losses.append(kept.loss(b)[0].item())
     assert kept_losses[0] != kept_losses[1]  # nothing dropped: the text matters
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 5), min_size=1, max_size=6),
+    null_rows=st.lists(st.booleans(), min_size=6, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_leaving_out_unattended_text_positions_gives_the_padded_result(lengths, null_rows, seed):
+    """``grouped_forward`` (the training loss and sampling path) drops the text positions no row attends and
+    runs all-attended (null-text) rows apart: the same x0 as ``forward`` on the text padded to L."""
+    model = tiny_prior(depth=2)  # L = 5
+    c, b = model.config, len(lengths)
+    g = torch.Generator().manual_seed(seed)
+    lengths_t = torch.tensor(lengths)  # (B,) real tokens per row, 0 … L
+    mask = torch.arange(c.text_len)[None] < lengths_t[:, None]  # (B, L)
+    mask |= torch.tensor(null_rows[:b])[:, None]  # null-text rows attend every position
+    tokens = torch.randn(b, c.text_len, c.text_dim, generator=g)
+    embed, noisy = torch.randn(b, c.embed_dim, generator=g), torch.randn(b, c.embed_dim, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    with torch.no_grad():
+        full = model(noisy, t, embed, tokens, mask)
+        grouped = model.grouped_forward(noisy, t, embed, tokens, mask)
+    torch.testing.assert_close(grouped, full, atol=1e-5, rtol=1e-5)
 
 
 def test_fit_stats_normalises_and_denormalises():

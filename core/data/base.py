@@ -30,20 +30,28 @@ class MissingFieldError(KeyError):
 
 
 class Batch(dict):
-    """A batch of samples by field name (a ``dict``); a missing field raises :class:`MissingFieldError`."""
+    """A batch of samples by field name (a ``dict``); a missing field raises :class:`MissingFieldError`.
 
-    def __init__(self, fields: dict[str, Any], source: str = "") -> None:
+    ``index`` (B,) holds the rows of the in-memory split the samples came from (:meth:`Split.batch`), or None
+    where that is unknown (streamed data): a model may key per-sample caches of frozen features by it, and must
+    still check that the rows it looks up are the batch's.
+    """
+
+    def __init__(self, fields: dict[str, Any], source: str = "", index: Tensor | None = None) -> None:
         super().__init__(fields)
         self.source = source
+        self.index = index
 
     def __missing__(self, name: str) -> Any:
         raise MissingFieldError(name, list(self), self.source)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """A new batch with every tensor on ``device`` (lists unchanged), from the same dataset."""
+        index = self.index
         return Batch(
             {k: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v for k, v in self.items()},
             self.source,
+            None if index is None else index.to(device, non_blocking=non_blocking),
         )
 
 
@@ -78,7 +86,7 @@ class Split:
         out: dict[str, Any] = {}
         for k, v in self.fields.items():
             out[k] = v[index] if isinstance(v, Tensor) else [v[i] for i in index.tolist()]
-        return Batch(out, self.source)
+        return Batch(out, self.source, index)
 
     def subset(self, index: Tensor | list[int]) -> Split:
         """A new split with only the samples at ``index``."""

@@ -32,6 +32,7 @@ from polymodal.models.tiny import tiny_config
 from polymodal.registry import get_registry
 
 from . import condition as cond
+from .cache import TrainingFeatures
 from .config import UnCLIPConfig
 from .sample import SAMPLE_OPTIONS
 
@@ -77,6 +78,7 @@ class UnCLIP(PolymodalModel):
         for name, part in self.attach_parts(parts).items():
             setattr(self, self.part_attributes[name], part)
         self.freeze()
+        self.training_features: TrainingFeatures | None = None  # the frozen CLIP's, once training starts
 
     def _fitted_part(self, name: str, part: Any, want: dict[str, int]) -> Any:
         """``part`` if its widths fit the CLIP; a fresh part (path '') is rebuilt for them; else a ValueError."""
@@ -171,8 +173,9 @@ class UnCLIP(PolymodalModel):
         """CLIP ids (B, L) → text embedding (B, E), token features (B, L', Dt) and mask (B, L'), L' ≤ the prior's."""
         ids = ids.to(self.device)
         embed, tokens, mask = self.clip.encode_text_and_tokens(ids)  # (B, E), (B, L, Dt), (B, L): one text pass
-        embed = embed.float()
-        tokens, mask = cond.fit_length(tokens.float(), mask, self.prior.config.text_len, "prior")
+        embed, tokens, length = embed.float(), tokens.float(), self.prior.config.text_len
+        if tokens.shape[1] > length:  # only padding is cut; shorter texts stay short (the parts pad or mask)
+            tokens, mask = cond.fit_length(tokens, mask, length, "prior")
         return embed, tokens, mask
 
     def encode_prompts(self, prompts: Any, truncate: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -192,13 +195,16 @@ class UnCLIP(PolymodalModel):
         self.prior.fit_stats(self.image_embeddings(images))
 
     def begin_step(self, step: int, total: int) -> None:
-        """The trainer's hook: before the first step, fit the prior's statistics on the whole training split of
-        the registered dataset the config names (a folder of images: on the first batch, in :meth:`loss`)."""
+        """The trainer's hook: before the first step, compute the frozen CLIP's features of the whole training
+        split of the registered dataset the config names (:class:`.cache.TrainingFeatures`) and fit the prior's
+        statistics on its image embeddings (a folder of images: on the first batch, in :meth:`loss`)."""
         super().begin_step(step, total)
-        if not bool(self.prior.stats_fitted) and self.default_data:
+        if self.training_features is None and self.default_data:
             from polymodal.data import load_dataset
 
-            self.fit_clip_stats(load_dataset(self.default_data).train["image"])
+            self.training_features = TrainingFeatures.build(self, load_dataset(self.default_data).train["image"])
+            if not bool(self.prior.stats_fitted):  # a resumed run brings its fitted statistics back
+                self.prior.fit_stats(self.training_features.embeds)
 
     # -- training ---------------------------------------------------------------------------------
     def forward(
@@ -218,8 +224,14 @@ class UnCLIP(PolymodalModel):
         captions = cond.resample_captions(self.config, batch) if self.training else list(batch["caption"])
         if self.training and not bool(self.prior.stats_fitted):  # a folder of images: fit on the first batch
             self.fit_clip_stats(images)
-        image_embed = self.image_embeddings(images)  # (B, E), no grad
-        text_embed, tokens, mask = self.text_condition(self.clip.tokenize(captions, truncate=True))
+        features = self.training_features if self.training else None
+        image_embed = features.image_embeddings(batch, images) if features is not None else None
+        if image_embed is None:
+            image_embed = self.image_embeddings(images)  # (B, E), no grad
+        text = features.text_condition(captions) if features is not None else None
+        if text is None:
+            text = self.text_condition(self.clip.tokenize(captions, truncate=True))
+        text_embed, tokens, mask = text  # (B, E), (B, n, Dt), (B, n)
         embeds = {"image_embed": image_embed, "text_embed": text_embed, "text_tokens": tokens, "text_mask": mask}
         prior_loss, prior_metrics = self.prior.loss(embeds)
         decoder_loss, decoder_metrics = self.decoder.loss({**embeds, "image": self.decoder_images(images)})

@@ -193,7 +193,7 @@ class DiffusionPrior(PolymodalModel):
     ) -> Tensor:
         """The predicted x0 (B, E) of the noised normalised image embedding ``noisy`` (B, E) at timesteps ``t``."""
         noisy = _shaped("noisy", noisy, "B", self.config.embed_dim)
-        b, w = noisy.shape[0], self.config.width
+        b = noisy.shape[0]
         text_embed, text_tokens, mask = self.prepare_text(text_embed, text_tokens, text_mask)
         if text_embed.shape[0] != b:
             raise ValueError(f"text_embed must have the batch of noisy ({b}); got {text_embed.shape[0]}")
@@ -202,25 +202,59 @@ class DiffusionPrior(PolymodalModel):
             t = t.reshape(1).expand(b)  # (B,)
         if t.shape != (b,):
             raise ValueError(f"t must be a scalar or have shape ({b},); got {tuple(t.shape)}")
+        return self._network(noisy, t, text_embed, text_tokens, mask)
+
+    def _network(
+        self, noisy: Tensor, t: Tensor, text_embed: Tensor, tokens: Tensor, mask: Tensor, kept: Tensor | None = None
+    ) -> Tensor:
+        """The transformer on checked inputs: x0 (B, E). ``kept`` (n,) are the text positions ``tokens`` (B, n, Dt)
+        and ``mask`` (B, n) hold (None: all L); each token keeps its learned position (the four after the text
+        keep L … L + 3), so positions no row attends can be left out without changing the result."""
+        b, w = noisy.shape[0], self.config.width
         temb = self.time_embedding(timestep_embedding(t, w, flip_sin_to_cos=True, freq_shift=0))  # (B, W)
         if self.embedding_proj_norm is not None:
             text_embed = self.embedding_proj_norm(text_embed)  # (B, E)
         seq = torch.cat(
             [
-                self.encoder_hidden_states_proj(text_tokens),  # (B, L, W)
+                self.encoder_hidden_states_proj(tokens),  # (B, n, W)
                 self.embedding_proj(text_embed)[:, None],  # (B, 1, W)
                 temb[:, None],  # (B, 1, W)
                 self.proj_in(noisy)[:, None],  # (B, 1, W)
                 self.prd_embedding.expand(b, -1, -1),  # (B, 1, W)
             ],
             dim=1,
-        )  # (B, L + 4, W)
-        seq = seq + self.positional_embedding  # (B, L + 4, W)
+        )  # (B, n + 4, W)
+        positions = self.positional_embedding  # (1, L + 4, W)
+        if kept is not None:
+            after = torch.arange(self.config.text_len, self.config.text_len + EXTRA, device=kept.device)  # (4,)
+            positions = positions[:, torch.cat([kept, after])]  # (1, n + 4, W)
+        seq = seq + positions  # (B, n + 4, W)
         if self.norm_in is not None:
             seq = self.norm_in(seq)
-        keys = torch.cat([mask, mask.new_ones(b, EXTRA)], dim=1)  # (B, L + 4) True = attend
-        h = self.transformer(seq, causal=True, key_padding=keys)  # (B, L + 4, W), norm_out applied
+        keys = torch.cat([mask, mask.new_ones(b, EXTRA)], dim=1)  # (B, n + 4) True = attend
+        h = self.transformer(seq, causal=True, key_padding=keys)  # (B, n + 4, W), norm_out applied
         return self.proj_to_clip_embeddings(h[:, -1])  # (B, E)
+
+    def grouped_forward(self, noisy: Tensor, t: Tensor, text_embed: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+        """:meth:`forward` (checked inputs, tokens padded to L) computed without the text positions no row
+        attends — the same x0 (B, E) at a fraction of the cost when captions are short. Rows that attend every
+        position (the learned null text) run apart from the others, which then drop their common padding."""
+        t = torch.as_tensor(t, device=noisy.device)
+        t = t.reshape(1).expand(noisy.shape[0]) if t.numel() == 1 else t  # (B,)
+        full = mask.all(1)  # (B,)
+        groups = [full.nonzero().squeeze(1), (~full).nonzero().squeeze(1)]  # null-text rows, the others
+        groups = [g for g in groups if g.numel()]
+        parts = []
+        for rows in groups:
+            m = mask[rows]  # (b', L)
+            kept = m.any(0).nonzero().squeeze(1)  # (n,) positions some row of the group attends
+            if kept.numel() == 0:
+                kept = kept.new_zeros(1)  # a group with no text at all still needs one (masked) position
+            parts.append(self._network(noisy[rows], t[rows], text_embed[rows], tokens[rows][:, kept], m[:, kept], kept))
+        if len(parts) == 1:
+            return parts[0]
+        order = torch.cat(groups).argsort()  # (B,) back to the batch's order
+        return torch.cat(parts)[order]  # (B, E)
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """MSE on x0 of the normalised ``image_embed``, with the text dropped for ``text_dropout`` of the batch."""
@@ -243,7 +277,7 @@ class DiffusionPrior(PolymodalModel):
             tokens = torch.where(dropped[:, None, None], null_tokens, tokens)  # (B, L, Dt)
             mask = torch.where(dropped[:, None], null_mask, mask)  # (B, L)
         loss, metrics = diffusion_loss(
-            self.schedule, lambda x, t: self(x, t, text_embed, tokens, mask), self.normalise(image)
+            self.schedule, lambda x, t: self.grouped_forward(x, t, text_embed, tokens, mask), self.normalise(image)
         )
         return loss, {**metrics, "text_dropped": float(dropped.float().mean())}
 
@@ -287,7 +321,9 @@ class DiffusionPrior(PolymodalModel):
             "tokens": null[1].to(dev, tokens.dtype),
             "mask": null[2].to(dev),
         }
-        fn = cfg_model(lambda x, t, d: self(x, t, d["embed"], d["tokens"], d["mask"]), cond, nulls, scale)
+        fn = cfg_model(
+            lambda x, t, d: self.grouped_forward(x, t, d["embed"], d["tokens"], d["mask"]), cond, nulls, scale
+        )
         with eval_mode(self):
             x0 = diffusion_sample(fn, chosen, (k * b, c.embed_dim), generator=generator, device=dev).images  # (KB, E)
         embeds = self.denormalise(x0).reshape(k, b, c.embed_dim)  # (K, B, E)
