@@ -14,7 +14,6 @@ per-image sum of the reconstruction error; LDM uses 1e-6). A latent diffusion mo
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import Any
 
 import attrs
@@ -23,40 +22,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range, one_of
-from polymodal.models import PolymodalModel
+from polymodal.models.autoencoder import AutoencoderTrunkConfig, ImageAutoencoder
 from polymodal.nn.autoencoder import Decoder, Encoder, cpu_channels_last
 
 from .nets import DiagonalGaussian
 
-_pos = in_range(1, 65536, integer=True)
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
 
 @config
-class KLVAEConfig:
-    """A KL autoencoder: image shape, the diffusers-style trunk, the latent and the loss."""
+class KLVAEConfig(AutoencoderTrunkConfig):
+    """A KL autoencoder: image shape, the diffusers-style trunk (:class:`AutoencoderTrunkConfig`; ``norm_groups``
+    for every norm), the latent and the loss."""
 
-    image_size: int = field(8, "Side of the square input images, in pixels.", check=in_range(1, 4096, integer=True))
-    channels: int = field(
-        1, "Image channels (1 grey, 3 RGB): the encoder's input and the decoder's output.", check=_pos
-    )
-    block_channels: tuple[int, ...] = field(
-        (32, 64),
-        "Width of each resolution level (diffusers' block_out_channels); every level but the last halves the "
-        "resolution, so the latent grid is image_size / 2^(levels − 1) per side.",
-        converter=_as_tuple,
-    )
-    layers_per_block: int = field(
-        1, "Residual blocks per encoder level (each decoder level has one more).", check=in_range(1, 64, integer=True)
-    )
-    latent_channels: int = field(4, "Channels L of the latent z (B, L, h, w).", check=_pos)
-    norm_groups: int = field(8, "GroupNorm groups of every norm; must divide every level width.", check=_pos)
-    mid_attention: bool = field(
-        True, "Self-attention between the two middle residual blocks (diffusers' mid_block_add_attention)."
-    )
     recon_loss: str = field(
         "mse",
         "Reconstruction term of the loss: 'mse' (squared error) or 'l1' (absolute error).",
@@ -76,33 +52,11 @@ class KLVAEConfig:
     )
     data: str = field("", "Name of the dataset the config was adapted to (``polymodal eval`` default).")
 
-    def __attrs_post_init__(self) -> None:
-        widths = self.block_channels
-        if not widths or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
-            raise ValueError(f"KLVAEConfig.block_channels must be positive integers, one per level; got {widths!r}")
-        bad = [w for w in widths if w % self.norm_groups]
-        if bad:
-            raise ValueError(
-                f"KLVAEConfig.block_channels must be multiples of norm_groups={self.norm_groups}; got {bad} in {widths}"
-            )
-        factor = 1 << (len(widths) - 1)
-        if self.image_size % factor:
-            raise ValueError(
-                f"KLVAEConfig.image_size must be divisible by 2^(levels − 1) = {factor} ({len(widths)} levels in "
-                f"block_channels={widths}); got image_size={self.image_size}"
-            )
 
-    @property
-    def downsampling(self) -> int:
-        """f: the image side over the latent side (2^(levels − 1))."""
-        return 1 << (len(self.block_channels) - 1)
-
-
-class KLVAE(PolymodalModel):
+class KLVAE(ImageAutoencoder):
     """Images (B, C, S, S) in [0, 1] ⇄ latents (B, L, h, w); ``forward`` gives the reconstruction of the mode."""
 
     family = "klvae"
-    image_fields = "config"  # image_size and channels: what preprocess() prepares
     config_class = KLVAEConfig
 
     def __init__(self, config: KLVAEConfig) -> None:
@@ -114,40 +68,10 @@ class KLVAE(PolymodalModel):
         self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1)
 
-    # -- shapes and checks --------------------------------------------------------------------------
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(L, h, w) of the latent of one configured image."""
-        side = self.config.image_size // self.config.downsampling
-        return self.config.latent_channels, side, side
-
-    def check_images(self, images: Any) -> None:
-        """ValueError naming expected vs given unless ``images`` is a float (B, C, S, S) batch of the configured shape."""
-        c, s = self.config.channels, self.config.image_size
-        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (c, s, s):
-            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"expected images (B, {c}, {s}, {s}) in [0, 1]; got {got}")
-        if not images.is_floating_point():
-            raise ValueError(f"expected floating-point images in [0, 1]; got dtype {images.dtype}")
-
-    def check_latents(self, latents: Any) -> None:
-        """ValueError naming expected vs given unless ``latents`` is a float (B, L, h, w) batch of the configured shape."""
-        shape = self.latent_shape
-        if not isinstance(latents, Tensor) or latents.dim() != 4 or tuple(latents.shape[1:]) != shape:
-            got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
-            raise ValueError(f"expected latents (B, {', '.join(map(str, shape))}) = (B, L, h, w); got {got}")
-        if not latents.is_floating_point():
-            raise ValueError(f"expected floating-point latents; got dtype {latents.dtype}")
-
-    def _param(self) -> Tensor:
-        return self.quant_conv.weight
-
     # -- the autoencoder ----------------------------------------------------------------------------
     def encode(self, images: Tensor) -> DiagonalGaussian:
         """Images (B, C, S, S) in [0, 1] → the posterior q(z | x) over latents (B, L, h, w) (``.mean``, ``.logvar``)."""
-        self.check_images(images)
-        p = self._param()
-        x = cpu_channels_last(images.to(p.device, p.dtype) * 2.0 - 1.0)  # (B, C, S, S) in [-1, 1]
+        x = self.network_input(images)  # (B, C, S, S) in [-1, 1]
         return DiagonalGaussian(self.quant_conv(self.encoder(x)).contiguous())  # moments (B, 2L, h, w)
 
     def decode(self, latents: Tensor, clamp: bool = True) -> Tensor:
@@ -155,8 +79,7 @@ class KLVAE(PolymodalModel):
         self.check_latents(latents)
         p = self._param()
         z = cpu_channels_last(latents.to(p.device, p.dtype))  # (B, L, h, w)
-        out = (self.decoder(self.post_quant_conv(z)).contiguous() + 1.0) * 0.5  # (B, C, S, S), about [0, 1]
-        return out.clamp(0.0, 1.0) if clamp else out
+        return self.network_output(self.decoder(self.post_quant_conv(z)), clamp)  # (B, C, S, S)
 
     def forward(self, images: Tensor) -> Tensor:
         """Reconstruction (B, C, S, S) in [0, 1] of ``images`` (B, C, S, S) through the posterior's mode."""
@@ -198,16 +121,6 @@ class KLVAE(PolymodalModel):
 
     # -- training ---------------------------------------------------------------------------------
     @classmethod
-    def config_for_data(cls, config: KLVAEConfig, dataset: Any, fixed: Collection[str] = ()) -> KLVAEConfig:
-        """Image size and channels from the dataset's meta (unless set explicitly); remembers the dataset's name."""
-        meta = dataset.meta
-        changes: dict[str, Any] = {"data": dataset.name}
-        for key in ("image_size", "channels"):
-            if key not in fixed and key in meta:
-                changes[key] = meta[key]
-        return attrs.evolve(config, **changes)
-
-    @classmethod
     def tiny_config(cls, config: KLVAEConfig) -> KLVAEConfig:
         """The same architecture at toy size (widths 8 and 16, one block per level), for the contract tests."""
         levels = len(config.block_channels)
@@ -237,15 +150,10 @@ class KLVAE(PolymodalModel):
         return evaluate_klvae(self, dataset, split, batch_size)
 
     def sample_to_folder(self, out: Any, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any) -> list:
-        """Originals and reconstructions of ``n`` test images (see :func:`.evaluate.write_reconstructions`)."""
-        from .evaluate import write_reconstructions
+        """Originals and reconstructions (the posterior's mode) of ``n`` test images (``polymodal sample``)."""
+        from polymodal.eval.reconstructions import write_reconstructions
 
-        return write_reconstructions(self, out, n=n, prompt=prompt, seed=seed, **options)
-
-    def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor]:
-        """A random image batch (B, C, S, S) in [0, 1]."""
-        c, s = self.config.channels, self.config.image_size
-        return (torch.rand(batch_size, c, s, s, generator=generator),)
+        return write_reconstructions(self, out, n=n, prompt=prompt, seed=seed, what="kl-vae", **options)
 
     def card_lines(self) -> list[str]:
         """Data, architecture, loss and latent scale for the model card."""

@@ -1,13 +1,11 @@
-"""MoVQ metrics (reconstruction through the quantiser and without it, codebook use) and the reconstruction samples."""
+"""MoVQ metrics: reconstruction through the quantiser and without it, codebook use."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from polymodal.nn import eval_mode
 
@@ -55,35 +53,3 @@ def evaluate_movq(model: Any, dataset: Any, split: str = "test", batch_size: int
         "codes_used": int((counts > 0).sum()),
         "samples": len(images),
     }
-
-
-def write_reconstructions(
-    model: Any, out: str | Path, *, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
-) -> list[Path]:
-    """Write ``n`` random test images of the model's dataset and their quantised reconstructions to ``out``:
-    ``sample_000.png`` … the reconstructions, ``original_000.png`` … the inputs, ``grid.png`` the reconstructions
-    tiled and ``pairs.png`` originals (top row) over reconstructions (bottom row). A MoVQ takes no prompt and no
-    sampling options."""
-    from polymodal.data import load_dataset
-    from polymodal.eval.images import make_grid, save_png, write_samples
-
-    if options:
-        raise ValueError(f"movq sampling writes reconstructions and takes no options; got {', '.join(sorted(options))}")
-    if prompt:
-        raise ValueError(f"a movq is an unconditional autoencoder and takes no prompt; got {prompt!r}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive int; got {n!r}")
-    if not model.default_data:
-        raise ValueError(
-            f"this movq was adapted to no built-in dataset (config.data={model.config.data!r}); nothing to reconstruct"
-        )
-    test = load_dataset(model.default_data).test["image"].float()  # (N, C, S, S)
-    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n]
-    originals: Tensor = test[pick]  # (n, C, S, S)
-    with torch.no_grad(), eval_mode(model):
-        recon = model(originals).cpu()  # (n, C, S, S)
-    out = Path(out)
-    paths = write_samples(recon, out)
-    paths += [save_png(img, out / f"original_{i:03d}.png") for i, img in enumerate(originals)]
-    paths.append(save_png(make_grid(torch.cat([originals, recon]), nrow=len(originals)), out / "pairs.png", scale=4))
-    return paths

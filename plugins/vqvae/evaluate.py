@@ -1,13 +1,11 @@
-"""VQ-VAE metrics (reconstruction error, codebook use) and the reconstruction samples folder."""
+"""VQ-VAE metrics: reconstruction error and codebook use."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from polymodal.nn import eval_mode
 
@@ -43,38 +41,3 @@ def evaluate_vqvae(model: Any, dataset: Any, split: str = "test", batch_size: in
         "codes_used": int((counts > 0).sum()),
         "samples": len(images),
     }
-
-
-def write_reconstructions(
-    model: Any, out: str | Path, *, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
-) -> list[Path]:
-    """Write ``n`` random test images of the model's dataset and their reconstructions to ``out``.
-
-    ``sample_000.png`` … are the reconstructions (native size), ``original_000.png`` … the
-    inputs, ``grid.png`` the reconstructions tiled and ``pairs.png`` originals (top row) over
-    reconstructions (bottom row). A VQ-VAE takes no prompt and no sampling options.
-    """
-    from polymodal.data import load_dataset
-    from polymodal.eval.images import make_grid, save_png, write_samples
-
-    if options:
-        raise ValueError(
-            f"vqvae sampling writes reconstructions and takes no options; got {', '.join(sorted(options))}"
-        )
-    if prompt:
-        raise ValueError(f"vqvae is an unconditional tokenizer and takes no prompt; got {prompt!r}")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int; got {n!r}")
-    if not model.default_data:
-        raise ValueError(
-            f"this vqvae was adapted to no built-in dataset (config.data={model.config.data!r}); nothing to reconstruct"
-        )
-    test = load_dataset(model.default_data).test["image"].float()  # (N, C, H, W)
-    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n]
-    originals: Tensor = test[pick]  # (n, C, H, W)
-    recon = model.decode(model.encode(originals)).cpu()  # (n, C, H, W)
-    out = Path(out)
-    paths = write_samples(recon, out)
-    paths += [save_png(img, out / f"original_{i:03d}.png") for i, img in enumerate(originals)]
-    paths.append(save_png(make_grid(torch.cat([originals, recon]), nrow=len(originals)), out / "pairs.png", scale=4))
-    return paths

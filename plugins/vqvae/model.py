@@ -223,10 +223,19 @@ class VQVAE(PolymodalModel):
         return evaluate_vqvae(self, dataset, split, batch_size)
 
     def sample_to_folder(self, out: Any, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any) -> list:
-        """Originals and reconstructions of ``n`` test images (see :func:`.evaluate.write_reconstructions`)."""
-        from .evaluate import write_reconstructions
+        """Originals and reconstructions of ``n`` test images (``polymodal sample``)."""
+        from polymodal.eval.reconstructions import write_reconstructions
 
-        return write_reconstructions(self, out, n=n, prompt=prompt, seed=seed, **options)
+        return write_reconstructions(
+            self,
+            out,
+            n=n,
+            prompt=prompt,
+            seed=seed,
+            what="vqvae",
+            reconstruct=lambda x: self.decode(self.encode(x)),
+            **options,
+        )
 
     def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor]:
         """A random image batch (B, C, S, S) in [0, 1]."""
