@@ -72,6 +72,7 @@ HEADLINES: dict[str, tuple[tuple[str, str], ...]] = {
     "unclip-shapes": (("sample_colour_accuracy", "higher"), ("sample_kind_accuracy", "higher")),  # issue 19's bars
     "kl-vae": (("normalised_recon_mse", "lower"),),
     "kl-vae-shapes": (("normalised_recon_mse", "lower"),),  # issue 20's bar (tests/test_klvae_quality.py)
+    "movq-shapes": (("normalised_recon_mse", "lower"), ("normalised_recon_mse_unquantised", "lower")),
 }
 """Per variant: the metrics its quality test asserts (dotted keys reach nested dicts) and which way is better."""
 

@@ -101,7 +101,9 @@ def kept_in_fp32(model: nn.Module) -> tuple[set[str], set[str]]:
     floating buffers matching :data:`KEEP_FP32` or the model's ``inference_keep_fp32``, and of the parts (model
     submodules that are themselves :class:`~polymodal.models.PolymodalModel` instances, e.g. DALL·E's and RuDolph's
     VQ-VAE tokenizer) holding such a buffer: a part whose function rests on an fp32 lookup stays fp32 whole,
-    so it gives exactly the tokens the model was trained on (its layers then cast their inputs to fp32)."""
+    so it gives exactly the tokens the model was trained on (its layers then cast their inputs to fp32). The parts
+    also hold the submodules matching the model's ``inference_fp32_modules`` (fnmatch patterns on module names):
+    the layers in front of a model's own codebook (MoVQ's encoder), whose bf16 rounding would flip codes."""
     from polymodal.models.base import PolymodalModel
 
     patterns = (*KEEP_FP32, *getattr(model, "inference_keep_fp32", ()))
@@ -115,6 +117,8 @@ def kept_in_fp32(model: nn.Module) -> tuple[set[str], set[str]]:
         for name, module in model.named_modules()
         if name and isinstance(module, PolymodalModel) and any(b.startswith(name + ".") for b in buffers)
     }
+    own = getattr(model, "inference_fp32_modules", ())  # a model's own modules whose precision is its function
+    parts |= {name for name, _ in model.named_modules() if name and any(fnmatch.fnmatchcase(name, p) for p in own)}
     return buffers, parts
 
 
@@ -202,7 +206,7 @@ def compile_model(model: nn.Module) -> list[nn.Module]:
 def prepare_inference(model: M, dtype: str | torch.dtype | None = None, compile: bool = False) -> M:
     """Prepare ``model`` for inference, in place, and return it: eval mode, weights in ``dtype``
     (:func:`parse_dtype`; None keeps them) with inputs cast by hooks, and with ``compile`` the uncached compute
-    compiled (``torch.compile(dynamic=False)``). Sets ``model.inference_dtype`` (the floating weights' dtype)
+    compiled (``torch.compile(dynamic=False)``). Sets ``model.inference_dtype`` (the dtype of most floating weights)
     and ``model.compile_inference`` (True once compiled). Example::
 
         model = prepare_inference(polymodal.load("runs/vit"), dtype="bf16", compile=True)
@@ -213,8 +217,11 @@ def prepare_inference(model: M, dtype: str | torch.dtype | None = None, compile:
     model.eval()
     if target is not None:
         cast_model(model, target)
-    floating = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    model.inference_dtype = floating
+    sizes: dict[torch.dtype, int] = {}  # the dtype most floating weights have (parts may stay fp32)
+    for p in model.parameters():
+        if p.is_floating_point():
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    model.inference_dtype = max(sizes, key=sizes.__getitem__) if sizes else torch.float32
     if compile:
         compile_model(model)
     model.compile_inference = bool(compile or getattr(model, "compile_inference", False))

@@ -16,7 +16,6 @@ initialised by k-means on the first batch and re-seeds codes left unused.
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import Any
 
 import attrs
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import config, field, in_range
-from polymodal.models import PolymodalModel
+from polymodal.models.autoencoder import AutoencoderTrunkConfig, ImageAutoencoder
 from polymodal.nn.autoencoder import Decoder, Encoder, cpu_channels_last
 from polymodal.nn.quantize import EMACodebook, nearest
 
@@ -37,32 +36,16 @@ def _as_tuple(value: Any) -> Any:
 
 
 @config
-class MoVQConfig:
-    """A MoVQ autoencoder: image shape, the diffusers-style trunk, the latent, the codebook and the loss."""
+class MoVQConfig(AutoencoderTrunkConfig):
+    """A MoVQ autoencoder: image shape, the diffusers-style trunk (:class:`AutoencoderTrunkConfig`; ``norm_groups``
+    for the encoder, ``latent_channels`` also the width of a code), the decoder's spatial norms, the codebook and
+    the loss."""
 
-    image_size: int = field(8, "Side of the square input images, in pixels.", check=in_range(1, 4096, integer=True))
-    channels: int = field(
-        1, "Image channels (1 grey, 3 RGB): the encoder's input and the decoder's output.", check=_pos
-    )
-    block_channels: tuple[int, ...] = field(
-        (32, 64),
-        "Width of each resolution level (diffusers' block_out_channels); every level but the last halves the "
-        "resolution, so the latent grid is image_size / 2^(levels − 1) per side.",
-        converter=_as_tuple,
-    )
-    layers_per_block: int = field(
-        1, "Residual blocks per encoder level (each decoder level has one more).", check=in_range(1, 64, integer=True)
-    )
-    latent_channels: int = field(4, "Channels L of the latent (B, L, h, w), and the width of a code.", check=_pos)
-    norm_groups: int = field(8, "GroupNorm groups of the encoder's norms; must divide every level width.", check=_pos)
     decoder_norm_groups: int = field(
         8,
         "GroupNorm groups of the decoder's spatial norms (diffusers' SpatialNorm fixes 32); must divide every level "
         "width.",
         check=_pos,
-    )
-    mid_attention: bool = field(
-        True, "Self-attention between the two middle residual blocks (diffusers' mid_block_add_attention)."
     )
     level_attention: tuple[bool, ...] = field(
         (),
@@ -88,41 +71,22 @@ class MoVQConfig:
     data: str = field("", "Name of the dataset the config was adapted to (``polymodal eval`` default).")
 
     def __attrs_post_init__(self) -> None:
-        widths = self.block_channels
-        if not widths or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
-            raise ValueError(f"MoVQConfig.block_channels must be positive integers, one per level; got {widths!r}")
-        for name in ("norm_groups", "decoder_norm_groups"):
-            groups = getattr(self, name)
-            bad = [w for w in widths if w % groups]
-            if bad:
-                raise ValueError(
-                    f"MoVQConfig.block_channels must be multiples of {name}={groups}; got {bad} in {widths}"
-                )
-        flags = self.level_attention
-        if flags and (len(flags) != len(widths) or any(not isinstance(f, bool) for f in flags)):
+        super().__attrs_post_init__()
+        self.check_groups("decoder_norm_groups")
+        flags, levels = self.level_attention, len(self.block_channels)
+        if flags and (len(flags) != levels or any(not isinstance(f, bool) for f in flags)):
             raise ValueError(
-                f"MoVQConfig.level_attention must be empty or one bool per level ({len(widths)}); got {flags!r}"
-            )
-        factor = 1 << (len(widths) - 1)
-        if self.image_size % factor:
-            raise ValueError(
-                f"MoVQConfig.image_size must be divisible by 2^(levels − 1) = {factor} ({len(widths)} levels in "
-                f"block_channels={widths}); got image_size={self.image_size}"
+                f"MoVQConfig.level_attention must be empty or one bool per level ({levels}); got {flags!r}"
             )
 
-    @property
-    def downsampling(self) -> int:
-        """f: the image side over the latent side (2^(levels − 1))."""
-        return 1 << (len(self.block_channels) - 1)
 
-
-class MoVQ(PolymodalModel):
+class MoVQ(ImageAutoencoder):
     """Images (B, C, S, S) in [0, 1] ⇄ latents (B, L, h, w) ⇄ codes (B, h, w); ``forward``: the quantised
     reconstruction."""
 
     family = "movq"
-    image_fields = "config"  # image_size and channels: what preprocess() prepares
     config_class = MoVQConfig
+    inference_fp32_modules = ("encoder", "quant_conv")  # bf16 latents would snap some positions to other codes
 
     def __init__(self, config: MoVQConfig) -> None:
         super().__init__(config)
@@ -143,33 +107,9 @@ class MoVQ(PolymodalModel):
 
     # -- shapes and checks --------------------------------------------------------------------------
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(L, h, w) of the latent of one configured image."""
-        side = self.config.image_size // self.config.downsampling
-        return self.config.latent_channels, side, side
-
-    @property
     def codebook_size(self) -> int:
         """Number of codes K."""
         return self.config.codebook_size
-
-    def check_images(self, images: Any) -> None:
-        """ValueError naming expected vs given unless ``images`` is a float (B, C, S, S) batch of the configured shape."""
-        c, s = self.config.channels, self.config.image_size
-        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (c, s, s):
-            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"expected images (B, {c}, {s}, {s}) in [0, 1]; got {got}")
-        if not images.is_floating_point():
-            raise ValueError(f"expected floating-point images in [0, 1]; got dtype {images.dtype}")
-
-    def check_latents(self, latents: Any) -> None:
-        """ValueError naming expected vs given unless ``latents`` is a float (B, L, h, w) batch of the configured shape."""
-        shape = self.latent_shape
-        if not isinstance(latents, Tensor) or latents.dim() != 4 or tuple(latents.shape[1:]) != shape:
-            got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
-            raise ValueError(f"expected latents (B, {', '.join(map(str, shape))}) = (B, L, h, w); got {got}")
-        if not latents.is_floating_point():
-            raise ValueError(f"expected floating-point latents; got dtype {latents.dtype}")
 
     def check_codes(self, codes: Any) -> None:
         """ValueError naming expected vs given unless ``codes`` is an integer (B, h, w) grid of valid ids."""
@@ -184,16 +124,11 @@ class MoVQ(PolymodalModel):
                 f"code ids must be in [0, {self.codebook_size}); got ids from {int(codes.min())} to {int(codes.max())}"
             )
 
-    def _param(self) -> Tensor:
-        return self.quant_conv.weight
-
     # -- the autoencoder ----------------------------------------------------------------------------
     def encode(self, images: Tensor) -> Tensor:
         """Images (B, C, S, S) in [0, 1] → continuous latents (B, L, h, w), not quantised (diffusers'
         ``VQModel.encode(...).latents``): what a latent diffusion model (Kandinsky 2.1) works on."""
-        self.check_images(images)
-        p = self._param()
-        x = cpu_channels_last(images.to(p.device, p.dtype) * 2.0 - 1.0)  # (B, C, S, S) in [-1, 1]
+        x = self.network_input(images)  # (B, C, S, S) in [-1, 1]
         return self.quant_conv(self.encoder(x)).contiguous()  # (B, L, h, w)
 
     def quantize(self, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,8 +149,7 @@ class MoVQ(PolymodalModel):
     def _decode(self, z: Tensor, clamp: bool) -> Tensor:
         """z (B, L, h, w) (quantised or not) → images: the decoder on post_quant_conv(z), its norms conditioned on z."""
         z = cpu_channels_last(z)
-        out = (self.decoder(self.post_quant_conv(z), z).contiguous() + 1.0) * 0.5  # (B, C, S, S), about [0, 1]
-        return out.clamp(0.0, 1.0) if clamp else out
+        return self.network_output(self.decoder(self.post_quant_conv(z), z), clamp)  # (B, C, S, S)
 
     def decode(self, latents: Tensor, quantize: bool = True, clamp: bool = True) -> Tensor:
         """Latents (B, L, h, w) → images (B, C, S, S) in [0, 1] (``clamp=False``: not clamped). ``quantize=True``
@@ -241,16 +175,6 @@ class MoVQ(PolymodalModel):
         return self.decode(self.encode(images))
 
     # -- training ---------------------------------------------------------------------------------
-    @classmethod
-    def config_for_data(cls, config: MoVQConfig, dataset: Any, fixed: Collection[str] = ()) -> MoVQConfig:
-        """Image size and channels from the dataset's meta (unless set explicitly); remembers the dataset's name."""
-        meta = dataset.meta
-        changes: dict[str, Any] = {"data": dataset.name}
-        for key in ("image_size", "channels"):
-            if key not in fixed and key in meta:
-                changes[key] = meta[key]
-        return attrs.evolve(config, **changes)
-
     @classmethod
     def tiny_config(cls, config: MoVQConfig) -> MoVQConfig:
         """The same architecture at toy size (widths 8 and 16, one block per level, 16 codes), for the contract tests."""
@@ -287,15 +211,10 @@ class MoVQ(PolymodalModel):
         return evaluate_movq(self, dataset, split, batch_size)
 
     def sample_to_folder(self, out: Any, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any) -> list:
-        """Originals and quantised reconstructions of ``n`` test images (see :func:`.evaluate.write_reconstructions`)."""
-        from .evaluate import write_reconstructions
+        """Originals and quantised reconstructions of ``n`` test images (``polymodal sample``)."""
+        from polymodal.eval.reconstructions import write_reconstructions
 
-        return write_reconstructions(self, out, n=n, prompt=prompt, seed=seed, **options)
-
-    def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor]:
-        """A random image batch (B, C, S, S) in [0, 1]."""
-        c, s = self.config.channels, self.config.image_size
-        return (torch.rand(batch_size, c, s, s, generator=generator),)
+        return write_reconstructions(self, out, n=n, prompt=prompt, seed=seed, what="movq", **options)
 
     def card_lines(self) -> list[str]:
         """Data, architecture, codebook and loss for the model card."""
