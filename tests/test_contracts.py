@@ -290,7 +290,13 @@ def test_the_part_families_declare_their_interfaces():
     from polymodal.models import interfaces
 
     declared = {p for n in MODELS for p in REGISTRY.get("model", n).model_class.implements}
-    assert {interfaces.CausalLM, interfaces.ImageTokenizer, interfaces.ImageEncoder, interfaces.TextEncoder} <= declared
+    assert {
+        interfaces.CausalLM,
+        interfaces.ImageTokenizer,
+        interfaces.ImageEncoder,
+        interfaces.TextEncoder,
+        interfaces.LatentAutoencoder,
+    } <= declared
 
 
 def test_a_model_missing_a_declared_member_fails():

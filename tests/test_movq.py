@@ -67,6 +67,8 @@ def test_shapes_and_round_trips(changes, latent):
         raw = model.decode(h, quantize=False, clamp=False)  # Kandinsky 2.1's decode of continuous latents
         assert not torch.allclose(raw.clamp(0, 1), out)
         assert torch.equal(model.decode(h, quantize=False), raw.clamp(0, 1))
+        assert torch.equal(model.encode_latents(x), h)  # what a latent diffusion model reads and writes
+        assert torch.equal(model.decode_latents(h, clamp=False), raw)
 
 
 def test_spatial_norm_is_groupnorm_modulated_by_the_upsampled_latent():

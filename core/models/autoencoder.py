@@ -17,6 +17,7 @@ from torch import Tensor
 
 from polymodal.config import config, field, in_range
 from polymodal.models.base import PolymodalModel
+from polymodal.models.interfaces import LatentAutoencoder
 from polymodal.nn.autoencoder import cpu_channels_last
 
 _pos = in_range(1, 65536, integer=True)
@@ -82,6 +83,7 @@ class ImageAutoencoder(PolymodalModel):
     ``polymodal sample`` is :func:`polymodal.eval.reconstructions.write_reconstructions`). Subclasses build ``quant_conv`` (whose weight gives the device and dtype) and the networks."""
 
     image_fields = "config"  # image_size and channels: what preprocess() prepares
+    implements = (LatentAutoencoder,)  # what a latent diffusion model (Kandinsky) takes as its autoencoder part
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -204,12 +204,29 @@ class TextTokenEncoder(Protocol):
         (B, L), True up to and including end-of-text."""
 
 
+@runtime_checkable
+class LatentAutoencoder(Protocol):
+    """Images to the latents a latent diffusion model works on, and back (the KL-VAE of Kandinsky 2.0, the MoVQ
+    of 2.1): the diffusion model only ever calls these two and reads the latent shape."""
+
+    latent_shape: tuple[int, int, int]
+    """(L, h, w) of one image's latent."""
+
+    def encode_latents(self, images: Tensor) -> Tensor:
+        """Images (B, C, S, S) in [0, 1] → the diffusion model's latents (B, L, h, w) (scaled, where the
+        autoencoder has a scale)."""
+
+    def decode_latents(self, latents: Tensor, clamp: bool = True) -> Tensor:
+        """The diffusion model's latents (B, L, h, w) → images (B, C, S, S) in [0, 1]."""
+
+
 DESCRIPTIONS: dict[type, str] = {
     CausalLM: "a language model (family 'lm')",
     ImageTokenizer: "an image tokenizer (family 'vqvae')",
     ImageEncoder: "a CLIP model's image side (family 'clip')",
     TextEncoder: "a CLIP model's text side (family 'clip')",
     TextTokenEncoder: "a CLIP model's text side with its token features (family 'clip')",
+    LatentAutoencoder: "a latent autoencoder (family 'klvae' or 'movq')",
 }
 """How :func:`require` names what it expected; a protocol not listed is named by its class name."""
 

@@ -169,6 +169,15 @@ class MoVQ(ImageAutoencoder):
         z = self.codebook.lookup(codes.to(self._param().device, torch.long)).permute(0, 3, 1, 2)  # (B, L, h, w)
         return self._decode(z.to(self._param().dtype), clamp)
 
+    def encode_latents(self, images: Tensor) -> Tensor:
+        """A latent diffusion model's latents (B, L, h, w): the continuous, unquantised :meth:`encode` (Kandinsky 2.1
+        diffuses them unscaled)."""
+        return self.encode(images)
+
+    def decode_latents(self, latents: Tensor, clamp: bool = True) -> Tensor:
+        """A latent diffusion model's latents (B, L, h, w) → images, decoded without quantising (``force_not_quantize``)."""
+        return self.decode(latents, quantize=False, clamp=clamp)
+
     def forward(self, images: Tensor) -> Tensor:
         """Quantised reconstruction (B, C, S, S) in [0, 1] of ``images`` (B, C, S, S) (diffusers' ``VQModel``
         forward; in training mode the codebook also takes its EMA step)."""
