@@ -9,8 +9,8 @@ import torch
 
 from polymodal.data import load_digits
 from polymodal.nn import UNet
+from polymodal.nn.conditioning import UnCLIPProjection
 from polymodal.plugins.unclip.decoder import VARIANTS, DecoderConfig, UnCLIPDecoder
-from polymodal.plugins.unclip.projection import TextImageProjection
 from polymodal.registry import get_registry
 from polymodal.testing import contracts
 
@@ -48,7 +48,7 @@ def test_projection_equals_diffusers_unclip_text_proj(embed, time, context, extr
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.5)
-    mine = TextImageProjection(embed, embed, time, context, extra).eval()
+    mine = UnCLIPProjection(embed, embed, time, context, extra).eval()
     mine.load_state_dict(ref.state_dict(), strict=True)  # the same names, 1:1
     b, length = 3, 7
     g = torch.Generator().manual_seed(2)

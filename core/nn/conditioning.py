@@ -1,5 +1,15 @@
-"""unCLIP's decoder conditioning: diffusers' ``UnCLIPTextProjModel``, the map from the CLIP embeddings to the
-decoder UNet's additive time embedding and its cross-attention context (see :mod:`.decoder`)."""
+"""How a diffusion UNet is conditioned on embeddings, laid out as diffusers' modules (same functions, same parameter
+names, so converters map them 1:1): each maps embeddings to the UNet's additive time embedding (B, T) or its
+cross-attention context (B, N, C), the inputs of :class:`polymodal.nn.unet.UNet`'s ``additive_embedding`` and
+``context``.
+
+* :class:`UnCLIPProjection` (diffusers' ``UnCLIPTextProjModel``): a CLIP image and text embedding → the additive
+  embedding, and 4 extra context tokens beside the projected, normed text tokens (DALL·E 2's decoder).
+* :class:`TextImageProjection` (diffusers' ``encoder_hid_dim_type="text_image_proj"``) and
+  :class:`TextImageTimeEmbedding` (``addition_embed_type="text_image"``): Kandinsky 2.1's UNet — an image embedding
+  as 10 context tokens beside the projected text token features, and the image embedding plus the normed pooled
+  text embedding added to the time embedding.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 
-class TextImageProjection(nn.Module):
+class UnCLIPProjection(nn.Module):
     """diffusers' ``UnCLIPTextProjModel`` (same function, same parameter names): CLIP embeddings → the decoder's
     additive time embedding (B, time_dim) and context (B, extra_tokens + L, context_dim)."""
 
@@ -40,3 +50,45 @@ class TextImageProjection(nn.Module):
             return extra, additive
         text = self.text_encoder_hidden_states_norm(self.encoder_hidden_states_proj(text_tokens))  # (B, L, C)
         return torch.cat([extra, text], dim=1), additive  # (B, n + L, C), (B, T)
+
+
+class TextImageProjection(nn.Module):
+    """diffusers' ``TextImageProjection`` (Kandinsky 2.1's ``encoder_hid_proj``): token features (B, L, Dt) and an
+    image embedding (B, E) → the context (B, n + L, C): the image embedding as ``n`` tokens, then the projected
+    text tokens."""
+
+    def __init__(self, text_dim: int, image_dim: int, context_dim: int, image_tokens: int = 10) -> None:
+        super().__init__()
+        self.num_image_text_embeds = image_tokens
+        self.image_embeds = nn.Linear(image_dim, image_tokens * context_dim)
+        self.text_proj = nn.Linear(text_dim, context_dim)
+
+    def forward(self, text_tokens: Tensor, image_embed: Tensor) -> Tensor:
+        """text_tokens (B, L, Dt), image_embed (B, E) → context (B, n + L, C)."""
+        b = text_tokens.shape[0]
+        if image_embed.shape[0] != b:
+            raise ValueError(f"text tokens and image embeddings need one batch; got {b} and {image_embed.shape[0]}")
+        image = self.image_embeds(image_embed).reshape(b, self.num_image_text_embeds, -1)  # (B, n, C)
+        return torch.cat([image, self.text_proj(text_tokens)], dim=1)  # (B, n + L, C)
+
+
+class TextImageTimeEmbedding(nn.Module):
+    """diffusers' ``TextImageTimeEmbedding`` (Kandinsky 2.1's ``add_embedding``): a pooled text embedding (B, Dt) and
+    an image embedding (B, E) → the additive time embedding (B, T) = image_proj(image) + LayerNorm(text_proj(text))."""
+
+    def __init__(self, text_dim: int, image_dim: int, time_dim: int) -> None:
+        super().__init__()
+        self.text_proj = nn.Linear(text_dim, time_dim)
+        self.text_norm = nn.LayerNorm(time_dim)
+        self.image_proj = nn.Linear(image_dim, time_dim)
+
+    def forward(self, text_embed: Tensor, image_embed: Tensor) -> Tensor:
+        """text_embed (B, Dt), image_embed (B, E) → (B, T)."""
+        if image_embed.shape[0] != text_embed.shape[0]:
+            raise ValueError(
+                f"text and image embeddings need one batch; got {text_embed.shape[0]} and {image_embed.shape[0]}"
+            )
+        return self.image_proj(image_embed) + self.text_norm(self.text_proj(text_embed))  # (B, T)
+
+
+__all__ = ["TextImageProjection", "TextImageTimeEmbedding", "UnCLIPProjection"]

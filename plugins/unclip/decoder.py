@@ -1,7 +1,7 @@
 """unCLIP's decoder (Ramesh et al. 2022, §2.1): a GLIDE-style diffusion UNet conditioned on a CLIP image embedding.
 
 The CLIP embeddings enter the core :class:`~polymodal.nn.UNet` twice, as diffusers' ``UnCLIPTextProjModel`` and
-``UnCLIPPipeline`` feed its decoder (:class:`TextImageProjection` is that module, weight for weight):
+``UnCLIPPipeline`` feed its decoder (:class:`UnCLIPProjection` is that module, weight for weight):
 
 * projected and added to the timestep embedding — image and text embedding each by a linear map, the sum passed
   as the UNet's ``additive_embedding`` (diffusers' ``class_embed_type="identity"``);
@@ -37,9 +37,8 @@ from polymodal.diffusion.schedule import WEIGHTINGS
 from polymodal.models import ModelSpec, PolymodalModel
 from polymodal.models.base import ImageSpec
 from polymodal.nn import UNet, UNetConfig, eval_mode
+from polymodal.nn.conditioning import UnCLIPProjection
 from polymodal.train import TrainConfig
-
-from .projection import TextImageProjection
 
 _pos = in_range(1, 1_000_000, integer=True)
 UNET = UNetConfig(
@@ -115,9 +114,7 @@ class UnCLIPDecoder(PolymodalModel):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__(config)
         c = config
-        self.text_proj = TextImageProjection(
-            c.embed_dim, c.text_dim, c.unet.time_dim, c.unet.context_dim, c.extra_tokens
-        )
+        self.text_proj = UnCLIPProjection(c.embed_dim, c.text_dim, c.unet.time_dim, c.unet.context_dim, c.extra_tokens)
         self.unet = UNet(c.unet)
         self.schedule = NoiseSchedule(c.schedule)
 
