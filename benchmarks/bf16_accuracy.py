@@ -73,6 +73,9 @@ HEADLINES: dict[str, tuple[tuple[str, str], ...]] = {
     "kl-vae": (("normalised_recon_mse", "lower"),),
     "kl-vae-shapes": (("normalised_recon_mse", "lower"),),  # issue 20's bar (tests/test_klvae_quality.py)
     "movq-shapes": (("normalised_recon_mse", "lower"), ("normalised_recon_mse_unquantised", "lower")),
+    "t5-multilingual": (("span_accuracy_en", "higher"), ("span_accuracy_zh", "higher"), ("probe_kind_ru", "higher")),
+    "mclip": (("cosine", "higher"),),  # the digits recipe: no quality test of its own yet
+    "mclip-shapes": (("cosine", "higher"), ("cosine_zh", "higher"), ("colour_accuracy_ru", "higher")),
 }
 """Per variant: the metrics its quality test asserts (dotted keys reach nested dicts) and which way is better."""
 
