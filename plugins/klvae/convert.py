@@ -13,12 +13,12 @@ too), so the conversion is a renaming and every source tensor must be used.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from polymodal.io.diffusers_autoencoder import autoencoder_state, pipeline_folder, trunk_fields
 from polymodal.io.folders import load_state_strict, read_state
 from polymodal.io.hf import (
     DIFFUSERS_WEIGHTS,
@@ -50,94 +50,25 @@ def _refuse(option: str, value: Any, allowed: Any, source: str) -> ValueError:
 def vae_config_from_diffusers(cfg: dict, source: str = "diffusers-vae") -> KLVAEConfig:
     """Translate a diffusers ``AutoencoderKL`` config dict (``config.json``); unsupported options are refused by name."""
     check_diffusers_class(cfg, "AutoencoderKL", FIXED, converter="diffusers-vae", model="KL-VAE", source=source)
-    widths = tuple(cfg.get("block_out_channels", (64,)))
-    for option, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        types = list(cfg.get(option, (kind,)))
-        for found in types:
-            if found != kind:
-                raise _refuse(f"{option} entry", found, kind, source)
-        if len(types) != len(widths):
-            raise ValueError(f"{source}: {option} {types} needs one entry per block_out_channels {widths}")
-    cin, cout = cfg.get("in_channels", 3), cfg.get("out_channels", 3)
-    if cin != cout:
-        raise _refuse("out_channels", cout, f"in_channels={cin}", source)
-    size = cfg.get("sample_size", 32)
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2 or size[0] != size[1]:
-            raise _refuse("sample_size", size, "a square size", source)
-        size = size[0]
     return KLVAEConfig(
-        image_size=int(size),
-        channels=int(cin),
-        block_channels=widths,
-        layers_per_block=int(cfg.get("layers_per_block", 1)),
+        **trunk_fields(cfg, source, _refuse),
         latent_channels=int(cfg.get("latent_channels", 4)),
-        norm_groups=int(cfg.get("norm_num_groups", 32)),
-        mid_attention=bool(cfg.get("mid_block_add_attention", True)),
         scaling_factor=float(cfg.get("scaling_factor", 0.18215)),
     )
 
 
-_RENAMES = (  # ours → theirs, applied in order to one of our parameter names
-    (r"^encoder\.down\.(\d+)\.", r"encoder.down_blocks.\1."),
-    (r"^decoder\.up\.(\d+)\.", r"decoder.up_blocks.\1."),
-    (r"^(encoder|decoder)\.mid\.", r"\1.mid_block."),
-    (r"\.downsample\.", ".downsamplers.0.conv."),
-    (r"\.upsample\.", ".upsamplers.0.conv."),
-    (r"\.attentions\.(\d+)\.norm\.", r".attentions.\1.group_norm."),
-    (r"\.attentions\.(\d+)\.attn\.proj\.", r".attentions.\1.to_out.0."),
-)
-_DEPRECATED = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-"""diffusers' attention names before 0.14 (``_from_deprecated_attn_block``), read when the current ones are absent."""
-
-
-def _theirs(key: str) -> str:
-    for pattern, repl in _RENAMES:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
-def _lookup(src: TrackedState, key: str) -> torch.Tensor:
-    """``src[key]``, else the same attention tensor under its pre-0.14 name; KeyError naming ``key``."""
-    if key in src:
-        return src[key]
-    for new, old in _DEPRECATED.items():
-        alt = key.replace(f".{new}.", f".{old}.")
-        if alt != key and alt in src:
-            return src[alt]
-    raise KeyError(key)
+_RENAMES = ((r"\.attentions\.(\d+)\.norm\.", r".attentions.\1.group_norm."),)  # after the trunk's
 
 
 def vae_state_from_diffusers(src: TrackedState, model: KLVAE) -> dict[str, torch.Tensor]:
-    """An ``AutoencoderKL`` state dict in the names of ``model`` (built by :func:`vae_config_from_diffusers`).
-
-    Every key of ``model`` is looked up in ``src`` (a missing one raises ``KeyError`` naming it); the attention's
-    ``to_q``, ``to_k`` and ``to_v`` are concatenated into ``qkv``.
-    """
-    out = {}
-    for key in model.state_dict():
-        theirs = _theirs(key)
-        fused = re.match(r"(.*\.attentions\.\d+\.)attn\.qkv\.(weight|bias)$", theirs)
-        if fused:
-            base, kind = fused.groups()
-            out[key] = torch.cat(
-                [_lookup(src, f"{base}{p}.{kind}") for p in ("to_q", "to_k", "to_v")]
-            )  # (3C, C) / (3C,)
-        else:
-            out[key] = _lookup(src, theirs)
-    return out
-
-
-def _vae_folder(src: Path) -> Path:
-    """The folder holding the VAE: ``src`` itself, or ``src/vae`` of a pipeline folder."""
-    if not (src / "config.json").is_file() and (src / "vae" / "config.json").is_file():
-        return src / "vae"
-    return src
+    """An ``AutoencoderKL`` state dict in the names of ``model`` (built by :func:`vae_config_from_diffusers`):
+    :func:`polymodal.io.diffusers_autoencoder.autoencoder_state` (a missing key raises ``KeyError`` naming it)."""
+    return autoencoder_state(src, model.state_dict(), _RENAMES)
 
 
 def load_diffusers_vae(src: str | Path) -> KLVAE:
     """A ``KLVAE`` holding the weights of the diffusers ``AutoencoderKL`` folder ``src`` (or ``src/vae``), in eval mode."""
-    folder = _vae_folder(Path(src))
+    folder = pipeline_folder(Path(src), "vae")
     cfg, path = read_diffusers_folder(folder, "diffusers-vae")
     weights = TrackedState(read_state(path))
     model = KLVAE(vae_config_from_diffusers(cfg, f"diffusers-vae ({folder / 'config.json'})"))
@@ -156,7 +87,7 @@ def convert_diffusers_vae(src: str | Path, dst: str | Path | None = None) -> KLV
         check_output(dst, overwrite=True, flag="dst")
     model = load_diffusers_vae(src)
     if dst is not None:
-        folder = _vae_folder(src)
+        folder = pipeline_folder(src, "vae")
         model.save(
             dst,
             source=f"converted from the diffusers AutoencoderKL {folder} with `polymodal convert --from diffusers-vae`",

@@ -16,12 +16,12 @@ attention ``to_q/k/v`` fused into ``attn.qkv``), so every source tensor must be 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from polymodal.io.diffusers_autoencoder import autoencoder_state, lookup, pipeline_folder, trunk_fields
 from polymodal.io.folders import load_state_strict, read_state
 from polymodal.io.hf import (
     DIFFUSERS_WEIGHTS,
@@ -55,76 +55,24 @@ def movq_config_from_diffusers(cfg: dict, source: str = "diffusers-movq") -> MoV
     norm = cfg.get("norm_type", "group")  # diffusers' default: a plain VQ-GAN decoder, not a MoVQ
     if norm != "spatial":
         raise _refuse("norm_type", norm, "'spatial'", source)
-    widths = tuple(cfg.get("block_out_channels", (64,)))
-    flags = {}
-    for option, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        types = list(cfg.get(option, (kind,)))
-        for found in types:
-            if found not in (kind, f"Attn{kind}"):
-                raise _refuse(f"{option} entry", found, f"{kind!r}, 'Attn{kind}'", source)
-        if len(types) != len(widths):
-            raise ValueError(f"{source}: {option} {types} needs one entry per block_out_channels {widths}")
-        flags[option] = tuple(t.startswith("Attn") for t in types)
-    attention = flags["down_block_types"]
-    if flags["up_block_types"] != attention[::-1]:  # the decoder mirrors the encoder's attention levels
-        mirrored = [("Attn" if a else "") + "UpDecoderBlock2D" for a in attention[::-1]]
-        raise _refuse("up_block_types", list(cfg["up_block_types"]), f"the down blocks mirrored, {mirrored}", source)
+    trunk = trunk_fields(cfg, source, _refuse, attention_blocks=True)
     latent = int(cfg.get("latent_channels", 3))
     dim = cfg.get("vq_embed_dim")
     if dim is not None and dim != latent:
         raise _refuse("vq_embed_dim", dim, f"None or latent_channels={latent}", source)
-    cin, cout = cfg.get("in_channels", 3), cfg.get("out_channels", 3)
-    if cin != cout:
-        raise _refuse("out_channels", cout, f"in_channels={cin}", source)
-    size = cfg.get("sample_size", 32)
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2 or size[0] != size[1]:
-            raise _refuse("sample_size", size, "a square size", source)
-        size = size[0]
     return MoVQConfig(
-        image_size=int(size),
-        channels=int(cin),
-        block_channels=widths,
-        layers_per_block=int(cfg.get("layers_per_block", 1)),
+        **trunk,
         latent_channels=latent,
-        norm_groups=int(cfg.get("norm_num_groups", 32)),
         decoder_norm_groups=SPATIAL_NORM_GROUPS,
-        mid_attention=bool(cfg.get("mid_block_add_attention", True)),
-        level_attention=attention if any(attention) else (),
         codebook_size=int(cfg.get("num_vq_embeddings", 256)),
     )
 
 
-_RENAMES = (  # ours → theirs, applied in order to one of our parameter names
-    (r"^encoder\.down\.(\d+)\.", r"encoder.down_blocks.\1."),
-    (r"^decoder\.up\.(\d+)\.", r"decoder.up_blocks.\1."),
-    (r"^(encoder|decoder)\.mid\.", r"\1.mid_block."),
-    (r"\.downsample\.", ".downsamplers.0.conv."),
-    (r"\.upsample\.", ".upsamplers.0.conv."),
+_RENAMES = (  # after the trunk's: the encoder's attention norms, the decoder's spatial ones and their GroupNorms
     (r"^encoder\.(.*)\.attentions\.(\d+)\.norm\.", r"encoder.\1.attentions.\2.group_norm."),
     (r"^decoder\.(.*)\.attentions\.(\d+)\.norm\.", r"decoder.\1.attentions.\2.spatial_norm."),
-    (r"\.attentions\.(\d+)\.attn\.proj\.", r".attentions.\1.to_out.0."),
-    (r"^decoder\.(.*)\.norm\.(weight|bias)$", r"decoder.\1.norm_layer.\2"),  # a SpatialNorm's GroupNorm
+    (r"^decoder\.(.*)\.norm\.(weight|bias)$", r"decoder.\1.norm_layer.\2"),
 )
-_DEPRECATED = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-"""diffusers' attention names before 0.14 (``_from_deprecated_attn_block``), read when the current ones are absent."""
-
-
-def _theirs(key: str) -> str:
-    for pattern, repl in _RENAMES:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
-def _lookup(src: TrackedState, key: str) -> torch.Tensor:
-    """``src[key]``, else the same attention tensor under its pre-0.14 name; KeyError naming ``key``."""
-    if key in src:
-        return src[key]
-    for new, old in _DEPRECATED.items():
-        alt = key.replace(f".{new}.", f".{old}.")
-        if alt != key and alt in src:
-            return src[alt]
-    raise KeyError(key)
 
 
 def movq_state_from_diffusers(src: TrackedState, model: MoVQ) -> dict[str, torch.Tensor]:
@@ -134,7 +82,7 @@ def movq_state_from_diffusers(src: TrackedState, model: MoVQ) -> dict[str, torch
     ``to_q``, ``to_k`` and ``to_v`` are concatenated into ``qkv``; the codebook's codes (and EMA sums) are
     ``quantize.embedding.weight``, its counts one each, no step idle and initialised.
     """
-    codes = _lookup(src, "quantize.embedding.weight")  # (K, L)
+    codes = lookup(src, "quantize.embedding.weight")  # (K, L)
     book = {
         "codebook.embed": codes,
         "codebook.embed_sum": codes.clone(),
@@ -142,33 +90,12 @@ def movq_state_from_diffusers(src: TrackedState, model: MoVQ) -> dict[str, torch
         "codebook.idle": torch.zeros(codes.shape[0], dtype=torch.long),
         "codebook.initted": torch.ones((), dtype=torch.bool),
     }
-    out = {}
-    for key in model.state_dict():
-        if key in book:
-            out[key] = book[key]
-            continue
-        theirs = _theirs(key)
-        fused = re.match(r"(.*\.attentions\.\d+\.)attn\.qkv\.(weight|bias)$", theirs)
-        if fused:
-            base, kind = fused.groups()
-            out[key] = torch.cat(
-                [_lookup(src, f"{base}{p}.{kind}") for p in ("to_q", "to_k", "to_v")]
-            )  # (3C, C) / (3C,)
-        else:
-            out[key] = _lookup(src, theirs)
-    return out
-
-
-def _movq_folder(src: Path) -> Path:
-    """The folder holding the MoVQ: ``src`` itself, or ``src/movq`` of a pipeline folder."""
-    if not (src / "config.json").is_file() and (src / "movq" / "config.json").is_file():
-        return src / "movq"
-    return src
+    return autoencoder_state(src, model.state_dict(), _RENAMES, given=book)
 
 
 def load_diffusers_movq(src: str | Path) -> MoVQ:
     """A ``MoVQ`` holding the weights of the diffusers ``VQModel`` folder ``src`` (or ``src/movq``), in eval mode."""
-    folder = _movq_folder(Path(src))
+    folder = pipeline_folder(Path(src), "movq")
     cfg, path = read_diffusers_folder(folder, "diffusers-movq")
     weights = TrackedState(read_state(path))
     model = MoVQ(movq_config_from_diffusers(cfg, f"diffusers-movq ({folder / 'config.json'})"))
@@ -187,7 +114,7 @@ def convert_diffusers_movq(src: str | Path, dst: str | Path | None = None) -> Mo
         check_output(dst, overwrite=True, flag="dst")
     model = load_diffusers_movq(src)
     if dst is not None:
-        folder = _movq_folder(src)
+        folder = pipeline_folder(src, "movq")
         model.save(
             dst,
             source=f"converted from the diffusers VQModel {folder} with `polymodal convert --from diffusers-movq`",
