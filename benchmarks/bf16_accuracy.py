@@ -76,6 +76,11 @@ HEADLINES: dict[str, tuple[tuple[str, str], ...]] = {
     "t5-multilingual": (("span_accuracy_en", "higher"), ("span_accuracy_zh", "higher"), ("probe_kind_ru", "higher")),
     "mclip": (("cosine", "higher"),),  # the digits recipe: no quality test of its own yet
     "mclip-shapes": (("cosine", "higher"), ("cosine_zh", "higher"), ("colour_accuracy_ru", "higher")),
+    "kandinsky2": (  # issue 20's bars: colour and kind in each language (zh: the weakest)
+        ("colour_accuracy", "higher"),
+        ("kind_accuracy", "higher"),
+        ("colour_accuracy_zh", "higher"),
+    ),
 }
 """Per variant: the metrics its quality test asserts (dotted keys reach nested dicts) and which way is better."""
 

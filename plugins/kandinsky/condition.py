@@ -1,0 +1,124 @@
+"""Kandinsky 2.0's text condition: prompts checked and tokenized by both frozen encoders, their features projected
+into the UNet (pooled → added to the timestep embedding, tokens → the cross-attention context), the training
+captions drawn from the training (language, template) pairs, and a per-caption cache of the frozen features."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from polymodal.data import languages as lang
+
+
+class TextProjection(nn.Module):
+    """Both encoders' features → (additive (B, T), context (B, 1 + Lm + Lt, C), mask (B, 1 + Lm + Lt)).
+
+    Pooled features are each projected linearly and summed into the timestep embedding; token features are
+    each projected to the context width and layer-normed, and concatenated along the sequence after one learned
+    always-visible token (so a fully dropped text still has a context to attend to)."""
+
+    def __init__(self, clip_embed: int, clip_dim: int, t5_dim: int, time_dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.clip_pooled = nn.Linear(clip_embed, time_dim)
+        self.t5_pooled = nn.Linear(t5_dim, time_dim)
+        self.clip_tokens = nn.Sequential(nn.Linear(clip_dim, context_dim), nn.LayerNorm(context_dim))
+        self.t5_tokens = nn.Sequential(nn.Linear(t5_dim, context_dim), nn.LayerNorm(context_dim))
+        self.null_token = nn.Parameter(torch.zeros(1, 1, context_dim))
+
+    def forward(self, text: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """``text`` = (clip pooled (B, E), clip tokens (B, Lm, Dm), clip mask (B, Lm), t5 pooled (B, D5),
+        t5 tokens (B, Lt, D5), t5 mask (B, Lt))."""
+        cp, ct, cm, tp, tt, tm = text
+        additive = self.clip_pooled(cp) + self.t5_pooled(tp)  # (B, T)
+        b = cp.shape[0]
+        null = self.null_token.expand(b, -1, -1)  # (B, 1, C)
+        context = torch.cat([null, self.clip_tokens(ct), self.t5_tokens(tt)], dim=1)  # (B, 1 + Lm + Lt, C)
+        visible = torch.ones(b, 1, dtype=torch.bool, device=cm.device)  # (B, 1)
+        return additive, context, torch.cat([visible, cm.bool(), tm.bool()], dim=1)  # mask (B, 1 + Lm + Lt)
+
+
+def drop_text(text: tuple[Tensor, ...], drop: Tensor) -> tuple[Tensor, ...]:
+    """The text condition with the rows ``drop`` (B,) bool emptied: zero pooled features, every token masked."""
+    cp, ct, cm, tp, tt, tm = text
+    keep = ~drop[:, None]  # (B, 1)
+    return (cp * keep, ct, cm & keep, tp * keep, tt, tm & keep)
+
+
+def check_prompts(prompts: Any) -> list[str]:
+    """A non-empty list of non-empty strings that are valid Unicode (encodable as UTF-8), else a ValueError."""
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"expected a prompt (str) or a non-empty list of prompts; got {prompts!r:.80}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i}: expected a non-empty str; got {p!r:.80}")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"prompt {i}: expected text the tokenizers can encode (any valid UTF-8); got {p!r:.80}, which is "
+                f"not valid Unicode ({exc.reason} at character {exc.start})"
+            ) from None
+    return list(prompts)
+
+
+def tokenize(encoder: Any, prompts: list[str], truncate: bool, name: str) -> Tensor:
+    """``encoder.tokenize(prompts)`` (B, L); a prompt over its context is a ValueError unless ``truncate``, when
+    it is cut with a warning that says so."""
+    try:
+        return encoder.tokenize(prompts, truncate=False)
+    except ValueError as exc:
+        if not truncate:
+            raise ValueError(f"{name}: {exc} (pass truncate=True / --truncate to cut it)") from None
+        warnings.warn(f"{name}: a prompt was truncated to the tokenizer's context ({exc})", stacklevel=3)
+        return encoder.tokenize(prompts, truncate=True)
+
+
+def pad_rows(rows: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Token features (L_i, D) and masks (L_i,) of varying length → (B, L, D), (B, L) padded (mask False)."""
+    length = max(r.shape[0] for r in rows)
+    out = rows[0].new_zeros(len(rows), length, rows[0].shape[1])  # (B, L, D)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool, device=rows[0].device)  # (B, L)
+    for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
+        out[i, : r.shape[0]], mask[i, : r.shape[0]] = r, m
+    return out, mask
+
+
+class FeatureCache:
+    """The frozen encoders' features of each caption seen, computed once: the encoders never change in training."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[Tensor, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, model: Any, captions: list[str]) -> tuple[Tensor, ...]:
+        """(clip pooled (B, E), tokens (B, Lm, Dm), mask, t5 pooled (B, D5), tokens (B, Lt, D5), mask) of
+        ``captions``, computing (truncated) only those not seen before."""
+        new = list(dict.fromkeys(c for c in captions if c not in self.rows))
+        if new:
+            cp, ct, cm, tp, tt, tm = model.encode_text(new, truncate=True)
+            for i, c in enumerate(new):
+                lm, lt = int(cm[i].sum()), int(tm[i].sum())
+                self.rows[c] = (cp[i], ct[i, :lm], cm[i, :lm], tp[i], tt[i, :lt], tm[i, :lt])
+        rows = [self.rows[c] for c in captions]
+        ct, cm = pad_rows([r[1] for r in rows], [r[2] for r in rows])  # (B, Lm, Dm), (B, Lm)
+        tt, tm = pad_rows([r[4] for r in rows], [r[5] for r in rows])  # (B, Lt, D5), (B, Lt)
+        return torch.stack([r[0] for r in rows]), ct, cm, torch.stack([r[3] for r in rows]), tt, tm
+
+
+def training_pairs(dataset: str) -> list[tuple[str, int]]:
+    """Every (language, template id) pair ``dataset`` trains on (never an evaluation-only pair)."""
+    return [(code, t) for code in lang.LANGUAGES for t in lang.template_ids(dataset, code, heldout=False)]
+
+
+def draw_captions(dataset: str, objects: list[list[tuple[int, int, int]]]) -> list[str]:
+    """Per scene (its (colour, kind, position) objects), a caption in a (language, template) pair drawn
+    uniformly from the training pairs with the global RNG."""
+    pairs = training_pairs(dataset)
+    picks = torch.randint(0, len(pairs), (len(objects),)).tolist()  # (B,)
+    return [lang.shapes_caption(pairs[k][0], pairs[k][1], obj) for k, obj in zip(picks, objects, strict=True)]

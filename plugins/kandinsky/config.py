@@ -1,0 +1,82 @@
+"""Kandinsky 2.0's config: the frozen parts (KL-VAE, multilingual CLIP text tower, T5 encoder), the latent UNet,
+condition dropout, the noise schedule and the sampling defaults (guidance, dynamic thresholding)."""
+
+from __future__ import annotations
+
+from polymodal.config import config, field, in_range, one_of
+from polymodal.diffusion import ScheduleConfig
+from polymodal.diffusion.schedule import WEIGHTINGS
+from polymodal.models.parts import PartConfig, part_field
+from polymodal.nn import UNetConfig
+
+UNET = UNetConfig(
+    in_channels=4,
+    out_channels=4,
+    sample_size=8,
+    channels=(64, 128),
+    layers_per_block=1,
+    attention_levels=(False, True),
+    attention_head_dim=32,
+    scale_shift=True,
+    context_dim=128,
+)
+"""The shapes UNet: 8×8×4 latents, widths 64/128, self- and cross-attention (context width 128) at 4×4."""
+
+
+@config
+class Kandinsky2Config:
+    """Kandinsky 2.0: latent diffusion in a frozen KL-VAE's space, conditioned on two frozen multilingual text
+    encoders (pooled features added to the timestep embedding, token features as cross-attention context)."""
+
+    vae: PartConfig = part_field(
+        PartConfig(variant="kl-vae-shapes", data="shapes"),
+        "The frozen latent autoencoder (KL-VAE): its scaled latents are what the UNet denoises.",
+    )
+    text: PartConfig = part_field(
+        PartConfig(variant="mclip-shapes", data="shapes-multilingual"),
+        "The frozen multilingual CLIP text tower (XLMR-CLIP's role): pooled embedding and token features.",
+    )
+    t5: PartConfig = part_field(
+        PartConfig(variant="t5-multilingual", data="shapes-multilingual"),
+        "The frozen span-corruption encoder (mT5-small's role): mean-pooled and token features.",
+    )
+    unet: UNetConfig = field(
+        UNET, "The latent UNet: in/out channels and sample_size must be the VAE's latent channels and side."
+    )
+    text_dropout: float = field(
+        0.1, "Training: share of samples whose text (both encoders) is dropped, for guidance.", check=in_range(0.0, 1.0)
+    )
+    schedule: ScheduleConfig = field(ScheduleConfig(), "The noise schedule (linear, T = 1000, ε-prediction).")
+    loss_weighting: str = field(
+        "min_snr", "Loss weighting over timesteps: 'none' or 'min_snr' (Min-SNR-5).", check=one_of(*WEIGHTINGS)
+    )
+    latent_quantile: float = field(
+        0.995,
+        "The diffusion space is the VAE's latents divided by this quantile of |training latents| (fitted once "
+        "when training starts), so that they lie in [-1, 1] as pixels do and Imagen's thresholding applies.",
+        check=in_range(0.5, 1.0),
+    )
+    sampler: str = field("ddim", "Default sampler: 'ddpm' or 'ddim'.", check=one_of("ddpm", "ddim"))
+    steps: int = field(50, "Default sampling steps (1 … T).", check=in_range(1, 100_000, integer=True))
+    guidance_scale: float = field(4.0, "Default classifier-free guidance scale (1: none).", check=in_range(0.0, 100.0))
+    thresholding: bool = field(True, "Default: dynamic thresholding of the predicted x0 (Imagen's).")
+    threshold_ratio: float = field(
+        0.995, "The per-sample percentile of |x0| taken as the threshold s (s ≥ 1).", check=in_range(0.5, 1.0)
+    )
+    eval_per_class: int = field(
+        2, "Evaluation samples per colour × kind prompt and language.", check=in_range(1, 10000, integer=True)
+    )
+    eval_seed: int = field(0, "Seed of evaluate's sampling.", check=in_range(0, 2**31, integer=True))
+    data: str = field("", "Name of the dataset the config was adapted to.")
+
+    def __attrs_post_init__(self) -> None:
+        u, T = self.unet, self.schedule.timesteps
+        for bad, what, got in (
+            (u.context_dim < 1, "unet.context_dim must be ≥ 1 (the text tokens are cross-attended)", u.context_dim),
+            (u.num_classes > 0, "unet.num_classes must be 0 (the text is the condition)", u.num_classes),
+            (u.embedding_dim > 0, "unet.embedding_dim must be 0 (pooled text is projected here)", u.embedding_dim),
+            (u.out_channels != u.in_channels, f"unet.out_channels must be in_channels={u.in_channels}", u.out_channels),
+            (self.steps > T, f"steps must be ≤ schedule.timesteps={T}", self.steps),
+        ):
+            if bad:
+                raise ValueError(f"Kandinsky2Config.{what}; got {got}")

@@ -1,0 +1,78 @@
+"""Kandinsky 2.0 evaluation: per language, judged samples for the evaluation prompts, with and without thresholding.
+
+For each language of :data:`polymodal.data.languages.LANGUAGES`, ``eval_per_class`` samples of every colour ×
+kind evaluation prompt ("a red circle", "красный круг", "un cercle rouge", "红色的圆形": a phrasing none of
+the training templates has) are decoded to 32×32 and read by the judge of the English shapes (the same images):
+``colour_accuracy_<lang>``, ``kind_accuracy_<lang>``, the same with thresholding off
+(``colour_accuracy_nothreshold_<lang>`` …), their means over languages, and ``fd_judge`` (all languages'
+thresholded samples against the test split). Sampling uses the model's defaults and seed ``eval_seed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polymodal.data import languages as lang
+
+
+def prompts_and_targets(dataset: str, language: str, per_class: int) -> tuple[list[str], dict[str, Tensor]]:
+    """The evaluation prompts of ``language`` (each ``per_class`` times, grouped) and their colour and kind."""
+    prompts = lang.evaluation_prompts(dataset, language)
+    kinds = len(lang.SHAPES[language].kinds)
+    labels = torch.arange(len(prompts)).repeat_interleave(per_class)  # (N,)
+    return [prompts[i] for i in labels.tolist()], {"colour": labels // kinds, "kind": labels % kinds}
+
+
+@torch.no_grad()
+def prompted_samples(model: Any, prompts: list[str], seed: int, batch_size: int = 256, **options: Any) -> Tensor:
+    """Samples (N, C, S, S) for ``prompts``, seeded."""
+    from .sample import generate
+
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    chunks = [prompts[s : s + batch_size] for s in range(0, len(prompts), batch_size)]
+    return torch.cat([generate(model, p, generator=g, **options).cpu() for p in chunks])
+
+
+@torch.no_grad()
+def evaluate_kandinsky(model: Any, dataset: Any, split: str = "test") -> dict[str, float]:
+    """The per-language judged accuracies (thresholding on and off), their means and ``fd_judge``."""
+    from polymodal.data import load_dataset
+    from polymodal.eval.judge import get_judge, judge_samples
+
+    judged = load_dataset(lang.base_dataset(dataset.name))  # the English shapes: the same images, one judge
+    with torch.enable_grad():  # a judge not cached yet is trained now, inside evaluate's no_grad
+        get_judge(judged)
+    c, metrics, every = model.config, {}, []
+    for code in lang.LANGUAGES:
+        prompts, targets = prompts_and_targets(dataset.name, code, c.eval_per_class)
+        for suffix, on in (("", True), ("_nothreshold", False)):
+            images = prompted_samples(model, prompts, c.eval_seed, threshold=on)
+            scores = judge_samples(judged, images, targets)
+            metrics[f"colour_accuracy{suffix}_{code}"] = scores["sample_colour_accuracy"]
+            metrics[f"kind_accuracy{suffix}_{code}"] = scores["sample_kind_accuracy"]
+            if on:
+                every.append(images)
+    for name in ("colour_accuracy", "kind_accuracy", "colour_accuracy_nothreshold", "kind_accuracy_nothreshold"):
+        metrics[name] = sum(metrics[f"{name}_{code}"] for code in lang.LANGUAGES) / len(lang.LANGUAGES)
+    from polymodal.eval.judge import frechet_distance
+
+    judge = get_judge(judged)
+    test_images = judged.test["image"][judged.test["count"] == 1]  # (n, C, S, S) one-object scenes
+    metrics["fd_judge"] = frechet_distance(judge.embed(torch.cat(every)), judge.embed(test_images))
+    metrics["samples"] = float(sum(len(x) for x in every))
+    return metrics
+
+
+@torch.no_grad()
+def generative_samples(model: Any, dataset: Any, n: int, seed: int = 0, batch_size: int = 256) -> tuple:
+    """``n`` samples cycling through the evaluation prompts (languages in turn), and their colour and kind."""
+    per_language = [prompts_and_targets(dataset.name, code, 1) for code in lang.LANGUAGES]
+    prompts = [p for ps, _ in per_language for p in ps]
+    colour = torch.cat([t["colour"] for _, t in per_language])  # (K,)
+    kind = torch.cat([t["kind"] for _, t in per_language])  # (K,)
+    order = torch.arange(n) % len(prompts)  # (n,)
+    images = prompted_samples(model, [prompts[i] for i in order.tolist()], seed, batch_size)
+    return images, {"colour": colour[order], "kind": kind[order]}

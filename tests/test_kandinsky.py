@@ -1,0 +1,174 @@
+"""Kandinsky 2.0 (kandinsky2) on tiny parts: what trains, condition dropout, the training captions, thresholding,
+the bad inputs of issue 20, the folder round trip with the parts in sub-folders, sampling and evaluation."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+
+from polymodal.api import load
+from polymodal.data import languages as lang
+from polymodal.data import load_dataset
+from polymodal.data.multilingual import scene_objects
+from polymodal.plugins.kandinsky import VARIANTS, Kandinsky2, Kandinsky2Config
+from polymodal.plugins.kandinsky import condition as cond
+from polymodal.plugins.kandinsky.sample import SAMPLE_OPTIONS, generate
+from polymodal.registry import get_registry
+from polymodal.testing import contracts
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return load_dataset("shapes-multilingual")
+
+
+@pytest.fixture(scope="module")
+def model(shapes):
+    return contracts.build("kandinsky2", dataset=shapes).eval()
+
+
+def test_variant_parts_and_config_checks():
+    spec = VARIANTS["kandinsky2"]
+    assert spec.data == "shapes-multilingual" and spec.model_class is Kandinsky2
+    c = spec.config
+    assert (c.vae.variant, c.text.variant, c.t5.variant) == ("kl-vae-shapes", "mclip-shapes", "t5-multilingual")
+    assert c.thresholding and c.threshold_ratio == 0.995 and c.text_dropout == 0.1
+    with pytest.raises(ValueError, match="out_channels must be in_channels=4; got 3"):
+        attrs.evolve(c, unet=attrs.evolve(c.unet, out_channels=3))
+    with pytest.raises(ValueError, match="context_dim must be ≥ 1"):
+        attrs.evolve(c, unet=attrs.evolve(c.unet, context_dim=0))
+
+
+def test_loss_trains_the_unet_and_projection_not_the_parts(model, shapes):
+    m = model.train()
+    m.begin_step(0, 1)
+    for name in ("vae", "text", "t5"):
+        assert not any(p.requires_grad for p in getattr(m, name).parameters())
+    loss, metrics = m.loss(shapes.train.batch(list(range(6))))
+    loss.backward()
+    grads = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(n.startswith("unet.") for n in grads) and any(n.startswith("proj.") for n in grads)
+    assert all(n.split(".")[0] in ("unet", "proj") for n in grads)
+    assert bool(m.range_fitted) and float(m.latent_range) > 0
+    m.zero_grad(set_to_none=True)
+    m.eval()
+
+
+def test_text_dropout_empties_both_encoders(model, shapes):
+    text = model.encode_text(["красный круг", "a blue square"])
+    cp, ct, cm, tp, tt, tm = cond.drop_text(text, torch.tensor([True, False]))
+    assert not cm[0].any() and not tm[0].any() and cp[0].abs().sum() == 0 and tp[0].abs().sum() == 0
+    assert torch.equal(cm[1], text[2][1]) and torch.equal(tp[1], text[3][1])
+    for rate, want in ((1.0, 1.0), (0.0, 0.0)):
+        m = contracts.build("kandinsky2", dataset=shapes, text_dropout=rate).train()
+        _, metrics = m.loss(shapes.train.batch(list(range(8))))
+        assert float(metrics["text_dropped"]) == want
+
+
+def test_training_captions_come_from_training_pairs_only(shapes):
+    data = "shapes-multilingual"
+    batch = shapes.train.batch(list(range(40)))
+    objects = scene_objects(batch, 32)
+    torch.manual_seed(0)
+    drawn = [cond.draw_captions(data, objects) for _ in range(20)]
+    held = set(lang.heldout_pairs(data))
+    assert held and not held & {(t, c) for c, t in cond.training_pairs(data)}
+    for i, obj in enumerate(objects):
+        allowed = {lang.shapes_caption(c, t, obj) for c, t in cond.training_pairs(data)}
+        forbidden = {lang.shapes_caption(c, t, obj) for t, c in held} - allowed
+        seen = {d[i] for d in drawn}
+        assert seen <= allowed and not seen & forbidden
+    languages = {c for d in drawn for cap in d for c, t in cond.training_pairs(data) if cap in {
+        lang.shapes_caption(c, t, o) for o in objects}}  # fmt: skip
+    assert languages == set(lang.LANGUAGES)
+
+
+def test_feature_cache_matches_a_fresh_encoding(model):
+    cache = cond.FeatureCache()
+    captions = ["красный круг", "a blue square in the top left", "红色的圆形", "красный круг"]
+    cached = cache.get(model, captions)
+    assert len(cache) == 3
+    fresh = model.encode_text(captions)
+    for pooled in (0, 3):
+        torch.testing.assert_close(cached[pooled], fresh[pooled], atol=1e-5, rtol=1e-5)
+    for tokens, mask in ((1, 2), (4, 5)):
+        n = int(fresh[mask].sum(1).max())
+        assert torch.equal(cached[mask][:, :n], fresh[mask][:, :n])
+        keep = fresh[mask][:, :n, None]  # (B, n, 1): padding features are not compared
+        torch.testing.assert_close(cached[tokens][:, :n] * keep, fresh[tokens][:, :n] * keep, atol=1e-5, rtol=1e-5)
+
+
+def test_thresholding_on_and_off_change_sampling(model):
+    def run(**kw):
+        g = torch.Generator().manual_seed(3)
+        return generate(model, ["красный круг", "un cercle rouge"], generator=g, steps=4, **kw)
+
+    on, off = run(threshold=True), run(threshold=False)
+    assert on.shape == (2, 3, 32, 32) and 0 <= float(on.min()) and float(on.max()) <= 1
+    assert not torch.equal(on, off)
+    torch.testing.assert_close(on, run())  # the config's default is on
+    assert not torch.equal(run(sampler="ddpm"), on)
+    flags = {o.flag: o for o in SAMPLE_OPTIONS}
+    assert flags["--no-threshold"].keyword == "threshold" and flags["--no-threshold"].value is False
+    assert {"--cfg", "--steps", "--sampler"} <= set(flags)
+
+
+def test_any_utf8_prompt_encodes_and_bad_prompts_name_expected_and_given(model):
+    ids = model.tokenize(["مربع أحمر 🟥", "लाल वृत्त", "赤い円", "κόκκινος κύκλος"])
+    assert ids[0].shape[0] == ids[1].shape[0] == 4
+    with pytest.raises(ValueError, match=r"valid UTF-8.*surrogates"):
+        model.tokenize(["red \ud800 circle"])
+    with pytest.raises(ValueError, match="expected a non-empty str"):
+        model.tokenize([""])
+    long = " ".join(["красный круг"] * 200)
+    with pytest.raises(ValueError, match="tokenizer.*truncate"):
+        model.tokenize([long])
+    with pytest.warns(UserWarning, match="truncated"):
+        clip_ids, t5_ids = model.tokenize([long], truncate=True)
+    assert clip_ids.shape[1] <= model.text.config.text.context_length and t5_ids.shape[1] <= model.t5.config.max_len
+
+
+def test_latents_of_the_wrong_channel_count_name_expected_and_given(model):
+    with pytest.raises(ValueError, match=r"\(B, 4, 8, 8\); got \(2, 3, 8, 8\)"):
+        model.from_latents(torch.zeros(2, 3, 8, 8))
+    x, t, clip_ids, t5_ids = contracts.example_inputs(model, 2)
+    with pytest.raises(ValueError, match=r"x_t must be .*\(B, 4, 8, 8\); got \(2, 5, 8, 8\)"):
+        model(torch.zeros(2, 5, 8, 8), t, clip_ids, t5_ids)
+
+
+def test_a_vae_folder_of_another_latent_size_is_refused(shapes, tmp_path):
+    spec = get_registry().get("model", "kl-vae-shapes")
+    small = contracts.tiny(spec).config
+    vae = spec.instantiate(attrs.evolve(small, block_channels=(8, 16, 16, 16)))  # 32 → 4×4 latents
+    vae.save(tmp_path / "vae")
+    with pytest.raises(ValueError, match=r"expects latents .* = \(4, 8, 8\); the VAE gives \(4, 4, 4\)"):
+        contracts.build("kandinsky2", dataset=shapes, vae=str(tmp_path / "vae"))
+
+
+def test_folder_round_trip_keeps_the_parts_in_sub_folders(model, tmp_path):
+    contracts.check_part_folders("kandinsky2")
+    model.latent_range.fill_(2.5)
+    model.range_fitted.fill_(True)
+    model.save(tmp_path / "k2")
+    for name in ("vae", "text", "t5"):
+        assert (tmp_path / name / "config.json").exists() is False and (tmp_path / "k2" / name / "config.json").exists()
+    back = load(tmp_path / "k2").eval()
+    assert float(back.latent_range) == 2.5 and bool(back.range_fitted)
+    inputs = contracts.example_inputs(model, 2)
+    torch.testing.assert_close(back(*inputs), model(*inputs), atol=0, rtol=0)
+
+
+def test_sample_to_folder_and_evaluate(model, shapes, tmp_path):
+    paths = model.sample_to_folder(tmp_path / "s", n=3, prompt="красный круг", steps=3, threshold=False)
+    assert len(paths) == 4 and paths[-1].name == "grid.png"
+    with pytest.raises(ValueError, match="does not support candidates"):
+        model.sample_to_folder(tmp_path / "t", n=1, prompt="a", candidates=2)
+    metrics = model.evaluate(shapes)
+    for code in lang.LANGUAGES:
+        for key in ("colour_accuracy", "kind_accuracy", "colour_accuracy_nothreshold", "kind_accuracy_nothreshold"):
+            assert 0 <= metrics[f"{key}_{code}"] <= 1
+    assert metrics["fd_judge"] >= 0 and metrics["samples"] == 4 * 24
+    images, targets = model.generative_samples(shapes, 30, seed=1)
+    assert images.shape == (30, 3, 32, 32) and set(targets) == {"colour", "kind"}
+    assert Kandinsky2Config().eval_per_class >= 1
