@@ -114,6 +114,26 @@ def test_thresholding_on_and_off_change_sampling(model):
     assert {"--cfg", "--steps", "--sampler"} <= set(flags)
 
 
+def test_thresholding_keeps_data_like_predictions_and_pulls_saturated_ones_in(model):
+    from polymodal.plugins.kandinsky.sample import thresholded
+
+    model.latent_range.fill_(3.0)
+    t = torch.tensor([10, 60])  # (B,)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for scale, changed in ((0.5, False), (10.0, True)):
+        x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).clamp(-2.5, 2.5) * scale
+
+        def fn(x_t, tt, x0=x0):
+            ab = model.schedule.alpha_bar(tt, x_t)  # (B, 1, 1, 1)
+            return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()  # the ε that predicts x0
+
+        out = model.schedule.to_x0(thresholded(model, fn)(x, t), x, t)
+        if changed:
+            assert out.abs().amax() <= 3.0 + 1e-4 and not torch.allclose(out, x0)
+        else:
+            torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
+
+
 def test_any_utf8_prompt_encodes_and_bad_prompts_name_expected_and_given(model):
     ids = model.tokenize(["مربع أحمر 🟥", "लाल वृत्त", "赤い円", "κόκκινος κύκλος"])
     assert ids[0].shape[0] == ids[1].shape[0] == 4

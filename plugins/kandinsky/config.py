@@ -50,18 +50,15 @@ class Kandinsky2Config:
     loss_weighting: str = field(
         "min_snr", "Loss weighting over timesteps: 'none' or 'min_snr' (Min-SNR-5).", check=one_of(*WEIGHTINGS)
     )
-    latent_quantile: float = field(
-        0.995,
-        "The diffusion space is the VAE's latents divided by this quantile of |training latents| (fitted once "
-        "when training starts), so that they lie in [-1, 1] as pixels do and Imagen's thresholding applies.",
-        check=in_range(0.5, 1.0),
-    )
     sampler: str = field("ddim", "Default sampler: 'ddpm' or 'ddim'.", check=one_of("ddpm", "ddim"))
     steps: int = field(50, "Default sampling steps (1 … T).", check=in_range(1, 100_000, integer=True))
     guidance_scale: float = field(4.0, "Default classifier-free guidance scale (1: none).", check=in_range(0.0, 100.0))
     thresholding: bool = field(True, "Default: dynamic thresholding of the predicted x0 (Imagen's).")
     threshold_ratio: float = field(
-        0.995, "The per-sample percentile of |x0| taken as the threshold s (s ≥ 1).", check=in_range(0.5, 1.0)
+        0.995,
+        "The per-sample percentile of |x0| taken as the threshold s; s is at least the latents' range (the "
+        "largest such percentile over the training latents, fitted when training starts: Imagen's 1).",
+        check=in_range(0.5, 1.0),
     )
     eval_per_class: int = field(
         2, "Evaluation samples per colour × kind prompt and language.", check=in_range(1, 10000, integer=True)

@@ -5,9 +5,10 @@
 
 The VAE (``kl-vae-shapes``), the multilingual CLIP text tower (``mclip-shapes``) and the span-corruption encoder
 (``t5-multilingual``) are frozen; only the UNet and the text projection (:class:`.condition.TextProjection`)
-train. The diffusion space is the VAE's scaled latents divided by ``latent_range`` (the ``latent_quantile`` of
-|training latents|, fitted once when training starts), so Imagen's dynamic thresholding (s = the 99.5th
-percentile of |x0| per sample, s ≥ 1) applies there as it does to pixels. Training draws, per scene and step,
+train. The UNet denoises the VAE's scaled latents (unit variance). Dynamic thresholding is Imagen's with the
+latents' range in place of the pixels' 1: ``latent_range`` is the largest per-sample 99.5th percentile of |z|
+over the training latents (fitted once when training starts), so thresholding leaves data-like predictions
+alone and pulls saturated ones (strong guidance) back into range (:mod:`.sample`). Training draws, per scene and step,
 a caption in a training (language, template) pair and drops the text (both encoders) with ``text_dropout``.
 """
 
@@ -69,7 +70,7 @@ class Kandinsky2(PolymodalModel):
         )
         self.unet = UNet(u)
         self.schedule = NoiseSchedule(config.schedule)
-        self.register_buffer("latent_range", torch.ones(()))  # () the fitted |latent| quantile
+        self.register_buffer("latent_range", torch.ones(()))  # () the fitted bound of |latents|
         self.register_buffer("range_fitted", torch.zeros((), dtype=torch.bool))
         for name, part in self.attach_parts(parts).items():
             setattr(self, self.part_attributes[name], part)
@@ -142,23 +143,23 @@ class Kandinsky2(PolymodalModel):
 
     @torch.no_grad()
     def to_latents(self, images: Tensor) -> Tensor:
-        """Images (B, C, S, S) in [0, 1] → the diffusion space (B, 4, h, w): VAE mean latents ÷ latent_range."""
+        """Images (B, C, S, S) in [0, 1] → the diffusion space (B, 4, h, w): the VAE's scaled mean latents."""
         if not self.vae.config.scaling_factor:  # a fresh (untrained) VAE: LDM's scale from these images
             self.vae.compute_scaling_factor(images.to(self.device))
-        z = self.vae.encode_latents(images.to(self.device).float(), sample=False)  # (B, 4, h, w)
-        return z / self.latent_range
+        return self.vae.encode_latents(images.to(self.device).float(), sample=False)  # (B, 4, h, w)
 
     @torch.no_grad()
     def from_latents(self, x: Tensor) -> Tensor:
         """The diffusion space (B, 4, h, w) → images (B, C, S, S) in [0, 1]."""
-        return self.vae.decode_latents(self.check_latents(x) * self.latent_range).clamp(0, 1)
+        return self.vae.decode_latents(self.check_latents(x)).clamp(0, 1)
 
     @torch.no_grad()
     def fit_latent_range(self, images: Tensor, batch_size: int = 500) -> None:
-        """Set ``latent_range`` to the ``latent_quantile`` of |VAE latents| of ``images`` (N, C, S, S)."""
-        self.latent_range.fill_(1.0)
+        """Set ``latent_range`` to the largest per-sample ``threshold_ratio`` percentile of |latents| of ``images``
+        (N, C, S, S): the bound every training latent keeps, as every image keeps |x| ≤ 1."""
         z = torch.cat([self.to_latents(x) for x in images.split(batch_size)])  # (N, 4, h, w)
-        self.latent_range.fill_(float(torch.quantile(z.abs().flatten()[:1_000_000], self.config.latent_quantile)))
+        per_sample = torch.quantile(z.abs().flatten(1), self.config.threshold_ratio, dim=1)  # (N,)
+        self.latent_range.fill_(max(1.0, float(per_sample.max())))
         self.range_fitted.fill_(True)
 
     def begin_step(self, step: int, total: int) -> None:

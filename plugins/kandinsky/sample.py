@@ -7,9 +7,11 @@
     polymodal sample runs/k2 --prompt "красный круг" -n 16 --cfg 4 --steps 50 --sampler ddim [--no-threshold]
 
 Classifier-free guidance contrasts the prompt with the dropped text (zero pooled features, every text token
-masked: the condition training drops to); dynamic thresholding (Imagen's: s = the 99.5th percentile of |x0|
-per sample, at least 1; x0 clipped to [-s, s] and divided by s) acts on the predicted x0 in the diffusion
-space, where the latents have been scaled into [-1, 1] (``latent_range``).
+masked: the condition training drops to). Dynamic thresholding is Imagen's on the guided prediction's x0, in
+units of the latents' range R (``latent_range``, the bound every training latent keeps, as pixels keep 1):
+s = the 99.5th percentile of |x0| / R per sample, at least 1; x0 ← R · clip(x0 / R, -s, s) / s; the output
+is re-expressed from that x0 (as diffusers' schedulers recompute ε from the thresholded x0), so DDIM and DDPM
+both step from the thresholded prediction.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import Tensor
 
 from polymodal.diffusion import cfg_model, make_sampler, sample
+from polymodal.diffusion.samplers import threshold as imagen_threshold
 from polymodal.eval.images import write_samples
 from polymodal.generation.options import SampleOption, keywords
 from polymodal.nn import eval_mode
@@ -51,11 +54,21 @@ def make_latent_sampler(
     steps = c.steps if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an integer in 1 … {T} (the trained T); got {steps!r}")
-    on = c.thresholding if threshold is None else bool(threshold)
-    return make_sampler(
-        model.schedule, name=name, steps=steps, spacing="trailing", clip_sample=False, thresholding=on,
-        threshold_ratio=c.threshold_ratio, threshold_max=1e6,
-    )  # fmt: skip
+    return make_sampler(model.schedule, name=name, steps=steps, spacing="trailing", clip_sample=False)
+
+
+def thresholded(model: Any, fn: Any) -> Any:
+    """``fn(x_t, t)`` with its predicted x0 dynamically thresholded in units of ``model.latent_range``."""
+    schedule, ratio, bound = model.schedule, model.config.threshold_ratio, float(model.latent_range)
+
+    def out(x: Tensor, t: Tensor) -> Tensor:
+        pred = fn(x, t)  # (B, 4, h, w)
+        x0 = imagen_threshold(schedule.to_x0(pred, x, t) / bound, ratio, 1e6) * bound  # (B, 4, h, w)
+        ab = schedule.alpha_bar(t, x)  # (B, 1, 1, 1)
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # (B, 4, h, w) the noise that x0 implies
+        return schedule.from_eps(eps, x, t)
+
+    return out
 
 
 @torch.no_grad()
@@ -85,8 +98,10 @@ def generate_latents(
     guided = cfg_model(fn, dict(zip(keys, text, strict=True)), dict(zip(keys, null, strict=True)), scale)
     u = model.config.unet
     shape = (text[0].shape[0], u.in_channels, u.sample_size, u.sample_size)
+    if model.config.thresholding if threshold is None else threshold:
+        guided = thresholded(model, guided)
     with eval_mode(model):
-        out = sample(guided, make_latent_sampler(model, sampler, steps, threshold), shape, generator=generator,
+        out = sample(guided, make_latent_sampler(model, sampler, steps), shape, generator=generator,
                      device=model.device)  # fmt: skip
     return out.images  # (B, 4, h, w)
 
