@@ -179,6 +179,18 @@ def test_folder_round_trip_keeps_the_parts_in_sub_folders(model, tmp_path):
     torch.testing.assert_close(back(*inputs), model(*inputs), atol=0, rtol=0)
 
 
+def test_heldout_prompts_use_only_evaluation_only_pairs():
+    from polymodal.plugins.kandinsky.evaluate import heldout_prompts
+
+    data = "shapes-multilingual"
+    for code in lang.LANGUAGES:
+        prompts, targets = heldout_prompts(data, code, 1)
+        assert len(prompts) == 24 and targets["colour"].tolist()[:5] == [0, 0, 0, 0, 1]
+        train = {lang.caption_for(data, code, t, colour=c, kind=k, position=p)
+                 for t in lang.template_ids(data, code) for c in range(6) for k in range(4) for p in range(9)}  # fmt: skip
+        assert not set(prompts) & train
+
+
 def test_sample_to_folder_and_evaluate(model, shapes, tmp_path):
     paths = model.sample_to_folder(tmp_path / "s", n=3, prompt="красный круг", steps=3, threshold=False)
     assert len(paths) == 4 and paths[-1].name == "grid.png"
@@ -188,6 +200,7 @@ def test_sample_to_folder_and_evaluate(model, shapes, tmp_path):
     for code in lang.LANGUAGES:
         for key in ("colour_accuracy", "kind_accuracy", "colour_accuracy_nothreshold", "kind_accuracy_nothreshold"):
             assert 0 <= metrics[f"{key}_{code}"] <= 1
+        assert 0 <= metrics[f"heldout_colour_accuracy_{code}"] <= 1
     assert metrics["fd_judge"] >= 0 and metrics["samples"] == 4 * 24
     images, targets = model.generative_samples(shapes, 30, seed=1)
     assert images.shape == (30, 3, 32, 32) and set(targets) == {"colour", "kind"}

@@ -5,7 +5,9 @@ kind evaluation prompt ("a red circle", "красный круг", "un cercle ro
 the training templates has) are decoded to 32×32 and read by the judge of the English shapes (the same images):
 ``colour_accuracy_<lang>``, ``kind_accuracy_<lang>``, the same with thresholding off
 (``colour_accuracy_nothreshold_<lang>`` …), their means over languages, and ``fd_judge`` (all languages'
-thresholded samples against the test split). Sampling uses the model's defaults and seed ``eval_seed``.
+thresholded samples against the test split). ``heldout_colour_accuracy_<lang>`` / ``heldout_kind_accuracy_<lang>``:
+the same prompts phrased with that language's evaluation-only templates (with a position, cycled over the
+grid; thresholding on). Sampling uses the model's defaults and seed ``eval_seed``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ def prompts_and_targets(dataset: str, language: str, per_class: int) -> tuple[li
     kinds = len(lang.SHAPES[language].kinds)
     labels = torch.arange(len(prompts)).repeat_interleave(per_class)  # (N,)
     return [prompts[i] for i in labels.tolist()], {"colour": labels // kinds, "kind": labels % kinds}
+
+
+def heldout_prompts(dataset: str, language: str, per_class: int) -> tuple[list[str], dict[str, Tensor]]:
+    """Every colour × kind (``per_class`` each) captioned with ``language``'s evaluation-only templates in turn,
+    the position cycling over the grid cells, and their colour and kind."""
+    templates = lang.template_ids(dataset, language, heldout=True)
+    _, targets = prompts_and_targets(dataset, language, per_class)
+    prompts = [
+        lang.caption_for(dataset, language, templates[i % len(templates)], colour=c, kind=k, position=(i * 4 + c) % 9)
+        for i, (c, k) in enumerate(zip(targets["colour"].tolist(), targets["kind"].tolist(), strict=True))
+    ]
+    return prompts, targets
 
 
 @torch.no_grad()
@@ -55,7 +69,12 @@ def evaluate_kandinsky(model: Any, dataset: Any, split: str = "test") -> dict[st
             metrics[f"kind_accuracy{suffix}_{code}"] = scores["sample_kind_accuracy"]
             if on:
                 every.append(images)
-    for name in ("colour_accuracy", "kind_accuracy", "colour_accuracy_nothreshold", "kind_accuracy_nothreshold"):
+        prompts, targets = heldout_prompts(dataset.name, code, c.eval_per_class)
+        scores = judge_samples(judged, prompted_samples(model, prompts, c.eval_seed), targets)
+        metrics[f"heldout_colour_accuracy_{code}"] = scores["sample_colour_accuracy"]
+        metrics[f"heldout_kind_accuracy_{code}"] = scores["sample_kind_accuracy"]
+    names = ("colour_accuracy", "kind_accuracy", "colour_accuracy_nothreshold", "kind_accuracy_nothreshold")
+    for name in (*names, "heldout_colour_accuracy", "heldout_kind_accuracy"):
         metrics[name] = sum(metrics[f"{name}_{code}"] for code in lang.LANGUAGES) / len(lang.LANGUAGES)
     from polymodal.eval.judge import frechet_distance
 
