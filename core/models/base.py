@@ -68,7 +68,7 @@ class PolymodalModel(nn.Module):
         """The built part of every :attr:`part_attributes` field: from ``parts``, else made by
         :func:`~polymodal.models.parts.load_part` (a folder or the cached 'auto' one loaded, '' built
         fresh; nothing is trained). Call it in ``__init__`` before changing a part: it records each
-        part's own state keys (what ``DIR/<field>/`` holds) and where it came from (model cards)."""
+        part's state keys as attached, its own parts' included (what ``DIR/<field>/`` and its sub-folders hold) and where it came from (model cards)."""
         from polymodal.models.parts import describe_part, load_parts, part_fields
 
         fields = part_fields(self.config)
@@ -83,7 +83,7 @@ class PolymodalModel(nn.Module):
                 raise ValueError(
                     f"{type(self.config).__name__}.{name} must be a polymodal model; got {type(part).__name__}"
                 )
-            self._part_keys[name] = frozenset(part.own_state_dict())
+            self._part_keys[name] = frozenset(part.state_dict())  # with its own parts' (saved in its folder)
             self.part_sources[name] = describe_part(fields[name])
         return built
 

@@ -77,12 +77,6 @@ class Kandinsky2(PolymodalModel):
         self.freeze()
         self.features = cond.FeatureCache()
 
-    def own_state_dict(self) -> dict[str, Tensor]:
-        """:meth:`state_dict` without any weight under a part: a part's own parts (M-CLIP's teacher) are saved
-        in its folder too (``text/teacher/``), so none of them belongs in this model's ``model.safetensors``."""
-        under = tuple(f"{a}." for a in self.part_attributes.values())
-        return {k: v for k, v in super().own_state_dict().items() if not k.startswith(under)}
-
     # -- config adaptation and tiny form ----------------------------------------------------------
     @classmethod
     def config_for_data(cls, config: Kandinsky2Config, dataset: Any, fixed: Any = ()) -> Kandinsky2Config:
