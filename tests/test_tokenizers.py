@@ -63,6 +63,24 @@ def test_bpe_compresses_and_round_trips(bpe):
     assert bpe.decode(body) == text
 
 
+ZH = ["一个红色的正方形在中间", "一个蓝色的圆形在左上方", "在中间可以看到一个绿色的三角形"] * 40
+
+
+def test_cjk_ideographs_are_words_of_their_own(bpe):
+    isolated = BPETokenizer.train(ZH + CORPUS, vocab_size=400)
+    joined = BPETokenizer.train(ZH + CORPUS, vocab_size=400, isolate_cjk=False)
+    text = "中间有一个红色的圆形"  # a new order of known ideographs (有 was never seen)
+    ids = isolated.encode(text, add_bos=False, add_eos=False)
+    assert isolated.decode(ids) == text
+    pieces = [isolated.decode([i]) for i in ids]  # 有's three bytes decode apart as replacement characters
+    assert len(ids) == len(text) + 2 and all(len(p) == 1 for p in pieces), pieces  # one token per known ideograph
+    # without the split an unspaced sentence is one word and the merges swallow whole phrases
+    assert len(joined.encode(ZH[0], add_bos=False, add_eos=False)) < len(ZH[0])
+    plain = BPETokenizer.train(CORPUS, vocab_size=400, isolate_cjk=False)
+    for english in CORPUS[:5]:  # a corpus without CJK trains the same tokenizer either way
+        assert bpe.encode(english) == plain.encode(english)
+
+
 def test_untrained_bpe_is_byte_level():
     tok = BPETokenizer()
     assert tok.vocab_size == 256 + 3

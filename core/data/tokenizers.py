@@ -179,6 +179,11 @@ class ByteTokenizer(_TextTokenizer):
         return cls(data["specials"], add_bos=data["add_bos"], add_eos=data["add_eos"])
 
 
+CJK_CHARACTER = "[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0002fa1f]"
+"""One CJK ideograph (unified, extension A–F, compatibility), CJK symbol or full-width form: the characters
+:meth:`BPETokenizer.train` isolates as words of their own by default."""
+
+
 class BPETokenizer(_TextTokenizer):
     """Byte-level BPE (GPT-2/CLIP style) backed by a ``tokenizers.Tokenizer``.
 
@@ -230,9 +235,15 @@ class BPETokenizer(_TextTokenizer):
         min_frequency: int = 2,
         add_bos: bool = True,
         add_eos: bool = True,
+        isolate_cjk: bool = True,
     ) -> BPETokenizer:
-        """Learn a byte-level BPE of ``vocab_size`` ids (specials included) from ``texts``."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        """Learn a byte-level BPE of ``vocab_size`` ids (specials included) from ``texts``.
+
+        ``isolate_cjk``: every CJK ideograph and CJK punctuation mark is its own word before the byte-level
+        split, as BERT's basic tokenizer does; without it an unspaced Chinese sentence is one word whose merges
+        swallow whole phrases, so a new word order shares no token with the training text. A corpus without
+        CJK characters trains the same tokenizer either way."""
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
         specials = dict(specials or DEFAULT_BPE_SPECIALS)
         strings = list(dict.fromkeys(specials.values()))
@@ -241,7 +252,12 @@ class BPETokenizer(_TextTokenizer):
                 f"vocab_size must be at least {256 + len(strings)} (256 bytes + specials), got {vocab_size}"
             )
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = (
+            pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CJK_CHARACTER), "isolated"), byte_level])
+            if isolate_cjk
+            else byte_level
+        )
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
