@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import attrs
 import pytest
 import torch
 
@@ -135,3 +136,23 @@ def test_both_encoder_configs_nest_one_block_config():
         assert apply_overrides(cfg, ["block.mlp_ratio=2.0"]).block.mlp_ratio == 2.0
         with pytest.raises(ValueError, match=rf"{cls.__name__}.block must be a BlockConfig without cross-attention"):
             cls(block=BlockConfig(cross_attention=True))
+
+
+def test_a_text_encoder_without_absolute_positions_takes_its_order_from_the_relative_bias():
+    from polymodal.nn.encoders import TextEncoder, TextEncoderConfig
+
+    block = BlockConfig(dim=16, heads=2)
+    ids = torch.tensor([[5, 9, 3, 7, 11]])
+    order = torch.tensor([3, 0, 4, 1, 2])
+    for bias, equivariant in (("none", True), ("t5", False)):
+        torch.manual_seed(0)
+        enc = TextEncoder(
+            TextEncoderConfig(causal=False, positions="none", block=attrs.evolve(block, position_bias=bias))
+        )
+        assert enc.pos_embed is None and not any("pos_embed" in k for k in enc.state_dict())
+        enc.eval()
+        # no position table: a bag of tokens (permuting the input permutes the output) unless the blocks add a bias
+        same = torch.allclose(enc(ids)[:, order], enc(ids[:, order]), atol=1e-5)
+        assert same == equivariant
+    learned = TextEncoder(TextEncoderConfig(causal=False, block=block)).eval()
+    assert not torch.allclose(learned(ids)[:, order], learned(ids[:, order]), atol=1e-5)

@@ -186,6 +186,14 @@ class TextEncoderConfig(EncoderBlocks):
     depth: int = field(2, "Number of transformer blocks.", check=in_range(1, 1024, integer=True))
     causal: bool = field(True, "Causal self-attention (each token sees only earlier ones), as in CLIP.")
     final_norm: bool = field(True, "Normalise the output tokens.")
+    positions: str = field(
+        "learned",
+        "Absolute positions: 'learned' (a table added to the token embeddings, CLIP's) or 'none' (order only from "
+        "a relative bias in the blocks, block.position_bias='t5', as T5; a token's features then do not shift "
+        "with the words before it).",
+        check=one_of("learned", "none"),
+        backfill=True,
+    )
     checkpointing: bool = field(False, CHECKPOINTING_DOC, runtime=True)
 
 
@@ -205,7 +213,8 @@ class TextEncoder(nn.Module):
         self.cfg = cfg
         self.out_dim = cfg.dim
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.pos_embed = PositionEmbedding(cfg.dim, (1, cfg.context_length), kind="learned")
+        learned = cfg.positions == "learned"
+        self.pos_embed = PositionEmbedding(cfg.dim, (1, cfg.context_length), kind="learned") if learned else None
         self.drop = nn.Dropout(cfg.block.dropout)
         self.blocks = TransformerStack(cfg.stack())
         init_weights(self)
@@ -232,7 +241,9 @@ class TextEncoder(nn.Module):
     def forward(self, ids: Tensor, key_padding: Tensor | None = None, return_hidden: bool = False):
         """(B, L) ids → (B, L, D); with ``return_hidden`` also every block's input."""
         self.check(ids)
-        x = self.token_embed(ids.long()) + self.pos_embed()[:, : ids.shape[1]]  # (B, L, D)
+        x = self.token_embed(ids.long())  # (B, L, D)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed()[:, : ids.shape[1]]  # (B, L, D)
         x = self.drop(x)
         return self.blocks(x, causal=self.cfg.causal, key_padding=key_padding, return_hidden=return_hidden)
 
