@@ -1,9 +1,9 @@
 """t5 quality bars, measured by training the default ``t5-multilingual`` recipe for real (issue 20's mT5-small role).
 
 Every number is on the test split, whose captions are all evaluation-only (template, language) pairs. Measured
-(one thread, 300 steps, ~55 s of training): span accuracy en 0.25, fr 0.32, ru 0.16, zh 0.055 (an untrained model:
-≤ 0.003); target accuracy 0.32–0.56; probes of the pooled features on one-object scenes: colour 0.31–0.54
-(chance 1/6), kind 0.45–0.64 (chance 1/4). The bars sit below those with margin and far above an untrained model
+(one thread, 300 steps, ~55 s of training): span accuracy en 0.18, fr 0.29, ru 0.12, zh 0.25 (an untrained model:
+≤ 0.003; zh was 0.055 before the BPE isolated CJK ideographs); target accuracy 0.29–0.55; probes of the pooled
+features on one-object scenes: colour 0.31–0.47 (chance 1/6), kind 0.39–0.64 (chance 1/4). The bars sit below those with margin and far above an untrained model
 (span) or chance (probes).
 """
 
@@ -17,7 +17,7 @@ from polymodal.data import load_dataset
 pytestmark = pytest.mark.slow
 
 LANGUAGES = ("en", "ru", "fr", "zh")
-SPAN_ACCURACY = {"en": 0.15, "fr": 0.20, "ru": 0.08, "zh": 0.025}
+SPAN_ACCURACY = {"en": 0.15, "fr": 0.20, "ru": 0.08, "zh": 0.15}
 """Dropped-token accuracy bars: unseen wordings tokenise into rarer pieces (zh, ru most), so the bars differ."""
 
 

@@ -29,14 +29,16 @@ class MCLIPConfig:
     )
     text: TextEncoderConfig = field(
         TextEncoderConfig(
-            vocab_size=1024,
+            vocab_size=512,
             context_length=64,
-            depth=1,
+            depth=2,
             causal=False,
-            block=BlockConfig(dim=64, heads=4, norm_eps=1e-5, dropout=0.25),
+            positions="none",
+            block=BlockConfig(dim=64, heads=4, norm_eps=1e-5, dropout=0.25, position_bias="t5"),
         ),
-        "The student's transformer trunk: bidirectional (causal=False) with a padding mask; its final hidden "
-        "states are the token features and their mean over the real tokens feeds the linear head.",
+        "The student's transformer trunk: bidirectional (causal=False) with a padding mask, order from T5's "
+        "relative bias only (no absolute positions: a word's features do not move with the words before it); its "
+        "final hidden states are the token features and their mean over the real tokens feeds the linear head.",
         check=_bidirectional,
     )
     tables: str = field(
