@@ -81,6 +81,11 @@ HEADLINES: dict[str, tuple[tuple[str, str], ...]] = {
         ("kind_accuracy", "higher"),
         ("colour_accuracy_zh", "higher"),
     ),
+    "kandinsky21": (  # issue 20's bars: colour and kind in each language, FD below kandinsky2's
+        ("colour_accuracy", "higher"),
+        ("kind_accuracy", "higher"),
+        ("fd_judge", "lower"),
+    ),
 }
 """Per variant: the metrics its quality test asserts (dotted keys reach nested dicts) and which way is better."""
 

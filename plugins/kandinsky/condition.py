@@ -47,6 +47,25 @@ def drop_text(text: tuple[Tensor, ...], drop: Tensor) -> tuple[Tensor, ...]:
     return (cp * keep, ct, cm & keep, tp * keep, tt, tm & keep)
 
 
+def check_vae_latents(vae: Any, unet: Any, what: str) -> None:
+    """A ValueError naming both unless ``vae``'s latent shape is the UNet config's (channels, side, side)."""
+    want, got = (unet.in_channels, unet.sample_size, unet.sample_size), tuple(int(v) for v in vae.latent_shape)
+    if got != want:
+        raise ValueError(
+            f"{what}: the UNet expects latents (channels, height, width) = {want}; the VAE gives {got} (give a "
+            "VAE of that latent size or set unet.in_channels/out_channels/sample_size)"
+        )
+
+
+def check_latents(x: Any, unet: Any, name: str = "latents") -> Tensor:
+    """``x`` if it is (B, C, h, w) with the UNet config's latent channels and size, else a ValueError naming both."""
+    want = (unet.in_channels, unet.sample_size, unet.sample_size)
+    if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be (B, channels, h, w) = (B, {', '.join(map(str, want))}); got {got}")
+    return x
+
+
 def check_prompts(prompts: Any) -> list[str]:
     """A non-empty list of non-empty strings that are valid Unicode (encodable as UTF-8), else a ValueError."""
     prompts = [prompts] if isinstance(prompts, str) else prompts

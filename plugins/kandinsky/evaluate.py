@@ -12,6 +12,7 @@ grid; thresholding on). Sampling uses the model's defaults and seed ``eval_seed`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,17 +43,19 @@ def heldout_prompts(dataset: str, language: str, per_class: int) -> tuple[list[s
 
 @torch.no_grad()
 def prompted_samples(model: Any, prompts: list[str], seed: int, batch_size: int = 256, **options: Any) -> Tensor:
-    """Samples (N, C, S, S) for ``prompts``, seeded."""
-    from .sample import generate
-
+    """Samples (N, C, S, S) for ``prompts`` through ``model.generate`` (either variant), seeded."""
     g = torch.Generator(device=model.device).manual_seed(seed)
     chunks = [prompts[s : s + batch_size] for s in range(0, len(prompts), batch_size)]
-    return torch.cat([generate(model, p, generator=g, **options).cpu() for p in chunks])
+    return torch.cat([model.generate(p, generator=g, **options).cpu() for p in chunks])
 
 
 @torch.no_grad()
-def evaluate_kandinsky(model: Any, dataset: Any, split: str = "test") -> dict[str, float]:
-    """The per-language judged accuracies (thresholding on and off), their means and ``fd_judge``."""
+def evaluate_kandinsky(
+    model: Any, dataset: Any, split: str = "test", per_language: Callable[..., dict[str, float]] | None = None
+) -> dict[str, float]:
+    """The per-language judged accuracies (thresholding on and off), their means and ``fd_judge``;
+    ``per_language(model, judged, code, prompts, targets)`` adds a variant's own metrics for each language
+    (``<name>_<code>``, averaged into ``<name>``)."""
     from polymodal.data import load_dataset
     from polymodal.eval.judge import get_judge, judge_samples
 
@@ -69,12 +72,14 @@ def evaluate_kandinsky(model: Any, dataset: Any, split: str = "test") -> dict[st
             metrics[f"kind_accuracy{suffix}_{code}"] = scores["sample_kind_accuracy"]
             if on:
                 every.append(images)
+        extra = per_language(model, judged, code, prompts, targets) if per_language else {}
+        metrics |= {f"{name}_{code}": value for name, value in extra.items()}
         prompts, targets = heldout_prompts(dataset.name, code, c.eval_per_class)
         scores = judge_samples(judged, prompted_samples(model, prompts, c.eval_seed), targets)
         metrics[f"heldout_colour_accuracy_{code}"] = scores["sample_colour_accuracy"]
         metrics[f"heldout_kind_accuracy_{code}"] = scores["sample_kind_accuracy"]
     names = ("colour_accuracy", "kind_accuracy", "colour_accuracy_nothreshold", "kind_accuracy_nothreshold")
-    for name in (*names, "heldout_colour_accuracy", "heldout_kind_accuracy"):
+    for name in (*names, "heldout_colour_accuracy", "heldout_kind_accuracy", *extra):
         metrics[name] = sum(metrics[f"{name}_{code}"] for code in lang.LANGUAGES) / len(lang.LANGUAGES)
     from polymodal.eval.judge import frechet_distance
 

@@ -52,12 +52,7 @@ class Kandinsky2(PolymodalModel):
                 parts[name] = load_part(getattr(config, name), name=f"Kandinsky2Config.{name}")
         vae = require(parts["vae"], LatentAutoencoder, what="Kandinsky2Config.vae")
         u = config.unet
-        want, got = (u.in_channels, u.sample_size, u.sample_size), tuple(int(v) for v in vae.latent_shape)
-        if got != want:
-            raise ValueError(
-                f"Kandinsky2Config.vae: the UNet expects latents (channels, height, width) = {want}; the VAE "
-                f"gives {got} (give a VAE of that latent size or set unet.in_channels/out_channels/sample_size)"
-            )
+        cond.check_vae_latents(vae, u, "Kandinsky2Config.vae")
         for name in ("text", "t5"):
             missing = [a for a in ("tokenize", "encode_text_and_tokens") if not callable(getattr(parts[name], a, None))]
             if missing:
@@ -128,12 +123,7 @@ class Kandinsky2(PolymodalModel):
 
     def check_latents(self, x: Any, name: str = "latents") -> Tensor:
         """``x`` if it is (B, C, h, w) with the UNet's latent channels and size, else a ValueError naming both."""
-        u = self.config.unet
-        want = (u.in_channels, u.sample_size, u.sample_size)
-        if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{name} must be (B, channels, h, w) = (B, {', '.join(map(str, want))}); got {got}")
-        return x
+        return cond.check_latents(x, self.config.unet, name)
 
     @torch.no_grad()
     def to_latents(self, images: Tensor) -> Tensor:
