@@ -24,7 +24,47 @@ UNET = UNetConfig(
 
 
 @config
-class Kandinsky2Config:
+class LatentDiffusionSettings:
+    """What both Kandinsky variants share: the UNet's noise schedule and loss weighting, the sampling defaults
+    (sampler, steps, guidance, dynamic thresholding) and the evaluation's size and seed."""
+
+    schedule: ScheduleConfig = field(ScheduleConfig(), "The UNet's noise schedule (linear, T = 1000, ε-prediction).")
+    loss_weighting: str = field(
+        "min_snr", "Loss weighting over timesteps: 'none' or 'min_snr' (Min-SNR-5).", check=one_of(*WEIGHTINGS)
+    )
+    sampler: str = field("ddim", "Default sampler: 'ddpm' or 'ddim'.", check=one_of("ddpm", "ddim"))
+    steps: int = field(50, "Default sampling steps (1 … T).", check=in_range(1, 100_000, integer=True))
+    guidance_scale: float = field(4.0, "Default classifier-free guidance scale (1: none).", check=in_range(0.0, 100.0))
+    thresholding: bool = field(True, "Default: dynamic thresholding of the predicted x0 (Imagen's).")
+    threshold_ratio: float = field(
+        0.995,
+        "The per-sample percentile of |x0| taken as the threshold s; s is at least the latents' range (the "
+        "largest such percentile over the training latents, fitted when training starts: Imagen's 1).",
+        check=in_range(0.5, 1.0),
+    )
+    eval_per_class: int = field(
+        2, "Evaluation samples per colour × kind prompt and language.", check=in_range(1, 10000, integer=True)
+    )
+    eval_seed: int = field(0, "Seed of evaluate's sampling.", check=in_range(0, 2**31, integer=True))
+    data: str = field("", "Name of the dataset the config was adapted to.")
+
+    def check_unet(self, what: str) -> None:
+        """A ValueError for a UNet config that cannot take this latent diffusion's condition (``what`` names the
+        condition in the message) or a default step count beyond the schedule."""
+        u, T, name = self.unet, self.schedule.timesteps, type(self).__name__
+        for bad, why, got in (
+            (u.context_dim < 1, f"unet.context_dim must be ≥ 1 ({what} cross-attended)", u.context_dim),
+            (u.num_classes > 0, "unet.num_classes must be 0 (the text is the condition)", u.num_classes),
+            (u.embedding_dim > 0, "unet.embedding_dim must be 0 (the condition is projected here)", u.embedding_dim),
+            (u.out_channels != u.in_channels, f"unet.out_channels must be in_channels={u.in_channels}", u.out_channels),
+            (self.steps > T, f"steps must be ≤ schedule.timesteps={T}", self.steps),
+        ):
+            if bad:
+                raise ValueError(f"{name}.{why}; got {got}")
+
+
+@config
+class Kandinsky2Config(LatentDiffusionSettings):
     """Kandinsky 2.0: latent diffusion in a frozen KL-VAE's space, conditioned on two frozen multilingual text
     encoders (pooled features added to the timestep embedding, token features as cross-attention context)."""
 
@@ -46,34 +86,6 @@ class Kandinsky2Config:
     text_dropout: float = field(
         0.1, "Training: share of samples whose text (both encoders) is dropped, for guidance.", check=in_range(0.0, 1.0)
     )
-    schedule: ScheduleConfig = field(ScheduleConfig(), "The noise schedule (linear, T = 1000, ε-prediction).")
-    loss_weighting: str = field(
-        "min_snr", "Loss weighting over timesteps: 'none' or 'min_snr' (Min-SNR-5).", check=one_of(*WEIGHTINGS)
-    )
-    sampler: str = field("ddim", "Default sampler: 'ddpm' or 'ddim'.", check=one_of("ddpm", "ddim"))
-    steps: int = field(50, "Default sampling steps (1 … T).", check=in_range(1, 100_000, integer=True))
-    guidance_scale: float = field(4.0, "Default classifier-free guidance scale (1: none).", check=in_range(0.0, 100.0))
-    thresholding: bool = field(True, "Default: dynamic thresholding of the predicted x0 (Imagen's).")
-    threshold_ratio: float = field(
-        0.995,
-        "The per-sample percentile of |x0| taken as the threshold s; s is at least the latents' range (the "
-        "largest such percentile over the training latents, fitted when training starts: Imagen's 1).",
-        check=in_range(0.5, 1.0),
-    )
-    eval_per_class: int = field(
-        2, "Evaluation samples per colour × kind prompt and language.", check=in_range(1, 10000, integer=True)
-    )
-    eval_seed: int = field(0, "Seed of evaluate's sampling.", check=in_range(0, 2**31, integer=True))
-    data: str = field("", "Name of the dataset the config was adapted to.")
 
     def __attrs_post_init__(self) -> None:
-        u, T = self.unet, self.schedule.timesteps
-        for bad, what, got in (
-            (u.context_dim < 1, "unet.context_dim must be ≥ 1 (the text tokens are cross-attended)", u.context_dim),
-            (u.num_classes > 0, "unet.num_classes must be 0 (the text is the condition)", u.num_classes),
-            (u.embedding_dim > 0, "unet.embedding_dim must be 0 (pooled text is projected here)", u.embedding_dim),
-            (u.out_channels != u.in_channels, f"unet.out_channels must be in_channels={u.in_channels}", u.out_channels),
-            (self.steps > T, f"steps must be ≤ schedule.timesteps={T}", self.steps),
-        ):
-            if bad:
-                raise ValueError(f"Kandinsky2Config.{what}; got {got}")
+        self.check_unet("the text tokens are")

@@ -6,19 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from polymodal.config import config, field, in_range, one_of
-from polymodal.diffusion import ScheduleConfig
-from polymodal.diffusion.schedule import WEIGHTINGS
+from polymodal.config import config, field, in_range
 from polymodal.models.parts import PartConfig, part_field
 from polymodal.nn import UNetConfig
 
-from .config import UNET
+from .config import UNET, LatentDiffusionSettings
 
 _count = in_range(1, 65536, integer=True)
 
 
 @config
-class Kandinsky21Config:
+class Kandinsky21Config(LatentDiffusionSettings):
     """Kandinsky 2.1: a diffusion prior maps the multilingual CLIP text embedding to a CLIP image embedding; a UNet
     denoises a frozen MoVQ's latents conditioned on that image embedding (10 context tokens beside the text tokens,
     and added to the timestep embedding with the pooled text: diffusers' ``text_image_proj`` / ``text_image``)."""
@@ -69,34 +67,10 @@ class Kandinsky21Config:
         "classifier-free guidance contrasts against.",
         check=in_range(0.0, 1.0),
     )
-    schedule: ScheduleConfig = field(ScheduleConfig(), "The UNet's noise schedule (linear, T = 1000, ε-prediction).")
-    loss_weighting: str = field(
-        "min_snr", "UNet loss weighting over timesteps: 'none' or 'min_snr' (Min-SNR-5).", check=one_of(*WEIGHTINGS)
-    )
-    sampler: str = field("ddim", "Default UNet sampler: 'ddpm' or 'ddim'.", check=one_of("ddpm", "ddim"))
-    steps: int = field(50, "Default UNet sampling steps (1 … T).", check=in_range(1, 100_000, integer=True))
-    guidance_scale: float = field(4.0, "Default UNet classifier-free guidance scale (1: none).", check=in_range(0, 100))
-    thresholding: bool = field(True, "Default: dynamic thresholding of the predicted x0 (Imagen's).")
-    threshold_ratio: float = field(
-        0.995,
-        "The per-sample percentile of |x0| taken as the threshold s; s is at least the latents' range (the largest "
-        "such percentile over the training latents, fitted when training starts).",
-        check=in_range(0.5, 1.0),
-    )
-    eval_per_class: int = field(
-        2, "Evaluation samples per colour × kind prompt and language.", check=in_range(1, 10000, integer=True)
-    )
-    eval_seed: int = field(0, "Seed of evaluate's sampling.", check=in_range(0, 2**31, integer=True))
-    data: str = field("", "Name of the dataset the config was adapted to.")
 
     def __attrs_post_init__(self) -> None:
-        u, T = self.unet, self.schedule.timesteps
+        self.check_unet("image and text tokens are")
         checks: tuple[tuple[bool, str, Any], ...] = (
-            (u.context_dim < 1, "unet.context_dim must be ≥ 1 (image and text tokens are attended)", u.context_dim),
-            (u.num_classes > 0, "unet.num_classes must be 0 (text and image are the condition)", u.num_classes),
-            (u.embedding_dim > 0, "unet.embedding_dim must be 0 (the condition is projected here)", u.embedding_dim),
-            (u.out_channels != u.in_channels, f"unet.out_channels must be in_channels={u.in_channels}", u.out_channels),
-            (self.steps > T, f"steps must be ≤ schedule.timesteps={T}", self.steps),
             (self.prior_width % self.prior_heads != 0, f"prior_heads must divide prior_width={self.prior_width}",
              self.prior_heads),
             (self.text_dropout + self.image_dropout > 1, "text_dropout + image_dropout must be ≤ 1",
