@@ -27,12 +27,13 @@ SHAPES = ModelSpec(
     MCLIP,
     MCLIPConfig(),
     data="shapes-multilingual",
-    # Width 64, depth 2, dropout 0.25, T5's relative bias in place of absolute positions, a 512-id BPE, 600 steps
-    # at 2e-3 (~130 s of one thread): zero-shot colour on the unseen phrasings 0.78-0.94 per language. Absolute
-    # positions at depth 1 with 1,024 ids (~60 s): 0.55-0.70 (0.71-0.83 once the BPE isolates CJK ideographs);
-    # every size fits the training phrasings at cosine >= 0.99 -- what carries to unseen ones is dropout, relative
-    # positions and sub-word pieces shared across word forms (ru 'красный' / 'красного').
-    train=TrainConfig(steps=600, batch_size=256, lr=2e-3, warmup_steps=50, weight_decay=0.01, checkpoint_every=0),
+    # Width 64, depth 2, dropout 0.25, T5's relative bias in place of absolute positions, a 512-id BPE, 300 steps
+    # at 3e-3 (~70 s of one thread): zero-shot colour on the unseen phrasings 0.79-0.84 per language (600 steps at
+    # 2e-3: 0.78-0.94 in twice the time). Absolute positions at depth 1 with 1,024 ids: 0.55-0.70 (0.71-0.83 once
+    # the BPE isolates CJK ideographs); every size fits the training phrasings at cosine >= 0.99 -- what carries to
+    # unseen ones is dropout, relative positions and sub-word pieces shared across word forms (ru 'красный' /
+    # 'красного').
+    train=TrainConfig(steps=300, batch_size=256, lr=3e-3, warmup_steps=50, weight_decay=0.01, checkpoint_every=0),
     doc="M-CLIP on the shapes: a multilingual student (width 64, depth 2, relative positions, mean-pooled, linear head) matched by "
     "MSE to the frozen clip-shapes' text embeddings of the English captions.",
 )
