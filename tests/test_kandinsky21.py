@@ -95,7 +95,7 @@ def test_loss_trains_the_prior_unet_and_condition_not_the_parts(shapes):
     m = contracts.build("kandinsky21", dataset=shapes).train()
     m.begin_step(0, 1)
     assert m.targets is not None and bool(m.range_fitted) and bool(m.prior.stats_fitted)
-    assert float(m.targets.latents.std()) == pytest.approx(1.0, rel=1e-4)  # latent_scaling: unit variance
+    assert float(m.targets.features[0].std()) == pytest.approx(1.0, rel=1e-4)  # latent_scaling: unit variance
     raw = m.vae.encode_latents(shapes.train["image"][:4])  # (4, 4, 8, 8) the MoVQ's own latents
     torch.testing.assert_close(m.to_latents(shapes.train["image"][:4]), raw * m.latent_scale, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(m.from_latents(raw * m.latent_scale), m.vae.decode_latents(raw), atol=1e-5, rtol=1e-5)

@@ -107,7 +107,10 @@ def pad_rows(rows: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 class FeatureCache:
-    """The frozen encoders' features of each caption seen, computed once: the encoders never change in training."""
+    """The frozen encoders' features of each caption seen, computed once: the encoders never change in training.
+
+    ``model.encode_text`` gives one or more (pooled (B, E), tokens (B, L, D), mask (B, L)) groups, flattened
+    (Kandinsky 2.0: M-CLIP's then T5's; 2.1: M-CLIP's); each caption keeps its unpadded rows."""
 
     def __init__(self) -> None:
         self.rows: dict[str, tuple[Tensor, ...]] = {}
@@ -116,18 +119,44 @@ class FeatureCache:
         return len(self.rows)
 
     def get(self, model: Any, captions: list[str]) -> tuple[Tensor, ...]:
-        """(clip pooled (B, E), tokens (B, Lm, Dm), mask, t5 pooled (B, D5), tokens (B, Lt, D5), mask) of
-        ``captions``, computing (truncated) only those not seen before."""
+        """The groups of ``captions``, padded to the batch's longest row, computing (truncated) only those not
+        seen before."""
         new = list(dict.fromkeys(c for c in captions if c not in self.rows))
         if new:
-            cp, ct, cm, tp, tt, tm = model.encode_text(new, truncate=True)
+            feats = model.encode_text(new, truncate=True)
             for i, c in enumerate(new):
-                lm, lt = int(cm[i].sum()), int(tm[i].sum())
-                self.rows[c] = (cp[i], ct[i, :lm], cm[i, :lm], tp[i], tt[i, :lt], tm[i, :lt])
+                row: list[Tensor] = []
+                for pooled, tokens, mask in zip(feats[0::3], feats[1::3], feats[2::3], strict=True):
+                    n = int(mask[i].sum())
+                    row += [pooled[i], tokens[i, :n], mask[i, :n]]
+                self.rows[c] = tuple(row)
         rows = [self.rows[c] for c in captions]
-        ct, cm = pad_rows([r[1] for r in rows], [r[2] for r in rows])  # (B, Lm, Dm), (B, Lm)
-        tt, tm = pad_rows([r[4] for r in rows], [r[5] for r in rows])  # (B, Lt, D5), (B, Lt)
-        return torch.stack([r[0] for r in rows]), ct, cm, torch.stack([r[3] for r in rows]), tt, tm
+        out: list[Tensor] = []
+        for g in range(0, len(rows[0]), 3):
+            tokens, mask = pad_rows([r[g + 1] for r in rows], [r[g + 2] for r in rows])  # (B, L, D), (B, L)
+            out += [torch.stack([r[g] for r in rows]), tokens, mask]  # pooled (B, E)
+        return tuple(out)
+
+
+class TrainingTargets:
+    """Frozen parts' features of a training split, computed once (latents (N, 4, h, w), CLIP embeddings (N, E)
+    …), found by the batch's split rows when the images there are exactly the batch's."""
+
+    def __init__(self, images: Tensor, *features: Tensor) -> None:
+        self.images, self.features = images, features
+
+    def lookup(self, batch: Any, images: Tensor) -> tuple[Tensor, ...] | None:
+        """Each feature's rows (B, …) for ``images`` (B, C, S, S), or None when they cannot be proven to be the
+        batch's split rows (no index, rows out of range, other images at those rows)."""
+        index = getattr(batch, "index", None)
+        if index is None or index.shape != (images.shape[0],) or not len(self.images):
+            return None
+        rows = index.cpu()
+        if int(rows.min()) < 0 or int(rows.max()) >= len(self.images):
+            return None
+        if not torch.equal(self.images[rows], images.cpu()):
+            return None
+        return tuple(f[rows.to(f.device)].to(images.device) for f in self.features)
 
 
 def training_pairs(dataset: str) -> list[tuple[str, int]]:

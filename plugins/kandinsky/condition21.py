@@ -1,17 +1,13 @@
 """Kandinsky 2.1's condition: the UNet's image-and-text conditioning (diffusers' ``text_image_proj`` /
-``text_image`` layout from :mod:`polymodal.nn.conditioning`), the dropped conditions guidance contrasts against,
-a per-caption cache of the frozen M-CLIP's features, and the frozen parts' features of the training images."""
+``text_image`` layout from :mod:`polymodal.nn.conditioning`), and the dropped conditions guidance contrasts against (the caches
+are :mod:`.condition`'s)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from polymodal.nn.conditioning import TextImageProjection, TextImageTimeEmbedding
-
-from .condition import pad_rows
 
 Text = tuple[Tensor, Tensor, Tensor]
 """M-CLIP's (pooled (B, E), token features (B, L, Dm), mask (B, L))."""
@@ -50,47 +46,3 @@ def drop(text: Text, image_embed: Tensor, text_rows: Tensor, image_rows: Tensor)
 def null_text(text: Text) -> Text:
     """The dropped text for one row, shaped like ``text``'s first row: ((1, E), (1, L, Dm), (1, L) all False)."""
     return torch.zeros_like(text[0][:1]), torch.zeros_like(text[1][:1]), torch.zeros_like(text[2][:1]).bool()
-
-
-class TextCache:
-    """M-CLIP's features of each caption seen, computed once: the frozen encoder never changes in training."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, Text] = {}
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def get(self, model: Any, captions: list[str]) -> Text:
-        """(pooled (B, E), tokens (B, L, Dm), mask (B, L)) of ``captions``, encoding (truncated) only new ones."""
-        new = list(dict.fromkeys(c for c in captions if c not in self.rows))
-        if new:
-            pooled, tokens, mask = model.encode_text(new, truncate=True)
-            for i, c in enumerate(new):
-                n = int(mask[i].sum())
-                self.rows[c] = (pooled[i], tokens[i, :n], mask[i, :n])
-        rows = [self.rows[c] for c in captions]
-        tokens, mask = pad_rows([r[1] for r in rows], [r[2] for r in rows])  # (B, L, Dm), (B, L)
-        return torch.stack([r[0] for r in rows]), tokens, mask
-
-
-class TrainingTargets:
-    """The frozen parts' view of a training split, computed once: MoVQ latents (N, 4, h, w) and CLIP image
-    embeddings (N, Ei), found by the batch's split rows when the images there are exactly the batch's."""
-
-    def __init__(self, images: Tensor, latents: Tensor, embeds: Tensor) -> None:
-        self.images, self.latents, self.embeds = images, latents, embeds
-
-    def lookup(self, batch: Any, images: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(latents (B, 4, h, w), embeds (B, Ei)) of ``images`` (B, C, S, S), or None when they cannot be proven to
-        be the batch's split rows (no index, other images at those rows)."""
-        index = getattr(batch, "index", None)
-        if index is None or index.shape != (images.shape[0],) or not len(self.images):
-            return None
-        rows = index.cpu()
-        if int(rows.min()) < 0 or int(rows.max()) >= len(self.images):
-            return None
-        if not torch.equal(self.images[rows], images.cpu()):
-            return None
-        rows = rows.to(self.latents.device)
-        return self.latents[rows].to(images.device), self.embeds[rows].to(images.device)  # (B, 4, h, w), (B, E)

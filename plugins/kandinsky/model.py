@@ -71,6 +71,7 @@ class Kandinsky2(PolymodalModel):
             setattr(self, self.part_attributes[name], part)
         self.freeze()
         self.features = cond.FeatureCache()
+        self.targets: cond.TrainingTargets | None = None  # the frozen VAE's latents of the training split
 
     # -- config adaptation and tiny form ----------------------------------------------------------
     @classmethod
@@ -138,34 +139,34 @@ class Kandinsky2(PolymodalModel):
         return self.vae.decode_latents(self.check_latents(x)).clamp(0, 1)
 
     @torch.no_grad()
-    def fit_latent_range(self, images: Tensor, batch_size: int = 500) -> None:
+    def fit_latent_range(self, images: Tensor, batch_size: int = 500) -> Tensor:
         """Set ``latent_range`` to the largest per-sample ``threshold_ratio`` percentile of |latents| of ``images``
-        (N, C, S, S): the bound every training latent keeps, as every image keeps |x| ≤ 1."""
+        (N, C, S, S): the bound every training latent keeps, as every image keeps |x| ≤ 1; returns their latents
+        (N, 4, h, w)."""
         z = torch.cat([self.to_latents(x) for x in images.split(batch_size)])  # (N, 4, h, w)
         per_sample = torch.quantile(z.abs().flatten(1), self.config.threshold_ratio, dim=1)  # (N,)
         self.latent_range.fill_(max(1.0, float(per_sample.max())))
         self.range_fitted.fill_(True)
+        return z
 
     def begin_step(self, step: int, total: int) -> None:
         """The trainer's hook: before the first step, fit ``latent_range`` on the training split (a resumed run
         brings it back) and cache the frozen VAE's latents of the training images."""
         super().begin_step(step, total)
-        if getattr(self, "train_latents", None) is None and self.default_data:
+        if self.targets is None and self.default_data:
             from polymodal.data import load_dataset
 
             images = load_dataset(self.default_data).train["image"]
-            if not bool(self.range_fitted):
-                self.fit_latent_range(images)
-            self.train_images = images
-            self.train_latents = torch.cat([self.to_latents(x) for x in images.split(500)])  # (N, 4, h, w)
+            if bool(self.range_fitted):
+                latents = torch.cat([self.to_latents(x) for x in images.split(500)])  # (N, 4, h, w)
+            else:
+                latents = self.fit_latent_range(images)  # (N, 4, h, w)
+            self.targets = cond.TrainingTargets(images, latents)
 
     def _batch_latents(self, batch: Any, images: Tensor) -> Tensor:
         """The cached latents of the batch's split rows when they are exactly these images, else encoded now."""
-        index, cached = getattr(batch, "index", None), getattr(self, "train_latents", None)
-        if self.training and cached is not None and index is not None and index.shape == (images.shape[0],):
-            if int(index.max()) < len(cached) and torch.equal(self.train_images[index], images.cpu()):
-                return cached[index].to(self.device)  # (B, 4, h, w)
-        return self.to_latents(images)  # (B, 4, h, w)
+        found = self.targets.lookup(batch, images) if self.training and self.targets is not None else None
+        return found[0] if found is not None else self.to_latents(images)  # (B, 4, h, w)
 
     # -- training ---------------------------------------------------------------------------------
     def denoise(self, x_t: Tensor, t: Tensor, text: tuple[Tensor, ...]) -> Tensor:

@@ -8,7 +8,7 @@ teacher CLIP gives the image embeddings (its image tower, in the space M-CLIP's 
 to). A fresh diffusion prior (the registered ``unclip-prior``, sized to the CLIP's widths and built through the
 registry) and the UNet with its conditioning (:class:`.condition21.ImageTextCondition`) train together: the loss
 is the prior's x0 MSE on normalised image embeddings plus the UNet's ε MSE. The training images' latents and
-image embeddings are computed once when training starts (:class:`.condition21.TrainingTargets`), which also fits
+image embeddings are computed once when training starts (:class:`.condition.TrainingTargets`), which also fits
 the prior's normalisation and the latents' range for dynamic thresholding. Sampling (text, variations, mixing) is
 in :mod:`.sample21`, evaluation in :mod:`.evaluate21`.
 """
@@ -76,8 +76,8 @@ class Kandinsky21(PolymodalModel):
         for name, part in self.attach_parts(parts).items():
             setattr(self, self.part_attributes[name], part)
         self.freeze()
-        self.features = c21.TextCache()
-        self.targets: c21.TrainingTargets | None = None  # the frozen parts' view of the training split
+        self.features = cond.FeatureCache()
+        self.targets: cond.TrainingTargets | None = None  # the frozen parts' view of the training split
 
     def _fresh_prior(self, embed_dim: int, text_dim: int, text_len: int) -> PolymodalModel:
         """The registered ``unclip-prior`` built fresh for the CLIP's widths and this config's sizes."""
@@ -160,7 +160,7 @@ class Kandinsky21(PolymodalModel):
         return self.vae.decode_latents(self.check_latents(x) / self.latent_scale).float().clamp(0, 1)
 
     @torch.no_grad()
-    def fit_targets(self, images: Tensor) -> c21.TrainingTargets:
+    def fit_targets(self, images: Tensor) -> cond.TrainingTargets:
         """The latents and image embeddings of ``images`` (N ≥ 2, 3, S, S); fits ``latent_scale`` (with
         ``latent_scaling``), ``latent_range`` (the largest per-sample ``threshold_ratio`` percentile of |latents|, at
         least 1) and the prior's normalisation unless a resumed run brought them back."""
@@ -174,7 +174,7 @@ class Kandinsky21(PolymodalModel):
             self.range_fitted.fill_(True)
         if not bool(self.prior.stats_fitted):
             self.prior.fit_stats(embeds)
-        return c21.TrainingTargets(images.cpu(), latents, embeds)
+        return cond.TrainingTargets(images.cpu(), latents, embeds)
 
     def begin_step(self, step: int, total: int) -> None:
         """The trainer's hook: before the first step, the frozen parts' view of the registered training split."""
