@@ -9,12 +9,16 @@ cross-attention context (B, N, C), the inputs of :class:`polymodal.nn.unet.UNet`
   :class:`TextImageTimeEmbedding` (``addition_embed_type="text_image"``): Kandinsky 2.1's UNet — an image embedding
   as 10 context tokens beside the projected text token features, and the image embedding plus the normed pooled
   text embedding added to the time embedding.
+* :class:`AttentionPooling`: token features → one vector by a learned multi-head attention (Kandinsky 2.0's pooled
+  mT5 feature in its ``Text2ImUNet``; diffusers' ``AttentionPooling``), for an encoder that has no pooled output.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from polymodal.attention import attention
 
 
 class UnCLIPProjection(nn.Module):
@@ -91,4 +95,33 @@ class TextImageTimeEmbedding(nn.Module):
         return self.image_proj(image_embed) + self.text_norm(self.text_proj(text_embed))  # (B, T)
 
 
-__all__ = ["TextImageProjection", "TextImageTimeEmbedding", "UnCLIPProjection"]
+class AttentionPooling(nn.Module):
+    """Token features (B, L, D) with a mask (B, L, True for real tokens) → one vector (B, out_dim): a query made
+    from the real tokens' mean attends to them with ``heads`` heads, then a linear projection (diffusers'
+    ``AttentionPooling`` without its positional term). A row with no real token (a dropped text) pools to zeros
+    before the projection, so it gives the projection's bias."""
+
+    def __init__(self, dim: int, out_dim: int, heads: int = 4) -> None:
+        super().__init__()
+        if heads < 1 or dim % heads:
+            raise ValueError(f"AttentionPooling: heads must divide dim={dim}; got {heads}")
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.out = nn.Linear(dim, out_dim)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """tokens (B, L, D), mask (B, L) → (B, out_dim)."""
+        b, n, d = tokens.shape
+        real = mask.bool()  # (B, L)
+        weight = real.to(tokens.dtype)[..., None]  # (B, L, 1)
+        count = weight.sum(1)  # (B, 1)
+        mean = (tokens * weight).sum(1) / count.clamp(min=1)  # (B, D)
+        q = self.q_proj(mean).view(b, 1, self.heads, -1).transpose(1, 2)  # (B, H, 1, Dh)
+        k = self.k_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)  # (B, H, L, Dh)
+        v = self.v_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)  # (B, H, L, Dh)
+        visible = real | ~real.any(1, keepdim=True)  # (B, L): an empty row attends everywhere, then is zeroed
+        pooled = attention(q, k, v, key_padding=visible).reshape(b, d)  # (B, D)
+        return self.out(pooled * (count > 0))  # (B, out_dim)
+
+
+__all__ = ["AttentionPooling", "TextImageProjection", "TextImageTimeEmbedding", "UnCLIPProjection"]
