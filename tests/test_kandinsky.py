@@ -3,14 +3,18 @@ the bad inputs of issue 20, the folder round trip with the parts in sub-folders,
 
 from __future__ import annotations
 
+import json
+
 import attrs
 import pytest
 import torch
 
 from polymodal.api import load
+from polymodal.config import from_dict
 from polymodal.data import languages as lang
 from polymodal.data import load_dataset
 from polymodal.data.multilingual import scene_objects
+from polymodal.nn.conditioning import AttentionPooling
 from polymodal.plugins.kandinsky import VARIANTS, Kandinsky2, Kandinsky2Config
 from polymodal.plugins.kandinsky import condition as cond
 from polymodal.plugins.kandinsky.sample import SAMPLE_OPTIONS, generate
@@ -53,6 +57,28 @@ def test_loss_trains_the_unet_and_projection_not_the_parts(model, shapes):
     assert bool(m.range_fitted) and float(m.latent_range) > 0
     m.zero_grad(set_to_none=True)
     m.eval()
+
+
+def test_attention_pooling_learns_t5s_pooled_feature_and_old_configs_keep_the_mean(shapes, tmp_path):
+    m = contracts.build("kandinsky2", dataset=shapes, pooling="attention").train()
+    assert isinstance(m.proj.t5_pooled, AttentionPooling)
+    m.begin_step(0, 1)
+    loss, _ = m.loss(shapes.train.batch(list(range(6))))
+    loss.backward()
+    for name in ("t5_pooled.q_proj", "t5_pooled.out", "pooled_norms.0", "pooled_norms.1"):
+        grad = m.proj.get_submodule(name).weight.grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    # the pooled feature now reads T5's tokens, not the mean the encoder hands over
+    text = m.encode_text(["красный круг", "a blue square"])
+    additive, _, _ = m.proj(text)
+    moved = (*text[:3], text[3] + 5.0, *text[4:])
+    torch.testing.assert_close(m.proj(moved)[0], additive)
+    m.eval().save(tmp_path / "k2")
+    saved = tmp_path / "k2" / "config.json"
+    data = json.loads(saved.read_text())
+    assert data["config"]["pooling"] == "attention"
+    del data["config"]["pooling"]  # a folder written before the option: it computed the mean
+    assert from_dict(Kandinsky2Config, data["config"]).pooling == "mean"
 
 
 def test_text_dropout_empties_both_encoders(model, shapes):

@@ -11,19 +11,31 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.data import languages as lang
+from polymodal.nn.conditioning import AttentionPooling
 
 
 class TextProjection(nn.Module):
     """Both encoders' features → (additive (B, T), context (B, 1 + Lm + Lt, C), mask (B, 1 + Lm + Lt)).
 
-    Pooled features are each projected linearly and summed into the timestep embedding; token features are
-    each projected to the context width and layer-normed, and concatenated along the sequence after one learned
-    always-visible token (so a fully dropped text still has a context to attend to)."""
+    Pooled features are each projected and summed into the timestep embedding: with ``pooling="mean"`` M-CLIP's
+    pooled embedding and T5's mean token feature each linearly; with ``"attention"`` (the reference
+    ``Text2ImUNet``'s layout) T5's by a learned :class:`~polymodal.nn.conditioning.AttentionPooling` over its
+    tokens, and each pooled projection layer-normed before the sum. Token features are each projected to the
+    context width and layer-normed, and concatenated along the sequence after one learned always-visible token
+    (so a fully dropped text still has a context to attend to)."""
 
-    def __init__(self, clip_embed: int, clip_dim: int, t5_dim: int, time_dim: int, context_dim: int) -> None:
+    def __init__(
+        self, clip_embed: int, clip_dim: int, t5_dim: int, time_dim: int, context_dim: int, pooling: str = "mean",
+        heads: int = 4,
+    ) -> None:  # fmt: skip
         super().__init__()
+        self.pooling = pooling
         self.clip_pooled = nn.Linear(clip_embed, time_dim)
-        self.t5_pooled = nn.Linear(t5_dim, time_dim)
+        if pooling == "attention":
+            self.t5_pooled: nn.Module = AttentionPooling(t5_dim, time_dim, heads)
+            self.pooled_norms = nn.ModuleList(nn.LayerNorm(time_dim) for _ in range(2))
+        else:
+            self.t5_pooled = nn.Linear(t5_dim, time_dim)
         self.clip_tokens = nn.Sequential(nn.Linear(clip_dim, context_dim), nn.LayerNorm(context_dim))
         self.t5_tokens = nn.Sequential(nn.Linear(t5_dim, context_dim), nn.LayerNorm(context_dim))
         self.null_token = nn.Parameter(torch.zeros(1, 1, context_dim))
@@ -32,7 +44,11 @@ class TextProjection(nn.Module):
         """``text`` = (clip pooled (B, E), clip tokens (B, Lm, Dm), clip mask (B, Lm), t5 pooled (B, D5),
         t5 tokens (B, Lt, D5), t5 mask (B, Lt))."""
         cp, ct, cm, tp, tt, tm = text
-        additive = self.clip_pooled(cp) + self.t5_pooled(tp)  # (B, T)
+        if self.pooling == "attention":
+            clip_norm, t5_norm = self.pooled_norms
+            additive = clip_norm(self.clip_pooled(cp)) + t5_norm(self.t5_pooled(tt, tm))  # (B, T)
+        else:
+            additive = self.clip_pooled(cp) + self.t5_pooled(tp)  # (B, T)
         b = cp.shape[0]
         null = self.null_token.expand(b, -1, -1)  # (B, 1, C)
         context = torch.cat([null, self.clip_tokens(ct), self.t5_tokens(tt)], dim=1)  # (B, 1 + Lm + Lt, C)

@@ -86,6 +86,14 @@ class Kandinsky2Config(LatentDiffusionSettings):
     text_dropout: float = field(
         0.1, "Training: share of samples whose text (both encoders) is dropped, for guidance.", check=in_range(0.0, 1.0)
     )
+    pooling: str = field(
+        "mean",
+        "How the pooled features reach the timestep embedding: 'mean' (M-CLIP's embedding and T5's mean token "
+        "feature, each projected linearly) or 'attention' (the reference Text2ImUNet: T5's tokens pooled by a "
+        "learned attention, both pooled projections layer-normed before they are summed).",
+        check=one_of("mean", "attention"),
+        backfill=True,
+    )
 
     def __attrs_post_init__(self) -> None:
         self.check_unet("the text tokens are")

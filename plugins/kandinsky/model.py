@@ -60,9 +60,8 @@ class Kandinsky2(PolymodalModel):
                     f"Kandinsky2Config.{name} must be a text encoder; {type(parts[name]).__name__} lacks {missing}"
                 )
         text, t5 = parts["text"], parts["t5"]
-        self.proj = cond.TextProjection(
-            int(text.embed_dim), int(text.config.text.dim), int(t5.config.dim), u.time_dim, u.context_dim
-        )
+        dims = (int(text.embed_dim), int(text.config.text.dim), int(t5.config.dim), u.time_dim, u.context_dim)
+        self.proj = cond.TextProjection(*dims, pooling=config.pooling)
         self.unet = UNet(u)
         self.schedule = NoiseSchedule(config.schedule)
         self.register_buffer("latent_range", torch.ones(()))  # () the fitted bound of |latents|
