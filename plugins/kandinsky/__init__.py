@@ -35,7 +35,7 @@ KANDINSKY2 = ModelSpec(
     data="shapes-multilingual",
     # Steps carry the condition more than samples (as unclip-shapes' decoder): 2,000 × 32 beat 1,000 × 64 in less
     # time; T5's attention-pooled feature (the reference Text2ImUNet's) took the short prompts' colour / kind from
-    # 0.61 / 0.71 (its mean, whose map to colour does not carry to unseen phrasings) to 0.79 / 0.88.
+    # 0.61 / 0.71 (its mean, whose map to colour does not carry to unseen phrasings) to 0.67-0.79 / 0.87-0.89.
     train=TrainConfig(
         steps=2000, batch_size=32, lr=2e-3, warmup_steps=100, weight_decay=0.0, checkpoint_every=0, ema_decay=0.995
     ),
