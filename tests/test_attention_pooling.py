@@ -52,3 +52,9 @@ def test_every_projection_learns_and_heads_must_divide_the_width():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pool.parameters())
     with pytest.raises(ValueError, match="heads must divide dim=8; got 3"):
         AttentionPooling(8, 3, heads=3)
+    with pytest.raises(
+        ValueError, match=r"expected tokens \(B, L, 8\) and a mask \(B, L\); got \(2, 5, 6\) and \(2, 5\)"
+    ):
+        pool(torch.randn(2, 5, 6), torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"got \(2, 5, 8\) and \(2, 4\)"):
+        pool(torch.randn(2, 5, 8), torch.ones(2, 4, dtype=torch.bool))

@@ -10,7 +10,7 @@ cross-attention context (B, N, C), the inputs of :class:`polymodal.nn.unet.UNet`
   as 10 context tokens beside the projected text token features, and the image embedding plus the normed pooled
   text embedding added to the time embedding.
 * :class:`AttentionPooling`: token features → one vector by a learned multi-head attention (Kandinsky 2.0's pooled
-  mT5 feature in its ``Text2ImUNet``; diffusers' ``AttentionPooling``), for an encoder that has no pooled output.
+  mT5 feature in its ``Text2ImUNet``), for an encoder that has no pooled output.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.attention import attention
+from polymodal.nn.encoders import masked_mean
 
 
 class UnCLIPProjection(nn.Module):
@@ -97,8 +98,9 @@ class TextImageTimeEmbedding(nn.Module):
 
 class AttentionPooling(nn.Module):
     """Token features (B, L, D) with a mask (B, L, True for real tokens) → one vector (B, out_dim): a query made
-    from the real tokens' mean attends to them with ``heads`` heads, then a linear projection (diffusers'
-    ``AttentionPooling`` without its positional term). A row with no real token (a dropped text) pools to zeros
+    from the real tokens' mean attends to them with ``heads`` heads, then a linear projection (in the manner of
+    diffusers' / DeepFloyd IF's ``AttentionPooling``, which also lets the query attend to itself, adds a learned
+    position to it and attends to padding; not the same function). A row with no real token (a dropped text) pools to zeros
     before the projection, so it gives the projection's bias."""
 
     def __init__(self, dim: int, out_dim: int, heads: int = 4) -> None:
@@ -111,17 +113,21 @@ class AttentionPooling(nn.Module):
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
         """tokens (B, L, D), mask (B, L) → (B, out_dim)."""
+        dim = self.q_proj.in_features
+        if tokens.dim() != 3 or tokens.shape[-1] != dim or tuple(mask.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(
+                f"AttentionPooling: expected tokens (B, L, {dim}) and a mask (B, L); got {tuple(tokens.shape)} and "
+                f"{tuple(mask.shape)}"
+            )
         b, n, d = tokens.shape
         real = mask.bool()  # (B, L)
-        weight = real.to(tokens.dtype)[..., None]  # (B, L, 1)
-        count = weight.sum(1)  # (B, 1)
-        mean = (tokens * weight).sum(1) / count.clamp(min=1)  # (B, D)
-        q = self.q_proj(mean).view(b, 1, self.heads, -1).transpose(1, 2)  # (B, H, 1, Dh)
+        q = self.q_proj(masked_mean(tokens, real)).view(b, 1, self.heads, -1).transpose(1, 2)  # (B, H, 1, Dh)
         k = self.k_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)  # (B, H, L, Dh)
         v = self.v_proj(tokens).view(b, n, self.heads, -1).transpose(1, 2)  # (B, H, L, Dh)
-        visible = real | ~real.any(1, keepdim=True)  # (B, L): an empty row attends everywhere, then is zeroed
+        any_real = real.any(1, keepdim=True)  # (B, 1)
+        visible = real | ~any_real  # (B, L): an empty row attends everywhere, then is zeroed
         pooled = attention(q, k, v, key_padding=visible).reshape(b, d)  # (B, D)
-        return self.out(pooled * (count > 0))  # (B, out_dim)
+        return self.out(pooled * any_real)  # (B, out_dim)
 
 
 __all__ = ["AttentionPooling", "TextImageProjection", "TextImageTimeEmbedding", "UnCLIPProjection"]

@@ -197,6 +197,13 @@ class TextEncoderConfig(EncoderBlocks):
     checkpointing: bool = field(False, CHECKPOINTING_DOC, runtime=True)
 
 
+def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
+    """The mean of the real tokens' features: tokens (B, L, D), mask (B, L) True for real tokens → (B, D); a row
+    without a real token gives zeros."""
+    weights = mask.to(tokens.dtype)[..., None]  # (B, L, 1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
+
+
 class TextEncoder(nn.Module):
     """Token ids (B, L) → tokens (B, L, dim): token + learned position embedding, blocks, final norm.
 

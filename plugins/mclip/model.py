@@ -31,6 +31,7 @@ from polymodal.models import PolymodalModel, interfaces
 from polymodal.models.interfaces import ImageEncoder, TextEncoder, require
 from polymodal.models.parts import load_part
 from polymodal.nn.encoders import TextEncoder as TextTrunk
+from polymodal.nn.encoders import masked_mean
 
 from . import captions as cap
 from .config import MCLIPConfig
@@ -129,9 +130,7 @@ class MCLIP(PolymodalModel):
 
     def pool(self, tokens: Tensor, mask: Tensor) -> Tensor:
         """Mean of the real tokens' features (B, L, D) → the linear head → (B, E)."""
-        weights = mask.to(tokens.dtype)[..., None]  # (B, L, 1)
-        mean = (tokens * weights).sum(1) / weights.sum(1)  # (B, D)
-        return self.head(mean)  # (B, E)
+        return self.head(masked_mean(tokens, mask))  # (B, E)
 
     def encode_text_and_tokens(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, L) → the pooled embedding (B, E), token features (B, L, D) and mask (B, L) from one pass."""

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from polymodal.config import config, field, in_range, one_of
 from polymodal.models import PolymodalModel, interfaces
 from polymodal.nn import BlockConfig, StackConfig, TransformerStack
+from polymodal.nn.encoders import masked_mean
 from polymodal.objectives import cross_entropy
 
 from .corruption import SpanCorruptionCollate, corrupt_batch
@@ -254,9 +255,7 @@ class T5Model(PolymodalModel):
         """Ids (B, L) → pooled features (B, D) (the mean over real tokens), final-normed token features (B, L, D)
         and the mask (B, L), True on real tokens (up to and including ``</s>``)."""
         tokens, mask = self.encode(ids)  # (B, L, D), (B, L)
-        weights = mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
-        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
-        return pooled, tokens, mask
+        return masked_mean(tokens, mask), tokens, mask  # (B, D), (B, L, D), (B, L)
 
     def encode_text(self, ids: Tensor) -> Tensor:
         """Ids (B, L) → pooled features (B, D)."""
