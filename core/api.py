@@ -17,7 +17,7 @@ import torch
 from polymodal.config import apply_overrides
 from polymodal.data import load_dataset
 from polymodal.io import load_model
-from polymodal.io.cache import announce
+from polymodal.io.cache import announce, entry_lock
 from polymodal.io.folders import plain_metrics, write_metrics
 from polymodal.io.output import output_folder, resolve_device
 from polymodal.models import ModelSpec, PolymodalModel
@@ -46,26 +46,30 @@ def prepare_parts(config: Any, *, progress: bool = True, isolated: bool = False)
     training is a world of one beside the run's process group).
     """
     for name, part in part_fields(config).items():
-        folder = auto_folder(part)
-        if part.path != "auto":
-            continue
-        data = part_data(part)
-        if (folder / "config.json").is_file():
-            announce(f"using the cached default part `{name}` ({part.variant} trained on {data}) from {folder}")
-            continue
-        announce(
-            f"training the default part `{name}` ({part.variant} on {data}) once into {folder}; "
-            "later runs reuse it (`polymodal cache list` shows it)"
-        )
-        if isolated:
-            _train_part_alone(part.variant, data, folder, progress)
-            continue
-        rng = torch.get_rng_state()
-        try:
-            train_model(part.variant, data=data, out=folder, progress=progress, overwrite=True, keep_checkpoint=False)
-        finally:
-            torch.set_rng_state(rng)
+        if part.path == "auto":
+            with entry_lock(auto_folder(part)):  # a second run needing it waits here, then reuses it
+                _make_auto_part(name, part, progress, isolated)
     return load_parts(config)
+
+
+def _make_auto_part(name: str, part: Any, progress: bool, isolated: bool) -> None:
+    """Train the ``"auto"`` part ``part`` into the cache unless it is there (the caller holds its entry lock)."""
+    folder, data = auto_folder(part), part_data(part)
+    if (folder / "config.json").is_file():
+        announce(f"using the cached default part `{name}` ({part.variant} trained on {data}) from {folder}")
+        return
+    announce(
+        f"training the default part `{name}` ({part.variant} on {data}) once into {folder}; "
+        "later runs reuse it (`polymodal cache list` shows it)"
+    )
+    if isolated:
+        _train_part_alone(part.variant, data, folder, progress)
+        return
+    rng = torch.get_rng_state()
+    try:
+        train_model(part.variant, data=data, out=folder, progress=progress, overwrite=True, keep_checkpoint=False)
+    finally:
+        torch.set_rng_state(rng)
 
 
 def _train_part_alone(variant: str, data: str, folder: Path, progress: bool) -> None:

@@ -69,17 +69,35 @@ def trained(tmp_path_factory):
     A variant whose config names pretrained parts (``spec.parts()``: ImageBind's ``[("clip", "clip")]``,
     DALL·E's ``[("tokenizer", "vqvae")]``) gets each part from this same cache, as ``--set field=FOLDER``
     (``trained("imagebind")`` reuses ``trained("clip")``), so each default model trains once per run.
+
+    Under pytest-xdist (``-n 2``) the cache is shared by the workers: the first to need a model trains it
+    into the run's common temporary folder while holding that model's file lock, and writes ``done.json``
+    (its metrics) last; a worker that needs it meanwhile waits on the lock and then reads the folder, so the
+    model still trains once per run. A model's parts are resolved before its own lock is taken (no lock is
+    held while another is awaited).
     """
+    import json
+
+    from filelock import FileLock
+
     from polymodal.api import spec, train_model
 
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, … under ``-n``; unset in a plain run
+    shared = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
     cache: dict[str, tuple] = {}
 
     def get(name: str):
         if name not in cache:
             parts = tuple(f"{field}={get(variant)[0]}" for field, variant in spec(name).parts())
-            out = tmp_path_factory.mktemp(f"trained-{name}")
-            with recipe_threads(name):
-                _, metrics = train_model(name, out=out, set_=parts, progress=False)
+            out, done = shared / f"trained-{name}", shared / f"trained-{name}" / "done.json"
+            with FileLock(str(shared / f"trained-{name}.lock")):
+                if done.is_file():
+                    metrics = json.loads(done.read_text())
+                else:
+                    with recipe_threads(name):
+                        _, metrics = train_model(name, out=out, set_=parts, progress=False, overwrite=True)
+                    done.write_text(json.dumps(metrics))
+                    metrics = json.loads(done.read_text())  # the same values whichever worker trained it
             cache[name] = (out, metrics)
         return cache[name]
 
@@ -93,3 +111,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prior)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow (training) tests first, each file's tests in their own order: under ``-n`` the
+    longest work starts first and the quick files fill the workers' gaps at the end (longest-first
+    scheduling); the order is the same in every worker, as pytest-xdist requires."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: files and tests keep their order

@@ -304,5 +304,6 @@ def test_the_readme_says_how_to_install_the_cpu_build_and_when_to_use_threads():
     text = README.read_text(encoding="utf-8")
     assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in text
     assert "pip install -e . && polymodal train vit" in text
-    assert 'pip install -e ".[test]" && python -m pytest' in text
+    assert 'pip install -e ".[test]" && python -m pytest -n 2' in text
+    assert "python -m pytest -n 2 " in (README.parent / ".ci" / "run").read_text()  # CI runs the README's command
     assert "--threads 1" in text and "POLYMODAL_THREADS" in text

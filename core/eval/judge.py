@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from polymodal.data.augment import random_translate
 from polymodal.io import atomic_write
-from polymodal.io.cache import announce, cache_root
+from polymodal.io.cache import announce, cache_root, entry_lock
 from polymodal.nn import eval_mode
 
 VERSION = "judge/1"
@@ -178,29 +178,31 @@ def get_judge(dataset: Any) -> Judge:
     folder = judge_folder(dataset)
     if str(folder) in _MEMORY:
         return _MEMORY[str(folder)]
-    meta_path, weights_path = folder / "judge.json", folder / "judge.safetensors"
-    judge = _read_cached(meta_path, weights_path) if meta_path.is_file() and weights_path.is_file() else None
-    if judge is not None:
-        announce(f"using the cached judge of {dataset.name} from {folder}")
-    else:
-        announce(f"training the judge of {dataset.name} (once, about a minute) into {folder}")
-        judge = _train(dataset)
-        atomic_write(
-            weights_path, lambda tmp: save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(tmp))
-        )
-        atomic_write(
-            meta_path,
-            json.dumps(
-                {
-                    "version": VERSION,
-                    "channels": judge.channels,
-                    "image_size": judge.image_size,
-                    "classes": judge.classes,
-                    "test_accuracy": judge.test_accuracy,
-                },
-                indent=2,
-            ),
-        )
+    with entry_lock(folder):  # another process training this judge: wait for it, then read its file
+        meta_path, weights_path = folder / "judge.json", folder / "judge.safetensors"
+        judge = _read_cached(meta_path, weights_path) if meta_path.is_file() and weights_path.is_file() else None
+        if judge is not None:
+            announce(f"using the cached judge of {dataset.name} from {folder}")
+        else:
+            announce(f"training the judge of {dataset.name} (once, about a minute) into {folder}")
+            judge = _train(dataset)
+            atomic_write(
+                weights_path,
+                lambda tmp: save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(tmp)),
+            )
+            atomic_write(
+                meta_path,
+                json.dumps(
+                    {
+                        "version": VERSION,
+                        "channels": judge.channels,
+                        "image_size": judge.image_size,
+                        "classes": judge.classes,
+                        "test_accuracy": judge.test_accuracy,
+                    },
+                    indent=2,
+                ),
+            )
     _MEMORY[str(folder)] = judge
     return judge
 

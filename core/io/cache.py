@@ -25,8 +25,12 @@ import secrets
 import shutil
 import stat
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from polymodal.io.output import folder_kind
 
@@ -45,6 +49,25 @@ def announce(message: str) -> None:
     """Print ``polymodal: MESSAGE`` as one line on stderr (stdout stays the command's own output):
     what the cache is used for, e.g. a default part trained into it or a judge reused from it."""
     print(f"polymodal: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def entry_lock(folder: str | Path) -> Iterator[None]:
+    """Hold the cache entry ``folder``'s lock (``PARENT/.NAME.cache-lock``, hidden from listings), waiting for
+    another process that holds it. Whoever makes an entry checks for it again inside the lock, so two runs
+    needing the same missing part or judge train it once: the second waits, then reuses it."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder.parent / f".{folder.name}.cache-lock"))
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        announce(f"waiting for another process that is making {folder}")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 KINDS = {"parts": "part", "judge": "judge", "hub": "hub", "igpt-probe": "probe"}
@@ -197,6 +220,7 @@ __all__ = [
     "cache_root",
     "clear_cache",
     "default_part_folder",
+    "entry_lock",
     "human_size",
     "remove_entry",
     "select_entries",
