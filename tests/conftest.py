@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("POLYMODAL_STRICT_PLUGINS", "1")
@@ -18,33 +17,10 @@ SUITE_THREADS = 1
 """Torch threads of the whole run, set before any test: the models the suite trains (and so its quality bars)
 come out the same whichever tests run, alone or in the full run, on any number of cores (a thread count
 changes float sums, and the digits recipes sit near their bars); one thread is also the faster choice for
-these tiny tensors on a 2-core machine. A test may change it; it is restored after each test."""
+these tiny tensors on a 2-core machine, and under ``-n 2`` each worker keeps to its own core (two threads per
+worker would wait on each other: the ddpm recipe took over 25 min so, against about 5 on one thread). A test
+may change it; it is restored after each test."""
 torch.set_num_threads(SUITE_THREADS)
-
-
-TRAIN_THREADS = {"ddpm": 2, "ddpm-cfg": 2, "unclip": 2, "unclip-shapes": 2}
-"""Recipes the suite trains on both cores instead of SUITE_THREADS: their UNets' convolutions run 1.6–1.8× faster
-on two threads of the 2-core CI machine (``polymodal train ddpm``, training and its 1,000-sample evaluation: 199 s
-against 320 s; unclip 107 s against 181 s; the unclip-shapes decoder's step at batch 32, 74 against 130 ms),
-where the suite's tiny transformers do not gain. The count is fixed per recipe, so the model and its bars are the
-same in the full run and in a file run alone."""
-
-
-@contextmanager
-def recipe_threads(name: str):
-    """Run the block on the torch threads recipe ``name`` trains with (TRAIN_THREADS, else SUITE_THREADS)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS.get(name, SUITE_THREADS))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def train_threads():
-    """:func:`recipe_threads`, for fixtures that train a recipe themselves (``with train_threads(name): …``)."""
-    return recipe_threads
 
 
 @pytest.fixture(autouse=True)
@@ -64,8 +40,8 @@ def _seed():
 def trained(tmp_path_factory):
     """Train a registered model's default recipe once per test run; returns its folder and metrics.
 
-    ``trained("vit")`` runs exactly what ``polymodal train vit --threads N`` runs (default data, steps and
-    seed; N from TRAIN_THREADS, else SUITE_THREADS) and caches the result for every test in the session.
+    ``trained("vit")`` runs exactly what ``polymodal train vit --threads 1`` runs (default data, steps and
+    seed; one thread, SUITE_THREADS) and caches the result for every test in the session.
     A variant whose config names pretrained parts (``spec.parts()``: ImageBind's ``[("clip", "clip")]``,
     DALL·E's ``[("tokenizer", "vqvae")]``) gets each part from this same cache, as ``--set field=FOLDER``
     (``trained("imagebind")`` reuses ``trained("clip")``), so each default model trains once per run.
@@ -94,8 +70,7 @@ def trained(tmp_path_factory):
                 if done.is_file():
                     metrics = json.loads(done.read_text())
                 else:
-                    with recipe_threads(name):
-                        _, metrics = train_model(name, out=out, set_=parts, progress=False, overwrite=True)
+                    _, metrics = train_model(name, out=out, set_=parts, progress=False, overwrite=True)
                     done.write_text(json.dumps(metrics))
                     metrics = json.loads(done.read_text())  # the same values whichever worker trained it
             cache[name] = (out, metrics)

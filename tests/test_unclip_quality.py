@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def unclip(trained, train_threads, tmp_path_factory):
+def unclip(trained, tmp_path_factory):
     """``unclip(name)`` → (folder, metrics, seconds of training and evaluation), trained once per module."""
     from polymodal.api import spec, train_model
 
@@ -33,8 +33,7 @@ def unclip(trained, train_threads, tmp_path_factory):
             )
             out = tmp_path_factory.mktemp(f"trained-{name}")
             started = time.perf_counter()
-            with train_threads(name):  # two threads (tests/conftest.py TRAIN_THREADS)
-                _, metrics = train_model(name, out=out, set_=parts, progress=False)
+            _, metrics = train_model(name, out=out, set_=parts, progress=False)
             cache[name] = (out, metrics, time.perf_counter() - started)
         return cache[name]
 
