@@ -91,6 +91,7 @@ def one_thread():
 def pytest_collection_modifyitems(config, items):
     """Files with slow (training) tests first, each file's tests in their own order: under ``-n`` the
     longest work starts first and the quick files fill the workers' gaps at the end (longest-first
-    scheduling); the order is the same in every worker, as pytest-xdist requires."""
+    scheduling; ``--no-loadscope-reorder`` in pyproject.toml keeps pytest-xdist from putting the files with
+    the most tests first instead); the order is the same in every worker, as pytest-xdist requires."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: files and tests keep their order
