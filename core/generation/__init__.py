@@ -1,6 +1,8 @@
 """Generation: token choosers, the autoregressive decoding loop and the causal decoder trunk (diffusion samplers
 join here)."""
 
+from polymodal.generation.beam import beam_search
+from polymodal.generation.constraints import TokenTrie
 from polymodal.generation.decoder import CausalDecoder
 from polymodal.generation.sampling import (
     apply_cfg,
@@ -14,7 +16,9 @@ from polymodal.generation.sampling import (
 
 __all__ = [
     "CausalDecoder",
+    "TokenTrie",
     "apply_cfg",
+    "beam_search",
     "generate",
     "sample_greedy",
     "sample_next",
