@@ -17,7 +17,13 @@ from polymodal.generation.decoder import CausalDecoder
 from polymodal.io.folders import LoadError
 from polymodal.io.hf import t5_stack_state
 from polymodal.nn import Block, BlockConfig, KVCache, Mlp, StackConfig, TransformerStack
-from polymodal.nn.relative import RelativePositionBias, bucket_layout, relative_position_bucket
+from polymodal.nn.relative import (
+    GridRelativePositionBias,
+    RelativePositionBias,
+    bucket_layout,
+    grid_relative_index,
+    relative_position_bucket,
+)
 from polymodal.registry import get_registry
 
 transformers = pytest.importorskip("transformers")
@@ -366,3 +372,33 @@ def test_gated_mlps_gate_the_linear_branch(act, gate):
     g = mlp.gate(x)
     g = torch.nn.functional.silu(g) if gate is None else torch.nn.functional.gelu(g, approximate=gate)
     torch.testing.assert_close(mlp(x), mlp.fc2(g * mlp.fc1(x)), atol=0, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 6))
+def test_grid_index_gives_one_id_per_2d_offset(rows, cols):
+    """The id of (query, key) is a function of the offset (Δrow, Δcol) alone, and distinct offsets differ."""
+    index = grid_relative_index(rows, cols)  # (N, N)
+    r, c = torch.arange(rows * cols) // cols, torch.arange(rows * cols) % cols
+    offsets = {}
+    for i in range(rows * cols):
+        for j in range(rows * cols):
+            offset = (int(r[j] - r[i]), int(c[j] - c[i]))
+            assert offsets.setdefault(offset, int(index[i, j])) == int(index[i, j])
+    assert len(set(offsets.values())) == len(offsets)  # injective
+    assert 0 <= int(index.min()) and int(index.max()) < (2 * rows - 1) * (2 * cols - 1)
+    assert int(index[0, 0]) == (rows - 1) * (2 * cols - 1) + cols - 1  # offset (0, 0): the table's centre
+
+
+def test_grid_bias_is_translation_invariant_and_learned():
+    torch.manual_seed(0)
+    bias = GridRelativePositionBias(heads=3, rows=3, cols=4)
+    out = bias()  # (1, 3, 12, 12)
+    assert out.shape == (1, 3, 12, 12)
+    at = lambda row, col: row * 4 + col  # noqa: E731
+    assert torch.equal(out[0, :, at(0, 0), at(1, 2)], out[0, :, at(1, 1), at(2, 3)])  # the same offset (1, 2)
+    assert not torch.equal(out[0, :, at(0, 0), at(1, 2)], out[0, :, at(0, 0), at(2, 1)])  # another offset
+    out.sum().backward()
+    assert bias.embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="rows, cols >= 1; got 0, 4"):
+        GridRelativePositionBias(heads=3, rows=0, cols=4)

@@ -1,4 +1,4 @@
-"""T5's bucketed relative position bias, an additive bias on the self-attention logits.
+"""Relative position biases on self-attention logits: T5's bucketed 1-D one, and a 2-D one for image patches.
 
 The offset ``key - query`` between two positions is mapped to one of ``num_buckets`` buckets (exact for
 small offsets, log-spaced up to ``max_distance``, the rest in the last bucket); one learned table
@@ -130,4 +130,50 @@ class RelativePositionBias(nn.Module):
         return f"buckets={self.num_buckets}, max_distance={self.max_distance}, bidirectional={self.bidirectional}"
 
 
-__all__ = ["RelativePositionBias", "add_bias", "bucket_layout", "relative_position_bucket", "token_positions"]
+def grid_relative_index(rows: int, cols: int) -> Tensor:
+    """(N, N) long, N = rows·cols patches in row-major order: the id of the 2-D offset (Δrow, Δcol) from query
+    patch i to key patch j, one id per offset — ``(Δrow + rows − 1)·(2·cols − 1) + Δcol + cols − 1``, in
+    ``[0, (2·rows − 1)(2·cols − 1))`` (BEiT's and OFA's image relative position index, without their extra
+    class-token ids)."""
+    if rows < 1 or cols < 1:
+        raise ValueError(f"grid_relative_index needs rows, cols >= 1; got {rows}, {cols}")
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    r, c = r.flatten(), c.flatten()  # (N,) each
+    d_row = r[None, :] - r[:, None] + rows - 1  # (N, N) key minus query, shifted to >= 0
+    d_col = c[None, :] - c[:, None] + cols - 1  # (N, N)
+    return d_row * (2 * cols - 1) + d_col  # (N, N)
+
+
+class GridRelativePositionBias(nn.Module):
+    """A learned bias per head and 2-D offset between image patches: (1, heads, N, N) for a rows × cols grid.
+
+    What OFA adds to its image patches' self-attention logits (and BEiT to its ViT's): one table of
+    ``(2·rows − 1)(2·cols − 1)`` offsets × heads, looked up by :func:`grid_relative_index`, so the bias between
+    two patches depends on their relative position only. A family places it on the patch block of a longer
+    sequence's additive mask (OFA: image patches, then text with its own 1-D :class:`RelativePositionBias`).
+    """
+
+    def __init__(self, heads: int, rows: int, cols: int, *, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.rows, self.cols = rows, cols
+        self.register_buffer("index", grid_relative_index(rows, cols), persistent=False)  # (N, N)
+        self.embedding = nn.Embedding((2 * rows - 1) * (2 * cols - 1), heads)
+        nn.init.normal_(self.embedding.weight, std=init_std)
+
+    def forward(self) -> Tensor:
+        """The bias (1, H, N, N) between every pair of the grid's patches (row-major)."""
+        return self.embedding(self.index).permute(2, 0, 1).unsqueeze(0)  # (1, H, N, N)
+
+    def extra_repr(self) -> str:
+        return f"grid={self.rows}x{self.cols}"
+
+
+__all__ = [
+    "GridRelativePositionBias",
+    "RelativePositionBias",
+    "add_bias",
+    "bucket_layout",
+    "grid_relative_index",
+    "relative_position_bucket",
+    "token_positions",
+]
