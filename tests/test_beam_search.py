@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_decoder import VOCAB, TinyLM
+from test_decoder import VOCAB, TinyLM, count_kv, cross_step
 
 from polymodal.generation.beam import beam_search
 from polymodal.generation.constraints import TokenTrie
@@ -84,6 +84,24 @@ def test_with_a_trie_and_enough_beams_the_answer_is_the_most_probable_candidate(
     answer = ids[0, 3:].tolist()
     assert tuple(answer[: answer.index(EOS)]) == best
     assert score.item() == pytest.approx(value(best), abs=1e-4)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), beams=st.integers(2, 5), length=st.integers(2, 5))
+def test_beams_over_a_cross_attention_context_project_it_once_and_equal_the_uncached_search(seed, beams, length):
+    """An encoder-decoder's search (OFA): the context repeated per hypothesis; its keys and values are projected
+    once per layer for the whole search, and the cached search equals the one without any cache."""
+    g = torch.Generator().manual_seed(seed)
+    model = TinyLM(dim=16, heads=2, depth=2, max_len=32, cross=True, seed=seed % 1000)
+    context = torch.randn(2, 3, 12, generator=g).repeat_interleave(beams, dim=0)  # (B·K, M, 12)
+    prompt = torch.randint(2, VOCAB, (2, 3), generator=g)
+    calls = count_kv(model)
+    ids, scores = beam_search(cross_step(model, context), prompt, length, beams=beams, eos_id=EOS)
+    assert calls[0] == len(model.stack.blocks)  # once per layer, not per step
+    plain, plain_scores = beam_search(
+        cross_step(model, context), prompt, length, beams=beams, eos_id=EOS, use_cache=False
+    )
+    assert torch.equal(ids, plain) and torch.allclose(scores, plain_scores, atol=1e-4)
 
 
 def test_a_trie_constrains_greedy_generation_to_the_candidates():

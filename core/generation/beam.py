@@ -42,7 +42,8 @@ def beam_search(
 
     ``step_fn(ids_new (B·K, n), cache) -> logits (B·K, n, V)`` as for :func:`~polymodal.generation.generate`
     (rows are hypotheses, row ``b·K + k`` the k-th of prompt row b; a context the step attends to must be
-    repeated ``beams`` times per row, ``repeat_interleave``). ``allowed``: a bool mask (V,) / (B·K, V) or a
+    repeated ``beams`` times per row, ``repeat_interleave``; its cross-attention keys and values are computed
+    once and kept across the reorderings, as every hypothesis of a row reads the same context). ``allowed``: a bool mask (V,) / (B·K, V) or a
     callable on the hypotheses' ids (B·K, t). The score is the summed log-probability of the generated tokens
     up to and including ``eos_id``, divided by ``length ** length_penalty``; a row with no hypothesis the mask
     allows scores ``-inf``.
@@ -89,7 +90,7 @@ def beam_search(
         new = token.view(-1, 1).to(ids.dtype)  # (B·K, 1)
         ids = torch.cat([ids[rows], new], dim=1)  # (B·K, t + 1)
         if cache is not None:
-            cache.select(rows)
+            cache.select(rows, keep_cross=True)  # rows stay within their prompt row: its context
         pending = new
         if bool(done.all()):
             break

@@ -122,11 +122,17 @@ class KVCache:
         """Per layer, the filled keys and values (B, H, filled, Dh) (views of the buffers)."""
         return {i: (k[:, :, : self.filled[i]], v[:, :, : self.filled[i]]) for i, (k, v) in self.buffers.items()}
 
-    def select(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (e.g. after beam or candidate selection); the cross-attention entries are
-        dropped (their context changes with the batch) and recomputed on the next call."""
+    def select(self, index: Tensor, *, keep_cross: bool = False) -> None:
+        """Keep batch rows ``index`` (e.g. after beam or candidate selection). The cross-attention entries are
+        dropped (their context changes with the batch) and recomputed on the next call — unless ``keep_cross``:
+        then their rows are selected too and kept for the same context tensor, which the caller promises has
+        equal rows wherever ``index`` moves one (beam search over a context repeated per hypothesis)."""
         self.buffers = {i: (k[index], v[index]) for i, (k, v) in self.buffers.items()}
-        self._cross.clear()
+        if not keep_cross:
+            self._cross.clear()
+            return
+        for owner, (context, version, kv) in list(self._cross.items()):
+            self._cross[owner] = (context, version, tuple(t[index] for t in kv))
 
     # -- cross-attention --------------------------------------------------------------------------
     def cross_kv(
