@@ -135,7 +135,9 @@ def _resolve(argv: list[str]) -> tuple[click.Command, click.Context, list[str], 
     from polymodal.cli import main
 
     command: click.Command = main
-    ctx = click.Context(main, info_name="polymodal", resilient_parsing=True)  # no deprecation notes
+    # the group's own settings (help_option_names): click caches each command's help option from the first
+    # context it sees, so a bare context here would leave `polymodal bench -h` unknown for later tests
+    ctx = click.Context(main, info_name="polymodal", resilient_parsing=True, **main.context_settings)
     args, path = list(argv), "polymodal"
     while isinstance(command, click.Group):
         assert args, f"`{path}` needs a command"
