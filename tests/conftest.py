@@ -54,9 +54,8 @@ def trained(tmp_path_factory):
     """
     import json
 
-    from filelock import FileLock
-
     from polymodal.api import spec, train_model
+    from polymodal.io.cache import entry_lock
 
     worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, … under ``-n``; unset in a plain run
     shared = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
@@ -66,7 +65,7 @@ def trained(tmp_path_factory):
         if name not in cache:
             parts = tuple(f"{field}={get(variant)[0]}" for field, variant in spec(name).parts())
             out, done = shared / f"trained-{name}", shared / f"trained-{name}" / "done.json"
-            with FileLock(str(shared / f"trained-{name}.lock")):
+            with entry_lock(out):  # the cache's own waiting lock: a worker needing it meanwhile waits here
                 if done.is_file():
                     metrics = json.loads(done.read_text())
                 else:

@@ -9,14 +9,9 @@ variants train on different pytest-xdist workers at once. Guards and strictly-xf
 from __future__ import annotations
 
 import pytest
-
-from polymodal.data.languages import LANGUAGES
+from test_kandinsky2_quality import _per_language
 
 pytestmark = pytest.mark.slow
-
-
-def _per_language(metrics: dict, name: str) -> dict[str, float]:
-    return {code: round(metrics[f"{name}_{code}"], 3) for code in LANGUAGES}
 
 
 def test_kandinsky21_prior_maps_every_language_onto_the_image_embeddings(trained):

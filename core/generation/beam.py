@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from polymodal.generation.sampling import check_prompt
 from polymodal.nn import KVCache
 
 StepFn = Callable[[Tensor, "KVCache | None"], Tensor]
@@ -48,12 +49,9 @@ def beam_search(
     up to and including ``eos_id``, divided by ``length ** length_penalty``; a row with no hypothesis the mask
     allows scores ``-inf``.
     """
-    if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
-        raise ValueError(f"prompt_ids must be (B, T) with T >= 1, got {tuple(prompt_ids.shape)}")
+    check_prompt(prompt_ids, max_new_tokens, least=1)
     if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
         raise ValueError(f"beams must be an integer >= 1, got {beams!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     b, k = prompt_ids.shape[0], beams
     fill = eos_id if pad_id is None else pad_id
     ids = prompt_ids.repeat_interleave(k, dim=0)  # (B·K, T)

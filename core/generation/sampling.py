@@ -31,6 +31,15 @@ def _check_args(temperature: float, top_k: int | None, top_p: float | None) -> N
     check_sample_values({"temperature": temperature, "top_k": top_k, "top_p": top_p}, ())
 
 
+def check_prompt(prompt_ids: Tensor, max_new_tokens: int, least: int = 0) -> None:
+    """A ValueError naming what was given unless ``prompt_ids`` is (B, T) with T >= 1 and ``max_new_tokens`` an
+    integer >= ``least`` (the checks of :func:`generate` and :func:`~polymodal.generation.beam.beam_search`)."""
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
+        raise ValueError(f"prompt_ids must be (B, T) with T >= 1, got {tuple(prompt_ids.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < least:
+        raise ValueError(f"max_new_tokens must be an integer >= {least}, got {max_new_tokens!r}")
+
+
 def sample_next(
     logits: Tensor,
     *,
@@ -129,10 +138,7 @@ def generate(
     stream's cache given the positions its tokens fill (default: ``KVCache()``, which grows by doubling; a
     :class:`~polymodal.generation.decoder.CausalDecoder` preallocates exactly).
     """
-    if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
-        raise ValueError(f"prompt_ids must be (B, T) with T >= 1, got {tuple(prompt_ids.shape)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_prompt(prompt_ids, max_new_tokens)
     if cfg_scale is not None and uncond_ids is None:
         raise ValueError("cfg_scale needs uncond_ids, the prompt of the unconditional stream (B, T')")
     if uncond_ids is not None and uncond_ids.shape[0] != prompt_ids.shape[0]:
