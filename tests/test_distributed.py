@@ -195,7 +195,14 @@ def run(strategy="auto"):
 
 
 if __name__ == "__main__":
-    torch.save(run(sys.argv[1]), f"{sys.argv[2]}.rank{os.environ['RANK']}.pt")
+    weights = run(sys.argv[1])
+    import gc
+    from torch.distributed.fsdp import FSDPModule
+
+    # the sharded copy must be gone before the group was destroyed, not left to the interpreter's exit
+    left = [o for o in gc.get_objects() if isinstance(o, FSDPModule)]
+    assert not left, f"{len(left)} FSDP-sharded modules outlive the process group"
+    torch.save(weights, f"{sys.argv[2]}.rank{os.environ['RANK']}.pt")
 """
 
 

@@ -19,6 +19,8 @@ model is wrapped for gradient synchronisation:
 
 from __future__ import annotations
 
+import gc
+
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -141,8 +143,13 @@ def shutdown(ctx: DistributedContext, *, wait: bool = True) -> None:
 
     With ``wait`` every rank first meets at a barrier, which also waits for this rank's pending work: a
     gloo group torn down while a peer still talks to it can abort the process ("terminate called without
-    an active exception"). A rank that failed passes ``wait=False`` and leaves at once."""
+    an active exception"). A rank that failed passes ``wait=False`` and leaves at once.
+
+    First the garbage the run left is collected while the group still lives: FSDP2's sharded copy and its
+    optimiser state sit in reference cycles that hold the group's device mesh, and freed only at interpreter
+    exit they would tear gloo's threads down after the group is gone (the same abort, seen under load)."""
     if ctx.owns_group and dist.is_available() and dist.is_initialized():
+        gc.collect()
         if wait:
             barrier(ctx)
         dist.destroy_process_group()
