@@ -20,7 +20,6 @@ model is wrapped for gradient synchronisation:
 from __future__ import annotations
 
 import gc
-
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
