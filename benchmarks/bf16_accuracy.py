@@ -86,6 +86,14 @@ HEADLINES: dict[str, tuple[tuple[str, str], ...]] = {
         ("kind_accuracy", "higher"),
         ("fd_judge", "lower"),
     ),
+    "ofa": (  # issue 21's bars (tests/test_ofa_quality.py)
+        ("caption_accuracy", "higher"),
+        ("vqa_accuracy", "higher"),
+        ("ground_accuracy", "higher"),
+        ("region_accuracy", "higher"),
+        ("classify_accuracy", "higher"),
+        ("sample_colour_accuracy", "higher"),
+    ),
 }
 """Per variant: the metrics its quality test asserts (dotted keys reach nested dicts) and which way is better."""
 
@@ -96,7 +104,7 @@ SMALLER: dict[str, tuple[str, ...]] = {
 ddpm draws 200 instead of 1,000 all-T DDPM samples (``fd_judge`` is then over 200 samples, ``fd_judge_100``
 unchanged in kind) and inpaints 120 instead of 360 test images."""
 
-JUDGED_FAMILIES = ("dalle", "diffusion", "sr3", "igpt", "rudolph")
+JUDGED_FAMILIES = ("dalle", "diffusion", "sr3", "igpt", "rudolph", "ofa")
 """Families whose ``evaluate`` reads samples with the dataset's judge: it is made (trained once into the cache,
 about a minute, or read from it) before the evaluation is timed."""
 

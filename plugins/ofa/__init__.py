@@ -1,0 +1,46 @@
+"""The OFA family plugin: one encoder–decoder for captioning, VQA, grounding, region questions, text-to-image,
+infilling and a text task, each switched by its instruction, over a unified vocabulary (text BPE, the frozen
+``vqvae-shapes`` codes, location bins).
+
+Variants:
+    ``ofa``  shapes (+ the ``text`` sentences): 32×32 scenes as 4×4 stem patches, 8×8 VQ codes, 33 location bins.
+
+    polymodal train ofa --out runs/ofa
+    polymodal ofa ask runs/ofa scene.png "what colour is the square?"
+    polymodal ofa ask runs/ofa scene.png --ground "blue cross"
+"""
+
+from __future__ import annotations
+
+from polymodal import hookimpl
+from polymodal.models import ModelSpec
+from polymodal.registry import register_variants
+from polymodal.train import TrainConfig
+
+from .model import OFA, OFAConfig
+
+__all__ = ["OFA", "OFAConfig", "VARIANTS"]
+
+SHAPES = ModelSpec(
+    OFA,
+    OFAConfig(),
+    data="shapes",
+    train=TrainConfig(steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, weight_decay=0.01, checkpoint_every=0),
+    doc="OFA on the shapes and the text sentences: width 128, 3+3 blocks, every task by instruction.",
+)
+
+VARIANTS = {"ofa": SHAPES}
+
+
+@hookimpl
+def register_models(register):
+    """The OFA variant."""
+    register_variants(register, VARIANTS)
+
+
+@hookimpl
+def register_commands(register):
+    """``polymodal ofa ask DIR IMAGE INSTRUCTION | --ground TEXT``: any task by instruction."""
+    from .cli import ask_command
+
+    register("ask", ask_command)

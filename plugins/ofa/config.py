@@ -1,0 +1,88 @@
+"""The OFA recipe's configuration: the image tokenizer part, the unified vocabulary, the encoder–decoder's shape
+and the task mixture."""
+
+from __future__ import annotations
+
+from polymodal.config import config, field, in_range
+from polymodal.models.parts import PartConfig, part_field
+
+_pos = in_range(1, 65536, integer=True)
+_weight = in_range(0.0, 1000.0)
+
+TASKS = ("caption", "vqa", "ground", "region", "text_to_image", "infill", "classify")
+"""The tasks of the mixture, in the order of their ``*_weight`` fields."""
+
+
+@config
+class OFAConfig:
+    """OFA: one encoder–decoder over [image patches][instruction] → text, image codes or location tokens."""
+
+    tokenizer: PartConfig = part_field(
+        PartConfig(variant="vqvae-shapes", data="shapes"),
+        "The frozen VQ image tokenizer whose codes are the image tokens of the vocabulary (text-to-image, infilling).",
+    )
+    text_vocab: int = field(
+        512, "Text ids of the unified vocabulary (the BPE learns at most this many).", check=in_range(259, 1 << 20)
+    )
+    bins: int = field(
+        33,
+        "Location tokens <bin_0> … <bin_{bins-1}>: box corners quantised to bins evenly spaced values over [0, size].",
+        check=in_range(2, 4096, integer=True),
+    )
+    image_size: int = field(32, "Side of the square RGB input images.", check=in_range(8, 4096, integer=True))
+    stem_channels: int = field(48, "Channels of the convolutional stem's ResNet blocks.", check=_pos)
+    patch_stride: int = field(
+        8,
+        "Down-sampling of the stem (a power of two): the image enters the encoder as (size / stride)² patches.",
+        check=in_range(1, 64, integer=True),
+    )
+    dim: int = field(128, "Width of the encoder and decoder token streams (and the shared embedding).", check=_pos)
+    heads: int = field(4, "Attention heads; must divide dim.", check=in_range(1, 256, integer=True))
+    encoder_depth: int = field(3, "Encoder blocks.", check=in_range(1, 256, integer=True))
+    decoder_depth: int = field(3, "Decoder blocks (self-attention, cross-attention, MLP).", check=in_range(1, 256))
+    mlp_ratio: float = field(4.0, "MLP hidden width as a multiple of dim.", check=in_range(0.25, 16.0))
+    dropout: float = field(0.0, "Dropout on the residual branches.", check=in_range(0.0, 1.0))
+    max_instruction: int = field(
+        64, "Longest instruction in tokens (location tokens included) the encoder takes.", check=_pos
+    )
+    max_target: int = field(80, "Longest target in tokens (eos included) the decoder writes.", check=_pos)
+    relative_buckets: int = field(32, "Buckets of the text tokens' 1-D relative position bias.", check=_pos)
+    relative_max_distance: int = field(64, "Text offsets beyond this share the last bucket.", check=_pos)
+    caption_weight: float = field(1.0, "Sampling weight of captioning batches.", check=_weight)
+    vqa_weight: float = field(1.0, "Sampling weight of visual question answering batches.", check=_weight)
+    ground_weight: float = field(1.0, "Sampling weight of visual grounding batches.", check=_weight)
+    region_weight: float = field(0.5, "Sampling weight of region question batches.", check=_weight)
+    text_to_image_weight: float = field(1.0, "Sampling weight of text-to-image batches.", check=_weight)
+    infill_weight: float = field(0.5, "Sampling weight of image infilling batches.", check=_weight)
+    classify_weight: float = field(0.5, "Sampling weight of the text-only digit-word batches.", check=_weight)
+    beams: int = field(3, "Beam size of captioning, VQA and grounding.", check=in_range(1, 64, integer=True))
+    eval_limit: int = field(
+        200, "Test scenes (and sentences) scored per task (0: the whole split).", check=in_range(0, 10**6)
+    )
+    image_temperature: float = field(1.0, "Sampling temperature of image codes.", check=in_range(0.01, 10.0))
+    image_top_k: int = field(16, "Top-k of image code sampling (0: off).", check=in_range(0, 1 << 20, integer=True))
+    data: str = field("shapes", "The image dataset of the vision tasks.")
+    text_data: str = field("text", "The dataset of the text-only task (sentences naming a digit word).")
+
+    def __attrs_post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"OFAConfig.heads must divide dim; got dim={self.dim}, heads={self.heads}")
+        if self.patch_stride & (self.patch_stride - 1) or self.image_size % self.patch_stride:
+            raise ValueError(
+                f"OFAConfig.patch_stride must be a power of two dividing image_size={self.image_size}; "
+                f"got {self.patch_stride}"
+            )
+        if sum(self.weights()) <= 0:
+            raise ValueError("OFAConfig: at least one task weight must be > 0; got all 0")
+
+    def weights(self) -> tuple[float, ...]:
+        """The task sampling weights in :data:`TASKS` order."""
+        return tuple(getattr(self, f"{t}_weight") for t in TASKS)
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of the encoder's image grid."""
+        return self.image_size // self.patch_stride
+
+
+__all__ = ["OFAConfig", "TASKS"]

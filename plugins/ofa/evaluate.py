@@ -1,0 +1,175 @@
+"""OFA's evaluation: every task of the one model scored on the test splits (the first ``eval_limit`` scenes).
+
+* ``caption_accuracy``: the caption names exactly the scene's objects, each with its colour, kind and position
+  (parsed: " and " between objects, a colour word, a kind word, the longest position phrase);
+  ``caption_colour`` / ``caption_kind`` / ``caption_position``: per object, its colour and kind / its position
+  named correctly.
+* ``vqa_accuracy`` (exact match, answers constrained to the training answers by a trie), ``vqa_yes_no``,
+  ``vqa_count``; ``ground_accuracy`` (IoU ≥ 0.5 with the tight box; ``ground_malformed``: outputs that were not
+  four location tokens); ``region_accuracy`` (colour and kind of the object in a given box);
+  ``classify_accuracy`` (the ``text`` test split's digit words); ``sample_*`` (text-to-image, the judge on
+  one-object prompts) and ``infill_colour_accuracy`` (the judge reads the original colour after infilling).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from polymodal.data import shapes
+from polymodal.data.boxes import box_iou
+
+_COLOURS = tuple(shapes.COLOURS)
+_PHRASES = sorted(shapes.WHERE.items(), key=lambda kv: -len(kv[1]))  # longest first: "in the top left" before "top"
+
+
+def scene_objects(boxes: list, size: int) -> set[tuple[int, int, int]]:
+    """``(colour, kind, cell)`` of every object of a scene from its box entries (the cell from the box centre)."""
+    out = set()
+    for x0, y0, x1, y1, c, k in boxes:
+        col, row = min(int((x0 + x1) / 2 * 3 // size), 2), min(int((y0 + y1) / 2 * 3 // size), 2)
+        out.add((int(c), int(k), row * 3 + col))
+    return out
+
+
+def parse_caption(caption: str) -> list[tuple[int, int, int]]:
+    """The ``(colour, kind, cell)`` each " and "-separated part of a caption names (-1 where it names none)."""
+    out = []
+    for part in caption.split(" and "):
+        words = part.split()
+        colour = next((_COLOURS.index(w) for w in words if w in _COLOURS), -1)
+        kind = next((shapes.KINDS.index(w) for w in words if w in shapes.KINDS), -1)
+        where = next((shapes.POSITIONS.index(p) for p, phrase in _PHRASES if phrase in part), -1)
+        out.append((colour, kind, where))
+    return out
+
+
+def caption_metrics(model: Any, test: Any, idx: list[int], size: int) -> dict[str, float]:
+    """The captioning scores of the scenes ``idx``."""
+    exact = ck = pos = total = 0
+    for start in range(0, len(idx), 64):
+        rows = idx[start : start + 64]
+        for i, caption in zip(rows, model.caption(test["image"][rows]), strict=True):
+            truth, named = scene_objects(test["boxes"][i], size), parse_caption(caption)
+            exact += set(named) == truth and len(named) == len(truth)
+            for c, k, p in truth:
+                ck += any(n[0] == c and n[1] == k for n in named)
+                pos += (c, k, p) in named
+                total += 1
+    return {"caption_accuracy": exact / len(idx), "caption_colour_kind": ck / total, "caption_position": pos / total}
+
+
+def vqa_metrics(model: Any, test: Any, idx: list[int], answers: list[str]) -> dict[str, float]:
+    """Exact-match VQA over every question of the scenes ``idx`` (a trie over ``answers``)."""
+    items = [(i, q, a) for i in idx for q, a in test["qa"][i]]
+    hits = []
+    for start in range(0, len(items), 128):
+        chunk = items[start : start + 128]
+        images = test["image"][[i for i, _, _ in chunk]]
+        got = model.ask(images, [q for _, q, _ in chunk], candidates=answers)
+        hits += [g == a for g, (_, _, a) in zip(got, chunk, strict=True)]
+    hit = torch.tensor(hits, dtype=torch.float)
+    yes_no = torch.tensor([a in ("yes", "no") for _, _, a in items])
+    count = torch.tensor([q.startswith("how many") for _, q, _ in items])
+    return {
+        "vqa_accuracy": hit.mean().item(),
+        "vqa_yes_no": hit[yes_no].mean().item(),
+        "vqa_count": hit[count].mean().item(),
+    }
+
+
+def ground_and_region_metrics(model: Any, test: Any, idx: list[int]) -> dict[str, float]:
+    """Grounding (IoU ≥ 0.5) and region questions (colour and kind) on every object of the scenes ``idx``."""
+    objects = [(i, tuple(b)) for i in idx for b in test["boxes"][i]]
+    hits, malformed, region = [], 0, []
+    for start in range(0, len(objects), 128):
+        chunk = objects[start : start + 128]
+        images = test["image"][[i for i, _ in chunk]]
+        truth = torch.tensor([b[:4] for _, b in chunk], dtype=torch.float)  # (n, 4)
+        boxes, ok = model.ground(images, [f"{_COLOURS[b[4]]} {shapes.KINDS[b[5]]}" for _, b in chunk])
+        hits += (box_iou(boxes, truth) >= 0.5).tolist()
+        malformed += ok.count(False)
+        colours = model.region_question(images, truth, "colour", list(_COLOURS))
+        kinds = model.region_question(images, truth, "kind", list(shapes.KINDS))
+        region += [c == _COLOURS[b[4]] for c, (_, b) in zip(colours, chunk, strict=True)]
+        region += [k == shapes.KINDS[b[5]] for k, (_, b) in zip(kinds, chunk, strict=True)]
+    return {
+        "ground_accuracy": sum(hits) / len(hits),
+        "ground_malformed": malformed / len(hits),
+        "region_accuracy": sum(region) / len(region),
+    }
+
+
+def classify_metrics(model: Any, limit: int) -> dict[str, float]:
+    """Digit-word accuracy on the ``text`` test split (its first ``limit`` sentences; 0: all)."""
+    from polymodal.data import load_dataset
+    from polymodal.data.digits import DIGIT_WORDS
+
+    test = load_dataset(model.config.text_data).split("test")
+    n = len(test["text"]) if not limit else min(limit, len(test["text"]))
+    got = []
+    for start in range(0, n, 128):
+        got += model.classify_text(test["text"][start : min(n, start + 128)], list(DIGIT_WORDS))
+    truth = [DIGIT_WORDS[int(y)] for y in test["label"][:n]]
+    return {"classify_accuracy": sum(g == t for g, t in zip(got, truth, strict=True)) / n}
+
+
+def one_object_prompts(test: Any, limit: int) -> tuple[list[int], list[str]]:
+    """The one-object test scenes (at most ``limit``) and a training-template caption of each."""
+    idx = [i for i in range(len(test["caption"])) if len(test["boxes"][i]) == 1][:limit]
+    size = test["image"].shape[-1]
+    prompts = []
+    for i in idx:
+        ((c, k, p),) = scene_objects(test["boxes"][i], size)
+        prompts.append(
+            shapes.TRAIN_TEMPLATES[0].format(
+                colour=_COLOURS[c], kind=shapes.KINDS[k], where=shapes.WHERE[shapes.POSITIONS[p]]
+            )
+        )
+    return idx, prompts
+
+
+def generative_samples(model: Any, dataset: Any, n: int, seed: int = 0) -> tuple:
+    """``n`` text-to-image samples for one-object test captions and their colour / kind (the generative table)."""
+    test = dataset.split("test")
+    idx, prompts = one_object_prompts(test, len(test["caption"]))
+    reps = -(-n // len(idx))
+    idx, prompts = (idx * reps)[:n], (prompts * reps)[:n]
+    images = torch.cat([model.text_to_image(prompts[s : s + 64], seed=seed + s) for s in range(0, n, 64)])
+    return images, {"colour": test["colour"][idx], "kind": test["kind"][idx]}
+
+
+def image_metrics(model: Any, dataset: Any, limit: int) -> dict[str, float]:
+    """Text-to-image and infilling, read by the dataset's judge."""
+    from polymodal.eval.judge import get_judge, judge_samples
+
+    with torch.enable_grad():  # a judge not cached yet is trained now, inside evaluate's no_grad
+        judge = get_judge(dataset)
+    images, targets = generative_samples(model, dataset, limit)
+    metrics = judge_samples(dataset, images, targets)
+    test = dataset.split("test")
+    idx = one_object_prompts(test, limit)[0]
+    filled = torch.cat([model.infill(test["image"][idx[s : s + 64]], seed=s) for s in range(0, len(idx), 64)])
+    read = judge.predict(filled)["colour"].cpu()
+    metrics["infill_colour_accuracy"] = (read == test["colour"][idx]).float().mean().item()
+    return metrics
+
+
+def evaluate_ofa(model: Any, dataset: Any, split: str = "test") -> dict[str, float]:
+    """Every task's score (see the module docstring)."""
+    test, limit = dataset.split(split), model.config.eval_limit
+    idx = list(range(len(test["caption"]) if not limit else min(limit, len(test["caption"]))))
+    size = test["image"].shape[-1]
+    train = dataset.split("train")
+    answers = sorted({a for qa in train["qa"] for _, a in qa})
+    metrics = caption_metrics(model, test, idx, size)
+    metrics.update(vqa_metrics(model, test, idx, answers))
+    metrics.update(ground_and_region_metrics(model, test, idx))
+    metrics.update(classify_metrics(model, limit))
+    if dataset.name == "shapes":
+        metrics.update(image_metrics(model, dataset, limit or len(idx)))
+    return metrics
+
+
+__all__ = ["evaluate_ofa", "generative_samples", "parse_caption", "scene_objects"]

@@ -1,0 +1,147 @@
+"""OFA's task mixture: each training batch is one task, drawn by the step with the config's sampling weights, and
+every task is an instruction (with or without the image) and a target sequence in the unified vocabulary.
+
+Targets made of image codes (text-to-image, infilling) are filled in by the model from its frozen VQ tokenizer:
+the collator holds no weights, so it only names the region (``code_target``: 'full' or 'middle').
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polymodal.data import shapes
+from polymodal.data.boxes import box_to_bins
+
+from . import vocab as V
+from .config import TASKS
+
+_COLOURS = tuple(shapes.COLOURS)
+
+
+def pick_task(weights: tuple[float, ...], seed: int, step: int) -> str:
+    """The task of global step ``step``: a draw with ``weights`` from a generator seeded by (seed, step), so
+    every rank and micro-batch of a step trains the same task."""
+    return random.Random(f"{seed}:{step}").choices(TASKS, weights=weights)[0]
+
+
+def pad_rows(rows: list[list[int]], pad: int) -> Tensor:
+    """Id rows of different lengths → (B, longest) long, right-padded with ``pad``."""
+    out = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)  # (B, L)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def mask_middle(images: Tensor) -> Tensor:
+    """Images (B, C, S, S) with their middle half (S/4 … 3S/4 on both axes) blacked out (infilling's input)."""
+    s = images.shape[-1]
+    out = images.clone()
+    out[..., s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 0.0
+    return out
+
+
+def object_name(box: tuple) -> str:
+    """'colour kind' of a shapes box entry ``(x0, y0, x1, y1, colour, kind)``."""
+    return f"{_COLOURS[box[4]]} {shapes.KINDS[box[5]]}"
+
+
+def box_bins(box: tuple, vocab: V.Vocabulary, size: int) -> list[int]:
+    """The four location token ids of a shapes box entry."""
+    bins = box_to_bins(torch.tensor([box[:4]]), size, vocab.bins)[0]  # (4,)
+    return vocab.bin_ids(bins).tolist()
+
+
+def region_instruction(box: tuple, attribute: str, vocab: V.Vocabulary, size: int) -> list[int]:
+    """' what color is the object in the region? region: <bin>×4' as ids (``attribute``: 'colour' or 'kind')."""
+    return vocab.text(V.REGION.format(attribute=V.REGION_ATTRIBUTES[attribute])) + box_bins(box, vocab, size)
+
+
+def scene_rows(task: str, batch: dict[str, Any], vocab: V.Vocabulary, size: int, rng: random.Random) -> tuple:
+    """(instruction rows, target rows or None, whether the encoder sees the image) of a shapes batch."""
+    n = len(batch["caption"])
+    text, eos = vocab.text, [vocab.eos]
+    if task == "caption":
+        return [text(V.CAPTION)] * n, [text(c) + eos for c in batch["caption"]], True
+    if task == "vqa":
+        pairs = [rng.choice(qa) for qa in batch["qa"]]
+        return [text(" " + q) for q, _ in pairs], [text(a) + eos for _, a in pairs], True
+    if task in ("ground", "region"):
+        chosen = [rng.choice(boxes) for boxes in batch["boxes"]]
+        if task == "ground":
+            instr = [text(V.GROUND.format(text=object_name(b))) for b in chosen]
+            return instr, [box_bins(b, vocab, size) + eos for b in chosen], True
+        attrs = [rng.choice(tuple(V.REGION_ATTRIBUTES)) for _ in chosen]
+        instr = [region_instruction(b, a, vocab, size) for b, a in zip(chosen, attrs, strict=True)]
+        answers = [_COLOURS[b[4]] if a == "colour" else shapes.KINDS[b[5]] for b, a in zip(chosen, attrs, strict=True)]
+        return instr, [text(a) + eos for a in answers], True
+    if task == "text_to_image":
+        return [text(V.TEXT_TO_IMAGE.format(caption=c)) for c in batch["caption"]], None, False
+    if task == "infill":
+        return [text(V.INFILL)] * n, None, True
+    raise ValueError(f"unknown scene task {task!r}; expected one of {TASKS}")
+
+
+class TaskCollate:
+    """``collate(batch, step) -> batch``: the step's task as ``instruction`` (B, L), ``target`` (B, T) (absent for
+    code targets, with ``code_target`` naming them), ``images`` (the encoder's, or absent) and ``task``.
+
+    The text-only task reads ``texts`` sentences from the ``text`` dataset's train split, as many as the batch
+    has rows, drawn by the step."""
+
+    def __init__(self, config: Any, vocab: V.Vocabulary, texts: dict[str, Any] | None, seed: int = 0) -> None:
+        self.config, self.vocab, self.texts, self.seed = config, vocab, texts, seed
+
+    def __call__(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        """The task batch of global step ``step``."""
+        task = pick_task(self.config.weights(), self.seed, step)
+        return make_task_batch(task, batch, self.vocab, self.config, self.texts, random.Random(f"{self.seed}/{step}"))
+
+
+def make_task_batch(
+    task: str, batch: dict[str, Any], vocab: V.Vocabulary, config: Any, texts: dict[str, Any] | None, rng: random.Random
+) -> dict[str, Any]:
+    """One task's batch from a shapes batch (see :class:`TaskCollate`)."""
+    out = copy.copy(batch)
+    out["task"] = task
+    if task == "classify":
+        if texts is None:
+            raise ValueError("the classify task needs the text dataset's sentences; none were given")
+        n = len(batch["caption"]) if "caption" in batch else len(batch["image"])
+        pick = [rng.randrange(len(texts["text"])) for _ in range(n)]
+        words = [digit_word(int(texts["label"][i])) for i in pick]
+        instr = [vocab.text(V.CLASSIFY.format(text=texts["text"][i])) for i in pick]
+        target, sees = [vocab.text(w) + [vocab.eos] for w in words], False
+    else:
+        instr, target, sees = scene_rows(task, batch, vocab, config.image_size, rng)
+    out["instruction"] = pad_rows(instr, vocab.pad)  # (B, L)
+    if target is not None:
+        out["target"] = pad_rows(target, vocab.pad)  # (B, T)
+    else:
+        out["code_target"] = "full" if task == "text_to_image" else "middle"
+    if sees:
+        out["encoder_images"] = mask_middle(batch["image"]) if task == "infill" else batch["image"]
+    return out
+
+
+def digit_word(label: int) -> str:
+    """The digit word of a ``text`` label."""
+    from polymodal.data.digits import DIGIT_WORDS
+
+    return DIGIT_WORDS[label]
+
+
+__all__ = [
+    "TaskCollate",
+    "box_bins",
+    "make_task_batch",
+    "mask_middle",
+    "object_name",
+    "pad_rows",
+    "pick_task",
+    "region_instruction",
+]
