@@ -4,7 +4,9 @@ values of a constant context computed once).
 
 Block: ``x = x + drop_path(attn(norm1(x)))``; optionally
 ``x = x + gate * drop_path(cross_attn(norm_cross(x), context))``; then
-``x = x + drop_path(mlp(norm2(x)))``. Every attention goes through
+``x = x + drop_path(mlp(norm2(x)))``. With ``normformer`` (NormFormer, Shleifer et al. 2021; OFA's blocks) each
+attention output is scaled per head and normalised before its residual add, and the MLP's hidden activations are
+normalised before its second layer. Every attention goes through
 :func:`polymodal.attention.attention`. A relative position bias (``position_bias="t5"``,
 :mod:`polymodal.nn.relative`) is added to the self-attention logits; the stack computes it once per call.
 """
@@ -90,6 +92,13 @@ class BlockConfig:
         backfill=True,
     )
 
+    normformer: bool = field(
+        False,
+        "NormFormer's extra norms (OFA's blocks): a learned per-head scale on every attention's output (initialised "
+        "to 1), a norm of each attention branch before its residual add, and a norm of the MLP's hidden activations.",
+        backfill=True,
+    )
+
     def __attrs_post_init__(self) -> None:
         if self.dim % self.heads:
             raise ValueError(f"BlockConfig.heads must divide dim; got dim={self.dim}, heads={self.heads}")
@@ -114,9 +123,11 @@ class Attention(nn.Module):
         dropout: float = 0.0,
         layer_index: int = 0,
         scale: float | None = None,
+        head_scale: bool = False,
     ) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
+        self.head_scale = nn.Parameter(torch.ones(heads)) if head_scale else None  # NormFormer's
         self.scale = scale  # logit scale; None: 1/sqrt(head_dim)
         self.cross = context_dim is not None
         if self.cross:
@@ -179,6 +190,8 @@ class Attention(nn.Module):
             dropout_p=self.attn_dropout if self.training else 0.0,
             scale=self.scale,
         )  # (B, H, N, Dh)
+        if self.head_scale is not None:
+            out = out * self.head_scale.to(out.dtype)[:, None, None]  # (B, H, N, Dh)
         out = out.transpose(1, 2).reshape(b, n, d)  # (B, N, D)
         return self.proj_drop(self.proj(out))
 
@@ -213,7 +226,10 @@ class Block(nn.Module):
             dropout=cfg.dropout,
             layer_index=layer_index,
             scale=cfg.attn_scale,
+            head_scale=cfg.normformer,
         )
+        norm = lambda width: make_norm(cfg.norm, width, cfg.norm_eps, bias=cfg.norm_bias)  # noqa: E731
+        self.attn_out_norm = norm(cfg.dim) if cfg.normformer else nn.Identity()
         if cfg.cross_attention:
             self.norm_cross = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, bias=cfg.norm_bias)
             self.cross_attn = Attention(
@@ -225,10 +241,14 @@ class Block(nn.Module):
                 attn_dropout=cfg.attn_dropout,
                 dropout=cfg.dropout,
                 scale=cfg.attn_scale,
+                head_scale=cfg.normformer,
             )
+            self.cross_out_norm = norm(cfg.dim) if cfg.normformer else nn.Identity()
             self.cross_gate = nn.Parameter(torch.zeros(1)) if cfg.cross_gate else None
         self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, bias=cfg.norm_bias)
-        self.mlp = Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.act, bias=cfg.mlp_bias, dropout=cfg.dropout)
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        mid = norm(hidden) if cfg.normformer else None
+        self.mlp = Mlp(cfg.dim, hidden, cfg.act, bias=cfg.mlp_bias, dropout=cfg.dropout, mid_norm=mid)
         self.drop_path = DropPath(cfg.drop_path)
 
     def forward(
@@ -255,11 +275,12 @@ class Block(nn.Module):
                 "position_bias= (1, heads, N, N_keys), as TransformerStack does (RelativePositionBias.for_tokens)"
             )
         mask = add_bias(mask, position_bias)  # additive (B?, H, N, N_keys) when a bias is given
-        x = x + self.drop_path(
-            self.attn(self.norm1(x), causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask, cache=cache)
-        )
+        h = self.attn(self.norm1(x), causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask, cache=cache)
+        x = x + self.drop_path(self.attn_out_norm(h))  # (B, N, D)
         if self.cfg.cross_attention:
-            h = self.cross_attn(self.norm_cross(x), context, key_padding=context_padding, cache=cache)  # (B, N, D)
+            h = self.cross_out_norm(
+                self.cross_attn(self.norm_cross(x), context, key_padding=context_padding, cache=cache)
+            )
             if self.cross_gate is not None:
                 h = torch.tanh(self.cross_gate) * h
             x = x + self.drop_path(h)

@@ -37,7 +37,8 @@ def make_activation(name: str) -> nn.Module:
 
 class Mlp(nn.Module):
     """``fc2(dropout(act(fc1(x))))``; with a gated ``act`` (:data:`GATED`), ``fc2(dropout(g(gate(x)) * fc1(x)))``:
-    ``swiglu`` gates with SiLU, ``geglu`` with GELU, ``geglu_tanh`` with tanh-approximated GELU."""
+    ``swiglu`` gates with SiLU, ``geglu`` with GELU, ``geglu_tanh`` with tanh-approximated GELU. ``mid_norm``
+    (NormFormer's) normalises the hidden activations before ``fc2``."""
 
     def __init__(
         self,
@@ -47,6 +48,7 @@ class Mlp(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         out_dim: int | None = None,
+        mid_norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.swiglu = act == "swiglu"
@@ -55,9 +57,12 @@ class Mlp(nn.Module):
         self.gate = nn.Linear(dim, hidden, bias=bias) if gated else None
         self.act = make_activation(GATED[act] if gated else act)
         self.drop = nn.Dropout(dropout)
+        self.mid_norm = mid_norm  # NormFormer's norm of the hidden activations (None: none)
         self.fc2 = nn.Linear(hidden, out_dim or dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)  # (..., hidden)
         h = self.act(self.gate(x)) * h if self.gate is not None else self.act(h)
+        if self.mid_norm is not None:
+            h = self.mid_norm(h)
         return self.fc2(self.drop(h))  # (..., out_dim)
