@@ -188,3 +188,26 @@ def test_the_tiny_model_round_trips_through_its_folder(model, tmp_path, batch):
     args = model.example_inputs(2)
     torch.testing.assert_close(loaded(*args), model(*args))
     assert isinstance(loaded.config.tokenizer, PartConfig)
+
+
+def test_the_folder_keeps_the_text_tokenizer_it_was_trained_with(model, tmp_path):
+    import polymodal
+    from polymodal.data.tokenizers import CONFIG_FILE
+
+    model.save(tmp_path / "m")
+    assert (tmp_path / "m" / CONFIG_FILE).is_file()
+    loaded = polymodal.load(tmp_path / "m")
+    text = ' which region does the text " magenta cross " describe?'
+    assert loaded.vocab.text(text) == model.vocab.text(text)
+    assert loaded.vocab.tokenizer is not model.vocab.tokenizer  # read from the folder, not relearnt
+
+
+def test_sample_draws_images_for_a_caption(model, tmp_path):
+    model.save(tmp_path / "m")
+    out = tmp_path / "samples"
+    args = ["sample", str(tmp_path / "m"), "--prompt", "a red circle in the center", "-n", "2", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "sample_000.png").is_file() and (out / "sample_001.png").is_file()
+    result = CliRunner().invoke(main, ["sample", str(tmp_path / "m"), "-n", "2", "--out", str(tmp_path / "s2")])
+    assert result.exit_code != 0 and "--prompt" in result.output

@@ -42,6 +42,11 @@ class OFAConfig:
     decoder_depth: int = field(3, "Decoder blocks (self-attention, cross-attention, MLP).", check=in_range(1, 256))
     mlp_ratio: float = field(4.0, "MLP hidden width as a multiple of dim.", check=in_range(0.25, 16.0))
     dropout: float = field(0.0, "Dropout on the residual branches.", check=in_range(0.0, 1.0))
+    normformer: bool = field(
+        True,
+        "NormFormer's extra norms in every block (OFA's): per-head scales, post-attention "
+        "and MLP mid norms (core BlockConfig.normformer).",
+    )
     max_instruction: int = field(
         64, "Longest instruction in tokens (location tokens included) the encoder takes.", check=_pos
     )

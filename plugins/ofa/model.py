@@ -73,7 +73,9 @@ def block_config(c: OFAConfig, decoder: bool) -> BlockConfig:
         if decoder
         else {}
     )
-    return BlockConfig(dim=c.dim, heads=c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout, **extra)
+    return BlockConfig(
+        dim=c.dim, heads=c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout, normformer=c.normformer, **extra
+    )
 
 
 class OFA(GenerateMixin, PolymodalModel):
@@ -253,8 +255,37 @@ class OFA(GenerateMixin, PolymodalModel):
 
         return evaluate_ofa(self, dataset, split)
 
+    def generative_samples(self, dataset: Any, n: int, seed: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        """``n`` text-to-image samples of one-object test captions and their colour / kind (the generative table)."""
+        from .evaluate import generative_samples
+
+        return generative_samples(self, dataset, n, seed)
+
+    def sample_to_folder(
+        self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
+    ) -> list[Path]:
+        """``polymodal sample``: ``n`` images drawn for ``prompt`` (text-to-image: image codes sampled with the
+        config's temperature and top-k, then the VQ decoder) as ``sample_000.png`` … and a grid."""
+        from polymodal.eval.images import write_samples
+
+        if options:
+            raise ValueError(f"the ofa family takes no sampling options; got {', '.join(sorted(options))}")
+        if not prompt:
+            raise ValueError('the ofa family draws an image for a caption: give --prompt "a red circle in the center"')
+        return write_samples(self.text_to_image([prompt] * n, seed=seed), out)
+
     def save_extras(self, directory: Path) -> None:
-        """Nothing: the text tokenizer is learnt again from the data (deterministic), the VQ is a part."""
+        """The text BPE (``tokenizer.json``); the VQ image tokenizer is a part, saved in ``tokenizer/``."""
+        self.vocab.tokenizer.save(directory)
+
+    def load_extras(self, directory: Path) -> None:
+        """The saved text BPE, so a folder reads exactly the ids it was trained on."""
+        from polymodal.data.tokenizers import CONFIG_FILE, load_tokenizer
+
+        if (Path(directory) / CONFIG_FILE).exists():
+            self.vocab = V.Vocabulary(
+                load_tokenizer(directory), self.config.text_vocab, self.vocab.codes, self.vocab.bins
+            )
 
     def card_lines(self) -> list[str]:
         """Architecture summary for the model card."""
