@@ -8,7 +8,8 @@
   ``vqa_count``; ``ground_accuracy`` (IoU ≥ 0.5 with the tight box; ``ground_malformed``: outputs that were not
   four location tokens); ``region_accuracy`` (colour and kind of the object in a given box);
   ``classify_accuracy`` (the ``text`` test split's digit words); ``sample_*`` (text-to-image, the judge on
-  one-object prompts) and ``infill_colour_accuracy`` (the judge reads the original colour after infilling).
+  one-object prompts) and ``infill_colour_accuracy`` (the judge reads the original colour after infilling the middle half of one-object
+  scenes whose object sits there).
 """
 
 from __future__ import annotations
@@ -130,6 +131,20 @@ def one_object_prompts(test: Any, limit: int) -> tuple[list[int], list[str]]:
     return idx, prompts
 
 
+def middle_objects(test: Any, limit: int) -> list[int]:
+    """One-object test scenes (at most ``limit``) whose object's centre lies in the middle half infilling blacks
+    out, so the infilled part holds the object (a scene whose object lies outside it keeps it untouched)."""
+    size = test["image"].shape[-1]
+    lo, hi = size / 4, 3 * size / 4
+    idx = []
+    for i, boxes in enumerate(test["boxes"]):
+        if len(boxes) == 1:
+            x0, y0, x1, y1 = boxes[0][:4]
+            if lo <= (x0 + x1) / 2 < hi and lo <= (y0 + y1) / 2 < hi:
+                idx.append(i)
+    return idx[:limit]
+
+
 def generative_samples(model: Any, dataset: Any, n: int, seed: int = 0) -> tuple:
     """``n`` text-to-image samples for one-object test captions and their colour / kind (the generative table)."""
     test = dataset.split("test")
@@ -149,7 +164,7 @@ def image_metrics(model: Any, dataset: Any, limit: int) -> dict[str, float]:
     images, targets = generative_samples(model, dataset, limit)
     metrics = judge_samples(dataset, images, targets)
     test = dataset.split("test")
-    idx = one_object_prompts(test, limit)[0]
+    idx = middle_objects(test, limit)
     filled = torch.cat([model.infill(test["image"][idx[s : s + 64]], seed=s) for s in range(0, len(idx), 64)])
     read = judge.predict(filled)["colour"].cpu()
     metrics["infill_colour_accuracy"] = (read == test["colour"][idx]).float().mean().item()
