@@ -229,7 +229,7 @@ class Block(nn.Module):
             head_scale=cfg.normformer,
         )
         norm = lambda width: make_norm(cfg.norm, width, cfg.norm_eps, bias=cfg.norm_bias)  # noqa: E731
-        self.attn_out_norm = norm(cfg.dim) if cfg.normformer else nn.Identity()
+        self.attn_out_norm = norm(cfg.dim) if cfg.normformer else None  # None, not Identity: no call per step
         if cfg.cross_attention:
             self.norm_cross = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, bias=cfg.norm_bias)
             self.cross_attn = Attention(
@@ -243,7 +243,7 @@ class Block(nn.Module):
                 scale=cfg.attn_scale,
                 head_scale=cfg.normformer,
             )
-            self.cross_out_norm = norm(cfg.dim) if cfg.normformer else nn.Identity()
+            self.cross_out_norm = norm(cfg.dim) if cfg.normformer else None
             self.cross_gate = nn.Parameter(torch.zeros(1)) if cfg.cross_gate else None
         self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, bias=cfg.norm_bias)
         hidden = int(cfg.dim * cfg.mlp_ratio)
@@ -276,11 +276,13 @@ class Block(nn.Module):
             )
         mask = add_bias(mask, position_bias)  # additive (B?, H, N, N_keys) when a bias is given
         h = self.attn(self.norm1(x), causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask, cache=cache)
-        x = x + self.drop_path(self.attn_out_norm(h))  # (B, N, D)
+        if self.attn_out_norm is not None:
+            h = self.attn_out_norm(h)
+        x = x + self.drop_path(h)  # (B, N, D)
         if self.cfg.cross_attention:
-            h = self.cross_out_norm(
-                self.cross_attn(self.norm_cross(x), context, key_padding=context_padding, cache=cache)
-            )
+            h = self.cross_attn(self.norm_cross(x), context, key_padding=context_padding, cache=cache)  # (B, N, D)
+            if self.cross_out_norm is not None:
+                h = self.cross_out_norm(h)
             if self.cross_gate is not None:
                 h = torch.tanh(self.cross_gate) * h
             x = x + self.drop_path(h)
