@@ -21,6 +21,8 @@ import torch
 from polymodal.data import shapes
 from polymodal.data.boxes import box_iou
 
+from .tasks import object_name
+
 _COLOURS = tuple(shapes.COLOURS)
 _PHRASES = sorted(shapes.WHERE.items(), key=lambda kv: -len(kv[1]))  # longest first: "in the top left" before "top"
 
@@ -88,7 +90,7 @@ def ground_and_region_metrics(model: Any, test: Any, idx: list[int]) -> dict[str
         chunk = objects[start : start + 128]
         images = test["image"][[i for i, _ in chunk]]
         truth = torch.tensor([b[:4] for _, b in chunk], dtype=torch.float)  # (n, 4)
-        boxes, ok = model.ground(images, [f"{_COLOURS[b[4]]} {shapes.KINDS[b[5]]}" for _, b in chunk])
+        boxes, ok = model.ground(images, [object_name(b) for _, b in chunk])
         hits += (box_iou(boxes, truth) >= 0.5).tolist()
         malformed += ok.count(False)
         colours = model.region_question(images, truth, "colour", list(_COLOURS))

@@ -33,14 +33,8 @@ class GenerateMixin:
         return step
 
     def instruction_ids(self, instructions: Sequence[str | list[int]]) -> Tensor:
-        """Instructions (text, or ids with location tokens) → ids (B, L), each checked against the encoder's length."""
+        """Instructions (text, or ids with location tokens) → ids (B, L), padded (``encode`` checks their length)."""
         rows = [self.vocab.text(t) if isinstance(t, str) else list(t) for t in instructions]
-        for row in rows:
-            if len(row) > self.config.max_instruction:
-                raise ValueError(
-                    f"OFA instruction: at most max_instruction={self.config.max_instruction} tokens fit the encoder; "
-                    f"got {len(row)}"
-                )
         return pad_rows(rows, self.vocab.pad)
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from polymodal.data import shapes
 from polymodal.data.boxes import box_to_bins
+from polymodal.data.digits import DIGIT_WORDS
 
 from . import vocab as V
 from .config import TASKS
@@ -113,7 +114,7 @@ def make_task_batch(
             raise ValueError("the classify task needs the text dataset's sentences; none were given")
         n = len(batch["caption"]) if "caption" in batch else len(batch["image"])
         pick = [rng.randrange(len(texts["text"])) for _ in range(n)]
-        words = [digit_word(int(texts["label"][i])) for i in pick]
+        words = [DIGIT_WORDS[int(texts["label"][i])] for i in pick]
         instr = [vocab.text(V.CLASSIFY.format(text=texts["text"][i])) for i in pick]
         target, sees = [vocab.text(w) + [vocab.eos] for w in words], False
     else:
@@ -126,13 +127,6 @@ def make_task_batch(
     if sees:
         out["encoder_images"] = mask_middle(batch["image"]) if task == "infill" else batch["image"]
     return out
-
-
-def digit_word(label: int) -> str:
-    """The digit word of a ``text`` label."""
-    from polymodal.data.digits import DIGIT_WORDS
-
-    return DIGIT_WORDS[label]
 
 
 __all__ = [

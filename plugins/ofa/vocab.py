@@ -98,10 +98,6 @@ class Vocabulary:
             raise ValueError(f"kind must be 'text', 'code' or 'bin'; got {kind!r}")
         return mask
 
-    def split_kinds(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Bool masks (same shape as ``ids``) of the code ids and the bin ids."""
-        return (ids >= self.code_offset) & (ids < self.bin_offset), ids >= self.bin_offset
-
 
 __all__ = [
     "CAPTION",
