@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import attrs
 import pytest
 import torch
 from click.testing import CliRunner
@@ -18,7 +19,7 @@ from polymodal.plugins.ofa import OFA, OFAConfig
 from polymodal.plugins.ofa import vocab as V
 from polymodal.plugins.ofa.config import TASKS
 from polymodal.plugins.ofa.evaluate import parse_caption, scene_objects
-from polymodal.plugins.ofa.tasks import make_task_batch, mask_middle, pick_task
+from polymodal.plugins.ofa.tasks import TaskCollate, make_task_batch, mask_middle, pick_task, split_rows
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,28 @@ def test_the_task_of_a_step_is_fixed_by_the_step_and_follows_the_weights():
         assert abs(drawn[task] / 4000 - w / sum(weights)) < 0.03, (task, drawn)
     only = tuple(1.0 if t == "ground" else 0.0 for t in TASKS)
     assert {pick_task(only, 0, s) for s in range(30)} == {"ground"}
+
+
+def test_a_mixed_batch_shares_its_rows_out_by_the_weights_and_trains_every_task(model, batch):
+    weights = OFAConfig().weights()
+    assert split_rows(weights, 32, 0, 7) == split_rows(weights, 32, 0, 7)  # every rank agrees on a step
+    totals = Counter()
+    for step in range(400):
+        counts = dict(split_rows(weights, 32, 0, step))
+        assert sum(counts.values()) == 32
+        for task, w in zip(TASKS, weights, strict=True):  # never more than one row off the exact share
+            assert abs(counts.get(task, 0) - 32 * w / sum(weights)) < 1, (task, counts)
+        totals.update(counts)
+    for task, w in zip(TASKS, weights, strict=True):  # and exactly the share on average
+        assert abs(totals[task] / (400 * 32) - w / sum(weights)) < 0.01, (task, totals)
+    collated = TaskCollate(model.config, model.vocab, model.texts())(batch, 3)
+    assert [p["task"] for p in collated["parts"]] == [t for t, _ in split_rows(weights, 8, 0, 3)]
+    assert sum(len(p["instruction"]) for p in collated["parts"]) == 8
+    loss, logs = model.loss(collated)
+    assert torch.isfinite(loss) and {f"loss_{p['task']}" for p in collated["parts"]} <= set(logs)
+    single = attrs.evolve(model.config, mixed_batches=False)
+    one = TaskCollate(single, model.vocab, model.texts())(batch, 3)["parts"]
+    assert len(one) == 1 and one[0]["task"] == pick_task(weights, 0, 3) and len(one[0]["instruction"]) == 8
 
 
 def test_every_task_batch_has_an_instruction_and_a_target_the_loss_reads(model, batch):

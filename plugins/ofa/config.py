@@ -60,6 +60,11 @@ class OFAConfig:
     text_to_image_weight: float = field(1.0, "Sampling weight of text-to-image batches.", check=_weight)
     infill_weight: float = field(0.5, "Sampling weight of image infilling batches.", check=_weight)
     classify_weight: float = field(0.5, "Sampling weight of the text-only digit-word batches.", check=_weight)
+    mixed_batches: bool = field(
+        True,
+        "Every batch holds every task, its rows shared out by the weights (OFA's); False: one task per batch, drawn "
+        "by the step with the weights.",
+    )
     beams: int = field(3, "Beam size of captioning, VQA and grounding.", check=in_range(1, 64, integer=True))
     eval_limit: int = field(
         200, "Test scenes (and sentences) scored per task (0: the whole split).", check=in_range(0, 10**6)

@@ -203,16 +203,29 @@ class OFA(GenerateMixin, PolymodalModel):
         return torch.cat([ids, ids.new_full((ids.shape[0], 1), self.vocab.eos)], dim=1)  # (B, n + 1)
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        """Cross-entropy of the teacher-forced target of the batch's task (a raw batch: captioning)."""
-        if "instruction" not in batch:
+        """The collated step's loss: each task part's teacher-forced cross-entropy weighted by its share of the rows
+        (a raw batch is collated as step 0's). Logs ``loss_<task>`` per part."""
+        if "parts" not in batch and "instruction" not in batch:
             batch = self.collator()(batch, 0)
-        target = batch.get("target")
+        parts = batch.get("parts", [batch])
+        rows = [len(p["instruction"]) for p in parts]
+        total, accuracy, logs = 0.0, 0.0, {}
+        for part, n in zip(parts, rows, strict=True):
+            loss, metrics = self.task_loss(part)
+            total = total + loss * (n / sum(rows))
+            accuracy += metrics["accuracy"] * n / sum(rows)
+            logs[f"loss_{part.get('task', 'task')}"] = loss.detach()
+        return total, {"accuracy": accuracy, **logs}
+
+    def task_loss(self, part: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        """Cross-entropy of one task batch's teacher-forced target (code targets filled in from the frozen VQ)."""
+        target = part.get("target")
         if target is None:
-            target = self.code_targets(batch["image"], batch["code_target"])  # (B, T)
+            target = self.code_targets(part["image"], part["code_target"])  # (B, T)
         target = target.to(self.image_pos.device)
         start = target.new_full((target.shape[0], 1), self.vocab.bos)
         decoder_ids = torch.cat([start, target[:, :-1]], dim=1)  # (B, T)
-        logits = self(batch.get("encoder_images"), batch["instruction"], decoder_ids)  # (B, T, V)
+        logits = self(part.get("encoder_images"), part["instruction"], decoder_ids)  # (B, T, V)
         labels = target.masked_fill(target == self.vocab.pad, -100)
         return cross_entropy(logits, labels, ignore_index=-100)
 

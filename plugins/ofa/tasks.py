@@ -1,5 +1,6 @@
-"""OFA's task mixture: each training batch is one task, drawn by the step with the config's sampling weights, and
-every task is an instruction (with or without the image) and a target sequence in the unified vocabulary.
+"""OFA's task mixture: every training batch holds every task, the rows shared out by the config's sampling weights
+(OFA mixes its tasks within each batch), or — ``mixed_batches=False`` — is one task drawn by the step. A task is an
+instruction (with or without the image) and a target sequence in the unified vocabulary.
 
 Targets made of image codes (text-to-image, infilling) are filled in by the model from its frozen VQ tokenizer:
 the collator holds no weights, so it only names the region (``code_target``: 'full' or 'middle').
@@ -28,6 +29,21 @@ def pick_task(weights: tuple[float, ...], seed: int, step: int) -> str:
     """The task of global step ``step``: a draw with ``weights`` from a generator seeded by (seed, step), so
     every rank and micro-batch of a step trains the same task."""
     return random.Random(f"{seed}:{step}").choices(TASKS, weights=weights)[0]
+
+
+def split_rows(weights: tuple[float, ...], n: int, seed: int, step: int) -> list[tuple[str, int]]:
+    """How many of a batch's ``n`` rows each task gets at global step ``step``: ``n·w/Σw`` rounded down, the rows
+    left over drawn (by (seed, step), with the fractions as weights) so each task's expected share is its weight.
+    Tasks with no row are left out; the order is :data:`TASKS`'."""
+    total = sum(weights)
+    exact = [n * w / total for w in weights]
+    counts = [int(e) for e in exact]
+    rest = [e - c for e, c in zip(exact, counts, strict=True)]
+    rng = random.Random(f"{seed}:{step}")
+    for _ in range(n - sum(counts)):
+        i = rng.choices(range(len(TASKS)), weights=rest)[0]
+        counts[i], rest[i] = counts[i] + 1, 0.0
+    return [(t, k) for t, k in zip(TASKS, counts, strict=True) if k]
 
 
 def pad_rows(rows: list[list[int]], pad: int) -> Tensor:
@@ -88,8 +104,10 @@ def scene_rows(task: str, batch: dict[str, Any], vocab: V.Vocabulary, size: int,
 
 
 class TaskCollate:
-    """``collate(batch, step) -> batch``: the step's task as ``instruction`` (B, L), ``target`` (B, T) (absent for
-    code targets, with ``code_target`` naming them), ``images`` (the encoder's, or absent) and ``task``.
+    """``collate(batch, step) -> batch``: ``parts``, one task batch per task of the step (:func:`split_rows`; one
+    part, the task drawn by :func:`pick_task`, when ``config.mixed_batches`` is off), each with ``instruction``
+    (b, L), ``target`` (b, T) (absent for code targets, with ``code_target`` naming them), ``encoder_images``
+    (absent when the task does not show the image) and ``task``.
 
     The text-only task reads ``texts`` sentences from the ``text`` dataset's train split, as many as the batch
     has rows, drawn by the step."""
@@ -99,8 +117,17 @@ class TaskCollate:
 
     def __call__(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
         """The task batch of global step ``step``."""
-        task = pick_task(self.config.weights(), self.seed, step)
-        return make_task_batch(task, batch, self.vocab, self.config, self.texts, random.Random(f"{self.seed}/{step}"))
+        weights, rng = self.config.weights(), random.Random(f"{self.seed}/{step}")
+        n = len(batch["caption"]) if "caption" in batch else len(batch["image"])
+        counts = split_rows(weights, n, self.seed, step) if self.config.mixed_batches else None
+        if counts is None:
+            counts = [(pick_task(weights, self.seed, step), n)]
+        parts, at = [], 0
+        for task, k in counts:
+            rows = {key: value[at : at + k] for key, value in batch.items()}
+            parts.append(make_task_batch(task, rows, self.vocab, self.config, self.texts, rng))
+            at += k
+        return {"parts": parts}
 
 
 def make_task_batch(
@@ -138,4 +165,5 @@ __all__ = [
     "pad_rows",
     "pick_task",
     "region_instruction",
+    "split_rows",
 ]
