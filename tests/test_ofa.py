@@ -18,7 +18,7 @@ from polymodal.nn import KVCache
 from polymodal.plugins.ofa import OFA, OFAConfig
 from polymodal.plugins.ofa import vocab as V
 from polymodal.plugins.ofa.config import TASKS
-from polymodal.plugins.ofa.evaluate import parse_caption, scene_objects
+from polymodal.plugins.ofa.evaluate import evaluate_ofa, parse_caption, scene_objects
 from polymodal.plugins.ofa.tasks import TaskCollate, make_task_batch, mask_middle, pick_task, split_rows
 
 
@@ -243,3 +243,32 @@ def test_sample_draws_images_for_a_caption(model, tmp_path):
     assert (out / "sample_000.png").is_file() and (out / "sample_001.png").is_file()
     result = CliRunner().invoke(main, ["sample", str(tmp_path / "m"), "-n", "2", "--out", str(tmp_path / "s2")])
     assert result.exit_code != 0 and "--prompt" in result.output
+
+
+def test_evaluation_can_score_a_subset_of_the_tasks(model):
+    shapes_data = load_dataset("shapes")
+    assert set(evaluate_ofa(model, shapes_data, tasks=("classify",))) == {"classify_accuracy"}
+    got = evaluate_ofa(model, shapes_data, tasks=("vqa", "ground"))
+    assert {"vqa_accuracy", "ground_accuracy", "region_accuracy"} <= set(got) and "caption_accuracy" not in got
+    with pytest.raises(ValueError, match="unknown tasks.*detect"):
+        evaluate_ofa(model, shapes_data, tasks=("detect",))
+
+
+def test_a_mixed_batch_costs_two_passes_and_padding_across_tasks_changes_no_task_s_loss(model):
+    from polymodal.plugins.ofa.objective import mixed_task_loss
+
+    rows = load_dataset("shapes").split("train").batch(list(range(16)))
+    parts = TaskCollate(model.config, model.vocab, model.texts())(rows, 5)["parts"]
+    assert {p["task"] for p in parts} >= {"caption", "text_to_image", "classify"}  # both groups, long and short targets
+    passes = []
+    hook = model.encoder.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        whole, logs = mixed_task_loss(model, parts)
+    finally:
+        hook.remove()
+    assert len(passes) == 2  # the parts that show an image, then the image-free ones
+    alone = [mixed_task_loss(model, [p])[0] for p in parts]
+    for p, loss in zip(parts, alone, strict=True):
+        assert torch.allclose(logs[f"loss_{p['task']}"], loss, atol=1e-5), p["task"]
+    expected = sum(len(p["instruction"]) / 16 * loss for p, loss in zip(parts, alone, strict=True))
+    assert torch.allclose(whole, expected, atol=1e-5)

@@ -25,7 +25,7 @@ SHAPES = ModelSpec(
     OFA,
     OFAConfig(),
     data="shapes",
-    train=TrainConfig(steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, weight_decay=0.01, checkpoint_every=0),
+    train=TrainConfig(steps=1500, batch_size=32, lr=5e-4, warmup_steps=100, weight_decay=0.01, checkpoint_every=0),
     doc="OFA on the shapes and the text sentences: width 128, 3+3 blocks, every task by instruction.",
 )
 

@@ -21,6 +21,7 @@ import torch
 from polymodal.data import shapes
 from polymodal.data.boxes import box_iou
 
+from .config import TASKS
 from .tasks import object_name
 
 _COLOURS = tuple(shapes.COLOURS)
@@ -173,18 +174,28 @@ def image_metrics(model: Any, dataset: Any, limit: int) -> dict[str, float]:
     return metrics
 
 
-def evaluate_ofa(model: Any, dataset: Any, split: str = "test") -> dict[str, float]:
-    """Every task's score (see the module docstring)."""
+def evaluate_ofa(
+    model: Any, dataset: Any, split: str = "test", tasks: tuple[str, ...] | None = None
+) -> dict[str, float]:
+    """Every task's score (see the module docstring); ``tasks`` scores only those (names of
+    :data:`~polymodal.plugins.ofa.config.TASKS`; ground and region, text-to-image and infill go together)."""
+    wanted = set(TASKS if tasks is None else tasks)
+    if wanted - set(TASKS):
+        raise ValueError(f"evaluate_ofa: unknown tasks {sorted(wanted - set(TASKS))}; expected some of {TASKS}")
     test, limit = dataset.split(split), model.config.eval_limit
     idx = list(range(len(test["caption"]) if not limit else min(limit, len(test["caption"]))))
     size = test["image"].shape[-1]
-    train = dataset.split("train")
-    answers = sorted({a for qa in train["qa"] for _, a in qa})
-    metrics = caption_metrics(model, test, idx, size)
-    metrics.update(vqa_metrics(model, test, idx, answers))
-    metrics.update(ground_and_region_metrics(model, test, idx))
-    metrics.update(classify_metrics(model, limit))
-    if dataset.name == "shapes":
+    metrics: dict[str, float] = {}
+    if "caption" in wanted:
+        metrics.update(caption_metrics(model, test, idx, size))
+    if "vqa" in wanted:
+        answers = sorted({a for qa in dataset.split("train")["qa"] for _, a in qa})
+        metrics.update(vqa_metrics(model, test, idx, answers))
+    if wanted & {"ground", "region"}:
+        metrics.update(ground_and_region_metrics(model, test, idx))
+    if "classify" in wanted:
+        metrics.update(classify_metrics(model, limit))
+    if wanted & {"text_to_image", "infill"} and dataset.name == "shapes":
         metrics.update(image_metrics(model, dataset, limit or len(idx)))
     return metrics
 

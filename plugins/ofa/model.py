@@ -28,11 +28,11 @@ from polymodal.models.parts import follow_data
 from polymodal.nn import BlockConfig, StackConfig, TransformerStack
 from polymodal.nn.embed import init_weights
 from polymodal.nn.relative import GridRelativePositionBias, RelativePositionBias
-from polymodal.objectives import cross_entropy
 
 from . import vocab as V
 from .config import TASKS, OFAConfig
 from .generate import GenerateMixin
+from .objective import mixed_task_loss
 from .stem import ResNetStem
 from .tasks import TaskCollate
 
@@ -188,7 +188,7 @@ class OFA(GenerateMixin, PolymodalModel):
         return self._texts
 
     def collator(self, training: bool = True) -> TaskCollate:
-        """The task mixture's collate (one task per step)."""
+        """The task mixture's collate (every task in every batch; :class:`.tasks.TaskCollate`)."""
         return TaskCollate(self.config, self.vocab, self.texts())
 
     @torch.no_grad()
@@ -203,31 +203,18 @@ class OFA(GenerateMixin, PolymodalModel):
         return torch.cat([ids, ids.new_full((ids.shape[0], 1), self.vocab.eos)], dim=1)  # (B, n + 1)
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        """The collated step's loss: each task part's teacher-forced cross-entropy weighted by its share of the rows
-        (a raw batch is collated as step 0's). Logs ``loss_<task>`` per part."""
+        """The collated step's loss (:func:`.objective.mixed_task_loss`: each task part's cross-entropy weighted by
+        its share of the rows; a raw batch is collated as step 0's)."""
         if "parts" not in batch and "instruction" not in batch:
             batch = self.collator()(batch, 0)
-        parts = batch.get("parts", [batch])
-        rows = [len(p["instruction"]) for p in parts]
-        total, accuracy, logs = 0.0, 0.0, {}
-        for part, n in zip(parts, rows, strict=True):
-            loss, metrics = self.task_loss(part)
-            total = total + loss * (n / sum(rows))
-            accuracy += metrics["accuracy"] * n / sum(rows)
-            logs[f"loss_{part.get('task', 'task')}"] = loss.detach()
-        return total, {"accuracy": accuracy, **logs}
+        return mixed_task_loss(self, batch.get("parts", [batch]))
 
-    def task_loss(self, part: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        """Cross-entropy of one task batch's teacher-forced target (code targets filled in from the frozen VQ)."""
+    def part_target(self, part: dict[str, Any]) -> Tensor:
+        """A task part's target ids (b, T) on the model's device (code targets filled in from the frozen VQ)."""
         target = part.get("target")
         if target is None:
-            target = self.code_targets(part["image"], part["code_target"])  # (B, T)
-        target = target.to(self.image_pos.device)
-        start = target.new_full((target.shape[0], 1), self.vocab.bos)
-        decoder_ids = torch.cat([start, target[:, :-1]], dim=1)  # (B, T)
-        logits = self(part.get("encoder_images"), part["instruction"], decoder_ids)  # (B, T, V)
-        labels = target.masked_fill(target == self.vocab.pad, -100)
-        return cross_entropy(logits, labels, ignore_index=-100)
+            target = self.code_targets(part["image"], part["code_target"])  # (b, T)
+        return target.to(self.image_pos.device)
 
     def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
         """Random images (B, 3, S, S), a captioning instruction (B, L) and decoder ids (B, 4)."""
