@@ -56,14 +56,15 @@ class PackedStrings:
 
 def prepare_image(img: Any, mode: str, image_size: int) -> np.ndarray:
     """A Pillow image as the folder dataset holds it: converted to ``mode`` ('L' or 'RGB'), resized
-    (bilinear) to ``image_size`` square when it is not already, float32 in [0, 1], ``(C, S, S)``."""
+    (bilinear) to ``image_size`` square when it is not already, float32 in [0, 1], ``(C, S, S)`` C-contiguous
+    (a strided channels-last view would be stacked as one, and a convolution may round differently on it)."""
     from PIL import Image
 
     img = img.convert(mode)
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.float32) / 255.0  # (S, S) or (S, S, 3)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, S, S)
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))  # (C, S, S)
 
 
 class FolderReader(torch.utils.data.Dataset):
