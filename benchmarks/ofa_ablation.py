@@ -71,11 +71,7 @@ def table(rows: dict[str, dict]) -> str:
             alone = single.get("metrics", {}).get(name)
             cell = f"{alone:.3f}" if alone is not None else ("error" if "error" in single else "–")
             mine = multi.get(name)
-            out.append(
-                f"| {task} | `{name}` | {mine:.3f} | {cell} |"
-                if mine is not None
-                else f"| {task} | `{name}` | – | {cell} |"
-            )
+            out.append(f"| {task} | `{name}` | {'–' if mine is None else f'{mine:.3f}'} | {cell} |")
     return "\n".join(out)
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from polymodal.objectives import cross_entropy
+
 
 def _pad_cat(rows: list[Tensor], pad: int) -> Tensor:
     """(b_i, L_i) long tensors → (Σ b_i, max L_i), right-padded with ``pad``."""
@@ -23,34 +25,34 @@ def _pad_cat(rows: list[Tensor], pad: int) -> Tensor:
 
 
 def mixed_task_loss(model: Any, parts: list[dict[str, Any]]) -> tuple[Tensor, dict[str, Any]]:
-    """``Σ_task rows_task / rows · mean CE(task's target tokens)`` over the collated ``parts``; logs ``accuracy``
-    (arg-max hits, weighted alike) and ``loss_<task>``."""
-    pad, device = model.vocab.pad, model.image_pos.device
+    """``Σ_task rows_task / rows · mean CE(task's target tokens)`` over the collated ``parts`` (each pass one
+    segment-weighted :func:`~polymodal.objectives.cross_entropy`, a part a segment); logs ``accuracy`` and
+    ``loss_<task>``."""
+    pad = model.vocab.pad
     total_rows = sum(len(p["instruction"]) for p in parts)
-    loss, accuracy, logs = torch.zeros((), device=device), torch.zeros((), device=device), {}
+    loss, accuracy, logs = 0.0, 0.0, {}
     for sees_image in (True, False):
         group = [p for p in parts if ("encoder_images" in p) == sees_image]
         if not group:
             continue
         targets = [model.part_target(p) for p in group]
+        rows = torch.tensor([len(t) for t in targets])  # (parts,)
         target = _pad_cat(targets, pad)  # (B, T)
         start = target.new_full((target.shape[0], 1), model.vocab.bos)
         decoder_ids = torch.cat([start, target[:, :-1]], dim=1)  # (B, T)
         images = torch.cat([p["encoder_images"] for p in group]) if sees_image else None  # (B, 3, S, S)
         logits = model(images, _pad_cat([p["instruction"] for p in group], pad), decoder_ids)  # (B, T, V)
-        counted = target != pad  # (B, T)
-        ce = F.cross_entropy(logits.transpose(1, 2), target.masked_fill(~counted, 0), reduction="none")  # (B, T)
-        hits = (logits.argmax(-1) == target) & counted  # (B, T)
-        at = 0
-        for part, rows in zip(group, (len(t) for t in targets), strict=True):
-            mine, weight = counted[at : at + rows], rows / total_rows  # (b, T)
-            tokens = mine.sum().clamp(min=1)
-            part_loss = (ce[at : at + rows] * mine).sum() / tokens
-            loss = loss + weight * part_loss
-            accuracy = accuracy + weight * hits[at : at + rows].sum() / tokens
-            logs[f"loss_{part.get('task', 'task')}"] = part_loss.detach()
-            at += rows
-    return loss, {"accuracy": accuracy.detach(), **logs}
+        part_of_row = torch.repeat_interleave(torch.arange(len(group)), rows)[:, None]  # (B, 1)
+        group_loss, metrics = cross_entropy(
+            logits,
+            target.masked_fill(target == pad, -100),
+            segment_ids=part_of_row,
+            segment_weights=(rows / total_rows).tolist(),
+        )
+        loss = loss + group_loss
+        accuracy = accuracy + metrics["accuracy"] * (int(rows.sum()) / total_rows)
+        logs.update({f"loss_{p.get('task', 'task')}": metrics[f"ce_segment_{i}"] for i, p in enumerate(group)})
+    return loss, {"accuracy": accuracy, **logs}
 
 
 __all__ = ["mixed_task_loss"]

@@ -46,6 +46,11 @@ def split_rows(weights: tuple[float, ...], n: int, seed: int, step: int) -> list
     return [(t, k) for t, k in zip(TASKS, counts, strict=True) if k]
 
 
+def batch_rows(batch: dict[str, Any]) -> int:
+    """Rows of a shapes batch (its captions, else its images)."""
+    return len(batch["caption"]) if "caption" in batch else len(batch["image"])
+
+
 def pad_rows(rows: list[list[int]], pad: int) -> Tensor:
     """Id rows of different lengths → (B, longest) long, right-padded with ``pad``."""
     out = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)  # (B, L)
@@ -117,10 +122,10 @@ class TaskCollate:
 
     def __call__(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
         """The task batch of global step ``step``."""
-        weights, rng = self.config.weights(), random.Random(f"{self.seed}/{step}")
-        n = len(batch["caption"]) if "caption" in batch else len(batch["image"])
-        counts = split_rows(weights, n, self.seed, step) if self.config.mixed_batches else None
-        if counts is None:
+        weights, rng, n = self.config.weights(), random.Random(f"{self.seed}/{step}"), batch_rows(batch)
+        if self.config.mixed_batches:
+            counts = split_rows(weights, n, self.seed, step)
+        else:
             counts = [(pick_task(weights, self.seed, step), n)]
         parts, at = [], 0
         for task, k in counts:
@@ -139,8 +144,7 @@ def make_task_batch(
     if task == "classify":
         if texts is None:
             raise ValueError("the classify task needs the text dataset's sentences; none were given")
-        n = len(batch["caption"]) if "caption" in batch else len(batch["image"])
-        pick = [rng.randrange(len(texts["text"])) for _ in range(n)]
+        pick = [rng.randrange(len(texts["text"])) for _ in range(batch_rows(batch))]
         words = [DIGIT_WORDS[int(texts["label"][i])] for i in pick]
         instr = [vocab.text(V.CLASSIFY.format(text=texts["text"][i])) for i in pick]
         target, sees = [vocab.text(w) + [vocab.eos] for w in words], False
