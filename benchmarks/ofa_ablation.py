@@ -108,12 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from bench import machine
+        from polymodal.io.folders import atomic_write
 
         report = {"machine": machine(torch.device("cpu")), "steps": args.steps, "seed": args.seed, "rows": rows}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(args.out)
+        atomic_write(args.out, json.dumps(report, indent=1))
     print(table(rows))
     return int(any("error" in r for r in done))
 
