@@ -26,15 +26,19 @@ DIGITS = ModelSpec(
             image_size=8,
             patch_size=2,
             channels=1,
-            depth=6,
+            depth=4,
             block=BlockConfig(dim=128, heads=4, mlp_ratio=2.0, drop_path=0.1),
         ),
+        pool="mean",
         augment_shift=1,
         label_smoothing=0.1,
     ),
     data="digits",
-    train=TrainConfig(steps=2500, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.05),
-    doc="Small ViT for the embedded 8×8 digits (patch 2, width 128, depth 6).",
+    # Mean-pooled patch tokens and EMA weights (timm's global_pool='avg' and model EMA) at depth 4: 0.975-0.983
+    # over seeds 0-2 on a 2-core AMD EPYC (AVX2) in two thirds of the time, where depth 6 with the [CLS] token and
+    # no EMA gave 0.958 (0.983 on the machines it was tuned on: that recipe sat on the bar).
+    train=TrainConfig(steps=2500, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.05, ema_decay=0.998),
+    doc="Small ViT for the embedded 8×8 digits (patch 2, width 128, depth 4, mean-pooled patch tokens, EMA).",
 )
 
 VIT_S16 = ModelSpec(
