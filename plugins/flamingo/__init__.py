@@ -23,7 +23,7 @@ DIGITS = ModelSpec(
     Flamingo,
     FlamingoConfig(),
     data="digits",
-    train=TrainConfig(steps=800, batch_size=64, lr=3e-3, warmup_steps=30, weight_decay=0.01, checkpoint_every=0),
+    train=TrainConfig(steps=500, batch_size=64, lr=3e-3, warmup_steps=30, weight_decay=0.01, checkpoint_every=0),
     doc="Flamingo on the digits: frozen LM + frozen CLIP, trained resampler and gated cross-attention (few-shot).",
 )
 
