@@ -286,7 +286,7 @@ def n_params(model: torch.nn.Module) -> int:
 def test_create_vit_digits_recipe():
     model = polymodal.create("vit")
     e = model.config.encoder
-    assert (e.image_size, e.patch_size, e.channels, e.dim, e.depth, e.block.heads) == (8, 2, 1, 128, 6, 4)
+    assert (e.image_size, e.patch_size, e.channels, e.dim, e.depth, e.block.heads) == (8, 2, 1, 128, 4, 4)
     assert model.config.num_classes == 10
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
