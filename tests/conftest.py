@@ -87,10 +87,21 @@ def one_thread():
     torch.set_num_threads(prior)
 
 
+INDEPENDENT_SLOW_FILES = ("test_vit_quality.py",)
+"""Slow files that take minutes and need no other file's trained model: they run before the other slow files.
+pytest-xdist's loadfile hands each worker its next file in advance and never moves it, so a long file late in the
+order can wait behind another long one while the other worker idles — measured on CI's 2-core machine:
+``test_vit_quality.py`` (6 min) queued behind ``test_unclip_quality.py`` kept one worker idle for 12 minutes."""
+
+
 def pytest_collection_modifyitems(config, items):
     """Files with slow (training) tests first, each file's tests in their own order: under ``-n`` the
     longest work starts first and the quick files fill the workers' gaps at the end (longest-first
     scheduling; ``--no-loadscope-reorder`` in pyproject.toml keeps pytest-xdist from putting the files with
     the most tests first instead); the order is the same in every worker, as pytest-xdist requires."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: files and tests keep their order
+
+    def rank(item) -> int:
+        return 0 if item.path.name in INDEPENDENT_SLOW_FILES else 1 if item.path in slow_files else 2
+
+    items.sort(key=rank)  # stable: files and tests keep their order
