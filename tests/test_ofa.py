@@ -19,7 +19,14 @@ from polymodal.plugins.ofa import OFA, OFAConfig
 from polymodal.plugins.ofa import vocab as V
 from polymodal.plugins.ofa.config import TASKS
 from polymodal.plugins.ofa.evaluate import evaluate_ofa, parse_caption, scene_objects
-from polymodal.plugins.ofa.tasks import TaskCollate, make_task_batch, mask_middle, pick_task, split_rows
+from polymodal.plugins.ofa.tasks import (
+    TaskCollate,
+    make_task_batch,
+    mask_middle,
+    objects_present,
+    pick_task,
+    split_rows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +81,23 @@ def test_a_mixed_batch_shares_its_rows_out_by_the_weights_and_trains_every_task(
     single = attrs.evolve(model.config, mixed_batches=False)
     one = TaskCollate(single, model.vocab, model.texts())(batch, 3)["parts"]
     assert len(one) == 1 and one[0]["task"] == pick_task(weights, 0, 3) and len(one[0]["instruction"]) == 8
+
+
+def test_the_stem_pre_stage_trains_the_stem_alone_on_the_objects_each_scene_holds(batch):
+    torch.manual_seed(0)
+    tiny = OFA(attrs.evolve(OFA.tiny_config(OFAConfig()), stem_pretrain_steps=5))
+    objects = objects_present(batch)
+    for i, boxes in enumerate(batch["boxes"]):  # one class per colour × kind present, nothing else
+        assert set(objects[i].nonzero().flatten().tolist()) == {b[4] * len(shapes.KINDS) + b[5] for b in boxes}
+    collate = TaskCollate(tiny.config, tiny.vocab, tiny.texts())
+    first = collate(batch, 4)["parts"]
+    assert [p["task"] for p in first] == ["objects"] and torch.equal(first[0]["objects"], objects)
+    assert "objects" not in {p["task"] for p in collate(batch, 5)["parts"]}  # step 5: the task mixture
+    loss, logs = tiny.loss(collate(batch, 0))
+    loss.backward()
+    trained = {name.split(".")[0] for name, p in tiny.named_parameters() if p.grad is not None}
+    assert trained == {"stem", "object_head"} and "loss_objects" in logs
+    assert not hasattr(OFA(OFA.tiny_config(OFAConfig())), "object_head")  # off: no extra weights in the folder
 
 
 def test_every_task_batch_has_an_instruction_and_a_target_the_loss_reads(model, batch):

@@ -60,6 +60,13 @@ class OFAConfig:
     text_to_image_weight: float = field(1.0, "Sampling weight of text-to-image batches.", check=_weight)
     infill_weight: float = field(0.5, "Sampling weight of image infilling batches.", check=_weight)
     classify_weight: float = field(0.5, "Sampling weight of the text-only digit-word batches.", check=_weight)
+    stem_pretrain_steps: int = field(
+        0,
+        "Steps that first train the ResNet stem alone as a multi-label classifier of the objects a scene holds "
+        "(colour × kind, max-pooled over the patches, a linear head): OFA's ImageNet-pretrained ResNet in "
+        "miniature; the task mixture trains the rest of the recipe's steps. 0: no pre-stage.",
+        check=in_range(0, 10**7, integer=True),
+    )
     mixed_batches: bool = field(
         True,
         "Every batch holds every task, its rows shared out by the weights (OFA's); False: one task per batch, drawn "

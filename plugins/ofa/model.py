@@ -34,7 +34,7 @@ from .config import TASKS, OFAConfig
 from .generate import GenerateMixin
 from .objective import mixed_task_loss
 from .stem import ResNetStem
-from .tasks import TaskCollate
+from .tasks import OBJECT_CLASSES, TaskCollate
 
 
 def block_config(c: OFAConfig, decoder: bool) -> BlockConfig:
@@ -79,6 +79,8 @@ class OFA(GenerateMixin, PolymodalModel):
         d, patches = c.dim, c.grid * c.grid
         self.embed = nn.Embedding(self.vocab.size, d)  # text, codes and bins: one table, shared everywhere
         self.stem = ResNetStem(c)
+        if c.stem_pretrain_steps:  # the pre-stage's classifier (colour × kind present); the mixture never reads it
+            self.object_head = nn.Linear(d, OBJECT_CLASSES)
         self.image_pos = nn.Parameter(torch.zeros(patches, d))
         self.text_pos = nn.Parameter(torch.zeros(c.max_instruction, d))
         self.target_pos = nn.Parameter(torch.zeros(c.max_target + 1, d))
@@ -206,8 +208,22 @@ class OFA(GenerateMixin, PolymodalModel):
         """The collated step's loss (:func:`.objective.mixed_task_loss`: each task part's cross-entropy weighted by
         its share of the rows; a raw batch is collated as step 0's)."""
         if "parts" not in batch and "instruction" not in batch:
-            batch = self.collator()(batch, 0)
-        return mixed_task_loss(self, batch.get("parts", [batch]))
+            batch = self.collator()(batch, self.config.stem_pretrain_steps)
+        parts = batch.get("parts", [batch])
+        if parts[0].get("task") == "objects":
+            return self.stem_pretrain_loss(parts[0]["encoder_images"], parts[0]["objects"])
+        return mixed_task_loss(self, parts)
+
+    def stem_pretrain_loss(self, images: Tensor, objects: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """The stem pre-stage: binary cross-entropy of the linear head on the max-pooled stem features (B, D)
+        against which colour × kind objects each scene holds (B, C·K); logs ``loss_objects`` and ``accuracy``
+        (scenes whose whole object set is read right)."""
+        features = F.gelu(self.stem(self.check_images(images))).amax(dim=1)  # (B, D)
+        logits = self.object_head(features)  # (B, C·K)
+        target = objects.to(logits)
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+        exact = ((logits > 0) == target.bool()).all(dim=1).float().mean()
+        return loss, {"loss_objects": loss.detach(), "accuracy": exact}
 
     def part_target(self, part: dict[str, Any]) -> Tensor:
         """A task part's target ids (b, T) on the model's device (code targets filled in from the frozen VQ)."""

@@ -23,6 +23,8 @@ from . import vocab as V
 from .config import TASKS
 
 _COLOURS = tuple(shapes.COLOURS)
+OBJECT_CLASSES = len(_COLOURS) * len(shapes.KINDS)
+"""Classes of the stem pre-stage: one per colour × kind (``colour · kinds + kind``)."""
 
 
 def pick_task(weights: tuple[float, ...], seed: int, step: int) -> str:
@@ -56,6 +58,15 @@ def pad_rows(rows: list[list[int]], pad: int) -> Tensor:
     out = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)  # (B, L)
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def objects_present(batch: dict[str, Any]) -> Tensor:
+    """(B, colours × kinds) multi-hot of the objects each scene holds (the stem pre-stage's targets)."""
+    out = torch.zeros(batch_rows(batch), OBJECT_CLASSES)  # (B, C·K)
+    for i, boxes in enumerate(batch["boxes"]):
+        for box in boxes:
+            out[i, box[4] * len(shapes.KINDS) + box[5]] = 1.0
     return out
 
 
@@ -110,7 +121,8 @@ def scene_rows(task: str, batch: dict[str, Any], vocab: V.Vocabulary, size: int,
 
 class TaskCollate:
     """``collate(batch, step) -> batch``: ``parts``, one task batch per task of the step (:func:`split_rows`; one
-    part, the task drawn by :func:`pick_task`, when ``config.mixed_batches`` is off), each with ``instruction``
+    part, the task drawn by :func:`pick_task`, when ``config.mixed_batches`` is off; during the first
+    ``config.stem_pretrain_steps`` one ``objects`` part: the images and :func:`objects_present`), each with ``instruction``
     (b, L), ``target`` (b, T) (absent for code targets, with ``code_target`` naming them), ``encoder_images``
     (absent when the task does not show the image) and ``task``.
 
@@ -122,6 +134,8 @@ class TaskCollate:
 
     def __call__(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
         """The task batch of global step ``step``."""
+        if step < getattr(self.config, "stem_pretrain_steps", 0):
+            return {"parts": [{"task": "objects", "encoder_images": batch["image"], "objects": objects_present(batch)}]}
         weights, rng, n = self.config.weights(), random.Random(f"{self.seed}/{step}"), batch_rows(batch)
         if self.config.mixed_batches:
             counts = split_rows(weights, n, self.seed, step)
@@ -161,10 +175,12 @@ def make_task_batch(
 
 
 __all__ = [
+    "OBJECT_CLASSES",
     "TaskCollate",
     "box_bins",
     "make_task_batch",
     "mask_middle",
+    "objects_present",
     "object_name",
     "pad_rows",
     "pick_task",
