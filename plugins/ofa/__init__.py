@@ -23,11 +23,12 @@ __all__ = ["OFA", "OFAConfig", "VARIANTS"]
 
 SHAPES = ModelSpec(
     OFA,
-    OFAConfig(stem_pretrain_steps=600),  # the stem pre-stage, then 1,500 steps of the task mixture
+    # No stem pre-stage by default: it lifts every image task but costs the text task its bar in 2 of 3 seeds
+    # (README, "OFA"); `--set stem_pretrain_steps=600 --steps 2100` turns it on.
+    OFAConfig(),
     data="shapes",
-    train=TrainConfig(steps=2100, batch_size=32, lr=5e-4, warmup_steps=100, weight_decay=0.01, checkpoint_every=0),
-    doc="OFA on the shapes and the text sentences: width 128, 3+3 blocks, a pre-trained ResNet stem, every task "
-    "by instruction.",
+    train=TrainConfig(steps=1500, batch_size=32, lr=5e-4, warmup_steps=100, weight_decay=0.01, checkpoint_every=0),
+    doc="OFA on the shapes and the text sentences: width 128, 3+3 blocks, every task by instruction.",
 )
 
 VARIANTS = {"ofa": SHAPES}
