@@ -33,7 +33,7 @@ from . import vocab as V
 from .config import TASKS, OFAConfig
 from .generate import GenerateMixin
 from .objective import mixed_task_loss
-from .stem import ResNetStem
+from .stem import ResNetStem, object_loss
 from .tasks import OBJECT_CLASSES, TaskCollate
 
 
@@ -206,7 +206,8 @@ class OFA(GenerateMixin, PolymodalModel):
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """The collated step's loss (:func:`.objective.mixed_task_loss`: each task part's cross-entropy weighted by
-        its share of the rows; a raw batch is collated as step 0's)."""
+        its share of the rows; the stem pre-stage's :meth:`stem_pretrain_loss`; a raw batch is collated as the
+        mixture's first step)."""
         if "parts" not in batch and "instruction" not in batch:
             batch = self.collator()(batch, self.config.stem_pretrain_steps)
         parts = batch.get("parts", [batch])
@@ -215,15 +216,8 @@ class OFA(GenerateMixin, PolymodalModel):
         return mixed_task_loss(self, parts)
 
     def stem_pretrain_loss(self, images: Tensor, objects: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        """The stem pre-stage: binary cross-entropy of the linear head on the max-pooled stem features (B, D)
-        against which colour × kind objects each scene holds (B, C·K); logs ``loss_objects`` and ``accuracy``
-        (scenes whose whole object set is read right)."""
-        features = F.gelu(self.stem(self.check_images(images))).amax(dim=1)  # (B, D)
-        logits = self.object_head(features)  # (B, C·K)
-        target = objects.to(logits)
-        loss = F.binary_cross_entropy_with_logits(logits, target)
-        exact = ((logits > 0) == target.bool()).all(dim=1).float().mean()
-        return loss, {"loss_objects": loss.detach(), "accuracy": exact}
+        """The stem pre-stage's loss (:func:`.stem.object_loss`) on ``images`` (B, 3, S, S) and their objects."""
+        return object_loss(self.stem, self.object_head, self.check_images(images), objects)
 
     def part_target(self, part: dict[str, Any]) -> Tensor:
         """A task part's target ids (b, T) on the model's device (code targets filled in from the frozen VQ)."""

@@ -1,9 +1,12 @@
-"""OFA's image input: the first stages of a small ResNet turn the image into the encoder's patch features."""
+"""OFA's image input: the first stages of a small ResNet turn the image into the encoder's patch features; the
+optional pre-stage that trains them first."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.nn.unet import ResBlock, UNetConfig
@@ -33,4 +36,16 @@ class ResNetStem(nn.Module):
         return self.proj(self.body(images * 2 - 1)).flatten(2).transpose(1, 2)  # (B, P, D)
 
 
-__all__ = ["ResNetStem"]
+def object_loss(stem: nn.Module, head: nn.Module, images: Tensor, objects: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    """The stem pre-stage (OFA's ImageNet-pretrained ResNet in miniature): binary cross-entropy of ``head`` on the
+    max-pooled stem features of ``images`` (B, 3, S, S) against the multi-hot classes each scene holds ``objects``
+    (B, classes); logs ``loss_objects`` and ``accuracy`` (scenes whose whole set of classes is read right)."""
+    features = F.gelu(stem(images)).amax(dim=1)  # (B, D): max over the patches — the objects are small
+    logits = head(features)  # (B, classes)
+    target = objects.to(logits)
+    loss = F.binary_cross_entropy_with_logits(logits, target)
+    exact = ((logits > 0) == target.bool()).all(dim=1).float().mean()
+    return loss, {"loss_objects": loss.detach(), "accuracy": exact}
+
+
+__all__ = ["ResNetStem", "object_loss"]
