@@ -107,7 +107,7 @@ class OFA(GenerateMixin, PolymodalModel):
 
     @classmethod
     def tiny_config(cls, config: OFAConfig) -> OFAConfig:
-        """A fresh tiny tokenizer and a toy-size encoder–decoder."""
+        """A fresh tiny tokenizer, a toy-size encoder–decoder and at most 2 stem pre-stage steps."""
         return attrs.evolve(
             config,
             tokenizer=attrs.evolve(config.tokenizer, path="", tiny=True),
@@ -118,6 +118,7 @@ class OFA(GenerateMixin, PolymodalModel):
             stem_channels=8,
             patch_stride=8,
             eval_limit=4,
+            stem_pretrain_steps=min(config.stem_pretrain_steps, 2),  # a few steps reach the task mixture too
         )
 
     # -- the network ------------------------------------------------------------------------------
