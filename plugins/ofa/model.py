@@ -207,18 +207,15 @@ class OFA(GenerateMixin, PolymodalModel):
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """The collated step's loss (:func:`.objective.mixed_task_loss`: each task part's cross-entropy weighted by
-        its share of the rows; the stem pre-stage's :meth:`stem_pretrain_loss`; a raw batch is collated as the
+        its share of the rows; in the stem pre-stage :func:`.stem.object_loss`; a raw batch is collated as the
         mixture's first step)."""
         if "parts" not in batch and "instruction" not in batch:
             batch = self.collator()(batch, self.config.stem_pretrain_steps)
         parts = batch.get("parts", [batch])
         if parts[0].get("task") == "objects":
-            return self.stem_pretrain_loss(parts[0]["encoder_images"], parts[0]["objects"])
+            images = self.check_images(parts[0]["encoder_images"])  # (B, 3, S, S)
+            return object_loss(self.stem, self.object_head, images, parts[0]["objects"])
         return mixed_task_loss(self, parts)
-
-    def stem_pretrain_loss(self, images: Tensor, objects: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        """The stem pre-stage's loss (:func:`.stem.object_loss`) on ``images`` (B, 3, S, S) and their objects."""
-        return object_loss(self.stem, self.object_head, self.check_images(images), objects)
 
     def part_target(self, part: dict[str, Any]) -> Tensor:
         """A task part's target ids (b, T) on the model's device (code targets filled in from the frozen VQ)."""

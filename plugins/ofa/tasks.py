@@ -134,7 +134,7 @@ class TaskCollate:
 
     def __call__(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
         """The task batch of global step ``step``."""
-        if step < getattr(self.config, "stem_pretrain_steps", 0):
+        if step < self.config.stem_pretrain_steps:
             return {"parts": [{"task": "objects", "encoder_images": batch["image"], "objects": objects_present(batch)}]}
         weights, rng, n = self.config.weights(), random.Random(f"{self.seed}/{step}"), batch_rows(batch)
         if self.config.mixed_batches:
