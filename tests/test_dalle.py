@@ -143,7 +143,7 @@ def test_caption_dropout_trains_the_empty_text(digits):
 
 
 def test_scene_augmentation_moves_boxes_with_the_pixels():
-    from polymodal.plugins.dalle.augment import augment_scenes
+    from polymodal.data.augment import augment_scenes
 
     shapes = load_dataset("shapes", train_size=64, test_size=1)
     single = (shapes.train["count"] == 1).nonzero().flatten()[:16].tolist()

@@ -14,9 +14,8 @@ import torch
 
 from polymodal.data import digits as digits_data
 from polymodal.data import shapes as shapes_data
+from polymodal.data.augment import augment_scenes
 from polymodal.data.tokenizers import BPETokenizer
-
-from .augment import augment_scenes
 
 
 def fill_label(template: str, label: int, class_names: tuple[str, ...]) -> str:
