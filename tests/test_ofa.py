@@ -100,6 +100,29 @@ def test_the_stem_pre_stage_trains_the_stem_alone_on_the_objects_each_scene_hold
     assert not hasattr(OFA(OFA.tiny_config(OFAConfig())), "object_head")  # off: no extra weights in the folder
 
 
+def test_the_pre_stage_sees_its_scenes_mirrored_and_shifted_with_the_same_objects(batch):
+    config = attrs.evolve(
+        OFA.tiny_config(OFAConfig()), stem_pretrain_steps=5, stem_augment_flip=True, stem_augment_shift=4
+    )
+    collate = TaskCollate(config, OFA(config).vocab, None)
+    first, again = collate(batch, 2)["parts"][0], collate(batch, 2)["parts"][0]
+    assert torch.equal(first["encoder_images"], again["encoder_images"])  # fixed by (seed, step): ranks agree
+    assert not torch.equal(first["encoder_images"], collate(batch, 3)["parts"][0]["encoder_images"])
+    images = first["encoder_images"]  # (8, 3, 32, 32)
+    assert images.shape == batch["image"].shape and not torch.equal(images, batch["image"])
+    for before, after in zip(batch["image"], images, strict=True):  # each a mirror and/or a shift by ≤ 4 px
+        assert any(
+            torch.equal(torch.roll(c, (dy, dx), (1, 2))[:, 4:-4, 4:-4], after[:, 4:-4, 4:-4])
+            for c in (before, before.flip(-1))
+            for dy in range(-4, 5)
+            for dx in range(-4, 5)
+        )
+    assert torch.equal(first["objects"], objects_present(batch))  # the same objects, moved
+    unmoved = attrs.evolve(OFA.tiny_config(OFAConfig()), stem_pretrain_steps=5)  # the moves are off by default
+    plain = TaskCollate(unmoved, OFA(config).vocab, None)
+    assert torch.equal(plain(batch, 0)["parts"][0]["encoder_images"], batch["image"])
+
+
 def test_every_task_batch_has_an_instruction_and_a_target_the_loss_reads(model, batch):
     for task in TASKS:
         out = make_task_batch(task, batch, model.vocab, model.config, model.texts(), random.Random(0))

@@ -67,6 +67,18 @@ class OFAConfig:
         "miniature; the task mixture trains the rest of the recipe's steps. 0: no pre-stage.",
         check=in_range(0, 10**7, integer=True),
     )
+    stem_augment_flip: bool = field(
+        False,
+        "Pre-stage: mirror half its scenes left↔right with their boxes (every kind is symmetric about a vertical "
+        "axis; without moves the stem learns the 2,000 training scenes rather than the objects).",
+        backfill=True,
+    )
+    stem_augment_shift: int = field(
+        0,
+        "Pre-stage: shift each scene and its boxes by up to this many pixels in x and y (zero fill; 0: off).",
+        check=in_range(0, 64, integer=True),
+        backfill=True,
+    )
     mixed_batches: bool = field(
         True,
         "Every batch holds every task, its rows shared out by the weights (OFA's); False: one task per batch, drawn "

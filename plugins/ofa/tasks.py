@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from polymodal.data import shapes
+from polymodal.data.augment import augment_scenes
 from polymodal.data.boxes import box_to_bins
 from polymodal.data.digits import DIGIT_WORDS
 
@@ -66,7 +67,8 @@ def objects_present(batch: dict[str, Any]) -> Tensor:
     out = torch.zeros(batch_rows(batch), OBJECT_CLASSES)  # (B, C·K)
     for i, boxes in enumerate(batch["boxes"]):
         for box in boxes:
-            out[i, box[4] * len(shapes.KINDS) + box[5]] = 1.0
+            if box[2] > box[0] and box[3] > box[1]:  # (a box moved wholly out of the image is left out)
+                out[i, box[4] * len(shapes.KINDS) + box[5]] = 1.0
     return out
 
 
@@ -122,7 +124,8 @@ def scene_rows(task: str, batch: dict[str, Any], vocab: V.Vocabulary, size: int,
 class TaskCollate:
     """``collate(batch, step) -> batch``: ``parts``, one task batch per task of the step (:func:`split_rows`; one
     part, the task drawn by :func:`pick_task`, when ``config.mixed_batches`` is off; during the first
-    ``config.stem_pretrain_steps`` one ``objects`` part: the images and :func:`objects_present`), each with ``instruction``
+    ``config.stem_pretrain_steps`` one ``objects`` part: the scenes, mirrored and shifted with their boxes
+    (``config.stem_augment_*``), and :func:`objects_present`), each with ``instruction``
     (b, L), ``target`` (b, T) (absent for code targets, with ``code_target`` naming them), ``encoder_images``
     (absent when the task does not show the image) and ``task``.
 
@@ -134,8 +137,11 @@ class TaskCollate:
 
     def __call__(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
         """The task batch of global step ``step``."""
-        if step < self.config.stem_pretrain_steps:
-            return {"parts": [{"task": "objects", "encoder_images": batch["image"], "objects": objects_present(batch)}]}
+        c = self.config
+        if step < c.stem_pretrain_steps:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            moved = augment_scenes(batch, c.stem_augment_flip, c.stem_augment_shift, generator)
+            return {"parts": [{"task": "objects", "encoder_images": moved["image"], "objects": objects_present(moved)}]}
         weights, rng, n = self.config.weights(), random.Random(f"{self.seed}/{step}"), batch_rows(batch)
         if self.config.mixed_batches:
             counts = split_rows(weights, n, self.seed, step)
