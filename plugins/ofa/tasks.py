@@ -125,7 +125,7 @@ class TaskCollate:
     """``collate(batch, step) -> batch``: ``parts``, one task batch per task of the step (:func:`split_rows`; one
     part, the task drawn by :func:`pick_task`, when ``config.mixed_batches`` is off; during the first
     ``config.stem_pretrain_steps`` one ``objects`` part: the scenes, mirrored and shifted with their boxes
-    (``config.stem_augment_*``), and :func:`objects_present`), each with ``instruction``
+    (``config.stem_augment_*``, drawn by (seed, step)), and :func:`objects_present`), each with ``instruction``
     (b, L), ``target`` (b, T) (absent for code targets, with ``code_target`` naming them), ``encoder_images``
     (absent when the task does not show the image) and ``task``.
 
@@ -142,15 +142,15 @@ class TaskCollate:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             moved = augment_scenes(batch, c.stem_augment_flip, c.stem_augment_shift, generator)
             return {"parts": [{"task": "objects", "encoder_images": moved["image"], "objects": objects_present(moved)}]}
-        weights, rng, n = self.config.weights(), random.Random(f"{self.seed}/{step}"), batch_rows(batch)
-        if self.config.mixed_batches:
+        weights, rng, n = c.weights(), random.Random(f"{self.seed}/{step}"), batch_rows(batch)
+        if c.mixed_batches:
             counts = split_rows(weights, n, self.seed, step)
         else:
             counts = [(pick_task(weights, self.seed, step), n)]
         parts, at = [], 0
         for task, k in counts:
             rows = {key: value[at : at + k] for key, value in batch.items()}
-            parts.append(make_task_batch(task, rows, self.vocab, self.config, self.texts, rng))
+            parts.append(make_task_batch(task, rows, self.vocab, c, self.texts, rng))
             at += k
         return {"parts": parts}
 
