@@ -104,7 +104,8 @@ def test_the_pre_stage_sees_its_scenes_mirrored_and_shifted_with_the_same_object
     config = attrs.evolve(
         OFA.tiny_config(OFAConfig()), stem_pretrain_steps=5, stem_augment_flip=True, stem_augment_shift=4
     )
-    collate = TaskCollate(config, OFA(config).vocab, None)
+    vocab = OFA(config).vocab
+    collate = TaskCollate(config, vocab, None)
     first, again = collate(batch, 2)["parts"][0], collate(batch, 2)["parts"][0]
     assert torch.equal(first["encoder_images"], again["encoder_images"])  # fixed by (seed, step): ranks agree
     assert not torch.equal(first["encoder_images"], collate(batch, 3)["parts"][0]["encoder_images"])
@@ -119,7 +120,7 @@ def test_the_pre_stage_sees_its_scenes_mirrored_and_shifted_with_the_same_object
         )
     assert torch.equal(first["objects"], objects_present(batch))  # the same objects, moved
     unmoved = attrs.evolve(OFA.tiny_config(OFAConfig()), stem_pretrain_steps=5)  # the moves are off by default
-    plain = TaskCollate(unmoved, OFA(config).vocab, None)
+    plain = TaskCollate(unmoved, vocab, None)
     assert torch.equal(plain(batch, 0)["parts"][0]["encoder_images"], batch["image"])
 
 

@@ -9,6 +9,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def shift_images(images: Tensor, moves: Tensor) -> Tensor:
+    """Each image moved by its own ``moves`` (B, 2) = (dx, dy) pixels (right and down positive), filling with zeros;
+    every move must lie within ±max(|moves|).
+
+    images: (B, C, H, W) → (B, C, H, W).
+    """
+    s = int(moves.abs().max()) if moves.numel() else 0
+    if s == 0:
+        return images
+    b, c, h, w = images.shape
+    padded = F.pad(images, (s,) * 4)  # (B, C, H+2s, W+2s)
+    dx, dy = (s - moves[:, 0]).to(images.device), (s - moves[:, 1]).to(images.device)  # (B,) offsets into padded
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(b, device=images.device)[:, None, None, None]  # (B, 1, 1, 1)
+    chans = torch.arange(c, device=images.device)[None, :, None, None]  # (1, C, 1, 1)
+    return padded[batch, chans, rows, cols]  # (B, C, H, W)
+
+
 def random_translate(images: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
     """Shift each image by up to ``max_shift`` pixels in x and y, filling with zeros.
 
@@ -16,15 +35,11 @@ def random_translate(images: Tensor, max_shift: int, generator: torch.Generator 
     """
     if max_shift <= 0:
         return images
-    b, c, h, w = images.shape
-    padded = F.pad(images, (max_shift,) * 4)  # (B, C, H+2s, W+2s)
+    b = images.shape[0]
     dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator, device=images.device)  # (B,)
     dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator, device=images.device)  # (B,)
-    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (B, 1, 1, W)
-    batch = torch.arange(b, device=images.device)[:, None, None, None]  # (B, 1, 1, 1)
-    chans = torch.arange(c, device=images.device)[None, :, None, None]  # (1, C, 1, 1)
-    return padded[batch, chans, rows, cols]  # (B, C, H, W)
+    moves = max_shift - torch.stack([dx, dy], dim=1)  # (B, 2) in [-max_shift, max_shift]
+    return shift_images(images, moves)  # (B, C, H, W)
 
 
 def augment_scenes(
@@ -46,14 +61,7 @@ def augment_scenes(
         torch.randint(-shift, shift + 1, (b, 2), generator=generator) if shift else torch.zeros(b, 2, dtype=torch.long)
     )  # (B, 2) dx, dy
     images = torch.where(mirror.to(images.device)[:, None, None, None], images.flip(-1), images)
-    if shift:
-        padded = F.pad(images, (shift, shift, shift, shift))  # (B, C, S + 2s, S + 2s)
-        images = torch.stack(
-            [
-                padded[i, :, shift - dy : shift - dy + size, shift - dx : shift - dx + size]
-                for i, (dx, dy) in enumerate(moves.tolist())
-            ]
-        )  # (B, C, S, S)
+    images = shift_images(images, moves)  # (B, C, S, S)
     boxes = []
     for i, objects in enumerate(batch["boxes"]):
         dx, dy = moves[i].tolist()
