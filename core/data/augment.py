@@ -9,14 +9,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def shift_images(images: Tensor, moves: Tensor) -> Tensor:
-    """Each image moved by its own ``moves`` (B, 2) = (dx, dy) pixels (right and down positive), filling with zeros;
-    every move must lie within ±max(|moves|).
+def shift_images(images: Tensor, moves: Tensor, max_shift: int) -> Tensor:
+    """Each image moved by its own ``moves`` (B, 2) = (dx, dy) pixels (right and down positive; each within
+    ±``max_shift``, a Python int so compiled code does not read the moves), filling with zeros.
 
     images: (B, C, H, W) → (B, C, H, W).
     """
-    s = int(moves.abs().max()) if moves.numel() else 0
-    if s == 0:
+    s = max_shift
+    if s <= 0:
         return images
     b, c, h, w = images.shape
     padded = F.pad(images, (s,) * 4)  # (B, C, H+2s, W+2s)
@@ -39,7 +39,7 @@ def random_translate(images: Tensor, max_shift: int, generator: torch.Generator 
     dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator, device=images.device)  # (B,)
     dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator, device=images.device)  # (B,)
     moves = max_shift - torch.stack([dx, dy], dim=1)  # (B, 2) in [-max_shift, max_shift]
-    return shift_images(images, moves)  # (B, C, H, W)
+    return shift_images(images, moves, max_shift)  # (B, C, H, W)
 
 
 def augment_scenes(
@@ -61,7 +61,7 @@ def augment_scenes(
         torch.randint(-shift, shift + 1, (b, 2), generator=generator) if shift else torch.zeros(b, 2, dtype=torch.long)
     )  # (B, 2) dx, dy
     images = torch.where(mirror.to(images.device)[:, None, None, None], images.flip(-1), images)
-    images = shift_images(images, moves)  # (B, C, S, S)
+    images = shift_images(images, moves, shift)  # (B, C, S, S)
     boxes = []
     for i, objects in enumerate(batch["boxes"]):
         dx, dy = moves[i].tolist()
