@@ -37,6 +37,19 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
     assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+def test_lr_schedule_starts_again_at_each_restart():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, restarts=(40,))
+    plain = TrainConfig(steps=40, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    second = TrainConfig(steps=60, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert [lr_at(s, cfg) for s in range(40)] == [lr_at(s, plain) for s in range(40)]  # phase 1 ends at its floor
+    assert [lr_at(s, cfg) for s in range(40, 101)] == [lr_at(s, second) for s in range(61)]  # phase 2: anew
+    assert lr_at(39, cfg) < 0.11 and lr_at(49, cfg) == pytest.approx(1.0)
+    assert TrainConfig(restarts=[500]).restarts == (500,)  # a saved config's JSON list
+    for bad in ((0,), (50, 40), (40, 40), (1.5,)):
+        with pytest.raises(ValueError, match="restarts must be increasing positive step numbers"):
+            TrainConfig(restarts=bad)
+
+
 def test_batches_are_a_pure_function_of_seed_and_step():
     straight = [b.tolist() for _, b in zip(range(7), batches(10, 3, seed=1))]
     resumed = [b.tolist() for _, b in zip(range(3), batches(10, 3, seed=1, start_step=4))]

@@ -17,6 +17,21 @@ def _ema_decay(instance: Any, attribute: Any, value: Any) -> None:
         )
 
 
+def _steps_tuple(value: Any) -> Any:
+    """A JSON list (a saved config, ``--set``) as the tuple the field holds."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _increasing_steps(instance: Any, attribute: Any, value: Any) -> None:
+    """``restarts`` is a tuple of increasing positive step numbers."""
+    ok = isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    if not ok or list(value) != sorted(set(value)):
+        raise ValueError(
+            f"{type(instance).__name__}.{attribute.name} must be increasing positive step numbers, e.g. (2000,); "
+            f"got {value!r}"
+        )
+
+
 @config
 class TrainConfig:
     """How the one trainer trains a model (AdamW, linear warmup then cosine decay)."""
@@ -28,6 +43,15 @@ class TrainConfig:
     lr: float = field(1e-3, "Peak learning rate.", check=in_range(0.0, 10.0))
     min_lr_ratio: float = field(0.01, "Final learning rate as a fraction of ``lr``.", check=in_range(0.0, 1.0))
     warmup_steps: int = field(100, "Linear warm-up steps from 0 to ``lr``.", check=in_range(0, 10**9, integer=True))
+    restarts: tuple[int, ...] = field(
+        (),
+        "Steps at which the schedule starts again: each phase (to the next restart or the end) warms up over "
+        "``warmup_steps`` and decays by its own cosine — e.g. a task mixture after a pre-stage that trained "
+        "another part, which would otherwise start at a learning rate already decayed (timm's cosine cycles).",
+        converter=_steps_tuple,
+        check=_increasing_steps,
+        backfill=True,
+    )
     weight_decay: float = field(
         0.05, "AdamW weight decay (not applied to biases, norms and embeddings' 1-D params).", check=in_range(0.0, 10.0)
     )

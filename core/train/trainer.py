@@ -79,10 +79,19 @@ __all__ = [
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimiser step ``step`` (0-based): linear warmup, then cosine to ``min_lr_ratio``."""
+    """Learning rate for optimiser step ``step`` (0-based): linear warmup, then cosine to ``min_lr_ratio``; with
+    ``cfg.restarts``, the same again from each restart step, the cosine spanning its phase."""
+    begin, end = 0, cfg.steps
+    for restart in cfg.restarts:
+        if restart <= step:
+            begin = restart
+        else:
+            end = min(end, restart)
+            break
+    step, length = step - begin, end - begin
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.steps - cfg.warmup_steps, 1)
+    span = max(length - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
