@@ -71,6 +71,27 @@ def test_judge_trains_caches_and_scores(tmp_path, monkeypatch, one_thread):
         J.judge_samples(data, x, {"colour": labels})
 
 
+def test_datasets_with_the_same_judged_images_and_labels_share_one_judge(tmp_path, monkeypatch):
+    """The cache is keyed by what the judge reads (shapes-multilingual reuses shapes' judge): another name or
+    another caption field shares the folder; another label or image does not."""
+    monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path))
+    base = _toy()
+    images, label = base.train["image"], base.train["label"]
+
+    def named(name, images=images, label=label, **extra):
+        split = Split({"image": images, "label": label, **extra})
+        return Dataset(name, split, split.subset(list(range(64))), {"num_classes": 2})
+
+    folder = J.judge_folder(base)
+    assert J.judge_folder(named("toy-captioned", caption=["a picture"] * len(label))) == folder
+    relabelled = label.clone()
+    relabelled[0] = 1 - relabelled[0]
+    assert J.judge_folder(named("toy", label=relabelled)) != folder
+    moved = images.clone()
+    moved[0, 0, 0, 0] += 0.5
+    assert J.judge_folder(named("toy", images=moved)) != folder
+
+
 def test_judge_needs_labels():
     split = Split({"image": torch.rand(4, 1, 8, 8)})
     with pytest.raises(ValueError, match="needs a dataset with 'image' and 'label' fields; 'bare' has image"):

@@ -1,7 +1,7 @@
 """The judge: one independent image classifier per dataset that scores every generative family.
 
 A small CNN (deliberately not one of the transformer families it judges) is trained on the
-dataset's training split and cached by the data's fingerprint, so DALL·E, RuDolph and
+dataset's training split and cached by what it reads (:func:`judge_folder`), so DALL·E, RuDolph and
 diffusion samples are scored by the same function and their numbers sit in one table.
 
 Attributes judged: what the dataset declares in ``meta["judge"]`` (shapes: ``colour`` and ``kind``,
@@ -151,9 +151,20 @@ _MEMORY: dict[str, Judge] = {}
 
 
 def judge_folder(dataset: Any) -> Path:
-    """Where the judge of ``dataset`` is cached: ``$POLYMODAL_CACHE/judge/<name>-<hash of data and recipe>``."""
-    key = f"{VERSION}:{TRAIN_STEPS}:{dataset.fingerprint()}"
-    return cache_root() / "judge" / f"{dataset.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    """Where the judge of ``dataset`` is cached: ``$POLYMODAL_CACHE/judge/<attributes>-<hash>``, the hash of the
+    recipe and of exactly what the judge learns from and is tested on (both splits' judged images and their
+    attribute targets, the classes), so datasets that share those share one judge — ``shapes`` and
+    ``shapes-multilingual`` hold the same scenes under other captions — and any change to them trains anew."""
+    key = hashlib.sha256(f"{VERSION}:{TRAIN_STEPS}".encode())
+    for split in ("train", "test"):
+        images, targets = _targets(dataset, split)
+        key.update(images.detach().cpu().contiguous().numpy().tobytes())
+        for attribute in sorted(targets):
+            key.update(attribute.encode())
+            key.update(targets[attribute].detach().cpu().contiguous().numpy().tobytes())
+    classes = {a: _num_classes(dataset, a) for a in sorted(targets)}
+    key.update(f"{tuple(images.shape[1:])}:{json.dumps(classes)}".encode())
+    return cache_root() / "judge" / f"{'-'.join(classes)}-{key.hexdigest()[:16]}"
 
 
 def _read_cached(meta_path: Path, weights_path: Path) -> Judge | None:

@@ -5,7 +5,7 @@ Everything polymodal caches lives under :func:`cache_root` (``$POLYMODAL_CACHE``
 
 ```
 parts/<variant>-<data>/        a model folder: an "auto" part trained once (api.prepare_parts)
-judge/<data>-<hash>/           judge.json + judge.safetensors: the judge of generated images
+judge/<attributes>-<hash>/     judge.json + judge.safetensors: the judge of generated images
 hub/…/                         a model folder converted from a Hugging Face Hub repository
 igpt-probe/<name>-<hash>/      probe_by_layer.png: an iGPT evaluation's plot
 ```
