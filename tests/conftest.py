@@ -87,21 +87,64 @@ def one_thread():
     torch.set_num_threads(prior)
 
 
-INDEPENDENT_SLOW_FILES = ("test_vit_quality.py",)
-"""Slow files that take minutes and need no other file's trained model: they run before the other slow files.
-pytest-xdist's loadfile hands each worker its next file in advance and never moves it, so a long file late in the
-order can wait behind another long one while the other worker idles — measured on CI's 2-core machine:
-``test_vit_quality.py`` (6 min) queued behind ``test_unclip_quality.py`` kept one worker idle for 12 minutes."""
+SLOW_FILE_ORDER = (
+    "test_kandinsky21_quality.py",  # the longest chain: CLIP-shapes → M-CLIP, MoVQ → 2.1, then 2.0 for its comparison
+    "test_unclip_quality.py",  # CLIP, the VQ-VAE and DALL·E it compares with, SR3, and the two unCLIPs it trains
+    "test_dalle_quality.py",
+    "test_diffusion_quality.py",
+    "test_clip_quality.py",
+    "test_vit_quality.py",
+)
+"""Slow files that run first, in this order; the other slow files follow, then the quick ones. Longest work first,
+with each chain of parts kept in one file so the other worker rarely waits on a lock: on CI's 2-core machine
+(2026-12-06, one run's timeline) the Kandinsky 2.1 file took 26 min (with 2.0 trained for its comparison), unCLIP's
+17, DALL·E's 17, the diffusion bars' 13; in alphabetical order unCLIP's came last and kept one worker busy six
+minutes after the other had run out of work."""
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with slow (training) tests first, each file's tests in their own order: under ``-n`` the
-    longest work starts first and the quick files fill the workers' gaps at the end (longest-first
-    scheduling; ``--no-loadscope-reorder`` in pyproject.toml keeps pytest-xdist from putting the files with
-    the most tests first instead); the order is the same in every worker, as pytest-xdist requires."""
+    """Files with slow (training) tests first — :data:`SLOW_FILE_ORDER`, then the other slow files —, each file's
+    tests in their own order: under ``-n`` the longest work starts first and the quick files fill the workers'
+    gaps at the end (longest-first scheduling; ``--no-loadscope-reorder`` in pyproject.toml keeps pytest-xdist
+    from putting the files with the most tests first instead); the order is the same in every worker, as
+    pytest-xdist requires."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
 
     def rank(item) -> int:
-        return 0 if item.path.name in INDEPENDENT_SLOW_FILES else 1 if item.path in slow_files else 2
+        if item.path.name in SLOW_FILE_ORDER:
+            return SLOW_FILE_ORDER.index(item.path.name)
+        return len(SLOW_FILE_ORDER) + (0 if item.path in slow_files else 1)
 
     items.sort(key=rank)  # stable: files and tests keep their order
+
+
+try:
+    from xdist.scheduler import LoadFileScheduling
+except ImportError:  # pytest-xdist absent: a plain serial run
+    LoadFileScheduling = None
+
+
+class _FileAtTheLastTest(LoadFileScheduling or object):
+    """pytest-xdist's ``loadfile``, except that a worker is handed its next file only when its current file is down
+    to its last test (a worker needs the next test in hand to start one), not at two tests left and two files at
+    the start: a file handed out early waits behind its worker's long test while the other worker may idle."""
+
+    def _reschedule(self, node) -> None:
+        if node.shutting_down:
+            return
+        if not self.workqueue:
+            node.shutdown()
+            return
+        if self._pending_of(self.assigned_work[node]) > 1:
+            return
+        self._assign_work_unit(node)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (pyproject.toml) with :class:`_FileAtTheLastTest`; xdist's own scheduler otherwise, or
+    when its internals are not the ones this relies on."""
+    needed = ("_pending_of", "_assign_work_unit", "_reschedule")
+    if config.getvalue("dist") != "loadfile" or not all(hasattr(LoadFileScheduling, n) for n in needed):
+        return None
+    return _FileAtTheLastTest(config, log)
