@@ -51,6 +51,16 @@ def test_the_three_token_kinds_take_disjoint_id_ranges(model):
     assert v.decode_text(v.text(" what colour is the red circle?")) == "what colour is the red circle?"
 
 
+def test_the_recipe_restarts_its_schedule_where_the_stem_pre_stage_ends():
+    """The mixture gets its own warm-up and cosine: the recipe's restart is the pre-stage's length (set by hand)."""
+    from polymodal.plugins.ofa import SHAPES
+    from polymodal.train import lr_at
+
+    pre = SHAPES.config.stem_pretrain_steps
+    assert pre > 0 and SHAPES.train.restarts == (pre,)
+    assert lr_at(pre + SHAPES.train.warmup_steps - 1, SHAPES.train) == pytest.approx(SHAPES.train.lr)
+
+
 def test_the_task_of_a_step_is_fixed_by_the_step_and_follows_the_weights():
     weights = OFAConfig().weights()
     assert [pick_task(weights, 0, s) for s in range(50)] == [pick_task(weights, 0, s) for s in range(50)]
