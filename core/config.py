@@ -62,6 +62,12 @@ def field(
     return attrs.field(**kwargs)
 
 
+def as_tuple(value: Any) -> Any:
+    """Field converter: a list (as JSON and ``--set`` give it) becomes the tuple the field holds; anything else is
+    left to the field's validator."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def in_range(
     lo: float | None = None, hi: float | None = None, *, integer: bool = False, allow_inf: bool = False
 ) -> Callable:

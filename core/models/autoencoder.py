@@ -15,16 +15,12 @@ import attrs
 import torch
 from torch import Tensor
 
-from polymodal.config import config, field, in_range
+from polymodal.config import as_tuple, config, field, in_range
 from polymodal.models.base import PolymodalModel
 from polymodal.models.interfaces import LatentAutoencoder
 from polymodal.nn.autoencoder import cpu_channels_last
 
 _pos = in_range(1, 65536, integer=True)
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 @config
@@ -39,7 +35,7 @@ class AutoencoderTrunkConfig:
         (32, 64),
         "Width of each resolution level (diffusers' block_out_channels); every level but the last halves the "
         "resolution, so the latent grid is image_size / 2^(levels − 1) per side.",
-        converter=_as_tuple,
+        converter=as_tuple,
     )
     layers_per_block: int = field(
         1, "Residual blocks per encoder level (each decoder level has one more).", check=in_range(1, 64, integer=True)

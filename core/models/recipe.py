@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from polymodal.config import config, field, in_range, one_of
+from polymodal.config import as_tuple, config, field, in_range, one_of
 
 
 def _ema_decay(instance: Any, attribute: Any, value: Any) -> None:
@@ -15,11 +15,6 @@ def _ema_decay(instance: Any, attribute: Any, value: Any) -> None:
             f"{type(instance).__name__}.{attribute.name} must be in [0, 1) (0: no EMA; 1 would never move it), "
             f"got {value!r}"
         )
-
-
-def _steps_tuple(value: Any) -> Any:
-    """A JSON list (a saved config, ``--set``) as the tuple the field holds."""
-    return tuple(value) if isinstance(value, list) else value
 
 
 def _increasing_steps(instance: Any, attribute: Any, value: Any) -> None:
@@ -48,7 +43,7 @@ class TrainConfig:
         "Steps at which the schedule starts again: each phase (to the next restart or the end) warms up over "
         "``warmup_steps`` and decays by its own cosine — e.g. a task mixture after a pre-stage that trained "
         "another part, which would otherwise start at a learning rate already decayed (timm's cosine cycles).",
-        converter=_steps_tuple,
+        converter=as_tuple,
         check=_increasing_steps,
         backfill=True,
     )

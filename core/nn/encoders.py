@@ -6,7 +6,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from polymodal.config import config, field, in_range, one_of
+from polymodal.config import as_tuple, config, field, in_range, one_of
 from polymodal.nn import BlockConfig, PatchEmbed, PositionEmbedding, StackConfig, TransformerStack, init_weights
 from polymodal.nn.norm import make_norm
 
@@ -53,11 +53,6 @@ class EncoderBlocks:
         )
 
 
-def _as_grid(value):
-    """A list (as JSON or ``--set`` give it) becomes a tuple; anything else is left to the validator."""
-    return tuple(value) if isinstance(value, list) else value
-
-
 def _check_grid(instance, attribute, value) -> None:
     """Validator: None or two positive integers."""
     if value is None:
@@ -89,7 +84,7 @@ class ViTEncoderConfig(EncoderBlocks):
         "inputs such as a 1×N strip of rendered text or a mels × frames "
         "spectrogram; None: image_size / patch_size per side.",
         check=_check_grid,
-        converter=_as_grid,
+        converter=as_tuple,
     )
     channels: int = field(1, "Input image channels.", check=in_range(1, 64, integer=True))
     block: BlockConfig = field(BlockConfig(), BLOCK_DOC, check=_self_attention_only)

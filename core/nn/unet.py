@@ -33,16 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.config import config, field, in_range, one_of
+from polymodal.config import as_tuple, config, field, in_range, one_of
 from polymodal.nn.block import Attention
 from polymodal.nn.fusion import CrossAttentionFusion
 
 _pos = in_range(1, 65536, integer=True)
 _count = in_range(0, 1_000_000, integer=True)
-
-
-def _as_tuple(value):
-    return tuple(value) if isinstance(value, list) else value
 
 
 @config
@@ -57,7 +53,7 @@ class UNetConfig:
     channels: tuple[int, ...] = field(
         (32, 64),
         "Width of each resolution level (diffusers' block_out_channels); one level per entry.",
-        converter=_as_tuple,
+        converter=as_tuple,
     )
     layers_per_block: int = field(
         2, "Residual blocks per down level (up levels get one more).", check=in_range(1, 64, integer=True)
@@ -65,7 +61,7 @@ class UNetConfig:
     attention_levels: tuple[bool, ...] = field(
         (False, True),
         "Self-attention after each residual block of these levels (one flag per level).",
-        converter=_as_tuple,
+        converter=as_tuple,
     )
     attention_head_dim: int = field(8, "Width of one attention head; heads = level width // this.", check=_pos)
     norm_groups: int = field(8, "GroupNorm groups; must divide every level width.", check=_pos)

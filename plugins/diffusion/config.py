@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 
-from polymodal.config import config, field, in_range, one_of
+from polymodal.config import as_tuple, config, field, in_range, one_of
 from polymodal.diffusion.schedule import ScheduleConfig
 from polymodal.nn import UNetConfig
 
@@ -24,10 +24,6 @@ def _scales(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise ValueError(
             f"{type(instance).__name__}.{attribute.name} must be a tuple of finite numbers ≥ 0; got {value!r}"
         )
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 @config
@@ -80,7 +76,7 @@ class DiffusionConfig:
         check=in_range(0.0, 100.0),
     )
     data: str = field("", "Name of the dataset the config was adapted to.")
-    class_names: tuple[str, ...] = field((), "Class names of the labels (from the dataset).", converter=_as_tuple)
+    class_names: tuple[str, ...] = field((), "Class names of the labels (from the dataset).", converter=as_tuple)
     eval_samples: int = field(
         1000,
         "Samples drawn by `evaluate` for the Fréchet distance (DDPM and DDIM).",
@@ -118,7 +114,7 @@ class DiffusionConfig:
     eval_scales: tuple[float, ...] = field(
         (0.0, 1.0, 2.0, 3.0, 5.0, 8.0),
         "Label models: the guidance scales w of the evaluation's accuracy/FD trade-off.",
-        converter=_as_tuple,
+        converter=as_tuple,
         check=_scales,
     )
     eval_seed: int = field(0, "Seed of every draw in `evaluate`.", check=in_range(0, 2**31, integer=True))

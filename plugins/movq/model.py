@@ -23,16 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.config import config, field, in_range
+from polymodal.config import as_tuple, config, field, in_range
 from polymodal.models.autoencoder import AutoencoderTrunkConfig, ImageAutoencoder
 from polymodal.nn.autoencoder import Decoder, Encoder, cpu_channels_last
 from polymodal.nn.quantize import EMACodebook, nearest
 
 _pos = in_range(1, 65536, integer=True)
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 @config
@@ -51,7 +47,7 @@ class MoVQConfig(AutoencoderTrunkConfig):
         (),
         "Self-attention after each residual block of the levels flagged (one flag per level, in the encoder's "
         "order; the decoder mirrors them): diffusers' AttnDownEncoderBlock2D / AttnUpDecoderBlock2D; empty: none.",
-        converter=_as_tuple,
+        converter=as_tuple,
     )
     codebook_size: int = field(
         256, "Number of codes K (diffusers' num_vq_embeddings).", check=in_range(2, 1 << 20, integer=True)
