@@ -15,6 +15,7 @@ from polymodal.diffusion import make_sampler
 from polymodal.diffusion import sample as diffusion_sample
 from polymodal.io.folders import LoadError
 from polymodal.plugins.unclip.convert_prior import convert_diffusers_prior, load_diffusers_prior
+from polymodal.plugins.unclip.prefix import PrefixCachedPrior
 from polymodal.plugins.unclip.prior import VARIANTS, DiffusionPrior, PriorConfig, select_candidates
 from polymodal.registry import get_registry
 from polymodal.testing import contracts
@@ -190,6 +191,57 @@ def test_leaving_out_unattended_text_positions_gives_the_padded_result(lengths, 
         full = model(noisy, t, embed, tokens, mask)
         grouped = model.grouped_forward(noisy, t, embed, tokens, mask)
     torch.testing.assert_close(grouped, full, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 5), min_size=1, max_size=6),
+    null_rows=st.lists(st.booleans(), min_size=6, max_size=6),
+    seed=st.integers(0, 2**16),
+    norms=st.booleans(),
+)
+def test_sampling_with_the_text_prefix_cached_equals_the_full_pass_at_every_step(lengths, null_rows, seed, norms):
+    """Sampling's :class:`PrefixCachedPrior` computes each row group's text prefix once and runs every step on the
+    last three positions: at each of several steps (new noise and t, the same text) its x0 equals
+    ``grouped_forward``'s; new text is noticed and computed afresh."""
+    model = tiny_prior(depth=2, norm_in=norms, embed_norm=norms)  # L = 5
+    c, b = model.config, len(lengths)
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(c.text_len)[None] < torch.tensor(lengths)[:, None]  # (B, L)
+    mask |= torch.tensor(null_rows[:b])[:, None]  # null-text rows attend every position
+    text = {
+        "embed": torch.randn(b, c.embed_dim, generator=g),
+        "tokens": torch.randn(b, c.text_len, c.text_dim, generator=g),
+    }
+    cached = PrefixCachedPrior(model)
+    with torch.no_grad():
+        for step in range(4):
+            if step == 3:  # another prompt set: the prefix must not be reused
+                text = {k: v + 1.0 for k, v in text.items()}
+            noisy, t = torch.randn(b, c.embed_dim, generator=g), torch.randint(0, 1000, (b,), generator=g)
+            want = model.grouped_forward(noisy, t, text["embed"], text["tokens"], mask)
+            got = cached(noisy, t, {**text, "mask": mask})
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_runs_the_text_prefix_once_per_group():
+    """Over a whole guided sampling the transformer sees the text positions once per row group (the prompts that
+    attend all L positions with the learned null text, and the padded prompt on its one token): every other call
+    is a step on the last three positions."""
+    model = tiny_prior()
+    embed, tokens, mask = text_inputs(model, 3)
+    mask[0, 1:] = False  # the padded prompt: one token
+    lengths = []
+    original = model.transformer.forward
+
+    def recorded(x, *args, **kwargs):
+        lengths.append(x.shape[1])
+        return original(x, *args, **kwargs)
+
+    model.transformer.forward = recorded
+    model.sample(embed, tokens, mask, generator=torch.Generator().manual_seed(0))
+    L, steps = model.config.text_len, model.config.sampler.steps
+    assert lengths == [L + 1, 3, 1 + 1, 3] + [3, 3] * (steps - 1), lengths
 
 
 def test_fit_stats_normalises_and_denormalises():

@@ -27,6 +27,8 @@ from polymodal.models.recipe import TrainConfig
 from polymodal.nn import BlockConfig, StackConfig, TransformerStack, eval_mode
 from polymodal.nn.unet import TimeEmbedding, timestep_embedding
 
+from .prefix import PrefixCachedPrior
+
 EXTRA = 4
 """Tokens after the text: the text embedding, the time embedding, the noised image embedding, the query."""
 STANDALONE = (
@@ -210,30 +212,37 @@ class DiffusionPrior(PolymodalModel):
         """The transformer on checked inputs: x0 (B, E). ``kept`` (n,) are the text positions ``tokens`` (B, n, Dt)
         and ``mask`` (B, n) hold (None: all L); each token keeps its learned position (the four after the text
         keep L … L + 3), so positions no row attends can be left out without changing the result."""
-        b, w = noisy.shape[0], self.config.width
-        temb = self.time_embedding(timestep_embedding(t, w, flip_sin_to_cos=True, freq_shift=0))  # (B, W)
-        if self.embedding_proj_norm is not None:
-            text_embed = self.embedding_proj_norm(text_embed)  # (B, E)
-        seq = torch.cat(
-            [
-                self.encoder_hidden_states_proj(tokens),  # (B, n, W)
-                self.embedding_proj(text_embed)[:, None],  # (B, 1, W)
-                temb[:, None],  # (B, 1, W)
-                self.proj_in(noisy)[:, None],  # (B, 1, W)
-                self.prd_embedding.expand(b, -1, -1),  # (B, 1, W)
-            ],
-            dim=1,
-        )  # (B, n + 4, W)
-        positions = self.positional_embedding  # (1, L + 4, W)
-        if kept is not None:
-            after = torch.arange(self.config.text_len, self.config.text_len + EXTRA, device=kept.device)  # (4,)
-            positions = positions[:, torch.cat([kept, after])]  # (1, n + 4, W)
-        seq = seq + positions  # (B, n + 4, W)
-        if self.norm_in is not None:
-            seq = self.norm_in(seq)
-        keys = torch.cat([mask, mask.new_ones(b, EXTRA)], dim=1)  # (B, n + 4) True = attend
+        seq = torch.cat([self.text_prefix(text_embed, tokens, kept), self.step_tokens(noisy, t)], dim=1)  # (B, n+4, W)
+        keys = torch.cat([mask, mask.new_ones(noisy.shape[0], EXTRA)], dim=1)  # (B, n + 4) True = attend
         h = self.transformer(seq, causal=True, key_padding=keys)  # (B, n + 4, W), norm_out applied
         return self.proj_to_clip_embeddings(h[:, -1])  # (B, E)
+
+    def _positions(self, kept: Tensor | None, n: int, first: int, count: int) -> Tensor:
+        """The learned positions (1, count, W) of sequence slots ``first`` … of ``[text (n), EXTRA]``; the text's
+        are those of ``kept`` (all L when None), the four after it L … L + 3."""
+        c = self.config
+        text = torch.arange(n, device=self.positional_embedding.device) if kept is None else kept  # (n,)
+        after = torch.arange(c.text_len, c.text_len + EXTRA, device=text.device)  # (4,)
+        return self.positional_embedding[:, torch.cat([text, after])[first : first + count]]  # (1, count, W)
+
+    def text_prefix(self, text_embed: Tensor, tokens: Tensor, kept: Tensor | None = None) -> Tensor:
+        """The sequence's first n + 1 inputs (B, n + 1, W), projected, positioned and normed: the text tokens
+        (B, n, Dt) and the text embedding (B, E). Under the causal mask nothing after them reaches them."""
+        if self.embedding_proj_norm is not None:
+            text_embed = self.embedding_proj_norm(text_embed)  # (B, E)
+        n = tokens.shape[1]
+        seq = torch.cat([self.encoder_hidden_states_proj(tokens), self.embedding_proj(text_embed)[:, None]], dim=1)
+        seq = seq + self._positions(kept, n, 0, n + 1)  # (B, n + 1, W)
+        return seq if self.norm_in is None else self.norm_in(seq)
+
+    def step_tokens(self, noisy: Tensor, t: Tensor) -> Tensor:
+        """The sequence's last three inputs (B, 3, W): the time embedding of ``t`` (B,), the noised embedding
+        ``noisy`` (B, E) and the learned query, positioned (L + 1 … L + 3) and normed."""
+        b, w, L = noisy.shape[0], self.config.width, self.config.text_len
+        temb = self.time_embedding(timestep_embedding(t, w, flip_sin_to_cos=True, freq_shift=0))  # (B, W)
+        seq = torch.cat([temb[:, None], self.proj_in(noisy)[:, None], self.prd_embedding.expand(b, -1, -1)], dim=1)
+        seq = seq + self.positional_embedding[:, L + 1 : L + EXTRA]  # (B, 3, W)
+        return seq if self.norm_in is None else self.norm_in(seq)
 
     def grouped_forward(self, noisy: Tensor, t: Tensor, text_embed: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
         """:meth:`forward` (checked inputs, tokens padded to L) computed without the text positions no row
@@ -321,9 +330,7 @@ class DiffusionPrior(PolymodalModel):
             "tokens": null[1].to(dev, tokens.dtype),
             "mask": null[2].to(dev),
         }
-        fn = cfg_model(
-            lambda x, t, d: self.grouped_forward(x, t, d["embed"], d["tokens"], d["mask"]), cond, nulls, scale
-        )
+        fn = cfg_model(PrefixCachedPrior(self), cond, nulls, scale)  # the text's keys and values once, not per step
         with eval_mode(self):
             x0 = diffusion_sample(fn, chosen, (k * b, c.embed_dim), generator=generator, device=dev).images  # (KB, E)
         embeds = self.denormalise(x0).reshape(k, b, c.embed_dim)  # (K, B, E)
