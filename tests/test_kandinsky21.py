@@ -4,6 +4,8 @@ issue 20, the folder round trip, sampling to a folder and evaluation."""
 
 from __future__ import annotations
 
+import re
+
 import attrs
 import numpy as np
 import pytest
@@ -246,6 +248,40 @@ def test_evaluate_and_generative_samples(model, shapes):
     images, targets = model.generative_samples(shapes, 30, seed=1)
     assert images.shape == (30, 3, 32, 32) and set(targets) == {"colour", "kind"}
     assert Kandinsky21Config().eval_per_class >= 1
+
+
+def test_given_image_embeddings_replace_the_prior_s_draw(model, monkeypatch):
+    """``generate(..., image_embeds=E)`` decodes E under the prompts' text (diffusers' KandinskyPipeline takes
+    the prior pipeline's embeddings) without sampling the prior; a wrong shape names expected and given."""
+    prompts = ["a red circle", "красный круг"]
+    embeds = model.prior.sample(*model.encode_text(prompts), generator=torch.Generator().manual_seed(3))
+    text = model.encode_text(prompts)
+    want = model.from_latents(
+        sample21.decode_latents(model, text, embeds, generator=torch.Generator().manual_seed(0), steps=3)
+    )
+    monkeypatch.setattr(sample21, "prior_embeddings", lambda *a, **k: pytest.fail("the prior was sampled"))
+    got = model.generate(prompts, image_embeds=embeds, generator=torch.Generator().manual_seed(0), steps=3)
+    torch.testing.assert_close(got, want)
+    e = model.prior.config.embed_dim
+    for bad, shown in ((embeds[:1], f"(1, {e})"), (embeds[:, :3], "(2, 3)"), (embeds.tolist(), "list")):
+        with pytest.raises(ValueError, match=rf"image_embeds must be \(2, {e}\).*got {re.escape(shown)}"):
+            model.generate(prompts, image_embeds=bad, steps=3)
+
+
+def test_evaluation_samples_the_prior_once_per_prompt_set(model, shapes, monkeypatch):
+    """Per language the evaluation prompts' prior draws serve the thresholded and the plain samples and the
+    cosine, and the held-out phrasings get their own: two prior samplings per language, not four."""
+    calls = []
+    sample = type(model.prior).sample
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.prior), "sample", counted)
+    model.evaluate(shapes)
+    per_set = 24 * model.config.eval_per_class
+    assert calls == [per_set] * (2 * len(lang.LANGUAGES)), calls
 
 
 def test_polymodal_sample_offers_mix_weights_and_variations(model, pictures, tmp_path):

@@ -42,20 +42,33 @@ def heldout_prompts(dataset: str, language: str, per_class: int) -> tuple[list[s
 
 
 @torch.no_grad()
-def prompted_samples(model: Any, prompts: list[str], seed: int, batch_size: int = 256, **options: Any) -> Tensor:
-    """Samples (N, C, S, S) for ``prompts`` through ``model.generate`` (either variant), seeded."""
+def prompted_samples(
+    model: Any, prompts: list[str], seed: int, batch_size: int = 256, rows: dict[str, Tensor] | None = None,
+    **options: Any,
+) -> Tensor:  # fmt: skip
+    """Samples (N, C, S, S) for ``prompts`` through ``model.generate`` (either variant), seeded; ``rows`` are
+    per-prompt options (N, …), handed to ``generate`` with their chunk of the prompts."""
     g = torch.Generator(device=model.device).manual_seed(seed)
-    chunks = [prompts[s : s + batch_size] for s in range(0, len(prompts), batch_size)]
-    return torch.cat([model.generate(p, generator=g, **options).cpu() for p in chunks])
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = {k: v[s : s + batch_size] for k, v in (rows or {}).items()}
+        out.append(model.generate(prompts[s : s + batch_size], generator=g, **chunk, **options).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def evaluate_kandinsky(
-    model: Any, dataset: Any, split: str = "test", per_language: Callable[..., dict[str, float]] | None = None
+    model: Any,
+    dataset: Any,
+    split: str = "test",
+    per_language: Callable[..., dict[str, float]] | None = None,
+    draws: Callable[[Any, list[str], int], dict[str, Tensor]] | None = None,
 ) -> dict[str, float]:
     """The per-language judged accuracies (thresholding on and off), their means and ``fd_judge``;
-    ``per_language(model, judged, code, prompts, targets)`` adds a variant's own metrics for each language
-    (``<name>_<code>``, averaged into ``<name>``)."""
+    ``per_language(model, judged, code, prompts, targets, drawn)`` adds a variant's own metrics for each language
+    (``<name>_<code>``, averaged into ``<name>``). ``draws(model, prompts, seed)`` → per-prompt ``generate``
+    options drawn once per prompt set and shared by its thresholded and plain samples (2.1: the prior's
+    image embeddings); ``drawn`` is what it returned for the language's evaluation prompts."""
     from polymodal.data import load_dataset
     from polymodal.eval.judge import get_judge, judge_samples
 
@@ -63,19 +76,24 @@ def evaluate_kandinsky(
     with torch.enable_grad():  # a judge not cached yet is trained now, inside evaluate's no_grad
         get_judge(judged)
     c, metrics, every = model.config, {}, []
+
+    def drawn_for(prompts: list[str]) -> dict[str, Tensor]:
+        return draws(model, prompts, c.eval_seed) if draws else {}
+
     for code in lang.LANGUAGES:
         prompts, targets = prompts_and_targets(dataset.name, code, c.eval_per_class)
+        drawn = drawn_for(prompts)
         for suffix, on in (("", True), ("_nothreshold", False)):
-            images = prompted_samples(model, prompts, c.eval_seed, threshold=on)
+            images = prompted_samples(model, prompts, c.eval_seed, rows=drawn, threshold=on)
             scores = judge_samples(judged, images, targets)
             metrics[f"colour_accuracy{suffix}_{code}"] = scores["sample_colour_accuracy"]
             metrics[f"kind_accuracy{suffix}_{code}"] = scores["sample_kind_accuracy"]
             if on:
                 every.append(images)
-        extra = per_language(model, judged, code, prompts, targets) if per_language else {}
+        extra = per_language(model, judged, code, prompts, targets, drawn) if per_language else {}
         metrics |= {f"{name}_{code}": value for name, value in extra.items()}
         prompts, targets = heldout_prompts(dataset.name, code, c.eval_per_class)
-        scores = judge_samples(judged, prompted_samples(model, prompts, c.eval_seed), targets)
+        scores = judge_samples(judged, prompted_samples(model, prompts, c.eval_seed, rows=drawn_for(prompts)), targets)
         metrics[f"heldout_colour_accuracy_{code}"] = scores["sample_colour_accuracy"]
         metrics[f"heldout_kind_accuracy_{code}"] = scores["sample_kind_accuracy"]
     names = ("colour_accuracy", "kind_accuracy", "colour_accuracy_nothreshold", "kind_accuracy_nothreshold")

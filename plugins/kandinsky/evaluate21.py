@@ -1,5 +1,7 @@
 """Kandinsky 2.1 evaluation: Kandinsky 2.0's per-language judged samples (:mod:`.evaluate`) drawn through the
-prior, with the same metric names.
+prior, with the same metric names. The prior is sampled once per prompt set (:func:`prior_draws`): the thresholded
+and plain samples decode the same image embeddings (only thresholding differs between them), and the cosine reads
+them too.
 
 Per language of :data:`polymodal.data.languages.LANGUAGES`: ``colour_accuracy_<lang>`` / ``kind_accuracy_<lang>``
 (the evaluation prompts, thresholding on), the same with ``_nothreshold``, ``heldout_colour_accuracy_<lang>`` /
@@ -25,15 +27,25 @@ from .evaluate import evaluate_kandinsky
 
 
 @torch.no_grad()
-def prior_cosine(model: Any, judged: Any, prompts: list[str], targets: dict[str, Tensor], seed: int) -> float:
-    """Mean cosine of the prior's embeddings for ``prompts`` to the mean CLIP embedding of the test one-object
-    scenes of each prompt's colour and kind."""
+def prior_draws(model: Any, prompts: list[str], seed: int, batch_size: int = 256) -> dict[str, Tensor]:
+    """The prior's CLIP image embeddings for ``prompts`` (seeded, its default guidance and candidates), as the
+    ``image_embeds`` option of :func:`.sample21.generate`: drawn once per evaluation prompt set, shared by the
+    thresholded and plain samples and :func:`prior_cosine`."""
+    from .sample21 import prior_embeddings
+
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    chunks = [prompts[s : s + batch_size] for s in range(0, len(prompts), batch_size)]
+    return {"image_embeds": torch.cat([prior_embeddings(model, model.encode_text(p), generator=g) for p in chunks])}
+
+
+@torch.no_grad()
+def prior_cosine(model: Any, judged: Any, drawn: Tensor, targets: dict[str, Tensor]) -> float:
+    """Mean cosine of the prior's embeddings ``drawn`` (B, E) for the prompts of ``targets`` to the mean CLIP
+    embedding of the test one-object scenes of each prompt's colour and kind."""
     test = judged.test
     one = test["count"] == 1  # (N,)
     embeds = model.image_embeddings(test["image"][one])  # (n, E)
     colour, kind = test["colour"][one], test["kind"][one]  # (n,)
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    drawn = model.prior.sample(*model.encode_text(prompts), generator=g)  # (B, E)
     scores = []
     for z, c, k in zip(drawn, targets["colour"].tolist(), targets["kind"].tolist(), strict=True):
         rows = (colour == c) & (kind == k)
@@ -65,9 +77,9 @@ def evaluate_kandinsky21(model: Any, dataset: Any, split: str = "test") -> dict[
     per language, and the variations' judged accuracy."""
     from polymodal.data import load_dataset
 
-    def cosines(model: Any, judged: Any, code: str, prompts: list[str], targets: dict[str, Tensor]) -> dict:
-        return {"prior_cosine": prior_cosine(model, judged, prompts, targets, model.config.eval_seed)}
+    def cosines(model: Any, judged: Any, code: str, prompts: list[str], targets: dict, drawn: dict) -> dict:
+        return {"prior_cosine": prior_cosine(model, judged, drawn["image_embeds"], targets)}
 
-    metrics = evaluate_kandinsky(model, dataset, split, per_language=cosines)
+    metrics = evaluate_kandinsky(model, dataset, split, per_language=cosines, draws=prior_draws)
     judged = load_dataset(lang.base_dataset(dataset.name))
     return metrics | variation_scores(model, judged, 24 * model.config.eval_per_class, model.config.eval_seed)

@@ -98,12 +98,26 @@ def prior_embeddings(
 @torch.no_grad()
 def generate(
     model: Any, prompts: Any, *, prior_cfg_scale: float | None = None, truncate: bool = False,
-    generator: torch.Generator | None = None, **options: Any,
+    generator: torch.Generator | None = None, image_embeds: Tensor | None = None, **options: Any,
 ) -> Tensor:  # fmt: skip
-    """Images (B, 3, S, S) in [0, 1] for ``prompts``: prior → UNet (``options``: :data:`DECODE`) → MoVQ."""
+    """Images (B, 3, S, S) in [0, 1] for ``prompts``: prior → UNet (``options``: :data:`DECODE`) → MoVQ.
+    ``image_embeds`` (B, E), CLIP image embeddings drawn before (diffusers' ``KandinskyPipeline`` takes the prior
+    pipeline's), replaces the prior's draw: the UNet decodes them under the prompts' text."""
     text = model.encode_text(prompts, truncate=truncate)  # (B, E), (B, L, Dm), (B, L)
-    embeds = prior_embeddings(model, text, prior_cfg_scale=prior_cfg_scale, generator=generator)  # (B, E)
+    if image_embeds is None:
+        embeds = prior_embeddings(model, text, prior_cfg_scale=prior_cfg_scale, generator=generator)  # (B, E)
+    else:
+        embeds = check_embeds(model, image_embeds, len(text[0]))  # (B, E)
     return model.from_latents(decode_latents(model, text, embeds, generator=generator, **options))
+
+
+def check_embeds(model: Any, embeds: Any, count: int) -> Tensor:
+    """``embeds`` as a float (count, E) tensor on the model's device, else a ValueError naming expected vs given."""
+    e = int(model.prior.config.embed_dim)
+    if not isinstance(embeds, Tensor) or tuple(embeds.shape) != (count, e):
+        got = tuple(embeds.shape) if isinstance(embeds, Tensor) else type(embeds).__name__
+        raise ValueError(f"image_embeds must be ({count}, {e}): one CLIP image embedding per prompt; got {got}")
+    return embeds.to(model.device).float()
 
 
 def empty_text(model: Any, b: int) -> c21.Text:
