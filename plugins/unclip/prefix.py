@@ -18,10 +18,25 @@ from torch import Tensor
 from polymodal.nn import KVCache
 
 
-def _groups(mask: Tensor) -> list[Tensor]:
-    """Row indices of the rows attending every text position (the learned null text) and of the others."""
+def row_groups(mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The prior's row groups of a text mask (B, L): (rows, kept) for the rows attending every text position (the
+    learned null text) and for the others, ``kept`` (n,) the text positions some row of the group attends (one
+    masked position for a group with no text at all)."""
     full = mask.all(1)  # (B,)
-    return [rows for rows in (full.nonzero().squeeze(1), (~full).nonzero().squeeze(1)) if rows.numel()]
+    groups = []
+    for rows in (full.nonzero().squeeze(1), (~full).nonzero().squeeze(1)):
+        if rows.numel():
+            kept = mask[rows].any(0).nonzero().squeeze(1)  # (n,)
+            groups.append((rows, kept if kept.numel() else kept.new_zeros(1)))
+    return groups
+
+
+def in_batch_order(groups: list[tuple[Tensor, Tensor]], parts: list[Tensor]) -> Tensor:
+    """The groups' outputs ``parts`` (b', …) put back in the batch's row order."""
+    if len(parts) == 1:
+        return parts[0]
+    order = torch.cat([rows for rows, _ in groups]).argsort()  # (B,)
+    return torch.cat(parts)[order]
 
 
 class PrefixCachedPrior:
@@ -52,18 +67,12 @@ class PrefixCachedPrior:
         t = torch.as_tensor(t, device=noisy.device)
         t = t.reshape(1).expand(noisy.shape[0]) if t.numel() == 1 else t  # (B,)
         embed, tokens, mask = cond["embed"], cond["tokens"], cond["mask"]
-        groups, parts = _groups(mask), []
-        for i, rows in enumerate(groups):
-            m = mask[rows]  # (b', L)
-            kept = m.any(0).nonzero().squeeze(1)  # (n,) positions some row of the group attends
-            if kept.numel() == 0:
-                kept = kept.new_zeros(1)  # a group with no text at all still needs one (masked) position
-            cache, length = self._cache(i, embed[rows], tokens[rows][:, kept], m[:, kept], kept)
+        groups, parts = row_groups(mask), []
+        for i, (rows, kept) in enumerate(groups):
+            m = mask[rows][:, kept]  # (b', n)
+            cache, length = self._cache(i, embed[rows], tokens[rows][:, kept], m, kept)
             cache.set_length(length)  # the last step's three positions are overwritten
-            keys = torch.cat([m[:, kept], m.new_ones(len(rows), 4)], dim=1)  # (b', n + 4)
+            keys = torch.cat([m, m.new_ones(len(rows), 4)], dim=1)  # (b', n + 4)
             h = prior.transformer(prior.step_tokens(noisy[rows], t[rows]), causal=True, key_padding=keys, cache=cache)
             parts.append(prior.proj_to_clip_embeddings(h[:, -1]))  # (b', E)
-        if len(parts) == 1:
-            return parts[0]
-        order = torch.cat(groups).argsort()  # (B,) back to the batch's order
-        return torch.cat(parts)[order]  # (B, E)
+        return in_batch_order(groups, parts)  # (B, E)

@@ -27,7 +27,7 @@ from polymodal.models.recipe import TrainConfig
 from polymodal.nn import BlockConfig, StackConfig, TransformerStack, eval_mode
 from polymodal.nn.unet import TimeEmbedding, timestep_embedding
 
-from .prefix import PrefixCachedPrior
+from .prefix import PrefixCachedPrior, in_batch_order, row_groups
 
 EXTRA = 4
 """Tokens after the text: the text embedding, the time embedding, the noised image embedding, the query."""
@@ -250,20 +250,12 @@ class DiffusionPrior(PolymodalModel):
         position (the learned null text) run apart from the others, which then drop their common padding."""
         t = torch.as_tensor(t, device=noisy.device)
         t = t.reshape(1).expand(noisy.shape[0]) if t.numel() == 1 else t  # (B,)
-        full = mask.all(1)  # (B,)
-        groups = [full.nonzero().squeeze(1), (~full).nonzero().squeeze(1)]  # null-text rows, the others
-        groups = [g for g in groups if g.numel()]
-        parts = []
-        for rows in groups:
-            m = mask[rows]  # (b', L)
-            kept = m.any(0).nonzero().squeeze(1)  # (n,) positions some row of the group attends
-            if kept.numel() == 0:
-                kept = kept.new_zeros(1)  # a group with no text at all still needs one (masked) position
-            parts.append(self._network(noisy[rows], t[rows], text_embed[rows], tokens[rows][:, kept], m[:, kept], kept))
-        if len(parts) == 1:
-            return parts[0]
-        order = torch.cat(groups).argsort()  # (B,) back to the batch's order
-        return torch.cat(parts)[order]  # (B, E)
+        groups = row_groups(mask)
+        parts = [
+            self._network(noisy[rows], t[rows], text_embed[rows], tokens[rows][:, kept], mask[rows][:, kept], kept)
+            for rows, kept in groups
+        ]
+        return in_batch_order(groups, parts)  # (B, E)
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """MSE on x0 of the normalised ``image_embed``, with the text dropped for ``text_dropout`` of the batch."""
