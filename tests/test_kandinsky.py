@@ -38,6 +38,9 @@ def test_variant_parts_and_config_checks():
     c = spec.config
     assert (c.vae.variant, c.text.variant, c.t5.variant) == ("kl-vae-shapes", "mclip-shapes", "t5-multilingual")
     assert c.thresholding and c.threshold_ratio == 0.995 and c.text_dropout == 0.1
+    s = c.schedule  # latent diffusion's betas, not DDPM's pixel-space 1e-4 … 0.02
+    assert (s.kind, s.timesteps, s.beta_start, s.beta_end, s.prediction) == ("linear", 1000, 0.00085, 0.012, "epsilon")
+    assert VARIANTS["kandinsky21"].config.schedule == s
     with pytest.raises(ValueError, match="out_channels must be in_channels=4; got 3"):
         attrs.evolve(c, unet=attrs.evolve(c.unet, out_channels=3))
     with pytest.raises(ValueError, match="context_dim must be ≥ 1"):

@@ -16,13 +16,14 @@ pytestmark = pytest.mark.slow
 
 def test_kandinsky21_prior_maps_every_language_onto_the_image_embeddings(trained):
     """Guard: the prior's draws for each language's prompts lie at cosine ≥ 0.90 to the prompted scenes'
-    mean CLIP image embedding (measured 0.97-0.98), and the decoded samples are above chance."""
+    mean CLIP image embedding (measured 0.98), and the decoded samples are well above chance (chance 1/6 and 1/4;
+    measured colour 0.79 / kind 0.83 on average with latent diffusion's betas, 0.67 / 0.64 with DDPM's)."""
     _, m = trained("kandinsky21")
     assert min(_per_language(m, "prior_cosine").values()) >= 0.90, _per_language(m, "prior_cosine")
-    assert m["colour_accuracy"] >= 0.30 and m["kind_accuracy"] >= 0.40, m  # chance 1/6 and 1/4
+    assert m["colour_accuracy"] >= 0.50 and m["kind_accuracy"] >= 0.60, m
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20's 2.1 bars are not met: colour ~0.5, FD above 2.0's")
+@pytest.mark.xfail(strict=True, reason="issue 20's 2.1 bars are not met: colour 0.77-0.81, FD 2,767 above 2.0's 1,087")
 def test_issue_bar_kandinsky21_beats_kandinsky2(trained):
     """Issue bars: 2.1's judge FD below 2.0's on the same prompts; colour ≥ 0.85 and kind ≥ 0.75 per language."""
     _, m20 = trained("kandinsky2")

@@ -8,8 +8,9 @@ thresholding on and off, and for captions in the language's evaluation-only temp
 
 Two kinds of test. The *guards* hold what the families reach today, with margin (they fail when a change
 breaks the conditioning: chance is 1/6 for colour, 1/4 for kind). The *issue's bars* are asserted as they are
-written and marked ``xfail(strict=True)``: they are not met yet (README, "Kandinsky 2.0" / "2.1"), and the day
-a change meets one its test passes, which fails the run until the mark is removed.
+written: 2.0's kind bar is met and asserted plainly; the bars not met yet are marked ``xfail(strict=True)``
+(README, "Kandinsky 2.0" / "2.1"), and the day a change meets one its test passes, which fails the run until the
+mark is removed.
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ def _per_language(metrics: dict, name: str) -> dict[str, float]:
     return {code: round(metrics[f"{name}_{code}"], 3) for code in LANGUAGES}
 
 
-def test_kandinsky2_reads_the_kind_in_every_language_and_phrasing(trained):
-    """Guard: kind ≥ 0.60 (2.4× chance) for short prompts, thresholding off and evaluation-only phrasings, in
-    each language; colour well above chance (≥ 0.45 short, ≥ 0.35 evaluation-only). The issue's own kind bar
-    (0.70) is asserted by the strict xfail below: the recipe's weakest language moves across it from run to run
-    (0.667-0.83 over four runs and two machines, README), so as a guard it failed an unchanged recipe."""
+def test_issue_bar_kandinsky2_kind_in_every_language_and_phrasing(trained):
+    """Issue bar (its kind half): kind ≥ 0.70 in each language, for the short prompts and the evaluation-only
+    phrasings (measured 0.83-0.92 and 0.96-1.00 with the latent-diffusion betas; 0.69-0.94 before them); the same
+    guard with thresholding off; colour well above chance (≥ 0.45 short, ≥ 0.35 evaluation-only, chance 1/6)."""
     _, m = trained("kandinsky2")
     for name in ("kind_accuracy", "kind_accuracy_nothreshold", "heldout_kind_accuracy"):
-        assert min(_per_language(m, name).values()) >= 0.60, (name, _per_language(m, name))
+        assert min(_per_language(m, name).values()) >= 0.70, (name, _per_language(m, name))
     assert min(_per_language(m, "colour_accuracy").values()) >= 0.45, _per_language(m, "colour_accuracy")
     assert min(_per_language(m, "heldout_colour_accuracy").values()) >= 0.35, m
 
@@ -44,10 +44,9 @@ def test_kandinsky2_thresholding_is_reported_beside_the_plain_sampler(trained):
     assert m["colour_accuracy"] >= m["colour_accuracy_nothreshold"] - 0.05, m
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20's 2.0 bar is not met: evaluation-only colour 0.50-0.62")
-def test_issue_bar_kandinsky2_colour_and_kind_in_every_language(trained):
-    """Issue bar: colour ≥ 0.80 and kind ≥ 0.70 in each language, evaluation-only pairs included."""
+@pytest.mark.xfail(strict=True, reason="issue 20's 2.0 colour bar is not met: 0.73-0.79 short, 0.58-0.77 held out")
+def test_issue_bar_kandinsky2_colour_in_every_language(trained):
+    """Issue bar (its colour half): colour ≥ 0.80 in each language, evaluation-only pairs included."""
     _, m = trained("kandinsky2")
     for prefix in ("", "heldout_"):
         assert min(_per_language(m, f"{prefix}colour_accuracy").values()) >= 0.80, m
-        assert min(_per_language(m, f"{prefix}kind_accuracy").values()) >= 0.70, m
