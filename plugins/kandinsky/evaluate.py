@@ -41,6 +41,11 @@ def heldout_prompts(dataset: str, language: str, per_class: int) -> tuple[list[s
     return prompts, targets
 
 
+def chunks(n: int, size: int) -> list[slice]:
+    """Slices of ``range(n)`` at most ``size`` long, in order: the batches evaluation draws in."""
+    return [slice(s, s + size) for s in range(0, n, size)]
+
+
 @torch.no_grad()
 def prompted_samples(
     model: Any, prompts: list[str], seed: int, batch_size: int = 256, rows: dict[str, Tensor] | None = None,
@@ -50,9 +55,9 @@ def prompted_samples(
     per-prompt options (N, …), handed to ``generate`` with their chunk of the prompts."""
     g = torch.Generator(device=model.device).manual_seed(seed)
     out = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = {k: v[s : s + batch_size] for k, v in (rows or {}).items()}
-        out.append(model.generate(prompts[s : s + batch_size], generator=g, **chunk, **options).cpu())
+    for part in chunks(len(prompts), batch_size):
+        chunk = {k: v[part] for k, v in (rows or {}).items()}
+        out.append(model.generate(prompts[part], generator=g, **chunk, **options).cpu())
     return torch.cat(out)
 
 

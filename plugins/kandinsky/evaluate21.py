@@ -23,7 +23,7 @@ from torch import Tensor
 
 from polymodal.data import languages as lang
 
-from .evaluate import evaluate_kandinsky
+from .evaluate import chunks, evaluate_kandinsky
 
 
 @torch.no_grad()
@@ -34,8 +34,10 @@ def prior_draws(model: Any, prompts: list[str], seed: int, batch_size: int = 256
     from .sample21 import prior_embeddings
 
     g = torch.Generator(device=model.device).manual_seed(seed)
-    chunks = [prompts[s : s + batch_size] for s in range(0, len(prompts), batch_size)]
-    return {"image_embeds": torch.cat([prior_embeddings(model, model.encode_text(p), generator=g) for p in chunks])}
+    drawn = [
+        prior_embeddings(model, model.encode_text(prompts[p]), generator=g) for p in chunks(len(prompts), batch_size)
+    ]
+    return {"image_embeds": torch.cat(drawn)}  # (N, E)
 
 
 @torch.no_grad()

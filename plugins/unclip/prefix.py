@@ -17,6 +17,18 @@ from torch import Tensor
 
 from polymodal.nn import KVCache
 
+EXTRA = 4
+"""Tokens after the text: the text embedding, then the three a sampling step changes (time embedding, noised image
+embedding, learned query)."""
+STEP = EXTRA - 1
+"""The positions a sampling step runs; the text and the text embedding before them are the cached prefix."""
+
+
+def batch_timesteps(t: Tensor | int, b: int, device: torch.device) -> Tensor:
+    """Timesteps (B,) from a scalar, a (1,) or a (B,) ``t``."""
+    t = torch.as_tensor(t, device=device)
+    return t.reshape(1).expand(b) if t.numel() == 1 else t  # (B,)
+
 
 def row_groups(mask: Tensor) -> list[tuple[Tensor, Tensor]]:
     """The prior's row groups of a text mask (B, L): (rows, kept) for the rows attending every text position (the
@@ -56,7 +68,7 @@ class PrefixCachedPrior:
             return held[1], held[2]
         prior, b = self.prior, embed.shape[0]
         prefix = prior.text_prefix(embed, tokens, kept)  # (b, n + 1, W)
-        cache = KVCache(capacity=prefix.shape[1] + 3)
+        cache = KVCache(capacity=prefix.shape[1] + STEP)
         keys = torch.cat([mask, mask.new_ones(b, 1)], dim=1)  # (b, n + 1)
         prior.transformer(prefix, causal=True, key_padding=keys, cache=cache)  # fills the prefix's keys and values
         self._prefixes[group] = (inputs, cache, prefix.shape[1])
@@ -64,15 +76,14 @@ class PrefixCachedPrior:
 
     def __call__(self, noisy: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         prior = self.prior
-        t = torch.as_tensor(t, device=noisy.device)
-        t = t.reshape(1).expand(noisy.shape[0]) if t.numel() == 1 else t  # (B,)
+        t = batch_timesteps(t, noisy.shape[0], noisy.device)  # (B,)
         embed, tokens, mask = cond["embed"], cond["tokens"], cond["mask"]
         groups, parts = row_groups(mask), []
         for i, (rows, kept) in enumerate(groups):
             m = mask[rows][:, kept]  # (b', n)
             cache, length = self._cache(i, embed[rows], tokens[rows][:, kept], m, kept)
             cache.set_length(length)  # the last step's three positions are overwritten
-            keys = torch.cat([m, m.new_ones(len(rows), 4)], dim=1)  # (b', n + 4)
+            keys = torch.cat([m, m.new_ones(len(rows), EXTRA)], dim=1)  # (b', n + 4)
             h = prior.transformer(prior.step_tokens(noisy[rows], t[rows]), causal=True, key_padding=keys, cache=cache)
             parts.append(prior.proj_to_clip_embeddings(h[:, -1]))  # (b', E)
         return in_batch_order(groups, parts)  # (B, E)

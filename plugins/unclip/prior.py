@@ -27,10 +27,8 @@ from polymodal.models.recipe import TrainConfig
 from polymodal.nn import BlockConfig, StackConfig, TransformerStack, eval_mode
 from polymodal.nn.unet import TimeEmbedding, timestep_embedding
 
-from .prefix import PrefixCachedPrior, in_batch_order, row_groups
+from .prefix import EXTRA, STEP, PrefixCachedPrior, batch_timesteps, in_batch_order, row_groups
 
-EXTRA = 4
-"""Tokens after the text: the text embedding, the time embedding, the noised image embedding, the query."""
 STANDALONE = (
     "unclip-prior learns from CLIP embeddings, which the `unclip` composite computes with its frozen CLIP: "
     "train it with `polymodal train unclip` (the prior is saved in the unclip folder's prior/ sub-folder)"
@@ -217,39 +215,32 @@ class DiffusionPrior(PolymodalModel):
         h = self.transformer(seq, causal=True, key_padding=keys)  # (B, n + 4, W), norm_out applied
         return self.proj_to_clip_embeddings(h[:, -1])  # (B, E)
 
-    def _positions(self, kept: Tensor | None, n: int, first: int, count: int) -> Tensor:
-        """The learned positions (1, count, W) of sequence slots ``first`` … of ``[text (n), EXTRA]``; the text's
-        are those of ``kept`` (all L when None), the four after it L … L + 3."""
-        c = self.config
-        text = torch.arange(n, device=self.positional_embedding.device) if kept is None else kept  # (n,)
-        after = torch.arange(c.text_len, c.text_len + EXTRA, device=text.device)  # (4,)
-        return self.positional_embedding[:, torch.cat([text, after])[first : first + count]]  # (1, count, W)
-
     def text_prefix(self, text_embed: Tensor, tokens: Tensor, kept: Tensor | None = None) -> Tensor:
         """The sequence's first n + 1 inputs (B, n + 1, W), projected, positioned and normed: the text tokens
         (B, n, Dt) and the text embedding (B, E). Under the causal mask nothing after them reaches them."""
         if self.embedding_proj_norm is not None:
             text_embed = self.embedding_proj_norm(text_embed)  # (B, E)
-        n = tokens.shape[1]
+        L = self.config.text_len
+        text = torch.arange(tokens.shape[1], device=tokens.device) if kept is None else kept  # (n,) their positions
+        slots = torch.cat([text, text.new_tensor([L])])  # (n + 1,) the text embedding sits at L
         seq = torch.cat([self.encoder_hidden_states_proj(tokens), self.embedding_proj(text_embed)[:, None]], dim=1)
-        seq = seq + self._positions(kept, n, 0, n + 1)  # (B, n + 1, W)
+        seq = seq + self.positional_embedding[:, slots]  # (B, n + 1, W)
         return seq if self.norm_in is None else self.norm_in(seq)
 
     def step_tokens(self, noisy: Tensor, t: Tensor) -> Tensor:
-        """The sequence's last three inputs (B, 3, W): the time embedding of ``t`` (B,), the noised embedding
+        """The sequence's last STEP = 3 inputs (B, 3, W): the time embedding of ``t`` (B,), the noised embedding
         ``noisy`` (B, E) and the learned query, positioned (L + 1 … L + 3) and normed."""
         b, w, L = noisy.shape[0], self.config.width, self.config.text_len
         temb = self.time_embedding(timestep_embedding(t, w, flip_sin_to_cos=True, freq_shift=0))  # (B, W)
         seq = torch.cat([temb[:, None], self.proj_in(noisy)[:, None], self.prd_embedding.expand(b, -1, -1)], dim=1)
-        seq = seq + self.positional_embedding[:, L + 1 : L + EXTRA]  # (B, 3, W)
+        seq = seq + self.positional_embedding[:, L + EXTRA - STEP : L + EXTRA]  # (B, 3, W)
         return seq if self.norm_in is None else self.norm_in(seq)
 
     def grouped_forward(self, noisy: Tensor, t: Tensor, text_embed: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
         """:meth:`forward` (checked inputs, tokens padded to L) computed without the text positions no row
         attends — the same x0 (B, E) at a fraction of the cost when captions are short. Rows that attend every
         position (the learned null text) run apart from the others, which then drop their common padding."""
-        t = torch.as_tensor(t, device=noisy.device)
-        t = t.reshape(1).expand(noisy.shape[0]) if t.numel() == 1 else t  # (B,)
+        t = batch_timesteps(t, noisy.shape[0], noisy.device)  # (B,)
         groups = row_groups(mask)
         parts = [
             self._network(noisy[rows], t[rows], text_embed[rows], tokens[rows][:, kept], mask[rows][:, kept], kept)
