@@ -113,6 +113,29 @@ def test_training_captions_come_from_training_pairs_only(shapes):
     assert languages == set(lang.LANGUAGES)
 
 
+def test_unplaced_captions_name_the_objects_without_positions_at_their_rate(shapes):
+    data = "shapes-multilingual"
+    batch = shapes.train.batch(list(range(200)))
+    objects = scene_objects(batch, 32)
+    torch.manual_seed(0)
+    plain = cond.draw_captions(data, objects)
+    torch.manual_seed(0)
+    assert cond.draw_captions(data, objects, unplaced=0.0) == plain  # the default draws nothing more
+    torch.manual_seed(0)
+    mixed = cond.draw_captions(data, objects, unplaced=0.3)
+    for obj, p, m in zip(objects, plain, mixed, strict=True):
+        unplaced = {lang.unplaced_caption(code, obj) for code in lang.LANGUAGES}
+        assert m == p or (m in unplaced and p not in unplaced), (p, m)  # same language pick, positions dropped
+    share = sum(m != p for m, p in zip(mixed, plain, strict=True)) / len(plain)
+    assert 0.2 < share < 0.4, share
+    torch.manual_seed(1)
+    everything = cond.draw_captions(data, objects, unplaced=1.0)
+    assert all(c in {lang.unplaced_caption(code, o) for code in lang.LANGUAGES} for c, o in zip(everything, objects))
+    # one object: exactly the language's evaluation prompt, positions gone
+    assert lang.unplaced_caption("ru", [(0, 1, 8)]) == lang.evaluation_prompts("shapes", "ru")[1] == "красный круг"
+    assert lang.unplaced_caption("en", [(0, 1, 8), (2, 0, 0)]) == "a red circle and a blue square"
+
+
 def test_feature_cache_matches_a_fresh_encoding(model):
     cache = cond.FeatureCache()
     captions = ["красный круг", "a blue square in the top left", "红色的圆形", "красный круг"]

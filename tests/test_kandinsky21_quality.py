@@ -2,7 +2,7 @@
 
 ``trained("kandinsky21")`` runs exactly ``polymodal train kandinsky21`` with the MoVQ and M-CLIP parts from the
 session's cache (its prior and UNet train together in the composite); a separate file from 2.0's so that the two
-variants train on different pytest-xdist workers at once. Guards and strictly-xfailed issue bars as in
+variants train on different pytest-xdist workers at once. Guards and xfailed issue bars as in
 ``tests/test_kandinsky2_quality.py``.
 """
 
@@ -17,18 +17,22 @@ pytestmark = pytest.mark.slow
 def test_kandinsky21_prior_maps_every_language_onto_the_image_embeddings(trained):
     """Guard: the prior's draws for each language's prompts lie at cosine ≥ 0.90 to the prompted scenes'
     mean CLIP image embedding (measured 0.97-0.99), and the decoded samples are well above chance (chance 1/6 and
-    1/4; measured colour 0.79 / kind 0.83 on average on the AMD EPYC Zen 3, 0.82 / 0.67 on the Zen 4)."""
+    1/4; measured colour 0.89 / kind 0.88 on the AMD EPYC Zen 4, seed 0, 0.93 / 0.71 seed 1; before the unplaced
+    captions 0.79 / 0.83 on the Zen 3, 0.82 / 0.67 on the Zen 4)."""
     _, m = trained("kandinsky21")
     assert min(_per_language(m, "prior_cosine").values()) >= 0.90, _per_language(m, "prior_cosine")
     assert m["colour_accuracy"] >= 0.50 and m["kind_accuracy"] >= 0.60, m
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="issue 20's 2.1 bars are not met: colour 0.77-0.88, kind 0.56-0.88, FD below 2.0's on one CPU only",
+    strict=False,
+    reason="issue 20's 2.1 bars are not robustly met: on the AMD EPYC Zen 4 seed 0 meets them (colour 0.88-0.90, "
+    "kind 0.88, FD 2,582 against 2.0's 3,923) and seed 1 misses kind (0.71); unmeasured on the Zen 3 since the "
+    "unplaced captions",
 )
 def test_issue_bar_kandinsky21_beats_kandinsky2(trained):
-    """Issue bars: 2.1's judge FD below 2.0's on the same prompts; colour ≥ 0.85 and kind ≥ 0.75 per language."""
+    """Issue bars: 2.1's judge FD below 2.0's on the same prompts; colour ≥ 0.85 and kind ≥ 0.75 per language. Not
+    strict: met by one seed's run and not another's."""
     _, m20 = trained("kandinsky2")
     _, m21 = trained("kandinsky21")
     assert m21["fd_judge"] < m20["fd_judge"], (m21["fd_judge"], m20["fd_judge"])

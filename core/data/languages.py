@@ -269,6 +269,13 @@ def shapes_caption(language: str, template: int, objects: list[tuple[int, int, i
     return lex.conjunction.join(lex.fill(lex.templates[template], c, k, p) for c, k, p in objects)
 
 
+def unplaced_caption(language: str, objects: list[tuple[int, int, int]]) -> str:
+    """A scene's caption that names its objects but not where they are: each ``(colour, kind, position)`` in the
+    language's short phrasing (its ``prompt``, "a red circle", "красный круг"), joined."""
+    lex = SHAPES[_language(language)]
+    return lex.conjunction.join(lex.fill(lex.prompt, c, k) for c, k, _ in objects)
+
+
 def digit_caption(language: str, template: int, label: int) -> str:
     """Template id ``template`` of ``language`` filled for digit ``label``."""
     word = DIGIT_WORDS[_language(language)][label]

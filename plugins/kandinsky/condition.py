@@ -180,9 +180,17 @@ def training_pairs(dataset: str) -> list[tuple[str, int]]:
     return [(code, t) for code in lang.LANGUAGES for t in lang.template_ids(dataset, code, heldout=False)]
 
 
-def draw_captions(dataset: str, objects: list[list[tuple[int, int, int]]]) -> list[str]:
+def draw_captions(dataset: str, objects: list[list[tuple[int, int, int]]], unplaced: float = 0.0) -> list[str]:
     """Per scene (its (colour, kind, position) objects), a caption in a (language, template) pair drawn
-    uniformly from the training pairs with the global RNG."""
+    uniformly from the training pairs with the global RNG; with probability ``unplaced`` the scene is captioned
+    in that language without positions instead (:func:`polymodal.data.languages.unplaced_caption`)."""
     pairs = training_pairs(dataset)
     picks = torch.randint(0, len(pairs), (len(objects),)).tolist()  # (B,)
-    return [lang.shapes_caption(pairs[k][0], pairs[k][1], obj) for k, obj in zip(picks, objects, strict=True)]
+    captions = [lang.shapes_caption(pairs[k][0], pairs[k][1], obj) for k, obj in zip(picks, objects, strict=True)]
+    if unplaced > 0:  # drawn only when asked: the default keeps the RNG stream of a run without it
+        short = (torch.rand(len(objects)) < unplaced).tolist()  # (B,)
+        captions = [
+            lang.unplaced_caption(pairs[k][0], obj) if s else c
+            for c, s, k, obj in zip(captions, short, picks, objects, strict=True)
+        ]
+    return captions

@@ -51,6 +51,14 @@ class LatentDiffusionSettings:
         "largest such percentile over the training latents, fitted when training starts: Imagen's 1).",
         check=in_range(0.5, 1.0),
     )
+    unplaced_captions: float = field(
+        0.0,
+        "Training: share of scenes captioned without their positions, in the language's short phrasing ('a red "
+        "circle', 'красный круг'; the evaluation prompts' phrasing), so that a prompt naming no place still draws "
+        "the object.",
+        check=in_range(0.0, 1.0),
+        backfill=True,
+    )
     eval_per_class: int = field(
         2, "Evaluation samples per colour × kind prompt and language.", check=in_range(1, 10000, integer=True)
     )

@@ -185,7 +185,9 @@ class Kandinsky2(PolymodalModel):
         x0 = self._batch_latents(batch, images)  # (B, 4, h, w)
         captions = list(batch["caption"])
         if self.training and "boxes" in batch and self.config.data:
-            captions = cond.draw_captions(self.config.data, scene_objects(batch, images.shape[-1]))
+            captions = cond.draw_captions(
+                self.config.data, scene_objects(batch, images.shape[-1]), self.config.unplaced_captions
+            )
         text = self.features.get(self, captions)
         metrics: dict[str, Any] = {}
         if self.training:

@@ -210,7 +210,9 @@ class Kandinsky21(PolymodalModel):
         x0, image_embed = found  # (B, 4, h, w), (B, E)
         captions = list(batch["caption"])
         if self.training and "boxes" in batch and self.config.data:
-            captions = cond.draw_captions(self.config.data, scene_objects(batch, images.shape[-1]))
+            captions = cond.draw_captions(
+                self.config.data, scene_objects(batch, images.shape[-1]), self.config.unplaced_captions
+            )
         text = self.features.get(self, captions)
         prior_loss, prior_metrics = self.prior.loss(
             {"image_embed": image_embed, "text_embed": text[0], "text_tokens": text[1], "text_mask": text[2]}
