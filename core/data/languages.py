@@ -266,14 +266,20 @@ def _index(value: int | str, names: tuple[str, ...], what: str) -> int:
 def shapes_caption(language: str, template: int, objects: list[tuple[int, int, int]]) -> str:
     """A scene's caption: template id ``template`` filled per ``(colour, kind, position)``, joined."""
     lex = SHAPES[_language(language)]
-    return lex.conjunction.join(lex.fill(lex.templates[template], c, k, p) for c, k, p in objects)
+    return _scene(lex, lex.templates[template], objects)
 
 
 def unplaced_caption(language: str, objects: list[tuple[int, int, int]]) -> str:
     """A scene's caption that names its objects but not where they are: each ``(colour, kind, position)`` in the
     language's short phrasing (its ``prompt``, "a red circle", "красный круг"), joined."""
     lex = SHAPES[_language(language)]
-    return lex.conjunction.join(lex.fill(lex.prompt, c, k) for c, k, _ in objects)
+    return _scene(lex, lex.prompt, objects)
+
+
+def _scene(lex: ShapesLexicon, template: str, objects: list[tuple[int, int, int]]) -> str:
+    """``template`` filled per ``(colour, kind, position)`` object (a template without ``{where}`` drops the
+    position), joined by the language's conjunction."""
+    return lex.conjunction.join(lex.fill(template, c, k, p) for c, k, p in objects)
 
 
 def digit_caption(language: str, template: int, label: int) -> str:

@@ -186,11 +186,9 @@ def draw_captions(dataset: str, objects: list[list[tuple[int, int, int]]], unpla
     in that language without positions instead (:func:`polymodal.data.languages.unplaced_caption`)."""
     pairs = training_pairs(dataset)
     picks = torch.randint(0, len(pairs), (len(objects),)).tolist()  # (B,)
-    captions = [lang.shapes_caption(pairs[k][0], pairs[k][1], obj) for k, obj in zip(picks, objects, strict=True)]
-    if unplaced > 0:  # drawn only when asked: the default keeps the RNG stream of a run without it
-        short = (torch.rand(len(objects)) < unplaced).tolist()  # (B,)
-        captions = [
-            lang.unplaced_caption(pairs[k][0], obj) if s else c
-            for c, s, k, obj in zip(captions, short, picks, objects, strict=True)
-        ]
-    return captions
+    # drawn only when asked: the default keeps the RNG stream of a run without it
+    short = (torch.rand(len(objects)) < unplaced).tolist() if unplaced > 0 else [False] * len(objects)  # (B,)
+    return [
+        lang.unplaced_caption(pairs[k][0], obj) if s else lang.shapes_caption(pairs[k][0], pairs[k][1], obj)
+        for k, s, obj in zip(picks, short, objects, strict=True)
+    ]
