@@ -1,6 +1,6 @@
 """The speed paths of the core causal decoder as GPT-2 (``lm``) and iGPT use them.
 
-Decoding runs the float32 linear layers through the kernel (BLAS or oneDNN) its tuner times faster on the
+Decoding runs the float32 and bfloat16 linear layers through the kernel (BLAS or oneDNN) its tuner times faster on the
 machine (:mod:`polymodal.generation.linear`; every test runs with the tuner and with oneDNN fixed), skips the head for every prompt position but the last, writes keys and values in place into a preallocated
 cache and (slow test) compiles its static step. None of that may change what a model computes: cached
 generation equals the uncached reference (the plain eager forward over the whole sequence each step), the
@@ -77,6 +77,33 @@ def test_fast_linear_agrees_with_f_linear(rows):
         assert fast_linear_applies(w, x) == torch.backends.mkldnn.is_available()
         torch.testing.assert_close(fast_linear(x, w, b), F.linear(x, w, b), atol=ATOL, rtol=1e-5)
         torch.testing.assert_close(fast_linear(x, w), F.linear(x, w), atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 33])
+def test_fast_linear_runs_bfloat16_weights_too_and_agrees_with_f_linear(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 3, 48, generator=g), torch.randn(96, 48, generator=g), torch.randn(96, generator=g)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    with torch.no_grad():
+        assert fast_linear_applies(wb, xb) == torch.backends.mkldnn.is_available()
+        assert not fast_linear_applies(wb, x)  # mixed dtypes: F.linear decides (and refuses)
+        got = fast_linear(xb, wb, bb)
+        assert got.dtype == torch.bfloat16
+        # both sum in float32 and round once to bfloat16: one bfloat16 step (2^-8 relative) apart at most
+        torch.testing.assert_close(got, F.linear(xb, wb, bb), atol=1e-2, rtol=2**-7)
+
+
+def test_bfloat16_cached_steps_follow_the_uncached_forward():
+    model = tiny_lm(seed=3).to(torch.bfloat16)
+    ids = prompt(256, 2, 12, seed=4)
+    step = model.step_fn(last_only=True)
+    with torch.no_grad():
+        expected = reference_logits(model, ids)  # F.linear, bfloat16
+        cache = model.decoder.new_cache(12)
+        got = [step(ids[:, :4], cache)[:, -1]] + [step(ids[:, t : t + 1], cache)[:, -1] for t in range(4, 12)]
+    for t, logits in zip(range(3, 12), got):
+        assert logits.dtype == torch.bfloat16
+        torch.testing.assert_close(logits.float(), expected[t].float(), atol=4e-3, rtol=2**-7)  # logits ~0.1
 
 
 def test_packed_weights_follow_every_change_of_the_weight():

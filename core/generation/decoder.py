@@ -201,9 +201,10 @@ class CausalDecoder:
         Without a cache the ids are the whole sequence (the reference path: the eager forward). With one, the
         first call (the prompt) runs eagerly, filling the preallocated buffers (an empty cache without a
         capacity is given ``max_len``); later calls run :meth:`static_step` compiled when ``compile`` (see
-        :meth:`use_compile`), eagerly otherwise. Cached steps without gradients compute their float32 CPU
-        linear layers through :func:`fast_linear`, by the kernel :attr:`tuner` found faster on this machine. ``last_only`` returns the logits of the last position
-        only (B, 1, V), which is all the sampler reads (the prompt's other positions skip the head).
+        :meth:`use_compile`), eagerly otherwise. Cached steps without gradients compute their float32 and
+        bfloat16 CPU linear layers through :func:`fast_linear`, by the kernel :attr:`tuner` found faster on this
+        machine. ``last_only`` returns the logits of the last position only (B, 1, V), which is all the sampler
+        reads (the prompt's other positions skip the head).
         """
         compiled = self.use_compile(compile)
         linears = self.inference_linears()

@@ -3,7 +3,8 @@
 A decoding step multiplies one to a few rows by every weight of the model, so it streams the weights from memory
 and the kernel's memory access decides its speed. Which kernel streams faster depends on the CPU: on the AMD EPYC
 of the committed benchmarks oneDNN with the weight packed in its blocked layout reads ~35 GB/s against ~22 GB/s
-for the BLAS call behind ``F.linear``; on an Intel Xeon, GPT-2's decoding steps were 15 % slower with it. So a
+for the BLAS call behind ``F.linear``, and in bfloat16 (AVX512-BF16, AMD EPYC Zen 4) GPT-2's greedy decoding at
+batch 4 took 538 ms against 906 ms; on an Intel Xeon, GPT-2's decoding steps were 15 % slower with it. So a
 model's decoding steps run under a :class:`KernelTuner`, which times its first steps with each kernel and keeps
 the faster (per batch size and thread count). ``POLYMODAL_LINEAR_KERNEL`` = ``blas`` or ``onednn`` fixes the
 choice (``auto``, the default, tunes). Training never comes here: with gradients recorded, :func:`fast_linear`
@@ -32,17 +33,21 @@ PACK_ROWS = 16
 """Calls of at most this many rows (decoding steps) give oneDNN a copy of the weight in its blocked layout (packed
 for this many rows); more rows read the live weight."""
 
+FAST_DTYPES = (torch.float32, torch.bfloat16)
+"""The weight dtypes :func:`fast_linear` may run through oneDNN (bfloat16: ``polymodal.load(DIR, dtype="bf16")``)."""
+
 _PACKED: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}  # id(weight) -> (weight, its key, packed copy)
 
 
 def fast_linear_applies(weight: Tensor, x: Tensor | None = None) -> bool:
-    """Whether :func:`fast_linear` may leave ``F.linear``: oneDNN is built in, float32 weights on the CPU, and no
-    gradient is recorded (inference only: training keeps ``F.linear``, so its numbers never change)."""
+    """Whether :func:`fast_linear` may leave ``F.linear``: oneDNN is built in, float32 or bfloat16 weights on the
+    CPU with inputs of the same dtype, and no gradient is recorded (inference only: training keeps ``F.linear``,
+    so its numbers never change)."""
     return (
         weight.device.type == "cpu"
-        and weight.dtype == torch.float32
+        and weight.dtype in FAST_DTYPES
         and not torch.is_grad_enabled()
-        and (x is None or x.dtype == torch.float32)
+        and (x is None or x.dtype == weight.dtype)
         and _ONEDNN
     )
 
