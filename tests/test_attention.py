@@ -649,6 +649,40 @@ def test_sdpa_single_query_needs_no_mask(sdpa_calls):
     assert sdpa_calls[0].get("attn_mask") is None and not sdpa_calls[0].get("is_causal", False)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", ["none", "padding", "additive"])
+def test_sdpa_runs_a_reduced_precision_decoding_step_in_float32_on_the_cpu(monkeypatch, dtype, masked):
+    from polymodal.attention.backends import WIDEN_MIN_SCORES, widen_on_cpu
+
+    seen, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda q, *a, **kw: seen.append(q.dtype) or real(q, *a, **kw),
+    )
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g).to(dtype) for n in (1, 96, 96))  # 2 × 4 × 96 scores
+    assert 2 * 4 * 96 >= WIDEN_MIN_SCORES
+    kw = {
+        "none": {},
+        "padding": {"key_padding": torch.arange(96)[None, :] < torch.tensor([[60], [96]])},
+        "additive": {"mask": torch.randn(1, 4, 1, 96, generator=g).to(dtype)},
+    }[masked]
+    wide = {n: (m.double() if m.dtype != torch.bool else m) for n, m in kw.items()}
+    exact = attention(q.double(), k.double(), v.double(), backend="math", **wide)  # (2, 4, 1, 16)
+    with torch.no_grad():
+        assert widen_on_cpu(q, k, v, 0.0) and not widen_on_cpu(q, k, v, 0.1)
+        out = attention(q, k, v, backend="sdpa", **kw)
+    assert out.dtype == dtype and seen == [torch.float32]  # the kernel ran in float32
+    # one rounding of a float32 result to the low precision (2^-8 relative for bfloat16, 2^-11 for float16)
+    torch.testing.assert_close(out.double(), exact, atol=1e-6, rtol=2**-8 if dtype == torch.bfloat16 else 2**-11)
+    assert not widen_on_cpu(q.float(), k.float(), v.float(), 0.0)  # float32 runs as it is
+    assert not widen_on_cpu(q.expand(2, 4, 2, 16), k, v, 0.0)  # two queries: not a decoding step
+    small = [t[:1, :1] for t in (q, k, v)]  # 1 × 1 × 96 scores: the casts would cost more than they save
+    assert not widen_on_cpu(*small, 0.0)
+    assert not widen_on_cpu(q.clone().requires_grad_(), k, v, 0.0)  # training keeps the low-precision kernel
+
+
 @pytest.mark.parametrize(
     "shapes",
     [
