@@ -33,6 +33,11 @@ PACK_ROWS = 16
 """Calls of at most this many rows (decoding steps) give oneDNN a copy of the weight in its blocked layout (packed
 for this many rows); more rows read the live weight."""
 
+ONE_ROW_AS = 4
+"""A one-row call (batch-1 decoding) runs oneDNN's packed kernel on this many copies of its row: on the AMD EPYC
+Zen 4 the few-row kernel streams the weights ~10-15 % faster than the one-row one (GPT-2-sized weights, fp32 and
+bf16), and the extra rows cost arithmetic a memory-bound step has to spare."""
+
 FAST_DTYPES = (torch.float32, torch.bfloat16)
 """The weight dtypes :func:`fast_linear` may run through oneDNN (bfloat16: ``polymodal.load(DIR, dtype="bf16")``)."""
 
@@ -68,7 +73,7 @@ def _rows(x: Tensor) -> int:
 
 
 def _chosen_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if linear_kernel() == "blas":
+    if (_ACTIVE[0] or linear_kernel()) == "blas":  # a tuned step's kernel (the environment's when it fixes one)
         return nn.functional.linear(x, weight, bias)  # (..., O)
     return onednn_linear(x, weight, bias)  # (..., O)
 
@@ -79,7 +84,10 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     rows = _rows(x)
     packed = _packed(weight) if rows <= PACK_ROWS else None
     if packed is not None:
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
+        flat = x.reshape(rows, x.shape[-1])  # (rows, I)
+        if rows == 1:  # oneDNN's one-row kernel streams the weight ~10 % slower than its few-row one
+            flat = flat.expand(ONE_ROW_AS, -1)  # (ONE_ROW_AS, I): the same row; the others are dropped
+        out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")[:rows]  # (rows, O)
         return out.view(*x.shape[:-1], weight.shape[0])  # (..., O)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # (..., O)
 
@@ -115,8 +123,9 @@ class KernelTuner:
         """Runs the block (one decoding step) under this key's kernel, timing it while the choice is open."""
         key = (*key, torch.get_num_threads())
         chosen = self.choice.get(key)
-        if chosen is not None or os.environ.get(KERNEL_ENV, "auto").strip().lower() in KERNELS:
-            with _running(chosen):
+        fixed = os.environ.get(KERNEL_ENV, "auto").strip().lower()
+        if chosen is not None or fixed in KERNELS:
+            with _running(fixed if fixed in KERNELS else chosen):  # read once per step, not per layer
                 yield
             return
         times = self.times.setdefault(key, {k: [] for k in KERNELS})
