@@ -106,6 +106,17 @@ def test_bfloat16_cached_steps_follow_the_uncached_forward():
         torch.testing.assert_close(logits.float(), expected[t].float(), atol=4e-3, rtol=2**-7)  # logits ~0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_one_row_call_agrees_with_f_linear(dtype):
+    g = torch.Generator().manual_seed(5)
+    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((1, 1, 64), (200, 64), (200,)))
+    tol = dict(atol=ATOL, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-7)
+    with torch.no_grad():
+        out = fast_linear(x, w, b)  # batch-1 decoding: oneDNN runs it as ONE_ROW_AS copies of the row
+        assert out.shape == (1, 1, 200) and out.is_contiguous()
+        torch.testing.assert_close(out, F.linear(x, w, b), **tol)
+
+
 def test_packed_weights_follow_every_change_of_the_weight():
     layer = torch.nn.Linear(24, 40)
     x = torch.randn(4, 24)
@@ -146,6 +157,8 @@ def test_the_kernel_variable_fixes_the_choice_and_names_bad_values(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "mkl")
     with pytest.raises(ValueError, match="POLYMODAL_LINEAR_KERNEL must be one of auto, blas, onednn; got 'mkl'"):
         linear_kernel()
+    with pytest.raises(ValueError, match="got 'mkl'"), tuner.step((1,)):  # a decoding step names it too
+        pass
 
 
 def test_generation_tunes_the_kernel_per_batch_size(monkeypatch):

@@ -123,7 +123,9 @@ class KernelTuner:
         """Runs the block (one decoding step) under this key's kernel, timing it while the choice is open."""
         key = (*key, torch.get_num_threads())
         chosen = self.choice.get(key)
-        fixed = os.environ.get(KERNEL_ENV, "auto").strip().lower()
+        fixed = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+        if fixed != "auto" and fixed not in KERNELS:
+            linear_kernel()  # raises, naming the accepted values
         if chosen is not None or fixed in KERNELS:
             with _running(fixed if fixed in KERNELS else chosen):  # read once per step, not per layer
                 yield
