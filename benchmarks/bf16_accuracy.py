@@ -123,10 +123,13 @@ def default_models() -> list[str]:
 
 
 def pytest_folder(root: Path, name: str) -> Path | None:
-    """The ``trained`` fixture's folder for ``name`` under a pytest base temp dir (``trained-NAME<k>``), or None."""
-    pattern = re.compile(rf"^trained-{re.escape(name)}(\d+)$")
+    """The ``trained`` fixture's folder for ``name`` under a pytest base temp dir, or None: ``trained-NAME`` (the
+    fixture's shared folder, also under ``-n``) or, from older runs, the highest-numbered ``trained-NAME<k>``."""
+    pattern = re.compile(rf"^trained-{re.escape(name)}(\d*)$")
     found = [
-        (int(m.group(1)), p) for p in root.iterdir() if (m := pattern.match(p.name)) and (p / "config.json").is_file()
+        (int(m.group(1) or -1), p)
+        for p in root.iterdir()
+        if (m := pattern.match(p.name)) and (p / "config.json").is_file()
     ]
     return max(found)[1] if found else None
 

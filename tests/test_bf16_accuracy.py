@@ -171,6 +171,10 @@ def test_pytest_folders_are_found_by_exact_name(tmp_path):
     assert ba.pytest_folder(tmp_path, "vit") == tmp_path / "trained-vit2"
     assert ba.pytest_folder(tmp_path, "vit-mae") == tmp_path / "trained-vit-mae0"
     assert ba.pytest_folder(tmp_path, "clip") is None
+    (tmp_path / "trained-clip").mkdir()  # the fixture's shared folder (no counter; also under pytest -n)
+    (tmp_path / "trained-clip" / "config.json").write_text("{}")
+    assert ba.pytest_folder(tmp_path, "clip") == tmp_path / "trained-clip"
+    assert ba.pytest_folder(tmp_path, "clip-shapes") is None
 
 
 def test_missing_folders_are_trained_once_with_their_parts(tmp_path, monkeypatch):
