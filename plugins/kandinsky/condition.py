@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.data import languages as lang
+from polymodal.data.multilingual import scene_objects
 from polymodal.nn.conditioning import AttentionPooling
 
 
@@ -192,3 +193,12 @@ def draw_captions(dataset: str, objects: list[list[tuple[int, int, int]]], unpla
         lang.unplaced_caption(pairs[k][0], obj) if s else lang.shapes_caption(pairs[k][0], pairs[k][1], obj)
         for k, s, obj in zip(picks, short, objects, strict=True)
     ]
+
+
+def training_captions(model: nn.Module, batch: dict[str, Any], size: int) -> list[str]:
+    """The captions a Kandinsky variant's loss encodes: the batch's own, or in training on scenes with boxes a fresh
+    one per scene by :func:`draw_captions` (the config's dataset and ``unplaced_captions``; images ``size`` px)."""
+    config = model.config
+    if model.training and "boxes" in batch and config.data:
+        return draw_captions(config.data, scene_objects(batch, size), config.unplaced_captions)
+    return list(batch["caption"])

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from polymodal.data import languages as lang
-from polymodal.data.multilingual import scene_objects
 from polymodal.diffusion import NoiseSchedule, diffusion_loss
 from polymodal.models import PolymodalModel
 from polymodal.models.interfaces import LatentAutoencoder, require
@@ -183,11 +182,7 @@ class Kandinsky2(PolymodalModel):
         if self.training and not bool(self.range_fitted):  # a folder of images: fit on the first batch
             self.fit_latent_range(images)
         x0 = self._batch_latents(batch, images)  # (B, 4, h, w)
-        captions = list(batch["caption"])
-        if self.training and "boxes" in batch and self.config.data:
-            captions = cond.draw_captions(
-                self.config.data, scene_objects(batch, images.shape[-1]), self.config.unplaced_captions
-            )
+        captions = cond.training_captions(self, batch, images.shape[-1])
         text = self.features.get(self, captions)
         metrics: dict[str, Any] = {}
         if self.training:

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from polymodal.data import languages as lang
-from polymodal.data.multilingual import scene_objects
 from polymodal.diffusion import NoiseSchedule, diffusion_loss
 from polymodal.models import PolymodalModel
 from polymodal.models.interfaces import ImageEncoder, LatentAutoencoder, require
@@ -208,11 +207,7 @@ class Kandinsky21(PolymodalModel):
         if found is None:
             found = self.to_latents(images), self.image_embeddings(images)
         x0, image_embed = found  # (B, 4, h, w), (B, E)
-        captions = list(batch["caption"])
-        if self.training and "boxes" in batch and self.config.data:
-            captions = cond.draw_captions(
-                self.config.data, scene_objects(batch, images.shape[-1]), self.config.unplaced_captions
-            )
+        captions = cond.training_captions(self, batch, images.shape[-1])
         text = self.features.get(self, captions)
         prior_loss, prior_metrics = self.prior.loss(
             {"image_embed": image_embed, "text_embed": text[0], "text_tokens": text[1], "text_mask": text[2]}
