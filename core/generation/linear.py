@@ -73,7 +73,7 @@ def _rows(x: Tensor) -> int:
 
 
 def _chosen_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if (_ACTIVE[0] or linear_kernel()) == "blas":  # a tuned step's kernel (the environment's when it fixes one)
+    if linear_kernel() == "blas":
         return nn.functional.linear(x, weight, bias)  # (..., O)
     return onednn_linear(x, weight, bias)  # (..., O)
 
@@ -93,14 +93,19 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 
 
 def linear_kernel() -> str:
-    """The kernel (``"blas"`` or ``"onednn"``) :func:`fast_linear` uses now: ``POLYMODAL_LINEAR_KERNEL`` when it
-    names one, else the one the running :class:`KernelTuner` step chose, else ``"blas"``."""
+    """The kernel (``"blas"`` or ``"onednn"``) :func:`fast_linear` uses now: the running :class:`KernelTuner`
+    step's (``POLYMODAL_LINEAR_KERNEL``'s when it names one), outside a step the variable's, else ``"blas"``."""
+    return _ACTIVE[0] or _fixed_kernel() or "blas"
+
+
+def _fixed_kernel() -> str | None:
+    """The kernel ``POLYMODAL_LINEAR_KERNEL`` fixes, None for ``auto``; any other value raises, naming the choices."""
     mode = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
     if mode in KERNELS:
         return mode
     if mode != "auto":
         raise ValueError(f"{KERNEL_ENV} must be one of auto, {', '.join(KERNELS)}; got {mode!r}")
-    return _ACTIVE[0] or "blas"
+    return None
 
 
 _ACTIVE: list[str | None] = [None]  # the kernel of the running tuned step (a list, not a ContextVar: compiled
@@ -123,11 +128,9 @@ class KernelTuner:
         """Runs the block (one decoding step) under this key's kernel, timing it while the choice is open."""
         key = (*key, torch.get_num_threads())
         chosen = self.choice.get(key)
-        fixed = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
-        if fixed != "auto" and fixed not in KERNELS:
-            linear_kernel()  # raises, naming the accepted values
-        if chosen is not None or fixed in KERNELS:
-            with _running(fixed if fixed in KERNELS else chosen):  # read once per step, not per layer
+        fixed = _fixed_kernel()  # read once per step, not per layer
+        if chosen is not None or fixed is not None:
+            with _running(fixed or chosen):
                 yield
             return
         times = self.times.setdefault(key, {k: [] for k in KERNELS})
