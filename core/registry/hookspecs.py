@@ -316,14 +316,14 @@ def register_models(register: Register) -> None:
     Example::
 
         from polymodal import hookimpl
-        from polymodal.nn.encoders import ViTEncoderConfig
         from polymodal.models import ModelSpec
-        from polymodal.plugins.vit import ViTClassifier, ViTConfig
+        from polymodal.registry import get_registry
 
         @hookimpl
         def register_models(register):
-            wide = ViTConfig(encoder=ViTEncoderConfig().with_block(dim=256, heads=8))
-            register("vit-wide", ModelSpec(ViTClassifier, wide, data="digits"))
+            vit = get_registry().get("model", "vit")  # a registered family's variant, widened
+            wide = vit.make_config(**{"encoder.block.dim": 256, "encoder.block.heads": 8})
+            register("vit-wide", ModelSpec(vit.model_class, wide, data="digits"))
     """
 
 
