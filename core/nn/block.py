@@ -176,7 +176,8 @@ class Attention(nn.Module):
             q = self._heads(self.q(x))  # (B, H, N, Dh)
             k, v = self.context_kv(context) if cache is None else cache.cross_kv(self, context, self.context_kv)
         else:
-            q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, N, Dh)
+            qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
+            q, k, v = qkv.unbind(0)  # (B, H, N, Dh) each
             if cache is not None:
                 k, v = cache.update(self.layer_index, k, v)  # (B, H, N_past+N, Dh)
         out = attention(
@@ -192,8 +193,13 @@ class Attention(nn.Module):
         )  # (B, H, N, Dh)
         if self.head_scale is not None:
             out = out * self.head_scale.to(out.dtype)[:, None, None]  # (B, H, N, Dh)
-        out = out.transpose(1, 2).reshape(b, n, d)  # (B, N, D)
-        return self.proj_drop(self.proj(out))
+        out = self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
+        return self.proj_drop(out) if self.training else out  # (dropout is the identity in eval: no call per step)
+
+
+def _unchanged(x: Tensor) -> Tensor:
+    """The identity, called where an eval-mode dropout module would be (a function call costs less per step)."""
+    return x
 
 
 class DropPath(nn.Module):
@@ -275,15 +281,16 @@ class Block(nn.Module):
                 "position_bias= (1, heads, N, N_keys), as TransformerStack does (RelativePositionBias.for_tokens)"
             )
         mask = add_bias(mask, position_bias)  # additive (B?, H, N, N_keys) when a bias is given
+        path = self.drop_path if self.training else _unchanged  # stochastic depth is the identity in eval
         h = self.attn(self.norm1(x), causal=causal, key_padding=key_padding, seqlens=seqlens, mask=mask, cache=cache)
         if self.attn_out_norm is not None:
             h = self.attn_out_norm(h)
-        x = x + self.drop_path(h)  # (B, N, D)
+        x = x + path(h)  # (B, N, D)
         if self.cfg.cross_attention:
             h = self.cross_attn(self.norm_cross(x), context, key_padding=context_padding, cache=cache)  # (B, N, D)
             if self.cross_out_norm is not None:
                 h = self.cross_out_norm(h)
             if self.cross_gate is not None:
                 h = torch.tanh(self.cross_gate) * h
-            x = x + self.drop_path(h)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+            x = x + path(h)
+        return x + path(self.mlp(self.norm2(x)))

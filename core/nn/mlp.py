@@ -65,4 +65,4 @@ class Mlp(nn.Module):
         h = self.act(self.gate(x)) * h if self.gate is not None else self.act(h)
         if self.mid_norm is not None:
             h = self.mid_norm(h)
-        return self.fc2(self.drop(h))  # (..., out_dim)
+        return self.fc2(self.drop(h) if self.training else h)  # (..., out_dim); eval-mode dropout is the identity
