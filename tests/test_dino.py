@@ -281,6 +281,21 @@ def test_eval_and_attention_maps_commands(tmp_path):
         assert img.size == (8 * ((2 + heads) * 33 + 1), 8 * (3 * 33 + 1))
     result = runner.invoke(main, ["dino", "attention-maps", str(tmp_path / "m"), "--out", str(tmp_path / "n")])
     assert result.exit_code != 0 and "--test-images" in result.output
+    # a rerun into the same folder replaces what the last run wrote (test_001 is gone); a user's own file stays,
+    # and a folder of the user's files is refused before any work
+    result = runner.invoke(
+        main, ["dino", "attention-maps", str(tmp_path / "m"), images[0], "--out", str(tmp_path / "t")]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "t" / "img0_mean.png").is_file() and not (tmp_path / "t" / "test_001_mean.png").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "grid.png").write_bytes(b"the user's")
+    result = runner.invoke(
+        main, ["dino", "attention-maps", str(tmp_path / "m"), images[0], "--out", str(tmp_path / "mine")]
+    )
+    assert result.exit_code != 0 and "did not write" in result.output
+    assert (tmp_path / "mine" / "grid.png").read_bytes() == b"the user's"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["grid.png"]
 
 
 def test_attention_maps_command_rejects_other_families(tmp_path):

@@ -281,6 +281,12 @@ def test_caption_command_and_eval(model, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.count("[image:") == 3 and "digit.png] This is a" in result.output
     assert (tmp_path / "t.txt").read_text().strip() == result.output.strip()
+    (tmp_path / "mine.txt").write_text("the user's")  # an existing file is refused before any work
+    args = ["flamingo", "caption", str(folder), str(image), "--shots", "0"]
+    for taken in ("mine.txt", "t.txt"):
+        result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / taken)])
+        assert result.exit_code != 0 and "already exists" in result.output and "[image:" not in result.output
+    assert (tmp_path / "mine.txt").read_text() == "the user's"
     result = CliRunner().invoke(main, ["flamingo", "caption", str(folder), str(image), "--shots", "0"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"[image: {image}] This is a ⟶") and result.output.count("[image:") == 1

@@ -304,6 +304,17 @@ def test_caption_command(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "o" / "transcript.txt").read_text().startswith("prompt: <image> is a")
+    # --out is a samples folder: a folder of the user's own files is refused before any work, nothing replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "transcript.txt").write_text("the user's")
+    args = ["fromage", "retrieve", str(tmp_path / "m"), "the digit", "--gallery", str(tmp_path), "-k", "1"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "mine")])
+    assert result.exit_code != 0 and "did not write" in result.output
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["transcript.txt"]
+    assert (tmp_path / "mine" / "transcript.txt").read_text() == "the user's"
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o")])  # a rerun replaces its own files
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o" / "transcript.txt").read_text().startswith("prompt: the digit")
 
 
 @pytest.mark.parametrize("ret_layer", [-2, -1, 0, 1])

@@ -194,15 +194,17 @@ def _inputs(model, paths: tuple[str, ...], test_images: int) -> tuple[Tensor, li
 def attention_maps_command(directory, images, out, test_images, scale, dtype, compile_) -> None:
     """Write the last layer's [CLS] attention per head of the DINO model folder DIRECTORY for IMAGES."""
     import polymodal
+    from polymodal.io.samples import previous_samples, write_samples_folder
 
     if not images and not test_images:
         raise click.UsageError("give IMAGE files and/or --test-images N")
     try:
+        previous_samples(out)  # OUT is a samples folder: a user's own files there are never replaced
         model = polymodal.load(directory, dtype=dtype, compile=compile_)
         if model.family != "dino":
             raise ValueError(f"{directory} holds a {model.family!r} model, not a DINO model")
         batch, stems = _inputs(model, images, test_images)
-        paths = write_attention_maps(model, batch, stems, out, scale=scale)
+        paths = write_samples_folder(out, lambda folder: write_attention_maps(model, batch, stems, folder, scale=scale))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     for p in paths:

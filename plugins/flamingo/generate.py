@@ -3,6 +3,7 @@ and the ``polymodal flamingo caption DIR IMAGE... [--shots K]`` command."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import Tensor
 from polymodal.generation.linear import fast_linear, fast_linears
 from polymodal.generation.options import TOKEN_SAMPLING, check_sample_values, keywords
 from polymodal.generation.sampling import generate
+from polymodal.io.folders import atomic_write
 from polymodal.models.inference import inference_options
 from polymodal.nn import KVCache, eval_mode
 
@@ -227,8 +229,7 @@ class GenerateMixin:
                 transcript(text, names, gen),
                 "",
             ]
-        path = out / "transcript.txt"
-        path.write_text("\n".join(lines), encoding="utf-8")
+        path = atomic_write(out / "transcript.txt", "\n".join(lines))
         return paths + [path]
 
 
@@ -260,6 +261,8 @@ def caption_command(directory, images, shots, prompt, seed, temperature, out, dt
     from polymodal.eval.images import read_image
 
     try:
+        if out and os.path.lexists(out):
+            raise ValueError(f"--out {out} already exists; polymodal never overwrites a file it did not write")
         model = polymodal.load(directory, dtype=dtype, compile=compile_)
         if model.family != "flamingo":
             raise ValueError(f"{directory} holds a {model.family!r} model, not a Flamingo model")
@@ -280,7 +283,7 @@ def caption_command(directory, images, shots, prompt, seed, temperature, out, dt
     report = "\n\n".join(blocks)
     click.echo(report)
     if out:
-        Path(out).write_text(report + "\n", encoding="utf-8")
+        atomic_write(out, report + "\n")  # checked before any work: never replaces a file it did not write
 
 
 __all__ = ["GenerateMixin", "caption_command", "transcript"]

@@ -68,24 +68,35 @@ def caption_command(directory, images, max_tokens, dtype, compile_) -> None:
     type=click.Path(exists=True, dir_okay=False),
     help="An image for each <image> token of PROMPT, in order (repeatable).",
 )
-@click.option("--out", type=click.Path(file_okay=False), help="Also write the images and a transcript here.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Also write the images and a transcript to this samples folder (as `polymodal sample --out`: a "
+    "rerun replaces what the last run wrote, never other files).",
+)
 @inference_options
 def retrieve_command(directory, prompt, gallery, k, inputs, out, dtype, compile_) -> None:
     """Continue PROMPT (may hold <image> tokens) with DIRECTORY's FROMAGe model; print the k nearest gallery images."""
     import torch
 
     from polymodal.eval.images import read_image
+    from polymodal.io.samples import previous_samples, write_samples_folder
 
     from .infer import generate, load_gallery, sample_to_folder
 
     try:
+        if out:
+            previous_samples(out)  # a samples folder, as `polymodal sample --out`: a user's own files stay
         model = _load(directory, dtype, compile_)
         images, names = load_gallery(model, gallery)
         v = model.vision.config.vision
         given = torch.stack([read_image(p, v.channels, v.image_size) for p in inputs]) if inputs else None
         result = generate(model, prompt, images=given, gallery=images, k=k)
         if out:
-            sample_to_folder(model, out, n=k, prompt=prompt, gallery=gallery, images=given)
+            fill = lambda folder: sample_to_folder(  # noqa: E731
+                model, folder, n=k, prompt=prompt, gallery=gallery, images=given
+            )
+            write_samples_folder(out, fill)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"generated: {result['text']}")
