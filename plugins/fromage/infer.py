@@ -21,6 +21,7 @@ from polymodal.data.augment import resize
 from polymodal.data.digits import DIGIT_WORDS
 from polymodal.generation.options import check_sample_values
 from polymodal.generation.sampling import generate as core_generate
+from polymodal.io.folders import atomic_write
 from polymodal.nn import KVCache, eval_mode
 
 from .config import DIGITS_TRAIN_TEMPLATES, fill_template
@@ -394,8 +395,7 @@ def sample_to_folder(
             f"  sample_{i:03d}.png  {names[j]}: {c}" for i, (j, c) in enumerate(zip(picked.tolist(), caps))
         ]
     paths = write_samples(images[picked], out)
-    transcript = out / "transcript.txt"
-    transcript.write_text("\n".join(lines) + "\n")
+    transcript = atomic_write(out / "transcript.txt", "\n".join(lines) + "\n")
     return [*paths, transcript]
 
 
