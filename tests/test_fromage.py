@@ -10,7 +10,9 @@ from click.testing import CliRunner
 from polymodal.api import spec
 from polymodal.data.base import Dataset, Split
 from polymodal.plugins.fromage import Fromage
-from polymodal.plugins.fromage.infer import caption, embed_texts, generate, named_digits, sample_to_folder
+from polymodal.plugins.fromage.evaluate import named_digits
+from polymodal.plugins.fromage.infer import caption, embed_texts, generate
+from polymodal.plugins.fromage.samples import sample_to_folder
 from polymodal.testing import contracts
 from polymodal.train import train
 

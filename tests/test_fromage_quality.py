@@ -75,7 +75,7 @@ def test_caption_command_on_a_test_image(fromage, tmp_path):
     from polymodal.cli import main
     from polymodal.data import load_dataset
     from polymodal.eval.images import save_png
-    from polymodal.plugins.fromage.infer import named_digits
+    from polymodal.plugins.fromage.evaluate import named_digits
 
     folder, _ = fromage
     test = load_dataset("digits").test

@@ -82,7 +82,8 @@ def retrieve_command(directory, prompt, gallery, k, inputs, out, dtype, compile_
     from polymodal.eval.images import read_image
     from polymodal.io.samples import previous_samples, write_samples_folder
 
-    from .infer import generate, load_gallery, sample_to_folder
+    from .infer import generate
+    from .samples import load_gallery, sample_to_folder
 
     try:
         if out:

@@ -1,4 +1,5 @@
-"""FROMAGe inference: captioning, text generation that may emit [RET], retrieval, evaluation, sample folders.
+"""FROMAGe inference: captioning, text generation that may emit [RET], retrieval (evaluation: :mod:`.evaluate`;
+sample folders: :mod:`.samples`).
 
 model = polymodal.load("runs/fromage")
 captions = caption(model, images)                       # ["a seven", …]
@@ -9,25 +10,15 @@ out["text"], out["retrieved"], out["emitted_ret"]        # text, (k,) gallery in
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from polymodal.data.augment import resize
-from polymodal.data.digits import DIGIT_WORDS
 from polymodal.generation.options import check_sample_values
 from polymodal.generation.sampling import generate as core_generate
-from polymodal.io.folders import atomic_write
-from polymodal.nn import KVCache, eval_mode
-
-from .config import DIGITS_TRAIN_TEMPLATES, fill_template
-
-SAMPLE_OPTIONS = ("temperature", "top_k", "top_p", "use_cache", "gallery", "images", "max_new_tokens")
-"""The ``sample_to_folder`` options FROMAGe understands (``gallery``, ``images``, ``max_new_tokens`` from Python only)."""
+from polymodal.nn import KVCache
 
 
 def _step_fn(model: Any, before: Tensor | None, after: Tensor | None, t0: int, keep: dict | None = None):
@@ -281,134 +272,11 @@ def generate_text(
     return generate(model, prompt, images=batch, max_new_tokens=max_new_tokens, seed=seed, **sampling)["text"]
 
 
-def named_digits(text: str) -> set[int]:
-    """Digits a text names, as words (``seven``) or numerals (``7``)."""
-    words = re.findall(r"[a-z]+|\d", text.lower())
-    return {DIGIT_WORDS.index(w) if w in DIGIT_WORDS else int(w) for w in words if w in DIGIT_WORDS or w.isdigit()}
-
-
-@torch.no_grad()
-def evaluate_fromage(model: Any, dataset: Any, split: str = "test") -> dict[str, Any]:
-    """``caption_accuracy``: the greedy caption names the image's digit and no other (word or numeral).
-
-    ``retrieval_r1``: for every (template, digit) query read alone with [RET], the nearest image
-    of the split shows that digit; the templates are the digits' word-form caption templates ("a
-    photo of the number seven" …, trained on; the images are unseen), ``_numerals`` its numeral
-    ones ("a handwritten 7" …), ``_heldout`` the held-out templates (never trained on);
-    ``retrieval_precision10``: mean share of the 10 nearest images that show it.
-    ``ret_emission_rate``: share of the word-form queries whose greedy continuation emits [RET].
-    """
-    with eval_mode(model):
-        data = dataset.split(split)
-        images, labels = resize(data["image"].float(), model.vision.config.vision.image_size), data["label"]
-        caps = caption(model, images)
-        right = [named_digits(c) == {y} for c, y in zip(caps, labels.tolist())]
-        gallery = embed_images(model, images).cpu()  # (N, S)
-        metrics: dict[str, Any] = {"caption_accuracy": sum(right) / len(right)}
-        words = tuple(t for t in DIGITS_TRAIN_TEMPLATES if "{numeral}" not in t)
-        numerals = tuple(t for t in DIGITS_TRAIN_TEMPLATES if "{numeral}" in t)
-        for suffix, templates in (("", words), ("_numerals", numerals), ("_heldout", model.config.eval_templates)):
-            queries = [(fill_template(t, d), d) for t in templates for d in range(10)]
-            sims = embed_texts(model, [q for q, _ in queries]).cpu() @ gallery.t()  # (Q, N)
-            want = torch.tensor([d for _, d in queries])  # (Q,)
-            metrics[f"retrieval_r1{suffix}"] = (labels[sims.argmax(1)] == want).float().mean().item()
-            top10 = labels[sims.topk(10, dim=1).indices]  # (Q, 10)
-            metrics[f"retrieval_precision10{suffix}"] = (top10 == want[:, None]).float().mean().item()
-        queries = [fill_template(t, d) for t in words for d in range(10)]
-        metrics["ret_emission_rate"] = sum(generate(model, q)["emitted_ret"] for q in queries) / len(queries)
-        metrics.update(model.parameter_counts())
-        metrics["samples"] = len(labels)
-        metrics["example_captions"] = "; ".join(f"{y}: {c}" for c, y in list(zip(caps, labels.tolist()))[:5])
-    return metrics
-
-
-def load_gallery(model: Any, gallery: Any) -> tuple[Tensor, list[str]]:
-    """Gallery images (N, C, S, S) at the CLIP tower's size and a name per image: a tensor, a folder of
-    images, or the model's test split (resized like a folder's images)."""
-    from polymodal.data import load_dataset
-    from polymodal.eval.images import read_image
-
-    v = model.vision.config.vision
-    if gallery is None:
-        split = load_dataset(model.config.data).test
-        names = [f"test[{i}] (label {y})" for i, y in enumerate(split["label"].tolist())]
-        return resize(split["image"].float(), v.image_size), names
-    if isinstance(gallery, Tensor):
-        return model.check_images(gallery), [f"gallery[{i}]" for i in range(len(gallery))]
-    folder = Path(gallery)
-    files = (
-        sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
-        if folder.is_dir()
-        else []
-    )
-    if not files:
-        raise ValueError(
-            f"gallery must be an image tensor (N, {v.channels}, {v.image_size}, {v.image_size}) or a folder "
-            f"of .png/.jpg images; {str(gallery)!r} has none"
-        )
-    return torch.stack([read_image(p, v.channels, v.image_size) for p in files]), [p.name for p in files]
-
-
-def sample_to_folder(
-    model: Any, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
-) -> list[Path]:
-    """With a prompt: its continuation and the ``n`` nearest gallery images; without: ``n`` captioned test images.
-
-    The prompt may hold ``<image>`` tokens filled from ``images`` (N, C, S, S); ``gallery`` is an
-    image tensor or folder (default: the test split of the model's data).
-    Writes ``sample_000.png`` … (the gallery images at the CLIP's input size), ``grid.png`` and
-    ``transcript.txt`` (the prompt, the generated text, [RET] and each image's file, source and
-    score, or each caption).
-    """
-    from polymodal.eval.images import write_samples
-
-    bad = sorted(set(options) - set(SAMPLE_OPTIONS))
-    if bad:
-        raise ValueError(
-            f"fromage does not support {', '.join(bad)}; it supports {', '.join(SAMPLE_OPTIONS)} "
-            "(caption your own images with `polymodal fromage caption`)"
-        )
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1; got {n!r}")
-    gen = {k: options[k] for k in ("temperature", "top_k", "top_p", "use_cache", "max_new_tokens") if k in options}
-    images, names = load_gallery(model, options.get("gallery"))
-    out = Path(out)
-    if prompt is not None:
-        result = generate(
-            model, prompt, images=options.get("images"), gallery=images, k=min(n, len(images)), seed=seed, **gen
-        )
-        picked = result["retrieved"]
-        lines = [
-            f"prompt: {prompt}",
-            f"generated: {result['text']}",
-            f"[RET]: {'emitted' if result['emitted_ret'] else 'not emitted; appended for retrieval'}",
-            "retrieved:",
-        ]
-        lines += [
-            f"  sample_{i:03d}.png  {names[j]}  cosine {s:.3f}"
-            for i, (j, s) in enumerate(zip(picked.tolist(), result["scores"].tolist()))
-        ]
-    else:
-        picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-        caps = caption(model, images[picked], seed=seed, **gen)
-        lines = ["captions:"] + [
-            f"  sample_{i:03d}.png  {names[j]}: {c}" for i, (j, c) in enumerate(zip(picked.tolist(), caps))
-        ]
-    paths = write_samples(images[picked], out)
-    transcript = atomic_write(out / "transcript.txt", "\n".join(lines) + "\n")
-    return [*paths, transcript]
-
-
 __all__ = [
-    "SAMPLE_OPTIONS",
     "caption",
     "embed_images",
     "embed_texts",
-    "evaluate_fromage",
     "generate",
     "interleave",
-    "load_gallery",
-    "named_digits",
     "new_tokens",
-    "sample_to_folder",
 ]

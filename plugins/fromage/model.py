@@ -286,7 +286,7 @@ class Fromage(FromageTraining, PolymodalModel):
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str = "test") -> dict[str, Any]:
         """caption_accuracy, retrieval_r1 (held-out query templates) and parameter counts; see ``infer``."""
-        from .infer import evaluate_fromage
+        from .evaluate import evaluate_fromage
 
         return evaluate_fromage(self, dataset, split)
 
@@ -294,7 +294,7 @@ class Fromage(FromageTraining, PolymodalModel):
         self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
     ) -> list[Path]:
         """Prompt → generated text + the n nearest test images (or, without a prompt, n captioned images)."""
-        from .infer import sample_to_folder
+        from .samples import sample_to_folder
 
         return sample_to_folder(self, out, n=n, prompt=prompt, seed=seed, **options)
 
