@@ -18,7 +18,8 @@ from polymodal.nn.encoders import TextEncoderConfig, ViTEncoderConfig
 from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
-from .model import CLIPConfig, CLIPModel, CLIPTextual, CLIPVisual
+from .config import CLIPConfig
+from .model import CLIPModel, CLIPTextual, CLIPVisual
 
 __all__ = ["CLIPConfig", "CLIPModel", "CLIPTextual", "CLIPVisual", "VARIANTS"]
 

@@ -17,7 +17,8 @@ from polymodal.io.hf import activation, convert_hf_folder, hf_converter, mlp_rat
 from polymodal.nn import BlockConfig
 from polymodal.nn.encoders import TextEncoderConfig, ViTEncoderConfig
 
-from .model import CLIPConfig, CLIPModel
+from .config import CLIPConfig
+from .model import CLIPModel
 
 
 def config_from_hf(hf: dict, has_tokenizer: bool, source: str = "hf-clip") -> CLIPConfig:
