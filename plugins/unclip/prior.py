@@ -19,58 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.config import config, field, in_range
-from polymodal.diffusion import NoiseSchedule, SamplerConfig, ScheduleConfig, cfg_model, diffusion_loss, make_sampler
+from polymodal.diffusion import NoiseSchedule, cfg_model, diffusion_loss, make_sampler
 from polymodal.diffusion import sample as diffusion_sample
 from polymodal.models import ModelSpec, PolymodalModel
 from polymodal.models.recipe import TrainConfig
 from polymodal.nn import BlockConfig, StackConfig, TransformerStack, eval_mode
 from polymodal.nn.unet import TimeEmbedding, timestep_embedding
 
+from .config import PriorConfig
 from .prefix import EXTRA, STEP, PrefixCachedPrior, batch_timesteps, in_batch_order, row_groups
 
 STANDALONE = (
     "unclip-prior learns from CLIP embeddings, which the `unclip` composite computes with its frozen CLIP: "
     "train it with `polymodal train unclip` (the prior is saved in the unclip folder's prior/ sub-folder)"
 )
-_width = in_range(1, 65536, integer=True)
-
-
-@config
-class PriorConfig:
-    """The diffusion prior: sizes, schedule, guidance and sampling defaults."""
-
-    embed_dim: int = field(64, "E: width of the CLIP image and text embeddings (the CLIP's embed_dim).", check=_width)
-    text_dim: int = field(64, "Dt: width of the CLIP text tower's token encodings.", check=_width)
-    text_len: int = field(24, "L: CLIP's text context length (shorter token inputs are padded).", check=_width)
-    width: int = field(128, "Width of the transformer's token stream.", check=_width)
-    depth: int = field(4, "Transformer blocks.", check=in_range(1, 1024, integer=True))
-    heads: int = field(4, "Attention heads; must divide width.", check=in_range(1, 1024, integer=True))
-    norm_eps: float = field(1e-5, "Epsilon of every LayerNorm.", check=in_range(0.0, 1.0))
-    norm_in: bool = field(False, "LayerNorm the sequence before the blocks (diffusers' norm_in_type='layer').")
-    embed_norm: bool = field(False, "LayerNorm the text embedding first (diffusers' embedding_proj_norm_type).")
-    dropout: float = field(0.0, "Dropout after the blocks' attention and MLP projections.", check=in_range(0.0, 1.0))
-    schedule: ScheduleConfig = field(
-        ScheduleConfig(kind="squaredcos_cap_v2", timesteps=1000, prediction="sample"),
-        "The noise schedule; the prior predicts x0, so prediction must be 'sample'.",
-    )
-    text_dropout: float = field(0.1, "Share of training samples whose text is dropped.", check=in_range(0, 1))
-    candidates: int = field(2, "Embeddings sampled per prompt; the one closest to the text is kept.", check=_width)
-    sampler: SamplerConfig = field(
-        SamplerConfig(name="ddpm", steps=64, clip_sample=True, clip_range=5.0),
-        "Default sampler (predicted x0 clipped to ±5 std, as Karlo's prior scheduler).",
-    )
-    guidance_scale: float = field(2.0, "Default guidance scale (1: conditional only).", check=in_range(0, 100))
-
-    def __attrs_post_init__(self) -> None:
-        if self.width % self.heads:
-            raise ValueError(f"PriorConfig.heads must divide width; got width={self.width}, heads={self.heads}")
-        if self.schedule.prediction != "sample":
-            raise ValueError(f"PriorConfig.schedule.prediction must be 'sample' (x0); got {self.schedule.prediction!r}")
-        if self.sampler.steps > self.schedule.timesteps:
-            raise ValueError(
-                f"PriorConfig.sampler.steps must be ≤ T={self.schedule.timesteps}; got {self.sampler.steps}"
-            )
 
 
 def _shaped(name: str, x: Any, *shape: int | str) -> Tensor:
