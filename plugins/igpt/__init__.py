@@ -17,7 +17,8 @@ from polymodal.models import ModelSpec
 from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
-from .model import IGPT, IGPTConfig
+from .config import IGPTConfig
+from .model import IGPT
 
 __all__ = ["IGPT", "IGPTConfig", "VARIANTS"]
 

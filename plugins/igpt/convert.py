@@ -34,7 +34,8 @@ from polymodal.io.hf import (
     mlp_ratio_for,
 )
 
-from .model import IGPT, IGPTConfig
+from .config import IGPTConfig
+from .model import IGPT
 
 
 def config_from_hf(hf: dict, source: str = "hf-imagegpt") -> IGPTConfig:

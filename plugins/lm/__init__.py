@@ -15,7 +15,8 @@ from polymodal.models import ModelSpec
 from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
-from .model import LMConfig, LMModel
+from .config import LMConfig
+from .model import LMModel
 
 __all__ = ["LMConfig", "LMModel", "VARIANTS"]
 

@@ -33,7 +33,8 @@ from polymodal.io.hf import (
     mlp_ratio_for,
 )
 
-from .model import LMConfig, LMModel
+from .config import LMConfig
+from .model import LMModel
 
 EOT = "<|endoftext|>"
 """GPT-2's only special token: start, end and padding at once."""

@@ -23,7 +23,8 @@ from polymodal.models import ModelSpec
 from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
-from .model import T5Config, T5Model
+from .config import T5Config
+from .model import T5Model
 
 __all__ = ["VARIANTS", "T5Config", "T5Model"]
 

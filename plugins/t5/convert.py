@@ -25,7 +25,8 @@ from polymodal.io import LoadError
 from polymodal.io.folders import read_json
 from polymodal.io.hf import convert_hf_folder, hf_converter, mlp_ratio_for, t5_stack_state
 
-from .model import T5Config, T5Model
+from .config import T5Config
+from .model import T5Model
 
 FEED_FORWARD = {"relu": "relu", "gated-gelu": "geglu_tanh"}
 """transformers ``feed_forward_proj`` → the core MLP activation."""
