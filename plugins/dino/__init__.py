@@ -20,7 +20,8 @@ from polymodal.plugins.dino.distill import DINOHeadConfig, DINOLossConfig
 from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
-from .model import DINOConfig, DINOModel
+from .config import DINOConfig
+from .model import DINOModel
 
 __all__ = ["DINOConfig", "DINOModel", "VARIANTS"]
 

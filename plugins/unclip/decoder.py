@@ -31,20 +31,14 @@ import attrs
 import torch
 from torch import Tensor
 
-from polymodal.config import config, field, in_range, one_of
-from polymodal.diffusion import NoiseSchedule, ScheduleConfig, cfg_model, diffusion_loss, make_sampler, sample
-from polymodal.diffusion.schedule import WEIGHTINGS
+from polymodal.diffusion import NoiseSchedule, cfg_model, diffusion_loss, make_sampler, sample
 from polymodal.models import ModelSpec, PolymodalModel
 from polymodal.models.base import ImageSpec
-from polymodal.nn import UNet, UNetConfig, eval_mode
+from polymodal.nn import UNet, eval_mode
 from polymodal.nn.conditioning import UnCLIPProjection
 from polymodal.train import TrainConfig
 
-_pos = in_range(1, 1_000_000, integer=True)
-UNET = UNetConfig(
-    channels=(32, 64), layers_per_block=1, attention_head_dim=16, scale_shift=True, context_dim=64, sample_size=8
-)
-"""The digits decoder's UNet: widths 32/64, 8×8 → 4×4, ADM scale-shift, cross-attention (width 64) at 4×4."""
+from .config import DecoderConfig
 
 
 def _shaped(value: Any, name: str, labels: str, want: tuple) -> Any:
@@ -55,53 +49,6 @@ def _shaped(value: Any, name: str, labels: str, want: tuple) -> Any:
         shown = ", ".join(lab if w is None else str(w) for lab, w in zip(labels.split(", "), want))
         raise ValueError(f"{name} must be ({labels}) = ({shown}); got {got}")
     return value
-
-
-@config
-class DecoderConfig:
-    """The unCLIP decoder: UNet, CLIP widths, condition dropouts, schedule and sampling defaults."""
-
-    embed_dim: int = field(64, "E, the CLIP embedding width (image and text embeddings).", check=_pos)
-    text_dim: int = field(64, "Dt, the width of CLIP's text token encodings.", check=_pos)
-    text_len: int = field(24, "L, CLIP's text context length (of example inputs; forward takes any).", check=_pos)
-    unet: UNetConfig = field(
-        UNET, "The denoising UNet: image channels and size, context_dim the cross-attention width (> 0)."
-    )
-    extra_tokens: int = field(4, "Context tokens projected from the CLIP image embedding.", check=_pos)
-    image_dropout: float = field(
-        0.1, "Training: share of image embeddings replaced by the null one.", check=in_range(0.0, 1.0)
-    )
-    text_dropout: float = field(0.5, "Training: share of samples whose text is dropped.", check=in_range(0.0, 1.0))
-    schedule: ScheduleConfig = field(ScheduleConfig(), "The noise schedule (linear, T = 1000, ε-prediction).")
-    loss_weighting: str = field(
-        "none",
-        "Loss weighting over timesteps: 'none' (L_simple, GLIDE's) or 'min_snr' (Hang et al., γ = 5).",
-        check=one_of(*WEIGHTINGS),
-    )
-    sampler: str = field("ddim", "Default sampler: 'ddpm' or 'ddim'.", check=one_of("ddpm", "ddim"))
-    steps: int = field(50, "Default sampling steps (1 … T).", check=in_range(1, 100_000, integer=True))
-    eta: float = field(0.0, "Default DDIM η (0: deterministic).", check=in_range(0.0, 1.0))
-    spacing: str = field(
-        "trailing",
-        "How respaced timesteps are chosen (diffusers' timestep_spacing).",
-        check=one_of("leading", "trailing", "linspace"),
-    )
-    clip_sample: bool = field(False, "Clip each step's predicted x0 to [-1, 1].")
-    guidance_scale: float = field(
-        3.0, "Default classifier-free guidance scale w (1: conditional).", check=in_range(0.0, 100.0)
-    )
-
-    def __attrs_post_init__(self) -> None:
-        u, T = self.unet, self.schedule.timesteps
-        for bad, what, got in (
-            (u.context_dim < 1, "unet.context_dim must be ≥ 1 (the decoder cross-attends)", u.context_dim),
-            (u.num_classes > 0, "unet.num_classes must be 0 (the CLIP projection is the condition)", u.num_classes),
-            (u.embedding_dim > 0, "unet.embedding_dim must be 0 (the CLIP projection is added as is)", u.embedding_dim),
-            (u.out_channels != u.in_channels, f"unet.out_channels must be in_channels={u.in_channels}", u.out_channels),
-            (self.steps > T, f"steps must be ≤ schedule.timesteps={T}", self.steps),
-        ):
-            if bad:
-                raise ValueError(f"DecoderConfig.{what}; got {got}")
 
 
 class UnCLIPDecoder(PolymodalModel):
