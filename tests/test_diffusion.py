@@ -10,7 +10,7 @@ from polymodal.api import spec
 from polymodal.data import load_dataset
 from polymodal.eval.images import read_image, save_png
 from polymodal.plugins.diffusion.classifier import NoisyClassifier
-from polymodal.plugins.diffusion.evaluate import label_from_prompt, sample_to_folder
+from polymodal.plugins.diffusion.samples import label_from_prompt, sample_to_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

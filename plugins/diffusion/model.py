@@ -284,8 +284,8 @@ class DiffusionModel(PolymodalModel):
     def sample_to_folder(
         self, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
     ) -> list[Path]:
-        """Write ``n`` samples as PNGs, ``grid.png`` and ``trajectory.png``; see :func:`.evaluate.sample_to_folder`."""
-        from .evaluate import sample_to_folder
+        """Write ``n`` samples as PNGs, ``grid.png`` and ``trajectory.png``; see :func:`.samples.sample_to_folder`."""
+        from .samples import sample_to_folder
 
         return sample_to_folder(self, out, n=n, prompt=prompt, seed=seed, **options)
 
