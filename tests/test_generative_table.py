@@ -157,6 +157,25 @@ def test_the_command_prints_markdown_writes_json_and_names_skips(folders, tmp_pa
     assert [r["model"] for r in only["rows"]] == ["gen-toy-uncond"] and only["samples"] == 8
 
 
+def test_the_table_never_replaces_a_users_file(folders, tmp_path):
+    args = ["eval", "--generative", "--from", str(folders), "--samples", "8", "--no-reference"]
+    for name, content in (("notes.md", "my notes"), ("both.md", "| model |")):
+        (tmp_path / name).write_text(content)  # a user's Markdown, or one beside a user's JSON
+    (tmp_path / "both.json").write_text('{"mine": 1}')
+    (tmp_path / "data.json").write_text("[1, 2]")  # only the JSON beside a new Markdown name exists
+    for out in ("notes.md", "both.md", "data.md", "table.json"):
+        result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / out)])
+        assert result.exit_code != 0, (out, result.output)
+        assert "skipped" not in result.stderr  # refused before any folder was read
+    assert (tmp_path / "notes.md").read_text() == "my notes" and (tmp_path / "both.json").read_text() == '{"mine": 1}'
+    assert (tmp_path / "data.json").read_text() == "[1, 2]" and not (tmp_path / "data.md").exists()
+    assert "never overwrites" in result.output or "Markdown path" in result.output
+    for _ in range(2):  # a table the command wrote is replaced by the next run
+        result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "table.md")])
+        assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "table.json").read_text())["samples"] == 8
+
+
 def test_plain_eval_still_takes_one_folder(folders):
     result = CliRunner().invoke(main, ["eval", str(folders / "gen-toy-cond"), "--json"])
     assert result.exit_code == 0, result.output

@@ -393,6 +393,8 @@ def _generative_table(directory, source, data, device, as_json, n, seed, out, no
 
     try:
         resolve_device(device)
+        if out:
+            gen.check_table_out(out)  # before sampling: a user's file there is never replaced
         folders = list(directory) or gen.find_folders(source)
         if not folders:
             raise ValueError(f"no model folders in {source}; give DIRECTORY... or --from DIR")

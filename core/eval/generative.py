@@ -239,12 +239,34 @@ def to_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(table: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    """Write ``out`` (Markdown) and the same name with ``.json``; returns both paths."""
-    from polymodal.io import atomic_write
-
+def check_table_out(out: str | Path) -> tuple[Path, Path]:
+    """Before any work: the Markdown path ``out`` and its ``.json`` beside it may be written — each is new, or
+    both hold a table this command wrote (the JSON a table with ``rows``, the Markdown starting with the table's
+    header). Anything else there is a user's file: a ValueError naming it, and nothing is replaced."""
     md = Path(out)
     js = md.with_suffix(".json")
+    if md.suffix == ".json":
+        raise ValueError(f"--out {out}: give the Markdown path (TABLE.md); the JSON is written beside it")
+    if not (md.exists() or js.exists()):
+        return md, js
+    try:
+        ours = isinstance(json.loads(js.read_text(encoding="utf-8")).get("rows"), list)
+        ours = ours and md.read_text(encoding="utf-8").startswith("| " + " | ".join(COLUMNS) + " |")
+    except (OSError, ValueError, AttributeError):  # missing, unreadable, not JSON, not an object
+        ours = False
+    if not ours:
+        raise ValueError(
+            f"--out {out}: {md} or {js} exists and is not a table `polymodal eval --generative` wrote; "
+            "polymodal never overwrites a file it did not write, so choose a new name"
+        )
+    return md, js
+
+
+def write_table(table: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """Write ``out`` (Markdown) and the same name with ``.json`` (see :func:`check_table_out`); returns both."""
+    from polymodal.io import atomic_write
+
+    md, js = check_table_out(out)
     atomic_write(md, to_markdown(table))
     atomic_write(js, json.dumps(table, indent=2, sort_keys=True))
     return md, js
@@ -253,6 +275,7 @@ def write_table(table: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
 __all__ = [
     "COLUMNS",
     "HOOK",
+    "check_table_out",
     "evaluate_generative",
     "find_folders",
     "generative_families",
