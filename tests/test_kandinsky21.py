@@ -54,7 +54,7 @@ def test_variant_parts_and_config_checks():
     c = spec.config
     assert (c.vae.variant, c.text.variant) == ("movq-shapes", "mclip-shapes") and c.image_tokens == 10
     assert c.text_dropout == 0.5 and c.image_dropout == 0.1 and c.thresholding and c.latent_scaling
-    assert c.unplaced_captions == 0.25 and KANDINSKY2.config.unplaced_captions == 0.0  # 2.0 measured worse with it
+    assert c.unplaced_captions == 0.25 and KANDINSKY2.config.unplaced_captions == 0.25  # both recipes (README)
     with pytest.raises(ValueError, match="out_channels must be in_channels=4; got 3"):
         attrs.evolve(c, unet=attrs.evolve(c.unet, out_channels=3))
     with pytest.raises(ValueError, match="prior_heads must divide prior_width=128; got 3"):
