@@ -111,6 +111,15 @@ def check_writable(out: str | Path, *, flag: str = "--out", what: str = "folder"
     return existing
 
 
+def check_new_file(out: str | Path, *, flag: str = "--out") -> Path:
+    """Check, before any work, that the single file ``out`` (a transcript, a picture) may be written: it must not
+    exist (an :class:`OutputError` naming ``flag`` and the path), since polymodal never overwrites a file it did not
+    write. Returns it as a Path."""
+    if os.path.lexists(out):
+        raise OutputError(f"{flag} {out} already exists; polymodal never overwrites a file it did not write")
+    return Path(out)
+
+
 def check_output(
     out: str | Path,
     *,
@@ -235,6 +244,7 @@ def _remove_leftovers(folder: Path) -> None:
 
 
 __all__ = [
+    "check_new_file",
     "OutputError",
     "check_output",
     "check_writable",

@@ -3,7 +3,6 @@ and the ``polymodal flamingo caption DIR IMAGE... [--shots K]`` command."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,6 +16,7 @@ from polymodal.generation.linear import fast_linear, fast_linears
 from polymodal.generation.options import TOKEN_SAMPLING, check_sample_values, keywords
 from polymodal.generation.sampling import generate
 from polymodal.io.folders import atomic_write
+from polymodal.io.output import check_new_file
 from polymodal.models.inference import inference_options
 from polymodal.nn import KVCache, eval_mode
 
@@ -261,8 +261,8 @@ def caption_command(directory, images, shots, prompt, seed, temperature, out, dt
     from polymodal.eval.images import read_image
 
     try:
-        if out and os.path.lexists(out):
-            raise ValueError(f"--out {out} already exists; polymodal never overwrites a file it did not write")
+        if out:
+            check_new_file(out)
         model = polymodal.load(directory, dtype=dtype, compile=compile_)
         if model.family != "flamingo":
             raise ValueError(f"{directory} holds a {model.family!r} model, not a Flamingo model")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 import torch
 
+from polymodal.io.output import check_new_file
 from polymodal.models.inference import inference_options
 
 
@@ -33,8 +34,8 @@ def ask_command(directory, image, instruction, ground, out, beams, dtype, compil
             raise ValueError("give an INSTRUCTION or --ground TEXT (one of them)")
         if out and ground is None:
             raise ValueError("--out writes the grounding picture; it needs --ground")
-        if out and Path(out).exists():
-            raise ValueError(f"{out} already exists; polymodal never overwrites a file it did not write")
+        if out:
+            check_new_file(out)
         if beams is not None and beams < 1:
             raise ValueError(f"--beams must be >= 1; got {beams}")
         model = polymodal.load(directory, dtype=dtype, compile=compile_)
