@@ -77,6 +77,8 @@ def caption_command(directory, images, max_tokens, dtype, compile_) -> None:
 @inference_options
 def retrieve_command(directory, prompt, gallery, k, inputs, out, dtype, compile_) -> None:
     """Continue PROMPT (may hold <image> tokens) with DIRECTORY's FROMAGe model; print the k nearest gallery images."""
+    from functools import partial
+
     import torch
 
     from polymodal.eval.images import read_image
@@ -94,10 +96,9 @@ def retrieve_command(directory, prompt, gallery, k, inputs, out, dtype, compile_
         given = torch.stack([read_image(p, v.channels, v.image_size) for p in inputs]) if inputs else None
         result = generate(model, prompt, images=given, gallery=images, k=k)
         if out:
-            fill = lambda folder: sample_to_folder(  # noqa: E731
-                model, folder, n=k, prompt=prompt, gallery=gallery, images=given
+            write_samples_folder(
+                out, partial(sample_to_folder, model, n=k, prompt=prompt, gallery=gallery, images=given)
             )
-            write_samples_folder(out, fill)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"generated: {result['text']}")
