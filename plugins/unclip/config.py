@@ -142,17 +142,19 @@ class UnCLIPConfig:
         return self.decoder_size or self.image_size
 
 
-_width = in_range(1, 65536, integer=True)
+_prior_size = in_range(1, 65536, integer=True)
 
 
 @config
 class PriorConfig:
     """The diffusion prior: sizes, schedule, guidance and sampling defaults."""
 
-    embed_dim: int = field(64, "E: width of the CLIP image and text embeddings (the CLIP's embed_dim).", check=_width)
-    text_dim: int = field(64, "Dt: width of the CLIP text tower's token encodings.", check=_width)
-    text_len: int = field(24, "L: CLIP's text context length (shorter token inputs are padded).", check=_width)
-    width: int = field(128, "Width of the transformer's token stream.", check=_width)
+    embed_dim: int = field(
+        64, "E: width of the CLIP image and text embeddings (the CLIP's embed_dim).", check=_prior_size
+    )
+    text_dim: int = field(64, "Dt: width of the CLIP text tower's token encodings.", check=_prior_size)
+    text_len: int = field(24, "L: CLIP's text context length (shorter token inputs are padded).", check=_prior_size)
+    width: int = field(128, "Width of the transformer's token stream.", check=_prior_size)
     depth: int = field(4, "Transformer blocks.", check=in_range(1, 1024, integer=True))
     heads: int = field(4, "Attention heads; must divide width.", check=in_range(1, 1024, integer=True))
     norm_eps: float = field(1e-5, "Epsilon of every LayerNorm.", check=in_range(0.0, 1.0))
@@ -164,7 +166,7 @@ class PriorConfig:
         "The noise schedule; the prior predicts x0, so prediction must be 'sample'.",
     )
     text_dropout: float = field(0.1, "Share of training samples whose text is dropped.", check=in_range(0, 1))
-    candidates: int = field(2, "Embeddings sampled per prompt; the one closest to the text is kept.", check=_width)
+    candidates: int = field(2, "Embeddings sampled per prompt; the one closest to the text is kept.", check=_prior_size)
     sampler: SamplerConfig = field(
         SamplerConfig(name="ddpm", steps=64, clip_sample=True, clip_range=5.0),
         "Default sampler (predicted x0 clipped to ±5 std, as Karlo's prior scheduler).",
