@@ -244,8 +244,8 @@ def _remove_leftovers(folder: Path) -> None:
 
 
 __all__ = [
-    "check_new_file",
     "OutputError",
+    "check_new_file",
     "check_output",
     "check_writable",
     "folder_kind",

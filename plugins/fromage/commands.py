@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 
 from polymodal.models.inference import inference_options
@@ -77,8 +79,6 @@ def caption_command(directory, images, max_tokens, dtype, compile_) -> None:
 @inference_options
 def retrieve_command(directory, prompt, gallery, k, inputs, out, dtype, compile_) -> None:
     """Continue PROMPT (may hold <image> tokens) with DIRECTORY's FROMAGe model; print the k nearest gallery images."""
-    from functools import partial
-
     import torch
 
     from polymodal.eval.images import read_image

@@ -41,7 +41,7 @@ KANDINSKY2 = ModelSpec(
     # time; T5's attention-pooled feature (the reference Text2ImUNet's) took the short prompts' colour / kind from
     # 0.61 / 0.71 (its mean, whose map to colour does not carry to unseen phrasings) to 0.67-0.79 / 0.87-0.89.
     # 3,000 steps instead of 2,000 (+50 % time): the loss was still falling, and green / cyan triangles and crosses
-    # came out yellow or green; short prompts' colour 0.65-0.81 → 0.90-0.96 per language, FD 3,218 → 949 (Zen 4,
+    # came out yellow or green; short prompts' colour 0.67-0.81 → 0.90-0.96 per language, FD 3,218 → 949 (Zen 4,
     # seed 0, the evaluation's 48 samples; README).
     train=TrainConfig(
         steps=3000, batch_size=32, lr=2e-3, warmup_steps=100, weight_decay=0.0, checkpoint_every=0, ema_decay=0.995
