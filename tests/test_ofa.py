@@ -23,6 +23,7 @@ from polymodal.plugins.ofa.tasks import (
     TaskCollate,
     make_task_batch,
     mask_middle,
+    move_scenes,
     objects_present,
     pick_task,
     split_rows,
@@ -132,6 +133,29 @@ def test_the_pre_stage_sees_its_scenes_mirrored_and_shifted_with_the_same_object
     unmoved = attrs.evolve(OFA.tiny_config(OFAConfig()), stem_pretrain_steps=5)  # the moves are off by default
     plain = TaskCollate(unmoved, vocab, None)
     assert torch.equal(plain(batch, 0)["parts"][0]["encoder_images"], batch["image"])
+
+
+def test_the_mixture_moves_its_scenes_and_makes_their_captions_and_questions_again(batch):
+    moved = move_scenes(batch, True, 4, seed=0, step=9)
+    again = move_scenes(batch, True, 4, seed=0, step=9)
+    assert torch.equal(moved["image"], again["image"]) and moved["caption"] == again["caption"]  # (seed, step)
+    assert not torch.equal(moved["image"], batch["image"]) and moved["boxes"] != batch["boxes"]
+    for i, boxes in enumerate(moved["boxes"]):  # the text names the moved objects' places, not the old ones
+        truth = scene_objects(boxes, 32)
+        named = parse_caption(moved["caption"][i])
+        assert set(named) == truth and len(named) == len(truth)
+        answers = dict(moved["qa"][i])
+        assert answers["how many objects are there?"] == str(len(boxes))
+        for c, k, p in truth:
+            where = shapes.WHERE[shapes.POSITIONS[p]]
+            assert answers[f"what colour is the {shapes.KINDS[k]} {where}?"] == tuple(shapes.COLOURS)[c]
+            assert answers[f"where is the {tuple(shapes.COLOURS)[c]} {shapes.KINDS[k]}?"] == shapes.POSITIONS[p]
+    config = attrs.evolve(OFA.tiny_config(OFAConfig()), augment_flip=True, augment_shift=4)
+    tiny = OFA(config)
+    parts = TaskCollate(config, tiny.vocab, tiny.texts())(batch, 9)["parts"]
+    assert torch.equal(torch.cat([p["image"] for p in parts]), moved["image"])  # every task's rows, moved alike
+    plain = TaskCollate(OFA.tiny_config(OFAConfig()), tiny.vocab, tiny.texts())(batch, 9)["parts"]  # off by default
+    assert torch.equal(torch.cat([p["image"] for p in plain]), batch["image"])
 
 
 def test_every_task_batch_has_an_instruction_and_a_target_the_loss_reads(model, batch):

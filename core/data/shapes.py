@@ -99,8 +99,17 @@ def _tight_boxes(masks: np.ndarray) -> np.ndarray:
     return np.stack([x0, y0, x1, y1], axis=1)
 
 
-def _qa(objects: list[tuple[int, int, int]], rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Questions and answers about one scene's objects ``(colour, kind, position)``."""
+def describe(objects: list[tuple[int, int, int]], template: str) -> str:
+    """A scene's caption: ``template`` filled for each of its objects ``(colour, kind, position)`` (indices),
+    joined with " and "."""
+    return " and ".join(
+        template.format(colour=_COLOUR_NAMES[c], kind=KINDS[k], where=WHERE[POSITIONS[p]]) for c, k, p in objects
+    )
+
+
+def questions(objects: list[tuple[int, int, int]], rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Questions and answers about one scene's objects ``(colour, kind, position)``: the count; per object its
+    colour, the kind at its place, its place, "is there …" (yes); one absent colour × kind drawn with ``rng`` (no)."""
     qa = [("how many objects are there?", str(len(objects)))]
     for c, k, p in objects:
         colour, kind, where = _COLOUR_NAMES[c], KINDS[k], WHERE[POSITIONS[p]]
@@ -146,15 +155,9 @@ def _scenes(n: int, size: int, rng: np.random.Generator, templates: tuple[str, .
     choice = rng.integers(0, len(templates), n)
     for i in range(n):
         objects = [(int(colour[i, j]), int(kind[i, j]), int(cells[i, j])) for j in range(count[i])]
-        template = templates[choice[i]]
-        captions.append(
-            " and ".join(
-                template.format(colour=_COLOUR_NAMES[c], kind=KINDS[k], where=WHERE[POSITIONS[p]])
-                for c, k, p in objects
-            )
-        )
+        captions.append(describe(objects, templates[choice[i]]))
         box_lists.append([(*map(int, boxes[j][i]), c, k) for j, (c, k, _) in enumerate(objects)])
-        qas.append(_qa(objects, rng))
+        qas.append(questions(objects, rng))
 
     return Split(
         {

@@ -79,6 +79,19 @@ class OFAConfig:
         check=in_range(0, 64, integer=True),
         backfill=True,
     )
+    augment_flip: bool = field(
+        False,
+        "Task mixture: mirror half its scenes left↔right with their boxes; captions and questions are made again "
+        "from the moved boxes (a training template drawn per scene), as DALL·E re-samples its captions.",
+        backfill=True,
+    )
+    augment_shift: int = field(
+        0,
+        "Task mixture: shift each scene and its boxes by up to this many pixels in x and y (zero fill; 0: off); "
+        "captions and questions are made again from the moved boxes.",
+        check=in_range(0, 64, integer=True),
+        backfill=True,
+    )
     mixed_batches: bool = field(
         True,
         "Every batch holds every task, its rows shared out by the weights (OFA's); False: one task per batch, drawn "

@@ -12,6 +12,7 @@ import copy
 import random
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,6 +20,7 @@ from polymodal.data import shapes
 from polymodal.data.augment import augment_scenes
 from polymodal.data.boxes import box_to_bins
 from polymodal.data.digits import DIGIT_WORDS
+from polymodal.data.multilingual import scene_objects
 
 from . import vocab as V
 from .config import TASKS
@@ -121,11 +123,25 @@ def scene_rows(task: str, batch: dict[str, Any], vocab: V.Vocabulary, size: int,
     raise ValueError(f"unknown scene task {task!r}; expected one of {TASKS}")
 
 
+def move_scenes(batch: dict[str, Any], flip: bool, shift: int, seed: int, step: int) -> dict[str, Any]:
+    """``batch`` with its scenes mirrored and shifted with their boxes (:func:`augment_scenes`, drawn by (seed,
+    step)) and its ``caption`` and ``qa`` made again from the moved boxes: each object's place is its box centre's
+    cell, each caption from a training template drawn per scene."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    moved = dict(augment_scenes(batch, flip, shift, generator))
+    rng, templates = np.random.default_rng([seed, step]), shapes.TRAIN_TEMPLATES
+    objects = scene_objects(moved, int(moved["image"].shape[-1]))  # type: ignore[arg-type]
+    moved["caption"] = [shapes.describe(o, templates[int(rng.integers(len(templates)))]) for o in objects]
+    moved["qa"] = [shapes.questions(o, rng) for o in objects]
+    return moved
+
+
 class TaskCollate:
     """``collate(batch, step) -> batch``: ``parts``, one task batch per task of the step (:func:`split_rows`; one
     part, the task drawn by :func:`pick_task`, when ``config.mixed_batches`` is off; during the first
     ``config.stem_pretrain_steps`` one ``objects`` part: the scenes, mirrored and shifted with their boxes
-    (``config.stem_augment_*``, drawn by (seed, step)), and :func:`objects_present`), each with ``instruction``
+    (``config.stem_augment_*``, drawn by (seed, step)), and :func:`objects_present`; after them the scenes are
+    moved the same way with ``config.augment_*``, :func:`move_scenes`), each with ``instruction``
     (b, L), ``target`` (b, T) (absent for code targets, with ``code_target`` naming them), ``encoder_images``
     (absent when the task does not show the image) and ``task``.
 
@@ -142,6 +158,8 @@ class TaskCollate:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             moved = augment_scenes(batch, c.stem_augment_flip, c.stem_augment_shift, generator)
             return {"parts": [{"task": "objects", "encoder_images": moved["image"], "objects": objects_present(moved)}]}
+        if c.augment_flip or c.augment_shift:
+            batch = move_scenes(batch, c.augment_flip, c.augment_shift, self.seed, step)
         weights, rng, n = c.weights(), random.Random(f"{self.seed}/{step}"), batch_rows(batch)
         if c.mixed_batches:
             counts = split_rows(weights, n, self.seed, step)
@@ -186,6 +204,7 @@ __all__ = [
     "box_bins",
     "make_task_batch",
     "mask_middle",
+    "move_scenes",
     "objects_present",
     "object_name",
     "pad_rows",
