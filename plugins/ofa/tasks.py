@@ -123,12 +123,17 @@ def scene_rows(task: str, batch: dict[str, Any], vocab: V.Vocabulary, size: int,
     raise ValueError(f"unknown scene task {task!r}; expected one of {TASKS}")
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The torch generator that moves the scenes of global step ``step`` (pre-stage and mixture alike), so every
+    rank and micro-batch of a step draws the same moves."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def move_scenes(batch: dict[str, Any], flip: bool, shift: int, seed: int, step: int) -> dict[str, Any]:
     """``batch`` with its scenes mirrored and shifted with their boxes (:func:`augment_scenes`, drawn by (seed,
     step)) and its ``caption`` and ``qa`` made again from the moved boxes: each object's place is its box centre's
     cell, each caption from a training template drawn per scene."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    moved = dict(augment_scenes(batch, flip, shift, generator))
+    moved = dict(augment_scenes(batch, flip, shift, step_generator(seed, step)))
     rng, templates = np.random.default_rng([seed, step]), shapes.TRAIN_TEMPLATES
     objects = scene_objects(moved, int(moved["image"].shape[-1]))  # type: ignore[arg-type]
     moved["caption"] = [shapes.describe(o, templates[int(rng.integers(len(templates)))]) for o in objects]
@@ -155,8 +160,7 @@ class TaskCollate:
         """The task batch of global step ``step``."""
         c = self.config
         if step < c.stem_pretrain_steps:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            moved = augment_scenes(batch, c.stem_augment_flip, c.stem_augment_shift, generator)
+            moved = augment_scenes(batch, c.stem_augment_flip, c.stem_augment_shift, step_generator(self.seed, step))
             return {"parts": [{"task": "objects", "encoder_images": moved["image"], "objects": objects_present(moved)}]}
         if c.augment_flip or c.augment_shift:
             batch = move_scenes(batch, c.augment_flip, c.augment_shift, self.seed, step)
@@ -211,4 +215,5 @@ __all__ = [
     "pick_task",
     "region_instruction",
     "split_rows",
+    "step_generator",
 ]
