@@ -13,6 +13,7 @@ New fields: ``language`` (list[str], codes of :data:`polymodal.data.languages.LA
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -40,16 +41,17 @@ def _draw(n: int, dataset: str, heldout: bool, rng: np.random.Generator) -> tupl
     return languages, templates
 
 
-def scene_objects(split: Split, image_size: int) -> list[list[tuple[int, int, int]]]:
-    """Per scene, its objects ``(colour, kind, position)`` first object first, read from ``boxes``.
+def scene_objects(split: Split | Mapping[str, Any], image_size: int) -> list[list[tuple[int, int, int]]]:
+    """Per scene of ``split`` (a split or a batch: anything with ``boxes``), its objects ``(colour, kind, cell)``
+    first object first, read from its box entries ``(x0, y0, x1, y1, colour, kind, …)``.
 
-    An object lies inside its grid cell, so its box's centre names the cell.
+    An object lies inside its grid cell, so its box's centre names the cell (row-major over the 3×3 grid).
     """
     out = []
     for boxes in split["boxes"]:
         objects = []
-        for x0, y0, x1, y1, c, k in boxes:
-            col, row = 3 * (x0 + x1) // (2 * image_size), 3 * (y0 + y1) // (2 * image_size)
+        for x0, y0, x1, y1, c, k, *_ in boxes:
+            col, row = int(3 * (x0 + x1) // (2 * image_size)), int(3 * (y0 + y1) // (2 * image_size))
             objects.append((int(c), int(k), min(row, 2) * 3 + min(col, 2)))
         out.append(objects)
     return out

@@ -21,6 +21,7 @@ import torch
 
 from polymodal.data import digits as digits_data
 from polymodal.data import shapes as shapes_data
+from polymodal.data.multilingual import scene_objects
 from polymodal.data.tokenizers import BPETokenizer
 
 from .objective import positive_keys
@@ -47,16 +48,6 @@ def fill(template: str, label: int, class_names: tuple[str, ...]) -> str:
     """A label template: ``{numeral}`` is the class index, ``{word}``/``{label}`` its name."""
     name = class_names[label] if label < len(class_names) else str(label)
     return template.format_map({"numeral": str(label), "word": name, "label": name})
-
-
-def _shape_objects(batch: dict[str, Any], i: int, size: int) -> list[tuple[int, int, int]]:
-    """``(colour, kind, cell)`` of every object of scene ``i``, the cell from its box centre."""
-    out = []
-    for x0, y0, x1, y1, c, k, *_ in batch["boxes"][i]:
-        col = min(int((x0 + x1) / 2 * 3 // size), 2)
-        row = min(int((y0 + y1) / 2 * 3 // size), 2)
-        out.append((int(c), int(k), row * 3 + col))
-    return out
 
 
 Claim = tuple[int | None, int | None, int | None]
@@ -111,8 +102,7 @@ def shapes_captions(
     else:
         keeps = drop_attributes(n, cfg.caption_dropout) if any(cfg.caption_dropout) else [(True,) * 3] * n
     texts, claims, scenes = [], [], []
-    for i, (j, keep) in enumerate(zip(choice, keeps)):
-        objects = _shape_objects(batch, i, size)
+    for objects, j, keep in zip(scene_objects(batch, size), choice, keeps):
         clauses = [tuple(a if k else None for a, k in zip(obj, keep)) for obj in objects]
         texts.append(" and ".join(shape_clause(templates[j], c) for c in clauses))
         claims.append(clauses)

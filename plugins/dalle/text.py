@@ -15,6 +15,7 @@ import torch
 from polymodal.data import digits as digits_data
 from polymodal.data import shapes as shapes_data
 from polymodal.data.augment import augment_scenes
+from polymodal.data.multilingual import scene_objects
 from polymodal.data.tokenizers import BPETokenizer
 
 
@@ -54,16 +55,6 @@ def train_tokenizer(
     return BPETokenizer.train(corpus(data, templates, class_names), vocab_size=vocab_size)
 
 
-def _shape_objects(batch: dict[str, Any], i: int, size: int) -> list[tuple[int, int, int]]:
-    """``(colour, kind, cell)`` of every object of scene ``i``; the cell from the box centre."""
-    out = []
-    for x0, y0, x1, y1, c, k, *_ in batch["boxes"][i]:
-        col = min(int((x0 + x1) / 2 * 3 // size), 2)
-        row = min(int((y0 + y1) / 2 * 3 // size), 2)
-        out.append((int(c), int(k), row * 3 + col))
-    return out
-
-
 def resample_captions(cfg: Any, batch: dict[str, Any]) -> list[str]:
     """Fresh captions for a training batch, each from a random training template (torch's RNG).
 
@@ -78,8 +69,8 @@ def resample_captions(cfg: Any, batch: dict[str, Any]) -> list[str]:
     if cfg.data == "shapes" and "boxes" in batch:
         size = batch["image"].shape[-1]
         return [
-            " and ".join(fill_object(templates[j], *obj) for obj in _shape_objects(batch, i, size))
-            for i, j in enumerate(choice)
+            " and ".join(fill_object(templates[j], *obj) for obj in objects)
+            for objects, j in zip(scene_objects(batch, size), choice)
         ]
     if "label" in batch and cfg.class_names:
         labels = batch["label"].tolist()

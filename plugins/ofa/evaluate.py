@@ -20,6 +20,7 @@ import torch
 
 from polymodal.data import shapes
 from polymodal.data.boxes import box_iou
+from polymodal.data.multilingual import scene_objects as objects_of_scenes
 
 from .config import TASKS
 from .tasks import object_name
@@ -29,12 +30,9 @@ _PHRASES = sorted(shapes.WHERE.items(), key=lambda kv: -len(kv[1]))  # longest f
 
 
 def scene_objects(boxes: list, size: int) -> set[tuple[int, int, int]]:
-    """``(colour, kind, cell)`` of every object of a scene from its box entries (the cell from the box centre)."""
-    out = set()
-    for x0, y0, x1, y1, c, k in boxes:
-        col, row = min(int((x0 + x1) / 2 * 3 // size), 2), min(int((y0 + y1) / 2 * 3 // size), 2)
-        out.add((int(c), int(k), row * 3 + col))
-    return out
+    """``(colour, kind, cell)`` of every object of one scene from its box entries (the cell from the box centre;
+    :func:`polymodal.data.multilingual.scene_objects`)."""
+    return set(objects_of_scenes({"boxes": [boxes]}, size)[0])
 
 
 def parse_caption(caption: str) -> list[tuple[int, int, int]]:
