@@ -210,15 +210,6 @@ def test_cached_decoding_equals_the_full_teacher_forced_pass(model, batch):
     assert cache.cross_entries == model.config.decoder_depth  # the context projected once, kept
 
 
-def test_the_encoder_bias_is_block_diagonal_patches_then_text():
-    from polymodal.plugins.ofa.model import _block_bias
-
-    image, text = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 3, 3)
-    bias = _block_bias([image, text], 2)  # (1, 2, 7, 7)
-    assert torch.equal(bias[:, :, :4, :4], image) and torch.equal(bias[:, :, 4:, 4:], text)
-    assert not bias[:, :, :4, 4:].any() and not bias[:, :, 4:, :4].any()  # nothing between image and text
-
-
 def test_the_patch_block_s_2d_bias_reaches_the_encoder(model, batch):
     images, instruction = batch["image"][:1], torch.tensor([model.vocab.text(V.CAPTION)])
     before = model.encode(images, instruction)[0]

@@ -20,6 +20,7 @@ from polymodal.nn import Block, BlockConfig, KVCache, Mlp, StackConfig, Transfor
 from polymodal.nn.relative import (
     GridRelativePositionBias,
     RelativePositionBias,
+    block_diagonal_bias,
     bucket_layout,
     grid_relative_index,
     relative_position_bucket,
@@ -402,3 +403,11 @@ def test_grid_bias_is_translation_invariant_and_learned():
     assert bias.embedding.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="rows, cols >= 1; got 0, 4"):
         GridRelativePositionBias(heads=3, rows=0, cols=4)
+
+
+def test_a_block_diagonal_bias_keeps_each_block_s_own_bias_and_nothing_between():
+    image, text = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 3, 3)
+    bias = block_diagonal_bias([image, text])  # (1, 2, 7, 7)
+    assert bias.shape == (1, 2, 7, 7)
+    assert torch.equal(bias[:, :, :4, :4], image) and torch.equal(bias[:, :, 4:, 4:], text)
+    assert not bias[:, :, :4, 4:].any() and not bias[:, :, 4:, :4].any()  # nothing between image and text

@@ -168,10 +168,24 @@ class GridRelativePositionBias(nn.Module):
         return f"grid={self.rows}x{self.cols}"
 
 
+def block_diagonal_bias(biases: list[Tensor]) -> Tensor:
+    """Per-head biases (1, H, n_i, n_i) of consecutive token blocks → one (1, H, Σn_i, Σn_i) bias over the joined
+    sequence: each block keeps its own bias (say a 2-D one on image patches, a 1-D one on text), 0 between blocks."""
+    n = sum(b.shape[-1] for b in biases)
+    out = biases[0].new_zeros(1, biases[0].shape[1], n, n)  # (1, H, N, N)
+    at = 0
+    for b in biases:
+        k = b.shape[-1]
+        out[:, :, at : at + k, at : at + k] = b
+        at += k
+    return out
+
+
 __all__ = [
     "GridRelativePositionBias",
     "RelativePositionBias",
     "add_bias",
+    "block_diagonal_bias",
     "bucket_layout",
     "grid_relative_index",
     "relative_position_bucket",

@@ -27,7 +27,7 @@ from polymodal.models.interfaces import ImageTokenizer, require
 from polymodal.models.parts import follow_data
 from polymodal.nn import BlockConfig, StackConfig, TransformerStack
 from polymodal.nn.embed import init_weights
-from polymodal.nn.relative import GridRelativePositionBias, RelativePositionBias
+from polymodal.nn.relative import GridRelativePositionBias, RelativePositionBias, block_diagonal_bias
 
 from . import vocab as V
 from .config import TASKS, OFAConfig
@@ -150,7 +150,6 @@ class OFA(GenerateMixin, PolymodalModel):
         b, n = ids.shape
         text = self.embed(ids) + self.text_pos[:n] + self.type_embed.weight[1]  # (B, L, D)
         real = ids != self.vocab.pad  # (B, L)
-        heads = self.config.heads
         positions = torch.arange(n, device=ids.device)
         bias = [self.text_bias(positions, positions)]  # (1, H, L, L)
         if images is not None:
@@ -161,7 +160,7 @@ class OFA(GenerateMixin, PolymodalModel):
             real = torch.cat([real.new_ones(b, patches.shape[1]), real], dim=1)  # (B, P + L)
             bias.insert(0, self.image_bias())  # (1, H, P, P)
         x = self.encoder_norm(text)  # (B, N, D)
-        mask = _block_bias(bias, heads)  # (1, H, N, N): 2-D bias on the patches, 1-D on the text, 0 across
+        mask = block_diagonal_bias(bias)  # (1, H, N, N): 2-D bias on the patches, 1-D on the text, 0 across
         mask = mask.masked_fill(~real[:, None, None, :], float("-inf"))  # (B, H, N, N)
         return self.encoder(x, mask=mask), real  # (B, N, D), (B, N)
 
@@ -284,18 +283,6 @@ class OFA(GenerateMixin, PolymodalModel):
             + ".",
             "",
         ]
-
-
-def _block_bias(biases: list[Tensor], heads: int) -> Tensor:
-    """Per-head biases (1, H, n_i, n_i) → one (1, H, N, N) block-diagonal bias, 0 between the blocks."""
-    n = sum(b.shape[-1] for b in biases)
-    out = biases[0].new_zeros(1, heads, n, n)
-    at = 0
-    for b in biases:
-        k = b.shape[-1]
-        out[:, :, at : at + k, at : at + k] = b
-        at += k
-    return out
 
 
 __all__ = ["OFA", "OFAConfig", "ResNetStem", "block_config"]
