@@ -111,6 +111,21 @@ def test_the_stem_pre_stage_trains_the_stem_alone_on_the_objects_each_scene_hold
     assert not hasattr(OFA(OFA.tiny_config(OFAConfig())), "object_head")  # off: no extra weights in the folder
 
 
+def test_captioning_alone_trains_between_the_pre_stage_and_the_mixture(batch):
+    config = attrs.evolve(OFA.tiny_config(OFAConfig()), stem_pretrain_steps=2, caption_first_steps=3)
+    tiny = OFA(config)
+    collate = TaskCollate(tiny.config, tiny.vocab, tiny.texts())
+    assert [p["task"] for p in collate(batch, 1)["parts"]] == ["objects"]
+    for step in (2, 3, 4):  # steps 2 … 4: one caption part holding every row
+        (part,) = collate(batch, step)["parts"]
+        assert part["task"] == "caption" and len(part["instruction"]) == len(batch["caption"])
+    mixed = {p["task"] for p in collate(batch, 5)["parts"]}
+    assert len(mixed) > 1 and "caption" in mixed  # step 5: every task
+    assert [p["task"] for p in tiny.collator()(batch, 4)["parts"]] == ["caption"]
+    loss, logs = tiny.loss(batch)  # a raw batch is collated as the mixture's first step, not the caption stage
+    assert torch.isfinite(loss) and len([k for k in logs if k.startswith("loss_")]) > 1
+
+
 def test_the_pre_stage_sees_its_scenes_mirrored_and_shifted_with_the_same_objects(batch):
     config = attrs.evolve(
         OFA.tiny_config(OFAConfig()), stem_pretrain_steps=5, stem_augment_flip=True, stem_augment_shift=4

@@ -79,6 +79,14 @@ class OFAConfig:
         check=in_range(0, 64, integer=True),
         backfill=True,
     )
+    caption_first_steps: int = field(
+        0,
+        "Steps after the stem pre-stage that train captioning alone before every task joins: the one task whose "
+        "loss falls only by reading the whole image teaches the decoder to look, and the mixture keeps it (from the "
+        "start the mixture's decoder learns its tasks' language and ignores the image). 0: the mixture at once.",
+        check=in_range(0, 10**7, integer=True),
+        backfill=True,
+    )
     augment_flip: bool = field(
         False,
         "Task mixture: mirror half its scenes left↔right with their boxes; captions and questions are made again "

@@ -107,7 +107,8 @@ class OFA(GenerateMixin, PolymodalModel):
 
     @classmethod
     def tiny_config(cls, config: OFAConfig) -> OFAConfig:
-        """A fresh tiny tokenizer, a toy-size encoder–decoder and at most 2 stem pre-stage steps."""
+        """A fresh tiny tokenizer, a toy-size encoder–decoder, at most 2 stem pre-stage steps and 1 caption-first
+        step."""
         return attrs.evolve(
             config,
             tokenizer=attrs.evolve(config.tokenizer, path="", tiny=True),
@@ -119,6 +120,7 @@ class OFA(GenerateMixin, PolymodalModel):
             patch_stride=8,
             eval_limit=4,
             stem_pretrain_steps=min(config.stem_pretrain_steps, 2),  # a few steps reach the task mixture too
+            caption_first_steps=min(config.caption_first_steps, 1),
         )
 
     # -- the network ------------------------------------------------------------------------------
@@ -209,7 +211,7 @@ class OFA(GenerateMixin, PolymodalModel):
         its share of the rows; in the stem pre-stage :func:`.stem.object_loss`; a raw batch is collated as the
         mixture's first step)."""
         if "parts" not in batch and "instruction" not in batch:
-            batch = self.collator()(batch, self.config.stem_pretrain_steps)
+            batch = self.collator()(batch, self.config.stem_pretrain_steps + self.config.caption_first_steps)
         parts = batch.get("parts", [batch])
         if parts[0].get("task") == "objects":
             images = self.check_images(parts[0]["encoder_images"])  # (B, 3, S, S)

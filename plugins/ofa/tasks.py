@@ -145,7 +145,8 @@ class TaskCollate:
     """``collate(batch, step) -> batch``: ``parts``, one task batch per task of the step (:func:`split_rows`; one
     part, the task drawn by :func:`pick_task`, when ``config.mixed_batches`` is off; during the first
     ``config.stem_pretrain_steps`` one ``objects`` part: the scenes, mirrored and shifted with their boxes
-    (``config.stem_augment_*``, drawn by (seed, step)), and :func:`objects_present`; after them the scenes are
+    (``config.stem_augment_*``, drawn by (seed, step)), and :func:`objects_present`; for the next
+    ``config.caption_first_steps`` one caption part; after them the scenes are
     moved the same way with ``config.augment_*``, :func:`move_scenes`), each with ``instruction``
     (b, L), ``target`` (b, T) (absent for code targets, with ``code_target`` naming them), ``encoder_images``
     (absent when the task does not show the image) and ``task``.
@@ -165,7 +166,9 @@ class TaskCollate:
         if c.augment_flip or c.augment_shift:
             batch = move_scenes(batch, c.augment_flip, c.augment_shift, self.seed, step)
         weights, rng, n = c.weights(), random.Random(f"{self.seed}/{step}"), batch_rows(batch)
-        if c.mixed_batches:
+        if step < c.stem_pretrain_steps + c.caption_first_steps:
+            counts = [("caption", n)]
+        elif c.mixed_batches:
             counts = split_rows(weights, n, self.seed, step)
         else:
             counts = [(pick_task(weights, self.seed, step), n)]
