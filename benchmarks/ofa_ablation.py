@@ -5,10 +5,11 @@
 
 OFA's paper reports that training on all tasks at once helps each (its ablation tables). This runs the same
 comparison on the embedded data: ``polymodal train ofa`` as it is (every task mixed in each batch), then for each
-task a model whose mixture is that task alone (the other weights 0), with the same recipe and number of steps,
-so a single-task model sees that task in every row where the multitask model sees it in a share of them. Each
-model is scored on its own task by the family's evaluation (the same functions ``polymodal eval`` runs). No bar:
-the table says what sharing does here. Each training runs in its own process (``--jobs`` at a time, one thread
+task a model whose mixture is that task alone (the other weights 0), with the same recipe and number of steps
+(less the recipe's captioning-first stage: a single-task model trains its own task from the pre-stage on), so a
+single-task model sees that task in every row where the multitask model sees it in a share of them. Each model
+is scored on its own task by the family's evaluation (the same functions ``polymodal eval`` runs). No bar: the
+table says what sharing does here. Each training runs in its own process (``--jobs`` at a time, one thread
 each); ``--out`` gets the JSON, and a Markdown table is printed.
 """
 
@@ -42,6 +43,8 @@ from polymodal.plugins.ofa.config import TASKS
 from polymodal.plugins.ofa.evaluate import evaluate_ofa
 task, steps, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 overrides = {} if task == "multitask" else {f"{t}_weight": float(t == task) for t in TASKS}
+if task != "multitask":  # its own task from the first mixture step: no captioning-first stage
+    overrides["caption_first_steps"] = 0
 if task != "multitask":  # a single-task model is scored on its own task only
     OFA.evaluate = lambda self, dataset, split="test": evaluate_ofa(self, dataset, split, tasks=(task,))
 _, metrics = polymodal.train("ofa", steps=steps, seed=seed, progress=False, **overrides)
