@@ -45,7 +45,7 @@ VARIANTS = ("mixture", "equal-norm", *ONLY, *FIRST)
 
 
 def only(config, tasks):
-    """``config`` with every task outside ``tasks`` weighted 0."""
+    """``config`` with every task outside ``tasks`` weighted 0 (the others keep their weights)."""
     return attrs.evolve(config, **{f"{t}_weight": getattr(config, f"{t}_weight") * (t in tasks) for t in TASKS})
 
 
@@ -120,7 +120,7 @@ def run_variant(name, args, pre_state, log):
         return evaluate_ofa(model, load_dataset("shapes"), tasks=("caption", "vqa", "ground", "region"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Train the pre-stage once, then every variant; print JSON lines and a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pre", type=int, default=SHAPES.config.stem_pretrain_steps, help="pre-stage steps")
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=SHAPES.train.lr)
     parser.add_argument("--limit", type=int, default=200, help="test scenes scored")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {', '.join(VARIANTS)}")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     variants = args.variants.split(",")
     if unknown := set(variants) - set(VARIANTS):
         parser.error(f"unknown variants {sorted(unknown)}; expected some of {', '.join(VARIANTS)}")
