@@ -34,6 +34,7 @@ from polymodal.plugins.ofa.config import TASKS
 from polymodal.plugins.ofa.evaluate import evaluate_ofa
 from polymodal.plugins.ofa.objective import mixed_task_loss
 from polymodal.plugins.ofa.tasks import TaskCollate
+from polymodal.train import TrainConfig, lr_at
 
 ONLY = {
     "image-tasks": ("caption", "vqa", "ground", "region"),
@@ -66,54 +67,70 @@ def fresh_model(pre_steps):
     return create("ofa", "shapes", stem_pretrain_steps=pre_steps, caption_first_steps=0)
 
 
+def set_gradients(params, vector):
+    """Write the flat ``vector`` into the ``.grad`` of ``params``, in order."""
+    at = 0
+    for p in params:
+        p.grad = vector[at : at + p.numel()].view_as(p).clone()
+        at += p.numel()
+
+
+def train_steps(model, steps, lr, seed, collate_at, gradient_at=None):
+    """``steps`` AdamW steps (100 warm-up steps to a constant ``lr``, clipping at 1) on batches of 32 training scenes
+    drawn by ``seed``; ``collate_at(i)`` is step i's collate and global step; ``gradient_at(i, parts)`` writes step
+    i's gradients itself and returns True, or returns False for the plain mixture loss's."""
+    train = load_dataset("shapes").split("train")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    schedule, order = TrainConfig(steps=steps, lr=lr, warmup_steps=100, min_lr_ratio=1.0), torch.Generator()
+    order.manual_seed(seed)
+    for i in range(steps):
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(i, schedule)
+        collate, step = collate_at(i)
+        parts = collate(train.batch(torch.randint(len(train["caption"]), (32,), generator=order).tolist()), step)
+        opt.zero_grad()
+        if gradient_at is None or not gradient_at(i, parts["parts"]):
+            model.loss(parts)[0].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+
 def run_variant(name, args, pre_state, log):
     """Train one variant from the pre-stage's weights; its scores."""
     model = fresh_model(args.pre)
     model.load_state_dict(pre_state)
-    train = load_dataset("shapes").split("train")
     pre, first_steps = model.config.stem_pretrain_steps, args.steps // 2
     mixture = TaskCollate(only(model.config, ONLY[name]) if name in ONLY else model.config, model.vocab, model.texts())
     first = TaskCollate(only(model.config, FIRST[name]), model.vocab, model.texts()) if name in FIRST else None
-    params = [p for p in model.parameters() if p.requires_grad]
     shared = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("object_head")]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    order = torch.Generator().manual_seed(1)
-    for i in range(args.steps):
-        model.train()
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (i + 1) / 100)
-        rows = torch.randint(len(train["caption"]), (32,), generator=order).tolist()
-        collate = first if first is not None and i < first_steps else mixture
-        parts = collate(train.batch(rows), pre + i)["parts"]
-        opt.zero_grad()
-        if name == "equal-norm" or (i + 1) % 100 == 0:
-            grads = task_gradients(model, parts, shared)
-            total = sum(r for _, r in grads.values())
-            scale = (lambda g: 1 / (g.norm() + 1e-12)) if name == "equal-norm" else (lambda g: 1.0)
-            vector = sum(g * scale(g) * (r / total) for g, r in grads.values())
-            at = 0
-            for p in shared:
-                p.grad = vector[at : at + p.numel()].view_as(p).clone()
-                at += p.numel()
-            if (i + 1) % 100 == 0 and "caption" in grads:
-                cap = grads["caption"][0]
-                log(
-                    {
-                        "variant": name,
-                        "step": i + 1,
-                        "norm": {t: round(float(g.norm()), 3) for t, (g, _) in grads.items()},
-                        "cos_caption": {
-                            t: round(float(g @ cap / (g.norm() * cap.norm() + 1e-12)), 3)
-                            for t, (g, _) in grads.items()
-                            if t != "caption"
-                        },
-                    }
-                )
-        else:
-            loss, _ = model.loss({"parts": parts})
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+
+    def gradient_at(i, parts):
+        """Every task's gradient apart (equal-norm steps, and every 100th step to log them); False otherwise."""
+        if name != "equal-norm" and (i + 1) % 100:
+            return False
+        grads = task_gradients(model, parts, shared)
+        total = sum(r for _, r in grads.values())
+        unit = name == "equal-norm"
+        set_gradients(shared, sum(g / (g.norm() + 1e-12 if unit else 1.0) * (r / total) for g, r in grads.values()))
+        if (i + 1) % 100 == 0 and "caption" in grads:
+            cap = grads["caption"][0]
+            cosines = {t: float(g @ cap / (g.norm() * cap.norm() + 1e-12)) for t, (g, _) in grads.items()}
+            log(
+                {
+                    "variant": name,
+                    "step": i + 1,
+                    "norm": {t: round(float(g.norm()), 3) for t, (g, _) in grads.items()},
+                    "cos_caption": {t: round(c, 3) for t, c in cosines.items() if t != "caption"},
+                }
+            )
+        return True
+
+    def collate_at(i):
+        return (first if first is not None and i < first_steps else mixture), pre + i
+
+    train_steps(model, args.steps, args.lr, 1, collate_at, gradient_at)
     model.eval()
     model.config = attrs.evolve(model.config, eval_limit=args.limit)
     with torch.no_grad():
@@ -137,20 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     def log(record):
         print(json.dumps(record), flush=True)
 
-    model = fresh_model(args.pre)
-    train, collate = load_dataset("shapes").split("train"), TaskCollate(model.config, model.vocab, model.texts())
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    order, start = torch.Generator().manual_seed(0), time.time()
-    for step in range(args.pre):
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / 100)
-        rows = torch.randint(len(train["caption"]), (32,), generator=order).tolist()
-        loss, _ = model.loss(collate(train.batch(rows), step))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+    model, start = fresh_model(args.pre), time.time()
+    collate = TaskCollate(model.config, model.vocab, model.texts())
+    train_steps(model, args.pre, args.lr, 0, lambda i: (collate, i))
     log({"pre_stage_steps": args.pre, "seconds": round(time.time() - start)})
     pre_state = model.state_dict()
     table = []
