@@ -19,7 +19,8 @@ from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
 from .config import CLIPConfig
-from .model import CLIPModel, CLIPTextual, CLIPVisual
+from .model import CLIPModel
+from .towers import CLIPTextual, CLIPVisual
 
 __all__ = ["CLIPConfig", "CLIPModel", "CLIPTextual", "CLIPVisual", "VARIANTS"]
 
