@@ -9,10 +9,35 @@ import attrs
 
 from polymodal.config import as_tuple, config, field, in_range, one_of
 from polymodal.diffusion.schedule import ScheduleConfig
+from polymodal.generation.options import SampleOption
 from polymodal.nn import UNetConfig
 
 SAMPLERS = ("ddpm", "ddim")
 """The samplers a diffusion model folder offers (registry kind ``diffusion_sampler``)."""
+
+
+SAMPLE_OPTIONS = (
+    SampleOption("sampler", "--sampler", f"Sampler: {' or '.join(SAMPLERS)} (default: the model's).", type="text"),
+    SampleOption("steps", "--steps", "Sampling steps (1 … T; default: all T for DDPM, 50 for DDIM).", type="int"),
+    SampleOption("eta", "--eta", "DDIM η in [0, 1] (0: deterministic)."),
+    SampleOption("label", "--label", "Class to sample (label models; or guided by --classifier).", type="int"),
+    SampleOption(
+        "guidance_scale", "--guidance-scale", "Classifier-free guidance w (label models), or the classifier's scale."
+    ),
+    SampleOption("classifier", "--classifier", "Noisy classifier folder for classifier guidance.", type="folder"),
+    SampleOption("inpaint", "--inpaint", "Inpaint this image (RePaint) where --mask is black.", type="file"),
+    SampleOption("mask", "--mask", "Mask image for --inpaint: white = keep, black = generate.", type="file"),
+    SampleOption(
+        "outpaint", "--outpaint", "Zoom out: shrink --inpaint's image by this many pixels a side.", type="int"
+    ),
+    SampleOption(
+        "guidance_tradeoff",
+        "--guidance-tradeoff",
+        "Label models: also write guidance_tradeoff.png/.json (judge accuracy and FD per w).",
+        type="switch",
+    ),
+)
+"""What ``polymodal sample`` offers for a diffusion folder (``DiffusionModel.sample_options``)."""
 
 
 def _scales(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

@@ -25,35 +25,11 @@ from torch import Tensor
 
 from polymodal.diffusion.loop import SampleResult, sample
 from polymodal.diffusion.schedule import NoiseSchedule
-from polymodal.generation.options import SampleOption
 from polymodal.models import PolymodalModel
 from polymodal.models.base import ImageSpec
 from polymodal.nn import UNet, eval_mode
 
-from .config import SAMPLERS, DiffusionConfig
-
-SAMPLE_OPTIONS = (
-    SampleOption("sampler", "--sampler", f"Sampler: {' or '.join(SAMPLERS)} (default: the model's).", type="text"),
-    SampleOption("steps", "--steps", "Sampling steps (1 … T; default: all T for DDPM, 50 for DDIM).", type="int"),
-    SampleOption("eta", "--eta", "DDIM η in [0, 1] (0: deterministic)."),
-    SampleOption("label", "--label", "Class to sample (label models; or guided by --classifier).", type="int"),
-    SampleOption(
-        "guidance_scale", "--guidance-scale", "Classifier-free guidance w (label models), or the classifier's scale."
-    ),
-    SampleOption("classifier", "--classifier", "Noisy classifier folder for classifier guidance.", type="folder"),
-    SampleOption("inpaint", "--inpaint", "Inpaint this image (RePaint) where --mask is black.", type="file"),
-    SampleOption("mask", "--mask", "Mask image for --inpaint: white = keep, black = generate.", type="file"),
-    SampleOption(
-        "outpaint", "--outpaint", "Zoom out: shrink --inpaint's image by this many pixels a side.", type="int"
-    ),
-    SampleOption(
-        "guidance_tradeoff",
-        "--guidance-tradeoff",
-        "Label models: also write guidance_tradeoff.png/.json (judge accuracy and FD per w).",
-        type="switch",
-    ),
-)
-"""What ``polymodal sample`` offers for a diffusion folder (``DiffusionModel.sample_options``)."""
+from .config import SAMPLE_OPTIONS, SAMPLERS, DiffusionConfig
 
 
 class DiffusionModel(PolymodalModel):

@@ -13,6 +13,7 @@ from torch import Tensor
 from polymodal.eval.images import make_grid, read_image, save_png, write_samples
 from polymodal.io import atomic_write
 
+from .config import SAMPLE_OPTIONS
 from .evaluate import guidance_sweep
 
 
@@ -80,11 +81,9 @@ def sample_to_folder(
     model: Any, out: str | Path, n: int = 8, prompt: str | None = None, seed: int = 0, **options: Any
 ) -> list[Path]:
     """``n`` samples as ``sample_000.png`` …, ``grid.png`` and ``trajectory.png`` (sample 0's x_t at ~10
-    evenly spaced steps); ``options`` as :data:`.model.SAMPLE_OPTIONS`."""
+    evenly spaced steps); ``options`` as :data:`.config.SAMPLE_OPTIONS`."""
     from polymodal.api import load
     from polymodal.data import load_dataset
-
-    from .model import SAMPLE_OPTIONS
 
     known_opts = {o.keyword for o in SAMPLE_OPTIONS}
     unknown = sorted(set(options) - known_opts)
