@@ -5,7 +5,18 @@ from __future__ import annotations
 from polymodal.attention import IMAGE_PATTERNS
 from polymodal.config import config, field, in_range, one_of
 from polymodal.data.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES
+from polymodal.generation.options import TOKEN_SAMPLING, SampleOption, keywords
 from polymodal.models.parts import PartConfig, part_field
+
+CANDIDATES = SampleOption(
+    "candidates",
+    "--candidates",
+    "Images drawn per kept sample, self-reranked by the caption's right-text perplexity.",
+    type="int",
+)
+
+SAMPLE_OPTIONS = keywords((*TOKEN_SAMPLING, CANDIDATES))
+"""Options of ``polymodal sample`` this family supports."""
 
 
 @config
@@ -107,4 +118,4 @@ class RudolphConfig:
             raise ValueError(f"RudolphConfig.top_p must be in (0, 1] or None; got {self.top_p!r}")
 
 
-__all__ = ["RudolphConfig"]
+__all__ = ["CANDIDATES", "SAMPLE_OPTIONS", "RudolphConfig"]

@@ -24,21 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polymodal.generation.options import TOKEN_SAMPLING, SampleOption, keywords
+from polymodal.generation.options import TOKEN_SAMPLING
 from polymodal.nn import KVCache, eval_mode
 
 from . import text as tx
 from .collate import dataset_images
-
-CANDIDATES = SampleOption(
-    "candidates",
-    "--candidates",
-    "Images drawn per kept sample, self-reranked by the caption's right-text perplexity.",
-    type="int",
-)
-
-SAMPLE_OPTIONS = keywords((*TOKEN_SAMPLING, CANDIDATES))
-"""Options of ``polymodal sample`` this family supports."""
+from .config import CANDIDATES, SAMPLE_OPTIONS
 
 
 class RudolphTasks:
