@@ -411,3 +411,12 @@ def test_a_block_diagonal_bias_keeps_each_block_s_own_bias_and_nothing_between()
     assert bias.shape == (1, 2, 7, 7)
     assert torch.equal(bias[:, :, :4, :4], image) and torch.equal(bias[:, :, 4:, 4:], text)
     assert not bias[:, :, :4, 4:].any() and not bias[:, :, 4:, :4].any()  # nothing between image and text
+
+
+def test_a_block_diagonal_bias_refuses_blocks_that_do_not_fit_together():
+    with pytest.raises(ValueError, match="got none"):
+        block_diagonal_bias([])
+    with pytest.raises(ValueError, match=r"expected \(1, 2, n, n\) biases; got \(1, 3, 3, 3\)"):
+        block_diagonal_bias([torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 3, 3)])
+    with pytest.raises(ValueError, match=r"got \(1, 2, 4, 3\)"):
+        block_diagonal_bias([torch.zeros(1, 2, 4, 3)])

@@ -171,8 +171,14 @@ class GridRelativePositionBias(nn.Module):
 def block_diagonal_bias(biases: list[Tensor]) -> Tensor:
     """Per-head biases (1, H, n_i, n_i) of consecutive token blocks → one (1, H, Σn_i, Σn_i) bias over the joined
     sequence: each block keeps its own bias (say a 2-D one on image patches, a 1-D one on text), 0 between blocks."""
+    heads = biases[0].shape[1] if biases and biases[0].dim() == 4 else None
+    for b in biases:
+        if b.dim() != 4 or b.shape[0] != 1 or b.shape[1] != heads or b.shape[2] != b.shape[3]:
+            raise ValueError(f"block_diagonal_bias: expected (1, {heads}, n, n) biases; got {tuple(b.shape)}")
+    if not biases:
+        raise ValueError("block_diagonal_bias: expected at least one (1, H, n, n) bias; got none")
     n = sum(b.shape[-1] for b in biases)
-    out = biases[0].new_zeros(1, biases[0].shape[1], n, n)  # (1, H, N, N)
+    out = biases[0].new_zeros(1, heads, n, n)  # (1, H, N, N)
     at = 0
     for b in biases:
         k = b.shape[-1]
