@@ -319,6 +319,34 @@ def test_caption_command(tmp_path):
     assert (tmp_path / "o" / "transcript.txt").read_text().startswith("prompt: the digit")
 
 
+def test_retrieve_out_writes_the_printed_result_without_generating_again(tmp_path, monkeypatch):
+    from polymodal.cli import main
+    from polymodal.eval.images import save_png
+    from polymodal.plugins.fromage import infer, samples
+
+    model = tiny_model().eval()
+    model.save(tmp_path / "m")
+    for i, img in enumerate(model.example_inputs(3, torch.Generator().manual_seed(8))[0]):
+        save_png(img, tmp_path / "g" / f"{i}.png")
+    calls, real = [], infer.generate
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "generate", counted)
+    monkeypatch.setattr(samples, "generate", counted)
+    args = ["fromage", "retrieve", str(tmp_path / "m"), "the digit", "--gallery", str(tmp_path / "g"), "-k", "2"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert calls == ["the digit"]  # one generation: printed and written
+    transcript = (tmp_path / "o" / "transcript.txt").read_text().splitlines()
+    printed = result.output.splitlines()
+    assert transcript[1] == printed[0]  # "generated: …"
+    shown = [line.split()[0] for line in printed[2:]]  # the gallery files, nearest first
+    assert [line.split()[1] for line in transcript[4:]] == shown
+
+
 @pytest.mark.parametrize("ret_layer", [-2, -1, 0, 1])
 def test_ret_query_reads_the_chosen_lm_layer(ret_layer):
     model = tiny_model(ret_layer=ret_layer).eval()

@@ -85,7 +85,7 @@ def retrieve_command(directory, prompt, gallery, k, inputs, out, dtype, compile_
     from polymodal.io.samples import previous_samples, write_samples_folder
 
     from .infer import generate
-    from .samples import load_gallery, sample_to_folder
+    from .samples import load_gallery, retrieval_to_folder
 
     try:
         if out:
@@ -96,8 +96,9 @@ def retrieve_command(directory, prompt, gallery, k, inputs, out, dtype, compile_
         given = torch.stack([read_image(p, v.channels, v.image_size) for p in inputs]) if inputs else None
         result = generate(model, prompt, images=given, gallery=images, k=k)
         if out:
+            # the result printed below, written as it is (generating again would cost a second run)
             write_samples_folder(
-                out, partial(sample_to_folder, model, n=k, prompt=prompt, gallery=gallery, images=given)
+                out, partial(retrieval_to_folder, prompt=prompt, result=result, gallery=images, names=names)
             )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc

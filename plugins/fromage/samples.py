@@ -55,8 +55,6 @@ def sample_to_folder(
     ``transcript.txt`` (the prompt, the generated text, [RET] and each image's file, source and
     score, or each caption).
     """
-    from polymodal.eval.images import write_samples
-
     bad = sorted(set(options) - set(SAMPLE_OPTIONS))
     if bad:
         raise ValueError(
@@ -72,26 +70,42 @@ def sample_to_folder(
         result = generate(
             model, prompt, images=options.get("images"), gallery=images, k=min(n, len(images)), seed=seed, **gen
         )
-        picked = result["retrieved"]
-        lines = [
-            f"prompt: {prompt}",
-            f"generated: {result['text']}",
-            f"[RET]: {'emitted' if result['emitted_ret'] else 'not emitted; appended for retrieval'}",
-            "retrieved:",
-        ]
-        lines += [
-            f"  sample_{i:03d}.png  {names[j]}  cosine {s:.3f}"
-            for i, (j, s) in enumerate(zip(picked.tolist(), result["scores"].tolist()))
-        ]
-    else:
-        picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-        caps = caption(model, images[picked], seed=seed, **gen)
-        lines = ["captions:"] + [
-            f"  sample_{i:03d}.png  {names[j]}: {c}" for i, (j, c) in enumerate(zip(picked.tolist(), caps))
-        ]
-    paths = write_samples(images[picked], out)
+        return retrieval_to_folder(out, prompt, result, images, names)
+    picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    caps = caption(model, images[picked], seed=seed, **gen)
+    lines = ["captions:"] + [
+        f"  sample_{i:03d}.png  {names[j]}: {c}" for i, (j, c) in enumerate(zip(picked.tolist(), caps))
+    ]
+    return _write(out, images[picked], lines)
+
+
+def retrieval_to_folder(
+    out: str | Path, prompt: str, result: dict[str, Any], gallery: Tensor, names: list[str]
+) -> list[Path]:
+    """Write one :func:`~.infer.generate` ``result`` for ``prompt``: its retrieved ``gallery`` images (N, C, S, S)
+    as ``sample_000.png`` …, ``grid.png`` and ``transcript.txt`` (the prompt, the generated text, [RET] and each
+    image's file, source name and cosine). ``polymodal fromage retrieve --out`` writes what it printed this way."""
+    picked = result["retrieved"]
+    lines = [
+        f"prompt: {prompt}",
+        f"generated: {result['text']}",
+        f"[RET]: {'emitted' if result['emitted_ret'] else 'not emitted; appended for retrieval'}",
+        "retrieved:",
+    ]
+    lines += [
+        f"  sample_{i:03d}.png  {names[j]}  cosine {s:.3f}"
+        for i, (j, s) in enumerate(zip(picked.tolist(), result["scores"].tolist()))
+    ]
+    return _write(Path(out), gallery[picked], lines)
+
+
+def _write(out: Path, images: Tensor, lines: list[str]) -> list[Path]:
+    """``images`` as ``sample_000.png`` … and a grid, and ``lines`` as ``transcript.txt``, in ``out``."""
+    from polymodal.eval.images import write_samples
+
+    paths = write_samples(images, out)
     transcript = atomic_write(out / "transcript.txt", "\n".join(lines) + "\n")
     return [*paths, transcript]
 
 
-__all__ = ["SAMPLE_OPTIONS", "load_gallery", "sample_to_folder"]
+__all__ = ["SAMPLE_OPTIONS", "load_gallery", "retrieval_to_folder", "sample_to_folder"]
