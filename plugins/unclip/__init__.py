@@ -25,9 +25,10 @@ from polymodal.models.parts import PartConfig
 from polymodal.registry import register_variants
 from polymodal.train import TrainConfig
 
+from .cascade import UnCLIPCascade
 from .config import UnCLIPConfig
 from .decoder import VARIANTS as DECODER_VARIANTS
-from .model import UnCLIP, UnCLIPCascade
+from .model import UnCLIP
 from .prior import VARIANTS as PRIOR_VARIANTS
 
 __all__ = ["VARIANTS", "UnCLIP", "UnCLIPCascade", "UnCLIPConfig"]
