@@ -212,6 +212,27 @@ def test_infilling_blacks_out_the_middle_half_only():
     assert torch.equal(masked[..., keep], images[..., keep])
 
 
+def test_infilling_is_scored_where_the_mask_cuts_the_object_and_on_the_colour_drawn_over_what_it_hid():
+    from polymodal.plugins.ofa.evaluate import cut_objects, hidden_pixels, painted_colour
+
+    test = load_dataset("shapes").split("test")
+    idx = cut_objects(test, 1000)
+    assert len(idx) >= 50 and all(len(test["boxes"][i]) == 1 for i in idx)
+    original = test["image"][idx].float()
+    drawn, hidden = hidden_pixels(original)
+    share = hidden.sum((1, 2)) / drawn.sum((1, 2))
+    assert ((share >= 0.1) & (share <= 0.9)).all()  # part of each object shows, part must be drawn again
+    masked = mask_middle(original)
+    assert (masked.amax(1) > 0.5).flatten(1).any(1).all()  # the input names the colour
+    # the reading: the original's hidden pixels name its colour; a black middle names none; another scene's
+    # middle names another colour (one scene in 33 shares it)
+    colour = test["colour"][idx]
+    assert torch.equal(painted_colour(original, hidden), colour)
+    assert (painted_colour(masked, hidden) == -1).all()
+    swapped = torch.where(mask_middle(torch.ones_like(original)) == 0, original.roll(1, 0), original)
+    assert (painted_colour(swapped, hidden) == colour).float().mean() < 0.1
+
+
 def test_cached_decoding_equals_the_full_teacher_forced_pass(model, batch):
     images, instruction = batch["image"][:2], torch.tensor([model.vocab.text(V.CAPTION)] * 2)
     ids = torch.randint(3, 300, (2, 7))

@@ -8,8 +8,9 @@
   ``vqa_count``; ``ground_accuracy`` (IoU ≥ 0.5 with the tight box; ``ground_malformed``: outputs that were not
   four location tokens); ``region_accuracy`` (colour and kind of the object in a given box);
   ``classify_accuracy`` (the ``text`` test split's digit words); ``sample_*`` (text-to-image, the judge on
-  one-object prompts) and ``infill_colour_accuracy`` (the judge reads the original colour after infilling the middle half of one-object
-  scenes whose object sits there).
+  one-object prompts); infilling on the one-object scenes whose object the blacked-out middle half cuts
+  (:func:`cut_objects`): ``infill_colour_accuracy`` (the colour drawn over the object's hidden pixels is the
+  original's, :func:`painted_colour`) and ``infill_scenes``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from polymodal.data import shapes
 from polymodal.data.boxes import box_iou
 from polymodal.data.multilingual import scene_objects as objects_of_scenes
 
 from .config import TASKS
-from .tasks import object_name
+from .tasks import mask_middle, object_name
 
 _COLOURS = tuple(shapes.COLOURS)
 _PHRASES = sorted(shapes.WHERE.items(), key=lambda kv: -len(kv[1]))  # longest first: "in the top left" before "top"
@@ -132,18 +134,47 @@ def one_object_prompts(test: Any, limit: int) -> tuple[list[int], list[str]]:
     return idx, prompts
 
 
-def middle_objects(test: Any, limit: int) -> list[int]:
-    """One-object test scenes (at most ``limit``) whose object's centre lies in the middle half infilling blacks
-    out, so the infilled part holds the object (a scene whose object lies outside it keeps it untouched)."""
-    size = test["image"].shape[-1]
-    lo, hi = size / 4, 3 * size / 4
-    idx = []
-    for i, boxes in enumerate(test["boxes"]):
-        if len(boxes) == 1:
-            x0, y0, x1, y1 = boxes[0][:4]
-            if lo <= (x0 + x1) / 2 < hi and lo <= (y0 + y1) / 2 < hi:
-                idx.append(i)
-    return idx[:limit]
+def hidden_pixels(images: Tensor) -> tuple[Tensor, Tensor]:
+    """Per image (N, 3, S, S) of objects on black: the objects' pixels (N, S, S) (any channel above 0.5) and those of
+    them that infilling's blacked-out middle half (:func:`~.tasks.mask_middle`) hides (N, S, S)."""
+    drawn = images.amax(1) > 0.5  # (N, S, S)
+    return drawn, drawn & (mask_middle(torch.ones_like(images[:, :1])) == 0)[:, 0]
+
+
+def cut_objects(test: Any, limit: int, low: float = 0.1, high: float = 0.9) -> list[int]:
+    """One-object test scenes (at most ``limit``) whose object the blacked-out middle half cuts: between ``low`` and
+    ``high`` of its pixels hidden, so what stays visible names its colour and the hidden rest must be drawn again
+    to match. (In the shapes scenes an object whose centre lies in the middle half lies wholly inside it: its
+    input is black, and no model can name its colour.)"""
+    one = [i for i in range(len(test["caption"])) if len(test["boxes"][i]) == 1]
+    drawn, hidden = hidden_pixels(test["image"][one].float())  # (n, S, S) each
+    share = hidden.flatten(1).sum(1) / drawn.flatten(1).sum(1).clamp(min=1)  # (n,)
+    return [i for i, s in zip(one, share.tolist(), strict=True) if low <= s <= high][:limit]
+
+
+def painted_colour(images: Tensor, where: Tensor) -> Tensor:
+    """The palette colour (N,) nearest the mean RGB of each image's pixels ``where`` (N, S, S); -1 where black is
+    nearer than every colour of the palette (nothing painted there)."""
+    palette = torch.tensor([(0.0, 0.0, 0.0), *shapes.COLOURS.values()])  # (1 + colours, 3): black first
+    mean = (images * where[:, None]).sum((2, 3)) / where.sum((1, 2)).clamp(min=1)[:, None]  # (N, 3)
+    return torch.cdist(mean, palette).argmin(1) - 1  # (N,)
+
+
+def infill_metrics(model: Any, test: Any, limit: int) -> dict[str, float]:
+    """Infilling on :func:`cut_objects`: ``infill_colour_accuracy``, the share whose colour drawn over the object's
+    hidden pixels (:func:`painted_colour`) is the original's, and ``infill_scenes``. Not the judge: it reads the
+    whole scene, and the visible part answers it (1.00 on these scenes with the middle left black)."""
+    idx = cut_objects(test, limit)
+    if not idx:
+        return {}
+    original = test["image"][idx].float()  # (n, 3, S, S)
+    filled = torch.cat([model.infill(original[s : s + 64], seed=s) for s in range(0, len(idx), 64)]).cpu()
+    _, hidden = hidden_pixels(original)  # (n, S, S)
+    painted = painted_colour(filled.float(), hidden)  # (n,)
+    return {
+        "infill_colour_accuracy": (painted == test["colour"][idx]).float().mean().item(),
+        "infill_scenes": float(len(idx)),
+    }
 
 
 def generative_samples(model: Any, dataset: Any, n: int, seed: int = 0) -> tuple:
@@ -157,19 +188,14 @@ def generative_samples(model: Any, dataset: Any, n: int, seed: int = 0) -> tuple
 
 
 def image_metrics(model: Any, dataset: Any, limit: int) -> dict[str, float]:
-    """Text-to-image and infilling, read by the dataset's judge."""
+    """Text-to-image, read by the dataset's judge, and infilling (:func:`infill_metrics`)."""
     from polymodal.eval.judge import get_judge, judge_samples
 
     with torch.enable_grad():  # a judge not cached yet is trained now, inside evaluate's no_grad
-        judge = get_judge(dataset)
+        get_judge(dataset)
     images, targets = generative_samples(model, dataset, limit)
     metrics = judge_samples(dataset, images, targets)
-    test = dataset.split("test")
-    idx = middle_objects(test, limit)
-    filled = torch.cat([model.infill(test["image"][idx[s : s + 64]], seed=s) for s in range(0, len(idx), 64)])
-    read = judge.predict(filled)["colour"].cpu()
-    metrics["infill_colour_accuracy"] = (read == test["colour"][idx]).float().mean().item()
-    return metrics
+    return {**metrics, **infill_metrics(model, dataset.split("test"), limit)}
 
 
 def evaluate_ofa(
@@ -198,4 +224,13 @@ def evaluate_ofa(
     return metrics
 
 
-__all__ = ["evaluate_ofa", "generative_samples", "parse_caption", "scene_objects"]
+__all__ = [
+    "cut_objects",
+    "evaluate_ofa",
+    "generative_samples",
+    "hidden_pixels",
+    "infill_metrics",
+    "painted_colour",
+    "parse_caption",
+    "scene_objects",
+]
