@@ -12,7 +12,12 @@ mixture variants log each task's gradient norm on the shared weights and its cos
   one norm before they are added (weighted by the task's rows);
 * ``image-tasks``, ``caption+vqa``, ``caption+classify``: the mixture of those tasks only;
 * ``reading-first``: captions, VQA and region questions for half the steps, then the mixture;
-* ``caption-first``: captioning alone for half the steps, then the mixture (the recipe's ``caption_first_steps``).
+* ``caption-first``: captioning alone for half the steps, then the mixture (the recipe's ``caption_first_steps``);
+* any curriculum given as stages, ``TASK+TASK:STEPS/…`` (``all``: the mixture), e.g.
+  ``caption:1000/caption+text_to_image:500/all:1500``, replacing ``--steps``.
+
+``--save-pre FILE`` keeps the pre-stage's weights, ``--load-pre FILE`` starts from them instead of training it;
+``--tasks all`` also scores text-to-image, infilling and the text task.
 
 No bar. The README's "Captioning first" table was measured with this script's draft (the same variants, steps,
 rate and batch; its own data order), on the machine it names.
@@ -43,6 +48,34 @@ ONLY = {
 }
 FIRST = {"reading-first": ("caption", "vqa", "region"), "caption-first": ("caption",)}
 VARIANTS = ("mixture", "equal-norm", *ONLY, *FIRST)
+READING = ("caption", "vqa", "ground", "region")
+MORE = ("classify_accuracy", "sample_colour_accuracy", "sample_kind_accuracy", "infill_colour_accuracy")
+"""The scores ``--tasks all`` adds to the table."""
+"""The tasks scored by default: those that read the image."""
+
+
+def parse_stages(spec):
+    """``'caption:1000/caption+vqa:500/all:1500'`` → ``[(("caption",), 1000), (("caption", "vqa"), 500), (None,
+    1500)]`` (None: every task), or a ValueError naming what was expected."""
+    stages = []
+    for part in spec.split("/"):
+        tasks, _, steps = part.partition(":")
+        names = None if tasks == "all" else tuple(tasks.split("+"))
+        if not steps.isdigit() or int(steps) < 1 or (names is not None and set(names) - set(TASKS)):
+            raise ValueError(f"a stage is TASK+TASK:STEPS with tasks from {', '.join(TASKS)} or 'all'; got {part!r}")
+        stages.append((names, int(steps)))
+    return stages
+
+
+def variant_stages(name, steps):
+    """The stages of a named variant (or of a stage spec), as :func:`parse_stages` gives them."""
+    if name in ("mixture", "equal-norm"):
+        return [(None, steps)]
+    if name in ONLY:
+        return [(ONLY[name], steps)]
+    if name in FIRST:
+        return [(FIRST[name], steps // 2), (None, steps - steps // 2)]
+    return parse_stages(name)
 
 
 def only(config, tasks):
@@ -101,9 +134,12 @@ def run_variant(name, args, pre_state, log):
     """Train one variant from the pre-stage's weights; its scores."""
     model = fresh_model(args.pre)
     model.load_state_dict(pre_state)
-    pre, first_steps = model.config.stem_pretrain_steps, args.steps // 2
-    mixture = TaskCollate(only(model.config, ONLY[name]) if name in ONLY else model.config, model.vocab, model.texts())
-    first = TaskCollate(only(model.config, FIRST[name]), model.vocab, model.texts()) if name in FIRST else None
+    pre, stages = model.config.stem_pretrain_steps, variant_stages(name, args.steps)
+    collates, ends = [], []
+    for tasks, steps in stages:
+        config = model.config if tasks is None else only(model.config, tasks)
+        collates.append(TaskCollate(config, model.vocab, model.texts()))
+        ends.append(steps + (ends[-1] if ends else 0))
     shared = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("object_head")]
 
     def gradient_at(i, parts):
@@ -128,13 +164,13 @@ def run_variant(name, args, pre_state, log):
         return True
 
     def collate_at(i):
-        return (first if first is not None and i < first_steps else mixture), pre + i
+        return collates[next(k for k, end in enumerate(ends) if i < end)], pre + i
 
-    train_steps(model, args.steps, args.lr, 1, collate_at, gradient_at)
+    train_steps(model, ends[-1], args.lr, 1, collate_at, gradient_at)
     model.eval()
     model.config = attrs.evolve(model.config, eval_limit=args.limit)
     with torch.no_grad():
-        return evaluate_ofa(model, load_dataset("shapes"), tasks=("caption", "vqa", "ground", "region"))
+        return evaluate_ofa(model, load_dataset("shapes"), tasks=TASKS if args.tasks == "all" else READING)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,32 +180,50 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1000, help="steps of each variant after the pre-stage")
     parser.add_argument("--lr", type=float, default=SHAPES.train.lr)
     parser.add_argument("--limit", type=int, default=200, help="test scenes scored")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"some of {', '.join(VARIANTS)}, or stage specs (above)"
+    )
+    parser.add_argument("--tasks", choices=("reading", "all"), default="reading", help="the tasks scored")
+    parser.add_argument("--save-pre", help="write the pre-stage's weights to this new file")
+    parser.add_argument("--load-pre", help="start every variant from these pre-stage weights (a --save-pre file)")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
-    if unknown := set(variants) - set(VARIANTS):
-        parser.error(f"unknown variants {sorted(unknown)}; expected some of {', '.join(VARIANTS)}")
+    for name in variants:
+        if name not in VARIANTS and ":" not in name:
+            parser.error(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)} or a stage spec")
+        try:
+            variant_stages(name, args.steps)
+        except ValueError as exc:
+            parser.error(str(exc))
     torch.set_num_threads(1)
 
     def log(record):
         print(json.dumps(record), flush=True)
 
     model, start = fresh_model(args.pre), time.time()
-    collate = TaskCollate(model.config, model.vocab, model.texts())
-    train_steps(model, args.pre, args.lr, 0, lambda i: (collate, i))
-    log({"pre_stage_steps": args.pre, "seconds": round(time.time() - start)})
-    pre_state = model.state_dict()
+    if args.load_pre:
+        pre_state = torch.load(args.load_pre, weights_only=True)  # a tensor file this script wrote
+    else:
+        collate = TaskCollate(model.config, model.vocab, model.texts())
+        train_steps(model, args.pre, args.lr, 0, lambda i: (collate, i))
+        log({"pre_stage_steps": args.pre, "seconds": round(time.time() - start)})
+        pre_state = model.state_dict()
+        if args.save_pre:
+            with open(args.save_pre, "xb") as f:  # a new file: never another's
+                torch.save(pre_state, f)
     table = []
     for name in variants:
         start = time.time()
         scores = run_variant(name, args, pre_state, log)
         log({"variant": name, "seconds": round(time.time() - start), **{k: round(v, 3) for k, v in scores.items()}})
         table.append((name, scores))
-    print("\n| variant | captions colour+kind (position) | VQA | grounding | region |\n|---|---|---|---|---|")
+    print("\n| variant | captions colour+kind (position) | VQA (yes/no) | grounding | region | more |")
+    print("|---|---|---|---|---|---|")
     for name, m in table:
+        more = ", ".join(f"{k} {m[k]:.2f}" for k in MORE if k in m)
         print(
             f"| {name} | {m['caption_colour_kind']:.2f} ({m['caption_position']:.2f}) | {m['vqa_accuracy']:.2f} "
-            f"| {m['ground_accuracy']:.2f} | {m['region_accuracy']:.2f} |"
+            f"({m['vqa_yes_no']:.2f}) | {m['ground_accuracy']:.2f} | {m['region_accuracy']:.2f} | {more} |"
         )
 
 

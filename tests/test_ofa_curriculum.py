@@ -24,3 +24,20 @@ def test_an_unknown_variant_is_refused_before_training(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cur.main(["--variants", "mixture,caption-last"])
     assert "caption-last" in capsys.readouterr().err
+
+
+def test_stages_name_their_tasks_and_steps_and_a_bad_stage_is_refused(capsys, monkeypatch):
+    assert cur.parse_stages("caption:1000/caption+text_to_image:500/all:1500") == [
+        (("caption",), 1000),
+        (("caption", "text_to_image"), 500),
+        (None, 1500),
+    ]
+    assert cur.variant_stages("caption-first", 1000) == [(("caption",), 500), (None, 500)]
+    assert cur.variant_stages("caption+vqa", 1000) == [(("caption", "vqa"), 1000)]
+    for bad in ("caption", "caption:0", "caption+painting:10", "all:-5"):
+        with pytest.raises(ValueError, match="TASK\\+TASK:STEPS"):
+            cur.parse_stages(bad)
+    monkeypatch.setattr(cur, "fresh_model", lambda *a: pytest.fail("trained before checking its arguments"))
+    with pytest.raises(SystemExit):
+        cur.main(["--variants", "caption:100/painting:100"])
+    assert "painting" in capsys.readouterr().err
