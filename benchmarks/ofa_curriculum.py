@@ -35,7 +35,7 @@ import torch
 from polymodal.api import create
 from polymodal.data import load_dataset
 from polymodal.plugins.ofa import SHAPES
-from polymodal.plugins.ofa.config import TASKS
+from polymodal.plugins.ofa.config import TASKS, parse_stage
 from polymodal.plugins.ofa.evaluate import evaluate_ofa
 from polymodal.plugins.ofa.objective import mixed_task_loss
 from polymodal.plugins.ofa.tasks import TaskCollate
@@ -56,14 +56,13 @@ MORE = ("classify_accuracy", "sample_colour_accuracy", "sample_kind_accuracy", "
 
 def parse_stages(spec):
     """``'caption:1000/caption+vqa:500/all:1500'`` → ``[(("caption",), 1000), (("caption", "vqa"), 500), (None,
-    1500)]`` (None: every task), or a ValueError naming what was expected."""
+    1500)]`` (None: every task; the others as the recipe's ``first_stages``, :func:`parse_stage`), or a ValueError."""
     stages = []
     for part in spec.split("/"):
-        tasks, _, steps = part.partition(":")
-        names = None if tasks == "all" else tuple(tasks.split("+"))
-        if not steps.isdigit() or int(steps) < 1 or (names is not None and set(names) - set(TASKS)):
-            raise ValueError(f"a stage is TASK+TASK:STEPS with tasks from {', '.join(TASKS)} or 'all'; got {part!r}")
-        stages.append((names, int(steps)))
+        if part.startswith("all:"):
+            stages.append((None, parse_stage("caption" + part[3:])[1]))
+        else:
+            stages.append(parse_stage(part))
     return stages
 
 

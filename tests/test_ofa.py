@@ -126,6 +126,32 @@ def test_captioning_alone_trains_between_the_pre_stage_and_the_mixture(batch):
     assert torch.isfinite(loss) and len([k for k in logs if k.startswith("loss_")]) > 1
 
 
+def test_task_stages_follow_captioning_in_order_then_the_mixture(batch):
+    config = attrs.evolve(
+        OFA.tiny_config(OFAConfig()),
+        stem_pretrain_steps=2,
+        caption_first_steps=1,
+        first_stages=["text_to_image:2", "caption+vqa:1"],  # a list, as JSON and --set give it
+        text_to_image_weight=0.0,  # a stage that names a task weighted 0 still trains it
+    )
+    assert config.first_stages == ("text_to_image:2", "caption+vqa:1") and config.mixture_start == 6
+    tiny = OFA(config)
+    collate = TaskCollate(tiny.config, tiny.vocab, tiny.texts())
+    tasks = {step: [p["task"] for p in collate(batch, step)["parts"]] for step in range(1, 7)}
+    assert tasks[1] == ["objects"] and tasks[2] == ["caption"]
+    assert tasks[3] == tasks[4] == ["text_to_image"] and tasks[5] == ["caption", "vqa"]
+    assert len(tasks[6]) > 2 and "text_to_image" not in tasks[6]  # the mixture, at its own weights
+    assert [p["task"] for p in tiny.collator()(batch, config.mixture_start)["parts"]] == tasks[6]
+    tiny_again = OFA.tiny_config(attrs.evolve(OFAConfig(), first_stages=("text_to_image:500",)))
+    assert tiny_again.first_stages == ("text_to_image:1",)
+
+
+@pytest.mark.parametrize("stages", [("caption",), ("caption:0",), ("painting:10",), ("caption+:5",), "caption:5"])
+def test_a_stage_that_is_not_tasks_and_steps_is_refused(stages):
+    with pytest.raises(ValueError, match="TASK\\+TASK:STEPS"):
+        OFAConfig(first_stages=stages)
+
+
 def test_the_pre_stage_sees_its_scenes_mirrored_and_shifted_with_the_same_objects(batch):
     config = attrs.evolve(
         OFA.tiny_config(OFAConfig()), stem_pretrain_steps=5, stem_augment_flip=True, stem_augment_shift=4

@@ -3,7 +3,9 @@ and the task mixture."""
 
 from __future__ import annotations
 
-from polymodal.config import config, field, in_range
+from typing import Any
+
+from polymodal.config import as_tuple, config, field, in_range
 from polymodal.models.parts import PartConfig, part_field
 
 _pos = in_range(1, 65536, integer=True)
@@ -11,6 +13,24 @@ _weight = in_range(0.0, 1000.0)
 
 TASKS = ("caption", "vqa", "ground", "region", "text_to_image", "infill", "classify")
 """The tasks of the mixture, in the order of their ``*_weight`` fields."""
+
+
+def parse_stage(stage: str) -> tuple[tuple[str, ...], int]:
+    """``'caption+vqa:500'`` → ``(("caption", "vqa"), 500)``: a stage of those tasks alone for that many steps, or a
+    ValueError naming what was expected."""
+    tasks, _, steps = stage.partition(":") if isinstance(stage, str) else ("", "", "")
+    names = tuple(tasks.split("+"))
+    if not steps.isdigit() or int(steps) < 1 or not tasks or set(names) - set(TASKS):
+        raise ValueError(f"a stage is 'TASK+TASK:STEPS' (steps ≥ 1) with tasks from {', '.join(TASKS)}; got {stage!r}")
+    return names, int(steps)
+
+
+def _check_stages(_instance: Any, attribute: Any, value: Any) -> None:
+    """attrs validator: every entry of ``value`` is a stage (:func:`parse_stage`)."""
+    if not isinstance(value, tuple):
+        raise ValueError(f"OFAConfig.{attribute.name} must be a list of 'TASK+TASK:STEPS'; got {value!r}")
+    for stage in value:
+        parse_stage(stage)
 
 
 @config
@@ -87,6 +107,16 @@ class OFAConfig:
         check=in_range(0, 10**7, integer=True),
         backfill=True,
     )
+    first_stages: tuple[str, ...] = field(
+        (),
+        "Stages after the captioning-first steps and before the mixture, in order, each 'TASK+TASK:STEPS': those "
+        "tasks alone (rows shared by their weights) for that many steps. As with captioning, a task that must learn "
+        "to read its source — text-to-image the caption — learns it alone and the mixture keeps it; in the mixture "
+        "from the start its decoder writes codes without reading the caption.",
+        check=_check_stages,
+        converter=as_tuple,
+        backfill=True,
+    )
     augment_flip: bool = field(
         False,
         "Task mixture: mirror half its scenes left↔right with their boxes; captions and questions are made again "
@@ -125,6 +155,17 @@ class OFAConfig:
         if sum(self.weights()) <= 0:
             raise ValueError("OFAConfig: at least one task weight must be > 0; got all 0")
 
+    def stages(self) -> list[tuple[tuple[str, ...], int]]:
+        """The task stages between the stem pre-stage and the mixture, in order: ``caption_first_steps`` of captioning
+        (when > 0), then :attr:`first_stages`."""
+        first = [(("caption",), self.caption_first_steps)] if self.caption_first_steps else []
+        return first + [parse_stage(s) for s in self.first_stages]
+
+    @property
+    def mixture_start(self) -> int:
+        """The first step of the task mixture: after the pre-stage and every :meth:`stages` step."""
+        return self.stem_pretrain_steps + sum(steps for _, steps in self.stages())
+
     def weights(self) -> tuple[float, ...]:
         """The task sampling weights in :data:`TASKS` order."""
         return tuple(getattr(self, f"{t}_weight") for t in TASKS)
@@ -135,4 +176,4 @@ class OFAConfig:
         return self.image_size // self.patch_stride
 
 
-__all__ = ["OFAConfig", "TASKS"]
+__all__ = ["OFAConfig", "TASKS", "parse_stage"]

@@ -30,7 +30,7 @@ from polymodal.nn.embed import init_weights
 from polymodal.nn.relative import GridRelativePositionBias, RelativePositionBias, block_diagonal_bias
 
 from . import vocab as V
-from .config import TASKS, OFAConfig
+from .config import TASKS, OFAConfig, parse_stage
 from .generate import GenerateMixin
 from .objective import mixed_task_loss
 from .stem import ResNetStem, object_loss
@@ -107,8 +107,8 @@ class OFA(GenerateMixin, PolymodalModel):
 
     @classmethod
     def tiny_config(cls, config: OFAConfig) -> OFAConfig:
-        """A fresh tiny tokenizer, a toy-size encoder–decoder, at most 2 stem pre-stage steps and 1 caption-first
-        step."""
+        """A fresh tiny tokenizer, a toy-size encoder–decoder, at most 2 stem pre-stage steps and 1 step of each
+        task stage."""
         return attrs.evolve(
             config,
             tokenizer=attrs.evolve(config.tokenizer, path="", tiny=True),
@@ -121,6 +121,7 @@ class OFA(GenerateMixin, PolymodalModel):
             eval_limit=4,
             stem_pretrain_steps=min(config.stem_pretrain_steps, 2),  # a few steps reach the task mixture too
             caption_first_steps=min(config.caption_first_steps, 1),
+            first_stages=tuple(f"{'+'.join(t)}:1" for t, _ in map(parse_stage, config.first_stages)),
         )
 
     # -- the network ------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ class OFA(GenerateMixin, PolymodalModel):
         its share of the rows; in the stem pre-stage :func:`.stem.object_loss`; a raw batch is collated as the
         mixture's first step)."""
         if "parts" not in batch and "instruction" not in batch:
-            batch = self.collator()(batch, self.config.stem_pretrain_steps + self.config.caption_first_steps)
+            batch = self.collator()(batch, self.config.mixture_start)
         parts = batch.get("parts", [batch])
         if parts[0].get("task") == "objects":
             images = self.check_images(parts[0]["encoder_images"])  # (B, 3, S, S)

@@ -141,12 +141,24 @@ def move_scenes(batch: dict[str, Any], flip: bool, shift: int, seed: int, step: 
     return moved
 
 
+def stage_weights(config: Any, step: int) -> tuple[float, ...]:
+    """The task weights of global step ``step`` (after the stem pre-stage): during a stage of ``config.stages()``
+    its tasks' weights and 0 for the others (a task weighted 0 by the config keeps weight 1 in a stage that names
+    it), after the stages the mixture's."""
+    at = config.stem_pretrain_steps
+    for tasks, steps in config.stages():
+        if step < at + steps:
+            return tuple((w or 1.0) if t in tasks else 0.0 for t, w in zip(TASKS, config.weights(), strict=True))
+        at += steps
+    return config.weights()
+
+
 class TaskCollate:
     """``collate(batch, step) -> batch``: ``parts``, one task batch per task of the step (:func:`split_rows`; one
     part, the task drawn by :func:`pick_task`, when ``config.mixed_batches`` is off; during the first
     ``config.stem_pretrain_steps`` one ``objects`` part: the scenes, mirrored and shifted with their boxes
-    (``config.stem_augment_*``, drawn by (seed, step)), and :func:`objects_present`; for the next
-    ``config.caption_first_steps`` one caption part; after them the scenes are
+    (``config.stem_augment_*``, drawn by (seed, step)), and :func:`objects_present`; then the parts of each of
+    ``config.stages()`` (captioning first, ``first_stages``; :func:`stage_weights`); after them the scenes are
     moved the same way with ``config.augment_*``, :func:`move_scenes`), each with ``instruction``
     (b, L), ``target`` (b, T) (absent for code targets, with ``code_target`` naming them), ``encoder_images``
     (absent when the task does not show the image) and ``task``.
@@ -165,10 +177,8 @@ class TaskCollate:
             return {"parts": [{"task": "objects", "encoder_images": moved["image"], "objects": objects_present(moved)}]}
         if c.augment_flip or c.augment_shift:
             batch = move_scenes(batch, c.augment_flip, c.augment_shift, self.seed, step)
-        weights, rng, n = c.weights(), random.Random(f"{self.seed}/{step}"), batch_rows(batch)
-        if step < c.stem_pretrain_steps + c.caption_first_steps:
-            counts = [("caption", n)]
-        elif c.mixed_batches:
+        weights, rng, n = stage_weights(c, step), random.Random(f"{self.seed}/{step}"), batch_rows(batch)
+        if c.mixed_batches:
             counts = split_rows(weights, n, self.seed, step)
         else:
             counts = [(pick_task(weights, self.seed, step), n)]
@@ -218,5 +228,6 @@ __all__ = [
     "pick_task",
     "region_instruction",
     "split_rows",
+    "stage_weights",
     "step_generator",
 ]
