@@ -49,9 +49,9 @@ ONLY = {
 FIRST = {"reading-first": ("caption", "vqa", "region"), "caption-first": ("caption",)}
 VARIANTS = ("mixture", "equal-norm", *ONLY, *FIRST)
 READING = ("caption", "vqa", "ground", "region")
+"""The tasks scored by default: those that read the image."""
 MORE = ("classify_accuracy", "sample_colour_accuracy", "sample_kind_accuracy", "infill_colour_accuracy")
 """The scores ``--tasks all`` adds to the table."""
-"""The tasks scored by default: those that read the image."""
 
 
 def parse_stages(spec):
@@ -59,8 +59,8 @@ def parse_stages(spec):
     1500)]`` (None: every task; the others as the recipe's ``first_stages``, :func:`parse_stage`), or a ValueError."""
     stages = []
     for part in spec.split("/"):
-        if part.startswith("all:"):
-            stages.append((None, parse_stage("caption" + part[3:])[1]))
+        if part.startswith("all:"):  # the mixture: its steps checked as any stage's
+            stages.append((None, parse_stage(f"{TASKS[0]}:{part[4:]}")[1]))
         else:
             stages.append(parse_stage(part))
     return stages
