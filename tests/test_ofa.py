@@ -18,7 +18,13 @@ from polymodal.nn import KVCache
 from polymodal.plugins.ofa import OFA, OFAConfig
 from polymodal.plugins.ofa import vocab as V
 from polymodal.plugins.ofa.config import TASKS
-from polymodal.plugins.ofa.evaluate import evaluate_ofa, parse_caption, scene_objects
+from polymodal.plugins.ofa.evaluate import (
+    caption_metrics,
+    evaluate_ofa,
+    parse_caption,
+    scene_objects,
+    two_object_share,
+)
 from polymodal.plugins.ofa.tasks import (
     TaskCollate,
     make_task_batch,
@@ -311,6 +317,32 @@ def test_bad_input_is_refused_naming_expected_and_given(model, batch):
         model.region_question(images, torch.tensor([[20.0, 1, 10, 5]]), "colour", ["red"])
     with pytest.raises(ValueError, match=r"expected 0 <= x0 < x1 <= 32.*got \(0.0, 0.0, 40.0, 5.0\)"):
         model.region_question(images, torch.tensor([[0.0, 0, 40, 5]]), "colour", ["red"])
+
+
+def test_two_object_scores_show_a_model_that_swaps_places_between_objects():
+    test = load_dataset("shapes").split("test")
+    idx = list(range(40))
+    pairs = sum(len(test["boxes"][i]) == 2 for i in idx)
+    assert 0 < pairs < len(idx)
+
+    class SwapsPlaces:  # names every object right, with its place right alone and the other's place in pairs
+        def caption(self, images):
+            out = []
+            for image in images:
+                i = next(j for j in idx if torch.equal(test["image"][j], image))
+                objects = sorted(scene_objects(test["boxes"][i], 32))
+                places = [p for _, _, p in objects][::-1]
+                out.append(
+                    shapes.describe([(c, k, p) for (c, k, _), p in zip(objects, places)], "a {colour} {kind} {where}")
+                )
+            return out
+
+    got = caption_metrics(SwapsPlaces(), test, idx, 32)
+    objects = len(idx) + pairs
+    assert got["caption_colour_kind"] == 1.0 and got["caption_position_two"] == 0.0
+    assert got["caption_position"] == pytest.approx((len(idx) - pairs) / objects)
+    assert two_object_share("x", [(True, False), (False, True), (True, True)]) == {"x_two": 0.5}
+    assert two_object_share("x", [(True, False)]) == {}
 
 
 def test_a_caption_is_parsed_into_the_objects_it_names():

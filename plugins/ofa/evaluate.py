@@ -2,8 +2,9 @@
 
 * ``caption_accuracy``: the caption names exactly the scene's objects, each with its colour, kind and position
   (parsed: " and " between objects, a colour word, a kind word, the longest position phrase);
-  ``caption_colour`` / ``caption_kind`` / ``caption_position``: per object, its colour and kind / its position
-  named correctly.
+  ``caption_colour_kind`` / ``caption_position``: per object, its colour and kind / its position
+  named correctly. ``*_two`` (captions' position, grounding, region questions): the same score on the objects of
+  two-object scenes alone, where the model must bind each object to its place (chance: about half).
 * ``vqa_accuracy`` (exact match, answers constrained to the training answers by a trie), ``vqa_yes_no``,
   ``vqa_count``; ``ground_accuracy`` (IoU ≥ 0.5 with the tight box; ``ground_malformed``: outputs that were not
   four location tokens); ``region_accuracy`` (colour and kind of the object in a given box);
@@ -51,7 +52,8 @@ def parse_caption(caption: str) -> list[tuple[int, int, int]]:
 
 def caption_metrics(model: Any, test: Any, idx: list[int], size: int) -> dict[str, float]:
     """The captioning scores of the scenes ``idx``."""
-    exact = ck = pos = total = 0
+    exact = ck = 0
+    placed: list[tuple[bool, bool]] = []  # per object: position named right, in a scene of two objects
     for start in range(0, len(idx), 64):
         rows = idx[start : start + 64]
         for i, caption in zip(rows, model.caption(test["image"][rows]), strict=True):
@@ -59,9 +61,21 @@ def caption_metrics(model: Any, test: Any, idx: list[int], size: int) -> dict[st
             exact += set(named) == truth and len(named) == len(truth)
             for c, k, p in truth:
                 ck += any(n[0] == c and n[1] == k for n in named)
-                pos += (c, k, p) in named
-                total += 1
-    return {"caption_accuracy": exact / len(idx), "caption_colour_kind": ck / total, "caption_position": pos / total}
+                placed.append(((c, k, p) in named, len(truth) == 2))
+    return {
+        "caption_accuracy": exact / len(idx),
+        "caption_colour_kind": ck / len(placed),
+        "caption_position": sum(hit for hit, _ in placed) / len(placed),
+        **two_object_share("caption_position", placed),
+    }
+
+
+def two_object_share(name: str, hits: list[tuple[bool, bool] | tuple[float, bool]]) -> dict[str, float]:
+    """``{name}_two``: the mean of the hits that belong to two-object scenes (``(hit, in a two-object scene)``
+    pairs), where the task must tell the scene's objects apart — say which is where — rather than read the one
+    object there; empty when there are none."""
+    two = [float(hit) for hit, pair in hits if pair]
+    return {f"{name}_two": sum(two) / len(two)} if two else {}
 
 
 def vqa_metrics(model: Any, test: Any, idx: list[int], answers: list[str]) -> dict[str, float]:
@@ -86,6 +100,7 @@ def vqa_metrics(model: Any, test: Any, idx: list[int], answers: list[str]) -> di
 def ground_and_region_metrics(model: Any, test: Any, idx: list[int]) -> dict[str, float]:
     """Grounding (IoU ≥ 0.5) and region questions (colour and kind) on every object of the scenes ``idx``."""
     objects = [(i, tuple(b)) for i in idx for b in test["boxes"][i]]
+    pair = [len(test["boxes"][i]) == 2 for i, _ in objects]
     hits, malformed, region = [], 0, []
     for start in range(0, len(objects), 128):
         chunk = objects[start : start + 128]
@@ -96,12 +111,16 @@ def ground_and_region_metrics(model: Any, test: Any, idx: list[int]) -> dict[str
         malformed += ok.count(False)
         colours = model.region_question(images, truth, "colour", list(_COLOURS))
         kinds = model.region_question(images, truth, "kind", list(shapes.KINDS))
-        region += [c == _COLOURS[b[4]] for c, (_, b) in zip(colours, chunk, strict=True)]
-        region += [k == shapes.KINDS[b[5]] for k, (_, b) in zip(kinds, chunk, strict=True)]
+        region += [
+            ((c == _COLOURS[b[4]]) + (k == shapes.KINDS[b[5]])) / 2
+            for c, k, (_, b) in zip(colours, kinds, chunk, strict=True)
+        ]
     return {
         "ground_accuracy": sum(hits) / len(hits),
         "ground_malformed": malformed / len(hits),
         "region_accuracy": sum(region) / len(region),
+        **two_object_share("ground_accuracy", list(zip(hits, pair, strict=True))),
+        **two_object_share("region_accuracy", list(zip(region, pair, strict=True))),
     }
 
 
@@ -233,4 +252,5 @@ __all__ = [
     "painted_colour",
     "parse_caption",
     "scene_objects",
+    "two_object_share",
 ]
