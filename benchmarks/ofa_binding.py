@@ -11,7 +11,7 @@ NormFormer, the decoder's cross-attention and causal T5 bias), width 192, 3 + 3 
 Half the answer's information is in the bag of colours (chance 0.5); the rest needs the place.
 
 Variants: ``equal`` (colour and position embeddings both drawn at std 1), ``content-heavy`` (colour at std 1,
-position at std 0.02: the recipe's ratio of stem features to ``image_pos``), ``one-object`` (``equal`` with half
+position at std 0.02: 50×, where the recipe's stem features are 20–35× ``image_pos``), ``one-object`` (``equal`` with half
 the scenes holding one object, as the shapes split does), ``instruction`` (``equal`` with 15 learned tokens,
 the same in every example, before the box: the region instruction's words).
 
