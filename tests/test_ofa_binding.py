@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+import ofa_binding as binding
 import torch
-
-_spec = importlib.util.spec_from_file_location(
-    "ofa_binding", Path(__file__).resolve().parents[1] / "benchmarks" / "ofa_binding.py"
-)
-binding = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(binding)
 
 
 def test_the_answer_is_the_colour_of_the_patch_the_box_starts_in():
